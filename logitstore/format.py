@@ -1,0 +1,238 @@
+"""The store's on-disk contract: version, paths, and the settings every part must agree on.
+
+`FORMAT.md` beside this file is the human-readable form of what this module encodes. The
+writer and the reader both import this module and never each other (as in mosaic streaming).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from logitstore.errors import FormatVersionError, SettingsMismatchError
+
+FORMAT_NAME = "logitstore"
+FORMAT_VERSION = "1.0"  # major.minor: readers refuse another major, accept any minor
+MANIFEST = "manifest.json"  # the store manifest, written last; its presence = a committed store
+PARTS_DIR = "parts"
+INDEX_DIR = "index"
+PART_MANIFEST = "manifest.json"  # parts/<part>/manifest.json
+SEGMENT_INDEX = "index.parquet"  # parts/<part>/<segment>/index.parquet
+TMP_MARK = ".tmp-"  # in the name of every file still being written; never read
+
+# Columns of the sample index that tags may not shadow.
+INDEX_COLUMNS = ("sample_id", "source", "split", "offset", "length", "part", "segment",
+                 "segment_offset", "digest")
+
+LOGPROB_ENCODINGS = ("q8", "f16", "f32")
+HIDDEN_POOLINGS = ("mean", "mean-all", "last")
+ATTENTION_HEADS = ("mean", "all")
+
+
+def major(version: str) -> int:
+    return int(str(version).split(".")[0])
+
+
+def check_format_version(found: str, where: str) -> None:
+    """Refuse a store written with another major format version."""
+    try:
+        found_major = major(found)
+    except (TypeError, ValueError):
+        raise FormatVersionError(
+            f"{where}: format_version {found!r} is not of the form MAJOR.MINOR; "
+            f"expected {FORMAT_VERSION}") from None
+    if found_major != major(FORMAT_VERSION):
+        raise FormatVersionError(
+            f"{where}: store format version {found} is not supported by this reader "
+            f"(expected major version {major(FORMAT_VERSION)}, i.e. {FORMAT_VERSION}); "
+            f"install the logitstore release that wrote it, or convert the store")
+
+
+def int_dtype_for(max_value: int) -> str:
+    """Smallest unsigned dtype holding 0..max_value (ids, deltas and counts are stored this way)."""
+    if max_value < 2**8:
+        return "uint8"
+    if max_value < 2**16:
+        return "uint16"
+    return "uint32"
+
+
+@dataclass(frozen=True)
+class TopKSpec:
+    k: int
+    logprob_encoding: str = "q8"
+    logprob_step: float = 1.0 / 16  # q8 only: stored q = round(-logprob / step), clipped to 255
+
+
+@dataclass(frozen=True)
+class SampledSpec:
+    n_draws: int
+    temperature: float = 1.0
+    logprob_encoding: str = "q8"
+    logprob_step: float = 1.0 / 16
+
+
+@dataclass(frozen=True)
+class HiddenSpec:
+    layers: tuple[int, ...]
+    dim: int
+    pooling: str = "mean"
+    dtype: str = "float16"
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    layers: tuple[int, ...]
+    num_heads: int  # stored heads: 1 when head-averaged
+    grid: int
+    heads: str = "mean"
+    dtype: str = "float16"
+
+
+@dataclass(frozen=True)
+class SignalSpec:
+    """What one teacher signal holds and how it was captured."""
+
+    topk: TopKSpec | None = None
+    sampled: SampledSpec | None = None
+    hidden: HiddenSpec | None = None
+    attention: AttentionSpec | None = None
+    teacher: dict[str, Any] = field(default_factory=dict)  # model id, revision, dtype, ...
+
+    def kinds(self) -> list[str]:
+        return [k for k in ("topk", "sampled", "hidden", "attention") if getattr(self, k)]
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """Everything a part is written with; all parts of one store must agree on it."""
+
+    vocab_size: int
+    tokenizer_fingerprint: str
+    signals: dict[str, SignalSpec] = field(default_factory=dict)
+    tokenizer_name: str = ""
+    chunk_tokens: int = 4096  # positions per zarr chunk (unit of random reads)
+    segment_tokens: int = 1 << 18  # target tokens per segment (one shard per array)
+    chunk_samples: int = 64  # samples per chunk of per-sample arrays
+
+    @property
+    def token_dtype(self) -> str:
+        return int_dtype_for(self.vocab_size - 1)
+
+    def validate(self) -> None:
+        problems = []
+        if self.vocab_size < 1:
+            problems.append(f"vocab_size must be >= 1, found {self.vocab_size}")
+        if self.vocab_size > 2**31:
+            problems.append(f"vocab_size must be < 2**31, found {self.vocab_size}")
+        if not self.tokenizer_fingerprint:
+            problems.append("tokenizer_fingerprint is empty (use logitstore.hf.tokenizer_fingerprint)")
+        for name in ("chunk_tokens", "segment_tokens", "chunk_samples"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, found {getattr(self, name)}")
+        for name, sig in self.signals.items():
+            problems += _signal_problems(name, sig)
+        if problems:
+            raise SettingsMismatchError("invalid store settings: " + "; ".join(problems))
+
+    def to_json(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "StoreSettings":
+        signals = {name: _signal_from_json(s) for name, s in data.get("signals", {}).items()}
+        plain = {k: v for k, v in data.items() if k != "signals"}
+        return cls(signals=signals, **plain)
+
+
+def _signal_problems(name: str, sig: SignalSpec) -> list[str]:
+    out = []
+    if not name or "/" in name or name.startswith("."):
+        out.append(f"signal name {name!r} must be non-empty, without '/' and not start with '.'")
+    if not sig.kinds():
+        out.append(f"signal {name!r} holds nothing (enable top-k, sampled, hidden or attention)")
+    for kind in ("topk", "sampled"):
+        spec = getattr(sig, kind)
+        if spec is None:
+            continue
+        if spec.logprob_encoding not in LOGPROB_ENCODINGS:
+            out.append(f"signal {name!r}: {kind} logprob_encoding must be one of "
+                       f"{LOGPROB_ENCODINGS}, found {spec.logprob_encoding!r}")
+        if not spec.logprob_step > 0:
+            out.append(f"signal {name!r}: {kind} logprob_step must be > 0, found {spec.logprob_step}")
+    if sig.topk is not None and sig.topk.k < 1:
+        out.append(f"signal {name!r}: top-k k must be >= 1, found {sig.topk.k}")
+    if sig.sampled is not None:
+        if not 1 <= sig.sampled.n_draws < 2**16:
+            out.append(f"signal {name!r}: n_draws must be in 1..65535, found {sig.sampled.n_draws}")
+        if not sig.sampled.temperature > 0:
+            out.append(f"signal {name!r}: sample temperature must be > 0, "
+                       f"found {sig.sampled.temperature}")
+    if sig.hidden is not None:
+        if sig.hidden.pooling not in HIDDEN_POOLINGS:
+            out.append(f"signal {name!r}: hidden pooling must be one of {HIDDEN_POOLINGS}, "
+                       f"found {sig.hidden.pooling!r}")
+        if not sig.hidden.layers or sig.hidden.dim < 1:
+            out.append(f"signal {name!r}: hidden needs >= 1 layer and dim >= 1")
+        if sig.hidden.dtype not in ("float16", "float32"):
+            out.append(f"signal {name!r}: hidden dtype must be float16 or float32 "
+                       f"(bfloat16 is not a zarr dtype), found {sig.hidden.dtype!r}")
+    if sig.attention is not None:
+        att = sig.attention
+        if att.heads not in ATTENTION_HEADS:
+            out.append(f"signal {name!r}: attention heads must be one of {ATTENTION_HEADS}, "
+                       f"found {att.heads!r}")
+        if not att.layers or att.grid < 1 or att.num_heads < 1:
+            out.append(f"signal {name!r}: attention needs >= 1 layer, grid >= 1, num_heads >= 1")
+        if att.heads == "mean" and att.num_heads != 1:
+            out.append(f"signal {name!r}: head-averaged attention stores 1 head, "
+                       f"found num_heads={att.num_heads}")
+        if att.dtype not in ("float16", "float32"):
+            out.append(f"signal {name!r}: attention dtype must be float16 or float32, "
+                       f"found {att.dtype!r}")
+    return out
+
+
+def _signal_from_json(data: dict[str, Any]) -> SignalSpec:
+    def build(cls, value):
+        if value is None:
+            return None
+        value = dict(value)
+        if "layers" in value:
+            value["layers"] = tuple(value["layers"])
+        return cls(**value)
+
+    return SignalSpec(
+        topk=build(TopKSpec, data.get("topk")),
+        sampled=build(SampledSpec, data.get("sampled")),
+        hidden=build(HiddenSpec, data.get("hidden")),
+        attention=build(AttentionSpec, data.get("attention")),
+        teacher=dict(data.get("teacher", {})),
+    )
+
+
+def settings_differences(expected: StoreSettings, found: StoreSettings) -> list[str]:
+    """Human-readable list of the settings that differ (empty when they agree)."""
+    a, b = _flatten(expected.to_json()), _flatten(found.to_json())
+    return [f"{key}: store has {a.get(key)!r}, writer has {b.get(key)!r}"
+            for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): data}
+
+
+def segment_name(number: int) -> str:
+    return f"seg-{number:06d}"
+
+
+def signal_array(signal: str, array: str) -> str:
+    """Path of a signal's array inside a segment, e.g. signals/med42/topk_ids."""
+    return f"signals/{signal}/{array}"

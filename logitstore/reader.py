@@ -1,0 +1,258 @@
+"""Read a committed store: numpy out, random access by sample id, streaming by segment.
+
+Only what the store manifest lists is read, so parts and segments still being written are
+invisible. The sample index and the manifest are checked against their recorded sha256 at
+open; chunk data carries a crc32c per chunk, checked by zarr on every read.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+
+from logitstore.commit import load_json
+from logitstore.encoding import decode_logprobs, decode_sampled_ids, decode_topk_ids
+from logitstore.errors import (ChecksumError, ManifestMissingError, StoreNotFoundError,
+                               UnknownSampleError, UnknownSignalError)
+from logitstore.format import (MANIFEST, PARTS_DIR, StoreSettings, check_format_version,
+                               signal_array)
+from logitstore.fs import StoreFS, sha256_hex
+from logitstore.sample import Sample, Sampled, SignalData, TopK
+
+
+@dataclass
+class SegmentRef:
+    part: str
+    name: str
+    first_sample: int  # position of its first sample in store order
+    samples: int
+    tokens: int
+
+    @property
+    def path(self) -> str:
+        return f"{PARTS_DIR}/{self.part}/{self.name}"
+
+
+class StoreReader:
+    """A committed store at any fsspec URL (optionally through a local read cache)."""
+
+    def __init__(self, url: str, *, storage_options: dict | None = None,
+                 cache_dir: str | None = None):
+        self.fs = StoreFS(url, storage_options, cache_dir=cache_dir)
+        if not self.fs.exists(MANIFEST):
+            if not self.fs.exists():
+                raise StoreNotFoundError(f"no store at {url}: the path does not exist")
+            raise ManifestMissingError(
+                f"{url} has no {MANIFEST}: the dump is still running or stopped before its first "
+                f"commit. Wait for it, or rerun the same teacher-dump command to resume it")
+        self.manifest: dict[str, Any] = load_json(self.fs, MANIFEST)
+        check_format_version(self.manifest.get("format_version"), self.fs.path(MANIFEST))
+        self.settings = StoreSettings.from_json(self.manifest["settings"])
+        self.index: pa.Table = self._load_index()
+        self.sample_ids: list[str] = self.index.column("sample_id").to_pylist()
+        self._row_of = {sid: i for i, sid in enumerate(self.sample_ids)}
+        self._seg_of_row = np.zeros(len(self.sample_ids), dtype=np.int64)
+        self.segments: list[SegmentRef] = []
+        first = 0
+        for part in self.manifest["parts"]:
+            for seg in part["segments"]:
+                self._seg_of_row[first:first + seg["samples"]] = len(self.segments)
+                self.segments.append(SegmentRef(part["name"], seg["name"], first, seg["samples"],
+                                                seg["tokens"]))
+                first += seg["samples"]
+        self._local_offset = self.index.column("segment_offset").to_numpy()
+        self._length = self.index.column("length").to_numpy()
+        self._zstore = self.fs.zarr_store()
+        self._arrays: OrderedDict[str, Any] = OrderedDict()
+        self._nuniq_cache: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()
+
+    # -- metadata -------------------------------------------------------------------------
+
+    def _load_index(self) -> pa.Table:
+        meta = self.manifest["index"]
+        data = self.fs.read_bytes(meta["path"])
+        if sha256_hex(data) != meta["sha256"]:
+            raise ChecksumError(f"checksum mismatch in {self.fs.path(meta['path'])}: the sample "
+                                f"index is damaged (expected sha256 {meta['sha256']})",
+                                path=meta["path"])
+        return pq.read_table(io.BytesIO(data))
+
+    @property
+    def signals(self) -> list[str]:
+        return list(self.settings.signals)
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.manifest["counts"]["tokens"])
+
+    def tags(self, row: int) -> dict[str, Any]:
+        fixed = {"sample_id", "source", "split", "offset", "length", "part", "segment",
+                 "segment_offset", "digest"}
+        return {c: self.index.column(c)[row].as_py() for c in self.index.column_names
+                if c not in fixed and self.index.column(c)[row].as_py() is not None}
+
+    def row(self, key: str | int) -> int:
+        if isinstance(key, (int, np.integer)):
+            if not -len(self) <= key < len(self):
+                raise UnknownSampleError(f"sample index {key} is out of range: the store holds "
+                                         f"{len(self)} samples")
+            return int(key) % len(self)
+        try:
+            return self._row_of[key]
+        except KeyError:
+            raise UnknownSampleError(f"sample id {key!r} is not in {self.fs.url} "
+                                     f"({len(self)} samples; e.g. {self.sample_ids[:3]})") from None
+
+    def _check_signals(self, signals) -> list[str]:
+        if signals is None:
+            return self.signals
+        missing = [s for s in signals if s not in self.settings.signals]
+        if missing:
+            raise UnknownSignalError(f"signal(s) {missing} not in {self.fs.url}; it holds "
+                                     f"{self.signals}")
+        return list(signals)
+
+    # -- array access -------------------------------------------------------------------
+
+    def _array(self, seg: SegmentRef, name: str):
+        key = f"{seg.path}/{name}"
+        arr = self._arrays.get(key)
+        if arr is None:
+            try:
+                arr = zarr.open_array(self._zstore, path=key, mode="r", zarr_format=3)
+            except Exception as err:  # missing or unparsable zarr.json
+                raise ChecksumError(f"cannot open array {self.fs.path(key)}: {err}; the store is "
+                                    f"damaged (run `logitstore verify`)", path=key) from None
+            self._arrays[key] = arr
+            if len(self._arrays) > 512:
+                self._arrays.popitem(last=False)
+        return arr
+
+    def _read(self, seg: SegmentRef, name: str, start: int | None = None,
+              stop: int | None = None) -> np.ndarray:
+        arr = self._array(seg, name)
+        try:
+            return arr[start:stop] if (start is not None or stop is not None) else arr[...]
+        except Exception as err:
+            raise ChecksumError(f"cannot read {self.fs.path(seg.path + '/' + name)}: "
+                                f"{type(err).__name__}: {err}; the file is damaged or truncated "
+                                f"(run `logitstore verify`)", path=f"{seg.path}/{name}") from None
+
+    def _entry_offsets(self, seg_no: int, signal: str) -> np.ndarray:
+        """[tokens+1] start of each position's sampled entries within the segment."""
+        key = (seg_no, signal)
+        offsets = self._nuniq_cache.get(key)
+        if offsets is None:
+            nuniq = self._read(self.segments[seg_no], signal_array(signal, "sampled_nuniq"))
+            offsets = np.concatenate([[0], np.cumsum(nuniq, dtype=np.int64)])
+            self._nuniq_cache[key] = offsets
+            if len(self._nuniq_cache) > 64:
+                self._nuniq_cache.popitem(last=False)
+        return offsets
+
+    def _signal(self, seg_no: int, name: str, start: int, stop: int, sample_pos: int,
+                sample_stop: int) -> SignalData:
+        """Decode positions [start, stop) and per-sample rows [sample_pos, sample_stop)."""
+        seg = self.segments[seg_no]
+        spec = self.settings.signals[name]
+        out = SignalData()
+        if spec.topk:
+            ids = decode_topk_ids(self._read(seg, signal_array(name, "topk_ids"), start, stop))
+            lps = decode_logprobs(self._read(seg, signal_array(name, "topk_logprobs"), start, stop),
+                                  spec.topk.logprob_encoding, spec.topk.logprob_step)
+            tail = self._read(seg, signal_array(name, "topk_tail"), start, stop).astype(np.float32)
+            out.topk = TopK(ids, lps, tail)
+        if spec.sampled:
+            offs = self._entry_offsets(seg_no, name)
+            a, b = int(offs[start]), int(offs[stop])
+            local = offs[start:stop + 1] - a
+            ids = decode_sampled_ids(local, self._read(seg, signal_array(name, "sampled_ids"), a, b))
+            counts = self._read(seg, signal_array(name, "sampled_counts"), a, b).astype(np.int64)
+            lps = decode_logprobs(self._read(seg, signal_array(name, "sampled_logprobs"), a, b),
+                                  spec.sampled.logprob_encoding, spec.sampled.logprob_step)
+            out.sampled = Sampled(local, ids, counts, lps)
+        if spec.hidden:
+            out.hidden = self._read(seg, signal_array(name, "hidden"), sample_pos,
+                                    sample_stop).astype(np.float32)
+        if spec.attention:
+            out.attention = self._read(seg, signal_array(name, "attention"), sample_pos,
+                                       sample_stop).astype(np.float32)
+        return out
+
+    # -- public reads -------------------------------------------------------------------
+
+    def sample(self, key: str | int, signals: list[str] | None = None) -> Sample:
+        """One sample by id or by position in store order (reads only the chunks it spans)."""
+        row = self.row(key)
+        signals = self._check_signals(signals)
+        seg_no = int(self._seg_of_row[row])
+        seg = self.segments[seg_no]
+        start = int(self._local_offset[row])
+        stop = start + int(self._length[row])
+        pos = row - seg.first_sample
+        sample = self._base_sample(row, self._read(seg, "input_ids", start, stop),
+                                   self._read(seg, "loss_mask", start, stop))
+        for name in signals:
+            data = self._signal(seg_no, name, start, stop, pos, pos + 1)
+            if data.hidden is not None:
+                data.hidden = data.hidden[0]
+            if data.attention is not None:
+                data.attention = data.attention[0]
+            sample.signals[name] = data
+        return sample
+
+    def _base_sample(self, row: int, input_ids: np.ndarray, loss_mask: np.ndarray) -> Sample:
+        return Sample(sample_id=self.sample_ids[row], input_ids=input_ids.astype(np.int64),
+                      loss_mask=loss_mask.astype(bool),
+                      source=self.index.column("source")[row].as_py(),
+                      split=self.index.column("split")[row].as_py(), tags=self.tags(row))
+
+    def read_segment(self, seg_no: int, signals: list[str] | None = None) -> list[Sample]:
+        """Every sample of one segment, decoded from whole shards (sequential streaming)."""
+        signals = self._check_signals(signals)
+        seg = self.segments[seg_no]
+        ids = self._read(seg, "input_ids")
+        mask = self._read(seg, "loss_mask")
+        whole = {name: self._signal(seg_no, name, 0, seg.tokens, 0, seg.samples)
+                 for name in signals}
+        out = []
+        for j in range(seg.samples):
+            row = seg.first_sample + j
+            a = int(self._local_offset[row])
+            b = a + int(self._length[row])
+            sample = self._base_sample(row, ids[a:b], mask[a:b])
+            for name, data in whole.items():
+                sample.signals[name] = _slice_signal(data, a, b, j)
+            out.append(sample)
+        return out
+
+    def iter_samples(self, signals: list[str] | None = None,
+                     segments: list[int] | None = None) -> Iterator[Sample]:
+        for seg_no in (range(len(self.segments)) if segments is None else segments):
+            yield from self.read_segment(seg_no, signals)
+
+
+def _slice_signal(data: SignalData, a: int, b: int, j: int) -> SignalData:
+    out = SignalData()
+    if data.topk is not None:
+        out.topk = TopK(data.topk.ids[a:b], data.topk.logprobs[a:b], data.topk.tail_logprob[a:b])
+    if data.sampled is not None:
+        s = data.sampled
+        lo, hi = int(s.offsets[a]), int(s.offsets[b])
+        out.sampled = Sampled(s.offsets[a:b + 1] - lo, s.ids[lo:hi], s.counts[lo:hi],
+                              s.logprobs[lo:hi])
+    if data.hidden is not None:
+        out.hidden = data.hidden[j]
+    if data.attention is not None:
+        out.attention = data.attention[j]
+    return out

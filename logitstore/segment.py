@@ -1,0 +1,222 @@
+"""Encode a batch of samples into one immutable segment: zarr v3 arrays + a Parquet index.
+
+A segment is written once and never modified, so every array is a single zarr shard
+written in one go (zarr rewrites a whole shard on a partial write; buffering to a full
+segment avoids that), and its files can be checksummed as they are produced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
+from zarr.storage import MemoryStore
+
+from logitstore.encoding import encode_logprobs, encode_sampled_ids, encode_topk_ids
+from logitstore.errors import LogitStoreError, SchemaMismatchError
+from logitstore.format import (INDEX_COLUMNS, SEGMENT_INDEX, StoreSettings, int_dtype_for,
+                               signal_array)
+from logitstore.sample import Sample
+
+
+@dataclass
+class EncodedSegment:
+    files: dict[str, bytes]  # path relative to the segment directory -> bytes
+    samples: int
+    tokens: int
+    target_tokens: int
+    sampled_entries: dict[str, int]
+    sample_ids: list[str]
+
+
+def sample_digest(sample_id: str, input_ids: np.ndarray) -> str:
+    """sha256 over the id and the token ids (int64 little-endian): the dataset fingerprint's unit."""
+    h = hashlib.sha256(sample_id.encode("utf-8") + b"\0")
+    h.update(np.ascontiguousarray(input_ids, dtype="<i8").tobytes())
+    return h.hexdigest()
+
+
+def _codecs(itemsize: int):
+    # Bitshuffle suits the small unsigned deltas/counts and the quantised log-probs; the
+    # crc32c inside each chunk lets readers detect corruption without hashing whole files.
+    return [BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.bitshuffle, typesize=itemsize),
+            Crc32cCodec()]
+
+
+def _put(group, name: str, data: np.ndarray, chunk_rows: int) -> None:
+    rows = max(1, min(chunk_rows, data.shape[0]))
+    chunks = (rows,) + data.shape[1:]
+    shard_rows = -(-max(data.shape[0], 1) // rows) * rows
+    arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks,
+                             shards=(shard_rows,) + data.shape[1:],
+                             compressors=_codecs(data.dtype.itemsize), fill_value=0)
+    if data.size:
+        arr[...] = data
+
+
+def validate_sample(sample: Sample, settings: StoreSettings) -> None:
+    """Raise SchemaMismatchError naming the sample and what is wrong with it."""
+    where = f"sample {sample.sample_id!r}"
+    if not isinstance(sample.sample_id, str) or not sample.sample_id:
+        raise SchemaMismatchError(f"sample_id must be a non-empty string, found {sample.sample_id!r}")
+    ids = np.asarray(sample.input_ids)
+    if ids.ndim != 1 or len(ids) < 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise SchemaMismatchError(f"{where}: input_ids must be a non-empty 1-D integer array, "
+                                  f"found shape {ids.shape} dtype {ids.dtype}")
+    if ids.min() < 0 or ids.max() >= settings.vocab_size:
+        raise SchemaMismatchError(f"{where}: token ids must be in [0, {settings.vocab_size}), "
+                                  f"found [{ids.min()}, {ids.max()}]")
+    if np.asarray(sample.loss_mask).shape != ids.shape:
+        raise SchemaMismatchError(f"{where}: loss_mask shape {np.asarray(sample.loss_mask).shape} "
+                                  f"!= input_ids shape {ids.shape}")
+    bad_tags = sorted(set(sample.tags) & set(INDEX_COLUMNS))
+    if bad_tags:
+        raise SchemaMismatchError(f"{where}: tag names {bad_tags} are reserved index columns; "
+                                  f"rename them")
+    for tag, value in sample.tags.items():
+        if value is not None and not isinstance(value, (str, int, float, bool, np.generic)):
+            raise SchemaMismatchError(f"{where}: tag {tag!r} must be str/int/float/bool/None, "
+                                      f"found {type(value).__name__}")
+    if set(sample.signals) != set(settings.signals):
+        raise SchemaMismatchError(f"{where}: signals {sorted(sample.signals)} != store signals "
+                                  f"{sorted(settings.signals)}")
+    length = len(ids)
+    for name, spec in settings.signals.items():
+        data = sample.signals[name]
+        for kind in ("topk", "sampled", "hidden", "attention"):
+            if (getattr(spec, kind) is None) != (getattr(data, kind) is None):
+                state = "captured" if getattr(spec, kind) else "not captured"
+                raise SchemaMismatchError(f"{where}: signal {name!r} {kind} is {state} in the "
+                                          f"store settings but the sample disagrees")
+        if spec.topk:
+            shape = (length, spec.topk.k)
+            for arr_name in ("ids", "logprobs"):
+                found = np.shape(getattr(data.topk, arr_name))
+                if found != shape:
+                    raise SchemaMismatchError(f"{where}: signal {name!r} topk {arr_name} shape "
+                                              f"{found}, expected {shape} (k={spec.topk.k})")
+            _check_ids(data.topk.ids, settings.vocab_size, f"{where}: signal {name!r} topk")
+        if spec.sampled:
+            s = data.sampled
+            if len(s.offsets) != length + 1 or s.offsets[0] != 0 or np.any(np.diff(s.offsets) < 1):
+                raise SchemaMismatchError(f"{where}: signal {name!r} sampled offsets must have "
+                                          f"{length + 1} non-decreasing entries starting at 0, "
+                                          f"each position with >= 1 id")
+            n_entries = int(s.offsets[-1])
+            if not (len(s.ids) == len(s.counts) == len(s.logprobs) == n_entries):
+                raise SchemaMismatchError(f"{where}: signal {name!r} sampled ids/counts/logprobs "
+                                          f"must each have {n_entries} entries")
+            _check_ids(s.ids, settings.vocab_size, f"{where}: signal {name!r} sampled")
+            sums = np.add.reduceat(np.asarray(s.counts, dtype=np.int64), s.offsets[:-1])
+            if np.any(sums != spec.sampled.n_draws):
+                t = int(np.argmax(sums != spec.sampled.n_draws))
+                raise SchemaMismatchError(f"{where}: signal {name!r} sampled counts at position "
+                                          f"{t} sum to {sums[t]}, expected n_draws="
+                                          f"{spec.sampled.n_draws}")
+        if spec.hidden:
+            expected = (len(spec.hidden.layers), spec.hidden.dim)
+            if np.shape(data.hidden) != expected:
+                raise SchemaMismatchError(f"{where}: signal {name!r} hidden shape "
+                                          f"{np.shape(data.hidden)}, expected {expected}")
+        if spec.attention:
+            a = spec.attention
+            expected = (len(a.layers), a.num_heads, a.grid, a.grid)
+            if np.shape(data.attention) != expected:
+                raise SchemaMismatchError(f"{where}: signal {name!r} attention shape "
+                                          f"{np.shape(data.attention)}, expected {expected}")
+
+
+def _check_ids(ids, vocab_size: int, where: str) -> None:
+    ids = np.asarray(ids)
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise SchemaMismatchError(f"{where} ids must be in [0, {vocab_size}), "
+                                  f"found [{ids.min()}, {ids.max()}]")
+
+
+def encode_segment(samples: list[Sample], settings: StoreSettings) -> EncodedSegment:
+    """Samples (already validated) -> files of one segment."""
+    if not samples:
+        raise LogitStoreError("cannot encode an empty segment")
+    lengths = np.array([len(s.input_ids) for s in samples], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    tokens = int(offsets[-1])
+    ct, cs = settings.chunk_tokens, settings.chunk_samples
+    input_ids = np.concatenate([np.asarray(s.input_ids) for s in samples])
+    loss_mask = np.concatenate([np.asarray(s.loss_mask, dtype=bool) for s in samples])
+
+    mem = MemoryStore()
+    group = zarr.open_group(mem, mode="w", zarr_format=3)
+    _put(group, "input_ids", input_ids.astype(settings.token_dtype), ct)
+    _put(group, "loss_mask", loss_mask, ct)
+    id_dtype = int_dtype_for(settings.vocab_size - 1)
+    entries: dict[str, int] = {}
+    for name, spec in settings.signals.items():
+        sig = [s.signals[name] for s in samples]
+        if spec.topk:
+            ids = np.concatenate([d.topk.ids for d in sig])
+            lps = np.concatenate([d.topk.logprobs for d in sig])
+            tail = np.concatenate([d.topk.tail() for d in sig])
+            deltas, sorted_lp = encode_topk_ids(ids, lps, id_dtype)
+            _put(group, signal_array(name, "topk_ids"), deltas, ct)
+            _put(group, signal_array(name, "topk_logprobs"),
+                 encode_logprobs(sorted_lp, spec.topk.logprob_encoding, spec.topk.logprob_step), ct)
+            _put(group, signal_array(name, "topk_tail"), tail.astype(np.float16), ct)
+        if spec.sampled:
+            nuniq = np.concatenate([np.diff(d.sampled.offsets) for d in sig])
+            sample_offsets = np.concatenate([[0], np.cumsum(nuniq)])
+            flat = [np.concatenate([getattr(d.sampled, a) for d in sig])
+                    for a in ("ids", "counts", "logprobs")]
+            deltas, counts, lps = encode_sampled_ids(sample_offsets, flat[0], flat[1], flat[2],
+                                                     dtype=id_dtype)
+            count_dtype = int_dtype_for(spec.sampled.n_draws)
+            entry_rows = ct * max(1, spec.sampled.n_draws // 4)
+            _put(group, signal_array(name, "sampled_nuniq"), nuniq.astype(count_dtype), ct)
+            _put(group, signal_array(name, "sampled_ids"), deltas, entry_rows)
+            _put(group, signal_array(name, "sampled_counts"), counts.astype(count_dtype), entry_rows)
+            _put(group, signal_array(name, "sampled_logprobs"),
+                 encode_logprobs(lps, spec.sampled.logprob_encoding, spec.sampled.logprob_step),
+                 entry_rows)
+            entries[name] = int(len(deltas))
+        if spec.hidden:
+            _put(group, signal_array(name, "hidden"),
+                 np.stack([d.hidden for d in sig]).astype(spec.hidden.dtype), cs)
+        if spec.attention:
+            _put(group, signal_array(name, "attention"),
+                 np.stack([d.attention for d in sig]).astype(spec.attention.dtype), cs)
+
+    files = {key: buf.to_bytes() for key, buf in mem._store_dict.items()}
+    files[SEGMENT_INDEX] = _index_bytes(samples, offsets, lengths)
+    return EncodedSegment(files=files, samples=len(samples), tokens=tokens,
+                          target_tokens=int(loss_mask.sum()), sampled_entries=entries,
+                          sample_ids=[s.sample_id for s in samples])
+
+
+def _index_bytes(samples: list[Sample], offsets: np.ndarray, lengths: np.ndarray) -> bytes:
+    columns = {
+        "sample_id": pa.array([s.sample_id for s in samples], pa.string()),
+        "source": pa.array([s.source for s in samples], pa.string()),
+        "split": pa.array([s.split for s in samples], pa.string()),
+        "segment_offset": pa.array(offsets[:-1], pa.int64()),
+        "length": pa.array(lengths, pa.int64()),
+        "digest": pa.array([sample_digest(s.sample_id, s.input_ids) for s in samples], pa.string()),
+    }
+    tag_names = sorted({t for s in samples for t in s.tags})
+    for tag in tag_names:
+        values = [_plain(s.tags.get(tag)) for s in samples]
+        try:
+            columns[tag] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            columns[tag] = pa.array([None if v is None else str(v) for v in values], pa.string())
+    sink = io.BytesIO()
+    pq.write_table(pa.table(columns), sink, compression="zstd")
+    return sink.getvalue()
+
+
+def _plain(value):
+    return value.item() if isinstance(value, np.generic) else value

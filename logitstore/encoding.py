@@ -7,6 +7,7 @@ within a position therefore carries no meaning in the store.
 Log-probs (all <= 0):
 - "q8":  q = round(-logprob / step) clipped to 0..255, stored as uint8; decoded as -q*step.
          Error <= step/2 for logprob >= -255*step; smaller values decode to -255*step.
+         Sampled targets use a coarser step for ids drawn once (see SampledSpec).
 - "f16": float16 (relative error <= 2**-11); "f32": exact.
 """
 
@@ -17,7 +18,8 @@ import numpy as np
 from logitstore.errors import SchemaMismatchError
 
 
-def encode_logprobs(logprobs: np.ndarray, encoding: str, step: float) -> np.ndarray:
+def encode_logprobs(logprobs: np.ndarray, encoding: str, step) -> np.ndarray:
+    """step: a float, or an array broadcasting against logprobs (per-entry steps)."""
     if encoding == "q8":
         q = np.rint(-np.asarray(logprobs, dtype=np.float64) / step)
         return np.clip(q, 0, 255).astype(np.uint8)
@@ -28,15 +30,15 @@ def encode_logprobs(logprobs: np.ndarray, encoding: str, step: float) -> np.ndar
     raise SchemaMismatchError(f"unknown logprob encoding {encoding!r}; expected q8, f16 or f32")
 
 
-def decode_logprobs(stored: np.ndarray, encoding: str, step: float) -> np.ndarray:
+def decode_logprobs(stored: np.ndarray, encoding: str, step) -> np.ndarray:
     if encoding == "q8":
-        return (stored.astype(np.float32) * np.float32(-step)).astype(np.float32)
+        return (stored.astype(np.float32) * -np.asarray(step, dtype=np.float32)).astype(np.float32)
     return stored.astype(np.float32)
 
 
-def max_logprob_error(encoding: str, step: float) -> float:
-    """Worst-case |decoded - true| for logprob >= -255*step (q8) or the fp16 range."""
-    return {"q8": step / 2, "f16": 2.0**-11 * 255 * step, "f32": 0.0}[encoding]
+def sampled_steps(counts: np.ndarray, spec) -> np.ndarray:
+    """[E] per-entry q8 step of sampled log-probs: coarser for ids drawn once."""
+    return np.where(np.asarray(counts) == 1, spec.singleton_step, spec.logprob_step)
 
 
 def encode_topk_ids(ids: np.ndarray, logprobs: np.ndarray, dtype: str):

@@ -72,6 +72,9 @@ class SampledSpec:
     temperature: float = 1.0
     logprob_encoding: str = "q8"
     logprob_step: float = 1.0 / 16
+    # q8 only: ids drawn once get a coarser step. Their weight's Monte-Carlo noise (~100%)
+    # dwarfs a +-0.25-nat error, and they are ~80% of the entries, so this saves ~30% bytes.
+    singleton_step: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -160,8 +163,9 @@ def _signal_problems(name: str, sig: SignalSpec) -> list[str]:
         if spec.logprob_encoding not in LOGPROB_ENCODINGS:
             out.append(f"signal {name!r}: {kind} logprob_encoding must be one of "
                        f"{LOGPROB_ENCODINGS}, found {spec.logprob_encoding!r}")
-        if not spec.logprob_step > 0:
-            out.append(f"signal {name!r}: {kind} logprob_step must be > 0, found {spec.logprob_step}")
+        steps = [spec.logprob_step] + ([spec.singleton_step] if kind == "sampled" else [])
+        if not all(step > 0 for step in steps):
+            out.append(f"signal {name!r}: {kind} quantisation steps must be > 0, found {steps}")
     if sig.topk is not None and sig.topk.k < 1:
         out.append(f"signal {name!r}: top-k k must be >= 1, found {sig.topk.k}")
     if sig.sampled is not None:

@@ -42,6 +42,7 @@ class StoreFS:
         self.fs = fs
         self.root = root.rstrip("/") if root not in ("/", "") else root
         self.is_local = isinstance(fs, LocalFileSystem)
+        self._zarr: ShardIndexCache | None = None
 
     def path(self, rel: str = "") -> str:
         return f"{self.root}/{rel}" if rel else self.root
@@ -95,14 +96,19 @@ class StoreFS:
                       for p in self.fs.find(full))
 
     def zarr_store(self) -> "ShardIndexCache":
-        """A read-only zarr store rooted at the store root (shard indexes cached)."""
-        if self.is_local:
-            inner = LocalStore(self.root, read_only=True)
-        else:
-            afs = self.fs if getattr(self.fs, "async_impl", False) else \
-                AsyncFileSystemWrapper(self.fs)
-            inner = FsspecStore(afs, path=self.root, read_only=True)
-        return ShardIndexCache(inner)
+        """A read-only zarr store rooted at the store root (shard indexes cached); one per StoreFS."""
+        if self._zarr is None:
+            if self.is_local:
+                inner = LocalStore(self.root, read_only=True)
+            else:
+                if getattr(self.fs, "async_impl", False):
+                    # zarr drives its own event loop: give it an instance made for that.
+                    afs = type(self.fs)(asynchronous=True, **self.fs.storage_options)
+                else:
+                    afs = AsyncFileSystemWrapper(self.fs, asynchronous=True)
+                inner = FsspecStore(afs, path=self.root, read_only=True)
+            self._zarr = ShardIndexCache(inner)
+        return self._zarr
 
 
 class ShardIndexCache(WrapperStore):

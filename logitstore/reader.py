@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 import zarr
 
 from logitstore.commit import load_json
-from logitstore.encoding import decode_logprobs, decode_sampled_ids, decode_topk_ids
+from logitstore.encoding import (decode_logprobs, decode_sampled_ids, decode_topk_ids,
+                                 sampled_steps)
 from logitstore.errors import (ChecksumError, ManifestMissingError, StoreNotFoundError,
                                UnknownSampleError, UnknownSignalError)
 from logitstore.format import (MANIFEST, PARTS_DIR, StoreSettings, check_format_version,
@@ -170,7 +171,8 @@ class StoreReader:
             ids = decode_topk_ids(self._read(seg, signal_array(name, "topk_ids"), start, stop))
             lps = decode_logprobs(self._read(seg, signal_array(name, "topk_logprobs"), start, stop),
                                   spec.topk.logprob_encoding, spec.topk.logprob_step)
-            tail = self._read(seg, signal_array(name, "topk_tail"), start, stop).astype(np.float32)
+            tail = decode_logprobs(self._read(seg, signal_array(name, "topk_tail"), start, stop),
+                                   spec.topk.logprob_encoding, spec.topk.logprob_step)
             out.topk = TopK(ids, lps, tail)
         if spec.sampled:
             offs = self._entry_offsets(seg_no, name)
@@ -179,7 +181,7 @@ class StoreReader:
             ids = decode_sampled_ids(local, self._read(seg, signal_array(name, "sampled_ids"), a, b))
             counts = self._read(seg, signal_array(name, "sampled_counts"), a, b).astype(np.int64)
             lps = decode_logprobs(self._read(seg, signal_array(name, "sampled_logprobs"), a, b),
-                                  spec.sampled.logprob_encoding, spec.sampled.logprob_step)
+                                  spec.sampled.logprob_encoding, sampled_steps(counts, spec.sampled))
             out.sampled = Sampled(local, ids, counts, lps)
         if spec.hidden:
             out.hidden = self._read(seg, signal_array(name, "hidden"), sample_pos,

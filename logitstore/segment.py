@@ -18,7 +18,8 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 from zarr.storage import MemoryStore
 
-from logitstore.encoding import encode_logprobs, encode_sampled_ids, encode_topk_ids
+from logitstore.encoding import (encode_logprobs, encode_sampled_ids, encode_topk_ids,
+                                 sampled_steps)
 from logitstore.errors import LogitStoreError, SchemaMismatchError
 from logitstore.format import (INDEX_COLUMNS, SEGMENT_INDEX, StoreSettings, int_dtype_for,
                                signal_array)
@@ -42,10 +43,13 @@ def sample_digest(sample_id: str, input_ids: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _codecs(itemsize: int):
-    # Bitshuffle suits the small unsigned deltas/counts and the quantised log-probs; the
-    # crc32c inside each chunk lets readers detect corruption without hashing whole files.
-    return [BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.bitshuffle, typesize=itemsize),
+def _codecs(dtype: np.dtype):
+    # Measured (bench/store_bench.py): byte-shuffle packs multi-byte id deltas best,
+    # bitshuffle the one-byte codes and the floats. The crc32c inside each chunk lets
+    # readers detect corruption without hashing whole files.
+    multi_byte_int = dtype.kind in "ui" and dtype.itemsize > 1
+    shuffle = BloscShuffle.shuffle if multi_byte_int else BloscShuffle.bitshuffle
+    return [BloscCodec(cname="zstd", clevel=7, shuffle=shuffle, typesize=dtype.itemsize),
             Crc32cCodec()]
 
 
@@ -55,7 +59,7 @@ def _put(group, name: str, data: np.ndarray, chunk_rows: int) -> None:
     shard_rows = -(-max(data.shape[0], 1) // rows) * rows
     arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks,
                              shards=(shard_rows,) + data.shape[1:],
-                             compressors=_codecs(data.dtype.itemsize), fill_value=0)
+                             compressors=_codecs(data.dtype), fill_value=0)
     if data.size:
         arr[...] = data
 
@@ -166,7 +170,8 @@ def encode_segment(samples: list[Sample], settings: StoreSettings) -> EncodedSeg
             _put(group, signal_array(name, "topk_ids"), deltas, ct)
             _put(group, signal_array(name, "topk_logprobs"),
                  encode_logprobs(sorted_lp, spec.topk.logprob_encoding, spec.topk.logprob_step), ct)
-            _put(group, signal_array(name, "topk_tail"), tail.astype(np.float16), ct)
+            _put(group, signal_array(name, "topk_tail"),
+                 encode_logprobs(tail, spec.topk.logprob_encoding, spec.topk.logprob_step), ct)
         if spec.sampled:
             nuniq = np.concatenate([np.diff(d.sampled.offsets) for d in sig])
             sample_offsets = np.concatenate([[0], np.cumsum(nuniq)])
@@ -180,7 +185,8 @@ def encode_segment(samples: list[Sample], settings: StoreSettings) -> EncodedSeg
             _put(group, signal_array(name, "sampled_ids"), deltas, entry_rows)
             _put(group, signal_array(name, "sampled_counts"), counts.astype(count_dtype), entry_rows)
             _put(group, signal_array(name, "sampled_logprobs"),
-                 encode_logprobs(lps, spec.sampled.logprob_encoding, spec.sampled.logprob_step),
+                 encode_logprobs(lps, spec.sampled.logprob_encoding,
+                                 sampled_steps(counts, spec.sampled)),
                  entry_rows)
             entries[name] = int(len(deltas))
         if spec.hidden:

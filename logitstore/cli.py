@@ -1,0 +1,225 @@
+"""`logitstore` command line: info, verify, cp, show, commit.
+
+Exit codes: 0 success / clean store, 1 damaged store (verify), 2 usage or store errors.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from logitstore import __version__
+from logitstore.errors import LogitStoreError
+
+
+def _fail(err: Exception) -> None:
+    click.echo(f"error: {err}", err=True)
+    sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="logitstore")
+def main() -> None:
+    """Inspect, verify and move logitstore stores (local paths or any fsspec URL)."""
+
+
+@main.command()
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="Print manifest + counts + sizes as JSON.")
+def info(store: str, as_json: bool) -> None:
+    """Summary of STORE: signals, counts, bytes per token and per entry, compression."""
+    from logitstore.info import size_report
+    from logitstore.reader import StoreReader
+
+    try:
+        reader = StoreReader(store)
+    except LogitStoreError as err:
+        _fail(err)
+    manifest = reader.manifest
+    sizes = size_report(manifest)
+    if as_json:
+        click.echo(json.dumps({**manifest, "sizes": sizes}, indent=1, sort_keys=True))
+        return
+    counts = manifest["counts"]
+    settings = manifest["settings"]
+    click.echo(f"store        {store}")
+    click.echo(f"format       {manifest['format']} {manifest['format_version']} "
+               f"(written by logitstore {manifest['tool_version']}, committed "
+               f"{manifest['committed']})")
+    click.echo(f"tokenizer    {settings['tokenizer_name'] or '-'}  vocab {settings['vocab_size']}  "
+               f"fingerprint {settings['tokenizer_fingerprint'][:16]}")
+    click.echo(f"dataset      fingerprint {manifest['dataset_fingerprint'][:16]}")
+    click.echo(f"counts       {counts['samples']} samples, {counts['tokens']} tokens "
+               f"({counts['target_tokens']} targets), {counts['parts']} part(s), "
+               f"{counts['segments']} segment(s)")
+    click.echo(f"size         {sizes['total_bytes'] / 1e6:.2f} MB, "
+               f"{sizes['bytes_per_token']:.2f} B/token")
+    for name, spec in settings["signals"].items():
+        teacher = spec.get("teacher", {})
+        click.echo(f"signal {name}: teacher {teacher.get('model_id', '-')} "
+                   f"{teacher.get('quantization', '')}".rstrip())
+        for kind in ("topk", "sampled"):
+            if spec.get(kind):
+                s = sizes["signals"][name][kind]
+                settings_text = ", ".join(f"{k}={v}" for k, v in spec[kind].items())
+                click.echo(f"  {kind:8s} {settings_text}: {s['bytes_per_token']:.2f} B/token, "
+                           f"{s['bytes_per_entry']:.2f} B/entry "
+                           f"({s['entries_per_token']:.1f} entries/token), "
+                           f"{s['compression_ratio']:.1f}x vs raw")
+        for kind in ("hidden", "attention"):
+            if spec.get(kind):
+                click.echo(f"  {kind:8s} " + ", ".join(f"{k}={v}" for k, v in spec[kind].items()))
+    click.echo("arrays:")
+    for name, a in sizes["arrays"].items():
+        click.echo(f"  {name:40s} {a['bytes'] / 1e6:9.3f} MB  {a['bytes_per_token']:7.3f} B/token  "
+                   f"{a['bytes_per_entry']:6.3f} B/entry  {a['compression_ratio']:5.1f}x")
+
+
+@main.command()
+@click.argument("store")
+@click.option("--quiet", "-q", is_flag=True)
+def verify(store: str, quiet: bool) -> None:
+    """Recompute every checksum and invariant of STORE; exit 1 naming each damaged file."""
+    from logitstore.verify import verify_store
+
+    problems = verify_store(store)
+    for problem in problems:
+        click.echo(f"DAMAGED {problem}", err=True)
+    if problems:
+        click.echo(f"{store}: {len(problems)} problem(s)", err=True)
+        sys.exit(1)
+    if not quiet:
+        click.echo(f"{store}: ok")
+
+
+@main.command()
+@click.argument("src")
+@click.argument("dst")
+@click.option("--overwrite", is_flag=True, help="Replace a store already at DST.")
+def cp(src: str, dst: str, overwrite: bool) -> None:
+    """Copy the committed store SRC to DST (any fsspec URLs), verified on arrival."""
+    from tqdm import tqdm
+
+    from logitstore.transfer import copy_store
+    from logitstore.verify import verify_store
+
+    bar = tqdm(unit="B", unit_scale=True, desc="copy", disable=None)
+    try:
+        copy_store(src, dst, overwrite=overwrite, progress=lambda rel, n: bar.update(n))
+    except (LogitStoreError, OSError) as err:
+        bar.close()
+        _fail(err)
+    bar.close()
+    problems = verify_store(dst)
+    if problems:
+        for problem in problems:
+            click.echo(f"DAMAGED {problem}", err=True)
+        sys.exit(1)
+    click.echo(f"copied {src} -> {dst}; verified")
+
+
+@main.command()
+@click.argument("store")
+@click.argument("sample_id", required=False)
+@click.option("--index", "position", type=int, help="Select the N-th sample in store order.")
+@click.option("--tokenizer", type=click.Path(exists=True),
+              help="tokenizer.json or a directory holding one, to decode tokens.")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--top", default=5, show_default=True, help="Entries shown per position (text).")
+def show(store: str, sample_id: str | None, position: int | None, tokenizer: str | None,
+         as_json: bool, top: int) -> None:
+    """One sample's tokens with its top-k / sampled targets."""
+    from logitstore.reader import StoreReader
+
+    if (sample_id is None) == (position is None):
+        _fail(LogitStoreError("give either SAMPLE_ID or --index N (not both)"))
+    try:
+        reader = StoreReader(store)
+        sample = reader.sample(sample_id if position is None else position)
+    except LogitStoreError as err:
+        _fail(err)
+    decode = _decoder(tokenizer)
+    if as_json:
+        click.echo(json.dumps(_sample_json(sample, decode if tokenizer else None,
+                                             reader.settings), indent=1))
+        return
+    click.echo(f"sample {sample.sample_id}  source={sample.source} split={sample.split} "
+               f"tags={sample.tags}  tokens={len(sample.input_ids)} "
+               f"targets={int(sample.loss_mask.sum())}")
+    for t, tok in enumerate(sample.input_ids.tolist()):
+        mark = "*" if sample.loss_mask[t] else " "
+        line = f"{t:5d} {mark} {tok:7d} {decode([tok])!r:16s}"
+        for name, sig in sample.signals.items():
+            if sig.topk is not None:
+                order = np.argsort(-sig.topk.logprobs[t])[:top]
+                line += f" | {name} top: " + " ".join(
+                    f"{decode([int(sig.topk.ids[t][i])])!r}:{np.exp(sig.topk.logprobs[t][i]):.3f}"
+                    for i in order)
+            if sig.sampled is not None:
+                ids, counts, _ = sig.sampled.position(t)
+                order = np.argsort(-counts)[:top]
+                line += f" | {name} drawn: " + " ".join(
+                    f"{decode([int(ids[i])])!r}x{int(counts[i])}" for i in order)
+        click.echo(line)
+
+
+def _decoder(path: str | None):
+    if path is None:
+        return lambda ids: str(ids[0]) if len(ids) == 1 else str(ids)
+    from tokenizers import Tokenizer
+
+    file = Path(path)
+    if file.is_dir():
+        file = file / "tokenizer.json"
+    tok = Tokenizer.from_file(str(file))
+    return lambda ids: tok.decode(list(ids), skip_special_tokens=False)
+
+
+def _sample_json(sample, decode, settings) -> dict[str, Any]:
+    out: dict[str, Any] = {"sample_id": sample.sample_id, "source": sample.source,
+                           "split": sample.split, "input_ids": sample.input_ids.tolist(),
+                           "loss_mask": sample.loss_mask.astype(int).tolist(),
+                           "tags": sample.tags, "signals": {}}
+    if decode is not None:
+        out["tokens"] = [decode([t]) for t in sample.input_ids.tolist()]
+    for name, sig in sample.signals.items():
+        entry: dict[str, Any] = {}
+        if sig.topk is not None:
+            entry["topk"] = {"ids": sig.topk.ids.tolist(),
+                             "logprobs": np.round(sig.topk.logprobs, 5).tolist()}
+        if sig.sampled is not None:
+            per = [sig.sampled.position(t) for t in range(sig.sampled.num_positions)]
+            entry["sampled"] = {"ids": [p[0].tolist() for p in per],
+                                "counts": [p[1].tolist() for p in per],
+                                "logprobs": [np.round(p[2], 5).tolist() for p in per]}
+        if sig.hidden is not None:
+            entry["hidden"] = {"layers": list(settings.signals[name].hidden.layers),
+                               "pools": sig.hidden.tolist()}
+        if sig.attention is not None:
+            entry["attention"] = {"layers": list(settings.signals[name].attention.layers),
+                                  "grid": sig.attention.tolist()}
+        out["signals"][name] = entry
+    return out
+
+
+@main.command()
+@click.argument("store")
+def commit(store: str) -> None:
+    """List every committed part of STORE in its manifest (after a multi-writer dump)."""
+    from logitstore.commit import commit_store
+
+    try:
+        manifest = commit_store(store)
+    except LogitStoreError as err:
+        _fail(err)
+    click.echo(f"{store}: committed {manifest['counts']['parts']} part(s), "
+               f"{manifest['counts']['samples']} samples")
+
+
+if __name__ == "__main__":
+    main()

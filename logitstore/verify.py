@@ -1,0 +1,181 @@
+"""Verify a committed store: every checksum and every structural invariant.
+
+Returns a list of problems, each naming the file it is about; an empty list means clean.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Callable
+
+import numpy as np
+import pyarrow.parquet as pq
+import zarr
+
+from logitstore.commit import dataset_fingerprint, load_json
+from logitstore.errors import LogitStoreError
+from logitstore.format import (MANIFEST, PARTS_DIR, StoreSettings, check_format_version,
+                               int_dtype_for, signal_array)
+from logitstore.fs import StoreFS, sha256_hex
+
+
+def expected_arrays(settings: StoreSettings, tokens: int, samples: int,
+                    entries: dict[str, int]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Array path inside a segment -> (shape, dtype) that the format prescribes."""
+    id_dtype = int_dtype_for(settings.vocab_size - 1)
+    out = {"input_ids": ((tokens,), settings.token_dtype), "loss_mask": ((tokens,), "bool")}
+    for name, spec in settings.signals.items():
+        if spec.topk:
+            k = spec.topk.k
+            out[signal_array(name, "topk_ids")] = ((tokens, k), id_dtype)
+            out[signal_array(name, "topk_logprobs")] = ((tokens, k), _lp_dtype(spec.topk))
+            out[signal_array(name, "topk_tail")] = ((tokens,), _lp_dtype(spec.topk))
+        if spec.sampled:
+            n = entries.get(name, -1)
+            count_dtype = int_dtype_for(spec.sampled.n_draws)
+            out[signal_array(name, "sampled_nuniq")] = ((tokens,), count_dtype)
+            out[signal_array(name, "sampled_ids")] = ((n,), id_dtype)
+            out[signal_array(name, "sampled_counts")] = ((n,), count_dtype)
+            out[signal_array(name, "sampled_logprobs")] = ((n,), _lp_dtype(spec.sampled))
+        if spec.hidden:
+            h = spec.hidden
+            out[signal_array(name, "hidden")] = ((samples, len(h.layers), h.dim), h.dtype)
+        if spec.attention:
+            a = spec.attention
+            out[signal_array(name, "attention")] = (
+                (samples, len(a.layers), a.num_heads, a.grid, a.grid), a.dtype)
+    return out
+
+
+def _lp_dtype(spec) -> str:
+    return {"q8": "uint8", "f16": "float16", "f32": "float32"}[spec.logprob_encoding]
+
+
+def verify_store(url: str, *, storage_options: dict | None = None,
+                 progress: Callable[[str], None] | None = None) -> list[str]:
+    fs = StoreFS(url, storage_options)
+    if not fs.exists(MANIFEST):
+        return [f"{fs.path(MANIFEST)}: missing (no committed store here)"]
+    try:
+        manifest = load_json(fs, MANIFEST)
+        check_format_version(manifest.get("format_version"), fs.path(MANIFEST))
+        settings = StoreSettings.from_json(manifest["settings"])
+    except (LogitStoreError, KeyError, TypeError) as err:
+        return [f"{fs.path(MANIFEST)}: {err}"]
+    problems: list[str] = []
+    files = dict(manifest.get("files", {}))
+    files[manifest["index"]["path"]] = manifest["index"]
+    damaged: set[str] = set()
+    for rel, meta in sorted(files.items()):
+        if progress:
+            progress(rel)
+        problem = _check_file(fs, rel, meta)
+        if problem:
+            problems.append(problem)
+            damaged.add(rel)
+    if manifest["index"]["path"] in damaged:
+        return problems  # no trustworthy index: structure cannot be checked
+    index = pq.read_table(io.BytesIO(fs.read_bytes(manifest["index"]["path"])))
+    problems += _check_structure(fs, manifest, settings, index, damaged)
+    return problems
+
+
+def _check_file(fs: StoreFS, rel: str, meta: dict) -> str | None:
+    if not fs.exists(rel):
+        return f"{fs.path(rel)}: missing"
+    data = fs.read_bytes(rel)
+    if len(data) != meta["size"]:
+        return f"{fs.path(rel)}: size {len(data)} bytes, expected {meta['size']} (truncated?)"
+    found = sha256_hex(data)
+    if found != meta["sha256"]:
+        return f"{fs.path(rel)}: sha256 {found}, expected {meta['sha256']} (damaged)"
+    return None
+
+
+def _check_structure(fs: StoreFS, manifest: dict, settings: StoreSettings, index,
+                     damaged: set[str]) -> list[str]:
+    problems = []
+    counts = manifest["counts"]
+    where = fs.path(manifest["index"]["path"])
+    ids = index.column("sample_id").to_pylist()
+    lengths = index.column("length").to_numpy()
+    offsets = index.column("offset").to_numpy()
+    if len(ids) != counts["samples"]:
+        problems.append(f"{where}: {len(ids)} rows, manifest counts {counts['samples']} samples")
+    if len(set(ids)) != len(ids):
+        problems.append(f"{where}: duplicate sample ids")
+    if int(lengths.sum()) != counts["tokens"]:
+        problems.append(f"{where}: lengths sum to {int(lengths.sum())}, manifest counts "
+                        f"{counts['tokens']} tokens")
+    if len(offsets) and (offsets[0] != 0 or np.any(offsets[1:] != offsets[:-1] + lengths[:-1])):
+        problems.append(f"{where}: token offsets are not contiguous")
+    if dataset_fingerprint(ids, index.column("digest").to_pylist()) != \
+            manifest["dataset_fingerprint"]:
+        problems.append(f"{fs.path(MANIFEST)}: dataset fingerprint does not match the index")
+    row = 0
+    listed = set(manifest["files"])
+    for part in manifest["parts"]:
+        for seg in part["segments"]:
+            seg_dir = f"{PARTS_DIR}/{part['name']}/{seg['name']}"
+            rows = index.slice(row, seg["samples"])
+            row += seg["samples"]
+            if set(rows.column("segment").to_pylist()) != {seg["name"]} or \
+                    set(rows.column("part").to_pylist()) != {part["name"]}:
+                problems.append(f"{where}: rows of {seg_dir} are out of place")
+            if int(rows.column("length").to_numpy().sum()) != seg["tokens"]:
+                problems.append(f"{where}: lengths of {seg_dir} do not sum to {seg['tokens']}")
+            expected = expected_arrays(settings, seg["tokens"], seg["samples"],
+                                       seg.get("sampled_entries", {}))
+            for name, (shape, dtype) in expected.items():
+                rel = f"{seg_dir}/{name}"
+                if f"{rel}/zarr.json" not in listed:
+                    problems.append(f"{fs.path(rel)}: array not listed in the manifest")
+                    continue
+                if any(f.startswith(rel + "/") for f in damaged):
+                    continue  # already reported by checksum
+                problems += _check_array(fs, rel, shape, dtype)
+            problems += _check_sampled(fs, settings, seg_dir, damaged)
+    return problems
+
+
+def _open(fs: StoreFS, rel: str):
+    return zarr.open_array(fs.zarr_store(), path=rel, mode="r", zarr_format=3)
+
+
+def _check_array(fs: StoreFS, rel: str, shape, dtype) -> list[str]:
+    try:
+        arr = _open(fs, rel)
+    except Exception as err:
+        return [f"{fs.path(rel)}: cannot open ({err})"]
+    out = []
+    if tuple(arr.shape) != tuple(shape):
+        out.append(f"{fs.path(rel)}: shape {tuple(arr.shape)}, expected {tuple(shape)}")
+    if str(arr.dtype) != dtype:
+        out.append(f"{fs.path(rel)}: dtype {arr.dtype}, expected {dtype}")
+    return out
+
+
+def _check_sampled(fs: StoreFS, settings: StoreSettings, seg_dir: str, damaged) -> list[str]:
+    """Counts of every position sum to n_draws and nuniq matches the entry count."""
+    out = []
+    for name, spec in settings.signals.items():
+        if not spec.sampled:
+            continue
+        rels = [f"{seg_dir}/{signal_array(name, a)}" for a in ("sampled_nuniq", "sampled_counts")]
+        if any(f.startswith(r + "/") for f in damaged for r in rels):
+            continue
+        try:
+            nuniq = _open(fs, rels[0])[...].astype(np.int64)
+            counts = _open(fs, rels[1])[...].astype(np.int64)
+        except Exception as err:
+            out.append(f"{fs.path(seg_dir)}: cannot read sampled arrays of {name!r} ({err})")
+            continue
+        if nuniq.sum() != len(counts) or np.any(nuniq < 1):
+            out.append(f"{fs.path(rels[0])}: per-position id counts do not add up to "
+                       f"{len(counts)} entries")
+            continue
+        sums = np.add.reduceat(counts, np.concatenate([[0], np.cumsum(nuniq)[:-1]]))
+        if np.any(sums != spec.sampled.n_draws):
+            out.append(f"{fs.path(rels[1])}: draws per position must sum to "
+                       f"{spec.sampled.n_draws}")
+    return out

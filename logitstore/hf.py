@@ -201,7 +201,9 @@ def _load_error_message(spec: ModelSpec, what: str, exc: BaseException) -> str:
     offline = hub_offline()
     revision = spec.revision or "main"
     rev_flag = f" --revision {spec.revision}" if spec.revision else ""
-    gated = " This model is gated: accept its licence on the model page and run `hf auth login` first." if spec.defaults.get("gated") else ""
+    gated = ""
+    if spec.defaults.get("gated"):
+        gated = " This model is gated: accept its licence on its model page, then `hf auth login`."
     network = (
         "HF_HUB_OFFLINE=1, so only the cache was searched"
         if offline
@@ -259,12 +261,19 @@ def _resolve_device(device: str | None) -> str:
     return str(resolved)
 
 
-def load_tokenizer(spec: str | os.PathLike | ModelSpec, revision: str | None = None, trust_remote_code: bool = False):
+def load_tokenizer(
+    spec: str | os.PathLike | ModelSpec,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+):
     """The model's tokenizer (AutoTokenizer), or ModelLoadError explaining how to get it."""
     from transformers import AutoTokenizer
 
     spec = resolve_model(spec, revision)
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "local_files_only": hub_offline()}
+    kwargs: dict[str, Any] = {
+        "trust_remote_code": trust_remote_code,
+        "local_files_only": hub_offline(),
+    }
     if spec.revision and not spec.is_local:
         kwargs["revision"] = spec.revision
     with _translate_load_errors(spec, "tokenizer"):
@@ -390,14 +399,19 @@ def _tokenizer_identity(tokenizer) -> dict[str, Any]:
             "vocab": model.get("vocab"),  # token -> id (a [token, score] list for Unigram)
             "merges": [_merge_text(m) for m in model.get("merges") or []],
             "added": sorted(
-                ({"content": t["content"], "id": t["id"], "special": bool(t.get("special"))} for t in added),
+                (
+                    {"content": t["content"], "id": t["id"], "special": bool(t.get("special"))}
+                    for t in added
+                ),
                 key=lambda t: t["id"],
             ),
         }
     # Slow (Python) tokenizers: the vocabulary plus the added/special tokens.
     specials = set(tokenizer.all_special_tokens)
-    added = {tok.content if hasattr(tok, "content") else str(tok): idx
-             for idx, tok in getattr(tokenizer, "added_tokens_decoder", {}).items()}
+    added = {
+        tok.content if hasattr(tok, "content") else str(tok): idx
+        for idx, tok in getattr(tokenizer, "added_tokens_decoder", {}).items()
+    }
     for token in specials:
         added.setdefault(token, tokenizer.convert_tokens_to_ids(token))
     return {

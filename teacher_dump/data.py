@@ -1,0 +1,566 @@
+"""Read training/dump data into tokenized samples with a loss mask.
+
+Sources (`iter_samples(sources, ...)` takes one spec or a list, read in the order given):
+
+* a local file: ``.jsonl`` / ``.ndjson`` (one record per line), ``.json`` (a list of
+  records or ``{"data": [...]}``; a ``.json`` file holding JSON lines is read as JSONL),
+  ``.parquet``; ``.gz`` variants of the JSON ones;
+* a directory: every supported file inside it, recursively, sorted by relative path;
+  or, if it was written by ``datasets``' ``save_to_disk``, that dataset (``DIR@split``
+  picks one split of a saved DatasetDict);
+* a glob (``data/*.jsonl``, ``data/**/*.parquet``): matching files, sorted;
+* a Hugging Face dataset ``name[:config][@split]`` (``hf:`` prefix to force), loaded
+  with ``datasets.load_dataset``; without ``@split`` every split is read.
+
+Record formats, their rendering and pair tokenization live in `teacher_dump.formats`.
+
+Definitions that other tools rely on:
+
+* **source**: a file's path relative to its data root (the directory given, the glob's
+  fixed prefix, or the file's own directory for a single file), as POSIX; for datasets
+  ``name[:config]@split`` (a saved dataset's directory name stands for ``name``).
+* **row**: the 0-based position of the record in its source (JSONL: line number - 1,
+  counting blank lines; JSON/Parquet/datasets: record index). Messages about bad records
+  show ``source:LINE`` (1-based) for JSONL and ``source[row]`` otherwise.
+* **sample id**: ``f"{source}:{row}:{sha256(prompt + response)[:12]}"`` where prompt and
+  response are the tokenizer-independent renderings of `teacher_dump.formats` (UTF-8,
+  hex digest), so teams with different teachers or tokenizers agree. Windows of a long
+  sample get ``#w0``, ``#w1``... appended.
+* **duplicate**: same ``prompt + response`` text as an earlier sample of the run (the
+  first one is kept).
+* **tokenization**: prompt and response are tokenized separately without special tokens
+  and concatenated, so the boundary is exact: ``[BOS if the tokenizer adds one] + prompt
+  + response + [EOS]``. (Token ids at the seam may differ from tokenizing the joined text;
+  harmless, since teacher and student both consume the stored ids.) EOS is not added
+  twice when a chat template already ends the turn with it.
+* **loss_mask[i]** is True when ``input_ids[i]`` is a training target: response tokens
+  and EOS; prompt tokens too with ``include_prompt=True``; every token for ``text``;
+  never the BOS/prefix specials.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from logitstore.errors import LogitStoreError
+from teacher_dump.formats import (
+    Format,
+    RecordError,
+    RenderOptions,
+    TextPair,
+    detect_format,
+    get_format,
+    render_with_chat_template,
+    special_prefix,
+    tags_of,
+    tokenize_pair,
+)
+
+log = logging.getLogger(__name__)
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz")
+JSON_SUFFIXES = (".json", ".json.gz")
+PARQUET_SUFFIXES = (".parquet",)
+SUPPORTED_SUFFIXES = JSONL_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES
+MAX_REPORTED = 5  # malformed records quoted in the summary and the log
+
+
+class DataSourceError(LogitStoreError):
+    """A data source that cannot be found or opened at all (bad path, unknown dataset)."""
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    format: str = "auto"  # "auto" or a name from teacher_dump.formats.FORMAT_NAMES
+    max_length: int | None = None  # in tokens, BOS and EOS included
+    overflow: Literal["truncate", "window"] = "truncate"
+    include_prompt: bool = False  # prompt tokens are targets too
+    use_chat_template: bool = True  # chat records: tokenizer's template when it has one
+    wrap_in_chat: bool = False  # render non-chat records as a user/assistant exchange
+    dedup: bool = True
+    limit: int | None = None  # at most this many samples
+    mcq_index_base: int = 0  # see teacher_dump.formats.RenderOptions
+    default_split: str = "train"
+
+
+@dataclass(frozen=True)
+class TokenizedSample:
+    sample_id: str
+    source: str
+    split: str
+    input_ids: np.ndarray  # (seq,) int64
+    loss_mask: np.ndarray  # (seq,) bool, True = training target
+    tags: dict[str, str | int | float | bool]
+
+
+@dataclass
+class DataSummary:
+    """Counts for one read; `str()` is the end-of-run report."""
+
+    format_requested: str = "auto"
+    formats: dict[str, str] = field(default_factory=dict)  # source -> format used
+    records: int = 0  # records seen, bad ones included
+    samples: int = 0  # samples produced (windows count separately)
+    tokens: int = 0
+    target_tokens: int = 0
+    malformed: int = 0
+    malformed_examples: list[str] = field(default_factory=list)  # first MAX_REPORTED
+    empty: int = 0
+    duplicates: int = 0
+    truncated: int = 0
+    windowed: int = 0  # records split into windows
+    no_target: int = 0  # samples left with no target token after truncation
+    limit_reached: bool = False
+
+    @property
+    def format(self) -> str:
+        used = sorted(set(self.formats.values()))
+        return used[0] if len(used) == 1 else ("mixed" if used else "none")
+
+    def add_malformed(self, location: str, reason: str) -> None:
+        self.malformed += 1
+        if len(self.malformed_examples) < MAX_REPORTED:
+            message = f"{location}: {reason}"
+            self.malformed_examples.append(message)
+            log.warning("skipping malformed record %s", message)
+
+    def __str__(self) -> str:
+        how = "auto-detected" if self.format_requested == "auto" else "given"
+        lines = [f"data summary: format {self.format} ({how})"]
+        if len(self.formats) > 1 and self.format == "mixed":
+            lines += [f"  {src}: {fmt}" for src, fmt in self.formats.items()]
+        lines.append(
+            f"  {self.records} records read -> {self.samples} samples, {self.tokens} tokens "
+            f"({self.target_tokens} targets)"
+        )
+        lines.append(
+            f"  skipped: {self.malformed} malformed, {self.empty} empty, "
+            f"{self.duplicates} duplicates, {self.no_target} without targets"
+        )
+        lines.append(
+            f"  over max_length: {self.truncated} truncated, {self.windowed} split into windows"
+        )
+        if self.limit_reached:
+            lines.append("  stopped at the sample limit")
+        if self.malformed_examples:
+            more = self.malformed - len(self.malformed_examples)
+            lines.append("  first malformed records:")
+            lines += [f"    {m}" for m in self.malformed_examples]
+            if more:
+                lines.append(f"    ... and {more} more")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+@dataclass(frozen=True)
+class HFDatasetSpec:
+    name: str
+    config: str | None = None
+    split: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name + (f":{self.config}" if self.config else "")
+
+
+def parse_hf_spec(spec: str) -> HFDatasetSpec:
+    """``name[:config][@split]`` (optional ``hf:`` prefix) -> HFDatasetSpec."""
+    text = spec.removeprefix("hf:")
+    name_config, at, split = text.partition("@")
+    name, colon, config = name_config.partition(":")
+    if not name or (colon and not config) or (at and not split):
+        raise DataSourceError(f"bad dataset spec {spec!r}: expected name[:config][@split]")
+    return HFDatasetSpec(name, config or None, split or None)
+
+
+@dataclass(frozen=True)
+class DataSource:
+    kind: Literal["file", "hub", "disk"]
+    label: str  # source name used in sample ids (for datasets: without the split)
+    path: Path | None = None
+    hf: HFDatasetSpec | None = None
+    split: str | None = None  # disk datasets: the split asked for
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    source: str
+    row: int
+    location: str  # for messages: "file:LINE" or "source[row]"
+    record: object = None
+    error: str | None = None  # set when the record could not even be parsed
+    split: str | None = None  # the dataset split it came from
+
+
+def _is_supported(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(SUPPORTED_SUFFIXES)
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    """A directory written by Dataset.save_to_disk or DatasetDict.save_to_disk."""
+    if (path / "dataset_dict.json").is_file():
+        return True
+    return (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
+
+
+def _files_under(root: Path, files: Iterable[Path]) -> list[DataSource]:
+    found = sorted((f.resolve().relative_to(root.resolve()).as_posix(), f) for f in files)
+    return [DataSource("file", name, path=f) for name, f in found]
+
+
+def resolve_sources(spec: str | os.PathLike) -> list[DataSource]:
+    """One spec -> its sources, in reading order (module docstring)."""
+    text = os.fspath(spec)
+    path = Path(text).expanduser()
+    if text.startswith("hf:"):
+        return [DataSource("hub", parse_hf_spec(text).label, hf=parse_hf_spec(text))]
+    if path.is_file():
+        return [DataSource("file", path.name, path=path)]
+    if path.is_dir():
+        if _is_saved_dataset(path):
+            return [DataSource("disk", path.resolve().name, path=path)]
+        sources = _files_under(path, (f for f in path.rglob("*") if _is_supported(f)))
+        if not sources:
+            raise DataSourceError(
+                f"directory {text} holds no data files ({', '.join(SUPPORTED_SUFFIXES)})"
+            )
+        return sources
+    if glob.has_magic(text):
+        matches = [Path(m) for m in glob.glob(os.path.expanduser(text), recursive=True)]
+        matches = [m for m in matches if _is_supported(m)]
+        if matches:
+            parts = Path(os.path.expanduser(text)).parts
+            fixed = parts[: next(i for i, p in enumerate(parts) if glob.has_magic(p))]
+            return _files_under(Path(*fixed) if fixed else Path("."), matches)
+        if "@" not in text:  # "name@train[:100]" is a dataset split slice, not a glob
+            raise DataSourceError(f"no data files match {text!r}")
+    base, at, split = text.rpartition("@")
+    if at and Path(base).expanduser().is_dir() and _is_saved_dataset(Path(base).expanduser()):
+        base_path = Path(base).expanduser()
+        return [DataSource("disk", base_path.resolve().name, path=base_path, split=split)]
+    if text.startswith((".", "/", "~")) or path.suffix.lower() in {
+        ".json",
+        ".jsonl",
+        ".parquet",
+        ".gz",
+    }:
+        raise DataSourceError(f"data file or directory {text!r} does not exist")
+    hf = parse_hf_spec(text)
+    return [DataSource("hub", hf.label, hf=hf)]
+
+
+def _open_bytes(path: Path):
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+
+
+def _read_jsonl_lines(source: str, lines: Iterable[bytes]) -> Iterator[RawRecord]:
+    for row, raw_line in enumerate(lines):
+        where = f"{source}:{row + 1}"
+        if not raw_line.strip():
+            continue  # blank lines (a trailing newline, say) are not records
+        try:
+            yield RawRecord(source, row, where, record=json.loads(raw_line.decode("utf-8")))
+        except UnicodeDecodeError as exc:
+            yield RawRecord(source, row, where, error=f"not UTF-8 ({exc.reason})")
+        except json.JSONDecodeError as exc:
+            yield RawRecord(
+                source, row, where, error=f"invalid JSON ({exc.msg} at column {exc.colno})"
+            )
+
+
+def _read_file(src: DataSource) -> Iterator[RawRecord]:
+    name = src.path.name.lower()
+    if name.endswith(PARQUET_SUFFIXES):
+        yield from _read_parquet(src)
+        return
+    with _open_bytes(src.path) as handle:
+        if name.endswith(JSONL_SUFFIXES):
+            yield from _read_jsonl_lines(src.label, handle)
+            return
+        content = handle.read()
+    try:
+        data = json.loads(content.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        # Many ".json" files are really JSON lines: read them as such, line by line.
+        yield from _read_jsonl_lines(src.label, content.splitlines())
+        return
+    if isinstance(data, Mapping) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        yield RawRecord(
+            src.label, 0, src.label, error='expected a list of records or {"data": [...]}'
+        )
+        return
+    for row, record in enumerate(data):
+        yield RawRecord(src.label, row, f"{src.label}[{row}]", record=record)
+
+
+def _read_parquet(src: DataSource) -> Iterator[RawRecord]:
+    import pyarrow.parquet as pq
+
+    try:
+        batches = pq.ParquetFile(src.path).iter_batches(batch_size=1024)
+        row = 0
+        for batch in batches:
+            for record in batch.to_pylist():
+                yield RawRecord(src.label, row, f"{src.label}[{row}]", record=record)
+                row += 1
+    except Exception as exc:  # pyarrow raises several types for a corrupt file
+        yield RawRecord(src.label, 0, src.label, error=f"unreadable parquet file ({exc})")
+
+
+def _hub_state() -> str:
+    import datasets
+
+    offline = "1" if datasets.config.HF_HUB_OFFLINE else "unset/0"
+    return f"datasets cache {datasets.config.HF_DATASETS_CACHE}, HF_HUB_OFFLINE={offline}"
+
+
+def _load_dataset(src: DataSource):
+    """A Dataset or DatasetDict for a hub or saved-to-disk source, or a clear error."""
+    import datasets
+
+    try:
+        if src.kind == "disk":
+            loaded = datasets.load_from_disk(str(src.path))
+            if src.split is not None:
+                loaded = loaded[src.split]
+            return loaded
+        return datasets.load_dataset(src.hf.name, src.hf.config, split=src.hf.split)
+    except Exception as exc:  # datasets raises many types (FileNotFound, Connection, Value...)
+        what = str(src.path) if src.kind == "disk" else f"Hugging Face dataset {src.hf.name!r}"
+        detail = (
+            ""
+            if src.kind == "disk"
+            else (f" (config {src.hf.config or 'default'}, split {src.hf.split or 'all'})")
+        )
+        raise DataSourceError(
+            f"could not load {what}{detail}: {type(exc).__name__}: {str(exc)[:300]}. "
+            f"Looked in the {_hub_state()}. To fix: check the spelling (specs are "
+            "name[:config][@split]); on a machine with internet run "
+            f"`hf download {src.hf.name if src.hf else 'NAME'} --repo-type dataset` and copy "
+            "the Hugging Face cache here, or save the dataset with save_to_disk(DIR) and pass "
+            "DIR, or export it to JSONL/Parquet and pass the file."
+        ) from exc
+
+
+def _read_dataset(src: DataSource) -> Iterator[RawRecord]:
+    loaded = _load_dataset(src)
+    if isinstance(loaded, dict):  # DatasetDict: every split, in the dict's own order
+        parts = list(loaded.items())
+    else:
+        split = src.split or (src.hf.split if src.hf else None) or loaded.split
+        parts = [(str(split) if split else None, loaded)]
+    for split, dataset in parts:
+        label = f"{src.label}@{split}" if split else src.label
+        for row, record in enumerate(dataset):
+            yield RawRecord(label, row, f"{label}[{row}]", record=record, split=split)
+
+
+def iter_raw_records(
+    sources: str | os.PathLike | Iterable[str | os.PathLike],
+) -> Iterator[RawRecord]:
+    """Every record of every source, in order, unparsed ones included (with `error`)."""
+    specs = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
+    resolved = [src for spec in specs for src in resolve_sources(spec)]  # bad paths fail first
+    for src in resolved:
+        yield from (_read_file(src) if src.kind == "file" else _read_dataset(src))
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+def _content_hash(prompt: str, response: str) -> str:
+    return hashlib.sha256((prompt + response).encode("utf-8")).hexdigest()
+
+
+def _split_of(record: Mapping, raw: RawRecord, options: DataOptions) -> str:
+    explicit = record.get("split")
+    if isinstance(explicit, str) and explicit:
+        return explicit
+    return raw.split or options.default_split
+
+
+def _choose_format(
+    raw: RawRecord, record: Mapping, chosen: dict, options, summary
+) -> Format | None:
+    if raw.source in chosen:
+        return chosen[raw.source]
+    fmt = get_format(options.format) if options.format != "auto" else detect_format(record)
+    if fmt is not None:
+        chosen[raw.source] = fmt
+        summary.formats[raw.source] = fmt.name
+        if options.format == "auto":
+            log.info(
+                "format of %s: %s (auto-detected from fields %s)",
+                raw.source,
+                fmt.name,
+                sorted(record),
+            )
+    return fmt
+
+
+def _windows(ids: np.ndarray, mask: np.ndarray, options: DataOptions, summary: DataSummary):
+    """[(id suffix, ids, mask)]: the sample itself, truncated, or cut into max_length windows."""
+    limit = options.max_length
+    if limit is None or len(ids) <= limit:
+        return [("", ids, mask)]
+    if options.overflow == "window":
+        summary.windowed += 1
+        return [
+            (f"#w{k}", ids[start : start + limit], mask[start : start + limit])
+            for k, start in enumerate(range(0, len(ids), limit))
+        ]
+    summary.truncated += 1
+    return [("", ids[:limit], mask[:limit])]
+
+
+class _Reader:
+    """State of one read: chosen formats, seen hashes, counts. Bad records are counted in
+    `summary` and yield nothing."""
+
+    def __init__(self, tokenizer, options: DataOptions, summary: DataSummary):
+        self.tokenizer, self.options, self.summary = tokenizer, options, summary
+        self.render_options = RenderOptions(index_base=options.mcq_index_base)
+        self.use_template = options.use_chat_template and bool(
+            getattr(tokenizer, "chat_template", None)
+        )
+        self.prefix = special_prefix(tokenizer)
+        self.formats: dict[str, Format] = {}  # source -> format
+        self.seen: set[bytes] = set()  # sha256 of prompt + response
+
+    def format_for(self, raw: RawRecord, record: Mapping) -> Format | None:
+        """The source's format: forced, or detected from its first usable record."""
+        if raw.source in self.formats:
+            return self.formats[raw.source]
+        requested = self.options.format
+        fmt = get_format(requested) if requested != "auto" else detect_format(record)
+        if fmt is not None:
+            self.formats[raw.source] = fmt
+            self.summary.formats[raw.source] = fmt.name
+            if requested == "auto":
+                log.info("format of %s: %s (from fields %s)", raw.source, fmt.name, sorted(record))
+        return fmt
+
+    def samples(self, raw: RawRecord) -> list[TokenizedSample]:
+        summary = self.summary
+        summary.records += 1
+        if raw.error is not None:
+            summary.add_malformed(raw.location, raw.error)
+            return []
+        record = raw.record
+        if not isinstance(record, Mapping):
+            summary.add_malformed(raw.location, f"expected an object, got {type(record).__name__}")
+            return []
+        fmt = self.format_for(raw, record)
+        if fmt is None:
+            summary.add_malformed(raw.location, f"no known data format in fields {sorted(record)}")
+            return []
+        try:
+            pair = fmt.render(record, self.render_options)
+            if not pair.response.strip():
+                summary.empty += 1
+                return []
+            digest = _content_hash(pair.prompt, pair.response)
+            if self.options.dedup:
+                if bytes.fromhex(digest) in self.seen:
+                    summary.duplicates += 1
+                    return []
+                self.seen.add(bytes.fromhex(digest))
+            text = self.templated(fmt, record, pair)
+        except RecordError as exc:
+            summary.add_malformed(raw.location, str(exc))
+            return []
+        ids, mask = tokenize_pair(
+            self.tokenizer,
+            text.prompt,
+            text.response,
+            include_prompt=self.options.include_prompt or fmt.name == "text",
+            prefix=self.prefix,
+        )
+        base_id = f"{raw.source}:{raw.row}:{digest[:12]}"
+        split = _split_of(record, raw, self.options)
+        tags = tags_of(record, fmt)
+        out = []
+        for suffix, window_ids, window_mask in _windows(ids, mask, self.options, summary):
+            if not window_mask.any():
+                summary.no_target += 1
+                continue
+            out.append(
+                TokenizedSample(
+                    base_id + suffix, raw.source, split, window_ids, window_mask, dict(tags)
+                )
+            )
+        return out
+
+    def templated(self, fmt: Format, record: Mapping, pair: TextPair) -> TextPair:
+        """The pair as the tokenizer's chat template renders it, when that applies."""
+        wrap = self.options.wrap_in_chat and fmt.name != "text"
+        if not self.use_template or (fmt.messages is None and not wrap):
+            return pair
+        if fmt.messages is not None:
+            messages = fmt.messages(record)
+        else:
+            messages = [
+                {"role": "user", "content": pair.prompt},
+                {"role": "assistant", "content": pair.response},
+            ]
+        return render_with_chat_template(self.tokenizer, messages)
+
+
+def iter_samples(
+    sources: str | os.PathLike | Iterable[str | os.PathLike],
+    tokenizer,
+    options: DataOptions | None = None,
+    summary: DataSummary | None = None,
+) -> Iterator[TokenizedSample]:
+    """Tokenized samples from `sources`, in file then row order; bad data is counted in
+    `summary` (pass one in to read it afterwards) and logged, never raised."""
+    options = options or DataOptions()
+    if options.format != "auto":
+        get_format(options.format)  # fail before reading anything
+    if options.overflow not in ("truncate", "window"):
+        raise ValueError(f"overflow must be 'truncate' or 'window', got {options.overflow!r}")
+    if options.max_length is not None and options.max_length < 1:
+        raise ValueError(f"max_length must be positive, got {options.max_length}")
+    summary = summary if summary is not None else DataSummary()
+    summary.format_requested = options.format
+    if tokenizer.eos_token_id is None:
+        log.warning("the tokenizer has no EOS token: responses are not terminated")
+    reader = _Reader(tokenizer, options, summary)
+    try:
+        for raw in iter_raw_records(sources):
+            for sample in reader.samples(raw):
+                if options.limit is not None and summary.samples >= options.limit:
+                    summary.limit_reached = True
+                    return
+                summary.samples += 1
+                summary.tokens += len(sample.input_ids)
+                summary.target_tokens += int(sample.loss_mask.sum())
+                yield sample
+    finally:
+        log.info("%s", summary)
+
+
+def read_samples(
+    sources: str | os.PathLike | Iterable[str | os.PathLike],
+    tokenizer,
+    options: DataOptions | None = None,
+) -> tuple[list[TokenizedSample], DataSummary]:
+    """`iter_samples` collected into a list, with its summary."""
+    summary = DataSummary()
+    samples = list(iter_samples(sources, tokenizer, options, summary))
+    return samples, summary

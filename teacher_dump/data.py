@@ -394,25 +394,6 @@ def _split_of(record: Mapping, raw: RawRecord, options: DataOptions) -> str:
     return raw.split or options.default_split
 
 
-def _choose_format(
-    raw: RawRecord, record: Mapping, chosen: dict, options, summary
-) -> Format | None:
-    if raw.source in chosen:
-        return chosen[raw.source]
-    fmt = get_format(options.format) if options.format != "auto" else detect_format(record)
-    if fmt is not None:
-        chosen[raw.source] = fmt
-        summary.formats[raw.source] = fmt.name
-        if options.format == "auto":
-            log.info(
-                "format of %s: %s (auto-detected from fields %s)",
-                raw.source,
-                fmt.name,
-                sorted(record),
-            )
-    return fmt
-
-
 def _windows(ids: np.ndarray, mask: np.ndarray, options: DataOptions, summary: DataSummary):
     """[(id suffix, ids, mask)]: the sample itself, truncated, or cut into max_length windows."""
     limit = options.max_length

@@ -1,0 +1,241 @@
+"""Hidden-state and attention alignment of a student to stored per-sample teacher signals.
+
+Teacher hidden states are stored as one pooled vector per sample and layer, [B, L_t, d_t];
+teacher attention as a G x G grid per sample, layer and head, [B, L_t, H_t or 1, G, G]. The
+student side is pooled with the SAME functions (`pool_hidden`, `pool_attention`), which the
+teacher dump can call too, so both sides are pooled by identical math.
+
+Layer maps are {student_layer: teacher_layer}. Student layers index the student's hidden
+states / attention maps as passed in (for HF `output_hidden_states=True`, index 0 is the
+embedding output and i the output of block i); teacher layers are the teacher's layer numbers,
+translated to positions on the stored L_t axis through `teacher_layers` (the stored layer
+numbers, e.g. the store's HiddenSpec.layers; default: position == layer number).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Tensor = torch.Tensor
+HIDDEN_POOLINGS = ("mean", "mean-all", "last")
+HIDDEN_LOSSES = ("cosine", "mse")
+ATTENTION_LOSSES = ("mse", "frobenius")
+
+
+def parse_layer_map(text: str) -> dict[int, int]:
+    """"1:3,2:7" -> {1: 3, 2: 7} ({student_layer: teacher_layer})."""
+    mapping: dict[int, int] = {}
+    for item in text.split(","):
+        parts = item.strip().split(":")
+        try:
+            student, teacher = (int(p) for p in parts)
+        except ValueError:
+            raise ValueError(f"layer map entries must look like 'student:teacher' with integers, "
+                             f"found {item.strip()!r} in {text!r}") from None
+        if student in mapping:
+            raise ValueError(f"student layer {student} is mapped twice in {text!r}")
+        mapping[student] = teacher
+    return mapping
+
+
+def _teacher_positions(layer_map: Mapping[int, int], teacher_layers: Sequence[int] | None,
+                       n_stored: int) -> dict[int, int]:
+    """{student_layer: index on the stored L_t axis}."""
+    stored = list(range(n_stored)) if teacher_layers is None else list(teacher_layers)
+    if len(stored) != n_stored:
+        raise ValueError(f"teacher_layers lists {len(stored)} layers but the stored axis has "
+                         f"{n_stored}")
+    out = {}
+    for s, t in layer_map.items():
+        if t not in stored:
+            raise ValueError(f"teacher layer {t} (mapped from student layer {s}) is not stored; "
+                             f"stored layers: {stored}")
+        out[s] = stored.index(t)
+    return out
+
+
+def _weighted_sample_mean(values: Tensor, valid: Tensor, sample_weights: Tensor | None) -> Tensor:
+    """sum_b w_b v_b x_b / sum_b w_b v_b over samples; 0.0 (graph-connected) when empty."""
+    weight = valid.float()
+    if sample_weights is not None:
+        if sample_weights.shape != valid.shape:
+            raise ValueError(f"sample_weights must be [B]={tuple(valid.shape)}, "
+                             f"found {tuple(sample_weights.shape)}")
+        weight = weight * sample_weights.float()
+    values = torch.where(weight > 0, values, torch.zeros_like(values))
+    total = weight.sum()
+    return (values * weight).sum() / torch.where(total > 0, total, torch.ones_like(total))
+
+
+# ----------------------------------------------------------------------------- hidden states
+
+def pool_hidden(hidden: Tensor, mask: Tensor, attention_mask: Tensor, kind: str = "mean") -> Tensor:
+    """One vector per sample. hidden [B, S, d], mask (loss/target) [B, S], attention_mask [B, S].
+
+    mean:     mean over target tokens (mask & attention_mask); a sample with no target token
+              falls back to the mean over all its real tokens
+    mean-all: mean over real tokens (attention_mask)
+    last:     the last real token (largest position with attention_mask True; works for left
+              and right padding)
+    A sample with no real token pools to zeros. -> [B, d] fp32
+    """
+    if kind not in HIDDEN_POOLINGS:
+        raise ValueError(f"hidden pooling must be one of {HIDDEN_POOLINGS}, found {kind!r}")
+    if hidden.dim() != 3 or mask.shape != hidden.shape[:2] or attention_mask.shape != mask.shape:
+        raise ValueError(f"expected hidden [B, S, d] with mask and attention_mask [B, S], found "
+                         f"{tuple(hidden.shape)}, {tuple(mask.shape)}, "
+                         f"{tuple(attention_mask.shape)}")
+    h = hidden.float()
+    real = attention_mask.bool()
+    if kind == "last":
+        positions = torch.arange(h.shape[1], device=h.device)
+        last = (positions * real).argmax(-1)  # [B]
+        picked = h[torch.arange(h.shape[0], device=h.device), last]
+        return picked * real.any(-1, keepdim=True)
+    select = real
+    if kind == "mean":
+        target = mask.bool() & real
+        select = torch.where(target.any(-1, keepdim=True), target, real)
+    weight = select.float()[..., None]  # [B, S, 1]
+    return (h * weight).sum(1) / weight.sum(1).clamp_min(1.0)
+
+
+class HiddenStateAligner(nn.Module):
+    """Learned projections d_s -> d_t per mapped layer, and the pooled-hidden alignment loss.
+
+    loss "cosine": 1 - cos(proj(pool_s), pool_t); "mse": mean_d (proj(pool_s) - pool_t)^2.
+    Per layer: weighted mean over samples with at least one real token; then mean over layers.
+    """
+
+    def __init__(self, layer_map: Mapping[int, int], d_student: int, d_teacher: int, *,
+                 loss: str = "cosine", pooling: str = "mean",
+                 teacher_layers: Sequence[int] | None = None):
+        super().__init__()
+        if loss not in HIDDEN_LOSSES:
+            raise ValueError(f"hidden loss must be one of {HIDDEN_LOSSES}, found {loss!r}")
+        if pooling not in HIDDEN_POOLINGS:
+            raise ValueError(f"pooling must be one of {HIDDEN_POOLINGS}, found {pooling!r}")
+        if not layer_map:
+            raise ValueError("layer_map must map at least one student layer, found none")
+        self.layer_map = dict(layer_map)
+        self.loss, self.pooling = loss, pooling
+        self.teacher_layers = None if teacher_layers is None else list(teacher_layers)
+        self.projections = nn.ModuleDict(
+            {str(s): nn.Linear(d_student, d_teacher) for s in self.layer_map})
+
+    def forward(self, student_hidden_states: Sequence[Tensor], teacher_pools: Tensor,
+                mask: Tensor, attention_mask: Tensor,
+                sample_weights: Tensor | None = None) -> Tensor:
+        """student_hidden_states[layer]: [B, S, d_s]; teacher_pools [B, L_t, d_t] -> scalar."""
+        if teacher_pools.dim() != 3:
+            raise ValueError(f"teacher_pools must be [B, L_t, d_t], found "
+                             f"{tuple(teacher_pools.shape)}")
+        where = _teacher_positions(self.layer_map, self.teacher_layers, teacher_pools.shape[1])
+        valid = attention_mask.bool().any(-1)  # [B]
+        per_layer = []
+        for s, t_pos in where.items():
+            if not -len(student_hidden_states) <= s < len(student_hidden_states):
+                raise ValueError(f"student layer {s} not among {len(student_hidden_states)} "
+                                 f"hidden states")
+            pooled = pool_hidden(student_hidden_states[s], mask, attention_mask, self.pooling)
+            proj = self.projections[str(s)]
+            bias = None if proj.bias is None else proj.bias.float()
+            student = F.linear(pooled, proj.weight.float(), bias)  # [B, d_t]
+            teacher = teacher_pools[:, t_pos].float()
+            if student.shape != teacher.shape:
+                raise ValueError(f"projected student pool {tuple(student.shape)} does not match "
+                                 f"teacher pool {tuple(teacher.shape)}")
+            if self.loss == "cosine":
+                per_sample = 1 - F.cosine_similarity(student, teacher, dim=-1, eps=1e-8)
+            else:
+                per_sample = (student - teacher).pow(2).mean(-1)
+            per_layer.append(_weighted_sample_mean(per_sample, valid, sample_weights))
+        return torch.stack(per_layer).mean()
+
+
+# ----------------------------------------------------------------------------- attention
+
+def _bin_matrix(lengths: Tensor, seq_len: int, grid: int) -> Tensor:
+    """[B, G, S]: row g averages the tokens of bin g of each sample's real length.
+
+    Bins are those of adaptive_avg_pool: [floor(g*L/G), ceil((g+1)*L/G)), so the pooled map
+    P A P^T equals adaptive_avg_pool2d(A[:L, :L], G) (averaging a rectangle is separable).
+    """
+    g = torch.arange(grid, device=lengths.device)
+    L = lengths.long()[:, None]  # [B, 1]
+    start = (g * L) // grid  # [B, G]
+    end = ((g + 1) * L + grid - 1) // grid
+    s = torch.arange(seq_len, device=lengths.device)
+    inside = (s >= start[..., None]) & (s < end[..., None])  # [B, G, S]
+    return inside.float() / (end - start).clamp_min(1)[..., None].float()
+
+
+def pool_attention(attn: Tensor, lengths: Tensor, grid: int) -> Tensor:
+    """Average-pool each sample's attention over its real tokens to a grid x grid map.
+
+    attn [B, H, S, S] (real tokens at positions 0..len-1, i.e. right padding), lengths [B]
+    -> [B, H, G, G] fp32. Per sample b this is adaptive_avg_pool2d(attn[b, :, :L_b, :L_b], G):
+    cell (i, j) is the mean attention from query bin i to key bin j, bins being contiguous
+    token ranges as in adaptive pooling (they overlap when L_b < G). Length 0 -> zeros.
+    """
+    if attn.dim() != 4 or attn.shape[-1] != attn.shape[-2]:
+        raise ValueError(f"attn must be [B, H, S, S], found {tuple(attn.shape)}")
+    if lengths.shape != attn.shape[:1]:
+        raise ValueError(f"lengths must be [B]={tuple(attn.shape[:1])}, found "
+                         f"{tuple(lengths.shape)}")
+    if not (isinstance(grid, int) and grid >= 1):
+        raise ValueError(f"grid must be an int >= 1, found {grid!r}")
+    if bool(((lengths < 0) | (lengths > attn.shape[-1])).any()):
+        raise ValueError(f"lengths must be in [0, S={attn.shape[-1]}], found {lengths.tolist()}")
+    P = _bin_matrix(lengths, attn.shape[-1], grid)[:, None]  # [B, 1, G, S]
+    return P @ attn.float() @ P.transpose(-1, -2)  # [B, H, G, G]
+
+
+def attention_alignment_loss(student_attentions: Sequence[Tensor], teacher_grids: Tensor,
+                             lengths: Tensor, layer_map: Mapping[int, int], *,
+                             loss: str = "mse", teacher_layers: Sequence[int] | None = None,
+                             sample_weights: Tensor | None = None) -> Tensor:
+    """Student attention maps vs stored teacher grids.
+
+    student_attentions[layer]: [B, H, S, S]; teacher_grids [B, L_t, H_t, G, G] with H_t == H
+    (per head) or H_t == 1 (teacher head-averaged: the student's heads are averaged too).
+    loss "mse":       mean over (heads, G, G) of the squared difference, per sample;
+    loss "frobenius": mean over heads of the squared Frobenius norm of the G x G difference,
+                      per sample - with the mean over layers below this is seed 003's
+                      L_att = 1/(L*H) * sum_{l,h} ||A_T - A_S||_F^2.
+    Weighted mean over samples with length > 0, then mean over mapped layers -> scalar.
+    """
+    if loss not in ATTENTION_LOSSES:
+        raise ValueError(f"attention loss must be one of {ATTENTION_LOSSES}, found {loss!r}")
+    if teacher_grids.dim() != 5 or teacher_grids.shape[-1] != teacher_grids.shape[-2]:
+        raise ValueError(f"teacher_grids must be [B, L_t, H_t, G, G], found "
+                         f"{tuple(teacher_grids.shape)}")
+    if not layer_map:
+        raise ValueError("layer_map must map at least one student layer, found none")
+    grid = teacher_grids.shape[-1]
+    where = _teacher_positions(layer_map, teacher_layers, teacher_grids.shape[1])
+    valid = lengths > 0
+    per_layer = []
+    for s, t_pos in where.items():
+        if not -len(student_attentions) <= s < len(student_attentions):
+            raise ValueError(f"student layer {s} not among {len(student_attentions)} "
+                             f"attention maps")
+        student = pool_attention(student_attentions[s], lengths, grid)  # [B, H, G, G]
+        teacher = teacher_grids[:, t_pos].float()  # [B, H_t, G, G]
+        if teacher.shape[1] == 1:
+            student = student.mean(1, keepdim=True)  # pooling is linear: mean commutes
+        elif teacher.shape[1] != student.shape[1]:
+            raise ValueError(f"teacher grid has {teacher.shape[1]} heads, student layer {s} has "
+                             f"{student.shape[1]}; expected equal counts or a head-averaged "
+                             f"(1-head) teacher")
+        if student.shape[0] != teacher.shape[0]:
+            raise ValueError(f"batch sizes differ: student {student.shape[0]}, teacher "
+                             f"{teacher.shape[0]}")
+        sq = (student - teacher).pow(2)
+        per_sample = sq.mean((1, 2, 3)) if loss == "mse" else sq.sum((2, 3)).mean(1)
+        per_layer.append(_weighted_sample_mean(per_sample, valid, sample_weights))
+    return torch.stack(per_layer).mean()

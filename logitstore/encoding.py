@@ -1,8 +1,9 @@
 """Compact, lossless-for-ids encodings of top-k and sampled teacher targets (numpy).
 
-Ids: sorted ascending within a position, then delta-coded (first id absolute), so most
-values are small and bitshuffle + zstd packs them into a few bits. The order of entries
-within a position therefore carries no meaning in the store.
+Ids: sorted ascending within a position (for sampled targets: within each of the two runs,
+ids drawn several times, then ids drawn once), then delta-coded (first id of a run
+absolute), so most values are small and shuffle + zstd packs them tightly. The order of
+entries within a position therefore carries no meaning in the store.
 
 Log-probs (all <= 0):
 - "q8":  q = round(-logprob / step) clipped to 0..255, stored as uint8; decoded as -q*step.
@@ -12,6 +13,8 @@ Log-probs (all <= 0):
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -36,11 +39,6 @@ def decode_logprobs(stored: np.ndarray, encoding: str, step) -> np.ndarray:
     return stored.astype(np.float32)
 
 
-def sampled_steps(counts: np.ndarray, spec) -> np.ndarray:
-    """[E] per-entry q8 step of sampled log-probs: coarser for ids drawn once."""
-    return np.where(np.asarray(counts) == 1, spec.singleton_step, spec.logprob_step)
-
-
 def encode_topk_ids(ids: np.ndarray, logprobs: np.ndarray, dtype: str):
     """[L, k] ids (any order) -> ([L, k] deltas of the sorted ids, logprobs in that order)."""
     order = np.argsort(ids, axis=1, kind="stable")
@@ -59,35 +57,66 @@ def decode_topk_ids(deltas: np.ndarray) -> np.ndarray:
     return np.cumsum(deltas, axis=1, dtype=np.int64).astype(np.int32)
 
 
-def encode_sampled_ids(offsets: np.ndarray, ids: np.ndarray, *arrays: np.ndarray, dtype: str):
-    """Sort ids within each position and delta-code them; reorder companion arrays alike.
+@dataclass
+class EncodedSampled:
+    """Sampled targets as stored: per position, ids drawn more than once come first, then
+    ids drawn once; each run sorted ascending and delta-coded (its first id absolute).
+    Counts are stored for the first run only: the others are 1 by construction."""
 
-    offsets [L+1], ids [E] -> (deltas [E], *companions [E] in the sorted order)
-    """
+    nuniq: np.ndarray  # [L] distinct ids per position
+    nmulti: np.ndarray  # [L] of which drawn more than once
+    id_deltas: np.ndarray  # [E]
+    multi_counts: np.ndarray  # [sum(nmulti)]
+    logprobs: np.ndarray  # [E] in stored order
+    single: np.ndarray  # [E] bool, entry drawn once (stored order)
+
+
+def encode_sampled(offsets: np.ndarray, ids: np.ndarray, counts: np.ndarray,
+                   logprobs: np.ndarray, dtype: str) -> EncodedSampled:
     ids = np.asarray(ids, dtype=np.int64)
-    lengths = np.diff(offsets)
-    position = np.repeat(np.arange(len(lengths)), lengths)  # [E] position of each entry
-    order = np.lexsort((ids, position))  # by position, then id
-    sorted_ids = ids[order]
-    deltas = np.diff(sorted_ids, prepend=0)
-    starts = offsets[:-1][lengths > 0]
-    deltas[starts] = sorted_ids[starts]  # the first id of each position is absolute
+    counts = np.asarray(counts, dtype=np.int64)
+    nuniq = np.diff(offsets)
+    position = np.repeat(np.arange(len(nuniq)), nuniq)  # [E] position of each entry
+    single = counts == 1
+    order = np.lexsort((ids, single, position))  # by position, multi before single, then id
+    ids, counts, single = ids[order], counts[order], single[order]
+    nmulti = np.bincount(position[~single], minlength=len(nuniq))
+    starts = _run_starts(offsets, nmulti)
+    deltas = np.diff(ids, prepend=0)
+    deltas[starts] = ids[starts]
     inner = np.ones(len(ids), dtype=bool)
     inner[starts] = False
     if inner.any() and deltas[inner].min() <= 0:
         bad = int(position[order][inner][np.argmax(deltas[inner] <= 0)])
         raise SchemaMismatchError(f"sampled ids repeat within position {bad}; expected unique "
                                   f"ids with their counts")
-    return (deltas.astype(dtype),) + tuple(np.asarray(a)[order] for a in arrays)
+    return EncodedSampled(nuniq, nmulti, deltas.astype(dtype), counts[~single],
+                          np.asarray(logprobs)[order], single)
 
 
-def decode_sampled_ids(offsets: np.ndarray, deltas: np.ndarray) -> np.ndarray:
-    """Undo encode_sampled_ids: per-position cumulative sums of the deltas -> int32 ids."""
-    if len(deltas) == 0:
-        return np.zeros(0, dtype=np.int32)
-    running = np.cumsum(deltas, dtype=np.int64)  # [E] across positions
-    lengths = np.diff(offsets)
-    starts = offsets[:-1]
-    # Subtract, for each entry, the running sum just before its position started.
+def decode_sampled(nuniq: np.ndarray, nmulti: np.ndarray, id_deltas: np.ndarray,
+                   multi_counts: np.ndarray):
+    """-> (offsets [L+1], ids [E] int32, counts [E] int64) in stored order."""
+    offsets = np.concatenate([[0], np.cumsum(nuniq, dtype=np.int64)])
+    starts = _run_starts(offsets, nmulti)
+    if len(id_deltas) == 0:
+        return offsets, np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int64)
+    running = np.cumsum(id_deltas, dtype=np.int64)  # [E] across runs
+    marks = np.zeros(len(id_deltas), dtype=np.int64)
+    marks[starts] = 1
+    run_of = np.cumsum(marks) - 1  # [E] run of each entry
     before = np.where(starts > 0, running[np.maximum(starts - 1, 0)], 0)
-    return (running - np.repeat(before, lengths)).astype(np.int32)
+    ids = (running - before[run_of]).astype(np.int32)
+    counts = np.ones(len(id_deltas), dtype=np.int64)
+    position = np.repeat(np.arange(len(nuniq)), nuniq)
+    is_multi = np.arange(len(id_deltas)) - offsets[:-1][position] < nmulti[position]
+    counts[is_multi] = multi_counts
+    return offsets, ids, counts
+
+
+def _run_starts(offsets: np.ndarray, nmulti: np.ndarray) -> np.ndarray:
+    """Entry index where each non-empty run (multi, then single, per position) begins."""
+    first = offsets[:-1]
+    second = first + nmulti
+    starts = np.concatenate([first[nmulti > 0], second[second < offsets[1:]]])
+    return np.sort(starts)

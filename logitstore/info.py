@@ -8,8 +8,8 @@ from logitstore.format import PARTS_DIR, StoreSettings
 
 # What each array would take uncompressed in the raw baseline (int32 ids, float16 values).
 _RAW_BYTES = {"input_ids": 4, "loss_mask": 1, "topk_ids": 4, "topk_logprobs": 2, "topk_tail": 2,
-              "sampled_nuniq": 2, "sampled_ids": 4, "sampled_counts": 2, "sampled_logprobs": 2,
-              "hidden": 2, "attention": 2}
+              "sampled_nuniq": 2, "sampled_nmulti": 0, "sampled_ids": 4, "sampled_counts": 2,
+              "sampled_logprobs": 2, "hidden": 2, "attention": 2}
 
 
 def array_name(rel: str) -> str | None:
@@ -66,8 +66,10 @@ def size_report(manifest: dict[str, Any]) -> dict[str, Any]:
 def _elements(settings: StoreSettings, counts: dict, name: str) -> int:
     tokens, samples = counts["tokens"], counts["samples"]
     leaf = name.rsplit("/", 1)[-1]
-    if leaf in ("input_ids", "loss_mask", "topk_tail", "sampled_nuniq"):
+    if leaf in ("input_ids", "loss_mask", "topk_tail", "sampled_nuniq", "sampled_nmulti"):
         return tokens
+    if leaf == "sampled_counts":  # raw baseline stores a count per id
+        return counts.get("sampled_entries", {}).get(name.split("/")[1], 0)
     sig = settings.signals[name.split("/")[1]]
     if leaf.startswith("topk_"):
         return tokens * sig.topk.k

@@ -18,8 +18,7 @@ import pyarrow.parquet as pq
 import zarr
 
 from logitstore.commit import load_json
-from logitstore.encoding import (decode_logprobs, decode_sampled_ids, decode_topk_ids,
-                                 sampled_steps)
+from logitstore.encoding import decode_logprobs, decode_sampled, decode_topk_ids
 from logitstore.errors import (ChecksumError, ManifestMissingError, StoreNotFoundError,
                                UnknownSampleError, UnknownSignalError)
 from logitstore.format import (MANIFEST, PARTS_DIR, StoreSettings, check_format_version,
@@ -149,17 +148,20 @@ class StoreReader:
                                 f"{type(err).__name__}: {err}; the file is damaged or truncated "
                                 f"(run `logitstore verify`)", path=f"{seg.path}/{name}") from None
 
-    def _entry_offsets(self, seg_no: int, signal: str) -> np.ndarray:
-        """[tokens+1] start of each position's sampled entries within the segment."""
+    def _entry_offsets(self, seg_no: int, signal: str) -> tuple[np.ndarray, np.ndarray]:
+        """[tokens+1] start of each position's sampled entries, and of its stored counts."""
         key = (seg_no, signal)
-        offsets = self._nuniq_cache.get(key)
-        if offsets is None:
-            nuniq = self._read(self.segments[seg_no], signal_array(signal, "sampled_nuniq"))
-            offsets = np.concatenate([[0], np.cumsum(nuniq, dtype=np.int64)])
-            self._nuniq_cache[key] = offsets
+        cached = self._nuniq_cache.get(key)
+        if cached is None:
+            seg = self.segments[seg_no]
+            cached = tuple(
+                np.concatenate([[0], np.cumsum(self._read(seg, signal_array(signal, a)),
+                                               dtype=np.int64)])
+                for a in ("sampled_nuniq", "sampled_nmulti"))
+            self._nuniq_cache[key] = cached
             if len(self._nuniq_cache) > 64:
                 self._nuniq_cache.popitem(last=False)
-        return offsets
+        return cached
 
     def _signal(self, seg_no: int, name: str, start: int, stop: int, sample_pos: int,
                 sample_stop: int) -> SignalData:
@@ -175,13 +177,17 @@ class StoreReader:
                                    spec.topk.logprob_encoding, spec.topk.logprob_step)
             out.topk = TopK(ids, lps, tail)
         if spec.sampled:
-            offs = self._entry_offsets(seg_no, name)
+            offs, multi_offs = self._entry_offsets(seg_no, name)
             a, b = int(offs[start]), int(offs[stop])
-            local = offs[start:stop + 1] - a
-            ids = decode_sampled_ids(local, self._read(seg, signal_array(name, "sampled_ids"), a, b))
-            counts = self._read(seg, signal_array(name, "sampled_counts"), a, b).astype(np.int64)
+            ma, mb = int(multi_offs[start]), int(multi_offs[stop])
+            nuniq = np.diff(offs[start:stop + 1])
+            nmulti = np.diff(multi_offs[start:stop + 1])
+            local, ids, counts = decode_sampled(
+                nuniq, nmulti, self._read(seg, signal_array(name, "sampled_ids"), a, b),
+                self._read(seg, signal_array(name, "sampled_counts"), ma, mb))
+            steps = np.where(counts == 1, spec.sampled.singleton_step, spec.sampled.logprob_step)
             lps = decode_logprobs(self._read(seg, signal_array(name, "sampled_logprobs"), a, b),
-                                  spec.sampled.logprob_encoding, sampled_steps(counts, spec.sampled))
+                                  spec.sampled.logprob_encoding, steps)
             out.sampled = Sampled(local, ids, counts, lps)
         if spec.hidden:
             out.hidden = self._read(seg, signal_array(name, "hidden"), sample_pos,

@@ -18,12 +18,11 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 from zarr.storage import MemoryStore
 
-from logitstore.encoding import (encode_logprobs, encode_sampled_ids, encode_topk_ids,
-                                 sampled_steps)
+from logitstore.encoding import encode_logprobs, encode_sampled, encode_topk_ids
 from logitstore.errors import LogitStoreError, SchemaMismatchError
-from logitstore.format import (INDEX_COLUMNS, SEGMENT_INDEX, StoreSettings, int_dtype_for,
-                               signal_array)
-from logitstore.sample import Sample
+from logitstore.format import (INDEX_COLUMNS, SEGMENT_INDEX, SignalSpec, StoreSettings,
+                               int_dtype_for, signal_array)
+from logitstore.sample import Sample, SignalData
 
 
 @dataclass
@@ -32,7 +31,8 @@ class EncodedSegment:
     samples: int
     tokens: int
     target_tokens: int
-    sampled_entries: dict[str, int]
+    sampled_entries: dict[str, int]  # signal -> ids stored
+    sampled_multi: dict[str, int]  # signal -> counts stored (ids drawn more than once)
     sample_ids: list[str]
 
 
@@ -150,7 +150,7 @@ def encode_segment(samples: list[Sample], settings: StoreSettings) -> EncodedSeg
     lengths = np.array([len(s.input_ids) for s in samples], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     tokens = int(offsets[-1])
-    ct, cs = settings.chunk_tokens, settings.chunk_samples
+    ct = settings.chunk_tokens
     input_ids = np.concatenate([np.asarray(s.input_ids) for s in samples])
     loss_mask = np.concatenate([np.asarray(s.loss_mask, dtype=bool) for s in samples])
 
@@ -158,49 +158,73 @@ def encode_segment(samples: list[Sample], settings: StoreSettings) -> EncodedSeg
     group = zarr.open_group(mem, mode="w", zarr_format=3)
     _put(group, "input_ids", input_ids.astype(settings.token_dtype), ct)
     _put(group, "loss_mask", loss_mask, ct)
-    id_dtype = int_dtype_for(settings.vocab_size - 1)
     entries: dict[str, int] = {}
+    multi: dict[str, int] = {}
     for name, spec in settings.signals.items():
-        sig = [s.signals[name] for s in samples]
-        if spec.topk:
-            ids = np.concatenate([d.topk.ids for d in sig])
-            lps = np.concatenate([d.topk.logprobs for d in sig])
-            tail = np.concatenate([d.topk.tail() for d in sig])
-            deltas, sorted_lp = encode_topk_ids(ids, lps, id_dtype)
-            _put(group, signal_array(name, "topk_ids"), deltas, ct)
-            _put(group, signal_array(name, "topk_logprobs"),
-                 encode_logprobs(sorted_lp, spec.topk.logprob_encoding, spec.topk.logprob_step), ct)
-            _put(group, signal_array(name, "topk_tail"),
-                 encode_logprobs(tail, spec.topk.logprob_encoding, spec.topk.logprob_step), ct)
-        if spec.sampled:
-            nuniq = np.concatenate([np.diff(d.sampled.offsets) for d in sig])
-            sample_offsets = np.concatenate([[0], np.cumsum(nuniq)])
-            flat = [np.concatenate([getattr(d.sampled, a) for d in sig])
-                    for a in ("ids", "counts", "logprobs")]
-            deltas, counts, lps = encode_sampled_ids(sample_offsets, flat[0], flat[1], flat[2],
-                                                     dtype=id_dtype)
-            count_dtype = int_dtype_for(spec.sampled.n_draws)
-            entry_rows = ct * max(1, spec.sampled.n_draws // 4)
-            _put(group, signal_array(name, "sampled_nuniq"), nuniq.astype(count_dtype), ct)
-            _put(group, signal_array(name, "sampled_ids"), deltas, entry_rows)
-            _put(group, signal_array(name, "sampled_counts"), counts.astype(count_dtype), entry_rows)
-            _put(group, signal_array(name, "sampled_logprobs"),
-                 encode_logprobs(lps, spec.sampled.logprob_encoding,
-                                 sampled_steps(counts, spec.sampled)),
-                 entry_rows)
-            entries[name] = int(len(deltas))
-        if spec.hidden:
-            _put(group, signal_array(name, "hidden"),
-                 np.stack([d.hidden for d in sig]).astype(spec.hidden.dtype), cs)
-        if spec.attention:
-            _put(group, signal_array(name, "attention"),
-                 np.stack([d.attention for d in sig]).astype(spec.attention.dtype), cs)
-
+        n = _put_signal(group, name, spec, [s.signals[name] for s in samples], settings)
+        if n is not None:
+            entries[name], multi[name] = n
     files = {key: buf.to_bytes() for key, buf in mem._store_dict.items()}
     files[SEGMENT_INDEX] = _index_bytes(samples, offsets, lengths)
     return EncodedSegment(files=files, samples=len(samples), tokens=tokens,
                           target_tokens=int(loss_mask.sum()), sampled_entries=entries,
-                          sample_ids=[s.sample_id for s in samples])
+                          sampled_multi=multi, sample_ids=[s.sample_id for s in samples])
+
+
+def encode_signal(name: str, spec: SignalSpec, data: list[SignalData],
+                  settings: StoreSettings) -> tuple[dict[str, bytes], tuple[int, int] | None]:
+    """One signal's arrays for the samples of an existing segment (in segment order).
+
+    Returns the files (paths relative to the segment directory) and, for sampled targets,
+    (ids stored, counts stored).
+    """
+    mem = MemoryStore()
+    group = zarr.open_group(mem, mode="w", zarr_format=3)
+    entries = _put_signal(group, name, spec, data, settings)
+    files = {key: buf.to_bytes() for key, buf in mem._store_dict.items()
+             if key.startswith("signals/")}
+    return files, entries
+
+
+def _put_signal(group, name: str, spec: SignalSpec, sig: list[SignalData],
+                settings: StoreSettings) -> tuple[int, int] | None:
+    """Write one signal's arrays into a segment group; returns (ids, counts) stored."""
+    ct, cs = settings.chunk_tokens, settings.chunk_samples
+    id_dtype = int_dtype_for(settings.vocab_size - 1)
+    entries = None
+    if spec.topk:
+        ids = np.concatenate([d.topk.ids for d in sig])
+        lps = np.concatenate([d.topk.logprobs for d in sig])
+        tail = np.concatenate([d.topk.tail() for d in sig])
+        deltas, sorted_lp = encode_topk_ids(ids, lps, id_dtype)
+        _put(group, signal_array(name, "topk_ids"), deltas, ct)
+        _put(group, signal_array(name, "topk_logprobs"),
+             encode_logprobs(sorted_lp, spec.topk.logprob_encoding, spec.topk.logprob_step), ct)
+        _put(group, signal_array(name, "topk_tail"),
+             encode_logprobs(tail, spec.topk.logprob_encoding, spec.topk.logprob_step), ct)
+    if spec.sampled:
+        nuniq = np.concatenate([np.diff(d.sampled.offsets) for d in sig])
+        flat = [np.concatenate([getattr(d.sampled, a) for d in sig])
+                for a in ("ids", "counts", "logprobs")]
+        enc = encode_sampled(np.concatenate([[0], np.cumsum(nuniq)]), *flat, dtype=id_dtype)
+        count_dtype = int_dtype_for(spec.sampled.n_draws)
+        entry_rows = ct * max(1, spec.sampled.n_draws // 4)
+        steps = np.where(enc.single, spec.sampled.singleton_step, spec.sampled.logprob_step)
+        _put(group, signal_array(name, "sampled_nuniq"), nuniq.astype(count_dtype), ct)
+        _put(group, signal_array(name, "sampled_nmulti"), enc.nmulti.astype(count_dtype), ct)
+        _put(group, signal_array(name, "sampled_ids"), enc.id_deltas, entry_rows)
+        _put(group, signal_array(name, "sampled_counts"), enc.multi_counts.astype(count_dtype),
+             entry_rows)
+        _put(group, signal_array(name, "sampled_logprobs"),
+             encode_logprobs(enc.logprobs, spec.sampled.logprob_encoding, steps), entry_rows)
+        entries = (int(len(enc.id_deltas)), int(len(enc.multi_counts)))
+    if spec.hidden:
+        _put(group, signal_array(name, "hidden"),
+             np.stack([d.hidden for d in sig]).astype(spec.hidden.dtype), cs)
+    if spec.attention:
+        _put(group, signal_array(name, "attention"),
+             np.stack([d.attention for d in sig]).astype(spec.attention.dtype), cs)
+    return entries
 
 
 def _index_bytes(samples: list[Sample], offsets: np.ndarray, lengths: np.ndarray) -> bytes:

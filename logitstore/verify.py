@@ -19,8 +19,8 @@ from logitstore.format import (MANIFEST, PARTS_DIR, StoreSettings, check_format_
 from logitstore.fs import StoreFS, sha256_hex
 
 
-def expected_arrays(settings: StoreSettings, tokens: int, samples: int,
-                    entries: dict[str, int]) -> dict[str, tuple[tuple[int, ...], str]]:
+def expected_arrays(settings: StoreSettings, tokens: int, samples: int, entries: dict[str, int],
+                    multi: dict[str, int]) -> dict[str, tuple[tuple[int, ...], str]]:
     """Array path inside a segment -> (shape, dtype) that the format prescribes."""
     id_dtype = int_dtype_for(settings.vocab_size - 1)
     out = {"input_ids": ((tokens,), settings.token_dtype), "loss_mask": ((tokens,), "bool")}
@@ -34,8 +34,9 @@ def expected_arrays(settings: StoreSettings, tokens: int, samples: int,
             n = entries.get(name, -1)
             count_dtype = int_dtype_for(spec.sampled.n_draws)
             out[signal_array(name, "sampled_nuniq")] = ((tokens,), count_dtype)
+            out[signal_array(name, "sampled_nmulti")] = ((tokens,), count_dtype)
             out[signal_array(name, "sampled_ids")] = ((n,), id_dtype)
-            out[signal_array(name, "sampled_counts")] = ((n,), count_dtype)
+            out[signal_array(name, "sampled_counts")] = ((multi.get(name, -1),), count_dtype)
             out[signal_array(name, "sampled_logprobs")] = ((n,), _lp_dtype(spec.sampled))
         if spec.hidden:
             h = spec.hidden
@@ -125,7 +126,8 @@ def _check_structure(fs: StoreFS, manifest: dict, settings: StoreSettings, index
             if int(rows.column("length").to_numpy().sum()) != seg["tokens"]:
                 problems.append(f"{where}: lengths of {seg_dir} do not sum to {seg['tokens']}")
             expected = expected_arrays(settings, seg["tokens"], seg["samples"],
-                                       seg.get("sampled_entries", {}))
+                                       seg.get("sampled_entries", {}),
+                                       seg.get("sampled_multi", {}))
             for name, (shape, dtype) in expected.items():
                 rel = f"{seg_dir}/{name}"
                 if f"{rel}/zarr.json" not in listed:
@@ -156,26 +158,29 @@ def _check_array(fs: StoreFS, rel: str, shape, dtype) -> list[str]:
 
 
 def _check_sampled(fs: StoreFS, settings: StoreSettings, seg_dir: str, damaged) -> list[str]:
-    """Counts of every position sum to n_draws and nuniq matches the entry count."""
+    """Draws of every position sum to n_draws; run lengths add up to the entry arrays."""
     out = []
     for name, spec in settings.signals.items():
         if not spec.sampled:
             continue
-        rels = [f"{seg_dir}/{signal_array(name, a)}" for a in ("sampled_nuniq", "sampled_counts")]
-        if any(f.startswith(r + "/") for f in damaged for r in rels):
+        rels = {a: f"{seg_dir}/{signal_array(name, a)}"
+                for a in ("sampled_nuniq", "sampled_nmulti", "sampled_ids", "sampled_counts")}
+        if any(f.startswith(r + "/") for f in damaged for r in rels.values()):
             continue
         try:
-            nuniq = _open(fs, rels[0])[...].astype(np.int64)
-            counts = _open(fs, rels[1])[...].astype(np.int64)
+            nuniq, nmulti, ids, counts = (_open(fs, rels[a])[...].astype(np.int64) for a in rels)
         except Exception as err:
             out.append(f"{fs.path(seg_dir)}: cannot read sampled arrays of {name!r} ({err})")
             continue
-        if nuniq.sum() != len(counts) or np.any(nuniq < 1):
-            out.append(f"{fs.path(rels[0])}: per-position id counts do not add up to "
-                       f"{len(counts)} entries")
+        if nuniq.sum() != len(ids) or np.any(nuniq < 1) or np.any(nmulti > nuniq) or \
+                nmulti.sum() != len(counts) or np.any(counts < 2):
+            out.append(f"{fs.path(rels['sampled_nuniq'])}: per-position entry counts do not add "
+                       f"up to the {len(ids)} ids and {len(counts)} stored counts")
             continue
-        sums = np.add.reduceat(counts, np.concatenate([[0], np.cumsum(nuniq)[:-1]]))
-        if np.any(sums != spec.sampled.n_draws):
-            out.append(f"{fs.path(rels[1])}: draws per position must sum to "
+        # Each position: its stored counts (ids drawn more than once) + one per single id.
+        multi_sums = np.zeros(len(nuniq), dtype=np.int64)
+        np.add.at(multi_sums, np.repeat(np.arange(len(nuniq)), nmulti), counts)
+        if np.any(multi_sums + (nuniq - nmulti) != spec.sampled.n_draws):
+            out.append(f"{fs.path(rels['sampled_counts'])}: draws per position must sum to "
                        f"{spec.sampled.n_draws}")
     return out

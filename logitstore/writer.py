@@ -161,6 +161,7 @@ class StoreWriter:
         self._manifest["segments"].append({
             "name": name, "samples": encoded.samples, "tokens": encoded.tokens,
             "target_tokens": encoded.target_tokens, "sampled_entries": encoded.sampled_entries,
+            "sampled_multi": encoded.sampled_multi,
             "signals": sorted(self.settings.signals), "files": files,
         })
         self._write_part_manifest()

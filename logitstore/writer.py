@@ -13,8 +13,11 @@ files of the segment that was being written.
 
 from __future__ import annotations
 
+import io
 import logging
 from typing import Any, Iterable
+
+import pyarrow.parquet as pq
 
 from logitstore import __version__
 from logitstore.commit import commit_store, dump_json, load_json, now_iso, read_part_manifests
@@ -51,7 +54,8 @@ class StoreWriter:
         self._manifest = self._open_part()
         self._buffer: list[Sample] = []
         self._buffer_tokens = 0
-        self._seen: set[str] | None = None
+        self._buffered_ids: set[str] = set()
+        self._committed: set[str] | None = None
         self.closed = False
 
     # -- opening / resuming -------------------------------------------------------------
@@ -110,17 +114,14 @@ class StoreWriter:
 
     @property
     def committed_ids(self) -> set[str]:
-        if self._seen is None:
-            import io
-
-            import pyarrow.parquet as pq
-
-            self._seen = set()
+        """Ids of this part's committed samples (read from its segment indexes once)."""
+        if self._committed is None:
+            self._committed = set()
             for seg in self._manifest["segments"]:
                 rel = f"{self._prefix}/{seg['name']}/{SEGMENT_INDEX}"
                 table = pq.read_table(io.BytesIO(self.fs.read_bytes(rel)), columns=["sample_id"])
-                self._seen.update(table.column("sample_id").to_pylist())
-        return set(self._seen)
+                self._committed.update(table.column("sample_id").to_pylist())
+        return self._committed
 
     # -- writing ------------------------------------------------------------------------
 
@@ -128,12 +129,10 @@ class StoreWriter:
         if self.closed:
             raise LogitStoreError(f"writer for part {self.part!r} is closed")
         validate_sample(sample, self.settings)
-        if self._seen is None:
-            self.committed_ids  # load once, then kept up to date below
-        if sample.sample_id in self._seen:
+        if sample.sample_id in self.committed_ids or sample.sample_id in self._buffered_ids:
             raise SchemaMismatchError(f"sample id {sample.sample_id!r} was already written to part "
                                       f"{self.part!r}; sample ids must be unique")
-        self._seen.add(sample.sample_id)
+        self._buffered_ids.add(sample.sample_id)
         self._buffer.append(sample)
         self._buffer_tokens += len(sample.input_ids)
         if self._buffer_tokens >= self.settings.segment_tokens:
@@ -165,7 +164,8 @@ class StoreWriter:
             "signals": sorted(self.settings.signals), "files": files,
         })
         self._write_part_manifest()
-        self._buffer, self._buffer_tokens = [], 0
+        self.committed_ids.update(self._buffered_ids)
+        self._buffer, self._buffer_tokens, self._buffered_ids = [], 0, set()
         if self.commit_each_segment:
             commit_store(self.fs, extra=self.extra)
 
@@ -186,7 +186,7 @@ class StoreWriter:
 
     def abort(self) -> None:
         """Drop buffered samples; the committed state stays as it is."""
-        self._buffer, self._buffer_tokens = [], 0
+        self._buffer, self._buffer_tokens, self._buffered_ids = [], 0, set()
         self.closed = True
 
     def __enter__(self) -> "StoreWriter":

@@ -1,0 +1,471 @@
+"""Stream training batches from a logitstore store: sharded, shuffled, token-budgeted, resumable.
+
+    stream = StoreStream(url, signals=["teacher"], split="train", batch_tokens=8192, rank=r,
+                         world_size=w)
+    loader = stream.loader(num_workers=2)          # or DataLoader(stream, batch_size=None, ...)
+    for epoch in range(start_epoch, epochs):
+        stream.set_epoch(epoch)
+        for batch in loader: ...                    # batch contract: student_train/collate.py
+        ckpt["data"] = stream.state_dict()          # exact position, at any step
+
+How one epoch is planned (metadata only: the sample index, never the arrays)
+1. Selection: rows matching `split`, `rows` and `sample_filter` (weights from `sample_weight`).
+2. Segment order: the segments holding selected rows, permuted by (seed, epoch) ("shuffle",
+   "curriculum") or in store order ("sequential"); each segment's rows in store order.
+3. Partition over K = world_size * num_workers shards, shard = rank * num_workers + worker:
+   - "segments" (auto when there are >= 4 segments per shard): whole segments, each given in
+     epoch order to the shard with the fewest tokens so far (greedy, so shards differ by at
+     most about one segment). Every shard reads only its own segments.
+   - "rows" (auto otherwise): the epoch's row sequence is strided, row p -> shard p % K.
+     Shards are balanced to one sample, but each shard reads every segment holding one of
+     its rows (up to K times the decoding work of "segments").
+   Every selected sample lands in exactly one shard, every epoch.
+4. Within a shard: "shuffle" runs a shuffle buffer of `shuffle_buffer` samples with an RNG
+   seeded by (seed, epoch, rank, worker); "curriculum" first sorts rows by the
+   `curriculum_key` tag (ascending, nulls last) and runs the buffer within each key value,
+   so the stream goes easy -> hard and equal keys are shuffled.
+5. Batching by token budget: padding mode closes a batch before B * max_len would exceed
+   `batch_tokens`; packing mode fills rows of `pack_length` tokens (default `batch_tokens`,
+   i.e. one row per batch) first-fit, at most `batch_tokens // pack_length` rows, so both
+   the sum of lengths and B * S stay <= `batch_tokens`. `max_batch_size` caps B. A sample
+   longer than the budget (or than `pack_length`) is yielded alone, over budget, never cut.
+Then the plan is executed: a segment is read (whole, `read_segment`) when its first planned
+row is needed, and only its rows still to come are kept, so memory is bounded by the shuffle
+buffer plus one segment. In curriculum order a segment is read once per key value it holds.
+
+Resume: the plan is a pure function of (settings, seed, epoch, rank, worker), so the state is
+just (epoch, batches yielded per worker). Restoring re-plans the epoch (index only) and skips
+the consumed batches without reading their data: no cost beyond planning. With DataLoader
+workers the main process cannot see what the workers yielded, so every batch carries
+`stream_position` and the main process must `record(batch)` it; `loader()` does that. Batch i
+of an epoch always comes from worker i % num_workers (DataLoader's round-robin), so a resumed
+loader rotates worker ids to start with the worker that was next: the remaining batches come
+in exactly the original order, as long as no worker had run out of batches when the state was
+saved (otherwise: the same batches, each worker's in order, possibly interleaved differently).
+Resuming needs the same world_size and number of workers; ranks in lockstep (DDP) may all load
+rank 0's state. Do not use `persistent_workers=True`: workers would keep a stale epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pyarrow.compute as pc
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from logitstore.reader import StoreReader
+from student_train.collate import collate
+
+ORDERS = ("shuffle", "sequential", "curriculum")
+PARTITIONS = ("auto", "segments", "rows")
+MIN_SEGMENTS_PER_SHARD = 4  # "auto" partitions whole segments from this many per shard
+STATE_VERSION = 1
+
+
+def holdout_rows(reader: StoreReader, fraction: float, seed: int = 0) -> tuple[np.ndarray,
+                                                                              np.ndarray]:
+    """(train_rows, eval_rows): a sample is held out when hash(seed, sample_id) < fraction.
+
+    Depends only on the id, so it is stable across runs, world sizes and store layouts.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], found {fraction}")
+    u = np.array([int.from_bytes(hashlib.blake2b(f"{seed}\0{sid}".encode(),
+                                                 digest_size=8).digest(), "little") / 2.0**64
+                  for sid in reader.sample_ids])
+    held = u < fraction
+    return np.flatnonzero(~held), np.flatnonzero(held)
+
+
+class _Plan:
+    """One shard's epoch: batches as rows of store rows, and who is read with whom."""
+
+    def __init__(self, batches: list[list[list[int]]], seg_of_row: np.ndarray,
+                 group: np.ndarray):
+        self.batches = batches
+        # (segment, group) -> [(row, batch number)]: the rows one segment read provides
+        self.members: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for b, layout in enumerate(batches):
+            for row in layout:
+                for r in row:
+                    key = (int(seg_of_row[r]), int(group[r]))
+                    self.members.setdefault(key, []).append((r, b))
+
+
+class StoreStream(IterableDataset):
+    """Batches (dicts of CPU tensors, see collate.py) from a store; see the module docstring."""
+
+    def __init__(self, url: str, *, signals: list[str] | None = None, split: str | None = None,
+                 sample_filter: Callable[[dict], bool] | None = None,
+                 rows: np.ndarray | None = None, seed: int = 0, shuffle: bool = True,
+                 shuffle_buffer: int = 2048, batch_tokens: int = 4096,
+                 max_batch_size: int | None = None, packing: bool = False, rank: int = 0,
+                 world_size: int = 1, cache_dir: str | None = None,
+                 storage_options: dict | None = None,
+                 sample_weight: Callable[[dict], float] | None = None, order: str = "shuffle",
+                 curriculum_key: str = "difficulty", pack_length: int | None = None,
+                 partition: str = "auto"):
+        super().__init__()
+        _check(order in ORDERS, f"order must be one of {ORDERS}, found {order!r}")
+        _check(partition in PARTITIONS, f"partition must be one of {PARTITIONS}, found "
+                                        f"{partition!r}")
+        _check(batch_tokens >= 1 and shuffle_buffer >= 1,
+               f"batch_tokens and shuffle_buffer must be >= 1, found {batch_tokens}, "
+               f"{shuffle_buffer}")
+        _check(max_batch_size is None or max_batch_size >= 1,
+               f"max_batch_size must be None or >= 1, found {max_batch_size}")
+        _check(pack_length is None or 1 <= pack_length <= batch_tokens,
+               f"pack_length must be in [1, batch_tokens={batch_tokens}], found {pack_length}")
+        _check(world_size >= 1 and 0 <= rank < world_size,
+               f"need 0 <= rank < world_size, found rank={rank}, world_size={world_size}")
+        self.url, self.cache_dir, self.storage_options = url, cache_dir, storage_options
+        self.seed, self.order, self.packing = int(seed), order, bool(packing)
+        self.shuffled = bool(shuffle) and order != "sequential"
+        self.shuffle_buffer, self.batch_tokens = int(shuffle_buffer), int(batch_tokens)
+        self.max_batch_size, self.pack_length = max_batch_size, pack_length
+        self.rank, self.world_size, self.partition = int(rank), int(world_size), partition
+        self.curriculum_key = curriculum_key
+        self._reader: StoreReader | None = None
+        self._reader_pid, self._index_sha = -1, None
+        reader = self.reader
+        missing = [s for s in (signals or []) if s not in reader.settings.signals]
+        _check(not missing, f"signal(s) {missing} not in {url}; it holds {reader.signals}")
+        self.signals = reader.signals if signals is None else list(signals)
+
+        # Per store row (numpy, picklable: DataLoader workers get a copy).
+        n = len(reader)
+        self._length = reader.index.column("length").to_numpy().astype(np.int64)  # [n]
+        self._seg_first = np.array([s.first_sample for s in reader.segments], np.int64)
+        self._seg_of_row = np.repeat(np.arange(len(reader.segments)),
+                                     [s.samples for s in reader.segments])  # [n]
+        self._rows = self._select(reader, split, rows, sample_filter)  # [selected], ascending
+        self._weight = np.ones(n, np.float32)  # [n]
+        self._group = np.zeros(n, np.int64)  # [n] curriculum level (0 when not curriculum)
+        if sample_weight is not None:
+            dicts = reader.index.take(self._rows).to_pylist()
+            w = np.array([float(sample_weight(d)) for d in dicts], np.float32)
+            _check(bool(np.all(np.isfinite(w) & (w >= 0))),
+                   "sample_weight must return finite weights >= 0")
+            self._weight[self._rows] = w
+        if order == "curriculum":
+            self._group[self._rows] = self._levels(reader, curriculum_key)
+
+        self.epoch = 0
+        self._counts: list[int] = []  # batches consumed per worker in this epoch
+        self._pending: dict[str, Any] | None = None  # a loaded state not yet resumed
+
+    # -- selection -------------------------------------------------------------------------
+
+    def _select(self, reader: StoreReader, split, rows, sample_filter) -> np.ndarray:
+        n = len(reader)
+        keep = np.ones(n, bool)
+        if split is not None:
+            keep &= pc.fill_null(pc.equal(reader.index.column("split"), split),
+                                 False).to_numpy(zero_copy_only=False)
+        if rows is not None:
+            rows = np.asarray(rows, np.int64)
+            _check(rows.size == 0 or (rows.min() >= 0 and rows.max() < n),
+                   f"rows must be store rows in [0, {n})")
+            chosen = np.zeros(n, bool)
+            chosen[rows] = True
+            keep &= chosen
+        if sample_filter is not None:
+            cand = np.flatnonzero(keep)
+            ok = [bool(sample_filter(d)) for d in reader.index.take(cand).to_pylist()]
+            keep[cand] = np.asarray(ok, bool)
+        selected = np.flatnonzero(keep)
+        _check(selected.size > 0, f"no sample of {self.url} selected (split={split!r}, "
+                                  f"rows={'given' if rows is not None else None}, filter="
+                                  f"{'given' if sample_filter else None}; store has {n})")
+        return selected
+
+    def _levels(self, reader: StoreReader, key: str) -> np.ndarray:
+        """Curriculum level of each selected row: rank of its key value, nulls last."""
+        _check(key in reader.index.column_names,
+               f"curriculum_key {key!r} is not a column of the sample index "
+               f"({reader.index.column_names})")
+        values = reader.index.column(key).take(self._rows).to_pylist()
+        distinct = sorted({v for v in values if v is not None})
+        level = {v: i for i, v in enumerate(distinct)}
+        return np.array([level.get(v, len(distinct)) if v is not None else len(distinct)
+                         for v in values], np.int64)
+
+    # -- reader and settings (one reader per process: never share one across a fork) ------
+
+    @property
+    def reader(self) -> StoreReader:
+        if self._reader is None or self._reader_pid != os.getpid():
+            reader = StoreReader(self.url, storage_options=self.storage_options,
+                                 cache_dir=self.cache_dir)
+            # Row numbers are store positions of the commit planned on; a later commit (a
+            # dump still appending) may renumber them, so a worker must see the same one.
+            sha = reader.manifest["index"]["sha256"]
+            if self._index_sha is not None and sha != self._index_sha:
+                raise RuntimeError(f"{self.url} was committed to after this StoreStream was "
+                                   f"created: create the stream again to train on the new "
+                                   f"commit")
+            self._reader, self._reader_pid, self._index_sha = reader, os.getpid(), sha
+        return self._reader
+
+    @property
+    def settings(self):
+        return self.reader.settings
+
+    @property
+    def num_samples(self) -> int:
+        return int(self._rows.size)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_reader"], state["_reader_pid"] = None, -1
+        return state
+
+    # -- planning ----------------------------------------------------------------------------
+
+    def _shard_rows(self, epoch: int, shards: int, shard: int) -> np.ndarray:
+        """Store rows of one shard, in epoch order (steps 2-3 of the module docstring)."""
+        segs = self._seg_of_row[self._rows]
+        eligible = np.unique(segs)
+        if self.shuffled:
+            eligible = np.random.default_rng([self.seed, epoch, 1]).permutation(eligible)
+        seg_rank = np.zeros(len(self._seg_first), np.int64)
+        seg_rank[eligible] = np.arange(len(eligible))
+        ordered = self._rows[np.argsort(seg_rank[segs], kind="stable")]
+        mode = self.partition
+        if mode == "auto":
+            mode = "segments" if len(eligible) >= MIN_SEGMENTS_PER_SHARD * shards else "rows"
+        if shards == 1:
+            return ordered
+        if mode == "rows":
+            return ordered[shard::shards]
+        tokens = np.bincount(segs, weights=self._length[self._rows],
+                             minlength=len(self._seg_first))
+        load = np.zeros(shards)
+        mine = np.zeros(len(self._seg_first), bool)
+        for s in eligible:  # greedy: the least-loaded shard takes the next segment
+            target = int(np.argmin(load))
+            load[target] += tokens[s]
+            mine[s] = target == shard
+        return ordered[mine[self._seg_of_row[ordered]]]
+
+    def _plan(self, epoch: int, num_workers: int, worker: int) -> _Plan:
+        shards = self.world_size * num_workers
+        seq = self._shard_rows(epoch, shards, self.rank * num_workers + worker)
+        if self.order == "curriculum":
+            seq = seq[np.argsort(self._group[seq], kind="stable")]
+        if self.shuffled:
+            rng = np.random.default_rng([self.seed, epoch, self.rank, worker, 2])
+            levels = self._group[seq]
+            cuts = np.flatnonzero(np.diff(levels)) + 1
+            seq = np.concatenate([_buffer_shuffle(part, self.shuffle_buffer, rng)
+                                  for part in np.split(seq, cuts)]) if seq.size else seq
+        if self.packing:
+            cap = self.pack_length or self.batch_tokens
+            max_rows = max(1, self.batch_tokens // cap)
+            if self.max_batch_size:
+                max_rows = min(max_rows, self.max_batch_size)
+            batches = _pack(seq, self._length, cap, max_rows)
+        else:
+            batches = _pad(seq, self._length, self.batch_tokens, self.max_batch_size)
+        return _Plan(batches, self._seg_of_row, self._group)
+
+    def num_batches(self, num_workers: int = 0) -> int:
+        """Batches this rank yields in the current epoch (all its workers), from the index only."""
+        nw = max(1, num_workers)
+        return sum(len(self._plan(self.epoch, nw, w).batches) for w in range(nw))
+
+    # -- iteration ---------------------------------------------------------------------------
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select epoch `epoch`; keeps a loaded state of that epoch, else starts it from batch 0."""
+        epoch = int(epoch)
+        if self._pending is not None and self._pending["epoch"] == epoch:
+            self.epoch = epoch
+            return
+        self.epoch, self._pending, self._counts = epoch, None, []
+
+    def _resume_counts(self, num_workers: int) -> tuple[list[int], int]:
+        """(batches already consumed per worker, worker rotation) for an iteration starting now."""
+        p = self._pending
+        if p is None or p["epoch"] != self.epoch or p["batches"] == 0:
+            return [0] * num_workers, 0
+        if p["num_workers"] != num_workers:
+            raise ValueError(f"the saved stream state was taken with {p['num_workers']} "
+                             f"DataLoader worker(s) (0 and 1 count as 1), this run has "
+                             f"{num_workers}: resume with the same number of workers")
+        if p["rank"] == self.rank:
+            counts = list(p["worker_batches"])
+        else:  # another rank's state: in lockstep, batch i came from worker i % num_workers
+            counts = [len(range(w, p["batches"], num_workers)) for w in range(num_workers)]
+        return counts, p["batches"] % num_workers
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        num_workers, worker_id = (info.num_workers, info.id) if info else (1, 0)
+        counts, rotation = self._resume_counts(num_workers)
+        worker = (worker_id + rotation) % num_workers  # logical worker: shard, RNG, counts
+        if info is None:  # main process: this object itself tracks what was consumed
+            self._counts, self._pending = counts, None
+        epoch = self.epoch
+        plan = self._plan(epoch, num_workers, worker)
+        for i, batch in enumerate(self._execute(plan, counts[worker]), start=counts[worker]):
+            batch["stream_position"] = {"epoch": epoch, "worker": worker,
+                                        "num_workers": num_workers, "index": i}
+            if info is None:
+                self._counts[0] = i + 1
+            yield batch
+
+    def _execute(self, plan: _Plan, skip: int) -> Iterator[dict[str, Any]]:
+        reader = self.reader
+        loaded: dict[int, Any] = {}  # store row -> decoded Sample, read but not yet batched
+        for b in range(skip, len(plan.batches)):
+            layout = plan.batches[b]
+            for row in layout:
+                for r in row:
+                    if r not in loaded:
+                        self._load(reader, plan, r, b, loaded)
+            samples = [[loaded.pop(r) for r in row] for row in layout]
+            weights = [[float(self._weight[r]) for r in row] for row in layout]
+            yield collate(samples, weights, self.signals, packing=self.packing)
+
+    def _load(self, reader: StoreReader, plan: _Plan, row: int, b: int, loaded: dict) -> None:
+        """Read row's whole segment; keep its rows of the same level planned from batch b on."""
+        seg = int(self._seg_of_row[row])
+        samples = reader.read_segment(seg, self.signals)
+        first = int(self._seg_first[seg])
+        for r, when in plan.members[(seg, int(self._group[row]))]:
+            if when >= b:
+                loaded[r] = samples[r - first]
+
+    def loader(self, **dataloader_kwargs: Any) -> "StreamLoader":
+        """A DataLoader over this stream (batch_size=None) that keeps state_dict() exact."""
+        return StreamLoader(self, **dataloader_kwargs)
+
+    # -- state -------------------------------------------------------------------------------
+
+    def record(self, batch: dict[str, Any]) -> None:
+        """Note that the trainer consumed `batch` (needed with DataLoader workers)."""
+        pos = batch["stream_position"]
+        nw = pos["num_workers"]
+        if len(self._counts) != nw:
+            self._counts = self._resume_counts(nw)[0]
+        self._counts[pos["worker"]] = pos["index"] + 1
+        self.epoch, self._pending = pos["epoch"], None
+
+    def _config(self) -> dict[str, Any]:
+        rows = hashlib.sha256(self._rows.tobytes() + self._group[self._rows].tobytes())
+        return {"seed": self.seed, "order": self.order, "shuffled": self.shuffled,
+                "shuffle_buffer": self.shuffle_buffer, "batch_tokens": self.batch_tokens,
+                "max_batch_size": self.max_batch_size, "packing": self.packing,
+                "pack_length": self.pack_length, "partition": self.partition,
+                "world_size": self.world_size, "rows_sha256": rows.hexdigest()}
+
+    def state_dict(self) -> dict[str, Any]:
+        counts = list(self._counts)
+        return {"version": STATE_VERSION, "epoch": self.epoch, "batches": sum(counts),
+                "worker_batches": counts, "num_workers": len(counts), "rank": self.rank,
+                "config": self._config()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _check(state.get("version") == STATE_VERSION,
+               f"stream state version {state.get('version')} != {STATE_VERSION}")
+        mine = self._config()
+        diff = {k: (v, mine.get(k)) for k, v in state["config"].items() if mine.get(k) != v}
+        _check(not diff, "the saved stream state belongs to a differently configured stream "
+                         "(saved, now): " + json.dumps(diff, default=str))
+        self.epoch = int(state["epoch"])
+        self._counts = list(state["worker_batches"])
+        self._pending = dict(state)
+
+
+class StreamLoader:
+    """DataLoader(stream, batch_size=None, ...) that records every batch it hands out."""
+
+    def __init__(self, stream: StoreStream, **dataloader_kwargs: Any):
+        _check(not dataloader_kwargs.get("persistent_workers"),
+               "persistent_workers would keep a stale epoch in the workers")
+        _check(dataloader_kwargs.pop("batch_size", None) is None,
+               "the stream batches itself: batch_size must be None")
+        self.stream, self.kwargs = stream, dataloader_kwargs
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        nw = self.kwargs.get("num_workers", 0)
+        it = iter(DataLoader(self.stream, batch_size=None, **self.kwargs))
+        if nw > 0:  # the workers took their copies (with any pending resume) at iter()
+            self.stream._counts = self.stream._resume_counts(nw)[0]
+            self.stream._pending = None
+        for batch in it:
+            self.stream.record(batch)
+            yield batch
+
+
+# -- pure helpers ------------------------------------------------------------------------------
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _buffer_shuffle(seq: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Order of a streaming shuffle buffer: fill `size`, then emit a random slot and refill it."""
+    items = seq.tolist()
+    buf, out = items[:size], []
+    picks = rng.integers(0, len(buf), max(0, len(items) - size)).tolist() if buf else []
+    for item, j in zip(items[size:], picks):
+        out.append(buf[j])
+        buf[j] = item
+    out.extend(buf[i] for i in rng.permutation(len(buf)).tolist())  # drain in random order
+    return np.asarray(out, np.int64)
+
+
+def _pad(seq: np.ndarray, length: np.ndarray, budget: int,
+         max_size: int | None) -> list[list[list[int]]]:
+    """One sample per row; close a batch before rows * longest would exceed the budget."""
+    out: list[list[list[int]]] = []
+    cur: list[int] = []
+    longest = 0
+    for r in seq.tolist():
+        L = int(length[r])
+        if cur and (max(longest, L) * (len(cur) + 1) > budget or len(cur) == max_size):
+            out.append([[x] for x in cur])
+            cur, longest = [], 0
+        cur.append(r)
+        longest = max(longest, L)
+    if cur:
+        out.append([[x] for x in cur])
+    return out
+
+
+def _pack(seq: np.ndarray, length: np.ndarray, cap: int,
+          max_rows: int) -> list[list[list[int]]]:
+    """First-fit samples into rows of `cap` tokens, at most max_rows rows per batch."""
+    out: list[list[list[int]]] = []
+    rows: list[list[int]] = []
+    fill: list[int] = []
+    for r in seq.tolist():
+        L = int(length[r])
+        if L > cap:  # cannot share a row: alone, over budget
+            if rows:
+                out.append(rows)
+                rows, fill = [], []
+            out.append([[r]])
+            continue
+        for i, f in enumerate(fill):
+            if f + L <= cap:
+                rows[i].append(r)
+                fill[i] += L
+                break
+        else:
+            if len(rows) == max_rows:
+                out.append(rows)
+                rows, fill = [], []
+            rows.append([r])
+            fill.append(L)
+    if rows:
+        out.append(rows)
+    return out

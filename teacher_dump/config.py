@@ -1,0 +1,348 @@
+"""teacher-dump configuration: one mechanism for YAML presets and command-line flags.
+
+    resolved = resolve_config("configs/med42-to-llama3.2-1b.yaml", {"data": ["d.jsonl"], ...})
+
+Resolution order, later wins: the defaults in `FIELDS`, the preset's `dump:` section, the
+flags the user passed (None = not passed). Every value goes through the same coercion
+and checks whatever its origin, and every problem is collected and raised at once as one
+`ConfigError`. A preset file may hold other sections (`train:`, `eval:`...) for other
+tools; only `dump:` is read here.
+
+The resolved config is a `DumpConfig`; `as_dict()` is what teacher-dump echoes and saves
+into the store manifest (`extra["teacher_dump_config"]`), and `content_differences()`
+compares a saved one with a new one on the keys that change what is stored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from logitstore.errors import ConfigError
+from logitstore.format import ATTENTION_HEADS, HIDDEN_POOLINGS, LOGPROB_ENCODINGS
+
+# auto: the alias's default (4bit unless it says otherwise) on CUDA, none on CPU.
+QUANTIZE_CHOICES = ("auto", "4bit", "8bit", "none")
+DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
+STORED_FLOAT_DTYPES = ("float16", "float32")
+# Data formats of teacher_dump.formats; dashes are accepted for underscores.
+DATA_FORMATS = ("auto", "chat", "medmcqa", "mcq", "instruction", "prompt_completion", "text")
+SECTION = "dump"
+_SIGNAL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+
+
+@dataclass(frozen=True)
+class Field:
+    kind: str  # str | int | float | bool | list_str | list_int | optional_int | optional_str
+    default: Any
+    check: Callable[[Any], str | None] | None = None  # -> problem text, or None when fine
+    content: bool = True  # False: may differ between a run and its resume (no effect on data)
+    help: str = ""
+
+
+def _at_least(low):
+    return lambda v: None if v is None or v >= low else f"must be >= {low}, got {v}"
+
+
+def _one_of(choices):
+    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}, got {v!r}"
+
+
+def _positive(v):
+    return None if v > 0 else f"must be > 0, got {v}"
+
+
+def _signal_name(v):
+    if v is None or _SIGNAL_NAME.fullmatch(v):
+        return None
+    return f"must be letters, digits, '.', '_' or '-' (not starting with '.' or '-'), got {v!r}"
+
+
+FIELDS: dict[str, Field] = {
+    # what to run
+    "model": Field("optional_str", None,
+                   help="teacher: alias (configs/models.yaml), directory or hub id"),
+    "revision": Field("optional_str", None, help="hub branch, tag or commit of the teacher"),
+    "trust_remote_code": Field("bool", False,
+                               help="run the model repo's own code (only when asked)"),
+    "quantize": Field("str", "auto", _one_of(QUANTIZE_CHOICES)),
+    "dtype": Field("str", "auto", _one_of(DTYPE_CHOICES)),
+    "device": Field("str", "auto", content=False, help="auto: the accelerate process's device"),
+    "signal": Field("optional_str", None, _signal_name,
+                    help="signal name in the store (default: derived from the model name)"),
+    # data
+    "data": Field("list_str", []),
+    "format": Field("str", "auto", _one_of(DATA_FORMATS)),
+    "max_length": Field("optional_int", 2048, _at_least(2),
+                        help="tokens per sample, BOS/EOS included"),
+    "split_long": Field("bool", False, help="cut long samples into windows instead of truncating"),
+    "include_prompt": Field("bool", False),
+    "use_chat_template": Field("bool", True),
+    "wrap_in_chat": Field("bool", False),
+    "dedup": Field("bool", True),
+    "mcq_index_base": Field("int", 0, _one_of((0, 1))),
+    "limit": Field("optional_int", None, _at_least(1)),
+    # what to capture
+    "top_k": Field("int", 32, _at_least(0), help="0 = off"),
+    "samples": Field("int", 0,
+                     lambda v: None if 0 <= v < 2**16 else f"must be in 0..65535, got {v}",
+                     help="sampled draws per position, 0 = off"),
+    "sample_temperature": Field("float", 1.0, _positive),
+    "seed": Field("int", 0, _at_least(0)),
+    "hidden_layers": Field("list_int", [], help="indices into output.hidden_states[1:]; [] = off"),
+    "hidden_pool": Field("str", "mean", _one_of(HIDDEN_POOLINGS)),
+    "hidden_dtype": Field("str", "float16", _one_of(STORED_FLOAT_DTYPES)),
+    "attention_layers": Field("list_int", [], help="decoder block indices; [] = off"),
+    "attention_grid": Field("int", 16, _at_least(1)),
+    "attention_heads": Field("str", "mean", _one_of(ATTENTION_HEADS)),
+    "attention_dtype": Field("str", "float16", _one_of(STORED_FLOAT_DTYPES)),
+    # how it is stored
+    "out": Field("optional_str", None, content=False),
+    "logprob_encoding": Field("str", "q8", _one_of(LOGPROB_ENCODINGS)),
+    "logprob_step": Field("float", 1.0 / 16, _positive),
+    "singleton_step": Field("float", 0.5, _positive),
+    "segment_tokens": Field("int", 1 << 18, _at_least(1)),
+    "chunk_tokens": Field("int", 4096, _at_least(1)),
+    "chunk_samples": Field("int", 64, _at_least(1)),
+    "overwrite": Field("bool", False, content=False),
+    # performance only
+    "batch_tokens": Field("int", 16384, _at_least(1), content=False,
+                          help="padded tokens (batch size x longest sample) per forward pass"),
+    "logits_chunk": Field("int", 512, _at_least(1), content=False,
+                          help="positions per fp32 log-softmax chunk (bounds extra memory)"),
+    "queue_batches": Field("int", 4, _at_least(1), content=False,
+                           help="captured batches waiting for the writer thread at most"),
+}
+
+
+@dataclass(frozen=True)
+class DumpConfig:
+    model: str
+    data: tuple[str, ...]
+    out: str
+    signal: str
+    revision: str | None
+    trust_remote_code: bool
+    quantize: str
+    dtype: str
+    device: str
+    format: str
+    max_length: int | None
+    split_long: bool
+    include_prompt: bool
+    use_chat_template: bool
+    wrap_in_chat: bool
+    dedup: bool
+    mcq_index_base: int
+    limit: int | None
+    top_k: int
+    samples: int
+    sample_temperature: float
+    seed: int
+    hidden_layers: tuple[int, ...]
+    hidden_pool: str
+    hidden_dtype: str
+    attention_layers: tuple[int, ...]
+    attention_grid: int
+    attention_heads: str
+    attention_dtype: str
+    logprob_encoding: str
+    logprob_step: float
+    singleton_step: float
+    segment_tokens: int
+    chunk_tokens: int
+    chunk_samples: int
+    overwrite: bool
+    batch_tokens: int
+    logits_chunk: int
+    queue_batches: int
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON/YAML-able form (tuples as lists), as saved into the store."""
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}
+
+
+# ----------------------------------------------------------------------------- coercion
+
+
+def _split_list(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _coerce(kind: str, value: Any) -> Any:
+    """value (from YAML or a flag) -> the field's type; ValueError with a short reason."""
+    if kind in ("optional_int", "optional_str") and value is None:
+        return None
+    if kind in ("str", "optional_str"):
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ValueError(f"must be a string, got {type(value).__name__}")
+        return str(value)
+    if kind in ("int", "optional_int"):
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError(f"must be an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"must be an integer, got {value!r}") from None
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError(f"must be a number, got {value!r}")
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"must be a number, got {value!r}") from None
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ValueError(f"must be true or false, got {value!r}")
+    if kind == "list_str":
+        items = value if isinstance(value, (list, tuple)) else [value]
+        out = []
+        for item in items:
+            if not isinstance(item, str):
+                raise ValueError(f"must be strings, got {item!r}")
+            out += _split_list(item)  # "a.jsonl,b.jsonl" and repeated flags both work
+        return out
+    if kind == "list_int":
+        if value is None:
+            return []
+        items = _split_list(value) if isinstance(value, str) else value
+        items = items if isinstance(items, (list, tuple)) else [items]
+        out = []
+        for item in items:
+            if isinstance(item, bool):
+                raise ValueError(f"must be integers, got {item!r}")
+            try:
+                out.append(int(item))
+            except (TypeError, ValueError):
+                raise ValueError(f"must be integers like -1,-4, got {item!r}") from None
+        if len(set(out)) != len(out):
+            raise ValueError(f"lists a layer twice: {out}")
+        return out
+    raise AssertionError(f"unknown field kind {kind}")
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def load_preset(path: str | Path) -> tuple[dict[str, Any], list[str]]:
+    """(the `dump:` section of a YAML preset, problems); a missing section is a problem."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        return {}, [f"cannot read config file {path}: {exc.strerror or exc}"]
+    except yaml.YAMLError as exc:
+        return {}, [f"{path} is not valid YAML: {' '.join(str(exc).split())}"]
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        return {}, [f"{path}: expected a mapping with a '{SECTION}:' section, "
+                    f"got {type(data).__name__}"]
+    section = data.get(SECTION)
+    if section is None:
+        misplaced = sorted(set(data) & set(FIELDS))
+        hint = (f" (keys {misplaced} belong under '{SECTION}:')" if misplaced else "")
+        return {}, [f"{path} has no '{SECTION}:' section{hint}"]
+    if not isinstance(section, dict):
+        return {}, [f"{path}: '{SECTION}:' must be a mapping of settings"]
+    return section, []
+
+
+def default_signal_name(model: str) -> str:
+    """Signal name for a model: the alias, or the last path/hub-id component, sanitised."""
+    base = str(model).rstrip("/").replace("\\", "/").rsplit("/", 1)[-1]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", base).lstrip(".-")
+    return name or "teacher"
+
+
+# ----------------------------------------------------------------------------- resolve
+
+
+def resolve_config(preset: str | Path | None = None,
+                   overrides: dict[str, Any] | None = None) -> DumpConfig:
+    """defaults <- preset `dump:` section <- overrides (None values = not given); validated."""
+    problems: list[str] = []
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if preset is not None:
+        section, found = load_preset(preset)
+        problems += found
+        layers.append((f"{preset}", section))
+    layers.append(("command line", {k: v for k, v in (overrides or {}).items() if v is not None}))
+
+    values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for where, layer in layers:
+        for key, raw in layer.items():
+            norm = str(key).replace("-", "_")
+            field = FIELDS.get(norm)
+            if field is None:
+                close = difflib.get_close_matches(norm, FIELDS, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                problems.append(f"{where}: unknown setting '{key}'{hint}")
+                continue
+            try:
+                values[norm] = _coerce(field.kind, raw)
+                origin[norm] = where
+            except ValueError as exc:
+                problems.append(f"{norm} ({where}): {exc}")
+
+    resolved = {key: values.get(key, field.default) for key, field in FIELDS.items()}
+    if isinstance(resolved["format"], str):
+        resolved["format"] = resolved["format"].replace("-", "_")
+    for key, field in FIELDS.items():
+        if key in values and field.check is not None:
+            problem = field.check(resolved[key])
+            if problem:
+                problems.append(f"{key} ({origin[key]}): {problem}")
+    problems += _cross_field_problems(resolved)
+    if problems:
+        raise ConfigError(problems)
+    resolved["signal"] = resolved["signal"] or default_signal_name(resolved["model"])
+    # Local paths are saved absolute, so a resume from another directory compares equal;
+    # dataset names and globs stay as typed.
+    resolved["data"] = tuple(str(Path(d).expanduser().resolve()) if Path(d).expanduser().exists()
+                             else d for d in resolved["data"])
+    resolved["hidden_layers"] = tuple(resolved["hidden_layers"])
+    resolved["attention_layers"] = tuple(resolved["attention_layers"])
+    return DumpConfig(**resolved)
+
+
+def _cross_field_problems(v: dict[str, Any]) -> list[str]:
+    out = []
+    if not v["model"]:
+        out.append("model is required (--model or dump.model in the config file)")
+    if not v["data"]:
+        out.append("data is required (--data or dump.data in the config file)")
+    if not v["out"]:
+        out.append("out is required: the store URL (--out or dump.out in the config file)")
+    if not (v["top_k"] or v["samples"] or v["hidden_layers"] or v["attention_layers"]):
+        out.append("nothing to capture: set top_k > 0, samples > 0, hidden_layers or "
+                   "attention_layers")
+    return out
+
+
+def content_differences(saved: dict[str, Any], new: DumpConfig) -> list[str]:
+    """Keys that change what is stored and differ between a saved config and `new`."""
+    now = new.as_dict()
+    out = []
+    for key, field in FIELDS.items():
+        if not field.content or key not in saved:
+            continue
+        before = saved[key]
+        if isinstance(before, list) or isinstance(now[key], list):
+            before, after = list(before or []), list(now[key] or [])
+        else:
+            after = now[key]
+        if before != after:
+            out.append(f"{key}: store has {before!r}, now {after!r}")
+    return out

@@ -1,0 +1,221 @@
+"""Concurrency: several writer processes on one store, and readers beside a running writer.
+
+Writers are subprocesses running `tests/crash_writer.py` (a fresh interpreter each, as
+separate ranks of a dump would be); the protocol lines they print (READY, COMMITTED n, DONE)
+let the test synchronise with them without sleeping.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from store_helpers import (assert_same_content, content_differences, content_of, make_samples,
+                           make_settings, sample_content, settings_json)
+
+from logitstore.commit import commit_store
+from logitstore.errors import ManifestMissingError
+from logitstore.fs import StoreFS
+from logitstore.reader import StoreReader
+from logitstore.verify import verify_store
+from logitstore.writer import StoreWriter
+
+N = 30
+SEED = 8
+SETTINGS = make_settings(segment_tokens=64)
+WRITER_SCRIPT = Path(__file__).with_name("crash_writer.py")
+TIMEOUT = 120  # seconds; only reached if a writer hangs
+
+
+class Writer:
+    """A writer subprocess speaking crash_writer's line protocol."""
+
+    def __init__(self, store: Path, *extra: str):
+        self.proc = subprocess.Popen(
+            [sys.executable, str(WRITER_SCRIPT), str(store), "--n", str(N), "--seed", str(SEED),
+             "--settings", settings_json(SETTINGS), *extra],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+
+    def expect(self, prefix: str) -> str:
+        line = self.proc.stdout.readline().rstrip("\n")
+        self.lines.append(line)
+        assert line.startswith(prefix), f"expected {prefix!r} from the writer, got {line!r}"
+        return line
+
+    def go(self) -> None:
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+
+    def finish(self) -> list[str]:
+        out, _ = self.proc.communicate(timeout=TIMEOUT)
+        self.lines += out.splitlines()
+        assert self.proc.returncode == 0, self.lines
+        assert self.lines[-1].startswith("DONE"), self.lines
+        return self.lines
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            stream.close()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The same samples written by one writer in this process (one part)."""
+    path = tmp_path_factory.mktemp("concurrency") / "single"
+    with StoreWriter(str(path), SETTINGS) as writer:
+        writer.add_many(make_samples(N, SEED, SETTINGS))
+    reader = StoreReader(str(path))
+    assert verify_store(str(path)) == [] and len(reader) == N
+    return reader, content_of(reader)
+
+
+def test_two_processes_write_two_parts_at_once(reference, tmp_path):
+    ref_reader, ref_content = reference
+    store = tmp_path / "store"
+    ids = [s.sample_id for s in make_samples(N, SEED, SETTINGS)]
+    writers = [Writer(store, "--part", "rank-0", "--select", "even", "--no-commit", "--wait-go"),
+               Writer(store, "--part", "rank-1", "--select", "odd", "--no-commit", "--wait-go")]
+    try:
+        for w in writers:
+            w.expect("READY committed=0")
+        for w in writers:  # both are open and ready: release them together
+            w.go()
+        for w in writers:
+            assert w.finish()[-1].startswith(f"DONE committed={N // 2} ")
+    finally:
+        for w in writers:
+            w.kill()
+
+    # commit_store=False: nothing is visible until the store is committed
+    with pytest.raises(ManifestMissingError):
+        StoreReader(str(store))
+    manifest = commit_store(str(store))
+    assert manifest["counts"]["parts"] == 2 and manifest["counts"]["samples"] == N
+    assert all(part["complete"] for part in manifest["parts"])
+    assert verify_store(str(store)) == []
+
+    reader = StoreReader(str(store))
+    assert sorted(reader.sample_ids) == sorted(ids)
+    parts = reader.index.column("part").to_pylist()
+    by_part = {p: [sid for sid, q in zip(reader.sample_ids, parts) if q == p] for p in set(parts)}
+    assert by_part == {"rank-0": ids[0::2], "rank-1": ids[1::2]}  # each in its write order
+    # same content as one writer of the same samples, compared by id; same fingerprint
+    assert_same_content(reader, ref_reader)
+    assert manifest["dataset_fingerprint"] == ref_reader.manifest["dataset_fingerprint"]
+    for sid in (ids[0], ids[1], ids[-1]):  # random access across both parts
+        assert not content_differences({sid: sample_content(reader.sample(sid))},
+                                       {sid: ref_content[sid]})
+
+
+def check_visible(reader: StoreReader, ids: list[str], ref_content: dict) -> int:
+    """Everything a reader lists is a committed prefix of the write order and reads back
+    exactly as written; returns how many samples it lists."""
+    n = len(reader)
+    assert reader.sample_ids == ids[:n]
+    assert reader.manifest["counts"]["samples"] == n
+    problems = content_differences(content_of(reader), {i: ref_content[i] for i in ids[:n]})
+    assert not problems, problems
+    return n
+
+
+def test_reader_beside_a_running_writer_sees_only_committed_data(reference, tmp_path):
+    ref_reader, ref_content = reference
+    ids = [s.sample_id for s in make_samples(N, SEED, SETTINGS)]
+    store = tmp_path / "store"
+    store.mkdir()
+    # commits after every segment; pauses after each of its first 2 commits until told to go
+    # on, then writes the rest slowly (20 ms per sample) while this test keeps reading
+    writer = Writer(store, "--lockstep", "2", "--sleep", "0.02")
+    try:
+        writer.expect("READY committed=0")
+        with pytest.raises(ManifestMissingError):
+            StoreReader(str(store))
+        paused = []
+        for _ in range(2):
+            committed = int(writer.expect("COMMITTED ").split()[1])
+            # the writer is paused right after this commit: a reader sees exactly that
+            reader = StoreReader(str(store))
+            assert check_visible(reader, ids, ref_content) == committed
+            assert verify_store(str(store)) == []
+            paused.append(reader)
+            writer.go()
+        assert 0 < len(paused[0]) < len(paused[1]) < N
+
+        # Free run until the writer ends: open readers in bursts of 10 (each open races the
+        # writer's commits). Every reader's index rows are exactly the committed prefix
+        # (cheap: checked for all its samples); the samples that became visible since the
+        # previous check, and the last one, are decoded and compared.
+        counts = [len(paused[1])]
+        checked = counts[-1]
+        ref_rows = ref_reader.index.select(["sample_id", "length", "digest"]).to_pylist()
+        while writer.proc.poll() is None:
+            for _ in range(10):
+                reader = StoreReader(str(store))
+                n = len(reader)
+                assert n >= counts[-1], f"the committed count went back: {counts + [n]}"
+                assert reader.manifest["counts"]["samples"] == n
+                assert reader.index.select(["sample_id", "length", "digest"]).to_pylist() == \
+                    ref_rows[:n]
+                counts.append(n)
+            fresh = ids[checked:n] or ids[n - 1:n]
+            got = {sid: sample_content(reader.sample(sid)) for sid in fresh}
+            problems = content_differences(got, {sid: ref_content[sid] for sid in fresh})
+            assert not problems, problems
+            checked = n
+        writer.finish()
+    finally:
+        writer.kill()
+
+    final = StoreReader(str(store))
+    assert len(final) == N and final.sample_ids == ids
+    assert verify_store(str(store)) == []
+    assert_same_content(final, ref_reader)
+    # readers opened earlier still read their (immutable) committed samples after later
+    # commits replaced the manifest and its index
+    for old in paused:
+        assert check_visible(old, ids, ref_content) == len(old)
+    print(f"{len(counts) - 1} readers opened while writing; counts seen: {sorted(set(counts))}")
+
+
+def test_commit_between_a_readers_manifest_and_index_reads(reference, tmp_path, monkeypatch):
+    """The race a reader beside a running writer can lose, made deterministic: a commit lands
+    after the reader has read the manifest and before it reads the index that manifest
+    names (which the commit deletes). The reader must open the newer committed state."""
+    _, ref_content = reference
+    samples = make_samples(N, SEED, SETTINGS)
+    ids = [s.sample_id for s in samples]
+    store = tmp_path / "store"
+    writer = StoreWriter(str(store), SETTINGS)  # commits the store after every segment
+    pending = iter(samples)
+
+    def write_one_segment() -> None:
+        before = writer.committed_count
+        while writer.committed_count == before:
+            writer.add(next(pending))
+
+    write_one_segment()
+    first_index = StoreReader(str(store)).manifest["index"]["path"]
+    real_read = StoreFS.read_bytes
+    fired = []
+
+    def read_bytes(fs, rel):
+        if rel == first_index and not fired:  # the reader is about to read its index
+            fired.append(rel)
+            write_one_segment()  # commit: new manifest, then the old index is deleted
+            assert not (store / first_index).exists()
+        return real_read(fs, rel)
+
+    monkeypatch.setattr(StoreFS, "read_bytes", read_bytes)
+    reader = StoreReader(str(store))
+    monkeypatch.undo()
+    assert fired
+    assert reader.manifest["index"]["path"] != first_index
+    assert check_visible(reader, ids, ref_content) == writer.committed_count
+    writer.abort()

@@ -1,0 +1,448 @@
+"""Crash safety: a writer process killed with SIGKILL at any moment leaves the last committed
+state readable and verifiable; reopening the part resumes, and the finished store holds
+exactly what an uninterrupted write holds.
+
+The writer runs in a child process (`tests/crash_writer.py`). Most children are forked from a
+multiprocessing forkserver that has already imported logitstore, so a trial costs a fork
+instead of a fresh interpreter; one test uses a plain `python tests/crash_writer.py`.
+
+Kills come two ways:
+- at a chosen file operation of the writer (it SIGKILLs itself before, halfway through, or
+  right after a write or delete), picked from the log of an uninterrupted run so that every
+  phase of the protocol is hit: mid segment file, between a segment's files and the part
+  manifest, mid part manifest, between part manifest and store index, between store index
+  and store manifest, mid store manifest, before the old index is deleted, in close();
+- by the test (SIGKILL) at seeded random moments: a random number of segment commits into
+  the run, plus a random part of a segment's write time, landing wherever the writer is.
+After every kill the committed state is checked, and the store is finished by reopening
+the part in this process and writing the samples after `committed_count`.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import crash_writer
+from store_helpers import (content_differences, content_of, make_samples,
+                           make_settings, sample_content, settings_json, store_files)
+
+from logitstore.commit import commit_store, dataset_fingerprint
+from logitstore.errors import LogitStoreError, ManifestMissingError
+from logitstore.format import MANIFEST, TMP_MARK
+from logitstore.reader import StoreReader
+from logitstore.verify import verify_store
+from logitstore.writer import StoreWriter
+
+N = 16  # samples (~330 tokens)
+SEED = 5
+SETTINGS = make_settings(segment_tokens=64)  # -> 5 segments of ~26 files each
+PART = "part-00000"
+PART_MANIFEST = f"parts/{PART}/manifest.json"
+WRITER_SCRIPT = Path(__file__).with_name("crash_writer.py")
+PRELOAD = ["numpy", "pandas", "pyarrow", "pyarrow.parquet", "zarr", "logitstore.writer",
+           "logitstore.reader", "logitstore.synthetic", "logitstore.verify"]  # missing: skipped
+TIMEOUT = 120  # seconds a child may take before the test gives up on it (never reached)
+
+
+# -- running the writer child ---------------------------------------------------------------
+
+@dataclass
+class Run:
+    lines: list[str] = field(default_factory=list)
+    exitcode: int | None = None
+
+    @property
+    def done(self) -> bool:
+        return any(line.startswith("DONE") for line in self.lines)
+
+    @property
+    def killed(self) -> bool:
+        return self.exitcode == -9
+
+    def kill_line(self) -> str | None:
+        return next((line for line in self.lines if line.startswith("KILL ")), None)
+
+
+def writer_argv(store: Path, *extra: str) -> list[str]:
+    return [str(store), "--n", str(N), "--seed", str(SEED), "--settings",
+            settings_json(SETTINGS), "--part", PART, *extra]
+
+
+@pytest.fixture(scope="module")
+def mp():
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)  # no effect if this process's forkserver already runs
+    return ctx
+
+
+def run_forked(mp, argv: list[str], kill_after: float | None = None,
+               after_commits: int = 0) -> Run:
+    """Run the writer in a forked child. With kill_after, SIGKILL it that many seconds after
+    its `after_commits`-th segment commit (0: after READY); it may finish first. Otherwise
+    let it finish or kill itself. Returns its protocol lines and exit code."""
+    parent, child = mp.Pipe()
+    proc = mp.Process(target=crash_writer.forked, args=(argv, child), daemon=True)
+    proc.start()
+    child.close()
+    run = Run()
+
+    def receive(timeout: float) -> bool:
+        """One message within timeout; False on timeout or once the child has gone."""
+        try:
+            if not parent.poll(max(timeout, 0)):
+                return False
+            run.lines.append(parent.recv())
+            return True
+        except (EOFError, OSError):
+            return False
+
+    def commits() -> int:
+        return sum(line.startswith("COMMITTED") for line in run.lines)
+
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not any(line.startswith("READY") for line in run.lines):
+            if not receive(deadline - time.monotonic()):
+                break
+        if kill_after is not None:
+            while commits() < after_commits and not run.done:
+                if not receive(deadline - time.monotonic()):
+                    break
+            kill_at = time.monotonic() + kill_after
+            while (left := kill_at - time.monotonic()) > 0 and receive(left):
+                pass
+            proc.kill()
+        else:
+            while receive(deadline - time.monotonic()):
+                pass
+        proc.join(TIMEOUT)
+        while receive(0):
+            pass
+    finally:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+        parent.close()
+    run.exitcode = proc.exitcode
+    assert not any(line.startswith("ERROR") for line in run.lines), run.lines
+    assert run.done or run.killed, f"writer neither finished nor was killed: {run}"
+    return run
+
+
+# -- the reference: one uninterrupted write --------------------------------------------------
+
+@dataclass
+class Reference:
+    path: Path
+    reader: StoreReader
+    ids: list[str]
+    content: dict
+    digests: dict[str, str]
+    ops: list[tuple[int, str, str]]  # (number, write|delete, relative path)
+    seconds: float  # time the uninterrupted child spent writing
+    commits: int  # segment commits it reported from add() (close() commits the last one)
+
+
+@pytest.fixture(scope="module")
+def reference(mp, tmp_path_factory) -> Reference:
+    path = tmp_path_factory.mktemp("crash") / "reference"
+    run = run_forked(mp, writer_argv(path, "--log-ops"))
+    assert run.done and run.exitcode == 0
+    ops = []
+    for line in run.lines:
+        if line.startswith("OP "):
+            _, n, kind, rel = line.split(" ", 3)
+            ops.append((int(n), kind, rel))
+    done = next(line for line in run.lines if line.startswith("DONE")).split()
+    seconds = float(done[-1].split("=")[1])
+    assert verify_store(str(path)) == []
+    reader = StoreReader(str(path))
+    ids = [s.sample_id for s in make_samples(N, SEED, SETTINGS)]
+    assert reader.sample_ids == ids
+    assert len(reader.segments) >= 4, "segments too large for the kills to land in many phases"
+    digests = dict(zip(reader.sample_ids, reader.index.column("digest").to_pylist()))
+    commits = sum(line.startswith("COMMITTED") for line in run.lines)
+    return Reference(path, reader, ids, content_of(reader), digests, ops, seconds, commits)
+
+
+# -- checks -----------------------------------------------------------------------------------
+
+def check_committed(store: Path, ref: Reference, at_least: int = 0) -> int:
+    """The state a kill left: readable and clean up to the last commit; returns its samples."""
+    if not (store / MANIFEST).exists():
+        assert at_least == 0, "a committed store lost its manifest"
+        with pytest.raises(ManifestMissingError):
+            StoreReader(str(store))
+        problems = verify_store(str(store))
+        assert len(problems) == 1 and "missing" in problems[0], problems
+        return 0
+    reader = StoreReader(str(store))
+    assert verify_store(str(store)) == [], "uncommitted leftovers must be ignored by verify"
+    n = len(reader)
+    assert at_least <= n <= N, f"committed samples went from {at_least} to {n}"
+    assert reader.sample_ids == ref.ids[:n], "a committed state is a prefix of the write order"
+    assert reader.manifest["counts"]["samples"] == n
+    assert reader.manifest["dataset_fingerprint"] == dataset_fingerprint(
+        reader.sample_ids, [ref.digests[i] for i in reader.sample_ids])
+    assert_reference_content(reader, ref)
+    return n
+
+
+def assert_reference_content(reader: StoreReader, ref: Reference) -> None:
+    """Every sample the reader lists holds exactly what the uninterrupted write holds.
+
+    The caller has run verify_store, which checks every file the manifest lists against
+    its recorded sha256. So when those records equal the reference's (same paths, same
+    bytes) and so do the rows of the sample index, the decoded content is the reference's
+    too, and only the first and the last sample are decoded (random access) as a spot
+    check; otherwise (a layout the reference does not share) every sample is decoded and
+    compared.
+    """
+    ref_files = ref.reader.manifest["files"]
+    same_files = all(ref_files.get(rel) == meta for rel, meta in reader.manifest["files"].items())
+    same_rows = reader.index.to_pylist() == ref.reader.index.slice(0, len(reader)).to_pylist()
+    if not (same_files and same_rows):
+        problems = content_differences(content_of(reader),
+                                       {i: ref.content[i] for i in reader.sample_ids})
+        assert not problems, problems
+    for sid in {reader.sample_ids[0], reader.sample_ids[-1]}:
+        assert not content_differences({sid: sample_content(reader.sample(sid))},
+                                       {sid: ref.content[sid]})
+
+
+def finish(store: Path, visible: int) -> str:
+    """Resume the part in this process and write the rest; returns how it resumed."""
+    samples = make_samples(N, SEED, SETTINGS)
+    try:
+        writer = StoreWriter(str(store), SETTINGS, part=PART)
+    except LogitStoreError as err:
+        # The kill hit close() after the part was marked complete but before (or while) the
+        # store was committed: a complete part is never appended to (FORMAT.md section 7),
+        # so finishing means committing, as `logitstore commit` does.
+        assert "is complete" in str(err), err
+        commit_store(str(store))
+        return "complete part: commit_store"
+    done = writer.committed_count
+    assert visible <= done <= N, (visible, done)
+    assert writer.committed_ids == {s.sample_id for s in samples[:done]}
+    for sample in samples[done:]:
+        writer.add(sample)
+    writer.close()
+    return f"resumed after {done}"
+
+
+def check_final(store: Path, ref: Reference) -> None:
+    assert verify_store(str(store)) == []
+    reader = StoreReader(str(store))
+    assert reader.sample_ids == ref.ids
+    assert_reference_content(reader, ref)
+    assert reader.manifest["dataset_fingerprint"] == ref.reader.manifest["dataset_fingerprint"]
+    counts, ref_counts = reader.manifest["counts"], ref.reader.manifest["counts"]
+    assert counts == ref_counts
+    # a resumed writer continues at the segment boundary it committed: same segmentation
+    assert [s.samples for s in reader.segments] == [s.samples for s in ref.reader.segments]
+    assert all(p["complete"] for p in reader.manifest["parts"])
+    # nothing uncommitted is left inside the part once it has been reopened
+    files = store_files(store)
+    listed = set(reader.manifest["files"]) | {PART_MANIFEST, MANIFEST,
+                                             reader.manifest["index"]["path"]}
+    assert {f for f in files if f.startswith("parts/")} <= listed, \
+        sorted({f for f in files if f.startswith("parts/")} - listed)[:5]
+    # outside parts/ a crash may leave only temp files and unreferenced index files
+    for extra in files - listed:
+        name = extra.rsplit("/", 1)[-1]
+        assert TMP_MARK in name or extra.startswith("index/"), extra
+
+
+def part_manifest(store: Path) -> dict:
+    path = store / PART_MANIFEST
+    return json.loads(path.read_text()) if path.exists() else {"complete": False, "segments": []}
+
+
+def part_is_complete(store: Path) -> bool:
+    return part_manifest(store)["complete"]
+
+
+def part_segments(store: Path) -> list[str]:
+    """Segments the part manifest lists (committed in the part; maybe not yet in the store)."""
+    return [s["name"] for s in part_manifest(store)["segments"]]
+
+
+def uncommitted_segments(store: Path) -> list[str]:
+    """Segment directories of the part that its manifest does not list."""
+    listed = set(part_segments(store))
+    return sorted(n for n in os.listdir(store / "parts" / PART)
+                  if n.startswith("seg-") and n not in listed)
+
+
+def fresh_store(tmp_path: Path, name: str) -> Path:
+    store = tmp_path / name
+    store.mkdir()  # exists, so a never-committed store reads as ManifestMissingError
+    return store
+
+
+# -- kills at chosen file operations -------------------------------------------------------
+
+def kill_points(ops: list[tuple[int, str, str]], full: bool = False
+                ) -> list[tuple[str, int, str]]:
+    """(what it tests, operation number, phase) covering every step of the protocol."""
+    seg_files = [(n, rel) for n, kind, rel in ops if kind == "write" and "/seg-" in rel]
+    seg_index = [n for n, rel in seg_files if rel.endswith("/index.parquet")]
+    part = [n for n, kind, rel in ops if kind == "write" and rel == PART_MANIFEST]
+    index = [n for n, kind, rel in ops if kind == "write" and rel.startswith("index/")]
+    store = [n for n, kind, rel in ops if kind == "write" and rel == MANIFEST]
+    deletes = [n for n, kind, rel in ops if kind == "delete"]
+    in_seg1 = [n for n, rel in seg_files if "/seg-000001/" in rel]
+    assert len(part) >= 4 and len(index) >= 3 and len(store) >= 4 and deletes
+    points = [
+        ("before the first file", 0, "before"),
+        ("first part manifest written, store never committed", part[0], "after"),
+        ("halfway through a shard file of segment 1", in_seg1[len(in_seg1) // 2], "partial"),
+        ("segment files written, part manifest not", seg_index[1], "after"),
+        ("halfway through a part manifest", part[2], "partial"),
+        ("between part manifest and store commit", part[2], "after"),
+        ("between store index and store manifest", index[1], "after"),
+        ("halfway through the store manifest", store[1], "partial"),
+        ("store manifest written, old index not deleted", store[2], "after"),
+        ("close(): part marked complete, store not committed", part[-1], "after"),
+    ]
+    if full:
+        points += [
+            ("halfway through the first segment's 3rd file", seg_files[2][0], "partial"),
+            ("right after deleting the old index", deletes[-1], "after"),
+            ("close(): halfway through the final store manifest", store[-1], "partial"),
+        ]
+    return points
+
+
+# trials whose kill leaves an uncommitted segment directory: kill the resuming writer too,
+# halfway through deleting it (its first file operation)
+KILL_THE_CLEANUP_TOO = {"halfway through a shard file of segment 1"}
+KILL_THE_CLEANUP_TOO_FULL = KILL_THE_CLEANUP_TOO | {"segment files written, part manifest not"}
+
+
+def kill_at_protocol_steps(mp, ref: Reference, tmp_path: Path, full: bool) -> None:
+    ops = {n: (kind, rel) for n, kind, rel in ref.ops}
+    points = kill_points(ref.ops, full)
+    outcomes = []
+    for number, (what, op, phase) in enumerate(points):
+        store = fresh_store(tmp_path, f"t{number:02d}")
+        run = run_forked(mp, writer_argv(store, "--kill-op", str(op), "--kill-phase", phase))
+        kind, rel = ops[op]
+        assert run.killed and run.kill_line() == f"KILL {op} {kind} {phase} {rel}", \
+            (what, run.lines[-3:])
+        visible = check_committed(store, ref)
+        if what in (KILL_THE_CLEANUP_TOO_FULL if full else KILL_THE_CLEANUP_TOO):
+            assert uncommitted_segments(store), "expected a leftover segment directory"
+            again = run_forked(mp, writer_argv(store, "--kill-op", "0", "--kill-phase",
+                                               "partial"))
+            assert again.killed and again.kill_line().startswith("KILL 0 delete partial parts/")
+            visible = check_committed(store, ref, at_least=visible)
+        how = finish(store, visible)
+        check_final(store, ref)
+        outcomes.append((what, visible, how))
+    # the close() window is the one place where the part cannot simply be reopened
+    assert [what for what, _, how in outcomes if how.startswith("complete")] == \
+        [what for what, _, _ in points if what.startswith("close()")]
+    print("\n".join(f"{what:55s} visible={n:3d}  {how}" for what, n, how in outcomes))
+
+
+def test_kill_at_every_protocol_step(mp, reference, tmp_path):
+    """SIGKILL (self-inflicted at a chosen file operation) in every phase of the protocol."""
+    kill_at_protocol_steps(mp, reference, tmp_path, full=False)
+
+
+@pytest.mark.slow
+def test_kill_at_every_protocol_step_full(mp, reference, tmp_path):
+    kill_at_protocol_steps(mp, reference, tmp_path, full=True)
+
+
+@pytest.mark.slow
+def test_kill_at_many_file_operations(mp, reference, tmp_path):
+    """Every 5th file operation (and the last), each in a random one of the three phases."""
+    rng = np.random.default_rng(7)
+    for op in sorted({n for n, _, _ in reference.ops[::5]} | {reference.ops[-1][0]}):
+        phase = ["before", "partial", "after"][int(rng.integers(3))]
+        store = fresh_store(tmp_path, f"op{op:04d}")
+        run = run_forked(mp, writer_argv(store, "--kill-op", str(op), "--kill-phase", phase))
+        assert run.killed
+        visible = check_committed(store, reference)
+        finish(store, visible)
+        check_final(store, reference)
+
+
+# -- kills after random delays -----------------------------------------------------------
+
+def random_kill_trials(mp, ref: Reference, tmp_path: Path, seed: int, kills: int) -> list[str]:
+    """`kills` writer runs, each SIGKILLed after a seeded random delay, in chains of 1-2 runs
+    on one store (the second resumes what the first left); check after each; finish."""
+    rng = np.random.default_rng(seed)
+    report, trial = [], 0
+    while len(report) < kills:
+        store = fresh_store(tmp_path, f"r{trial:03d}")
+        visible = 0
+        for _ in range(1 + trial % 2):  # every other trial also kills the resumed writer
+            if part_is_complete(store) or len(report) == kills:
+                break  # finished (or killed inside close()): a complete part is not reopened
+            # Anchor the kill on a segment commit picked at random among those still to come
+            # (so kills spread over the whole run whatever the machine's speed), then wait a
+            # random part of a segment's write time (+30%: sometimes into the next one).
+            after = int(rng.integers(0, max(ref.commits - len(part_segments(store)), 0) + 1))
+            delay = float(rng.uniform(0, 1.3 * ref.seconds / (ref.commits + 1)))
+            run = run_forked(mp, writer_argv(store), kill_after=delay, after_commits=after)
+            visible = check_committed(store, ref, at_least=visible)
+            report.append(f"trial {trial} kill {delay:4.2f}s after commit {after}: "
+                          f"{'killed' if run.killed else 'finished first'}, {visible} visible")
+        report[-1] += "; " + finish(store, visible)
+        check_final(store, ref)
+        trial += 1
+    return report
+
+
+def test_sigkill_at_random_moments(mp, reference, tmp_path):
+    report = random_kill_trials(mp, reference, tmp_path, seed=20240611, kills=10)
+    assert len(report) == 10
+    print("\n".join(report))
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_many(mp, reference, tmp_path):
+    report = random_kill_trials(mp, reference, tmp_path, seed=99, kills=60)
+    print("\n".join(report))
+
+
+def test_sigkill_of_a_fresh_interpreter(reference, tmp_path):
+    """The same through a plain `python tests/crash_writer.py` subprocess (no forkserver)."""
+    rng = np.random.default_rng(3)
+    store = fresh_store(tmp_path, "exec")
+    visible = 0
+    for _ in range(2):
+        proc = subprocess.Popen([sys.executable, str(WRITER_SCRIPT), *writer_argv(store)],
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            ready = proc.stdout.readline()
+            assert ready.startswith("READY committed="), ready
+            assert int(ready.split("=")[1]) >= visible
+            try:
+                proc.wait(timeout=float(rng.uniform(0.1, 0.9)) * reference.seconds)
+            except subprocess.TimeoutExpired:
+                proc.kill()  # SIGKILL
+        finally:
+            proc.kill()
+            proc.wait()
+            proc.stdout.close()
+        visible = check_committed(store, reference, at_least=visible)
+    finish(store, visible)
+    check_final(store, reference)
+    problems = content_differences(content_of(StoreReader(str(store))), reference.content)
+    assert not problems, problems  # decoded in full, whatever the layout

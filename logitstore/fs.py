@@ -20,7 +20,7 @@ from fsspec.implementations.local import LocalFileSystem
 from zarr.abc.store import SuffixByteRequest
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
-from logitstore.format import TMP_MARK
+from logitstore.format import MANIFEST, TMP_MARK
 
 
 def sha256_hex(data: bytes) -> str:
@@ -35,7 +35,9 @@ class StoreFS:
         self.url = str(url)
         self.storage_options = dict(storage_options or {})
         fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
-        if cache_dir is not None and not isinstance(fs, LocalFileSystem):
+        self.cached = cache_dir is not None and not isinstance(fs, LocalFileSystem)
+        self._uncached = fs  # manifest.json is replaced by every commit: never read it cached
+        if self.cached:
             # Whole-file cache: shards are immutable once committed, so cached copies stay valid.
             fs = fsspec.filesystem("filecache", fs=fs, cache_storage=str(cache_dir),
                                    check_files=False, same_names=False)
@@ -51,7 +53,8 @@ class StoreFS:
         return self.fs.exists(self.path(rel))
 
     def read_bytes(self, rel: str) -> bytes:
-        return self.fs.cat_file(self.path(rel))
+        fs = self._uncached if rel == MANIFEST else self.fs
+        return fs.cat_file(self.path(rel))
 
     def size(self, rel: str) -> int:
         return int(self.fs.size(self.path(rel)))
@@ -101,13 +104,14 @@ class StoreFS:
             if self.is_local:
                 inner = LocalStore(self.root, read_only=True)
             else:
-                if getattr(self.fs, "async_impl", False):
+                # (a caching wrapper reports its target's async_impl, but is itself sync)
+                if getattr(self.fs, "async_impl", False) and not self.cached:
                     # zarr drives its own event loop: give it an instance made for that.
                     afs = type(self.fs)(asynchronous=True, **self.fs.storage_options)
                 else:
                     afs = AsyncFileSystemWrapper(self.fs, asynchronous=True)
                 inner = FsspecStore(afs, path=self.root, read_only=True)
-            self._zarr = ShardIndexCache(inner)
+            self._zarr = ShardIndexCache(inner, whole_files=self.cached)
         return self._zarr
 
 
@@ -116,9 +120,10 @@ class ShardIndexCache(WrapperStore):
 
     max_entries = 4096
 
-    def __init__(self, store):
+    def __init__(self, store, whole_files: bool = False):
         super().__init__(store)
         self._cache: OrderedDict[tuple[str, int], Any] = OrderedDict()
+        self._whole_files = whole_files
 
     async def get(self, key, prototype, byte_range=None):
         if not isinstance(byte_range, SuffixByteRequest):
@@ -127,7 +132,14 @@ class ShardIndexCache(WrapperStore):
         if slot in self._cache:
             self._cache.move_to_end(slot)
             return self._cache[slot]
-        value = await self._store.get(key, prototype, byte_range)
+        if self._whole_files:
+            # fsspec's whole-file cache serves plain local files, which cannot answer suffix
+            # ranges (no .size): read the (now locally cached) file whole and keep its tail.
+            value = await self._store.get(key, prototype, None)
+            if value is not None:
+                value = value[max(len(value) - byte_range.suffix, 0):]
+        else:
+            value = await self._store.get(key, prototype, byte_range)
         if value is not None:
             self._cache[slot] = value
             if len(self._cache) > self.max_entries:

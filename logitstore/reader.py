@@ -52,10 +52,19 @@ class StoreReader:
             raise ManifestMissingError(
                 f"{url} has no {MANIFEST}: the dump is still running or stopped before its first "
                 f"commit. Wait for it, or rerun the same teacher-dump command to resume it")
-        self.manifest: dict[str, Any] = load_json(self.fs, MANIFEST)
-        check_format_version(self.manifest.get("format_version"), self.fs.path(MANIFEST))
+        for attempt in range(100):
+            self.manifest: dict[str, Any] = load_json(self.fs, MANIFEST)
+            check_format_version(self.manifest.get("format_version"), self.fs.path(MANIFEST))
+            try:
+                self.index: pa.Table = self._load_index()
+                break
+            except FileNotFoundError:
+                # A running writer committed between our two reads: it replaced the manifest,
+                # then deleted the index the old one named. Read the new manifest; raise only
+                # when the index of the current manifest is missing.
+                if attempt == 99 or load_json(self.fs, MANIFEST)["index"] == self.manifest["index"]:
+                    raise
         self.settings = StoreSettings.from_json(self.manifest["settings"])
-        self.index: pa.Table = self._load_index()
         self.sample_ids: list[str] = self.index.column("sample_id").to_pylist()
         self._row_of = {sid: i for i, sid in enumerate(self.sample_ids)}
         self._seg_of_row = np.zeros(len(self.sample_ids), dtype=np.int64)

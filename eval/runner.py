@@ -1,0 +1,312 @@
+"""One distill-eval run: every role (teacher, student, baseline) through every measurement.
+
+Order, chosen so that problems surface before hours of work:
+1. check the options: models resolve, task names/files parse, data files exist;
+2. decide the network mode and load every task's data once (unavailable hub tasks are
+   skipped with the reason);
+3. per role, one model in memory at a time: load it under the memory meter, benchmark
+   its speed (peak memory = load + benchmark, comparable between roles), run the tasks,
+   then perplexity; free it;
+4. build the report and write report.json / report.md / report.png / config.yaml.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from logitstore.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalConfig:
+    model: str  # the student
+    out: str
+    teacher: str | None = None
+    baseline: str | None = None
+    tasks: str = "medical"
+    quantize: str = "auto"  # all roles; per-role values below override
+    teacher_quantize: str | None = None
+    student_quantize: str | None = None
+    baseline_quantize: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    limit: float | None = None
+    num_fewshot: int | None = None
+    batch_size: int = 8
+    max_new_tokens: int = 64
+    apply_chat_template: bool = False
+    ppl_data: str | None = None
+    ppl_store: str | None = None
+    ppl_split: str = "auto"
+    ppl_max_length: int = 512
+    ppl_limit: int | None = None
+    efficiency: bool = True
+    efficiency_prompts: str | None = None  # JSONL with `prompt`; default: shipped medgen_mini
+    efficiency_samples: int = 8
+    efficiency_repeats: int = 3
+    warmup: int = 1
+    efficiency_new_tokens: int = 32
+    network: str = "auto"
+    task_timeout: float = 300.0
+    trust_remote_code: bool = False
+    progress: bool = True
+
+    def roles(self) -> dict[str, str]:
+        named = {"teacher": self.teacher, "student": self.model, "baseline": self.baseline}
+        return {role: name for role, name in named.items() if name}
+
+    def quantize_for(self, role: str) -> str | None:
+        value = getattr(self, f"{role}_quantize") or self.quantize
+        return None if value == "auto" else value
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def check_config(cfg: EvalConfig) -> list:
+    """TaskRequests of cfg.tasks; ConfigError/ModelLoadError for what is wrong, before any
+    heavy import or model load."""
+    from eval.tasks import resolve_tasks
+    from logitstore.hf import resolve_model
+
+    problems = []
+    for name, value, low in (("--batch-size", cfg.batch_size, 1),
+                             ("--max-new-tokens", cfg.max_new_tokens, 1),
+                             ("--ppl-max-length", cfg.ppl_max_length, 2),
+                             ("--efficiency-samples", cfg.efficiency_samples, 1),
+                             ("--efficiency-repeats", cfg.efficiency_repeats, 1),
+                             ("--efficiency-new-tokens", cfg.efficiency_new_tokens, 1),
+                             ("--warmup", cfg.warmup, 0)):
+        if value < low:
+            problems.append(f"{name} must be >= {low}, got {value}")
+    if cfg.limit is not None and cfg.limit <= 0:
+        problems.append(f"--limit must be > 0, got {cfg.limit:g}")
+    if cfg.num_fewshot is not None and cfg.num_fewshot < 0:
+        problems.append(f"--num-fewshot must be >= 0, got {cfg.num_fewshot}")
+    for flag, path in (("--ppl-data", cfg.ppl_data),
+                       ("--efficiency-prompts", cfg.efficiency_prompts)):
+        if path and not Path(path).is_file():
+            problems.append(f"{flag} {path} does not exist")
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        problems.append(f"--out {out} exists and is not a directory")
+    try:
+        requests = resolve_tasks(cfg.tasks)
+    except ConfigError as exc:
+        problems += exc.problems
+        requests = []
+    if problems:
+        raise ConfigError(problems)
+    for name in cfg.roles().values():
+        resolve_model(name)  # ModelLoadError names the alias file and the options
+    if cfg.ppl_store:
+        _check_store(cfg.ppl_store, cfg.ppl_split)
+    return requests
+
+
+def _check_store(url: str, split: str) -> None:
+    """The store opens and has the split (StoreNotFoundError, ConfigError... otherwise)."""
+    from eval.perplexity import pick_split
+    from logitstore.reader import StoreReader
+
+    reader = StoreReader(url)
+    pick_split(reader.index.column("split").to_pylist(), split)
+
+
+def _efficiency_prompts(cfg: EvalConfig) -> list[str]:
+    import json
+
+    from eval.tasks import SHIPPED_DIR
+
+    path = Path(cfg.efficiency_prompts) if cfg.efficiency_prompts else \
+        SHIPPED_DIR / "medgen_mini.jsonl"
+    prompts = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line) if line.strip() else None
+        if isinstance(record, dict) and isinstance(record.get("prompt"), str):
+            prompts.append(f"Question: {record['prompt']}\nAnswer:")
+    if not prompts:
+        raise ConfigError([f"--efficiency-prompts {path}: no record with a `prompt` string"])
+    return prompts[:cfg.efficiency_samples]
+
+
+def _device(device: str) -> str:
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+@dataclass
+class RoleRun:
+    info: dict[str, Any]  # LoadedModel fields + memory method
+    results: dict[str, dict[str, Any]]  # task -> metric -> value
+    stderr: dict[str, dict[str, float]]
+    samples: dict[str, int]  # task -> documents evaluated
+    skipped: list[dict[str, Any]]
+
+
+def run(cfg: EvalConfig) -> tuple[dict[str, Any], dict[str, Path]]:
+    """(report, written paths). Raises LogitStoreError subclasses for user errors."""
+    requests = check_config(cfg)
+    from eval.report import build_report, write_report
+    from eval.tasks import load_tasks, network
+
+    prompts = _efficiency_prompts(cfg) if cfg.efficiency else []
+    texts = None
+    if cfg.ppl_data:
+        from eval.perplexity import read_texts
+
+        texts = read_texts(cfg.ppl_data)
+    runs: dict[str, RoleRun] = {}
+    if cfg.efficiency:
+        from eval.efficiency import prime_runtime
+
+        prime_runtime()
+    with network(cfg.network) as net:
+        log.info("network: %s (%s)", "offline" if net.offline else "online", net.reason)
+        loaded, manager = load_tasks(requests, net=net, timeout_s=cfg.task_timeout)
+        for role, name in cfg.roles().items():
+            log.info("[%s] %s", role, name)
+            runs[role] = _run_role(cfg, role, name, loaded, manager, prompts, texts)
+    for task, entry in loaded.info.items():
+        if entry["status"] == "ok":
+            entry["samples"] = {role: run.samples.get(task) for role, run in runs.items()}
+    skipped = [{"task": t, "role": None, "reason": r} for t, r in loaded.skipped.items()]
+    skipped += [skip for run in runs.values() for skip in run.skipped]
+    report = build_report(
+        results={role: run.results for role, run in runs.items()},
+        stderr={role: run.stderr for role, run in runs.items()},
+        models={role: run.info for role, run in runs.items()},
+        tasks=loaded.info, skipped=skipped,
+        efficiency_notes=_efficiency_notes(runs, cfg) if cfg.efficiency else {},
+        config=cfg.as_dict(), environment=_environment(net))
+    return report, write_report(report, cfg.out)
+
+
+def _run_role(cfg, role, name, loaded, manager, prompts, texts) -> RoleRun:
+    from eval.efficiency import (PeakMemory, benchmark_speed, count_parameters, disk_bytes,
+                                 release_memory, weights_bytes, weights_dir)
+    from eval.tasks import evaluate_tasks
+    from logitstore.hf import load_causal_lm, load_tokenizer, resolve_model
+
+    spec = resolve_model(name)
+    results: dict[str, dict] = {}
+    skipped: list[dict] = []
+    tokenizer = load_tokenizer(spec, trust_remote_code=cfg.trust_remote_code)
+    meter = PeakMemory(_device(cfg.device)).start()
+    try:
+        model, loaded_info = load_causal_lm(spec, quantize=cfg.quantize_for(role),
+                                            dtype=cfg.dtype, device=cfg.device,
+                                            trust_remote_code=cfg.trust_remote_code)
+        speed = {}
+        if prompts:
+            log.info("[%s] speed benchmark", role)
+            speed = benchmark_speed(model, tokenizer, prompts,
+                                    max_new_tokens=cfg.efficiency_new_tokens,
+                                    warmup=cfg.warmup, repetitions=cfg.efficiency_repeats)
+    finally:
+        peak = meter.stop()
+    info = loaded_info.as_dict()
+    if prompts:
+        info["memory_method"] = meter.method
+        results["efficiency"] = {"parameters": count_parameters(model),
+                                 "weights_bytes": weights_bytes(model),
+                                 "disk_bytes": disk_bytes(weights_dir(spec)),
+                                 "peak_memory_bytes": peak, **speed}
+    log.info("[%s] %d task(s)", role, len(loaded.tasks))
+    scores = evaluate_tasks(model, tokenizer, loaded, manager, num_fewshot=cfg.num_fewshot,
+                            limit=cfg.limit, batch_size=cfg.batch_size,
+                            max_new_tokens=cfg.max_new_tokens,
+                            apply_chat_template=cfg.apply_chat_template)
+    results.update(scores.metrics)
+    skipped += [{"task": t, "role": role, "reason": r} for t, r in scores.errors.items()]
+    results.update(_perplexities(cfg, role, model, tokenizer, texts, skipped))
+    del model, tokenizer
+    release_memory()
+    return RoleRun(info, _order(results), scores.stderr, scores.samples, skipped)
+
+
+def _order(results: dict) -> dict:
+    """Tasks first, then perplexity, efficiency last (the order of the report's table)."""
+    return dict(sorted(results.items(), key=lambda kv: (kv[0] == "efficiency",
+                                                        kv[0].startswith("ppl/"))))
+
+
+def _perplexities(cfg, role, model, tokenizer, texts, skips) -> dict[str, dict]:
+    from eval.perplexity import (StoreTokenizerMismatch, score_sequences, sequences_from_store,
+                                 sequences_from_texts)
+
+    out = {}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    max_length = min(cfg.ppl_max_length, _context_length(model))
+    if texts is not None:
+        name = f"ppl/{Path(cfg.ppl_data).stem}"
+        sequences = sequences_from_texts(texts[:cfg.ppl_limit], tokenizer, max_length)
+        log.info("[%s] perplexity on %s (%d sequences)", role, cfg.ppl_data, len(sequences))
+        try:
+            out[name] = score_sequences(model, sequences, pad_id=pad, progress=cfg.progress)
+        except ValueError as exc:
+            skips.append({"task": name, "role": role, "reason": str(exc)})
+    if cfg.ppl_store:
+        try:
+            split, sequences = sequences_from_store(cfg.ppl_store, tokenizer, split=cfg.ppl_split,
+                                                    max_length=max_length, limit=cfg.ppl_limit)
+            log.info("[%s] perplexity on %s@%s (%d sequences)", role, cfg.ppl_store, split,
+                     len(sequences))
+            out["ppl/store"] = score_sequences(model, sequences, pad_id=pad,
+                                               progress=cfg.progress)
+        except (StoreTokenizerMismatch, ValueError) as exc:
+            # Another tokenizer (a baseline of another family), or no scored token within
+            # max_length: this role has no store perplexity, the others still do.
+            skips.append({"task": "ppl/store", "role": role, "reason": str(exc)})
+    return out
+
+
+def _context_length(model) -> int:
+    config = model.config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
+
+
+def _efficiency_notes(runs: dict[str, RoleRun], cfg: EvalConfig) -> dict[str, str]:
+    methods = {run.info.get("memory_method") for run in runs.values()}
+    return {
+        "peak memory": "; ".join(sorted(m for m in methods if m)) + " (model load + speed "
+                       "benchmark)",
+        "speed": (f"batch 1, greedy, {cfg.efficiency_new_tokens} new tokens (EOS suppressed), "
+                  f"{cfg.efficiency_samples} prompts x {cfg.efficiency_repeats} repetitions "
+                  f"after {cfg.warmup} warm-up run(s); generation tokens/s includes prefill"),
+        "disk": "sum of the checkpoint's weight files as stored (before load-time quantization)",
+    }
+
+
+def _environment(net) -> dict[str, Any]:
+    import importlib.metadata as md
+
+    import torch
+
+    versions = {}
+    for package in ("torch", "transformers", "lm_eval", "datasets", "rouge_score", "sacrebleu"):
+        try:
+            versions[package] = md.version(package.replace("_", "-"))
+        except md.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "network": {"offline": net.offline, "reason": net.reason},
+        "versions": versions,
+    }

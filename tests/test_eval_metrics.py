@@ -1,0 +1,275 @@
+"""distill-eval metric math against hand computations: ROUGE/BLEU on known strings,
+perplexity and next-token accuracy on a fixed tiny model, store eval splits, retention
+and ratio edge cases, and the report files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from eval.generation import (bleu_score, generation_scores, pairs_from_lm_eval_samples,
+                             rouge_scores)
+from eval.perplexity import (StoreTokenizerMismatch, TokenSequence, pick_split, read_texts,
+                             score_sequences, sequences_from_store, sequences_from_texts)
+from eval.report import (build_report, comparison_rows, efficiency_ratios, gap_closed, ratio,
+                         render_markdown, retention, write_report)
+from logitstore.errors import ConfigError
+
+# ----------------------------------------------------------------------------- ROUGE / BLEU
+
+
+def test_rouge_matches_hand_counts():
+    # pred/ref share "the cat ... on the mat": 5 of 6 unigrams, 3 of 5 bigrams, LCS 5.
+    pred, ref = "the cat sat on the mat", "the cat is on the mat"
+    scores = rouge_scores([pred, "hello world"], [ref, "goodbye moon"])
+    assert scores["rouge1"] == pytest.approx((5 / 6 + 0) / 2)
+    assert scores["rouge2"] == pytest.approx((3 / 5 + 0) / 2)
+    assert scores["rougeL"] == pytest.approx((5 / 6 + 0) / 2)
+
+
+def test_rouge_uses_the_stemmer_and_ignores_case():
+    scores = rouge_scores(["Patients TREATED"], ["patient treat"])
+    assert scores == {"rouge1": pytest.approx(1.0), "rouge2": pytest.approx(1.0),
+                      "rougeL": pytest.approx(1.0)}
+
+
+def test_bleu_matches_hand_computation():
+    # Precisions 5/6, 3/5, 1/4 and 0/3 -> sacrebleu's exp smoothing: 1 / (2 * 3); BP = 1.
+    expected = 100 * (5 / 6 * 3 / 5 * 1 / 4 * 1 / 6) ** 0.25
+    assert bleu_score(["the cat sat on the mat"], ["the cat is on the mat"]) == \
+        pytest.approx(expected, rel=1e-9)
+    # All n-grams match but the hypothesis is 5 tokens for 6: brevity penalty exp(1 - 6/5).
+    assert bleu_score(["the cat is on the"], ["the cat is on the mat"]) == \
+        pytest.approx(100 * math.exp(1 - 6 / 5), rel=1e-9)
+    assert bleu_score(["a b c d e"], ["a b c d e"]) == pytest.approx(100.0)
+
+
+def test_generation_scores_edge_cases():
+    assert generation_scores([], []) == {}
+    with pytest.raises(ValueError):
+        rouge_scores(["a"], [])
+    assert set(generation_scores(["x"], ["y"])) == {"rouge1", "rouge2", "rougeL", "bleu"}
+
+
+def test_pairs_from_lm_eval_samples():
+    samples = [
+        {"filtered_resps": [" answer one "], "target": "ref one"},
+        {"resps": [["answer two"]], "target": ["ref two", "alt"]},
+        {"filtered_resps": ["no target"], "target": None},
+    ]
+    assert pairs_from_lm_eval_samples(samples) == (["answer one", "answer two"],
+                                                   ["ref one", "ref two"])
+
+
+# ----------------------------------------------------------------------------- perplexity
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from tiny_hf import make_tiny_llama, make_tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = tmp_path_factory.mktemp("ppl")
+    tok_dir = make_tokenizer(root / "tok")
+    model_dir = make_tiny_llama(root / "model", tok_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    return model, AutoTokenizer.from_pretrained(model_dir)
+
+
+def _by_hand(model, sequences):
+    """Sum of NLL and of correct argmaxes over scored positions, one sequence at a time."""
+    import torch
+
+    nll, correct, count = 0.0, 0, 0
+    with torch.no_grad():
+        for seq in sequences:
+            ids = torch.tensor(seq.ids)[None]
+            logprobs = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+            for t in range(1, len(seq.ids)):
+                if seq.targets[t]:
+                    nll -= float(logprobs[t - 1, seq.ids[t]])
+                    correct += int(int(logprobs[t - 1].argmax()) == int(seq.ids[t]))
+                    count += 1
+    return nll, correct, count
+
+
+def test_perplexity_is_exp_mean_nll_with_padding_and_masks(tiny):
+    model, tokenizer = tiny
+    texts = ["The patient reports chest pain radiating to the left arm.",
+             "The child denies headache.", "An ECG showed sinus rhythm. A chest X-ray was "
+             "ordered. Follow-up is planned in two weeks."]
+    sequences = sequences_from_texts(texts, tokenizer, max_length=64)
+    masked = TokenSequence(sequences[0].ids, np.arange(len(sequences[0].ids)) % 2 == 0)
+    sequences.append(masked)  # only even positions scored
+    nll, correct, count = _by_hand(model, sequences)
+    # A tiny batch budget forces several batches of different widths (right padding).
+    got = score_sequences(model, sequences, max_batch_tokens=40, pad_id=tokenizer.pad_token_id)
+    assert got["tokens"] == count == sum(s.scored for s in sequences)
+    assert got["nll"] == pytest.approx(nll / count, rel=1e-5)
+    assert got["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+    assert got["next_token_accuracy"] == pytest.approx(correct / count)
+    assert got["sequences"] == 4
+
+
+def test_next_token_accuracy_on_a_sequence_the_model_predicts(tiny):
+    import torch
+
+    model, _ = tiny
+    # Greedy continuation of the model itself: every scored argmax is right by construction.
+    with torch.no_grad():
+        out = model.generate(torch.tensor([[1, 50]]), max_new_tokens=6, do_sample=False,
+                             min_new_tokens=6, pad_token_id=0)[0].numpy()
+    targets = np.zeros(len(out), dtype=bool)
+    targets[2:] = True  # only generated tokens
+    got = score_sequences(model, [TokenSequence(out, targets)])
+    assert got["next_token_accuracy"] == 1.0 and got["tokens"] == 6
+
+
+def test_score_sequences_needs_a_scored_position(tiny):
+    with pytest.raises(ValueError, match="scored"):
+        score_sequences(tiny[0], [TokenSequence.all_targets([5])])
+
+
+def test_read_texts_formats(tmp_path):
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_text('{"text": "one"}\n\n{"prompt": "q", "reference": "r"}\n')
+    assert read_texts(jsonl) == ["one", "q\nr"]
+    txt = tmp_path / "a.txt"
+    txt.write_text("first para\nsame para\n\n\nsecond\n")
+    assert read_texts(txt) == ["first para same para", "second"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "x"}\n')
+    with pytest.raises(ConfigError, match="text"):
+        read_texts(bad)
+
+
+def test_store_eval_split_uses_loss_mask_and_checks_tokenizer(tiny, tmp_path):
+    from logitstore.format import StoreSettings
+    from logitstore.hf import tokenizer_fingerprint
+    from logitstore.sample import Sample
+    from logitstore.writer import StoreWriter
+
+    model, tokenizer = tiny
+    settings = StoreSettings(vocab_size=len(tokenizer),
+                             tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+                             tokenizer_name="tiny", segment_tokens=64, chunk_tokens=16)
+    texts = ["The nurse reports swelling of both ankles.", "A chest X-ray was ordered.",
+             "The physician was treated for anemia.", "Blood pressure was 150/90 mmHg."]
+    samples = []
+    for i, text in enumerate(texts):
+        ids = np.array(tokenizer(text)["input_ids"], dtype=np.int64)
+        mask = np.arange(len(ids)) >= len(ids) // 2  # second half = targets
+        samples.append(Sample(f"s{i}", ids, mask, split="validation" if i % 2 else "train"))
+    with StoreWriter(str(tmp_path / "store"), settings) as writer:
+        for sample in samples:
+            writer.add(sample)
+    split, sequences = sequences_from_store(str(tmp_path / "store"), tokenizer, max_length=64)
+    assert split == "validation" and len(sequences) == 2
+    assert [s.ids.tolist() for s in sequences] == [samples[1].input_ids.tolist(),
+                                                   samples[3].input_ids.tolist()]
+    nll, _, count = _by_hand(model, sequences)
+    assert score_sequences(model, sequences)["perplexity"] == \
+        pytest.approx(math.exp(nll / count), rel=1e-5)
+
+    other = StoreSettings(vocab_size=len(tokenizer), tokenizer_fingerprint="cd" * 32)
+    with StoreWriter(str(tmp_path / "other"), other) as writer:
+        writer.add(samples[1])
+    with pytest.raises(StoreTokenizerMismatch):
+        sequences_from_store(str(tmp_path / "other"), tokenizer, max_length=64)
+
+
+def test_pick_split():
+    assert pick_split(["train", "test", "validation"], "auto") == "validation"
+    assert pick_split(["train", "dev"], "dev") == "dev"
+    with pytest.raises(ConfigError, match="no eval split"):
+        pick_split(["train"], "auto")
+    with pytest.raises(ConfigError, match="no split 'x'"):
+        pick_split(["train"], "x")
+
+
+# ----------------------------------------------------------------------------- retention
+
+
+def test_retention_and_gap_closed():
+    assert retention(0.6, 0.8) == pytest.approx(0.75)
+    assert gap_closed(0.7, 0.8, 0.6) == pytest.approx(0.5)
+    # Lower-is-better metrics: 1 = matches the teacher, 0 = no better than the baseline.
+    assert gap_closed(12.0, 10.0, 20.0) == pytest.approx(0.8)
+    assert gap_closed(0.9, 0.8, 0.6) == pytest.approx(1.5)  # student beats the teacher
+
+
+@pytest.mark.parametrize("args", [(0.5, 0.7, 0.7), (0.5, None, 0.3), (None, 0.7, 0.3),
+                                  (0.5, 0.7, None), (float("nan"), 0.7, 0.3),
+                                  (0.5, float("inf"), 0.3), ("0.5", 0.7, 0.3)])
+def test_gap_closed_is_null_not_an_error(args):
+    assert gap_closed(*args) is None
+
+
+@pytest.mark.parametrize("args", [(1.0, 0.0), (None, 1.0), (1.0, None), (float("nan"), 1.0),
+                                  (True, 1.0)])
+def test_ratio_is_null_not_an_error(args):
+    assert ratio(*args) is None
+
+
+def _results():
+    eff = {"parameters": 1000, "weights_bytes": 4000, "disk_bytes": 4100,
+           "peak_memory_bytes": 8000, "prompt_tokens_per_s": 100.0,
+           "generation_tokens_per_s": 10.0, "latency_p50_s": 2.0, "latency_p95_s": 4.0,
+           "speed_samples": 3}
+    return {
+        "teacher": {"mcq": {"acc": 0.8, "acc_norm": 0.7}, "efficiency": eff},
+        "student": {"mcq": {"acc": 0.6, "acc_norm": float("nan")},
+                    "efficiency": {**eff, "parameters": 250, "disk_bytes": None,
+                                   "generation_tokens_per_s": 40.0, "latency_p50_s": 0.5}},
+        "baseline": {"mcq": {"acc": 0.4}},
+    }
+
+
+def test_comparison_rows_and_ratios():
+    rows = {(r["task"], r["metric"]): r for r in comparison_rows(_results())}
+    assert rows[("mcq", "acc")]["retention"] == pytest.approx(0.75)
+    assert rows[("mcq", "acc")]["gap_closed"] == pytest.approx(0.5)
+    assert rows[("mcq", "acc_norm")]["student"] is None  # NaN
+    assert rows[("mcq", "acc_norm")]["retention"] is None
+    assert rows[("mcq", "acc_norm")]["baseline"] is None  # metric missing for a role
+    assert rows[("efficiency", "parameters")]["higher_is_better"] is False
+    assert rows[("efficiency", "parameters")]["gap_closed"] is None
+    assert ("efficiency", "speed_samples") not in rows
+    assert list(rows)[-1][0] == "efficiency"
+    ratios = efficiency_ratios(_results())
+    assert ratios["compression_parameters"] == pytest.approx(4.0)
+    assert ratios["compression_disk"] is None  # student disk size unknown
+    assert ratios["speedup_generation_tokens"] == pytest.approx(4.0)
+    assert ratios["speedup_latency_p50"] == pytest.approx(4.0)
+    assert ratios["memory_reduction"] == pytest.approx(1.0)
+
+
+def test_missing_roles_give_nulls():
+    only_student = {"student": {"mcq": {"acc": 0.5}}}
+    (row,) = comparison_rows(only_student)
+    assert row["teacher"] is None and row["retention"] is None and row["gap_closed"] is None
+    assert all(v is None for v in efficiency_ratios(only_student).values())
+
+
+def test_report_files(tmp_path):
+    report = build_report(results=_results(), stderr={}, models={
+        "teacher": {"name": "t"}, "student": {"name": "s"}, "baseline": {"name": "b"}},
+        tasks={"mcq": {"status": "ok"}, "medmcqa": {"status": "skipped", "reason": "offline"}},
+        skipped=[{"task": "medmcqa", "role": None, "reason": "offline"}],
+        efficiency_notes={"peak memory": "rss"}, config={"model": "s", "limit": None},
+        environment={})
+    paths = write_report(report, tmp_path / "out")
+    loaded = json.loads(paths["report.json"].read_text())  # strict JSON: NaN became null
+    assert loaded["results"]["student"]["mcq"]["acc_norm"] is None
+    assert paths["report.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = paths["report.md"].read_text()
+    for section in ("## Results", "## Compression and speed-up", "## Skipped", "medmcqa",
+                    "report.png", "| mcq | acc | ↑ | 0.8 | 0.6 | 0.4 | 0.75 | 0.5 |"):
+        assert section in md
+    import yaml
+
+    assert yaml.safe_load(paths["config.yaml"].read_text()) == {"model": "s", "limit": None}
+    assert render_markdown(report) == md

@@ -1,7 +1,10 @@
 """`teacher-dump` (also `python -m teacher_dump`): run a teacher over data into a store.
 
 Every flag overrides the same key of the `dump:` section of `--config`; see
-teacher_dump/config.py for the keys, their defaults and checks. Multi-process:
+teacher_dump/config.py for the keys, their defaults and checks. A second teacher (same
+tokenizer) is added to a finished store by rerunning with its --model and a new --signal.
+Multi-process (one part per process; without a GPU add `--multi_gpu`: accelerate's
+`--cpu` starts a single process):
 
     accelerate launch --num_processes 8 -m teacher_dump --config C.yaml --data D --out S
 
@@ -35,7 +38,9 @@ _FORMAT_METAVAR = "[" + "|".join(f.replace("_", "-") for f in DATA_FORMATS) + "]
               help="Data file, directory, glob or dataset name[:config][@split]; repeatable "
                    "or comma-separated.")
 @click.option("--out", help="Store URL (directory, s3://..., gs://...).")
-@click.option("--signal", help="Signal name in the store (default: from the model name).")
+@click.option("--signal",
+              help="Signal name in the store (default: from the model name). A name an "
+                   "existing store lacks adds this teacher's signal over its stored tokens.")
 @click.option("--top-k", metavar="K", help="Top-k log-probs per position; 0 = off.")
 @click.option("--samples", metavar="N", help="Sampled draws per position; 0 = off.")
 @click.option("--sample-temperature", metavar="T",

@@ -105,9 +105,10 @@ FIELDS: dict[str, Field] = {
     "logprob_encoding": Field("str", "q8", _one_of(LOGPROB_ENCODINGS)),
     "logprob_step": Field("float", 1.0 / 16, _positive),
     "singleton_step": Field("float", 0.5, _positive),
-    "segment_tokens": Field("int", 1 << 18, _at_least(1)),
-    "chunk_tokens": Field("int", 4096, _at_least(1)),
-    "chunk_samples": Field("int", 64, _at_least(1)),
+    # layout only (an existing store keeps its own): how samples fall into files
+    "segment_tokens": Field("int", 1 << 18, _at_least(1), content=False),
+    "chunk_tokens": Field("int", 4096, _at_least(1), content=False),
+    "chunk_samples": Field("int", 64, _at_least(1), content=False),
     "overwrite": Field("bool", False, content=False),
     # performance only
     "batch_tokens": Field("int", 16384, _at_least(1), content=False,

@@ -1,0 +1,321 @@
+"""The training objective as one nn.Module: student forward, chunked lm_head + KD + CE, alignment.
+
+Why one module around the student: DDP and FSDP only see what runs inside the forward of the
+module they wrap. Calling the student's decoder body and reading the lm_head weight inside
+*this* forward keeps DDP's gradient hooks and FSDP's unsharding correct, and makes the learned
+alignment projections parameters of the same module, so the optimizer, `save_state` and DDP all
+handle them without special cases.
+
+The forward returns loss *sums* (weighted numerators), never means. `denominators(batch)` gives
+the matching weights from the batch alone, so the trainer can add them over every micro-batch
+of an optimizer step and over every process *before* the forward passes, and divide each
+micro-batch's sums by those totals: gradient accumulation and data parallelism then give exactly
+the gradient of one large batch (a per-micro-batch mean would weight short batches too much).
+
+Positions: the student's hidden state at t predicts token t+1; the stored signal at t is the
+teacher's distribution of token t+1. Position t is trained when labels[t+1] != -100 and t+1 does
+not start a new packed sample (position_ids[t+1] == 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from student_train.alignment import HiddenStateAligner, attention_alignment_loss
+from student_train.chunked_loss import chunked_lm_loss
+from student_train.losses import (build_sampled_target, build_topk_target,
+                                  cross_entropy_per_position, sparse_kd_per_position)
+
+Tensor = torch.Tensor
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class SignalPlan:
+    """How one stored signal enters the loss (weights already normalised per kind)."""
+
+    name: str
+    kd_weight: float = 0.0
+    target: str | None = None  # "topk" | "sampled" | None: no per-token KD
+    n_draws: int = 0
+    sample_temperature: float = 1.0
+    hidden_weight: float = 0.0  # share of the hidden-alignment term
+    attention_weight: float = 0.0
+    attention_layers: tuple[int, ...] = ()  # stored teacher layers of the attention grids
+    layer_map: dict[int, int] = field(default_factory=dict)  # {student block: teacher layer}
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    loss: str = "kl"
+    topk_mode: str = "tail"
+    jsd_beta: float = 0.5
+    skew_alpha: float = 0.1
+    attention_loss: str = "mse"
+    chunk_size: int = 1024
+
+
+# ----------------------------------------------------------------------------- batch geometry
+
+def target_positions(batch: dict) -> Tensor:
+    """[B, S] bool: position t is trained (its next token is a target of the same sample)."""
+    labels, positions = batch["labels"], batch["position_ids"]
+    real = batch["attention_mask"][:, 1:].bool()
+    nxt = (labels[:, 1:] != IGNORE) & (positions[:, 1:] != 0) & real
+    return torch.cat([nxt, torch.zeros_like(nxt[:, :1])], 1)
+
+
+def shifted(x: Tensor, fill) -> Tensor:
+    """x[:, t+1] at position t (the last position gets `fill`)."""
+    return torch.cat([x[:, 1:], torch.full_like(x[:, :1], fill)], 1)
+
+
+def segments(batch: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """(row [n], start [n], length [n]) of the batch's samples, in sample_ids order.
+
+    Taken from the batch (or a signal) when the stream gives them, else derived: a sample
+    starts at each real token whose position id is 0 (one per row without packing).
+    """
+    for source in (batch, *batch.get("signals", {}).values()):
+        if "sample_row" in source:
+            return source["sample_row"].long(), source["sample_start"].long(), \
+                source["sample_length"].long()
+    real = batch["attention_mask"].bool()
+    starts = (batch["position_ids"] == 0) & real  # [B, S]
+    row, start = starts.nonzero(as_tuple=True)  # row-major = sample order
+    owner = starts.reshape(-1).long().cumsum(0) - 1  # sample index of each token
+    length = torch.bincount(owner[real.reshape(-1)], minlength=len(row))
+    return row, start, length
+
+
+def sample_groups(batch: dict, group_of_sample: Tensor) -> Tensor:
+    """[B, S] long: the group (specialty) of the sample owning each token (0 on padding)."""
+    row, start, length = segments(batch)
+    B, S = batch["input_ids"].shape
+    s = torch.arange(S, device=row.device)
+    inside = (s >= start[:, None]) & (s < (start + length)[:, None])  # [n, S]
+    groups = torch.zeros(B, S, dtype=torch.long, device=row.device)
+    groups.index_put_((row[:, None].expand_as(inside)[inside], s.expand_as(inside)[inside]),
+                      group_of_sample.long()[:, None].expand_as(inside)[inside])
+    return groups
+
+
+def denominators(batch: dict, n_groups: int = 1) -> dict[str, Tensor]:
+    """Weights the forward's sums are divided by: per group token weight, sample weight."""
+    mask = target_positions(batch)
+    w = shifted(batch["token_weights"].float(), 0.0) * mask  # weight of the predicted token
+    groups = batch.get("token_groups")
+    tokens = (w.sum().reshape(1) if groups is None else
+              w.new_zeros(n_groups).index_add(0, shifted(groups, 0).reshape(-1), w.reshape(-1)))
+    row, start, length = segments(batch)
+    sample_w = batch["token_weights"].float()[row, start] * (length > 0)
+    return {"tokens": tokens, "samples": sample_w.sum().reshape(1)}
+
+
+# ----------------------------------------------------------------------------- student views
+
+def _crop(x: Tensor, row: Tensor, start: Tensor, L: int, square: bool = False) -> Tensor:
+    """Per-sample right-padded views: [B, S, ...] -> [n, L, ...]; attention [B, H, S, S] ->
+    [n, H, L, L] (square=True). A view, not a copy, when samples are whole rows at 0."""
+    B, S = x.shape[0], x.shape[-1] if square else x.shape[1]
+    if len(row) == B and bool((row == torch.arange(B, device=row.device)).all()) \
+            and bool((start == 0).all()):
+        return x[:, :, :L, :L] if square else x[:, :L]
+    idx = (start[:, None] + torch.arange(L, device=x.device)).clamp_max(S - 1)  # [n, L]
+    if square:  # advanced indices around a slice: the indexed dims come first
+        return x[row[:, None, None], :, idx[:, :, None], idx[:, None, :]].permute(0, 3, 1, 2)
+    return x[row[:, None], idx]
+
+
+class _Cropped(Sequence):
+    """Lazy per-layer crops, so only the mapped layers are ever cut out."""
+
+    def __init__(self, states: Sequence[Tensor], crop):
+        self.states, self.crop = states, crop
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def __getitem__(self, i):
+        return self.crop(self.states[i])
+
+
+def packed_attention_mask(mask_4d: Tensor, eager: bool, dtype: torch.dtype) -> Tensor:
+    """The stream's [B, 1, S, S] bool block mask, made causal, each query seeing at least
+    itself (an all-masked row gives NaN in softmax, which backward spreads), in the form the
+    attention implementation adds (eager: additive float) or takes (sdpa: bool)."""
+    S = mask_4d.shape[-1]
+    causal = torch.ones(S, S, dtype=torch.bool, device=mask_4d.device).tril()
+    eye = torch.eye(S, dtype=torch.bool, device=mask_4d.device)
+    allowed = (mask_4d.bool() & causal) | eye
+    if not eager:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min)
+
+
+# ----------------------------------------------------------------------------- the module
+
+class DistillationObjective(nn.Module):
+    """student + alignment projections; forward(batch) -> loss sums (see module docstring)."""
+
+    def __init__(self, student: nn.Module, plans: Sequence[SignalPlan], settings: LossSettings,
+                 aligners: Sequence[tuple[str, HiddenStateAligner]] = ()):
+        super().__init__()
+        self.student = student
+        self.plans = list(plans)
+        self.settings = settings
+        # A list, not a ModuleDict: signal names may hold '.', which module names may not.
+        self.aligner_names = [name for name, _ in aligners]
+        self.aligners = nn.ModuleList([aligner for _, aligner in aligners])
+        self.kd_plans = [p for p in self.plans if p.target]
+        self.attention_plans = [p for p in self.plans if p.attention_weight > 0]
+
+    def forward(self, batch: dict, temperature: float = 1.0, label_smoothing: float = 0.0,
+                n_groups: int = 1) -> dict[str, Tensor]:
+        need_hidden = len(self.aligners) > 0
+        need_attention = len(self.attention_plans) > 0
+        out, final = self._student_forward(batch, need_hidden, need_attention)
+        sums = self._token_sums(batch, final, temperature, label_smoothing, n_groups)
+        if need_hidden or need_attention:
+            sums.update(self._alignment_sums(batch, out, need_hidden, need_attention))
+        return sums
+
+    def _student_forward(self, batch, need_hidden, need_attention):
+        body = self.student.get_decoder()  # the decoder stack: no [B, S, V] logits here
+        mask = batch["attention_mask"]
+        if "attention_mask_4d" in batch:  # packing: block-diagonal, samples never see each other
+            eager = getattr(self.student.config, "_attn_implementation", "sdpa") == "eager"
+            mask = packed_attention_mask(batch["attention_mask_4d"], eager, self.student.dtype)
+        out = body(input_ids=batch["input_ids"], attention_mask=mask,
+                   position_ids=batch["position_ids"], use_cache=False,
+                   output_hidden_states=need_hidden, output_attentions=need_attention)
+        return out, out.last_hidden_state  # [B, S, d]
+
+    def _token_sums(self, batch, final, temperature, label_smoothing, n_groups):
+        """Sums over trained positions of weight * (KD per signal, CE), per group."""
+        B, S, d = final.shape
+        mask = target_positions(batch)
+        rows = mask.reshape(-1).nonzero().squeeze(-1)  # [n]: only trained positions are computed
+
+        def pick(x: Tensor) -> Tensor:  # [B, S, ...] -> [1, n, ...]
+            return x.reshape(B * S, *x.shape[2:]).index_select(0, rows)[None]
+
+        targets = [self._target(p, batch["signals"][p.name], pick, temperature)
+                   for p in self.kd_plans]
+        labels = pick(shifted(batch["labels"], IGNORE))  # [1, n]
+        s = self.settings
+
+        def per_position(logits: Tensor, *rows_in) -> Tensor:  # [m, V] -> [m, terms]
+            *kd_targets, label_rows = rows_in
+            terms = [sparse_kd_per_position(logits, t, loss=s.loss, jsd_beta=s.jsd_beta,
+                                            skew_alpha=s.skew_alpha) for t in kd_targets]
+            terms.append(cross_entropy_per_position(logits, label_rows,
+                                                    label_smoothing=label_smoothing))
+            return torch.stack(terms, -1)
+
+        head = self.student.get_output_embeddings()
+        values = chunked_lm_loss(pick(final), head.weight, per_position, (*targets, labels),
+                                 bias=head.bias, chunk_size=s.chunk_size)[0]  # [n, terms]
+        w = pick(shifted(batch["token_weights"].float(), 0.0))[0]  # [n]
+        weighted = values * w[:, None]
+        if "token_groups" in batch:
+            groups = pick(shifted(batch["token_groups"], 0))[0]
+            per_group = weighted.new_zeros(n_groups, weighted.shape[1]).index_add(0, groups,
+                                                                                 weighted)
+        else:
+            per_group = weighted.sum(0, keepdim=True)  # [1, terms]
+        return {"kd": per_group[:, :-1].T, "ce": per_group[:, -1]}  # [n_kd, G], [G]
+
+    def _target(self, plan: SignalPlan, signal: dict, pick, temperature: float):
+        if plan.target == "topk":
+            return build_topk_target(pick(signal["topk_ids"]).long(),
+                                     pick(signal["topk_logprobs"]).float(),
+                                     temperature=temperature, mode=self.settings.topk_mode)
+        return build_sampled_target(pick(signal["sampled_ids"]).long(),
+                                    pick(signal["sampled_counts"]),
+                                    pick(signal["sampled_logprobs"]).float(),
+                                    n_draws=plan.n_draws,
+                                    sample_temperature=plan.sample_temperature,
+                                    temperature=temperature)
+
+    def _alignment_sums(self, batch, out, need_hidden, need_attention):
+        """Per signal: sample-weighted sums of the hidden / attention alignment losses."""
+        row, start, length = segments(batch)
+        L = max(int(length.max()), 1) if len(length) else 1
+        positions = torch.arange(L, device=row.device)
+        real = positions[None] < length[:, None]  # [n, L]
+        labels = _crop(batch["labels"], row, start, L)
+        targets = (labels != IGNORE) & real
+        sample_w = batch["token_weights"].float()[row, start]
+        den = (sample_w * (length > 0)).sum()  # the aligners return means over this weight
+        sums = {}
+        if need_hidden:
+            states = _Cropped(out.hidden_states[1:], lambda h: _crop(h, row, start, L))
+            sums["hidden"] = torch.stack([
+                aligner(states, batch["signals"][name]["hidden"], targets, real,
+                        sample_weights=sample_w) * den
+                for name, aligner in zip(self.aligner_names, self.aligners)])
+        if need_attention:
+            maps = _Cropped(out.attentions, lambda a: _crop(a, row, start, L, square=True))
+            sums["attention"] = torch.stack([
+                attention_alignment_loss(maps, batch["signals"][p.name]["attention"], length,
+                                         p.layer_map, loss=self.settings.attention_loss,
+                                         teacher_layers=p.attention_layers,
+                                         sample_weights=sample_w) * den
+                for p in self.attention_plans])
+        return sums
+
+
+# ----------------------------------------------------------------------------- combination
+
+@dataclass(frozen=True)
+class Weights:
+    alpha: float = 0.5
+    alpha_on: str = "kd"  # alpha multiplies KD (default) or CE (seed 003's literal formula)
+    hidden: float = 0.0
+    attention: float = 0.0
+    group_weights: tuple[float, ...] = (1.0,)  # distillm-med: specialty weights, not normalised
+
+
+def combine(sums: dict[str, Tensor], dens: dict[str, Tensor], plans: Sequence[SignalPlan],
+            weights: Weights) -> tuple[Tensor, dict[str, Tensor]]:
+    """(loss, parts): sums divided by (global) denominators, blended and weighted.
+
+    Per group g: blend_g = alpha*KD_g + (1-alpha)*CE_g (token means over g; KD_g the signals'
+    weighted sum); main = sum_g c_g * blend_g over groups with tokens (one group, c = 1, for the
+    plain blend). Without KD signals (--data) main is the CE. Then
+    loss = main + hidden * H + attention * A (sample means, signals weighted).
+    """
+    tokens = dens["tokens"]
+    safe = torch.where(tokens > 0, tokens, torch.ones_like(tokens))
+    ce_g = sums["ce"] / safe
+    parts = {"ce": sums["ce"].sum() / safe.sum().clamp_min(1) if tokens.numel() > 1
+             else ce_g.sum()}
+    kd_plans = [p for p in plans if p.target]
+    if kd_plans:
+        kd_w = torch.tensor([p.kd_weight for p in kd_plans], device=tokens.device)
+        kd_g = (kd_w[:, None] * sums["kd"]).sum(0) / safe
+        a = weights.alpha if weights.alpha_on == "kd" else 1 - weights.alpha
+        blend_g = a * kd_g + (1 - a) * ce_g
+        total_tokens = tokens.sum().clamp_min(1)
+        parts["kd"] = (kd_w[:, None] * sums["kd"]).sum() / total_tokens
+        for p, kd in zip(kd_plans, sums["kd"]):
+            parts[f"kd/{p.name}"] = kd.sum() / total_tokens
+    else:
+        blend_g = ce_g
+    c = torch.tensor(weights.group_weights, device=tokens.device)
+    loss = (c * blend_g * (tokens > 0)).sum()
+    samples = dens["samples"].sum().clamp_min(1e-12)
+    for kind, weight in (("hidden", weights.hidden), ("attention", weights.attention)):
+        if kind in sums:
+            share = torch.tensor([getattr(p, f"{kind}_weight") for p in plans
+                                  if getattr(p, f"{kind}_weight") > 0], device=tokens.device)
+            parts[kind] = (share * sums[kind]).sum() / samples
+            loss = loss + weight * parts[kind]
+    parts["loss"] = loss
+    return loss, parts

@@ -1,0 +1,261 @@
+"""Where training batches come from, checked before any step: store(s) or raw --data.
+
+A store is refused, before training, when its tokenizer or vocabulary differs from the
+student's (both sides shown), when a checksum fails (the damaged files named), or when the
+config asks for what it does not hold (signals, captures, layers). Config problems are
+collected and raised together, like the config's own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from logitstore.errors import ChecksumError, ConfigError, SchemaMismatchError
+from logitstore.reader import StoreReader
+from logitstore.verify import verify_store
+from student_train.alignment import HiddenStateAligner, parse_layer_map
+from student_train.objective import SignalPlan
+from student_train.student import compat_problems, num_blocks
+
+OTHER_GROUP = "(other)"
+
+
+@dataclass
+class Sources:
+    train: Any  # StoreStream | TextBatches: set_epoch, __iter__, state_dict, num_batches
+    eval: Any | None
+    plans: list[SignalPlan] = field(default_factory=list)
+    aligners: list[tuple[str, HiddenStateAligner]] = field(default_factory=list)
+    groups: list[str] = field(default_factory=list)  # distillm-med specialties
+    group_weights: list[float] = field(default_factory=list)
+    group_of: dict[str, int] = field(default_factory=dict)  # sample_id -> group
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+class SpecialtyWeight:
+    """sample_weight for the stream: index row -> weight of its specialty (picklable)."""
+
+    def __init__(self, key: str, weights: dict[str, float], default: float = 1.0):
+        self.key, self.weights, self.default = key, dict(weights), default
+
+    def __call__(self, row: dict) -> float:
+        return float(self.weights.get(row.get(self.key), self.default))
+
+
+def _on_main(accelerator, fn: Callable[[], Any]) -> Any:
+    """fn() on the main process, its result (or its exception text) on every process."""
+    from accelerate.utils import broadcast_object_list
+
+    result: list[Any] = [None]
+    if accelerator.is_main_process:
+        try:
+            result = [("ok", fn())]
+        except Exception as exc:  # reported on every rank below, never left to hang the others
+            result = [("error", f"{type(exc).__name__}: {exc}")]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(result, from_process=0)
+    status, value = result[0]
+    if status == "error":
+        raise SchemaMismatchError(value)
+    return value
+
+
+def open_store(url: str, cfg, tokenizer, accelerator) -> StoreReader:
+    """Reader of a compatible, intact store; refuses anything else with a clear message."""
+    reader = StoreReader(url, cache_dir=cfg.cache_dir)
+    problems = compat_problems(tokenizer, reader.settings, url)
+    if problems:
+        raise SchemaMismatchError("; ".join(problems))
+    if cfg.verify_store == "full":
+        damaged = _on_main(accelerator, lambda: verify_store(url))
+        if damaged:
+            raise ChecksumError(
+                f"store {url} is damaged ({len(damaged)} problem(s)): " + "; ".join(damaged[:10])
+                + f". Run `logitstore verify {url}`; restore the named files from a good copy "
+                  f"(`logitstore cp`) or dump again", path=damaged[0].split(": ", 1)[0])
+    return reader
+
+
+def manifest_sha256(reader: StoreReader) -> str:
+    return hashlib.sha256(reader.fs.read_bytes("manifest.json")).hexdigest()
+
+
+# ----------------------------------------------------------------------------- signal plans
+
+def _layer_map(user: dict[int, int] | None, stored: tuple[int, ...], kind: str, name: str,
+               n_blocks: int, problems: list[str]) -> dict[int, int]:
+    """The student->teacher map for one captured kind, checked against what is stored."""
+    mapping = dict(user) if user else {-1: stored[-1]}
+    for s, t in mapping.items():
+        if not -n_blocks <= s < n_blocks:
+            problems.append(f"layer_map: student block {s} does not exist (the student has "
+                            f"{n_blocks} blocks: 0..{n_blocks - 1}, or -1 for the last)")
+        if t not in stored:
+            problems.append(f"layer_map: teacher layer {t} of signal {name!r} has no stored "
+                            f"{kind}; stored layers: {list(stored)}")
+    return mapping
+
+
+def plan_signals(cfg, settings, student, problems: list[str]):
+    """(plans, aligners) of the selected signals; appends what is wrong to `problems`."""
+    names = list(cfg.signals) or list(settings.signals)
+    unknown = [n for n in names if n not in settings.signals]
+    if unknown:
+        problems.append(f"signals: {unknown} not in the store, which holds "
+                        f"{list(settings.signals)}")
+        return [], []
+    user_map = parse_layer_map(cfg.layer_map) if cfg.layer_map else None
+    text = student.config.get_text_config()
+    n_blocks = num_blocks(student)
+    raw_weight = {n: cfg.signals.get(n, 1.0) if cfg.signals else 1.0 for n in names}
+    entries = []
+    for name in names:
+        spec = settings.signals[name]
+        target = {"auto": "topk" if spec.topk else "sampled" if spec.sampled else None,
+                  "topk": "topk", "sampled": "sampled"}[cfg.target]
+        if target and getattr(spec, target) is None:
+            problems.append(f"target {cfg.target}: signal {name!r} has no {target} capture "
+                            f"(it holds {spec.kinds()})")
+            target = None
+        entry = {"name": name, "target": target}
+        if target == "sampled":
+            entry.update(n_draws=spec.sampled.n_draws,
+                         sample_temperature=spec.sampled.temperature)
+        if cfg.hidden_weight > 0 and spec.hidden:
+            entry["hidden_map"] = _layer_map(user_map, spec.hidden.layers, "hidden states",
+                                             name, n_blocks, problems)
+        if cfg.attention_weight > 0 and spec.attention:
+            att = spec.attention
+            if att.num_heads not in (1, text.num_attention_heads):
+                problems.append(f"signal {name!r} stores {att.num_heads} attention heads, the "
+                                f"student has {text.num_attention_heads}: per-head alignment "
+                                f"needs equal counts (or a head-averaged dump)")
+            entry["layer_map"] = _layer_map(user_map, att.layers, "attention", name, n_blocks,
+                                            problems)
+            entry["attention_layers"] = tuple(att.layers)
+        entries.append(entry)
+
+    def shares(key: str) -> dict[str, float]:
+        chosen = [e["name"] for e in entries if e.get(key)]
+        total = sum(raw_weight[n] for n in chosen)
+        return {n: raw_weight[n] / total for n in chosen} if total > 0 else {}
+
+    kd, hidden, attention = shares("target"), shares("hidden_map"), shares("layer_map")
+    if cfg.alpha > 0 and not kd and not problems:
+        problems.append(f"alpha > 0 needs per-token teacher targets, but signals {names} hold "
+                        f"neither top-k nor sampled targets (set --alpha 0 to align only)")
+    if cfg.hidden_weight > 0 and not hidden:
+        problems.append(f"hidden_weight > 0 but none of the signals {names} stores hidden states")
+    if cfg.attention_weight > 0 and not attention:
+        problems.append(f"attention_weight > 0 but none of the signals {names} stores attention")
+    plans, aligners = [], []
+    for e in entries:
+        name = e["name"]
+        plans.append(SignalPlan(
+            name=name, kd_weight=kd.get(name, 0.0), target=e["target"] if name in kd else None,
+            n_draws=e.get("n_draws", 0), sample_temperature=e.get("sample_temperature", 1.0),
+            hidden_weight=hidden.get(name, 0.0), attention_weight=attention.get(name, 0.0),
+            attention_layers=e.get("attention_layers", ()), layer_map=e.get("layer_map", {})))
+        if name in hidden and not problems:
+            spec = settings.signals[name].hidden
+            aligners.append((name, HiddenStateAligner(
+                e["hidden_map"], text.hidden_size, spec.dim, loss=cfg.hidden_loss,
+                pooling=spec.pooling, teacher_layers=spec.layers)))
+    return plans, aligners
+
+
+# ----------------------------------------------------------------------------- streams
+
+def _stream_api():
+    return importlib.import_module("student_train.stream")
+
+
+def _make_stream(api, url: str, problems: list[str], **kwargs):
+    try:
+        return api.StoreStream(url, **kwargs)
+    except ValueError as exc:
+        problems.append(f"{url}: {exc}")
+        return None
+
+
+def store_sources(cfg, tokenizer, student, accelerator) -> Sources:
+    reader = open_store(cfg.store, cfg, tokenizer, accelerator)
+    eval_reader = open_store(cfg.eval_store, cfg, tokenizer, accelerator) \
+        if cfg.eval_store else None
+    problems: list[str] = []
+    plans, aligners = plan_signals(cfg, reader.settings, student, problems)
+    names = [p.name for p in plans]
+    if eval_reader is not None:
+        missing = [n for n in names if n not in eval_reader.settings.signals]
+        if missing:
+            problems.append(f"eval_store {cfg.eval_store} lacks signal(s) {missing}")
+    src = Sources(train=None, eval=None, plans=plans, aligners=aligners)
+    weight_fn = None
+    if cfg.objective == "distillm-med":  # specialty weights apply per group, not per sample
+        src.groups = list(cfg.specialty_weights) + [OTHER_GROUP]
+        src.group_weights = list(cfg.specialty_weights.values()) + [1.0]
+        if cfg.specialty_key not in reader.index.column_names:
+            problems.append(f"specialty_key {cfg.specialty_key!r} is not a tag of the store "
+                            f"(columns: {reader.index.column_names})")
+        else:
+            index = {g: i for i, g in enumerate(src.groups)}
+            specialties = reader.index.column(cfg.specialty_key).to_pylist()
+            src.group_of = {sid: index.get(sp, len(src.groups) - 1)
+                            for sid, sp in zip(reader.sample_ids, specialties)}
+    elif cfg.specialty_weights:
+        weight_fn = SpecialtyWeight(cfg.specialty_key, cfg.specialty_weights)
+    if problems:
+        raise ConfigError(problems)
+
+    api = _stream_api()
+    train_rows = eval_rows = None
+    if cfg.eval_fraction:
+        train_rows, eval_rows = api.holdout_rows(reader, cfg.eval_fraction, cfg.seed)
+        if len(eval_rows) == 0:
+            problems.append(f"eval_fraction {cfg.eval_fraction} holds out none of the "
+                            f"{len(reader)} samples; raise it")
+    common = dict(signals=names, batch_tokens=cfg.batch_tokens, packing=cfg.packing,
+                  rank=accelerator.process_index, world_size=accelerator.num_processes,
+                  cache_dir=cfg.cache_dir, seed=cfg.seed)
+    order = "curriculum" if cfg.curriculum else ("shuffle" if cfg.shuffle else "sequential")
+    src.train = _make_stream(api, cfg.store, problems, split=cfg.train_split, rows=train_rows,
+                             shuffle=cfg.shuffle, sample_weight=weight_fn, order=order,
+                             curriculum_key=cfg.curriculum or "difficulty", **common)
+    if eval_rows is not None or cfg.eval_store or cfg.eval_split:
+        src.eval = _make_stream(api, cfg.eval_store or cfg.store, problems, split=cfg.eval_split,
+                                rows=eval_rows, shuffle=False, order="sequential", **common)
+    if problems:
+        raise ConfigError(problems)
+    src.provenance = {"store": cfg.store, "manifest_sha256": manifest_sha256(reader),
+                      "dataset_fingerprint": reader.manifest.get("dataset_fingerprint"),
+                      "signals": {n: reader.manifest["settings"]["signals"][n] for n in names}}
+    if eval_reader is not None:
+        src.provenance.update(eval_store=cfg.eval_store,
+                              eval_manifest_sha256=manifest_sha256(eval_reader),
+                              eval_dataset_fingerprint=eval_reader.manifest.get(
+                                  "dataset_fingerprint"))
+    return src
+
+
+def text_sources(cfg, tokenizer, accelerator) -> Sources:
+    from student_train.text_data import TextBatches, holdout, load_text_samples
+
+    samples = load_text_samples(cfg.data, tokenizer, data_format=cfg.data_format,
+                                max_length=cfg.max_length, include_prompt=cfg.include_prompt)
+    train, held = holdout(samples, cfg.eval_fraction, cfg.seed) if cfg.eval_fraction \
+        else (samples, [])
+    common = dict(batch_tokens=cfg.batch_tokens, seed=cfg.seed, rank=accelerator.process_index,
+                  world_size=accelerator.num_processes, pad_id=tokenizer.pad_token_id or 0)
+    return Sources(train=TextBatches(train, shuffle=cfg.shuffle, **common),
+                   eval=TextBatches(held, shuffle=False, drop_uneven=False, **common)
+                   if held else None,
+                   provenance={"data": list(cfg.data), "samples": len(samples)})
+
+
+def open_sources(cfg, tokenizer, student, accelerator) -> Sources:
+    if cfg.distill:
+        return store_sources(cfg, tokenizer, student, accelerator)
+    return text_sources(cfg, tokenizer, accelerator)

@@ -20,8 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# The pooling math is shared with teacher-dump, which computes the stored teacher pools.
+from logitstore.pooling import HIDDEN_POOLINGS, pool_attention, pool_hidden  # noqa: F401
+
 Tensor = torch.Tensor
-HIDDEN_POOLINGS = ("mean", "mean-all", "last")
 HIDDEN_LOSSES = ("cosine", "mse")
 ATTENTION_LOSSES = ("mse", "frobenius")
 
@@ -72,37 +74,6 @@ def _weighted_sample_mean(values: Tensor, valid: Tensor, sample_weights: Tensor 
 
 
 # ----------------------------------------------------------------------------- hidden states
-
-def pool_hidden(hidden: Tensor, mask: Tensor, attention_mask: Tensor, kind: str = "mean") -> Tensor:
-    """One vector per sample. hidden [B, S, d], mask (loss/target) [B, S], attention_mask [B, S].
-
-    mean:     mean over target tokens (mask & attention_mask); a sample with no target token
-              falls back to the mean over all its real tokens
-    mean-all: mean over real tokens (attention_mask)
-    last:     the last real token (largest position with attention_mask True; works for left
-              and right padding)
-    A sample with no real token pools to zeros. -> [B, d] fp32
-    """
-    if kind not in HIDDEN_POOLINGS:
-        raise ValueError(f"hidden pooling must be one of {HIDDEN_POOLINGS}, found {kind!r}")
-    if hidden.dim() != 3 or mask.shape != hidden.shape[:2] or attention_mask.shape != mask.shape:
-        raise ValueError(f"expected hidden [B, S, d] with mask and attention_mask [B, S], found "
-                         f"{tuple(hidden.shape)}, {tuple(mask.shape)}, "
-                         f"{tuple(attention_mask.shape)}")
-    h = hidden.float()
-    real = attention_mask.bool()
-    if kind == "last":
-        positions = torch.arange(h.shape[1], device=h.device)
-        last = (positions * real).argmax(-1)  # [B]
-        picked = h[torch.arange(h.shape[0], device=h.device), last]
-        return picked * real.any(-1, keepdim=True)
-    select = real
-    if kind == "mean":
-        target = mask.bool() & real
-        select = torch.where(target.any(-1, keepdim=True), target, real)
-    weight = select.float()[..., None]  # [B, S, 1]
-    return (h * weight).sum(1) / weight.sum(1).clamp_min(1.0)
-
 
 class HiddenStateAligner(nn.Module):
     """Learned projections d_s -> d_t per mapped layer, and the pooled-hidden alignment loss.
@@ -158,42 +129,6 @@ class HiddenStateAligner(nn.Module):
 
 
 # ----------------------------------------------------------------------------- attention
-
-def _bin_matrix(lengths: Tensor, seq_len: int, grid: int) -> Tensor:
-    """[B, G, S]: row g averages the tokens of bin g of each sample's real length.
-
-    Bins are those of adaptive_avg_pool: [floor(g*L/G), ceil((g+1)*L/G)), so the pooled map
-    P A P^T equals adaptive_avg_pool2d(A[:L, :L], G) (averaging a rectangle is separable).
-    """
-    g = torch.arange(grid, device=lengths.device)
-    L = lengths.long()[:, None]  # [B, 1]
-    start = (g * L) // grid  # [B, G]
-    end = ((g + 1) * L + grid - 1) // grid
-    s = torch.arange(seq_len, device=lengths.device)
-    inside = (s >= start[..., None]) & (s < end[..., None])  # [B, G, S]
-    return inside.float() / (end - start).clamp_min(1)[..., None].float()
-
-
-def pool_attention(attn: Tensor, lengths: Tensor, grid: int) -> Tensor:
-    """Average-pool each sample's attention over its real tokens to a grid x grid map.
-
-    attn [B, H, S, S] (real tokens at positions 0..len-1, i.e. right padding), lengths [B]
-    -> [B, H, G, G] fp32. Per sample b this is adaptive_avg_pool2d(attn[b, :, :L_b, :L_b], G):
-    cell (i, j) is the mean attention from query bin i to key bin j, bins being contiguous
-    token ranges as in adaptive pooling (they overlap when L_b < G). Length 0 -> zeros.
-    """
-    if attn.dim() != 4 or attn.shape[-1] != attn.shape[-2]:
-        raise ValueError(f"attn must be [B, H, S, S], found {tuple(attn.shape)}")
-    if lengths.shape != attn.shape[:1]:
-        raise ValueError(f"lengths must be [B]={tuple(attn.shape[:1])}, found "
-                         f"{tuple(lengths.shape)}")
-    if not (isinstance(grid, int) and grid >= 1):
-        raise ValueError(f"grid must be an int >= 1, found {grid!r}")
-    if bool(((lengths < 0) | (lengths > attn.shape[-1])).any()):
-        raise ValueError(f"lengths must be in [0, S={attn.shape[-1]}], found {lengths.tolist()}")
-    P = _bin_matrix(lengths, attn.shape[-1], grid)[:, None]  # [B, 1, G, S]
-    return P @ attn.float() @ P.transpose(-1, -2)  # [B, H, G, G]
-
 
 def attention_alignment_loss(student_attentions: Sequence[Tensor], teacher_grids: Tensor,
                              lengths: Tensor, layer_map: Mapping[int, int], *,

@@ -1,8 +1,7 @@
 """`--data` mode: raw training data (no teacher) as batches of the StoreStream contract.
 
 The raw-data reader (files, globs, HF datasets -> tokenized samples with a loss mask) is
-`logitstore.data`; student_train never imports teacher_dump (dependencies point one way), so
-until that module exists `--data` stops with a clear message.
+`logitstore.data`, shared with teacher-dump (student_train never imports teacher_dump).
 
 Samples are held in memory (hard-label fine-tuning sets are small next to a store); each epoch
 is a seeded permutation cut greedily into micro-batches of at most `batch_tokens` padded tokens,
@@ -25,13 +24,8 @@ IGNORE = -100
 def load_text_samples(sources: Sequence[str], tokenizer, *, data_format: str = "auto",
                       max_length: int | None = None, include_prompt: bool = False) -> list:
     """Tokenized samples (sample_id, input_ids, loss_mask, ...) of `sources`."""
-    try:
-        from logitstore.data import DataOptions, iter_samples
-    except ImportError:
-        raise LogitStoreError(
-            "--data needs the raw-data reader logitstore.data, which this installation lacks "
-            "(it is moving there from teacher_dump.data). Train from a store (--store) or "
-            "update logitstore.") from None
+    from logitstore.data import DataOptions, iter_samples
+
     options = DataOptions(format=data_format, max_length=max_length,
                           include_prompt=include_prompt)
     samples = [s for s in iter_samples(list(sources), tokenizer, options) if s.loss_mask.any()]

@@ -29,7 +29,7 @@ from logitstore.format import ATTENTION_HEADS, HIDDEN_POOLINGS, LOGPROB_ENCODING
 QUANTIZE_CHOICES = ("auto", "4bit", "8bit", "none")
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 STORED_FLOAT_DTYPES = ("float16", "float32")
-# Data formats of teacher_dump.formats; dashes are accepted for underscores.
+# Data formats of logitstore.formats; dashes are accepted for underscores.
 DATA_FORMATS = ("auto", "chat", "medmcqa", "mcq", "instruction", "prompt_completion", "text")
 SECTION = "dump"
 _SIGNAL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")

@@ -17,7 +17,7 @@ Steps, top to bottom in `run_dump`:
    signal that differs on a content key, is refused - unless `overwrite`, which replaces
    such a store. A store with the same config is resumed (never replaced), so a killed
    dump restarted with the same command continues.
-2. Data: every sample is read (`teacher_dump.data.iter_samples`). The *batch plan*:
+2. Data: every sample is read (`logitstore.data.iter_samples`). The *batch plan*:
    samples sorted by (length, input position), cut into batches of at most
    `batch_tokens` padded tokens (batch size x longest sample); in add-signal mode, one
    plan per stored segment.
@@ -55,7 +55,7 @@ from logitstore.fs import StoreFS
 from logitstore.sample import Sample, SignalData
 from logitstore.segment import sample_digest
 from teacher_dump.config import DumpConfig, content_differences
-from teacher_dump.data import DataOptions, DataSourceError, DataSummary, iter_samples
+from logitstore.data import DataOptions, DataSourceError, DataSummary, iter_samples
 
 log = logging.getLogger(__name__)
 

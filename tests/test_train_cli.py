@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
@@ -169,15 +168,6 @@ def test_data_mode_trains_on_hard_labels(world, tmp_path, monkeypatch):
     assert "train/kd" not in metrics[-2] and metrics[-1]["eval/loss"] == metrics[-1]["eval/ce"]
     meta = json.loads((run / "training_metadata.json").read_text())
     assert meta["source"] == {"data": ["notes.jsonl"], "samples": len(samples)}
-
-
-@pytest.mark.skipif(importlib.util.find_spec("logitstore.data") is not None,
-                    reason="logitstore.data exists: --data reads real files")
-def test_data_mode_without_the_reader_says_why(tmp_path):
-    from student_train.text_data import load_text_samples
-
-    with pytest.raises(LogitStoreError, match="needs the raw-data reader logitstore.data"):
-        load_text_samples([str(tmp_path / "x.jsonl")], tokenizer=None)
 
 
 def test_store_only_settings_are_refused_with_data():

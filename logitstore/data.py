@@ -12,7 +12,7 @@ Sources (`iter_samples(sources, ...)` takes one spec or a list, read in the orde
 * a Hugging Face dataset ``name[:config][@split]`` (``hf:`` prefix to force), loaded
   with ``datasets.load_dataset``; without ``@split`` every split is read.
 
-Record formats, their rendering and pair tokenization live in `teacher_dump.formats`.
+Record formats, their rendering and pair tokenization live in `logitstore.formats`.
 
 Definitions that other tools rely on:
 
@@ -23,7 +23,7 @@ Definitions that other tools rely on:
   counting blank lines; JSON/Parquet/datasets: record index). Messages about bad records
   show ``source:LINE`` (1-based) for JSONL and ``source[row]`` otherwise.
 * **sample id**: ``f"{source}:{row}:{sha256(prompt + response)[:12]}"`` where prompt and
-  response are the tokenizer-independent renderings of `teacher_dump.formats` (UTF-8,
+  response are the tokenizer-independent renderings of `logitstore.formats` (UTF-8,
   hex digest), so teams with different teachers or tokenizers agree. Windows of a long
   sample get ``#w0``, ``#w1``... appended.
 * **duplicate**: same ``prompt + response`` text as an earlier sample of the run (the
@@ -54,7 +54,7 @@ from typing import Literal
 import numpy as np
 
 from logitstore.errors import LogitStoreError
-from teacher_dump.formats import (
+from logitstore.formats import (
     Format,
     RecordError,
     RenderOptions,
@@ -82,7 +82,7 @@ class DataSourceError(LogitStoreError):
 
 @dataclass(frozen=True)
 class DataOptions:
-    format: str = "auto"  # "auto" or a name from teacher_dump.formats.FORMAT_NAMES
+    format: str = "auto"  # "auto" or a name from logitstore.formats.FORMAT_NAMES
     max_length: int | None = None  # in tokens, BOS and EOS included
     overflow: Literal["truncate", "window"] = "truncate"
     include_prompt: bool = False  # prompt tokens are targets too
@@ -90,7 +90,7 @@ class DataOptions:
     wrap_in_chat: bool = False  # render non-chat records as a user/assistant exchange
     dedup: bool = True
     limit: int | None = None  # at most this many samples
-    mcq_index_base: int = 0  # see teacher_dump.formats.RenderOptions
+    mcq_index_base: int = 0  # see logitstore.formats.RenderOptions
     default_split: str = "train"
 
 

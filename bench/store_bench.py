@@ -2,8 +2,9 @@
 
     python bench/store_bench.py [--samples 64 --length 512 --vocab 32000 --k 64 --draws 50]
 
-Teacher signals come from the synthetic Zipf-like teacher (logitstore/synthetic.py); its
-measured mean entropy is printed and stored. Everything is measured side by side in one
+Teacher signals come from the synthetic Zipf-like teacher (logitstore/synthetic.py), or,
+with `--model DIR --data JSONL`, from the real logits of a trained causal LM (e.g. the demo
+teacher) over text records; the measured mean entropy is printed and stored. Everything is measured side by side in one
 run; ratios are what to compare across machines. JSON goes to bench/out/store_bench.json.
 """
 
@@ -98,6 +99,33 @@ def partial_vs_whole_shard(workdir: str, tokens: int, k: int, piece: int) -> dic
             "pieces_s": timings["pieces"], "slowdown": timings["pieces"] / timings["whole"]}
 
 
+def model_samples(args, rng):
+    """Samples whose signals are a trained LM's real top-k / sampled targets on real text."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from logitstore.sample import Sample, SignalData
+    from logitstore.synthetic import sampled_of, topk_of
+
+    tok = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    texts = [json.loads(line)["text"] for line in Path(args.data).read_text().splitlines()
+             if line.strip()]
+    ids = np.concatenate([tok(t)["input_ids"] for t in texts])
+    samples, entropies = [], []
+    for i in range(min(args.samples, len(ids) // args.length)):
+        window = ids[i * args.length:(i + 1) * args.length]
+        with torch.inference_mode():
+            logits = model(torch.tensor(window)[None]).logits[0].float().numpy()
+        logits = logits[:, :len(tok)]  # drop padded embedding rows, if any
+        entropies.append(mean_entropy(logits))
+        data = SignalData(topk=topk_of(logits, args.k),
+                          sampled=sampled_of(logits, args.draws, 1.0, rng))
+        samples.append(Sample(f"bench:{i}", window, np.ones(len(window), bool),
+                              signals={"teacher": data}))
+    return samples, float(np.mean(entropies)), len(tok)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--samples", type=int, default=64)
@@ -107,18 +135,25 @@ def main() -> None:
     p.add_argument("--draws", type=int, default=50)
     p.add_argument("--random-reads", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", help="a trained causal LM directory: use its real logits")
+    p.add_argument("--data", help="JSONL with a `text` field, read with --model")
     p.add_argument("--out", default="bench/out/store_bench.json")
     args = p.parse_args()
 
     rng = np.random.default_rng(args.seed)
-    teacher = ZipfTeacher(vocab_size=args.vocab)
-    entropy = mean_entropy(teacher.logits(np.random.default_rng(args.seed + 1), 1024))
-    print(f"synthetic teacher: V={args.vocab}, mean entropy {entropy:.2f} nats/position")
     start = time.perf_counter()
-    samples = [random_sample(rng, f"bench:{i}", args.length, teacher, k=args.k,
-                             n_draws=args.draws) for i in range(args.samples)]
-    print(f"generated {args.samples} x {args.length} tokens in {time.perf_counter() - start:.1f}s")
-    tokens = args.samples * args.length
+    if args.model:
+        samples, entropy, args.vocab = model_samples(args, rng)
+        kind = f"trained LM {args.model} on {args.data}"
+    else:
+        teacher = ZipfTeacher(vocab_size=args.vocab)
+        entropy = mean_entropy(teacher.logits(np.random.default_rng(args.seed + 1), 1024))
+        samples = [random_sample(rng, f"bench:{i}", args.length, teacher, k=args.k,
+                                 n_draws=args.draws) for i in range(args.samples)]
+        kind = "synthetic Zipf (logitstore/synthetic.py)"
+    print(f"teacher: {kind}, V={args.vocab}, mean entropy {entropy:.2f} nats/position")
+    print(f"generated {len(samples)} samples in {time.perf_counter() - start:.1f}s")
+    tokens = sum(len(x.input_ids) for x in samples)
     entries = sum(int(s.signals["teacher"].sampled.offsets[-1]) for s in samples)
     base = raw_baseline(tokens, args.k, entries)
 
@@ -150,7 +185,7 @@ def main() -> None:
     out = {"command": "python bench/store_bench.py " + " ".join(
                f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-           "teacher": {"kind": "synthetic Zipf (logitstore/synthetic.py)", "vocab": args.vocab,
+           "teacher": {"kind": kind, "vocab": args.vocab,
                        "mean_entropy_nats": entropy},
            "samples": args.samples, "length": args.length, "k": args.k, "draws": args.draws,
            "raw_baseline": base, "results": results, "partial_shard_writes": shard}

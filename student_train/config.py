@@ -18,11 +18,12 @@ done by train.py once those are open, and reported the same way.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from logitstore.config import (Field, at_least, between, load_section, one_of, positive,
+                               resolve_fields)
 from logitstore.errors import ConfigError
 
 SECTION = "train"
@@ -42,36 +43,7 @@ STUDENT_DTYPES = ("float32", "bfloat16", "float16")
 VERIFY = ("full", "none")
 
 
-@dataclass(frozen=True)
-class Field:
-    kind: str  # str | int | float | bool | optional_* | list_str | weights
-    default: Any
-    check: Callable[[Any], str | None] | None = None  # -> problem text, or None when fine
-    help: str = ""
-    flag: bool = True  # exposed as a command-line flag (else YAML only)
-    resumable: bool = False  # may change between a run and its resume
-
-
-def _at_least(low):
-    return lambda v: None if v is None or v >= low else f"must be >= {low}, got {v}"
-
-
-def _between(low, high, *, high_open=False):
-    def check(v):
-        if v is None:
-            return None
-        ok = low <= v < high if high_open else low <= v <= high
-        return None if ok else f"must be in [{low}, {high}{')' if high_open else ']'}, got {v}"
-    return check
-
-
-def _one_of(choices):
-    return lambda v: None if v is None or v in choices else \
-        f"must be one of {', '.join(choices)}, got {v!r}"
-
-
-def _positive(v):
-    return None if v is None or v > 0 else f"must be > 0, got {v}"
+_at_least, _between, _one_of, _positive = at_least, between, one_of, positive
 
 
 FIELDS: dict[str, Field] = {
@@ -239,104 +211,9 @@ class TrainConfig:
         return self.store is not None
 
 
-# ----------------------------------------------------------------------------- coercion
-
-
-def _split_list(value: str) -> list[str]:
-    return [part.strip() for part in value.split(",") if part.strip()]
-
-
-def _number(value: Any, cast, what: str):
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ValueError(f"must be {what}, got {value!r}")
-    try:
-        return cast(value)
-    except ValueError:
-        raise ValueError(f"must be {what}, got {value!r}") from None
-
-
-def _weights(value: Any) -> dict[str, float]:
-    """{"a": 0.6} or "a:0.6,b:0.4" or ["a", "b"] (weight 1) -> {name: weight >= 0}."""
-    if isinstance(value, str):
-        value = _split_list(value)
-    if isinstance(value, (list, tuple)):
-        out: dict[str, float] = {}
-        for item in value:
-            name, _, weight = str(item).partition(":")
-            if not name.strip():
-                raise ValueError(f"entries must look like name or name:weight, got {item!r}")
-            out[name.strip()] = weight.strip() or 1.0
-        value = out
-    if not isinstance(value, dict):
-        raise ValueError(f"must be a mapping name: weight, got {value!r}")
-    parsed = {}
-    for name, weight in value.items():
-        w = _number(weight, float, "a number")
-        if w < 0:
-            raise ValueError(f"weight of {name!r} must be >= 0, got {w}")
-        parsed[str(name)] = w
-    return parsed
-
-
-def _coerce(kind: str, value: Any) -> Any:
-    """value (from YAML or a flag) -> the field's type; ValueError with a short reason."""
-    if kind.startswith("optional_"):
-        if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
-            return None
-        kind = kind.removeprefix("optional_")
-    if kind == "str":
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ValueError(f"must be a string, got {type(value).__name__}")
-        return str(value)
-    if kind == "int":
-        return _number(value, int, "an integer")
-    if kind == "float":
-        return _number(value, float, "a number")
-    if kind == "bool":
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise ValueError(f"must be true or false, got {value!r}")
-    if kind == "list_str":
-        items = value if isinstance(value, (list, tuple)) else [value]
-        out = []
-        for item in items:
-            if not isinstance(item, str):
-                raise ValueError(f"must be strings, got {item!r}")
-            out += _split_list(item)  # "a,b" and repeated flags both work
-        return out
-    if kind == "weights":
-        return _weights(value)
-    raise AssertionError(f"unknown field kind {kind}")
-
-
-# ----------------------------------------------------------------------------- presets
-
-
 def load_preset(path: str | Path) -> tuple[dict[str, Any], list[str]]:
     """(the `train:` section of a YAML preset, problems); a missing section is a problem."""
-    import yaml
-
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        return {}, [f"cannot read config file {path}: {exc.strerror or exc}"]
-    except yaml.YAMLError as exc:
-        return {}, [f"{path} is not valid YAML: {' '.join(str(exc).split())}"]
-    data = {} if data is None else data
-    if not isinstance(data, dict):
-        return {}, [f"{path}: expected a mapping with a '{SECTION}:' section, "
-                    f"got {type(data).__name__}"]
-    section = data.get(SECTION)
-    if section is None:
-        misplaced = sorted(set(data) & set(FIELDS))
-        hint = f" (keys {misplaced} belong under '{SECTION}:')" if misplaced else ""
-        return {}, [f"{path} has no '{SECTION}:' section{hint}"]
-    if not isinstance(section, dict):
-        return {}, [f"{path}: '{SECTION}:' must be a mapping of settings"]
-    return section, []
+    return load_section(path, SECTION, FIELDS)
 
 
 # ----------------------------------------------------------------------------- resolve
@@ -345,38 +222,7 @@ def load_preset(path: str | Path) -> tuple[dict[str, Any], list[str]]:
 def resolve_config(preset: str | Path | None = None,
                    overrides: dict[str, Any] | None = None) -> TrainConfig:
     """defaults <- preset `train:` section <- overrides (None values = not given); validated."""
-    problems: list[str] = []
-    layers: list[tuple[str, dict[str, Any]]] = []
-    if preset is not None:
-        section, found = load_preset(preset)
-        problems += found
-        layers.append((str(preset), section))
-    layers.append(("command line", {k: v for k, v in (overrides or {}).items()
-                                    if v is not None and v != () and v != []}))
-
-    values: dict[str, Any] = {}
-    origin: dict[str, str] = {}
-    for where, layer in layers:
-        for key, raw in layer.items():
-            norm = str(key).replace("-", "_")
-            field = FIELDS.get(norm)
-            if field is None:
-                close = difflib.get_close_matches(norm, FIELDS, n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                problems.append(f"{where}: unknown setting '{key}'{hint}")
-                continue
-            try:
-                values[norm] = _coerce(field.kind, raw)
-                origin[norm] = where
-            except ValueError as exc:
-                problems.append(f"{norm} ({where}): {exc}")
-
-    resolved = {key: values.get(key, field.default) for key, field in FIELDS.items()}
-    for key, field in FIELDS.items():
-        if key in values and field.check is not None:
-            problem = field.check(resolved[key])
-            if problem:
-                problems.append(f"{key} ({origin[key]}): {problem}")
+    resolved, _, problems = resolve_fields(FIELDS, SECTION, preset, overrides)
     problems += _cross_field_problems(resolved)
     if problems:
         raise ConfigError(problems)

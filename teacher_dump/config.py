@@ -16,12 +16,12 @@ compares a saved one with a new one on the keys that change what is stored.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from logitstore.config import Field, at_least, load_section, one_of, positive, resolve_fields
 from logitstore.errors import ConfigError
 from logitstore.format import ATTENTION_HEADS, HIDDEN_POOLINGS, LOGPROB_ENCODINGS
 
@@ -35,25 +35,7 @@ SECTION = "dump"
 _SIGNAL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 
 
-@dataclass(frozen=True)
-class Field:
-    kind: str  # str | int | float | bool | list_str | list_int | optional_int | optional_str
-    default: Any
-    check: Callable[[Any], str | None] | None = None  # -> problem text, or None when fine
-    content: bool = True  # False: may differ between a run and its resume (no effect on data)
-    help: str = ""
-
-
-def _at_least(low):
-    return lambda v: None if v is None or v >= low else f"must be >= {low}, got {v}"
-
-
-def _one_of(choices):
-    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}, got {v!r}"
-
-
-def _positive(v):
-    return None if v > 0 else f"must be > 0, got {v}"
+_at_least, _one_of, _positive = at_least, one_of, positive
 
 
 def _signal_name(v):
@@ -71,12 +53,12 @@ FIELDS: dict[str, Field] = {
                                help="run the model repo's own code (only when asked)"),
     "quantize": Field("str", "auto", _one_of(QUANTIZE_CHOICES)),
     "dtype": Field("str", "auto", _one_of(DTYPE_CHOICES)),
-    "device": Field("str", "auto", content=False, help="auto: the accelerate process's device"),
+    "device": Field("str", "auto", resumable=True, help="auto: the accelerate process's device"),
     "signal": Field("optional_str", None, _signal_name,
                     help="signal name in the store (default: derived from the model name)"),
     # data
     "data": Field("list_str", []),
-    "format": Field("str", "auto", _one_of(DATA_FORMATS)),
+    "format": Field("str", "auto", lambda v: _one_of(DATA_FORMATS)(v.replace("-", "_"))),
     "max_length": Field("optional_int", 2048, _at_least(2),
                         help="tokens per sample, BOS/EOS included"),
     "split_long": Field("bool", False, help="cut long samples into windows instead of truncating"),
@@ -101,21 +83,21 @@ FIELDS: dict[str, Field] = {
     "attention_heads": Field("str", "mean", _one_of(ATTENTION_HEADS)),
     "attention_dtype": Field("str", "float16", _one_of(STORED_FLOAT_DTYPES)),
     # how it is stored
-    "out": Field("optional_str", None, content=False),
+    "out": Field("optional_str", None, resumable=True),
     "logprob_encoding": Field("str", "q8", _one_of(LOGPROB_ENCODINGS)),
     "logprob_step": Field("float", 1.0 / 16, _positive),
     "singleton_step": Field("float", 0.5, _positive),
     # layout only (an existing store keeps its own): how samples fall into files
-    "segment_tokens": Field("int", 1 << 18, _at_least(1), content=False),
-    "chunk_tokens": Field("int", 4096, _at_least(1), content=False),
-    "chunk_samples": Field("int", 64, _at_least(1), content=False),
-    "overwrite": Field("bool", False, content=False),
+    "segment_tokens": Field("int", 1 << 18, _at_least(1), resumable=True),
+    "chunk_tokens": Field("int", 4096, _at_least(1), resumable=True),
+    "chunk_samples": Field("int", 64, _at_least(1), resumable=True),
+    "overwrite": Field("bool", False, resumable=True),
     # performance only
-    "batch_tokens": Field("int", 16384, _at_least(1), content=False,
+    "batch_tokens": Field("int", 16384, _at_least(1), resumable=True,
                           help="padded tokens (batch size x longest sample) per forward pass"),
-    "logits_chunk": Field("int", 512, _at_least(1), content=False,
+    "logits_chunk": Field("int", 512, _at_least(1), resumable=True,
                           help="positions per fp32 log-softmax chunk (bounds extra memory)"),
-    "queue_batches": Field("int", 4, _at_least(1), content=False,
+    "queue_batches": Field("int", 4, _at_least(1), resumable=True,
                            help="captured batches waiting for the writer thread at most"),
 }
 
@@ -168,95 +150,9 @@ class DumpConfig:
                 for k, v in dataclasses.asdict(self).items()}
 
 
-# ----------------------------------------------------------------------------- coercion
-
-
-def _split_list(value: str) -> list[str]:
-    return [part.strip() for part in value.split(",") if part.strip()]
-
-
-def _coerce(kind: str, value: Any) -> Any:
-    """value (from YAML or a flag) -> the field's type; ValueError with a short reason."""
-    if kind in ("optional_int", "optional_str") and value is None:
-        return None
-    if kind in ("str", "optional_str"):
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ValueError(f"must be a string, got {type(value).__name__}")
-        return str(value)
-    if kind in ("int", "optional_int"):
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ValueError(f"must be an integer, got {value!r}")
-        try:
-            return int(value)
-        except ValueError:
-            raise ValueError(f"must be an integer, got {value!r}") from None
-    if kind == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ValueError(f"must be a number, got {value!r}")
-        try:
-            return float(value)
-        except ValueError:
-            raise ValueError(f"must be a number, got {value!r}") from None
-    if kind == "bool":
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise ValueError(f"must be true or false, got {value!r}")
-    if kind == "list_str":
-        items = value if isinstance(value, (list, tuple)) else [value]
-        out = []
-        for item in items:
-            if not isinstance(item, str):
-                raise ValueError(f"must be strings, got {item!r}")
-            out += _split_list(item)  # "a.jsonl,b.jsonl" and repeated flags both work
-        return out
-    if kind == "list_int":
-        if value is None:
-            return []
-        items = _split_list(value) if isinstance(value, str) else value
-        items = items if isinstance(items, (list, tuple)) else [items]
-        out = []
-        for item in items:
-            if isinstance(item, bool):
-                raise ValueError(f"must be integers, got {item!r}")
-            try:
-                out.append(int(item))
-            except (TypeError, ValueError):
-                raise ValueError(f"must be integers like -1,-4, got {item!r}") from None
-        if len(set(out)) != len(out):
-            raise ValueError(f"lists a layer twice: {out}")
-        return out
-    raise AssertionError(f"unknown field kind {kind}")
-
-
-# ----------------------------------------------------------------------------- presets
-
-
 def load_preset(path: str | Path) -> tuple[dict[str, Any], list[str]]:
     """(the `dump:` section of a YAML preset, problems); a missing section is a problem."""
-    import yaml
-
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        return {}, [f"cannot read config file {path}: {exc.strerror or exc}"]
-    except yaml.YAMLError as exc:
-        return {}, [f"{path} is not valid YAML: {' '.join(str(exc).split())}"]
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        return {}, [f"{path}: expected a mapping with a '{SECTION}:' section, "
-                    f"got {type(data).__name__}"]
-    section = data.get(SECTION)
-    if section is None:
-        misplaced = sorted(set(data) & set(FIELDS))
-        hint = (f" (keys {misplaced} belong under '{SECTION}:')" if misplaced else "")
-        return {}, [f"{path} has no '{SECTION}:' section{hint}"]
-    if not isinstance(section, dict):
-        return {}, [f"{path}: '{SECTION}:' must be a mapping of settings"]
-    return section, []
+    return load_section(path, SECTION, FIELDS)
 
 
 def default_signal_name(model: str) -> str:
@@ -272,39 +168,9 @@ def default_signal_name(model: str) -> str:
 def resolve_config(preset: str | Path | None = None,
                    overrides: dict[str, Any] | None = None) -> DumpConfig:
     """defaults <- preset `dump:` section <- overrides (None values = not given); validated."""
-    problems: list[str] = []
-    layers: list[tuple[str, dict[str, Any]]] = []
-    if preset is not None:
-        section, found = load_preset(preset)
-        problems += found
-        layers.append((f"{preset}", section))
-    layers.append(("command line", {k: v for k, v in (overrides or {}).items() if v is not None}))
-
-    values: dict[str, Any] = {}
-    origin: dict[str, str] = {}
-    for where, layer in layers:
-        for key, raw in layer.items():
-            norm = str(key).replace("-", "_")
-            field = FIELDS.get(norm)
-            if field is None:
-                close = difflib.get_close_matches(norm, FIELDS, n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                problems.append(f"{where}: unknown setting '{key}'{hint}")
-                continue
-            try:
-                values[norm] = _coerce(field.kind, raw)
-                origin[norm] = where
-            except ValueError as exc:
-                problems.append(f"{norm} ({where}): {exc}")
-
-    resolved = {key: values.get(key, field.default) for key, field in FIELDS.items()}
+    resolved, _, problems = resolve_fields(FIELDS, SECTION, preset, overrides)
     if isinstance(resolved["format"], str):
         resolved["format"] = resolved["format"].replace("-", "_")
-    for key, field in FIELDS.items():
-        if key in values and field.check is not None:
-            problem = field.check(resolved[key])
-            if problem:
-                problems.append(f"{key} ({origin[key]}): {problem}")
     problems += _cross_field_problems(resolved)
     if problems:
         raise ConfigError(problems)
@@ -337,7 +203,7 @@ def content_differences(saved: dict[str, Any], new: DumpConfig) -> list[str]:
     now = new.as_dict()
     out = []
     for key, field in FIELDS.items():
-        if not field.content or key not in saved:
+        if field.resumable or key not in saved:
             continue
         before = saved[key]
         if isinstance(before, list) or isinstance(now[key], list):

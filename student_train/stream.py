@@ -55,7 +55,6 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow.compute as pc
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from logitstore.reader import StoreReader

@@ -85,6 +85,10 @@ class StoreWriter:
         if self.fs.exists(rel):
             manifest = load_json(self.fs, rel)
             if manifest.get("complete"):
+                if self.commit_each_segment:
+                    # A crash inside close() can leave the store manifest one commit behind
+                    # the complete part: bring it up to date (idempotent) before refusing.
+                    commit_store(self.fs, extra=self.extra)
                 raise LogitStoreError(
                     f"part {self.part!r} of {self.fs.url} is complete; it cannot be appended to. "
                     f"Write new samples to a new part name")

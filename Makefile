@@ -18,6 +18,10 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# The whole pipeline on the bundled corpus (demo/run_demo.py; reruns reuse finished stages).
+demo: $(STAMP)
+	$(BIN)/python demo/run_demo.py --out demo_out
+
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 

@@ -1,0 +1,161 @@
+"""The demo pipeline end to end at test size: `python demo/run_demo.py --scale tiny`.
+
+The same script, stages and tools as `make demo` (demo/configs/tiny*.yaml instead of
+default*.yaml): corpus -> tokenizer -> teacher (student-train --data) -> teacher-dump ->
+logitstore info/verify -> student-train --store (KD + hidden + attention) -> baseline
+(student-train --data) -> distill-eval. Run once in a subprocess (it sets torch's thread
+count, logging and HF offline variables, which must not leak into other tests), then
+inspected; a second run must reuse every stage.
+
+The student's held-out KD at its start comes from the run itself: the demo presets set
+`eval_on_start: true`, so student-train evaluates the untrained student at step 0 (on the
+store samples held out by `eval_fraction`) before the first optimizer step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+REPO = Path(__file__).resolve().parents[1]
+ROLES = ("teacher", "student", "baseline")
+STAGES = ("corpus", "tokenizer", "init", "teacher", "dump", "inspect", "student", "baseline",
+          "eval")
+
+
+def run_demo(out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "demo" / "run_demo.py"), "--out", str(out),
+                           "--scale", "tiny"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    result = run_demo(out)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
+def test_every_artifact_exists(demo):
+    out, result = demo
+    summary = json.loads((out / "summary.json").read_text())
+    missing = [name for name, a in summary["artifacts"].items() if not a["exists"]]
+    assert not missing, missing
+    for path in ("corpus/train.jsonl", "corpus/heldout.jsonl", "corpus/distill.jsonl",
+                 "corpus/documents.jsonl", "tokenizer/tokenizer.json",
+                 "init/teacher/model.safetensors", "init/student/model.safetensors",
+                 "runs/teacher/final/model.safetensors", "runs/teacher/final/tokenizer.json",
+                 "store/manifest.json", "inspect/info.txt", "inspect/verify.txt",
+                 "runs/student/final/model.safetensors", "runs/student/metrics.jsonl",
+                 "runs/student/training_metadata.json", "runs/student/alignment.safetensors",
+                 "runs/baseline/final/model.safetensors", "runs/baseline/metrics.jsonl",
+                 "report/report.json", "report/report.md", "report/report.png",
+                 "report/config.yaml", "commands.sh", "SUMMARY.txt"):
+        assert (out / path).is_file(), path
+    assert (out / "report" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The printed summary names where every artifact is.
+    for name in ("tokenizer", "teacher", "store", "store info", "store verify", "student",
+                 "baseline", "report.md", "report.png"):
+        assert summary["artifacts"][name]["path"] in result.stdout or \
+            Path(summary["artifacts"][name]["path"]).name in result.stdout, name
+    # Teacher > student, both Llama, the student initialised from the same checkpoint as the
+    # baseline.
+    params = summary["parameters"]
+    assert params["teacher"] > params["student"] == params["baseline"] > 0
+
+
+def test_store_holds_every_capture_and_verifies(demo):
+    from logitstore.cli import main as logitstore_cli
+    from logitstore.reader import StoreReader
+
+    out, _ = demo
+    result = CliRunner().invoke(logitstore_cli, ["verify", str(out / "store")])
+    assert result.exit_code == 0, result.output
+    assert (out / "inspect" / "verify.txt").read_text().strip().endswith(": ok")
+    spec = StoreReader(str(out / "store")).settings.signals["teacher"]
+    assert spec.topk is not None and spec.sampled is not None
+    assert spec.hidden is not None and spec.attention is not None
+    info = (out / "inspect" / "info.txt").read_text()
+    for kind in ("topk", "sampled", "hidden", "attention"):
+        assert f"  {kind}" in info, kind
+    distill = (out / "corpus" / "distill.jsonl").read_text().splitlines()
+    assert json.loads((out / "store" / "manifest.json").read_text())["counts"]["samples"] \
+        == len(distill)
+
+
+def test_student_heldout_kd_falls(demo):
+    out, _ = demo
+    rows = [json.loads(line) for line in (out / "runs" / "student" / "metrics.jsonl")
+            .read_text().splitlines()]
+    evals = [(r["step"], r["eval/kd"]) for r in rows if "eval/kd" in r]
+    assert evals[0][0] == 0, "eval_on_start: the first evaluation is the untrained student"
+    assert evals[-1][0] > 0
+    assert all(_finite(kd) for _, kd in evals)
+    assert evals[-1][1] < evals[0][1], evals
+    # KD, hidden and attention terms were all on; the baseline had no teacher at all.
+    assert {"train/kd", "train/hidden", "train/attention"} <= set().union(*rows)
+    baseline = [json.loads(line) for line in (out / "runs" / "baseline" / "metrics.jsonl")
+                .read_text().splitlines()]
+    assert not any(k.startswith(("train/kd", "eval/kd")) for r in baseline for k in r)
+    meta = json.loads((out / "runs" / "baseline" / "training_metadata.json").read_text())
+    assert meta["config"]["store"] is None and meta["config"]["data"]
+
+
+def test_report_is_complete(demo):
+    out, _ = demo
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert report["skipped"] == []
+    assert {t for t, e in report["tasks"].items() if e["status"] == "ok"} \
+        == {"medmcq_mini", "medgen_mini"}
+    expected = {"medmcq_mini": {"acc", "acc_norm"},
+                "medgen_mini": {"rouge1", "rouge2", "rougeL", "bleu"},
+                "ppl/heldout": {"perplexity", "nll", "next_token_accuracy"},
+                "efficiency": {"parameters", "peak_memory_bytes", "generation_tokens_per_s",
+                               "latency_p50_s"}}
+    for role in ROLES:
+        results = report["results"][role]
+        for task, metrics in expected.items():
+            assert metrics <= set(results[task]), (role, task)
+            for metric in metrics:
+                assert _finite(results[task][metric]), (role, task, metric)
+    rows = report["comparison"]
+    assert {(r["task"], r["metric"]) for r in rows} >= {
+        (t, m) for t, ms in expected.items() for m in ms}
+    for row in rows:
+        assert all(_finite(row[role]) for role in ROLES), row
+        # retention / gap_closed are null only where they are undefined (division by 0).
+        assert _finite(row["retention"]) or row["teacher"] == 0, row
+        if row["task"] != "efficiency":
+            assert _finite(row["gap_closed"]) or row["teacher"] == row["baseline"], row
+    assert report["ratios"] and all(_finite(v) for v in report["ratios"].values()), \
+        report["ratios"]
+    markdown = (out / "report" / "report.md").read_text()
+    for word in ("medmcq_mini", "medgen_mini", "ppl/heldout", "efficiency"):
+        assert word in markdown
+
+
+def test_rerun_reuses_every_stage(demo):
+    out, _ = demo
+    before = {p: p.stat().st_mtime_ns for p in (out / "report" / "report.json",
+                                                out / "store" / "manifest.json",
+                                                out / "runs" / "student" / "final" /
+                                                "model.safetensors")}
+    result = run_demo(out)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["timings"]) == list(STAGES)
+    assert all(t["reused"] for t in summary["timings"].values()), summary["timings"]
+    assert result.stdout.count("-- reused") == len(STAGES)
+    assert {p: p.stat().st_mtime_ns for p in before} == before

@@ -10,7 +10,10 @@ bench/out/dump_bench_work/):
 * a byte-level BPE tokenizer of exactly --vocab tokens, trained on the demo corpus
   (`demo/make_corpus.py`) plus generated pseudo-words (the demo text alone gives ~6k);
 * a Llama-architecture teacher built with `LlamaConfig` + `from_config` (random init,
-  fp32, untied embeddings), saved with the tokenizer as a local model directory;
+  fp32, untied embeddings), saved with the tokenizer as a local model directory. Being
+  untrained, its next-token distribution is nearly uniform (entropy printed): speed does
+  not depend on it, but the sampled bytes/token are a worst case (16 distinct ids in 16
+  draws) and top-k ids compress less than a trained teacher's;
 * a JSONL of the demo's text records holding about --tokens tokens (rewritten each run).
 
 Measurements, each in a fresh subprocess (so every one gets its own peak RSS, from

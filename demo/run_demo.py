@@ -23,9 +23,9 @@ Settings come from demo/configs/SCALE.yaml (`demo:`, `dump:` and `train:` sectio
 demo/configs/SCALE-teacher.yaml. Everything is seeded, so a run is reproducible.
 
 Rerunning reuses finished stages: a finished stage writes OUT/.stages/NAME.json with a
-key (hash of its command, presets and upstream keys); it is skipped while that key is
-unchanged, and rerun from scratch (its output removed first) otherwise, together with
-every later stage. `--force` reruns everything.
+key (hash of its settings, its code in this file and the keys of the stages before it);
+it is skipped while that key is unchanged, and rerun from scratch (its output removed
+first) otherwise, together with every later stage. `--force` reruns everything.
 
 By default the tools run in this process (their click entry points, called with the
 printed arguments: one import of torch/transformers instead of eight); `--subprocess`
@@ -234,7 +234,7 @@ def _python_stage_log(ctx: "Context", name: str):
     the tool stages redirect theirs per command (Runner.run)."""
     log = ctx.out / "logs" / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a", encoding="utf-8") as fh, contextlib.redirect_stderr(fh):
+    with open(log, "w", encoding="utf-8") as fh, contextlib.redirect_stderr(fh):
         yield
 
 
@@ -260,7 +260,8 @@ def train_tokenizer(ctx: "Context") -> None:
     backend.train_from_iterator(texts, trainer=trainer)
     bos = SPECIAL_TOKENS["bos_token"]
     backend.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, backend.token_to_id(bos))])
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+        special_tokens=[(bos, backend.token_to_id(bos))])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **SPECIAL_TOKENS)
     tokenizer.save_pretrained(ctx.paths["tokenizer"])
     print(f"    vocab {len(tokenizer)} -> {_rel(ctx.paths['tokenizer'], ctx.out)}", flush=True)
@@ -444,7 +445,8 @@ def _tool_version() -> str:
 PYTHON_STAGES = (make_corpus, train_tokenizer, init_models)  # the rest run the tools
 STAGES = [
     Stage("corpus", "generate the bundled medical corpus", make_corpus, ("corpus",),
-          lambda c: (c.demo["seed"], c.demo["corpus_scale"], _file_sha(DEMO_DIR / "make_corpus.py"),
+          lambda c: (c.demo["seed"], c.demo["corpus_scale"],
+                     _file_sha(DEMO_DIR / "make_corpus.py"),
                      _file_sha(DEMO_DIR / "knowledge_base.yaml"))),
     Stage("tokenizer", "train a byte-level BPE tokenizer; group records into documents",
           train_tokenizer, ("tokenizer", "documents", "distill"),
@@ -488,6 +490,7 @@ def run_pipeline(out: Path, scale: str = "default", *, force: bool = False,
     marks = out / ".stages"
     marks.mkdir(exist_ok=True)
     timings: dict[str, dict[str, Any]] = {}
+    commands: list[str] = []  # every stage's, run now or reused
     upstream = _sha(scale, _tool_version())
     rerun_rest = force
     started = time.perf_counter()
@@ -502,6 +505,7 @@ def run_pipeline(out: Path, scale: str = "default", *, force: bool = False,
             print(f"{header} -- reused (finished earlier in {done['seconds']:.1f}s)", flush=True)
             timings[stage.name] = {"seconds": done["seconds"],
                                    "cpu_seconds": done.get("cpu_seconds"), "reused": True}
+            commands += done.get("commands", [])
             continue
         rerun_rest = True  # everything after a stage that runs is rerun too
         print(header, flush=True)
@@ -512,22 +516,25 @@ def run_pipeline(out: Path, scale: str = "default", *, force: bool = False,
                 shutil.rmtree(path)
             else:
                 path.unlink(missing_ok=True)
-        t0, cpu0 = time.perf_counter(), _cpu_seconds()
+        t0, cpu0, first = time.perf_counter(), _cpu_seconds(), len(ctx.runner.commands)
         with _python_stage_log(ctx, stage.name) if stage.fn in PYTHON_STAGES \
                 else contextlib.nullcontext():
             stage.fn(ctx)
         seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
+        ran = ctx.runner.commands[first:]
+        commands += ran
         mark.write_text(json.dumps({"key": key, "seconds": seconds, "cpu_seconds": cpu,
-                                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+                                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                    "commands": ran}))
         timings[stage.name] = {"seconds": seconds, "cpu_seconds": cpu, "reused": False}
         print(f"    done in {seconds:.1f}s (CPU time {cpu:.1f}s)", flush=True)
         if only == stage.name:
             break
     total = time.perf_counter() - started
-    if ctx.runner.commands:
-        (out / "commands.sh").write_text(
-            "#!/bin/sh\n# The commands of the last demo run (stages reused then are not listed)\n"
-            "set -e\n" + "\n".join(ctx.runner.commands) + "\n", encoding="utf-8")
+    (out / "commands.sh").write_text(
+        "#!/bin/sh\n# The demo's stages as shell commands (the tokenizer, documents and model\n"
+        "# initialisation are Python inside demo/run_demo.py)\nset -e\n"
+        + "\n".join(commands) + "\n", encoding="utf-8")
     summary = build_summary(ctx, timings, total)
     (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     text = render_summary(summary)
@@ -572,11 +579,10 @@ def _setup_environment(threads: int | None) -> None:
         os.environ.setdefault(var, "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    if threads:
-        os.environ["OMP_NUM_THREADS"] = str(threads)  # --subprocess: the tools' processes
-        import torch
-
-        torch.set_num_threads(threads)
+    if threads:  # read by torch when it starts (here, or in the tools' processes)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(threads)
     root = logging.getLogger()
     if not any(getattr(h, "_demo", False) for h in root.handlers):
         handler = logging.StreamHandler(_CurrentStderr())
@@ -595,7 +601,7 @@ def _params(model_dir: Path) -> int | None:
         return None
     from safetensors import safe_open
 
-    with safe_open(str(weights), "pt") as f:
+    with safe_open(str(weights), "np") as f:
         return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
@@ -646,7 +652,8 @@ def render_summary(s: dict[str, Any]) -> str:
                      + ("  (reused: time of the run that made it)" if t["reused"] else ""))
     lines += ["", "artifacts:"]
     for name, a in s["artifacts"].items():
-        lines.append(f"  {name:13s} {_rel(a['path'], out)}" + ("" if a["exists"] else "  (missing)"))
+        lines.append(f"  {name:13s} {_rel(a['path'], out)}"
+                     + ("" if a["exists"] else "  (missing)"))
     params = s["parameters"]
     if params.get("teacher"):
         lines += ["", f"parameters: teacher {params['teacher'] / 1e6:.2f}M, student "

@@ -74,6 +74,11 @@ def test_every_artifact_exists(demo):
     # baseline.
     params = summary["parameters"]
     assert params["teacher"] > params["student"] == params["baseline"] > 0
+    # Every tool stage is a plain command, listed in commands.sh.
+    commands = (out / "commands.sh").read_text().splitlines()
+    assert [c.split()[0] for c in commands if not c.startswith(("#", "set ", "python "))] == [
+        "student-train", "teacher-dump", "logitstore", "logitstore", "student-train",
+        "student-train", "distill-eval"]
 
 
 def test_store_holds_every_capture_and_verifies(demo):
@@ -152,6 +157,7 @@ def test_rerun_reuses_every_stage(demo):
                                                 out / "store" / "manifest.json",
                                                 out / "runs" / "student" / "final" /
                                                 "model.safetensors")}
+    commands = (out / "commands.sh").read_text()
     result = run_demo(out)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -159,3 +165,4 @@ def test_rerun_reuses_every_stage(demo):
     assert all(t["reused"] for t in summary["timings"].values()), summary["timings"]
     assert result.stdout.count("-- reused") == len(STAGES)
     assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert (out / "commands.sh").read_text() == commands

@@ -61,7 +61,8 @@ def info(store: str, as_json: bool) -> None:
                f"{sizes['bytes_per_token']:.2f} B/token")
     for name, spec in settings["signals"].items():
         teacher = spec.get("teacher", {})
-        click.echo(f"signal {name}: teacher {teacher.get('model_id', '-')} "
+        model = teacher.get("model_id") or teacher.get("hub_id") or teacher.get("name") or "-"
+        click.echo(f"signal {name}: teacher {model} "
                    f"{teacher.get('quantization', '')}".rstrip())
         for kind in ("topk", "sampled"):
             if spec.get(kind):

@@ -66,6 +66,12 @@ MIN_SEGMENTS_PER_SHARD = 4  # "auto" partitions whole segments from this many pe
 STATE_VERSION = 1
 
 
+def is_held_out(sample_id: str, fraction: float, seed: int = 0) -> bool:
+    """The one hold-out rule (store rows and --data samples alike): hash(seed, id) < fraction."""
+    digest = hashlib.blake2b(f"{seed}\0{sample_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0**64 < fraction
+
+
 def holdout_rows(reader: StoreReader, fraction: float, seed: int = 0) -> tuple[np.ndarray,
                                                                               np.ndarray]:
     """(train_rows, eval_rows): a sample is held out when hash(seed, sample_id) < fraction.
@@ -74,10 +80,7 @@ def holdout_rows(reader: StoreReader, fraction: float, seed: int = 0) -> tuple[n
     """
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction must be in [0, 1], found {fraction}")
-    u = np.array([int.from_bytes(hashlib.blake2b(f"{seed}\0{sid}".encode(),
-                                                 digest_size=8).digest(), "little") / 2.0**64
-                  for sid in reader.sample_ids])
-    held = u < fraction
+    held = np.array([is_held_out(sid, fraction, seed) for sid in reader.sample_ids], dtype=bool)
     return np.flatnonzero(~held), np.flatnonzero(held)
 
 

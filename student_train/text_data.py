@@ -10,7 +10,6 @@ dealt round-robin to the processes, each process getting the same number of batc
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -35,15 +34,13 @@ def load_text_samples(sources: Sequence[str], tokenizer, *, data_format: str = "
 
 
 def holdout(samples: list, fraction: float, seed: int) -> tuple[list, list]:
-    """(train, eval): a sample goes to eval when a hash of (seed, sample_id) falls under
-    `fraction`, so the split does not depend on order or on which other samples exist."""
-    def score(sample) -> float:
-        digest = hashlib.sha256(f"{seed}\0{sample.sample_id}".encode()).digest()
-        return int.from_bytes(digest[:8], "little") / 2.0**64
+    """(train, eval) by the same rule as a store's hold-out rows (`stream.is_held_out`), so a
+    --data baseline and a --store student hold out the same sample ids."""
+    from student_train.stream import is_held_out
 
-    train = [s for s in samples if score(s) >= fraction]
-    held = [s for s in samples if score(s) < fraction]
-    return train, held
+    held = [is_held_out(s.sample_id, fraction, seed) for s in samples]
+    return ([s for s, h in zip(samples, held) if not h],
+            [s for s, h in zip(samples, held) if h])
 
 
 def collate(samples: list, pad_id: int = 0) -> dict[str, Any]:

@@ -337,3 +337,17 @@ def test_workers_refuse_a_store_committed_to_after_planning(store):
     stream._index_sha, stream._reader = "0" * 64, None  # as if a dump committed meanwhile
     with pytest.raises(RuntimeError, match="committed to after"):
         next(iter(stream))
+
+
+def test_data_mode_and_store_hold_out_the_same_ids():
+    """A --data baseline and a --store student must be evaluated on the same samples."""
+    from types import SimpleNamespace
+
+    from student_train.stream import is_held_out
+    from student_train.text_data import holdout
+
+    samples = [SimpleNamespace(sample_id=f"notes.jsonl:{i}:abc{i}") for i in range(400)]
+    train, held = holdout(samples, 0.2, seed=3)
+    assert {s.sample_id for s in held} == {s.sample_id for s in samples
+                                           if is_held_out(s.sample_id, 0.2, 3)}
+    assert 40 < len(held) < 120 and len(train) + len(held) == 400

@@ -34,7 +34,8 @@ world   The demo corpus (demo/make_corpus.py), a byte-level BPE trained on it (i
         each variant in its own subprocess measured like the steps (VmHWM over a baseline that
         holds the inputs and weight). naive = full fp32 logits [B,S,V] then the same
         per-position functions (losses.sparse_kd_per_position: logsumexp/log_softmax + KL;
-        cross_entropy_per_position); chunked = chunked_loss.chunked_kd_ce at each
+        cross_entropy_per_position); chunked = chunked_loss.chunked_kd_ce (the fused path,
+        given the loss's gradient w.r.t. kd and ce as training gives it) at each
         `--loss-chunks` size. Loss values and grad norms are compared (must agree).
 (e)     Loader: a fresh StoreStream per epoch iterated with no model (plan, segment reads,
         decoding, collation), tokens/s over whole epochs, vs the offline step's consumption.
@@ -531,9 +532,10 @@ def worker_loss_memory(args, variant: str, chunk: int) -> dict:
             kd = sparse_kd_per_position(logits, target)
             ce = cross_entropy_per_position(logits, labels)
             del logits
-        else:
+        else:  # with the loss's gradient w.r.t. kd and ce, as training passes it
+            half_mean = 0.5 * mask.float() / mask.sum()
             kd, ce = chunked_kd_ce(hidden, weight, target=target, labels=labels, mask=mask,
-                                   chunk_size=chunk)
+                                   chunk_size=chunk, expected_grads=(half_mean, half_mean))
         loss = masked_mean(0.5 * kd + 0.5 * ce, mask)
         loss.backward()
         return loss

@@ -1,5 +1,10 @@
 """lm_head + loss computed in chunks of positions, so [B, S, V] fp32 logits never exist at once.
 
+Two paths. `chunked_kd_ce` (KD vs sparse targets + CE, what training uses) runs
+fused_head_loss: one [chunk, V] buffer per chunk, analytic gradients, no recompute (see
+that module). `chunked_lm_loss` takes any per-position loss function and is the generic
+path described below.
+
 With V = 128k, B*S = 16k positions, full fp32 logits are 8 GiB (plus as much again for their
 gradient and the softmax saved for backward). Like Liger's fused linear cross-entropy and
 torchtune's chunked CE, we compute `logits = hidden @ W.T + b` and the per-position loss one
@@ -24,14 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from student_train.losses import (
-    SparseTarget,
-    cross_entropy_per_position,
-    sparse_kd_per_position,
-)
+from student_train.fused_head_loss import (DEFAULT_CHUNK_SIZE, HeadLossTerms, check_head_inputs,
+                                           fused_head_loss)
+from student_train.losses import SparseTarget
 
 Tensor = torch.Tensor
-DEFAULT_CHUNK_SIZE = 1024
 
 
 def _map_positions(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
@@ -53,26 +55,10 @@ def _chunk_loss(per_position_loss: Callable[..., Tensor], hidden_rows: Tensor, w
     return per_position_loss(logits, *target_rows)  # [n] or [n, terms]
 
 
-def chunked_lm_loss(hidden: Tensor, weight: Tensor,
-                    per_position_loss: Callable[..., Tensor], targets: Sequence[Any] = (), *,
-                    bias: Tensor | None = None, mask: Tensor | None = None,
-                    chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tensor:
-    """Per-position losses of `per_position_loss(hidden @ weight.T + bias, *targets)`, chunked.
-
-    hidden: [B, S, d]; weight: [V, d]; bias: [V] or None; mask: [B, S] bool or None (all).
-    targets: tensors / None / dataclasses of tensors whose leading dims are [B, S]; each call
-        gets them flattened to [n, ...] for its n positions.
-    per_position_loss(logits [n, V] fp32, *target_rows) -> [n] or [n, terms].
-    returns [B, S] (or [B, S, terms]) fp32, 0 at positions outside mask; reduce it with
-    losses.masked_mean. Values and gradients equal the unchunked computation.
-    """
-    if hidden.dim() != 3 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[-1]:
-        raise ValueError(f"expected hidden [B, S, d] and weight [V, d], found "
-                         f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
-    if bias is not None and bias.shape != weight.shape[:1]:
-        raise ValueError(f"bias must be [V]={tuple(weight.shape[:1])}, found {tuple(bias.shape)}")
-    if not (isinstance(chunk_size, int) and chunk_size >= 1):
-        raise ValueError(f"chunk_size must be an int >= 1, found {chunk_size!r}")
+def _selected_positions(hidden: Tensor, weight: Tensor, bias: Tensor | None,
+                        mask: Tensor | None, chunk_size: int, targets: Sequence[Any]):
+    """Checks, then (hidden rows [n_sel, d], targets' rows, rows [n_sel] or None = all)."""
+    check_head_inputs(hidden, weight, bias, chunk_size, "[B, S, d]")
     B, S, d = hidden.shape
     if mask is not None and mask.shape != (B, S):
         raise ValueError(f"mask must be [B, S]={(B, S)}, found {tuple(mask.shape)}")
@@ -90,6 +76,31 @@ def chunked_lm_loss(hidden: Tensor, weight: Tensor,
         flat_hidden = flat_hidden.index_select(0, rows)
         flat_targets = [_map_positions(t, lambda x: x.index_select(0, rows))
                         for t in flat_targets]
+    return flat_hidden, flat_targets, rows
+
+
+def _all_positions(values: Tensor, rows: Tensor | None, B: int, S: int) -> Tensor:
+    """[n_sel, ...] values of the selected rows -> [B, S, ...], 0 elsewhere."""
+    if rows is not None:
+        values = values.new_zeros(B * S, *values.shape[1:]).index_copy(0, rows, values)
+    return values.reshape(B, S, *values.shape[1:])
+
+
+def chunked_lm_loss(hidden: Tensor, weight: Tensor,
+                    per_position_loss: Callable[..., Tensor], targets: Sequence[Any] = (), *,
+                    bias: Tensor | None = None, mask: Tensor | None = None,
+                    chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tensor:
+    """Per-position losses of `per_position_loss(hidden @ weight.T + bias, *targets)`, chunked.
+
+    hidden: [B, S, d]; weight: [V, d]; bias: [V] or None; mask: [B, S] bool or None (all).
+    targets: tensors / None / dataclasses of tensors whose leading dims are [B, S]; each call
+        gets them flattened to [n, ...] for its n positions.
+    per_position_loss(logits [n, V] fp32, *target_rows) -> [n] or [n, terms].
+    returns [B, S] (or [B, S, terms]) fp32, 0 at positions outside mask; reduce it with
+    losses.masked_mean. Values and gradients equal the unchunked computation.
+    """
+    flat_hidden, flat_targets, rows = _selected_positions(hidden, weight, bias, mask,
+                                                          chunk_size, targets)
     n_sel = flat_hidden.shape[0]
     track = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or
                                          (bias is not None and bias.requires_grad))
@@ -106,38 +117,41 @@ def chunked_lm_loss(hidden: Tensor, weight: Tensor,
         else:
             pieces.append(_chunk_loss(*args))
     values = torch.cat(pieces, 0).float()  # [n_sel] or [n_sel, terms]
-    if rows is not None:
-        values = values.new_zeros(B * S, *values.shape[1:]).index_copy(0, rows, values)
-    return values.reshape(B, S, *values.shape[1:])
+    return _all_positions(values, rows, *hidden.shape[:2])
 
 
 def chunked_kd_ce(hidden: Tensor, weight: Tensor, *, target: SparseTarget | None = None,
                   labels: Tensor | None = None, loss: str = "kl", label_smoothing: float = 0.0,
                   bias: Tensor | None = None, mask: Tensor | None = None,
                   chunk_size: int = DEFAULT_CHUNK_SIZE, jsd_beta: float = 0.5,
-                  skew_alpha: float = 0.1) -> tuple[Tensor | None, Tensor | None]:
+                  skew_alpha: float = 0.1,
+                  expected_grads: tuple[Tensor | None, Tensor | None] | None = None,
+                  ) -> tuple[Tensor | None, Tensor | None]:
     """Per-position KD (vs a sparse teacher target) and hard-label CE from one chunked lm_head.
 
     hidden [B, S, d], weight [V, d], target fields [B, S, K], labels [B, S] (-100 = ignore),
     mask [B, S] -> (kd [B, S] or None, ce [B, S] or None), 0 outside mask. Combine with
     losses.masked_mean and losses.blend_kd_ce (mask the CE with labels != -100 as well).
+    expected_grads: (d loss / d kd, d loss / d ce), [B, S] each (None: 0), the gradient the
+    caller's loss will send back, up to one scalar factor; it lets the forward build the
+    gradients (fused_head_loss). Without it backward recomputes; either way the result is exact.
     """
     if target is None and labels is None:
         raise ValueError("chunked_kd_ce needs a target, labels, or both; found neither")
-
-    def kd_and_ce(logits: Tensor, target_rows: SparseTarget | None,
-                  label_rows: Tensor | None) -> Tensor:
-        terms = []
-        if target_rows is not None:
-            terms.append(sparse_kd_per_position(logits, target_rows, loss=loss,
-                                                jsd_beta=jsd_beta, skew_alpha=skew_alpha))
-        if label_rows is not None:
-            terms.append(cross_entropy_per_position(logits, label_rows,
-                                                    label_smoothing=label_smoothing))
-        return torch.stack(terms, -1)  # [n, terms]
-
-    out = chunked_lm_loss(hidden, weight, kd_and_ce, (target, labels), bias=bias, mask=mask,
-                          chunk_size=chunk_size)  # [B, S, terms]
+    present = [x is not None for x in (target, labels)]
+    grads = list(expected_grads) if expected_grads is not None else None
+    if grads is not None:
+        grads = [g if g is not None else torch.zeros(hidden.shape[:2], device=hidden.device)
+                 for g, p in zip(grads, present) if p]
+    flat_hidden, (flat_target, flat_labels, *flat_grads), rows = _selected_positions(
+        hidden, weight, bias, mask, chunk_size, (target, labels, *(grads or [])))
+    terms = HeadLossTerms(targets=() if flat_target is None else (flat_target,),
+                          labels=flat_labels, loss=loss, label_smoothing=label_smoothing,
+                          jsd_beta=jsd_beta, skew_alpha=skew_alpha)
+    expected = torch.stack(flat_grads, -1) if flat_grads else None  # [n_sel, terms]
+    out = fused_head_loss(flat_hidden, weight, terms, bias=bias, expected_grad=expected,
+                          chunk_size=chunk_size)
+    out = _all_positions(out, rows, *hidden.shape[:2])  # [B, S, terms]
     kd = out[..., 0] if target is not None else None
     ce = out[..., -1] if labels is not None else None
     return kd, ce

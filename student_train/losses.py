@@ -1,7 +1,8 @@
 """Knowledge-distillation losses on tensors: divergences, sparse teacher targets, CE, combinations.
 
 Everything here is a small function on tensors (no model, no transformers). Math runs in fp32
-(inputs are cast with `.float()`); per-position losses come back as `[...]` tensors and are
+or wider (half inputs are cast up; float64 stays float64, so tests can check gradients to
+~1e-12); per-position losses come back as `[...]` tensors and are
 reduced with `masked_mean`, which returns a graph-connected 0.0 (never NaN) when nothing is
 selected. The memory-safe lm_head + loss path lives in `chunked_loss.py`; hidden-state and
 attention alignment live in `alignment.py`.
@@ -69,6 +70,11 @@ TEMPERATURE_SCHEDULES = ("constant", "linear", "exponential")
 LOG_ZERO = -1e30
 
 
+def at_least_fp32(x: Tensor) -> Tensor:
+    """x in float32, or float64 when it already is (never narrower than fp32)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 # ----------------------------------------------------------------------------- divergences
 
 def _kl_terms(log_a: Tensor, log_b: Tensor) -> Tensor:
@@ -128,8 +134,8 @@ def divergence(name: str, teacher_logprobs: Tensor, student_logprobs: Tensor,
     if teacher_logprobs.shape != student_logprobs.shape:
         raise ValueError(f"teacher and student log-probs must have the same shape, found "
                          f"{tuple(teacher_logprobs.shape)} vs {tuple(student_logprobs.shape)}")
-    p = teacher_logprobs.float().clamp_min(LOG_ZERO)
-    q = student_logprobs.float().clamp_min(LOG_ZERO)
+    p = at_least_fp32(teacher_logprobs).clamp_min(LOG_ZERO)
+    q = at_least_fp32(student_logprobs).clamp_min(LOG_ZERO)
     terms = KD_LOSSES[name](p, q, jsd_beta=jsd_beta, skew_alpha=skew_alpha)
     if valid is not None:
         terms = torch.where(valid, terms, torch.zeros_like(terms))  # where, not *: no 0*NaN
@@ -214,7 +220,7 @@ def build_topk_target(ids: Tensor, logprobs: Tensor, *, temperature: float = 1.0
     _check_temperature(temperature)
     if mode not in TOPK_MODES:
         raise ValueError(f"top-k mode must be one of {TOPK_MODES}, found {mode!r}")
-    lp = logprobs.detach().float()
+    lp = at_least_fp32(logprobs.detach())
     valid = (ids >= 0) & (lp > -math.inf)
     _check_distinct(ids, valid, "top-k target")
     lp = torch.where(valid, lp, torch.full_like(lp, LOG_ZERO))
@@ -257,10 +263,21 @@ def build_sampled_target(ids: Tensor, counts: Tensor, logprobs: Tensor, *, n_dra
                          f"(or 0 for padding), found {bad:g}")
     valid = c > 0
     _check_distinct(ids, valid, "sampled target")
-    shift = logprobs.detach().float() * (1.0 / temperature - 1.0 / sample_temperature)
+    shift = at_least_fp32(logprobs.detach()) * (1.0 / temperature - 1.0 / sample_temperature)
     log_w = torch.where(valid, c.clamp_min(1).log() + shift, torch.full_like(c, LOG_ZERO))
     return SparseTarget(_sanitised_ids(ids, valid), F.log_softmax(log_w, -1), valid, None,
                         float(temperature))
+
+
+def student_tail_needed(target: SparseTarget, loss: str) -> bool:
+    """Whether the KD compares a student tail bin (everything but zero-tail targets with a
+    divergence other than kl, which compare on the support alone)."""
+    return target.tail_logprob is not None or loss == "kl"
+
+
+def support_size(target: SparseTarget) -> Tensor:
+    """[...] long: distinct ids in the support; an all-padding row still holds its fill id."""
+    return target.valid.sum(-1).clamp_min(1)
 
 
 def sparse_kd_per_position(student_logits: Tensor, target: SparseTarget, *, loss: str = "kl",
@@ -268,30 +285,53 @@ def sparse_kd_per_position(student_logits: Tensor, target: SparseTarget, *, loss
     """T^2 * divergence(teacher, student) over the target's bins, per position.
 
     student_logits: [..., V]; target fields [..., K] with the same leading dims -> [...]
+    The [..., V] work (gather, tail logsumexp) is here; the rest is kd_from_student_bins,
+    which fused_head_loss shares.
     """
     if student_logits.shape[:-1] != target.ids.shape[:-1]:
         raise ValueError(f"student logits {tuple(student_logits.shape)} and target ids "
                          f"{tuple(target.ids.shape)} must share leading dims [..., V] / [..., K]")
     T = target.temperature
-    z = student_logits.float()
-    z_support = z.gather(-1, target.ids)  # [..., K]
+    z = at_least_fp32(student_logits)
+    tail_logit = no_tail = None
+    if student_tail_needed(target, loss):
+        # scatter of LOG_ZERO over the support: no [..., V] bool mask needed
+        if target.tail_logprob is None:  # kl: the student's tempered softmax(z/T) over the vocab
+            tail_logit = (z / T).scatter(-1, target.ids, LOG_ZERO).logsumexp(-1)
+        else:  # collapse at T=1, then temper the tail like one token (see module docstring)
+            tail_logit = z.scatter(-1, target.ids, LOG_ZERO).logsumexp(-1) / T
+        no_tail = support_size(target) == z.shape[-1]
+    return kd_from_student_bins(z.gather(-1, target.ids), tail_logit, no_tail, target,
+                                loss=loss, jsd_beta=jsd_beta, skew_alpha=skew_alpha)
+
+
+def kd_from_student_bins(z_support: Tensor, tail_logit: Tensor | None, no_tail: Tensor | None,
+                         target: SparseTarget, *, loss: str = "kl", jsd_beta: float = 0.5,
+                         skew_alpha: float = 0.1) -> Tensor:
+    """sparse_kd_per_position once the student is reduced to O(K) numbers per position.
+
+    z_support:  [..., K] the student's logits at target.ids (padding entries: any value)
+    tail_logit: [...] the student's tail bin, tempered: logsumexp(z off the support) / T in
+                "tail" mode, logsumexp(z / T off the support) for zero-tail kl; None when
+                student_tail_needed is False
+    no_tail:    [...] bool, the support is the whole vocabulary (None with tail_logit None)
+    returns [...]; differentiable w.r.t. z_support and tail_logit.
+    """
+    T = target.temperature
     z_support = z_support.masked_fill(~target.valid, LOG_ZERO * T)
     zero_tail = target.tail_logprob is None
-    if zero_tail and loss != "kl":
+    if tail_logit is None:
+        if student_tail_needed(target, loss):
+            raise ValueError(f"loss {loss!r} with this target compares a student tail bin: "
+                             f"expected a tail_logit, found None")
         # Both sides restricted to the support (KL(q||p) would be infinite off it).
         q = F.log_softmax(z_support / T, -1)
         return T * T * divergence(loss, target.logprobs, q, target.valid, jsd_beta=jsd_beta,
                                   skew_alpha=skew_alpha)
-    in_support = torch.zeros_like(z, dtype=torch.bool).scatter_(-1, target.ids, True)  # [..., V]
-    if zero_tail:  # kl: the student's real tempered distribution, softmax(z/T) over the vocab
-        tail_logit = (z / T).masked_fill(in_support, LOG_ZERO).logsumexp(-1)
-    else:  # collapse at T=1, then temper the tail like one token (see module docstring)
-        tail_logit = z.masked_fill(in_support, LOG_ZERO).logsumexp(-1) / T
     q = F.log_softmax(torch.cat([z_support / T, tail_logit[..., None]], -1), -1)  # [..., K+1]
     teacher_tail = target.tail_logprob if not zero_tail else torch.full_like(tail_logit, LOG_ZERO)
     # When the support is the whole vocabulary the student has no tail: drop the teacher's
     # (rounding-level) tail too instead of comparing it with log(0).
-    no_tail = in_support.all(-1)
     teacher_tail = torch.where(no_tail, torch.full_like(teacher_tail, LOG_ZERO), teacher_tail)
     p = F.log_softmax(torch.cat([target.logprobs, teacher_tail[..., None]], -1), -1)
     bins_valid = torch.cat([target.valid, torch.ones_like(target.valid[..., :1])], -1)
@@ -311,10 +351,11 @@ def cross_entropy_per_position(logits: Tensor, labels: Tensor, *, label_smoothin
                          f"without the vocab dim")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], found {label_smoothing}")
-    logq = F.log_softmax(logits.float(), -1)
+    logq = F.log_softmax(at_least_fp32(logits), -1)
     keep = labels != ignore_index
     nll = -logq.gather(-1, torch.where(keep, labels, 0).long()[..., None]).squeeze(-1)
-    loss = (1 - label_smoothing) * nll - label_smoothing * logq.mean(-1)
+    loss = nll if label_smoothing == 0 else (  # plain NLL: no [..., V] mean pass
+        (1 - label_smoothing) * nll - label_smoothing * logq.mean(-1))
     return torch.where(keep, loss, torch.zeros_like(loss))
 
 
@@ -339,7 +380,8 @@ def masked_mean(values: Tensor, mask: Tensor, sample_weights: Tensor | None = No
         if bool((sample_weights < 0).any()):
             raise ValueError("sample_weights must be >= 0, found a negative weight")
         weight = weight * sample_weights.float().view(-1, *([1] * (values.dim() - 1)))
-    values = torch.where(weight > 0, values.float(), torch.zeros_like(values, dtype=torch.float))
+    values = torch.where(weight > 0, at_least_fp32(values),
+                         torch.zeros_like(values, dtype=torch.float))
     total = weight.sum()
     # Divide by 1 when empty: the numerator is then exactly 0 and its gradient finite.
     return (values * weight).sum() / torch.where(total > 0, total, torch.ones_like(total))

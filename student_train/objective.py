@@ -12,6 +12,13 @@ of an optimizer step and over every process *before* the forward passes, and div
 micro-batch's sums by those totals: gradient accumulation and data parallelism then give exactly
 the gradient of one large batch (a per-micro-batch mean would weight short batches too much).
 
+The loss `combine` builds is linear in those sums, with coefficients fixed by the denominators
+and weights: `token_sum_gradients` gives them once per optimizer step, and forward(...,
+sum_grads=...) hands them to the fused lm_head loss, which then builds the lm_head and hidden
+gradients while the logits exist instead of recomputing the chunks in backward. Backward
+checks that the gradient arriving is that one (times the scale accelerate and the trainer
+apply); any other use of the sums is recomputed exactly (fused_head_loss).
+
 Positions: the student's hidden state at t predicts token t+1; the stored signal at t is the
 teacher's distribution of token t+1. Position t is trained when labels[t+1] != -100 and t+1 does
 not start a new packed sample (position_ids[t+1] == 0).
@@ -26,9 +33,8 @@ import torch
 from torch import nn
 
 from student_train.alignment import HiddenStateAligner, attention_alignment_loss
-from student_train.chunked_loss import chunked_lm_loss
-from student_train.losses import (build_sampled_target, build_topk_target,
-                                  cross_entropy_per_position, sparse_kd_per_position)
+from student_train.fused_head_loss import DEFAULT_CHUNK_SIZE, HeadLossTerms, fused_head_loss
+from student_train.losses import build_sampled_target, build_topk_target
 
 Tensor = torch.Tensor
 IGNORE = -100
@@ -56,7 +62,7 @@ class LossSettings:
     jsd_beta: float = 0.5
     skew_alpha: float = 0.1
     attention_loss: str = "mse"
-    chunk_size: int = 1024
+    chunk_size: int = DEFAULT_CHUNK_SIZE
 
 
 # ----------------------------------------------------------------------------- batch geometry
@@ -176,11 +182,15 @@ class DistillationObjective(nn.Module):
         self.attention_plans = [p for p in self.plans if p.attention_weight > 0]
 
     def forward(self, batch: dict, temperature: float = 1.0, label_smoothing: float = 0.0,
-                n_groups: int = 1) -> dict[str, Tensor]:
+                n_groups: int = 1, sum_grads: dict[str, Tensor] | None = None
+                ) -> dict[str, Tensor]:
+        """sum_grads: token_sum_gradients(...) of the loss the caller will build (optional;
+        it makes the backward of the lm_head free, see the module docstring)."""
         need_hidden = len(self.aligners) > 0
         need_attention = len(self.attention_plans) > 0
         out, final = self._student_forward(batch, need_hidden, need_attention)
-        sums = self._token_sums(batch, final, temperature, label_smoothing, n_groups)
+        sums = self._token_sums(batch, final, temperature, label_smoothing, n_groups,
+                                sum_grads)
         if need_hidden or need_attention:
             sums.update(self._alignment_sums(batch, out, need_hidden, need_attention))
         return sums
@@ -196,35 +206,34 @@ class DistillationObjective(nn.Module):
                    output_hidden_states=need_hidden, output_attentions=need_attention)
         return out, out.last_hidden_state  # [B, S, d]
 
-    def _token_sums(self, batch, final, temperature, label_smoothing, n_groups):
+    def _token_sums(self, batch, final, temperature, label_smoothing, n_groups, sum_grads):
         """Sums over trained positions of weight * (KD per signal, CE), per group."""
         B, S, d = final.shape
         mask = target_positions(batch)
         rows = mask.reshape(-1).nonzero().squeeze(-1)  # [n]: only trained positions are computed
 
-        def pick(x: Tensor) -> Tensor:  # [B, S, ...] -> [1, n, ...]
-            return x.reshape(B * S, *x.shape[2:]).index_select(0, rows)[None]
+        def pick(x: Tensor) -> Tensor:  # [B, S, ...] -> [n, ...]
+            return x.reshape(B * S, *x.shape[2:]).index_select(0, rows)
 
-        targets = [self._target(p, batch["signals"][p.name], pick, temperature)
-                   for p in self.kd_plans]
-        labels = pick(shifted(batch["labels"], IGNORE))  # [1, n]
         s = self.settings
-
-        def per_position(logits: Tensor, *rows_in) -> Tensor:  # [m, V] -> [m, terms]
-            *kd_targets, label_rows = rows_in
-            terms = [sparse_kd_per_position(logits, t, loss=s.loss, jsd_beta=s.jsd_beta,
-                                            skew_alpha=s.skew_alpha) for t in kd_targets]
-            terms.append(cross_entropy_per_position(logits, label_rows,
-                                                    label_smoothing=label_smoothing))
-            return torch.stack(terms, -1)
-
+        targets = HeadLossTerms(targets=tuple(  # built as [1, n, K] (the builders' [B, S, K])
+            self._target(p, batch["signals"][p.name], lambda x: pick(x)[None], temperature)
+            for p in self.kd_plans)).rows(0).targets
+        terms = HeadLossTerms(targets=targets, labels=pick(shifted(batch["labels"], IGNORE)),
+                              loss=s.loss, label_smoothing=label_smoothing,
+                              jsd_beta=s.jsd_beta, skew_alpha=s.skew_alpha)
+        w = pick(shifted(batch["token_weights"].float(), 0.0))  # [n]
+        groups = (pick(shifted(batch["token_groups"], 0)) if "token_groups" in batch
+                  else None)  # [n]
+        expected = None
+        if sum_grads is not None:  # d loss / d values[i, t] = w_i * d loss / d sums[g_i, t]
+            of_group = torch.cat([sum_grads["kd"].T, sum_grads["ce"][:, None]], 1)  # [G, terms]
+            expected = w[:, None] * (of_group[0] if groups is None else of_group[groups])
         head = self.student.get_output_embeddings()
-        values = chunked_lm_loss(pick(final), head.weight, per_position, (*targets, labels),
-                                 bias=head.bias, chunk_size=s.chunk_size)[0]  # [n, terms]
-        w = pick(shifted(batch["token_weights"].float(), 0.0))[0]  # [n]
+        values = fused_head_loss(pick(final), head.weight, terms, bias=head.bias,
+                                 expected_grad=expected, chunk_size=s.chunk_size)  # [n, terms]
         weighted = values * w[:, None]
-        if "token_groups" in batch:
-            groups = pick(shifted(batch["token_groups"], 0))[0]
+        if groups is not None:
             per_group = weighted.new_zeros(n_groups, weighted.shape[1]).index_add(0, groups,
                                                                                  weighted)
         else:
@@ -232,6 +241,7 @@ class DistillationObjective(nn.Module):
         return {"kd": per_group[:, :-1].T, "ce": per_group[:, -1]}  # [n_kd, G], [G]
 
     def _target(self, plan: SignalPlan, signal: dict, pick, temperature: float):
+        """The plan's SparseTarget at the picked positions, fields [1, n, K]."""
         if plan.target == "topk":
             return build_topk_target(pick(signal["topk_ids"]).long(),
                                      pick(signal["topk_logprobs"]).float(),
@@ -319,3 +329,22 @@ def combine(sums: dict[str, Tensor], dens: dict[str, Tensor], plans: Sequence[Si
             loss = loss + weight * parts[kind]
     parts["loss"] = loss
     return loss, parts
+
+
+def token_sum_gradients(dens: dict[str, Tensor], plans: Sequence[SignalPlan],
+                        weights: Weights) -> dict[str, Tensor]:
+    """d loss / d (sums["kd"] [n_kd, G], sums["ce"] [G]) for combine(sums, dens, ...).
+
+    combine is linear in the token sums, so this depends on the denominators and weights
+    only: one value per optimizer step. Taken by autograd through combine itself, so it is the
+    gradient the backward will really send (up to the trainer's scale), never a re-derivation.
+    """
+    tokens = dens["tokens"]
+    n_kd = len([p for p in plans if p.target])
+    with torch.enable_grad():
+        kd = torch.zeros(n_kd, tokens.numel(), device=tokens.device, requires_grad=True)
+        ce = torch.zeros(tokens.numel(), device=tokens.device, requires_grad=True)
+        loss, _ = combine({"kd": kd, "ce": ce}, dens, plans, weights)
+        grad_kd, grad_ce = torch.autograd.grad(loss, [kd, ce], allow_unused=True)
+    return {"kd": torch.zeros_like(kd) if grad_kd is None else grad_kd,
+            "ce": torch.zeros_like(ce) if grad_ce is None else grad_ce}

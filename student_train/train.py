@@ -34,7 +34,7 @@ from student_train.checkpoint import (checkpoint_dir, find_checkpoint, load_chec
 from student_train.config import TrainConfig, resume_differences, save_config
 from student_train.losses import temperature_at
 from student_train.objective import (DistillationObjective, LossSettings, Weights, combine,
-                                     denominators, sample_groups)
+                                     denominators, sample_groups, token_sum_gradients)
 from student_train.sources import Sources, open_sources
 from student_train.student import load_student, save_final
 
@@ -176,11 +176,17 @@ class Step:
         # accelerate divides by grad_accum and DDP averages over processes; the global
         # denominators already make the sum over micro-batches and processes the batch mean.
         scale = cfg.grad_accum * acc.num_processes
+        # The loss is linear in the token sums: its gradient w.r.t. them, known now, lets the
+        # objective build the lm_head gradients in its forward (objective module docstring).
+        hint = {}
+        if isinstance(acc.unwrap_model(self.model), DistillationObjective):
+            hint["sum_grads"] = token_sum_gradients(dens, self.sources.plans, self.weights)
         logged: dict[str, torch.Tensor] = {}
         for batch in window:
             with acc.accumulate(self.model):
                 sums = self.model(to_device(batch, acc.device), temperature=temperature,
-                                  label_smoothing=cfg.label_smoothing, n_groups=self.n_groups)
+                                  label_smoothing=cfg.label_smoothing, n_groups=self.n_groups,
+                                  **hint)
                 loss, parts = combine(sums, dens, self.sources.plans, self.weights)
                 acc.backward(loss * scale)
             for k, v in parts.items():

@@ -55,6 +55,26 @@ def test_chunked_equals_unchunked_values_and_grads(loss, chunk_size, with_bias):
         torch.testing.assert_close(g_got, g_want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("chunk_size", [2, 100])
+def test_expected_grads_path_equals_unchunked(chunk_size):
+    # what training does: the loss's gradient w.r.t. kd and ce handed to the forward
+    hidden, weight, bias, ids, logprobs, labels, mask = make_case(seed=2)
+    target = build_topk_target(ids, logprobs, temperature=1.5)
+    coef_kd = torch.linspace(0.2, 1.0, B * S).reshape(B, S) * mask
+    coef_ce = 0.4 * mask.float()
+    kd, ce = chunked_kd_ce(hidden, weight, bias=bias, target=target, labels=labels, mask=mask,
+                           chunk_size=chunk_size, expected_grads=(coef_kd, coef_ce))
+    logits = hidden @ weight.T + bias
+    kd_ref = sparse_kd_per_position(logits, target) * mask
+    ce_ref = cross_entropy_per_position(logits, labels) * mask
+    torch.testing.assert_close(kd, kd_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ce, ce_ref, atol=1e-5, rtol=1e-5)
+    got = grads(((kd * coef_kd + ce * coef_ce) * 7.0).sum(), hidden, weight, bias)
+    want = grads(((kd_ref * coef_kd + ce_ref * coef_ce) * 7.0).sum(), hidden, weight, bias)
+    for g_got, g_want in zip(got, want):
+        torch.testing.assert_close(g_got, g_want, atol=1e-5, rtol=1e-5)
+
+
 def test_chunked_sampled_target_and_single_term():
     hidden, weight, bias, _, _, labels, _ = make_case(seed=1)
     g = torch.Generator().manual_seed(1)

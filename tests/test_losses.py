@@ -186,6 +186,32 @@ def test_tail_mode_is_zero_when_student_equals_teacher_at_any_temperature(T):
                    loss=loss).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("kind", ["tail", "renormalised", "sampled"])
+def test_float64_stays_float64_and_passes_gradcheck(kind):
+    # The reference the fused lm_head loss is tested against: in float64 its own gradient must
+    # agree with finite differences (padding entries and label smoothing included).
+    g = torch.Generator().manual_seed(3)
+    teacher = torch.randn(1, 2, 7, generator=g, dtype=torch.float64).log_softmax(-1)
+    if kind == "sampled":
+        target = build_sampled_target(torch.tensor([[[1, 4, 6], [0, 2, 5]]]),
+                                      torch.tensor([[[3, 1, 0], [2, 2, 0]]]), teacher[..., :3],
+                                      n_draws=4, sample_temperature=1.5, temperature=0.8)
+    else:
+        top = teacher.topk(3, -1)
+        ids, lp = top.indices.clone(), top.values
+        ids[0, 1, 2] = -1  # padding
+        target = build_topk_target(ids, lp, temperature=1.6, mode=kind)
+    assert target.logprobs.dtype == torch.float64
+    z = torch.randn(1, 2, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([[3, 5]])
+    for loss in ("kl", "jsd"):
+        assert sparse_kd_per_position(z, target, loss=loss).dtype == torch.float64
+        assert torch.autograd.gradcheck(
+            lambda x: sparse_kd_per_position(x, target, loss=loss), (z,))
+    assert torch.autograd.gradcheck(
+        lambda x: cross_entropy_loss(x, labels, label_smoothing=0.2), (z,))
+
+
 def test_k1_tail_mode_still_teaches_but_renormalised_other_losses_do_not():
     teacher_probs, z = random_case()
     ids, logprobs = topk_of(teacher_probs, 1)

@@ -300,6 +300,64 @@ def test_micro_batches_with_global_denominators_give_the_full_batch_gradient(wor
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_sum_gradients_hint_gives_the_same_gradients_without_a_backward_pass(world,
+                                                                           monkeypatch):
+    """Step.train's path: token_sum_gradients handed to every micro-batch's forward.
+
+    Two KD terms (top-k tail mode + sampled, T = 2), specialty groups, label smoothing, two
+    micro-batches and a scaled loss: the gradients equal those of the plain path (no hint,
+    lm_head recomputed in backward), and with the hint no lm_head pass runs in backward.
+    """
+    from transformers import AutoModelForCausalLM
+
+    import student_train.fused_head_loss as fused
+    from logitstore.reader import StoreReader
+    from student_train.collate import collate
+    from student_train.objective import (DistillationObjective, LossSettings, SignalPlan,
+                                         Weights, combine, denominators, sample_groups,
+                                         token_sum_gradients)
+
+    reader = StoreReader(str(world.store))
+    samples = [reader.sample(i) for i in range(4)]
+    model = AutoModelForCausalLM.from_pretrained(world.student)
+    plans = [SignalPlan("teacher", kd_weight=0.6, target="topk"),
+             SignalPlan("teacher", kd_weight=0.4, target="sampled", n_draws=16)]
+    objective = DistillationObjective(model, plans, LossSettings(chunk_size=5))
+    weights = Weights(alpha=0.7, group_weights=(1.2, 0.5))
+    passes = []
+    real = fused._head_pass
+    monkeypatch.setattr(fused, "_head_pass",
+                        lambda *a: (passes.append(torch.is_grad_enabled()), real(*a))[1])
+
+    def batch(ss, group_of_sample):  # per-sample weights 1, 2, ... (e.g. specialties)
+        b = collate([[s] for s in ss], [[1.0 + i] for i in range(len(ss))], ["teacher"],
+                    packing=False)
+        b["token_groups"] = sample_groups(b, torch.tensor(group_of_sample))
+        return b
+
+    window = [batch(samples[:1], [1]), batch(samples[1:], [0, 1, 0])]
+    dens = [denominators(b, 2) for b in window]
+    total = {k: sum(d[k] for d in dens) for k in dens[0]}
+
+    def grads(hint: bool):
+        objective.zero_grad()
+        passes.clear()
+        extra = {"sum_grads": token_sum_gradients(total, plans, weights)} if hint else {}
+        for b in window:
+            sums = objective(b, temperature=2.0, label_smoothing=0.1, n_groups=2, **extra)
+            loss, _ = combine(sums, total, plans, weights)
+            (loss * 3.0).backward()
+        return [p.grad.clone() for p in objective.parameters() if p.grad is not None]
+
+    plain = grads(hint=False)
+    assert len(passes) == 4  # forward + recomputing backward, per micro-batch
+    hinted = grads(hint=True)
+    assert len(passes) == 2  # forward only
+    assert len(plain) == len(hinted) > 0
+    for a, b in zip(plain, hinted):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_at_equal_global_batch(tmp_path):
     """2 gloo processes (grad_accum 1) == 1 process with grad_accum 2, step by step.

@@ -20,19 +20,20 @@ Measurements, each in a fresh subprocess (so every one gets its own peak RSS, fr
 getrusage ru_maxrss), alternating bare, dump, bare, dump... (--repeats pairs), medians
 reported:
 
-* bare: tokenizer, `teacher_dump.dump.read_data` and `plan_batches` with the dump's own
-  resolved config, so the batches are the dump's, padded with `teacher_dump.capture.
-  make_batch` before timing; the model loaded by `logitstore.hf.load_causal_lm` as
-  run_dump loads it; one untimed warm-up batch; then timed:
+* bare: tokenizer, `teacher_dump.dump.read_data` and `teacher_dump.ranks.plan_batches`
+  with the dump's own resolved config, so the batches are the dump's, padded with
+  `teacher_dump.capture.make_batch` before timing; the model loaded by
+  `logitstore.hf.load_causal_lm` as run_dump loads it; one untimed warm-up batch; then
+  timed:
   `model(input_ids=..., attention_mask=..., use_cache=False)` under
   `torch.inference_mode()` over every batch (use_cache=False: the call the dump makes;
   the KV cache is work the dump does not do).
 * dump: `teacher_dump.dump.run_dump` in-process on a new store in a temporary
-  directory. Its loop (`_dump_samples`: forward, capture, hand-off to the writer thread,
-  writer flush) is wrapped to time it apart from model/data loading; one untimed
-  `capture_batch` of the first batch warms it up first. The headline figure is tokens /
-  (loop + final store commit); the loop alone is reported too. The batch plan of both
-  runs is hashed and checked equal.
+  directory. Its loop (`teacher_dump.batch_loops.dump_samples`: forward, capture, hand-off
+  to the writer thread, writer flush) is wrapped to time it apart from model/data
+  loading; one untimed `capture_batch` of the first batch warms it up first. The headline
+  figure is tokens / (loop + final store commit); the loop alone is reported too. The
+  batch plan of both runs is hashed and checked equal.
 
 Then, unless --no-breakdown, one more dump run (not counted; 1/--breakdown-fraction of the
 records) instrumented with timers and torch.profiler: where the dump's time goes (forward
@@ -234,7 +235,8 @@ def child_bare(cfg) -> dict:
 
     from logitstore.hf import load_causal_lm, load_tokenizer
     from teacher_dump.capture import make_batch
-    from teacher_dump.dump import plan_batches, read_data
+    from teacher_dump.dump import read_data
+    from teacher_dump.ranks import plan_batches
 
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(cfg.model)
@@ -280,17 +282,19 @@ def child_dump(cfg, breakdown: bool = False) -> dict:
 
     import teacher_dump.capture as capture
     import teacher_dump.dump as dump
+    from teacher_dump.background_writer import BackgroundWriter
+    from teacher_dump.ranks import plan_batches
     from logitstore.commit import load_json
     from logitstore.fs import StoreFS
     from logitstore.info import size_report
 
     timing: dict = {}
-    inner = dump._dump_samples
+    inner = dump.dump_samples
     counters = {"forward_s": 0.0, "capture_s": 0.0, "make_batch_s": 0.0, "put_wait_s": 0.0,
                 "writer_thread_cpu_s": 0.0}
 
     def timed_loop(work, settings, samples, store, extra, report):
-        plan = dump.plan_batches([len(s.input_ids) for s in samples], work.cfg.batch_tokens)
+        plan = plan_batches([len(s.input_ids) for s in samples], work.cfg.batch_tokens)
         timing["plan_digest"] = _plan_digest(samples, plan)
         timing["batches"] = len(plan)
         work.capture([samples[i] for i in plan[0]])  # warm-up, untimed, as the bare run's
@@ -311,7 +315,7 @@ def child_dump(cfg, breakdown: bool = False) -> dict:
                 profiler.__exit__(None, None, None)
                 timing["profile"] = profiler
 
-    dump._dump_samples = timed_loop
+    dump.dump_samples = timed_loop  # run_dump looks it up in its module
     if breakdown:  # timers around the pieces of one batch (main thread) and the writer thread
         def timer(fn, name):
             def wrapped(*a, **kw):
@@ -325,8 +329,8 @@ def child_dump(cfg, breakdown: bool = False) -> dict:
         capture.run_model = timer(capture.run_model, "forward_s")
         capture.capture_outputs = timer(capture.capture_outputs, "capture_s")
         capture.make_batch = timer(capture.make_batch, "make_batch_s")
-        dump.BackgroundWriter.put = timer(dump.BackgroundWriter.put, "put_wait_s")
-        run = dump.BackgroundWriter._run
+        BackgroundWriter.put = timer(BackgroundWriter.put, "put_wait_s")
+        run = BackgroundWriter._run
 
         def writer_run(self):
             t = time.thread_time()
@@ -334,7 +338,7 @@ def child_dump(cfg, breakdown: bool = False) -> dict:
                 run(self)
             finally:
                 counters["writer_thread_cpu_s"] += time.thread_time() - t
-        dump.BackgroundWriter._run = writer_run
+        BackgroundWriter._run = writer_run
 
     t0 = time.perf_counter()
     report = dump.run_dump(cfg, progress=False)

@@ -81,7 +81,8 @@ def teacher_dump(config_path, data_format, no_progress, verbose, **flags) -> Non
     """Run a teacher over data once and store its signals for offline distillation."""
     flags["format"] = data_format
     flags["data"] = list(flags["data"]) or None
-    from teacher_dump.dump import RankContext, run_dump
+    from teacher_dump.dump import run_dump
+    from teacher_dump.ranks import RankContext
 
     try:
         cfg = resolve_config(config_path, flags)  # before anything heavy: fail fast

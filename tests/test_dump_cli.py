@@ -20,10 +20,11 @@ pytest.importorskip("torch")
 
 from logitstore.reader import StoreReader  # noqa: E402
 from logitstore.verify import verify_store  # noqa: E402
+from teacher_dump.background_writer import BackgroundWriter  # noqa: E402
 from teacher_dump.cli import teacher_dump  # noqa: E402
 from teacher_dump.config import resolve_config  # noqa: E402
-from teacher_dump.dump import (BackgroundWriter, RankContext, batches_of_rank,  # noqa: E402
-                               plan_batches, run_dump)
+from teacher_dump.dump import run_dump  # noqa: E402
+from teacher_dump.ranks import RankContext, batches_of_rank, plan_batches  # noqa: E402
 from tiny_hf import corpus, make_tiny_llama, make_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

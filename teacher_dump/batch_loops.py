@@ -1,0 +1,158 @@
+"""This rank's share of a dump, batch by batch: forward + capture on the model's device,
+then the numpy results handed to the writer thread (`BackgroundWriter`).
+
+* `dump_samples` (dump mode): this rank's batches of the plan, new samples only, into its
+  part of the store (`logitstore.writer.StoreWriter`).
+* `add_signal` (add-signal mode): the segments of this rank's parts that lack the signal,
+  each recomputed whole from the tokens stored in it (`logitstore.signal_writer`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from logitstore.errors import LogitStoreError
+from logitstore.format import INDEX_COLUMNS, SignalSpec, StoreSettings
+from logitstore.sample import Sample, SignalData
+from teacher_dump.background_writer import writing_in_background
+from teacher_dump.config import DumpConfig
+from teacher_dump.existing_store import ExistingStore
+from teacher_dump.ranks import RankContext, batches_of_rank, plan_batches
+
+if TYPE_CHECKING:
+    from teacher_dump.dump import DumpReport
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DumpWork:
+    """What every batch of a run needs."""
+
+    cfg: DumpConfig
+    model: Any
+    spec: Any  # teacher_dump.capture.CaptureSpec
+    ranks: RankContext
+    progress: bool
+    pad_id: int
+
+    def capture(self, chosen: list) -> list[SignalData]:
+        """Forward + capture one batch of samples (anything with sample_id, input_ids,
+        loss_mask), in order."""
+        from teacher_dump.capture import capture_batch, make_batch
+
+        batch = make_batch([s.sample_id for s in chosen], [s.input_ids for s in chosen],
+                           [s.loss_mask for s in chosen], pad_id=self.pad_id,
+                           device=next(self.model.parameters()).device)
+        return capture_batch(self.model, batch, self.spec)
+
+    def bar(self, total: int):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, unit="sample", desc=f"dump {self.cfg.signal}",
+                    disable=not (self.progress and self.ranks.is_main), dynamic_ncols=True)
+
+
+def capture_spec(cfg: DumpConfig, vocab: int):
+    """The capture settings of `cfg` (teacher_dump.capture.CaptureSpec)."""
+    from teacher_dump.capture import CaptureSpec
+
+    return CaptureSpec(vocab_size=vocab, top_k=cfg.top_k, n_draws=cfg.samples,
+                       temperature=cfg.sample_temperature, seed=cfg.seed,
+                       hidden_layers=cfg.hidden_layers, hidden_pool=cfg.hidden_pool,
+                       attention_layers=cfg.attention_layers, attention_grid=cfg.attention_grid,
+                       attention_heads=cfg.attention_heads, logits_chunk=cfg.logits_chunk)
+
+
+def dump_samples(work: DumpWork, settings: StoreSettings, samples: list, store: ExistingStore,
+                 extra: dict[str, Any], report: DumpReport) -> None:
+    """Dump mode: this rank's batches of the plan, new samples only, into its part."""
+    from logitstore.writer import StoreWriter
+
+    committed, ranks, signal = store.committed_ids, work.ranks, work.cfg.signal
+    pending = [s for s in samples if s.sample_id not in committed]
+    report.samples_written = len(pending)
+    report.tokens_written = sum(len(s.input_ids) for s in pending)
+    report.samples_resumed = len(samples) - len(pending)
+    plan = plan_batches([len(s.input_ids) for s in samples], work.cfg.batch_tokens)
+    todo = [j for j in batches_of_rank(len(plan), ranks.rank, ranks.world)
+            if any(samples[i].sample_id not in committed for i in plan[j])]
+    if not todo:
+        log.info("rank %d: nothing left to dump", ranks.rank)
+        return
+    if store.parts.get(ranks.part):
+        raise LogitStoreError(
+            f"part {ranks.part} of {work.cfg.out} is complete but samples of its batches are "
+            f"missing: the dump was started with another number of processes "
+            f"({sum(p.startswith('rank-') for p in store.parts)} parts); rerun it with that many")
+    writer = StoreWriter(work.cfg.out, settings, part=ranks.part, commit_store=ranks.world == 1,
+                         extra=extra)
+    todo_samples = sum(samples[i].sample_id not in committed for j in todo for i in plan[j])
+    tokens, t0 = 0, time.monotonic()
+    with (work.bar(todo_samples) as bar,
+          writing_in_background(writer, work.cfg.queue_batches) as background):
+        for j in todo:
+            chosen = [samples[i] for i in plan[j]]
+            signals = work.capture(chosen)
+            # A batch cut by the last commit of a killed run is recomputed whole (same
+            # padding, same numbers); only its missing samples are written.
+            out = [Sample(s.sample_id, s.input_ids, s.loss_mask, source=s.source, split=s.split,
+                          tags=store_tags(s.tags), signals={signal: sig})
+                   for s, sig in zip(chosen, signals) if s.sample_id not in committed]
+            background.put(out)
+            tokens += sum(len(s.input_ids) for s in out)
+            bar.update(len(out))
+            bar.set_postfix(tok_s=f"{tokens / max(time.monotonic() - t0, 1e-9):.0f}")
+
+
+class _AppendSink:
+    """The StoreWriter interface a BackgroundWriter drives, over a SignalAppender: each item
+    is one whole segment, (job, [SignalData per sample])."""
+
+    def __init__(self, appender):
+        self.appender = appender
+
+    def add(self, item) -> None:
+        self.appender.write(*item)
+
+    def close(self) -> None:
+        self.appender.close()
+
+    def abort(self) -> None:
+        pass  # segments written so far stay; the others are pending for a rerun
+
+
+def add_signal(work: DumpWork, spec: SignalSpec, store: ExistingStore) -> None:
+    """Add-signal mode: the segments of this rank's parts that lack the signal, each
+    computed whole (its own batch plan) from the tokens stored in it."""
+    from logitstore.reader import StoreReader
+    from logitstore.signal_writer import SignalAppender
+
+    url, signal, ranks = work.cfg.out, work.cfg.signal, work.ranks
+    mine = [p for i, p in enumerate(sorted(store.parts)) if i % ranks.world == ranks.rank]
+    appender = SignalAppender(url, signal, spec, parts=mine, commit_store=ranks.world == 1)
+    jobs = appender.pending()
+    if not jobs:
+        log.info("rank %d: signal %s is already in all its segments", ranks.rank, signal)
+        return
+    reader = StoreReader(url)
+    segment_of = {(seg.part, seg.name): n for n, seg in enumerate(reader.segments)}
+    with (work.bar(sum(len(job.sample_ids) for job in jobs)) as bar,
+          writing_in_background(_AppendSink(appender), work.cfg.queue_batches) as background):
+        for job in jobs:
+            stored = reader.read_segment(segment_of[(job.part, job.segment)], signals=[])
+            data: list[SignalData | None] = [None] * len(stored)
+            for batch in plan_batches([len(s.input_ids) for s in stored], work.cfg.batch_tokens):
+                for i, sig in zip(batch, work.capture([stored[i] for i in batch])):
+                    data[i] = sig
+                bar.update(len(batch))
+            background.put([(job, data)])
+
+
+def store_tags(tags: dict[str, Any]) -> dict[str, Any]:
+    """Tags as stored: a name that is an index column (`source`, `length`...) gets a
+    `tag_` prefix instead of failing the whole dump."""
+    return {(f"tag_{k}" if k in INDEX_COLUMNS else k): v for k, v in tags.items()}

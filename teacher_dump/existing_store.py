@@ -1,0 +1,142 @@
+"""The store a dump writes into, as found before writing: what it already holds (for
+resuming), and why this run may not write into it (the refusals `--overwrite` lifts).
+
+    store = inspect_store(url)
+    conflicts = early_conflicts(store, cfg, fingerprint, vocab)   # then data_conflicts,
+    if conflicts and not cfg.overwrite:                           # settings_conflicts
+        raise SettingsMismatchError(refusal(url, conflicts))
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, replace
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from logitstore.commit import dataset_fingerprint, load_json, read_part_manifests
+from logitstore.format import (MANIFEST, PARTS_DIR, SEGMENT_INDEX, StoreSettings,
+                               settings_differences)
+from logitstore.fs import StoreFS
+from logitstore.segment import sample_digest
+from teacher_dump.config import DumpConfig, content_differences
+
+# Keys of the store manifest's `extra` written by teacher-dump.
+EXTRA_CONFIG = "teacher_dump_config"  # the resolved config of the latest run (as_dict)
+EXTRA_SIGNAL_CONFIGS = "teacher_dump_signal_configs"  # {signal: config that dumped it}
+EXTRA_SUMMARY = "teacher_dump_summary"  # DumpReport.as_dict of the latest run
+EXTRA_RUNS = "teacher_dump_runs"  # one short record per run (a resumed dump has several)
+
+
+@dataclass
+class ExistingStore:
+    settings: StoreSettings | None  # None: an empty store
+    committed: bool  # a store manifest exists
+    fingerprint: str | None  # dataset fingerprint of the last commit
+    config: dict[str, Any] | None  # extra[EXTRA_CONFIG]
+    signal_configs: dict[str, dict[str, Any]]
+    runs: list[dict[str, Any]]
+    committed_ids: set[str]
+    parts: dict[str, bool]  # part name -> complete
+
+    @property
+    def empty(self) -> bool:
+        return self.settings is None
+
+    def saved_config(self, signal: str) -> dict[str, Any] | None:
+        """The resolved config that dumped `signal`, when the store kept it."""
+        if signal in self.signal_configs:
+            return self.signal_configs[signal]
+        if self.config is not None and self.config.get("signal") == signal:
+            return self.config
+        return None
+
+
+def inspect_store(url: str) -> ExistingStore:
+    """What a (possibly half-written) store at `url` already holds; read-only.
+
+    Committed ids come from every part's manifest, not only the store manifest: after a
+    killed multi-process dump the parts hold more than the last store commit lists.
+    """
+    fs = StoreFS(url)
+    manifest = load_json(fs, MANIFEST) if fs.exists(MANIFEST) else None
+    parts = read_part_manifests(fs)
+    settings = None
+    if manifest is not None:
+        settings = StoreSettings.from_json(manifest["settings"])
+    elif parts:
+        settings = StoreSettings.from_json(parts[0]["settings"])
+    extra = (manifest or {}).get("extra") or {}
+    ids: set[str] = set()
+    for part in parts:
+        for seg in part["segments"]:
+            rel = f"{PARTS_DIR}/{part['part']}/{seg['name']}/{SEGMENT_INDEX}"
+            table = pq.read_table(io.BytesIO(fs.read_bytes(rel)), columns=["sample_id"])
+            ids.update(table.column("sample_id").to_pylist())
+    return ExistingStore(settings, manifest is not None,
+                         (manifest or {}).get("dataset_fingerprint"), extra.get(EXTRA_CONFIG),
+                         dict(extra.get(EXTRA_SIGNAL_CONFIGS) or {}),
+                         list(extra.get(EXTRA_RUNS) or []), ids,
+                         {p["part"]: bool(p.get("complete")) for p in parts})
+
+
+def erase_store(url: str) -> None:
+    """Delete a store's committed state and parts (what StoreWriter(overwrite=True) deletes)."""
+    fs = StoreFS(url)
+    for rel in (MANIFEST, "index", PARTS_DIR):
+        fs.delete(rel, recursive=True)
+
+
+def adds_signal(store: ExistingStore, cfg: DumpConfig) -> bool:
+    """True when this run adds `cfg.signal` to a store dumped by another teacher."""
+    return not store.empty and cfg.signal not in store.settings.signals
+
+
+def early_conflicts(store: ExistingStore, cfg: DumpConfig, fingerprint: str,
+                    vocab: int) -> list[str]:
+    """Why `cfg` may not write into `store`, from what is known before reading the data."""
+    if store.empty:
+        return []
+    out = []
+    s = store.settings
+    if s.tokenizer_fingerprint != fingerprint or s.vocab_size != vocab:
+        out.append(f"the store was written with another tokenizer: store {s.tokenizer_name or '?'} "
+                   f"(vocab {s.vocab_size}, fingerprint {s.tokenizer_fingerprint}), now "
+                   f"{cfg.model} (vocab {vocab}, fingerprint {fingerprint}); a store holds "
+                   "the signals of teachers sharing one tokenizer")
+    if adds_signal(store, cfg):
+        if not store.committed or not all(store.parts.values()):
+            out.append(f"the dump of signal(s) {sorted(s.signals)} into the store has not "
+                       f"finished: rerun its command to complete it before adding "
+                       f"{cfg.signal!r}")
+    elif store.saved_config(cfg.signal) is not None:
+        out += [f"config {d}" for d in content_differences(store.saved_config(cfg.signal), cfg)]
+    return out
+
+
+def data_conflicts(store: ExistingStore, cfg: DumpConfig, samples: list) -> list[str]:
+    """Adding a signal: the data must give exactly the samples and tokens of the store."""
+    if not adds_signal(store, cfg):
+        return []
+    ids = [s.sample_id for s in samples]
+    found = dataset_fingerprint(ids, [sample_digest(s.sample_id, s.input_ids) for s in samples])
+    if found == store.fingerprint:
+        return []
+    return [f"the data gives other samples or tokens than the store holds (dataset fingerprint "
+            f"{found}, store {store.fingerprint}): adding signal {cfg.signal!r} needs the data "
+            f"and data options (--max-length, --format, --limit...) the store was dumped with"]
+
+
+def settings_conflicts(store: ExistingStore, settings: StoreSettings, signal: str) -> list[str]:
+    """Dump mode into a store holding `signal`: its stored settings must equal this run's."""
+    if store.empty or signal not in store.settings.signals:
+        return []
+    stored = replace(store.settings, signals={signal: store.settings.signals[signal]},
+                     tokenizer_name=settings.tokenizer_name)  # the name is informative only
+    return [f"settings {d}" for d in settings_differences(stored, settings)]
+
+
+def refusal(url: str, conflicts: list[str]) -> str:
+    return (f"refusing to write into {url}: " + "; ".join(conflicts) + ". Write to a new --out, "
+            "or pass --overwrite to replace the existing store")

@@ -1,6 +1,7 @@
-"""teacher_dump.capture: every captured signal against an independent recomputation on a
-tiny local model (unpadded, one sample at a time), sampled draws against the teacher's
-distribution, and the bitsandbytes 4-bit / 8-bit paths on the CPU."""
+"""teacher_dump.capture and teacher_dump.token_signals: every captured signal against an
+independent recomputation on a tiny local model (unpadded, one sample at a time), the tail
+on extreme rows, sampled draws against the teacher's distribution and bit for bit against
+the format's inverse-CDF rule, and the bitsandbytes 4-bit / 8-bit paths on the CPU."""
 
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ F = torch.nn.functional
 from logitstore.hf import load_causal_lm  # noqa: E402
 from logitstore.reader import StoreReader  # noqa: E402
 from logitstore.verify import verify_store  # noqa: E402
-from teacher_dump.capture import (CaptureSpec, _draw, capture_batch, make_batch,  # noqa: E402
-                                  sample_uniforms)
+from teacher_dump.capture import (CaptureSpec, capture_batch, capture_outputs,  # noqa: E402
+                                  make_batch, run_model)
+from teacher_dump.token_signals import _draw, _topk, plan_chunks, sample_uniforms  # noqa: E402
 from teacher_dump.config import resolve_config  # noqa: E402
-from teacher_dump.dump import RankContext, run_dump  # noqa: E402
+from teacher_dump.dump import run_dump  # noqa: E402
+from teacher_dump.ranks import RankContext  # noqa: E402
 from tiny_hf import make_tiny_llama, make_tiny_qwen2, make_tokenizer  # noqa: E402
 
 VOCAB = 400
@@ -79,6 +82,86 @@ def test_padded_vocabulary_is_dropped_before_the_softmax(tiny):
         logits = _reference(tiny["qwen"], x).logits[0, :, :VOCAB].double()
         want = torch.topk(torch.log_softmax(logits, -1), VOCAB // 2, -1).values.numpy()
         assert np.allclose(np.sort(data.topk.logprobs, 1), np.sort(want, 1), atol=1e-5)
+
+
+def _synthetic_batch(logits: torch.Tensor):
+    """A Batch whose every position is real, for logits [B, S, V] built by hand."""
+    b, s, _ = logits.shape
+    return make_batch([f"x{i}" for i in range(b)], [np.ones(s, dtype=np.int64)] * b,
+                      [np.ones(s, dtype=bool)] * b, pad_id=0, device="cpu")
+
+
+def test_tail_is_exact_on_very_peaked_rows():
+    # Rows whose mass outside the top k is 1e-12, 1e-30 and 1e-50 (where every fp32
+    # probability outside underflows to 0), and a flat row; V = 5000 is not a multiple of
+    # the top-k's column groups, k = 4 small enough for the two-stage top-k.
+    vocab, k = 5000, 4
+    logits = torch.zeros(1, 4, vocab)
+    for row, mass in enumerate([1e-12, 1e-30, 1e-50]):
+        # k ids at logit 0 and V - k at b: the outside mass is (V-k) e^b / (k + (V-k) e^b)
+        b = float(np.log(mass * k / ((vocab - k) * (1 - mass))))
+        logits[0, row] = b
+        logits[0, row, [7, 300, 4100, 4999]] = 0.0
+    logits[0, 3] = torch.linspace(-1, 1, vocab)
+    data = capture_outputs(logits, None, None, _synthetic_batch(logits),
+                           CaptureSpec(vocab_size=vocab, top_k=k))[0]
+    exact = torch.log_softmax(logits[0].double(), -1)  # [4, V]
+    want_lp, want_ids = torch.topk(exact, k, -1)
+    outside = exact.scatter(-1, want_ids, float("-inf")).logsumexp(-1).numpy()
+    assert np.allclose(outside[:3], np.log([1e-12, 1e-30, 1e-50]), atol=1e-9)
+    assert np.array_equal(np.sort(data.topk.ids[:3], 1), [[7, 300, 4100, 4999]] * 3)
+    assert np.array_equal(np.sort(data.topk.ids, 1), np.sort(want_ids.numpy(), 1))
+    assert np.allclose(data.topk.logprobs, want_lp.numpy(), atol=1e-6)
+    # log(1 - sum p) in fp32 would give log(0) or noise on the first three rows
+    assert np.allclose(data.topk.tail_logprob, outside, rtol=1e-6, atol=1e-5)
+
+
+def test_top_k_of_the_whole_vocabulary_has_no_tail(tiny):
+    names, ids, masks = _samples([5, 2])
+    spec = CaptureSpec(vocab_size=VOCAB, top_k=VOCAB, n_draws=4)
+    out = capture_batch(tiny["llama"], make_batch(names, ids, masks, pad_id=0, device="cpu"), spec)
+    for x, data in zip(ids, out):
+        assert data.topk.ids.shape == (len(x), VOCAB)
+        assert (np.sort(data.topk.ids, 1) == np.arange(VOCAB)).all()
+        assert np.isneginf(data.topk.tail_logprob).all()
+        total = np.logaddexp.reduce(data.topk.logprobs.astype(np.float64), 1)
+        assert np.allclose(total, 0.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("vocab,k", [(32000, 32), (32003, 5), (5000, 1), (400, 7)])
+def test_two_stage_topk_finds_the_values_of_torch_topk(vocab, k):
+    g = torch.Generator().manual_seed(vocab + k)
+    rows = torch.randn(40, vocab, generator=g) * 3
+    rows[:20] = rows[:20].to(torch.bfloat16).float()  # many exact ties, as bf16 logits have
+    rows[20, :] = 1.0  # all tied
+    values, ids = _topk(rows, k)
+    want = torch.topk(rows, k, dim=-1).values
+    assert torch.equal(values, want)  # the same values, largest first
+    assert torch.equal(rows.gather(1, ids), values)  # ids that hold them, each once
+    assert (ids.sort(1).values.diff(dim=1) > 0).all()
+    ties = rows[21:]  # without ties the very same ids
+    assert torch.equal(ids[21:].sort(1).values, torch.topk(ties, k, -1).indices.sort(1).values)
+
+
+def test_chunking_never_changes_a_result(tiny):
+    # Short samples are packed (copied) together, long ones read in place, in chunks of
+    # any size: every array must be the same bit for bit.
+    names, ids, masks = _samples([9, 3, 17, 1, 12, 2, 30], seed=5)
+    batch = make_batch(names, ids, masks, pad_id=0, device="cpu")
+    outs = [capture_batch(tiny["llama"], batch, CaptureSpec(vocab_size=VOCAB, top_k=5,
+                                                            n_draws=32, seed=1, logits_chunk=c))
+            for c in (1, 5, 16, 64, 4096)]
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            for key in ("ids", "logprobs", "tail_logprob"):
+                assert np.array_equal(getattr(a.topk, key), getattr(b.topk, key)), key
+            for key in ("offsets", "ids", "counts", "logprobs"):
+                assert np.array_equal(getattr(a.sampled, key), getattr(b.sampled, key)), key
+    chunks = plan_chunks([9, 3, 17, 1, 12, 2, 30], 16)
+    assert chunks == [[(0, 0, 9)], [(1, 0, 3)], [(2, 0, 16)], [(2, 16, 17)],
+                      [(3, 0, 1)], [(4, 0, 12)], [(5, 0, 2)], [(6, 0, 16)], [(6, 16, 30)]]
+    assert plan_chunks([3, 1, 2, 3, 20], 32) == [[(0, 0, 3), (1, 0, 1), (2, 0, 2), (3, 0, 3)],
+                                                   [(4, 0, 20)]]
 
 
 @pytest.mark.parametrize("pool", ["mean", "mean-all", "last"])
@@ -179,7 +262,7 @@ def test_draw_matches_a_peaked_distribution_and_never_draws_impossible_ids():
     logits[:, 25:49] = torch.linspace(0, -6, 24)
     logp = torch.log_softmax(logits, -1)
     u = torch.rand(3, 40000, generator=torch.Generator().manual_seed(5))
-    rows, ids, counts = _draw(logits, logp, u, 1.0)
+    rows, ids, counts = _draw(logp.exp(), u)
     assert torch.isfinite(logp[rows, ids]).all()  # only ids with p > 0
     for r in range(3):
         dense = np.zeros(50, dtype=np.int64)
@@ -200,6 +283,42 @@ def test_draws_depend_on_seed_and_sample_id_only(tiny):
     assert torch.equal(sample_uniforms(3, "s1", 5, 4), sample_uniforms(3, "s1", 5, 4))
     assert not torch.equal(sample_uniforms(3, "s1", 5, 4), sample_uniforms(4, "s1", 5, 4))
     assert not torch.equal(sample_uniforms(3, "s1", 5, 4), sample_uniforms(3, "s2", 5, 4))
+
+
+def _reference_draws(logits: torch.Tensor, u: torch.Tensor, temperature: float):
+    """The format's draw rule written out: inverse CDF of fp32 exp(log_softmax(logits))
+    (softmax(logits / T) when T != 1) at targets u * total, kept below the total."""
+    raw = logits.float()
+    probs = (torch.log_softmax(raw, -1).exp() if temperature == 1.0
+             else torch.softmax(raw / temperature, -1))
+    cdf = probs.cumsum(-1)
+    total = cdf[:, -1:]
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True)  # [L, N] drawn ids
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_draws_are_bit_identical_to_the_reference_rule(tiny, temperature):
+    # Stores written before and after a change of the capture's arithmetic must hold the
+    # same draws for the same seed: resume and multi-rank dumps rely on it.
+    n = 20000  # enough draws that weights a few ulps off move some (checked: renormalising
+    # the weights, or recomputing them with softmax, fails this test)
+    names, ids, masks = _samples([9, 3, 17, 1, 12], seed=6)
+    spec = CaptureSpec(vocab_size=VOCAB, top_k=3, n_draws=n, temperature=temperature, seed=9,
+                       logits_chunk=8)
+    batch = make_batch(names, ids, masks, pad_id=0, device="cpu")
+    with torch.inference_mode():
+        logits = run_model(tiny["llama"], batch, spec).logits  # [B, S, V]: the same numbers
+        out = capture_outputs(logits, None, None, batch, spec)
+    for b, (name, x, data) in enumerate(zip(names, ids, out)):
+        drawn = _reference_draws(logits[b, :len(x)], sample_uniforms(9, name, len(x), n),
+                                 temperature)
+        for t in range(len(x)):
+            want_ids, want_counts = np.unique(drawn[t].numpy(), return_counts=True)
+            got_ids, got_counts, _ = data.sampled.position(t)
+            order = np.argsort(got_ids)
+            assert np.array_equal(got_ids[order], want_ids), (name, t)
+            assert np.array_equal(got_counts[order], want_counts), (name, t)
 
 
 # ----------------------------------------------------------------------------- bitsandbytes

@@ -202,14 +202,18 @@ def _topk(logp: Tensor, k: int) -> tuple[Tensor, Tensor]:
     blocks = logp[:, :groups * size].unflatten(-1, (groups, size))  # [P, G, size] view
     chosen = torch.topk(blocks.amax(-1), k, dim=-1, sorted=False).indices  # [P, k]
     row = torch.arange(rows, device=logp.device)[:, None]
-    candidates = blocks[row, chosen].flatten(1)  # [P, k * size]
-    ids = (chosen[..., None] * size + torch.arange(size, device=logp.device)).flatten(1)
-    if groups * size < vocab:
-        rest = torch.arange(groups * size, vocab, device=logp.device)
+    if blocks.is_contiguous():  # groups are rows of [P * G, size]: index_select, ~8x faster
+        flat = (chosen + row * groups).flatten()  # [P * k]
+        candidates = blocks.reshape(rows * groups, size).index_select(0, flat).view(rows, k * size)
+    else:
+        candidates = blocks[row, chosen].flatten(1)  # [P, k * size]
+    searched = k * size
+    if groups * size < vocab:  # the last V mod size columns are always candidates
         candidates = torch.cat([candidates, logp[:, groups * size:]], 1)
-        ids = torch.cat([ids, rest.expand(rows, -1)], 1)
-    values, where = torch.topk(candidates, k, dim=-1)  # [P, k]
-    return values, ids.gather(1, where)
+    values, where = torch.topk(candidates, k, dim=-1)  # [P, k] positions among candidates
+    in_group = chosen.gather(1, (where // size).clamp(max=k - 1)) * size + where % size
+    ids = torch.where(where < searched, in_group, where - searched + groups * size)
+    return values, ids
 
 
 def _tail_logmass(probs: Tensor, logp: Tensor, ids: Tensor) -> Tensor:

@@ -42,6 +42,9 @@ vs capture vs waiting for the writer thread, and the heaviest torch ops).
 The machine is shared: before measuring, the script waits until the 1-minute load average
 is below --quiet-load (polled every 30 s, at most --quiet-max-wait s; --no-wait skips),
 and it records the load and the CPU time used by other processes during every run.
+On a busy machine every multi-threaded torch op waits for its slowest OpenMP thread to be
+scheduled, which costs the dump's many mid-sized ops more than the forward's large
+matmuls; `--threads 1` measures both paths on one thread each (work, not stalls).
 Results: a printed table and bench/out/dump_bench.json (with the exact command line).
 """
 
@@ -371,6 +374,10 @@ def child_main(kind: str, payload: str) -> None:
     from teacher_dump.config import resolve_config
 
     spec = json.loads(payload)
+    if spec.get("threads"):
+        import torch
+
+        torch.set_num_threads(spec["threads"])
     cfg = resolve_config(None, spec["overrides"])
     result = child_bare(cfg) if kind == "bare" else child_dump(cfg, kind == "breakdown")
     result["kind"] = kind
@@ -412,9 +419,9 @@ def wait_quiet(args) -> dict:
         time.sleep(args.quiet_poll)
 
 
-def run_child(kind: str, overrides: dict, env: dict) -> dict:
+def run_child(kind: str, overrides: dict, env: dict, threads: int = 0) -> dict:
     """One measurement in a fresh interpreter; adds the machine's load while it ran."""
-    payload = json.dumps({"overrides": overrides})
+    payload = json.dumps({"overrides": overrides, "threads": threads})
     hz = os.sysconf("SC_CLK_TCK")
     before_usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     before, load0, t = _cpu_jiffies(), loadavg(), time.perf_counter()
@@ -470,6 +477,8 @@ def main() -> None:
     p.add_argument("--quiet-max-wait", type=float, default=900)
     p.add_argument("--quiet-poll", type=float, default=30)
     p.add_argument("--no-wait", action="store_true", help="measure without waiting for quiet")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch intra-op threads of every run (default: torch's own)")
     p.add_argument("--workdir", default=str(ROOT / "bench" / "out" / "dump_bench_work"))
     p.add_argument("--out", default=str(ROOT / "bench" / "out" / "dump_bench.json"))
     p.add_argument("--child", choices=["bare", "dump", "breakdown"], help=argparse.SUPPRESS)
@@ -507,7 +516,7 @@ def main() -> None:
             overrides["out"] = str(stores / f"store-{n}-{kind}")
             if kind == "breakdown":  # proportions only: a quarter of the data is enough
                 overrides["limit"] = max(1, art["records"] // args.breakdown_fraction)
-            r = run_child(kind, overrides, env)
+            r = run_child(kind, overrides, env, args.threads)
             r["run"] = n
             runs.append(r)
             m = r["machine"]

@@ -96,7 +96,8 @@ FIELDS: dict[str, Field] = {
     "batch_tokens": Field("int", 16384, _at_least(1), resumable=True,
                           help="padded tokens (batch size x longest sample) per forward pass"),
     "logits_chunk": Field("int", 512, _at_least(1), resumable=True,
-                          help="positions per fp32 log-softmax chunk (bounds extra memory)"),
+                          help="positions per fp32 [chunk x vocab] work buffer of the capture "
+                               "(about four such buffers: bounds extra memory)"),
     "queue_batches": Field("int", 4, _at_least(1), resumable=True,
                            help="captured batches waiting for the writer thread at most"),
 }

@@ -304,12 +304,11 @@ class _FusedHeadLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, expected_grad, terms, chunk_size):
         need = tuple(ctx.needs_input_grad[:3])
         ctx.dtype = _compute_dtype(weight)
-        coef = expected_grad if expected_grad is not None else None
-        values, grads = _head_pass(hidden, weight, bias, terms, coef, chunk_size, need,
-                                   ctx.dtype)
+        values, grads = _head_pass(hidden, weight, bias, terms, expected_grad, chunk_size,
+                                   need, ctx.dtype)
         ctx.save_for_backward(hidden, weight, bias)
         ctx.terms, ctx.chunk_size, ctx.expected = terms, chunk_size, expected_grad
-        ctx.grads = grads if coef is not None else None
+        ctx.grads = grads if expected_grad is not None else None
         return values
 
     @staticmethod

@@ -300,7 +300,10 @@ def child_dump(cfg, breakdown: bool = False) -> dict:
         plan = plan_batches([len(s.input_ids) for s in samples], work.cfg.batch_tokens)
         timing["plan_digest"] = _plan_digest(samples, plan)
         timing["batches"] = len(plan)
+        t = time.perf_counter()
         work.capture([samples[i] for i in plan[0]])  # warm-up, untimed, as the bare run's
+        timing["warmup_s"] = time.perf_counter() - t  # includes torch.compile of the capture
+        timing["capture_kernel"] = work.spec.kernel
         for key in counters:
             counters[key] = 0.0
         timing["rss"] = RssSampler().start()
@@ -353,7 +356,8 @@ def child_dump(cfg, breakdown: bool = False) -> dict:
     tokens = report.tokens_written
     result = {"kind": "dump", "tokens": tokens, "samples": report.samples_written,
               "batches": timing["batches"], "plan_digest": timing["plan_digest"],
-              "setup_s": timing["loop_start"] - t0, "loop_s": loop_s, "commit_s": commit_s,
+              "setup_s": timing["loop_start"] - t0, "warmup_s": timing["warmup_s"],
+              "capture_kernel": timing["capture_kernel"], "loop_s": loop_s, "commit_s": commit_s,
               "measured_s": loop_s + commit_s, "tokens_per_s": tokens / (loop_s + commit_s),
               "loop_tokens_per_s": tokens / loop_s, "run_dump_wall_s": end - t0,
               "process_cpu_s": timing["cpu1"] - timing["cpu0"], "peak_rss_mb": _peak_rss_mb(),

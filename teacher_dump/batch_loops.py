@@ -56,15 +56,17 @@ class DumpWork:
                     disable=not (self.progress and self.ranks.is_main), dynamic_ncols=True)
 
 
-def capture_spec(cfg: DumpConfig, vocab: int):
-    """The capture settings of `cfg` (teacher_dump.capture.CaptureSpec)."""
+def capture_spec(cfg: DumpConfig, vocab: int, kernel: str):
+    """The capture settings of `cfg` (teacher_dump.capture.CaptureSpec); `kernel`: the
+    resolved capture_kernel."""
     from teacher_dump.capture import CaptureSpec
 
     return CaptureSpec(vocab_size=vocab, top_k=cfg.top_k, n_draws=cfg.samples,
                        temperature=cfg.sample_temperature, seed=cfg.seed,
                        hidden_layers=cfg.hidden_layers, hidden_pool=cfg.hidden_pool,
                        attention_layers=cfg.attention_layers, attention_grid=cfg.attention_grid,
-                       attention_heads=cfg.attention_heads, logits_chunk=cfg.logits_chunk)
+                       attention_heads=cfg.attention_heads, logits_chunk=cfg.logits_chunk,
+                       kernel=kernel)
 
 
 def dump_samples(work: DumpWork, settings: StoreSettings, samples: list, store: ExistingStore,

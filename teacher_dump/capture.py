@@ -14,9 +14,11 @@ Per position t of a sample (FORMAT.md section 4: the distribution of token t+1):
   a sample do not depend on its batch, its rank or a resume; stored as unique ids, their
   counts and their log-probs at T=1.
 
-Both come from one pass over the logits in chunks of `spec.logits_chunk` positions
-(`teacher_dump.token_signals`: five passes over each fp32 [chunk x vocab] block), so the
-fp32 working set is O(logits_chunk x vocab) whatever the batch. Per sample:
+Both come from one read of the logits in chunks of `spec.logits_chunk` positions
+(`teacher_dump.token_signals`), so the fp32 working set is O(logits_chunk x vocab)
+whatever the batch. For the usual decoder LMs (`lm_head_of`) the logits themselves are
+computed chunk by chunk from the decoder's last hidden states: the [B, S, V] tensor of a
+full forward is never made. Per sample:
 
 * hidden: `spec.hidden_layers[i]` indexes `output.hidden_states[1:]`, i.e. layer index j
   is the output of decoder block j (0-based) and -1 the last block's output - which
@@ -36,7 +38,7 @@ import torch
 
 from logitstore.pooling import pool_attention, pool_hidden
 from logitstore.sample import SignalData
-from teacher_dump.token_signals import capture_token_signals
+from teacher_dump.token_signals import HeadLogits, capture_token_signals
 
 Tensor = torch.Tensor
 
@@ -54,6 +56,7 @@ class CaptureSpec:
     attention_grid: int = 16
     attention_heads: str = "mean"  # "mean" | "all"
     logits_chunk: int = 512  # positions per fp32 [chunk x vocab] work block
+    kernel: str = "eager"  # group statistics: "compiled" | "eager" (logit_stats.resolve_kernel)
 
 
 @dataclass
@@ -109,17 +112,45 @@ def num_layers(model) -> int:
     return int(model.config.get_text_config().num_hidden_layers)
 
 
-def run_model(model, batch: Batch, spec: CaptureSpec):
-    """One forward pass with the outputs `spec` needs (call under torch.inference_mode())."""
-    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                 output_hidden_states=_hidden_request(model, spec.hidden_layers),
-                 output_attentions=bool(spec.attention_layers), use_cache=False)
+def run_model(model, batch: Batch, spec: CaptureSpec, decoder_only: bool = False):
+    """One forward pass with the outputs `spec` needs (call under torch.inference_mode());
+    `decoder_only`: the decoder without the LM head (its last_hidden_state instead of logits)."""
+    net = model.get_decoder() if decoder_only else model
+    return net(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+               output_hidden_states=_hidden_request(model, spec.hidden_layers),
+               output_attentions=bool(spec.attention_layers), use_cache=False)
+
+
+# Architectures whose logits are exactly lm_head(decoder output): no soft-capping or scaling
+# after the head (Gemma 2's final_logit_softcapping, Cohere's logit_scale, Granite's
+# logits_scaling). Others take the full forward.
+_PLAIN_HEAD_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
+                     "phi3", "gemma", "olmo", "olmo2", "starcoder2"}
+_AFTER_HEAD_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
+                    "output_multiplier_scale")
+
+
+def lm_head_of(model) -> torch.nn.Module | None:
+    """The model's LM head when its logits are head(decoder(x).last_hidden_state) and
+    nothing else, else None."""
+    config = model.config
+    if config.model_type not in _PLAIN_HEAD_TYPES:
+        return None
+    if any(getattr(config, key, None) not in (None, 1, 1.0) for key in _AFTER_HEAD_KEYS):
+        return None
+    head, decoder = model.get_output_embeddings(), model.get_decoder()
+    if head is None or decoder is None or decoder is model:
+        return None
+    return head
 
 
 def capture_batch(model, batch: Batch, spec: CaptureSpec) -> list[SignalData]:
     """Forward `batch` through `model` and capture every signal of `spec` (numpy, CPU)."""
     with torch.inference_mode():
-        output = run_model(model, batch, spec)
+        head = lm_head_of(model) if spec.top_k or spec.n_draws else None
+        output = run_model(model, batch, spec, decoder_only=head is not None)
+        logits = (HeadLogits(output.last_hidden_state, head) if head is not None
+                  else getattr(output, "logits", None))
         hidden = None
         if spec.hidden_layers:
             states = output.hidden_states[1:]  # drop the embedding output
@@ -127,16 +158,17 @@ def capture_batch(model, batch: Batch, spec: CaptureSpec) -> list[SignalData]:
         attentions = None
         if spec.attention_layers:
             attentions = [output.attentions[i] for i in spec.attention_layers]
-        return capture_outputs(output.logits, hidden, attentions, batch, spec)
+        return capture_outputs(logits, hidden, attentions, batch, spec)
 
 
 # ----------------------------------------------------------------------------- capture
 
 
-def capture_outputs(logits: Tensor, hidden: list[Tensor] | None, attentions: list[Tensor] | None,
-                    batch: Batch, spec: CaptureSpec) -> list[SignalData]:
-    """logits [B, S, V'] (V' >= vocab_size), hidden: per layer [B, S, d], attentions: per
-    layer [B, H, S, S] -> one SignalData per sample, numpy on the CPU."""
+def capture_outputs(logits: Tensor | HeadLogits | None, hidden: list[Tensor] | None,
+                    attentions: list[Tensor] | None, batch: Batch, spec: CaptureSpec
+                    ) -> list[SignalData]:
+    """logits [B, S, V'] (V' >= vocab_size) or a HeadLogits, hidden: per layer [B, S, d],
+    attentions: per layer [B, H, S, S] -> one SignalData per sample, numpy on the CPU."""
     out = [SignalData() for _ in batch.sample_ids]
     if spec.top_k or spec.n_draws:
         topk, sampled = capture_token_signals(logits, batch.lengths.tolist(), batch.sample_ids,

@@ -69,6 +69,11 @@ _FORMAT_METAVAR = "[" + "|".join(f.replace("_", "-") for f in DATA_FORMATS) + "]
 @click.option("--limit", metavar="N", help="At most this many samples.")
 @click.option("--seed", metavar="S", help="Seed of the sampled draws (per sample id).")
 @click.option("--logprob-encoding", metavar="[q8|f16|f32]")
+@click.option("--capture-kernel", metavar="[auto|compiled|eager]",
+              help="Kernel of the logits' group statistics: compiled (torch.compile) is the "
+                   "fastest on the CPU; auto picks it there when it works.")
+@click.option("--logits-chunk", metavar="N",
+              help="Positions per fp32 logits block (the LM head runs block by block).")
 @click.option("--revision", help="Hub branch, tag or commit of the teacher.")
 @click.option("--trust-remote-code", is_flag=True, default=None,
               help="Run the model repository's own code (only for models you trust).")
@@ -99,8 +104,9 @@ def teacher_dump(config_path, data_format, no_progress, verbose, **flags) -> Non
         if not _is_out_of_memory(exc):
             raise
         _fail(f"out of accelerator memory ({' '.join(str(exc).split())[:200]}). Lower "
-              "--batch-tokens (or dump.logits_chunk), then rerun the same command: committed "
-              "samples are kept and the dump resumes after them")
+              "--batch-tokens, then rerun the same command with it: committed samples are "
+              "kept and the dump resumes after them (a new store can also take a smaller "
+              "--logits-chunk)")
     except KeyboardInterrupt:
         click.echo("teacher-dump: interrupted; rerun the same command to resume", err=True)
         sys.exit(130)

@@ -28,6 +28,8 @@ from logitstore.format import ATTENTION_HEADS, HIDDEN_POOLINGS, LOGPROB_ENCODING
 # auto: the alias's default (4bit unless it says otherwise) on CUDA, none on CPU.
 QUANTIZE_CHOICES = ("auto", "4bit", "8bit", "none")
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
+# Kernels of teacher_dump.logit_stats (auto: compiled on the CPU when torch.compile works).
+CAPTURE_KERNELS = ("auto", "compiled", "eager")
 STORED_FLOAT_DTYPES = ("float16", "float32")
 # Data formats of logitstore.formats; dashes are accepted for underscores.
 DATA_FORMATS = ("auto", "chat", "medmcqa", "mcq", "instruction", "prompt_completion", "text")
@@ -95,9 +97,14 @@ FIELDS: dict[str, Field] = {
     # performance only
     "batch_tokens": Field("int", 16384, _at_least(1), resumable=True,
                           help="padded tokens (batch size x longest sample) per forward pass"),
-    "logits_chunk": Field("int", 512, _at_least(1), resumable=True,
-                          help="positions per fp32 [chunk x vocab] work buffer of the capture "
-                               "(about four such buffers: bounds extra memory)"),
+    # Not resumable: the LM head runs per chunk, and a matmul's rounding follows its shape.
+    "logits_chunk": Field("int", 512, _at_least(1),
+                          help="positions per fp32 [chunk x vocab] logits block of the capture "
+                               "(the LM head runs chunk by chunk; bounds extra memory)"),
+    "capture_kernel": Field("str", "auto", _one_of(CAPTURE_KERNELS), resumable=True,
+                            help="group statistics of the logits: compiled (torch.compile, "
+                                 "fastest on the CPU), eager, or auto (compiled on the CPU "
+                                 "when it works, else eager)"),
     "queue_batches": Field("int", 4, _at_least(1), resumable=True,
                            help="captured batches waiting for the writer thread at most"),
 }
@@ -143,6 +150,7 @@ class DumpConfig:
     overwrite: bool
     batch_tokens: int
     logits_chunk: int
+    capture_kernel: str
     queue_batches: int
 
     def as_dict(self) -> dict[str, Any]:

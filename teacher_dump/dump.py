@@ -121,6 +121,7 @@ def read_data(cfg: DumpConfig, tokenizer) -> tuple[list, DataSummary]:
 def run_dump(cfg: DumpConfig, *, ranks: RankContext | None = None,
              progress: bool = True) -> DumpReport:
     """Dump `cfg.data` through `cfg.model` into the store `cfg.out` (module docstring)."""
+    from teacher_dump.logit_stats import resolve_kernel
     from logitstore.hf import (check_vocab_compat, load_causal_lm, load_tokenizer,
                                tokenizer_fingerprint, vocab_size_of)
 
@@ -147,7 +148,9 @@ def run_dump(cfg: DumpConfig, *, ranks: RankContext | None = None,
     if problems:
         raise ConfigError(problems)
     check_vocab_compat(tokenizer, model)
-    spec = teacher_signal(cfg, model, info)
+    kernel = resolve_kernel(cfg.capture_kernel, next(model.parameters()).device)  # compiles
+    _warm_up_pyarrow()
+    spec = teacher_signal(cfg, model, info, kernel)
     # Layout keys (chunk/segment sizes) of an existing store win: they do not change content.
     layout = store.settings or StoreSettings(vocab, fingerprint, chunk_tokens=cfg.chunk_tokens,
                                              segment_tokens=cfg.segment_tokens,
@@ -182,7 +185,7 @@ def run_dump(cfg: DumpConfig, *, ranks: RankContext | None = None,
     signal_configs = {**store.signal_configs, cfg.signal: cfg.as_dict()}
     running = {EXTRA_CONFIG: cfg.as_dict(), EXTRA_SIGNAL_CONFIGS: signal_configs,
                EXTRA_SUMMARY: {"status": "running"}, EXTRA_RUNS: store.runs}
-    work = DumpWork(cfg, model, capture_spec(cfg, vocab), ranks, progress,
+    work = DumpWork(cfg, model, capture_spec(cfg, vocab, kernel), ranks, progress,
                  pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     if adding:
         report.mode = "add-signal"
@@ -213,12 +216,14 @@ def run_dump(cfg: DumpConfig, *, ranks: RankContext | None = None,
 
 
 
-def teacher_signal(cfg: DumpConfig, model, info) -> SignalSpec:
-    """The store's description of what this run captures from `model`."""
+def teacher_signal(cfg: DumpConfig, model, info, kernel: str) -> SignalSpec:
+    """The store's description of what this run captures from `model`; `kernel`: the
+    resolved capture kernel (a resume with another one is refused: see logit_stats)."""
     text = model.config.get_text_config()
     heads = int(text.num_attention_heads)
     teacher = {k: v for k, v in info.as_dict().items() if k not in ("device", "is_local")}
     teacher.update(num_layers=int(text.num_hidden_layers), hidden_size=int(text.hidden_size),
+                   capture=f"grouped-inverse-cdf/{kernel}",
                    num_attention_heads=heads,
                    hidden_layers_index="output.hidden_states[1:] (block outputs; -1 = last, "
                                        "after the final norm)")
@@ -245,6 +250,14 @@ def model_problems(cfg: DumpConfig, model, vocab: int) -> list[str]:
     if cfg.top_k > vocab:
         out.append(f"top_k: {cfg.top_k} is larger than the vocabulary ({vocab})")
     return out
+
+
+def _warm_up_pyarrow() -> None:
+    """pyarrow imports pandas on its first array (~0.5 s of CPU): paid here, with the other
+    loading, rather than by the writer thread while the teacher runs."""
+    import pyarrow as pa
+
+    pa.array([0])
 
 
 def _device(cfg: DumpConfig) -> str | None:

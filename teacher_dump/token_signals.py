@@ -1,36 +1,32 @@
 """Per-position teacher signals from the logits: top-k log-probs with the exact tail mass,
-and sampled draws by inverse CDF, in as few passes over the [positions x vocab] logits as
-keep them exact.
+and sampled draws by inverse CDF, reading the fp32 [positions x vocab] logits once.
 
     topk, sampled = capture_token_signals(logits, lengths, sample_ids, spec)
+    # logits: [B, S, V'] tensor, or a HeadLogits that computes them chunk by chunk
 
-Per chunk of P positions, x = the fp32 logits [P, V] (V = the tokenizer's vocabulary):
+Per chunk of P positions, x = the fp32 logits [P, V] (V = the tokenizer's vocabulary),
+cut into groups of GROUP = 64 columns (`teacher_dump.logit_stats`, one read of x):
 
-    logp  = log_softmax(x)                 one fused kernel (max, sum of exp, write)
-    top-k = _topk(logp, k)                 ids and their log-probs at once; two stages,
-                                           a full pass only for the group maxima
-    probs = exp(logp)                      the sampling weights at T = 1, and the tail's terms
-    cdf   = cumsum(probs)                  draws: searchsorted of the uniforms in it
-    tail  = log(sum of probs outside the top-k): the small terms summed themselves, so no
-            cancellation however close the top-k mass is to 1 (not log(1 - sum p))
+    maxima, sums       per group: max and sum of exp(x - max)            [P, G]
+    lse                log sum exp of the row, from the [P, G] statistics
+    top-k              only in the k groups with the largest maxima (exact: see _topk)
+    tail               log of the mass outside the top-k: the mass of the other groups plus
+                       the other columns of the k searched groups, summed term by term (no
+                       1 - sum cancellation; exact logsumexp when it underflows)
+    draws              inverse CDF in two levels: the group whose cumulative mass passes
+                       the target, then the column inside it (64 values re-read per draw)
 
-Five full [P, V] kernels (log_softmax, group maxima, exp, cumsum, sum), plus a copy only
-where short samples are packed (below), against about ten before (a gather copy,
-log_softmax, a full topk, a scatter copy, logsumexp's four, exp, cumsum) plus fresh
-[P, V] allocations per chunk. On [4096 x 32000] fp32 logits, one CPU thread, top-32 + 16
-draws: 0.73-0.90 s of CPU time, against 2.2-3.5 s before.
-
-Why exp(log_softmax(x)) rather than exp(x - logsumexp(x)): the draws are part of the
-store's contract (resume, multi-rank dumps and a rerun must give the same draws for the
-same seed), and they are the inverse-CDF rule applied to exactly these fp32 weights; a
-weight one ulp off moves a draw whose uniform falls between the two cdf values. The fused
-log_softmax is also cheaper than logsumexp (which materialises x - max and its exp).
+Against the single-level rule (cumsum over all V columns) a draw is the same id except
+where its uniform lies within fp32 rounding of a CDF boundary; sampled counts follow the
+teacher's distribution exactly as before. Reproducibility: the uniforms come from a CPU
+generator seeded per sample from (seed, sample_id), so the draws of a sample do not depend
+on its batch, its rank or a resume (for one `capture_kernel`: logit_stats).
 
 Chunks: a sample of at least `logits_chunk / 4` positions is cut into chunks of its own
 positions, read in place (a view of the logits, when they are fp32); shorter samples are
 packed into one chunk by copying them into a buffer, so a batch of short samples still
-makes few, large tensor ops. Every row's values depend on that row
-alone, so the chunking never changes a result.
+makes few, large tensor ops. Every row's values depend on that row alone, so the chunking
+never changes a result.
 """
 
 from __future__ import annotations
@@ -41,12 +37,9 @@ import numpy as np
 import torch
 
 from logitstore.sample import Sampled, TopK
+from teacher_dump.logit_stats import GROUP, GroupStats, group_stats
 
 Tensor = torch.Tensor
-
-# Columns per group of the two-stage top-k (`_topk`); 64 measured fastest of 16..250 at
-# V = 32000, k = 32 on the CPU (half of torch.topk's time).
-_TOPK_GROUP = 64
 
 # Below this mass outside the top-k, fp32 probabilities that underflowed to 0 (each
 # < 1.2e-38, at most V of them) could be a visible part of the tail: such rows get the
@@ -94,6 +87,38 @@ def plan_chunks(lengths: list[int], chunk: int) -> list[list[Piece]]:
     return chunks
 
 
+class HeadLogits:
+    """The logits of a batch computed chunk by chunk from the last hidden states, so the
+    [B, S, V] tensor a Hugging Face forward returns is never made: on the CPU its fresh
+    allocation alone (page faults over S x V x 4 bytes) costs a third of a small teacher's
+    LM head; on a GPU it is the largest tensor of the step.
+
+    hidden [B, S, d] (the decoder's output, after the final norm) and `head` (the model's
+    output embedding) give head(hidden)[..., :vocab] in fp32: the rows a forward computes.
+    """
+
+    def __init__(self, hidden: Tensor, head: torch.nn.Module):
+        self.hidden, self.head = hidden, head
+        plain = type(head) is torch.nn.Linear and head.weight.dtype == torch.float32
+        self._weight = head.weight if plain else None  # [V', d]: matmul into the buffer
+        self._bias = head.bias if plain else None
+
+    @property
+    def device(self) -> torch.device:
+        return self.hidden.device
+
+    def chunk(self, pieces: list[Piece], vocab: int, out: Tensor) -> Tensor:
+        rows = [self.hidden[b, t0:t1] for b, t0, t1 in pieces]
+        h = rows[0] if len(rows) == 1 else torch.cat(rows)  # [P, d]
+        out = out[:h.shape[0]]
+        if self._weight is not None:
+            w = self._weight[:vocab]  # [vocab, d]: padded embedding rows never computed
+            if self._bias is None:
+                return torch.mm(h, w.t(), out=out)
+            return torch.addmm(self._bias[:vocab], h, w.t(), out=out)
+        return out.copy_(self.head(h)[:, :vocab])  # quantised or half-precision heads
+
+
 class _Buffers:
     """[rows, V] fp32 work buffers reused by every chunk of a batch (allocated on first use:
     fresh multi-MB tensors per chunk would cost page faults on the CPU)."""
@@ -108,14 +133,17 @@ class _Buffers:
         return self._tensors[name][:rows]
 
 
-def _chunk_logits(logits: Tensor, pieces: list[Piece], vocab: int, buffers: _Buffers) -> Tensor:
+def _chunk_logits(logits: Tensor | HeadLogits, pieces: list[Piece], vocab: int,
+                  buffers: _Buffers) -> Tensor:
     """fp32 logits [P, vocab] of a chunk's positions: a view when possible, else a copy."""
+    rows = sum(t1 - t0 for _, t0, t1 in pieces)
+    if isinstance(logits, HeadLogits):
+        return logits.chunk(pieces, vocab, buffers.get("logits", rows))
     if len(pieces) == 1:
         b, t0, t1 = pieces[0]
         view = logits[b, t0:t1, :vocab]  # [P, vocab], rows strided by V' >= vocab
         if view.dtype == torch.float32:
             return view
-    rows = sum(t1 - t0 for _, t0, t1 in pieces)
     out = buffers.get("logits", rows)
     at = 0
     for b, t0, t1 in pieces:
@@ -124,43 +152,41 @@ def _chunk_logits(logits: Tensor, pieces: list[Piece], vocab: int, buffers: _Buf
     return out
 
 
-def capture_token_signals(logits: Tensor, lengths: list[int], sample_ids: list[str], spec
-                          ) -> tuple[list[TopK] | None, list[Sampled] | None]:
-    """logits [B, S, V'] (V' >= spec.vocab_size; real positions 0..lengths[b]-1 of row b)
-    -> per sample TopK and Sampled (numpy, CPU), each None when `spec` does not ask for it.
-    `spec`: a teacher_dump.capture.CaptureSpec."""
+def capture_token_signals(logits: Tensor | HeadLogits, lengths: list[int], sample_ids: list[str],
+                          spec) -> tuple[list[TopK] | None, list[Sampled] | None]:
+    """logits [B, S, V'] (V' >= spec.vocab_size; real positions 0..lengths[b]-1 of row b),
+    or a HeadLogits over such a batch -> per sample TopK and Sampled (numpy, CPU), each None
+    when `spec` (a teacher_dump.capture.CaptureSpec) does not ask for it."""
     vocab, k, n_draws, temperature = spec.vocab_size, min(spec.top_k, spec.vocab_size), \
         spec.n_draws, spec.temperature
     chunks = plan_chunks(lengths, spec.logits_chunk)
     widest = max(sum(t1 - t0 for _, t0, t1 in pieces) for pieces in chunks)
-    buffers = _Buffers(widest, vocab, logits.device)
+    device = logits.device
+    buffers = _Buffers(widest, vocab, device)
     uniforms = None
     if n_draws:
         uniforms = torch.cat([sample_uniforms(spec.seed, sid, n, n_draws)
                               for sid, n in zip(sample_ids, lengths)])  # [total, N]
-    need_probs = bool(k) or (bool(n_draws) and temperature == 1.0)
     top_ids, top_lps, tails = [], [], []
     draw_rows, draw_ids, draw_counts, draw_lps = [], [], [], []
     start = 0
     for pieces in chunks:
         x = _chunk_logits(logits, pieces, vocab, buffers)  # [P, V]
         rows = x.shape[0]
-        logp = torch.log_softmax(x, -1, out=buffers.get("logp", rows))  # [P, V]
+        stats = group_stats(x, temperature if n_draws else 1.0, spec.kernel)  # [P, G] each
+        lse = _logsumexp(stats)  # [P]
         if k:
-            lps, ids = _topk(logp, k)  # [P, k]
-        probs = torch.exp(logp, out=buffers.get("probs", rows)) if need_probs else None
+            ids, lps, tail = _topk_and_tail(x, stats, lse, k)  # [P, k], [P, k], [P]
+            top_ids.append(ids.cpu())
+            top_lps.append(lps.cpu())
+            tails.append(tail.cpu())
         if n_draws:
-            u = uniforms[start:start + rows].to(x.device)  # [P, N]
-            weights = probs if temperature == 1.0 else torch.softmax(x / temperature, dim=-1)
-            r, d, counts = _draw(weights, u, cdf=buffers.get("cdf", rows))
+            u = uniforms[start:start + rows].to(device)  # [P, N]
+            r, d, counts = draw(x, stats, u, temperature)
             draw_rows.append(r.cpu() + start)
             draw_ids.append(d.cpu())
             draw_counts.append(counts.cpu())
-            draw_lps.append(logp[r, d].cpu())  # log p at T = 1, whatever T drew them
-        if k:
-            top_ids.append(ids.cpu())
-            top_lps.append(lps.cpu())
-            tails.append(_tail_logmass(probs, logp, ids).cpu())  # overwrites probs
+            draw_lps.append((x[r, d] - lse[r]).cpu())  # log p at T = 1, whatever T drew them
         start += rows
 
     bounds = np.concatenate([[0], np.cumsum(lengths)])
@@ -184,74 +210,90 @@ def capture_token_signals(logits: Tensor, lengths: list[int], sample_ids: list[s
     return topk, sampled
 
 
-def _topk(logp: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The k largest values of each row of logp [P, V] and their ids, [P, k] each, largest
-    first: torch.topk's values, found in two cheaper stages when k is small against V.
+def _logsumexp(stats: GroupStats) -> Tensor:
+    """log sum exp of each row [P] from its groups' maxima and sums."""
+    top = stats.maxima.amax(-1, keepdim=True)  # [P, 1]
+    total = (stats.sums * (stats.maxima - top).exp()).sum(-1)
+    return top.squeeze(-1) + total.log()
 
-    Columns fall into groups of _TOPK_GROUP; only the k groups with the largest maxima are
-    searched (plus the V mod _TOPK_GROUP last columns). Exact: let m be the k-th largest
-    group maximum. The k chosen maxima are k values >= m, so the k-th largest value of the
-    row is >= m; every value above m lies in a group whose maximum is above m, and all such
-    groups are chosen. Among exactly equal values the ids kept may differ from torch.topk's.
+
+def _group_columns(groups: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
+    """Column ids of the groups [P, n] -> ([P, n, GROUP] ids clamped into the row, and a
+    mask of the real ones: the last group may be short)."""
+    cols = groups.unsqueeze(-1) * GROUP + torch.arange(GROUP, device=groups.device)
+    return cols.clamp(max=vocab - 1), cols < vocab
+
+
+def _topk_and_tail(x: Tensor, stats: GroupStats, lse: Tensor, k: int
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """The k most likely ids of each row of x [P, V], their log-probs (largest first, the
+    values of torch.topk) and the log of the mass outside them -> [P, k], [P, k], [P].
+
+    Only the k groups with the largest maxima are searched. Exact: let m be the k-th
+    largest group maximum. The k chosen maxima are k values >= m, so the k-th largest value
+    of the row is >= m; every value above m lies in a group whose maximum is above m, and
+    all such groups are chosen. Among exactly equal values the ids kept may differ from
+    torch.topk's. The tail: the mass of the groups not searched (their sums) plus the
+    searched columns outside the top-k, each term computed itself.
     """
-    rows, vocab = logp.shape
-    size = _TOPK_GROUP
-    groups = vocab // size
-    if 4 * k * size > vocab:  # the candidates would be a large part of the row
-        return torch.topk(logp, k, dim=-1)
-    blocks = logp[:, :groups * size].unflatten(-1, (groups, size))  # [P, G, size] view
-    chosen = torch.topk(blocks.amax(-1), k, dim=-1, sorted=False).indices  # [P, k]
-    row = torch.arange(rows, device=logp.device)[:, None]
-    if blocks.is_contiguous():  # groups are rows of [P * G, size]: index_select, ~8x faster
-        flat = (chosen + row * groups).flatten()  # [P * k]
-        candidates = blocks.reshape(rows * groups, size).index_select(0, flat).view(rows, k * size)
+    rows, vocab = x.shape
+    if k == vocab:
+        values, ids = torch.topk(x, k, dim=-1)
+        return ids, values - lse[:, None], torch.full_like(lse, float("-inf"))
+    n_groups = stats.maxima.shape[-1]
+    if k * 4 >= n_groups:  # the candidates would be a large part of the row: plain topk
+        values, ids = torch.topk(x, k, dim=-1)
+        probs = (x - lse[:, None]).exp().scatter_(-1, ids, 0.0)  # [P, V]
+        mass = probs.sum(-1)
     else:
-        candidates = blocks[row, chosen].flatten(1)  # [P, k * size]
-    searched = k * size
-    if groups * size < vocab:  # the last V mod size columns are always candidates
-        candidates = torch.cat([candidates, logp[:, groups * size:]], 1)
-    values, where = torch.topk(candidates, k, dim=-1)  # [P, k] positions among candidates
-    in_group = chosen.gather(1, (where // size).clamp(max=k - 1)) * size + where % size
-    ids = torch.where(where < searched, in_group, where - searched + groups * size)
-    return values, ids
-
-
-def _tail_logmass(probs: Tensor, logp: Tensor, ids: Tensor) -> Tensor:
-    """log of the probability mass outside `ids` [P, k] per row -> [P].
-
-    probs [P, V] = exp(logp) is overwritten (the top-k columns set to 0). The mass is the sum
-    of the outside terms themselves, exact to fp32 rounding however small; rows where it is
-    below _TAIL_EXACT_BELOW take the logsumexp of their outside log-probs instead; -inf when
-    the top-k are the whole vocabulary.
-    """
-    if ids.shape[-1] == probs.shape[-1]:
-        return torch.full(ids.shape[:1], float("-inf"), device=probs.device)
-    mass = probs.scatter_(-1, ids, 0.0).sum(-1)  # [P]
+        chosen = torch.topk(stats.maxima, k, dim=-1, sorted=False).indices  # [P, k]
+        cols, real = _group_columns(chosen, vocab)  # [P, k, GROUP]
+        cand = x.gather(1, cols.flatten(1)).masked_fill_(~real.flatten(1), float("-inf"))
+        values, where = torch.topk(cand, k, dim=-1)  # [P, k] positions among the candidates
+        ids = cols.flatten(1).gather(1, where)
+        group_mass = stats.sums * (stats.maxima - lse[:, None]).exp()  # [P, G]
+        outside = (cand - lse[:, None]).exp().scatter_(-1, where, 0.0)  # [P, k * GROUP]
+        mass = group_mass.scatter_(-1, chosen, 0.0).sum(-1) + outside.sum(-1)
     tail = mass.log()
     tiny = (mass < _TAIL_EXACT_BELOW).nonzero().squeeze(-1)
-    if len(tiny):
-        outside = logp[tiny].scatter(-1, ids[tiny], float("-inf"))  # [rows, V]
-        tail[tiny] = outside.logsumexp(-1)
-    return tail
+    if len(tiny):  # terms that underflowed fp32 may be all of it: exact, in log space
+        outside_lp = (x[tiny] - lse[tiny, None]).scatter(-1, ids[tiny], float("-inf"))
+        tail[tiny] = outside_lp.logsumexp(-1)
+    return ids, values - lse[:, None], tail
 
 
-def _draw(weights: Tensor, u: Tensor, cdf: Tensor | None = None):
-    """Inverse-CDF draws from weights [P, V] (>= 0, each row summing to ~1) for uniforms
-    u [P, N] -> unique (row, id, count); `cdf` is an optional [P, V] buffer to write into.
+def draw(x: Tensor, stats: GroupStats, u: Tensor, temperature: float = 1.0):
+    """Inverse-CDF draws from softmax(x / T) (x [P, V], `stats` its group_stats at T) for
+    uniforms u [P, N] -> unique (row, id, count), sorted by row, then id; every row has
+    >= 1 entry and its counts sum to N. Ids whose probability is 0 are never drawn.
 
-    Returned sorted by row, then id; every row has >= 1 entry and its counts sum to N.
+    Level 1: the groups' weights W = sums_T * exp((maxima - row max) / T), their cumsum,
+    and the first group whose cdf exceeds the target u * total. Level 2: the weights of
+    that group's columns relative to its maximum, their cumsum, and the first column whose
+    cdf exceeds what is left of the target (in the same units).
     """
-    # fp32 is enough: id i is drawn when the target falls in [cdf[i-1], cdf[i]), whose width
-    # is p_i up to one rounding (~6e-8 absolute); the accumulated cumsum error is common to
-    # both ends. [P, V], non-decreasing in fp32 too (all terms >= 0).
-    cdf = torch.cumsum(weights, -1, out=cdf)
-    total = cdf[:, -1:]  # [P, 1]: 1 +- rounding; scaling by it keeps every draw in range
-    # Strictly below the total, so the draw is never an id past the last one with p > 0.
-    below = torch.nextafter(total, torch.zeros_like(total))
-    target = torch.minimum(u * total, below)  # [P, N]
-    # First id whose cdf exceeds the target: id i is drawn with probability p_i.
-    drawn = torch.searchsorted(cdf, target, right=True)
-    vocab = cdf.shape[-1]
+    inv_t = 1.0 / temperature
+    sums = stats.sums if stats.sums_t is None else stats.sums_t
+    top = stats.maxima.amax(-1, keepdim=True)  # [P, 1]
+    scale = ((stats.maxima - top) * inv_t).exp()  # [P, G]
+    weights = sums * scale
+    cdf = weights.cumsum(-1)  # [P, G]
+    total = cdf[:, -1:]
+    # Strictly below the total, so the draw is never a group past the last with weight > 0.
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    group = torch.searchsorted(cdf, target, right=True)  # [P, N]
+    before = torch.where(group > 0, cdf.gather(1, (group - 1).clamp(min=0)), 0.0)
+    left = (target - before) / scale.gather(1, group)  # in units of exp((x - group max) / T)
+    cols, real = _group_columns(group, x.shape[1])  # [P, N, GROUP]
+    values = x.gather(1, cols.flatten(1)).view(cols.shape)
+    inner = ((values - stats.maxima.gather(1, group).unsqueeze(-1)) * inv_t).exp()
+    inner_cdf = inner.masked_fill_(~real, 0.0).cumsum(-1)  # [P, N, GROUP]
+    inner_total = inner_cdf[..., -1:]
+    left = torch.minimum(left.clamp(min=0).unsqueeze(-1),
+                         torch.nextafter(inner_total, torch.zeros_like(inner_total)))
+    column = torch.searchsorted(inner_cdf, left, right=True).squeeze(-1)  # [P, N]
+    drawn = group * GROUP + column
+    vocab = x.shape[1]
     row = torch.arange(drawn.shape[0], device=drawn.device)[:, None].expand_as(drawn)
     keys, counts = torch.unique(row * vocab + drawn, sorted=True, return_counts=True)
     return keys // vocab, keys % vocab, counts

@@ -1,7 +1,9 @@
 """teacher_dump.capture and teacher_dump.token_signals: every captured signal against an
 independent recomputation on a tiny local model (unpadded, one sample at a time), the tail
-on extreme rows, sampled draws against the teacher's distribution and bit for bit against
-the format's inverse-CDF rule, and the bitsandbytes 4-bit / 8-bit paths on the CPU."""
+on extreme rows, sampled draws against the teacher's distribution and against a float64
+inverse-CDF reference, the LM head computed by chunks against the full forward, the
+compiled group statistics against eager ones, and the bitsandbytes 4-bit / 8-bit paths
+on the CPU."""
 
 from __future__ import annotations
 
@@ -18,8 +20,10 @@ from logitstore.hf import load_causal_lm  # noqa: E402
 from logitstore.reader import StoreReader  # noqa: E402
 from logitstore.verify import verify_store  # noqa: E402
 from teacher_dump.capture import (CaptureSpec, capture_batch, capture_outputs,  # noqa: E402
-                                  make_batch, run_model)
-from teacher_dump.token_signals import _draw, _topk, plan_chunks, sample_uniforms  # noqa: E402
+                                  lm_head_of, make_batch, run_model)
+from teacher_dump.logit_stats import group_stats, resolve_kernel  # noqa: E402
+from teacher_dump.token_signals import (_logsumexp, _topk_and_tail, draw,  # noqa: E402
+                                        plan_chunks, sample_uniforms)
 from teacher_dump.config import resolve_config  # noqa: E402
 from teacher_dump.dump import run_dump  # noqa: E402
 from teacher_dump.ranks import RankContext  # noqa: E402
@@ -134,29 +138,45 @@ def test_two_stage_topk_finds_the_values_of_torch_topk(vocab, k):
     rows = torch.randn(40, vocab, generator=g) * 3
     rows[:20] = rows[:20].to(torch.bfloat16).float()  # many exact ties, as bf16 logits have
     rows[20, :] = 1.0  # all tied
-    values, ids = _topk(rows, k)
+    stats = group_stats(rows)
+    lse = _logsumexp(stats)
+    ids, lps, _ = _topk_and_tail(rows, stats, lse, k)
     want = torch.topk(rows, k, dim=-1).values
-    assert torch.equal(values, want)  # the same values, largest first
-    assert torch.equal(rows.gather(1, ids), values)  # ids that hold them, each once
+    assert torch.equal(rows.gather(1, ids), want)  # ids of the same values, largest first
+    assert torch.allclose(lps, want - rows.double().logsumexp(-1, keepdim=True).float(),
+                          atol=1e-5)
     assert (ids.sort(1).values.diff(dim=1) > 0).all()
     ties = rows[21:]  # without ties the very same ids
     assert torch.equal(ids[21:].sort(1).values, torch.topk(ties, k, -1).indices.sort(1).values)
 
 
 def test_chunking_never_changes_a_result(tiny):
-    # Short samples are packed (copied) together, long ones read in place, in chunks of
-    # any size: every array must be the same bit for bit.
+    # Over given logits, short samples are packed (copied) together, long ones read in
+    # place, in chunks of any size: every array must be the same bit for bit. With the LM
+    # head computed by chunks, the matmul's shape follows the chunk, so values may move by
+    # fp32 rounding (hence logits_chunk is a content key of the dump config).
     names, ids, masks = _samples([9, 3, 17, 1, 12, 2, 30], seed=5)
     batch = make_batch(names, ids, masks, pad_id=0, device="cpu")
-    outs = [capture_batch(tiny["llama"], batch, CaptureSpec(vocab_size=VOCAB, top_k=5,
-                                                            n_draws=32, seed=1, logits_chunk=c))
-            for c in (1, 5, 16, 64, 4096)]
+    specs = [CaptureSpec(vocab_size=VOCAB, top_k=5, n_draws=32, seed=1, logits_chunk=c)
+             for c in (1, 5, 16, 64, 4096)]
+    with torch.inference_mode():
+        logits = run_model(tiny["llama"], batch, specs[0]).logits
+    outs = [capture_outputs(logits, None, None, batch, spec) for spec in specs]
     for other in outs[1:]:
         for a, b in zip(outs[0], other):
             for key in ("ids", "logprobs", "tail_logprob"):
                 assert np.array_equal(getattr(a.topk, key), getattr(b.topk, key)), key
             for key in ("offsets", "ids", "counts", "logprobs"):
                 assert np.array_equal(getattr(a.sampled, key), getattr(b.sampled, key)), key
+    heads = [capture_batch(tiny["llama"], batch, spec) for spec in specs]
+    for other in heads:
+        for a, b in zip(outs[0], other):
+            assert np.array_equal(np.sort(a.topk.ids, 1), np.sort(b.topk.ids, 1))
+            assert np.allclose(a.topk.logprobs, b.topk.logprobs, atol=1e-5)
+    again = capture_batch(tiny["llama"], batch, specs[1])
+    for a, b in zip(heads[1], again):  # the same chunking: the same bits
+        assert np.array_equal(a.topk.logprobs, b.topk.logprobs)
+        assert np.array_equal(a.sampled.ids, b.sampled.ids)
     chunks = plan_chunks([9, 3, 17, 1, 12, 2, 30], 16)
     assert chunks == [[(0, 0, 9)], [(1, 0, 3)], [(2, 0, 16)], [(2, 16, 17)],
                       [(3, 0, 1)], [(4, 0, 12)], [(5, 0, 2)], [(6, 0, 16)], [(6, 16, 30)]]
@@ -262,7 +282,7 @@ def test_draw_matches_a_peaked_distribution_and_never_draws_impossible_ids():
     logits[:, 25:49] = torch.linspace(0, -6, 24)
     logp = torch.log_softmax(logits, -1)
     u = torch.rand(3, 40000, generator=torch.Generator().manual_seed(5))
-    rows, ids, counts = _draw(logp.exp(), u)
+    rows, ids, counts = draw(logits, group_stats(logits), u)
     assert torch.isfinite(logp[rows, ids]).all()  # only ids with p > 0
     for r in range(3):
         dense = np.zeros(50, dtype=np.int64)
@@ -286,23 +306,23 @@ def test_draws_depend_on_seed_and_sample_id_only(tiny):
 
 
 def _reference_draws(logits: torch.Tensor, u: torch.Tensor, temperature: float):
-    """The format's draw rule written out: inverse CDF of fp32 exp(log_softmax(logits))
-    (softmax(logits / T) when T != 1) at targets u * total, kept below the total."""
-    raw = logits.float()
-    probs = (torch.log_softmax(raw, -1).exp() if temperature == 1.0
-             else torch.softmax(raw / temperature, -1))
+    """The inverse-CDF rule in float64 over the whole row: the first id whose cumulative
+    probability exceeds u -> drawn ids [L, N], and how far u is from the nearest boundary."""
+    probs = torch.softmax(logits.double() / temperature, -1)
     cdf = probs.cumsum(-1)
-    total = cdf[:, -1:]
-    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, target, right=True)  # [L, N] drawn ids
+    cdf = cdf / cdf[:, -1:]
+    u = u.double()
+    drawn = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1)
+    upper = cdf.gather(1, drawn)
+    lower = torch.where(drawn > 0, cdf.gather(1, (drawn - 1).clamp(min=0)), 0.0)
+    return drawn, torch.minimum(upper - u, u - lower)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_draws_are_bit_identical_to_the_reference_rule(tiny, temperature):
-    # Stores written before and after a change of the capture's arithmetic must hold the
-    # same draws for the same seed: resume and multi-rank dumps rely on it.
-    n = 20000  # enough draws that weights a few ulps off move some (checked: renormalising
-    # the weights, or recomputing them with softmax, fails this test)
+def test_draws_follow_the_inverse_cdf_rule(tiny, temperature):
+    # The two-level draw (group, then column) picks the id the single-level rule picks,
+    # except where the uniform lies within fp32 rounding of a CDF boundary.
+    n = 20000
     names, ids, masks = _samples([9, 3, 17, 1, 12], seed=6)
     spec = CaptureSpec(vocab_size=VOCAB, top_k=3, n_draws=n, temperature=temperature, seed=9,
                        logits_chunk=8)
@@ -310,15 +330,89 @@ def test_draws_are_bit_identical_to_the_reference_rule(tiny, temperature):
     with torch.inference_mode():
         logits = run_model(tiny["llama"], batch, spec).logits  # [B, S, V]: the same numbers
         out = capture_outputs(logits, None, None, batch, spec)
+    moved, total = 0, 0
     for b, (name, x, data) in enumerate(zip(names, ids, out)):
-        drawn = _reference_draws(logits[b, :len(x)], sample_uniforms(9, name, len(x), n),
-                                 temperature)
+        drawn, margin = _reference_draws(logits[b, :len(x)], sample_uniforms(9, name, len(x), n),
+                                         temperature)
         for t in range(len(x)):
-            want_ids, want_counts = np.unique(drawn[t].numpy(), return_counts=True)
             got_ids, got_counts, _ = data.sampled.position(t)
-            order = np.argsort(got_ids)
-            assert np.array_equal(got_ids[order], want_ids), (name, t)
-            assert np.array_equal(got_counts[order], want_counts), (name, t)
+            got = np.zeros(VOCAB, dtype=np.int64)
+            got[got_ids] = got_counts
+            want = np.bincount(drawn[t].numpy(), minlength=VOCAB)
+            # A draw may move to a neighbouring id only when its uniform is this close.
+            close = int((margin[t] < 1e-5).sum())
+            assert np.abs(got - want).sum() <= 2 * close, (name, t)
+            moved += np.abs(got - want).sum() // 2
+            total += n
+    print(f"{moved} of {total} draws moved by rounding")
+    assert moved <= total * 1e-4  # 840,000 draws
+
+
+# ----------------------------------------------------------------------------- LM head by chunks
+
+
+@pytest.mark.parametrize("which", ["llama", "qwen"])
+def test_head_by_chunks_equals_the_full_forward(tiny, which):
+    # capture_batch computes the logits chunk by chunk from the decoder's output; the
+    # same capture over the logits of a full forward must agree (Qwen2: padded vocabulary).
+    model = tiny[which]
+    assert lm_head_of(model) is not None
+    names, ids, masks = _samples([9, 3, 17, 1, 12], seed=8)
+    spec = CaptureSpec(vocab_size=VOCAB, top_k=6, n_draws=64, seed=2, logits_chunk=8,
+                       hidden_layers=(-1,))
+    batch = make_batch(names, ids, masks, pad_id=0, device="cpu")
+    chunked = capture_batch(model, batch, spec)
+    with torch.inference_mode():
+        output = run_model(model, batch, spec)
+        full = capture_outputs(output.logits, [output.hidden_states[-1]], None, batch, spec)
+    for a, b in zip(chunked, full):
+        assert np.array_equal(np.sort(a.topk.ids, 1), np.sort(b.topk.ids, 1))
+        assert np.allclose(a.topk.logprobs, b.topk.logprobs, atol=1e-5)
+        assert np.allclose(a.topk.tail_logprob, b.topk.tail_logprob, atol=1e-5)
+        assert np.allclose(a.hidden, b.hidden, atol=1e-6)
+        ids_a, ids_b = set(a.sampled.ids.tolist()), set(b.sampled.ids.tolist())
+        assert len(ids_a ^ ids_b) <= 2  # a draw may move only at a rounding boundary
+
+
+def test_models_with_a_transform_after_the_head_take_the_full_forward(tiny):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                          head_dim=16, final_logit_softcapping=30.0)
+    gemma = Gemma2ForCausalLM(config).eval()
+    assert lm_head_of(gemma) is None  # logits = 30 tanh(head(h) / 30): not the head alone
+    names, ids, masks = _samples([7, 4], seed=2)
+    batch = make_batch(names, ids, masks, pad_id=0, device="cpu")
+    spec = CaptureSpec(vocab_size=VOCAB, top_k=5)
+    out = capture_batch(gemma, batch, spec)
+    for x, data in zip(ids, out):
+        logp = torch.log_softmax(_reference(gemma, x).logits[0].double(), -1)
+        want = torch.topk(logp, 5, dim=-1).values.numpy()
+        assert np.allclose(data.topk.logprobs, want, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def test_compiled_group_statistics_equal_eager_ones():
+    if resolve_kernel("auto", "cpu") != "compiled":
+        pytest.skip("torch.compile is not usable here")
+    g = torch.Generator().manual_seed(0)
+    for rows, vocab in [(7, 5000), (1, 32000), (33, 640)]:
+        x = torch.randn(rows, vocab, generator=g) * 4
+        x[0, :64] = float("-inf")  # a group the model masks out
+        for temperature in (1.0, 0.6):
+            a = group_stats(x, temperature, "compiled")
+            b = group_stats(x, temperature, "eager")
+            assert torch.equal(a.maxima, b.maxima)
+            for s_a, s_b in [(a.sums, b.sums), (a.sums_t, b.sums_t)]:
+                if s_b is not None:
+                    assert torch.allclose(s_a, s_b, rtol=1e-5)
+    assert resolve_kernel("eager", "cpu") == "eager"
+    assert resolve_kernel("auto", "cuda:0") == "eager"
+    with pytest.raises(ValueError, match="one of auto, compiled, eager"):
+        resolve_kernel("fast", "cpu")
 
 
 # ----------------------------------------------------------------------------- bitsandbytes

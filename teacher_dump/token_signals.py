@@ -224,6 +224,19 @@ def _group_columns(groups: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
     return cols.clamp(max=vocab - 1), cols < vocab
 
 
+def _group_values(x: Tensor, groups: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The values of x [P, V] in groups [P, n] -> (values [P, n, GROUP], with -inf past
+    the row's end; their column ids; the mask of real columns)."""
+    rows, vocab = x.shape
+    cols, real = _group_columns(groups, vocab)  # [P, n, GROUP]
+    if x.is_contiguous() and vocab % GROUP == 0:  # groups are rows of [P * G, GROUP]:
+        flat = (groups + torch.arange(rows, device=x.device)[:, None] * (vocab // GROUP))
+        values = x.view(-1, GROUP).index_select(0, flat.flatten())  # ~5x faster than gather
+        return values.view(cols.shape), cols, real
+    values = x.gather(1, cols.flatten(1)).view(cols.shape)
+    return values.masked_fill_(~real, float("-inf")), cols, real
+
+
 def _topk_and_tail(x: Tensor, stats: GroupStats, lse: Tensor, k: int
                    ) -> tuple[Tensor, Tensor, Tensor]:
     """The k most likely ids of each row of x [P, V], their log-probs (largest first, the
@@ -247,8 +260,8 @@ def _topk_and_tail(x: Tensor, stats: GroupStats, lse: Tensor, k: int
         mass = probs.sum(-1)
     else:
         chosen = torch.topk(stats.maxima, k, dim=-1, sorted=False).indices  # [P, k]
-        cols, real = _group_columns(chosen, vocab)  # [P, k, GROUP]
-        cand = x.gather(1, cols.flatten(1)).masked_fill_(~real.flatten(1), float("-inf"))
+        cand, cols, _ = _group_values(x, chosen)  # [P, k, GROUP]
+        cand = cand.flatten(1)
         values, where = torch.topk(cand, k, dim=-1)  # [P, k] positions among the candidates
         ids = cols.flatten(1).gather(1, where)
         group_mass = stats.sums * (stats.maxima - lse[:, None]).exp()  # [P, G]
@@ -284,8 +297,7 @@ def draw(x: Tensor, stats: GroupStats, u: Tensor, temperature: float = 1.0):
     group = torch.searchsorted(cdf, target, right=True)  # [P, N]
     before = torch.where(group > 0, cdf.gather(1, (group - 1).clamp(min=0)), 0.0)
     left = (target - before) / scale.gather(1, group)  # in units of exp((x - group max) / T)
-    cols, real = _group_columns(group, x.shape[1])  # [P, N, GROUP]
-    values = x.gather(1, cols.flatten(1)).view(cols.shape)
+    values, _, real = _group_values(x, group)  # [P, N, GROUP]
     inner = ((values - stats.maxima.gather(1, group).unsqueeze(-1)) * inv_t).exp()
     inner_cdf = inner.masked_fill_(~real, 0.0).cumsum(-1)  # [P, N, GROUP]
     inner_total = inner_cdf[..., -1:]

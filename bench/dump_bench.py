@@ -37,7 +37,9 @@ reported:
 
 Then, unless --no-breakdown, one more dump run (not counted; 1/--breakdown-fraction of the
 records) instrumented with timers and torch.profiler: where the dump's time goes (forward
-vs capture vs waiting for the writer thread, and the heaviest torch ops).
+vs capture vs waiting for the writer thread, and the heaviest torch ops). For teachers whose
+LM head the dump runs chunk by chunk (`teacher_dump.capture.lm_head_of`: Llama here),
+"forward" is the decoder alone and the LM head counts under "capture".
 
 The machine is shared: before measuring, the script waits until the 1-minute load average
 is below --quiet-load (polled every 30 s, at most --quiet-max-wait s; --no-wait skips),

@@ -56,12 +56,11 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from student_train.losses import (LOG_ZERO, SparseTarget, at_least_fp32,
+from student_train.losses import (IGNORE, LOG_ZERO, SparseTarget, at_least_fp32,
                                   cross_entropy_per_position, kd_from_student_bins,
                                   sparse_kd_per_position, student_tail_needed, support_size)
 
 Tensor = torch.Tensor
-IGNORE = -100
 DEFAULT_CHUNK_SIZE = 1024
 # Off-support sums of exp(z - max) below this are redone exactly (see the module docstring):
 # above it, terms that underflow fp32 (< 1.2e-38 each) change the sum by < 1e-7 relatively.

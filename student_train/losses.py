@@ -65,6 +65,8 @@ Tensor = torch.Tensor
 TOPK_MODES = ("tail", "renormalised")
 DEFAULT_TOPK_MODE = "tail"
 TEMPERATURE_SCHEDULES = ("constant", "linear", "exponential")
+# Label of positions that are not targets (torch's cross_entropy ignore_index).
+IGNORE = -100
 # A finite stand-in for log(0): -inf would turn 0 * (-inf) into NaN in values and gradients.
 # Must survive division by a temperature without overflowing fp32 (max ~3.4e38).
 LOG_ZERO = -1e30

@@ -34,10 +34,9 @@ from torch import nn
 
 from student_train.alignment import HiddenStateAligner, attention_alignment_loss
 from student_train.fused_head_loss import DEFAULT_CHUNK_SIZE, HeadLossTerms, fused_head_loss
-from student_train.losses import build_sampled_target, build_topk_target
+from student_train.losses import IGNORE, build_sampled_target, build_topk_target
 
 Tensor = torch.Tensor
-IGNORE = -100
 
 
 @dataclass(frozen=True)

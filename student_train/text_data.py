@@ -16,8 +16,7 @@ import numpy as np
 import torch
 
 from logitstore.errors import LogitStoreError
-
-IGNORE = -100
+from student_train.losses import IGNORE
 
 
 def load_text_samples(sources: Sequence[str], tokenizer, *, data_format: str = "auto",

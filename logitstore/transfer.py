@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Callable
 
 from logitstore.commit import load_json
@@ -22,7 +23,7 @@ def copy_store(src: str, dst: str, *, src_options: dict | None = None,
     source, target = StoreFS(src, src_options), StoreFS(dst, dst_options)
     if not source.exists(MANIFEST):
         raise ManifestMissingError(f"{src} has no committed {MANIFEST}: nothing to copy")
-    manifest = load_json(source, MANIFEST)
+    raw_manifest, manifest, index = _committed_state(source)
     check_format_version(manifest.get("format_version"), source.path(MANIFEST))
     if target.exists(MANIFEST) and not overwrite:
         raise LogitStoreError(f"{dst} already holds a store; pass --overwrite to replace it")
@@ -31,7 +32,9 @@ def copy_store(src: str, dst: str, *, src_options: dict | None = None,
     files = dict(manifest["files"])
     files[manifest["index"]["path"]] = manifest["index"]
     for rel, meta in sorted(files.items()):
-        data = source.read_bytes(rel)
+        # Segment files are immutable once committed; only the index of a superseded
+        # commit is ever deleted by a running writer, and it was read first.
+        data = index if rel == manifest["index"]["path"] else source.read_bytes(rel)
         if sha256_hex(data) != meta["sha256"]:
             raise ChecksumError(f"checksum mismatch in source file {source.path(rel)}; the source "
                                 f"store is damaged (run `logitstore verify {src}`)", path=rel)
@@ -41,5 +44,28 @@ def copy_store(src: str, dst: str, *, src_options: dict | None = None,
                                 f"retry the copy", path=rel)
         if progress:
             progress(rel, len(data))
-    target.write_bytes(MANIFEST, source.read_bytes(MANIFEST))
+    # The manifest read at the start, not the source's current one: a writer may have
+    # committed more segments since, which were not copied.
+    target.write_bytes(MANIFEST, raw_manifest)
     return manifest
+
+
+def _committed_state(fs: StoreFS, attempts: int = 100) -> tuple[bytes, dict, bytes]:
+    """(manifest bytes, manifest, index bytes) of one commit, also beside a running writer:
+    a commit landing between the two reads replaces the manifest, then deletes the index
+    the old one named; read the new manifest then (as StoreReader does)."""
+    for attempt in range(attempts):
+        raw = fs.read_bytes(MANIFEST)
+        try:
+            manifest = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ChecksumError(f"{fs.path(MANIFEST)} is not valid JSON ({err}); the file is "
+                                f"damaged", path=MANIFEST) from None
+        try:
+            return raw, manifest, fs.read_bytes(manifest["index"]["path"])
+        except FileNotFoundError:
+            if attempt == attempts - 1 or load_json(fs, MANIFEST)["index"] == manifest["index"]:
+                raise ChecksumError(f"{fs.path(manifest['index']['path'])} is missing: the "
+                                    f"source store is damaged (run `logitstore verify`)",
+                                    path=manifest["index"]["path"]) from None
+    raise AssertionError("unreachable")

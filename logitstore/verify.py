@@ -55,42 +55,67 @@ def _lp_dtype(spec) -> str:
 def verify_store(url: str, *, storage_options: dict | None = None,
                  progress: Callable[[str], None] | None = None) -> list[str]:
     fs = StoreFS(url, storage_options)
+    for _ in range(10):
+        index_path, problems = _verify_commit(fs, progress)
+        # Beside a running writer, a commit replaces the manifest and then deletes the index
+        # the old one named: the index reported missing is then no damage, the store moved
+        # on. Check the newer commit.
+        if index_path is None or fs.exists(index_path) or _index_path(fs) == index_path:
+            return problems
+    return problems
+
+
+def _index_path(fs: StoreFS) -> str | None:
+    try:
+        return load_json(fs, MANIFEST)["index"]["path"]
+    except (LogitStoreError, KeyError, TypeError, FileNotFoundError):
+        return None
+
+
+def _verify_commit(fs: StoreFS, progress) -> tuple[str | None, list[str]]:
+    """(the index path of the manifest checked, problems) for the current commit."""
     if not fs.exists(MANIFEST):
-        return [f"{fs.path(MANIFEST)}: missing (no committed store here)"]
+        return None, [f"{fs.path(MANIFEST)}: missing (no committed store here)"]
     try:
         manifest = load_json(fs, MANIFEST)
         check_format_version(manifest.get("format_version"), fs.path(MANIFEST))
         settings = StoreSettings.from_json(manifest["settings"])
     except (LogitStoreError, KeyError, TypeError) as err:
-        return [f"{fs.path(MANIFEST)}: {err}"]
+        return None, [f"{fs.path(MANIFEST)}: {err}"]
     problems: list[str] = []
     files = dict(manifest.get("files", {}))
-    files[manifest["index"]["path"]] = manifest["index"]
+    index_path = manifest["index"]["path"]
+    files[index_path] = manifest["index"]
     damaged: set[str] = set()
-    for rel, meta in sorted(files.items()):
+    index = None
+    for rel, meta in sorted(files.items(), key=lambda kv: kv[0] != index_path):  # index first
         if progress:
             progress(rel)
-        problem = _check_file(fs, rel, meta)
+        problem, data = _check_file(fs, rel, meta)
         if problem:
             problems.append(problem)
             damaged.add(rel)
-    if manifest["index"]["path"] in damaged:
-        return problems  # no trustworthy index: structure cannot be checked
-    index = pq.read_table(io.BytesIO(fs.read_bytes(manifest["index"]["path"])))
+        elif rel == index_path:
+            index = pq.read_table(io.BytesIO(data))
+    if index is None:
+        return index_path, problems  # no trustworthy index: structure cannot be checked
     problems += _check_structure(fs, manifest, settings, index, damaged)
-    return problems
+    return index_path, problems
 
 
-def _check_file(fs: StoreFS, rel: str, meta: dict) -> str | None:
-    if not fs.exists(rel):
-        return f"{fs.path(rel)}: missing"
-    data = fs.read_bytes(rel)
+def _check_file(fs: StoreFS, rel: str, meta: dict) -> tuple[str | None, bytes | None]:
+    """(problem or None, the file's bytes when it is sound)."""
+    try:
+        data = fs.read_bytes(rel)
+    except FileNotFoundError:
+        return f"{fs.path(rel)}: missing", None
     if len(data) != meta["size"]:
-        return f"{fs.path(rel)}: size {len(data)} bytes, expected {meta['size']} (truncated?)"
+        return (f"{fs.path(rel)}: size {len(data)} bytes, expected {meta['size']} (truncated?)",
+                None)
     found = sha256_hex(data)
     if found != meta["sha256"]:
-        return f"{fs.path(rel)}: sha256 {found}, expected {meta['sha256']} (damaged)"
-    return None
+        return f"{fs.path(rel)}: sha256 {found}, expected {meta['sha256']} (damaged)", None
+    return None, data
 
 
 def _check_structure(fs: StoreFS, manifest: dict, settings: StoreSettings, index,

@@ -219,3 +219,49 @@ def test_commit_between_a_readers_manifest_and_index_reads(reference, tmp_path, 
     assert reader.manifest["index"]["path"] != first_index
     assert check_visible(reader, ids, ref_content) == writer.committed_count
     writer.abort()
+
+
+@pytest.mark.parametrize("tool", ["verify", "cp"])
+def test_verify_and_cp_survive_a_commit_between_manifest_and_index_reads(tmp_path, monkeypatch,
+                                                                         tool):
+    """The same race for `logitstore verify` and `logitstore cp`: a commit deletes the index
+    they were about to read. verify must report a clean store (the newer commit), cp must
+    copy one whole commit and write the manifest it read, not a newer one."""
+    from logitstore.transfer import copy_store
+
+    samples = iter(make_samples(N, SEED, SETTINGS))
+    store = tmp_path / "store"
+    writer = StoreWriter(str(store), SETTINGS)
+
+    def write_one_segment() -> None:
+        before = writer.committed_count
+        while writer.committed_count == before:
+            writer.add(next(samples))
+
+    write_one_segment()
+    first_index = StoreReader(str(store)).manifest["index"]["path"]
+    real_read = StoreFS.read_bytes
+    fired = []
+
+    def read_bytes(fs, rel):
+        if rel == first_index and not fired:
+            fired.append(rel)
+            write_one_segment()  # new manifest, then the old index deleted
+        return real_read(fs, rel)
+
+    monkeypatch.setattr(StoreFS, "read_bytes", read_bytes)
+    if tool == "verify":
+        assert verify_store(str(store)) == []
+    else:
+        copy_store(str(store), str(tmp_path / "copy"))
+    monkeypatch.undo()
+    assert fired
+    if tool == "cp":
+        copy = StoreReader(str(tmp_path / "copy"))
+        assert verify_store(str(tmp_path / "copy")) == []
+        assert len(copy) == writer.committed_count  # the commit it read, whole
+    writer.add(next(samples))
+    write_one_segment()  # a third commit: the copy must not follow the source
+    if tool == "cp":
+        assert len(StoreReader(str(tmp_path / "copy"))) < writer.committed_count
+    writer.abort()

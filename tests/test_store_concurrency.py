@@ -184,39 +184,53 @@ def test_reader_beside_a_running_writer_sees_only_committed_data(reference, tmp_
     print(f"{len(counts) - 1} readers opened while writing; counts seen: {sorted(set(counts))}")
 
 
+class SegmentWriter:
+    """A writer in this process that commits the store after every segment, one at a time."""
+
+    def __init__(self, store: Path):
+        self.samples = iter(make_samples(N, SEED, SETTINGS))
+        self.writer = StoreWriter(str(store), SETTINGS)
+
+    def commit_one_segment(self) -> None:
+        before = self.writer.committed_count
+        while self.writer.committed_count == before:
+            self.writer.add(next(self.samples))
+
+
+def commit_while_reading(monkeypatch, store: Path, writer: SegmentWriter) -> list[str]:
+    """After one commit, make the next read of its index first commit another segment (a
+    new manifest, then that index deleted): the race of a tool beside a running writer.
+    Returns a list that holds the index path once the race has fired."""
+    writer.commit_one_segment()
+    first_index = StoreReader(str(store)).manifest["index"]["path"]
+    real_read = StoreFS.read_bytes
+    fired: list[str] = []
+
+    def read_bytes(fs, rel):
+        if rel == first_index and not fired:  # about to read the index
+            fired.append(rel)
+            writer.commit_one_segment()
+            assert not (store / first_index).exists()
+        return real_read(fs, rel)
+
+    monkeypatch.setattr(StoreFS, "read_bytes", read_bytes)
+    return fired
+
+
 def test_commit_between_a_readers_manifest_and_index_reads(reference, tmp_path, monkeypatch):
     """The race a reader beside a running writer can lose, made deterministic: a commit lands
     after the reader has read the manifest and before it reads the index that manifest
     names (which the commit deletes). The reader must open the newer committed state."""
     _, ref_content = reference
-    samples = make_samples(N, SEED, SETTINGS)
-    ids = [s.sample_id for s in samples]
+    ids = [s.sample_id for s in make_samples(N, SEED, SETTINGS)]
     store = tmp_path / "store"
-    writer = StoreWriter(str(store), SETTINGS)  # commits the store after every segment
-    pending = iter(samples)
-
-    def write_one_segment() -> None:
-        before = writer.committed_count
-        while writer.committed_count == before:
-            writer.add(next(pending))
-
-    write_one_segment()
-    first_index = StoreReader(str(store)).manifest["index"]["path"]
-    real_read = StoreFS.read_bytes
-    fired = []
-
-    def read_bytes(fs, rel):
-        if rel == first_index and not fired:  # the reader is about to read its index
-            fired.append(rel)
-            write_one_segment()  # commit: new manifest, then the old index is deleted
-            assert not (store / first_index).exists()
-        return real_read(fs, rel)
-
-    monkeypatch.setattr(StoreFS, "read_bytes", read_bytes)
+    segments = SegmentWriter(store)
+    writer = segments.writer
+    fired = commit_while_reading(monkeypatch, store, segments)
     reader = StoreReader(str(store))
     monkeypatch.undo()
     assert fired
-    assert reader.manifest["index"]["path"] != first_index
+    assert reader.manifest["index"]["path"] != fired[0]
     assert check_visible(reader, ids, ref_content) == writer.committed_count
     writer.abort()
 
@@ -229,27 +243,10 @@ def test_verify_and_cp_survive_a_commit_between_manifest_and_index_reads(tmp_pat
     copy one whole commit and write the manifest it read, not a newer one."""
     from logitstore.transfer import copy_store
 
-    samples = iter(make_samples(N, SEED, SETTINGS))
     store = tmp_path / "store"
-    writer = StoreWriter(str(store), SETTINGS)
-
-    def write_one_segment() -> None:
-        before = writer.committed_count
-        while writer.committed_count == before:
-            writer.add(next(samples))
-
-    write_one_segment()
-    first_index = StoreReader(str(store)).manifest["index"]["path"]
-    real_read = StoreFS.read_bytes
-    fired = []
-
-    def read_bytes(fs, rel):
-        if rel == first_index and not fired:
-            fired.append(rel)
-            write_one_segment()  # new manifest, then the old index deleted
-        return real_read(fs, rel)
-
-    monkeypatch.setattr(StoreFS, "read_bytes", read_bytes)
+    segments = SegmentWriter(store)
+    writer = segments.writer
+    fired = commit_while_reading(monkeypatch, store, segments)
     if tool == "verify":
         assert verify_store(str(store)) == []
     else:
@@ -260,8 +257,7 @@ def test_verify_and_cp_survive_a_commit_between_manifest_and_index_reads(tmp_pat
         copy = StoreReader(str(tmp_path / "copy"))
         assert verify_store(str(tmp_path / "copy")) == []
         assert len(copy) == writer.committed_count  # the commit it read, whole
-    writer.add(next(samples))
-    write_one_segment()  # a third commit: the copy must not follow the source
+    segments.commit_one_segment()  # a third commit: the copy must not follow the source
     if tool == "cp":
         assert len(StoreReader(str(tmp_path / "copy"))) < writer.committed_count
     writer.abort()

@@ -236,6 +236,25 @@ def test_refusals_resume_and_overwrite(tiny, tmp_path):
     assert len(runs) == 1 and runs[0]["samples_written"] == 6
 
 
+
+def test_a_resume_with_another_capture_kernel_is_refused(tiny, tmp_path):
+    # Draws may differ at fp32 CDF boundaries between kernels (FORMAT.md section 6), so the
+    # kernel is part of the signal's description; the layout-only batch size is not.
+    from teacher_dump.logit_stats import resolve_kernel
+
+    if resolve_kernel("auto", "cpu") != "compiled":
+        pytest.skip("torch.compile is not usable here")
+    out = tmp_path / "store"
+    base = ["--model", tiny["llama"], "--data", tiny["text"], "--out", out, "--limit", "3", *FAST]
+    _cli(*base, "--capture-kernel", "eager")
+    signal = StoreReader(str(out)).settings.signals["llama"]
+    assert signal.teacher["capture"] == "grouped-inverse-cdf/eager"
+    refused = _cli(*base, "--capture-kernel", "compiled", expect=1)
+    assert "teacher.capture" in refused.output and "compiled" in refused.output
+    resumed = _cli(*base, "--capture-kernel", "eager", "--batch-tokens", "64")
+    assert "(3 already in the store)" in resumed.output
+    assert verify_store(str(out)) == []
+
 def _signal_arrays(url, signal) -> dict:
     store = StoreReader(str(url))
     out = {}

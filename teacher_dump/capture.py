@@ -27,15 +27,22 @@ full forward is never made. Per sample:
 * attention: `spec.attention_layers[i]` indexes `output.attentions` (one per decoder
   block, -1 = last); needs eager attention (`load_causal_lm(need_attentions=True)`).
   Head-averaged or per head, pooled to G x G with `logitstore.pooling.pool_attention`.
+  Where the blocks are `decoder.layers[i].self_attn` (Llama, Qwen2, Mistral, Gemma...),
+  forward hooks on the selected layers pool each map as soon as its layer has run and the
+  forward is not asked for output_attentions, so no layer's [B, H, S, S] map outlives its
+  layer (with output_attentions, all of them are kept until the forward returns: for an
+  8B teacher at 2,048 tokens that is 32 layers x 32 heads x 2048^2 floats per sample).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from logitstore.errors import LogitStoreError
 from logitstore.pooling import pool_attention, pool_hidden
 from logitstore.sample import SignalData
 from teacher_dump.token_signals import HeadLogits, capture_token_signals
@@ -112,13 +119,60 @@ def num_layers(model) -> int:
     return int(model.config.get_text_config().num_hidden_layers)
 
 
-def run_model(model, batch: Batch, spec: CaptureSpec, decoder_only: bool = False):
+def run_model(model, batch: Batch, spec: CaptureSpec, decoder_only: bool = False,
+              output_attentions: bool | None = None):
     """One forward pass with the outputs `spec` needs (call under torch.inference_mode());
-    `decoder_only`: the decoder without the LM head (its last_hidden_state instead of logits)."""
+    `decoder_only`: the decoder without the LM head (its last_hidden_state instead of logits);
+    `output_attentions`: default, whether `spec` asks for attention maps."""
     net = model.get_decoder() if decoder_only else model
+    if output_attentions is None:
+        output_attentions = bool(spec.attention_layers)
     return net(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                output_hidden_states=_hidden_request(model, spec.hidden_layers),
-               output_attentions=bool(spec.attention_layers), use_cache=False)
+               output_attentions=output_attentions, use_cache=False)
+
+
+def attention_modules(model) -> list[torch.nn.Module] | None:
+    """The decoder blocks' attention modules in order, when the model has them as
+    `decoder.layers[i].self_attn` (one per block), else None."""
+    layers = getattr(model.get_decoder(), "layers", None)
+    if layers is None or len(layers) != num_layers(model):
+        return None
+    modules = [getattr(layer, "self_attn", None) for layer in layers]
+    return modules if all(m is not None for m in modules) else None
+
+
+def _attention_grid(attn: Tensor, batch: Batch, spec: CaptureSpec) -> Tensor:
+    """One layer's maps [B, H, S, S] -> its stored grids [B, H or 1, G, G]."""
+    if spec.attention_heads == "mean":
+        attn = attn.float().mean(1, keepdim=True)  # pooling is linear: same as after
+    return pool_attention(attn, batch.lengths.to(attn.device), spec.attention_grid,
+                          attention_mask=batch.attention_mask)
+
+
+@contextmanager
+def _pooling_hooks(modules: list[torch.nn.Module], batch: Batch, spec: CaptureSpec):
+    """Forward hooks that pool the selected layers' attention maps as each layer runs;
+    yields {layer index >= 0: grid [B, H or 1, G, G]}, filled by the forward."""
+    grids: dict[int, Tensor] = {}
+
+    def hook_for(index: int):
+        def keep(module, args, output):
+            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            if weights is None:
+                raise LogitStoreError(
+                    f"layer {index} returned no attention weights: attention maps need eager "
+                    f"attention (load the teacher with attn_implementation='eager')")
+            grids[index] = _attention_grid(weights, batch, spec)
+        return keep
+
+    wanted = sorted({i % len(modules) for i in spec.attention_layers}) if modules else []
+    handles = [modules[i].register_forward_hook(hook_for(i)) for i in wanted]
+    try:
+        yield grids
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 # Architectures whose logits are exactly lm_head(decoder output): no soft-capping or scaling
@@ -148,27 +202,33 @@ def capture_batch(model, batch: Batch, spec: CaptureSpec) -> list[SignalData]:
     """Forward `batch` through `model` and capture every signal of `spec` (numpy, CPU)."""
     with torch.inference_mode():
         head = lm_head_of(model) if spec.top_k or spec.n_draws else None
-        output = run_model(model, batch, spec, decoder_only=head is not None)
+        modules = attention_modules(model) if spec.attention_layers else None
+        with _pooling_hooks(modules or [], batch, spec) as pooled:
+            output = run_model(model, batch, spec, decoder_only=head is not None,
+                               output_attentions=bool(spec.attention_layers) and not modules)
         logits = (HeadLogits(output.last_hidden_state, head) if head is not None
                   else getattr(output, "logits", None))
         hidden = None
         if spec.hidden_layers:
             states = output.hidden_states[1:]  # drop the embedding output
             hidden = [states[i] for i in spec.hidden_layers]
-        attentions = None
+        grids = None
         if spec.attention_layers:
-            attentions = [output.attentions[i] for i in spec.attention_layers]
-        return capture_outputs(logits, hidden, attentions, batch, spec)
+            grids = ([pooled[i % len(modules)] for i in spec.attention_layers] if modules else
+                     [_attention_grid(output.attentions[i], batch, spec)
+                      for i in spec.attention_layers])
+        return capture_outputs(logits, hidden, grids, batch, spec)
 
 
 # ----------------------------------------------------------------------------- capture
 
 
 def capture_outputs(logits: Tensor | HeadLogits | None, hidden: list[Tensor] | None,
-                    attentions: list[Tensor] | None, batch: Batch, spec: CaptureSpec
+                    attention_grids: list[Tensor] | None, batch: Batch, spec: CaptureSpec
                     ) -> list[SignalData]:
     """logits [B, S, V'] (V' >= vocab_size) or a HeadLogits, hidden: per layer [B, S, d],
-    attentions: per layer [B, H, S, S] -> one SignalData per sample, numpy on the CPU."""
+    attention_grids: per layer [B, H or 1, G, G] -> one SignalData per sample, numpy on
+    the CPU."""
     out = [SignalData() for _ in batch.sample_ids]
     if spec.top_k or spec.n_draws:
         topk, sampled = capture_token_signals(logits, batch.lengths.tolist(), batch.sample_ids,
@@ -182,14 +242,8 @@ def capture_outputs(logits: Tensor | HeadLogits | None, hidden: list[Tensor] | N
         pooled = pooled.cpu().numpy()
         for b, data in enumerate(out):
             data.hidden = pooled[b]
-    if attentions:
-        grids = []
-        for attn in attentions:  # [B, H, S, S]
-            if spec.attention_heads == "mean":
-                attn = attn.float().mean(1, keepdim=True)  # pooling is linear: same as after
-            grids.append(pool_attention(attn, batch.lengths.to(attn.device), spec.attention_grid,
-                                        attention_mask=batch.attention_mask))
-        stacked = torch.stack(grids, 1).cpu().numpy()  # [B, layers, H or 1, G, G]
+    if attention_grids:
+        stacked = torch.stack(attention_grids, 1).cpu().numpy()  # [B, layers, H or 1, G, G]
         for b, data in enumerate(out):
             data.attention = stacked[b]
     return out

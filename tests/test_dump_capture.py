@@ -231,6 +231,35 @@ def test_attention_grids_equal_an_independent_recomputation(tiny, heads):
             assert np.allclose(data.attention[row], want, atol=1e-6), (layer, len(x))
 
 
+def test_attention_maps_are_pooled_by_hooks_without_output_attentions(tiny, monkeypatch):
+    # The forward is not asked for output_attentions (which would keep every layer's map
+    # until it returns); the hooked grids equal those pooled from output.attentions.
+    import teacher_dump.capture as capture
+
+    names, ids, masks = _samples(LENGTHS, seed=3)
+    batch = make_batch(names, ids, masks, pad_id=0, device="cpu")
+    spec = CaptureSpec(vocab_size=VOCAB, top_k=2, attention_layers=(-1, 1, 0), attention_grid=3,
+                       attention_heads="all")
+    asked = []
+    real_run = capture.run_model
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs.get("output_attentions"))
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(capture, "run_model", spy)
+    hooked = capture_batch(tiny["llama"], batch, spec)
+    assert asked == [False]
+    monkeypatch.setattr(capture, "attention_modules", lambda model: None)  # the fallback
+    kept = capture_batch(tiny["llama"], batch, spec)
+    assert asked == [False, True]
+    for a, b in zip(hooked, kept):
+        assert a.attention.shape == (3, 4, 3, 3)
+        assert np.array_equal(a.attention, b.attention)
+    for layer in tiny["llama"].model.layers:  # our hooks are removed (transformers' stay)
+        assert all(h.__name__ != "keep" for h in layer.self_attn._forward_hooks.values())
+
+
 # ----------------------------------------------------------------------------- sampling
 
 

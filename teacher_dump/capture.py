@@ -151,9 +151,10 @@ def _attention_grid(attn: Tensor, batch: Batch, spec: CaptureSpec) -> Tensor:
 
 
 @contextmanager
-def _pooling_hooks(modules: list[torch.nn.Module], batch: Batch, spec: CaptureSpec):
+def _pooling_hooks(modules: list[torch.nn.Module] | None, batch: Batch, spec: CaptureSpec):
     """Forward hooks that pool the selected layers' attention maps as each layer runs;
-    yields {layer index >= 0: grid [B, H or 1, G, G]}, filled by the forward."""
+    yields {layer index >= 0: grid [B, H or 1, G, G]}, filled by the forward (none without
+    modules)."""
     grids: dict[int, Tensor] = {}
 
     def hook_for(index: int):
@@ -203,7 +204,7 @@ def capture_batch(model, batch: Batch, spec: CaptureSpec) -> list[SignalData]:
     with torch.inference_mode():
         head = lm_head_of(model) if spec.top_k or spec.n_draws else None
         modules = attention_modules(model) if spec.attention_layers else None
-        with _pooling_hooks(modules or [], batch, spec) as pooled:
+        with _pooling_hooks(modules, batch, spec) as pooled:
             output = run_model(model, batch, spec, decoder_only=head is not None,
                                output_attentions=bool(spec.attention_layers) and not modules)
         logits = (HeadLogits(output.last_hidden_state, head) if head is not None

@@ -25,6 +25,7 @@ kernel (FORMAT.md section 6).
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -46,30 +47,20 @@ class GroupStats:
     sums_t: Tensor | None  # [P, G]: sum of exp((x - maxima) / T); None when T == 1
 
 
-def _full_groups(x: Tensor, inv_t: float) -> tuple[Tensor, Tensor, Tensor]:
-    """x [P, G * GROUP] -> maxima, sums, sums at 1/T (the last equals sums when inv_t == 1)."""
-    blocks = x.unflatten(-1, (-1, GROUP))  # [P, G, GROUP]
+def _groups(blocks: Tensor, inv_t: float | None) -> tuple[Tensor, ...]:
+    """blocks [P, n, width] -> maxima, sums of exp(x - max), and (inv_t given) sums of
+    exp((x - max) * inv_t), [P, n] each."""
     maxima = blocks.amax(-1)
     shifted = blocks - maxima.unsqueeze(-1)
-    return maxima, shifted.exp().sum(-1), (shifted * inv_t).exp().sum(-1)
+    sums = shifted.exp().sum(-1)
+    return (maxima, sums) if inv_t is None else (maxima, sums, (shifted * inv_t).exp().sum(-1))
 
 
-def _full_groups_t1(x: Tensor) -> tuple[Tensor, Tensor]:
-    blocks = x.unflatten(-1, (-1, GROUP))
-    maxima = blocks.amax(-1)
-    return maxima, (blocks - maxima.unsqueeze(-1)).exp().sum(-1)
-
-
-_compiled: dict[str, object] = {}
-
-
-def _compiled_fn(name: str):
-    """torch.compile'd `_full_groups*`, built on first use (dynamic shapes: one compilation
-    serves every chunk size and vocabulary)."""
-    if name not in _compiled:
-        fn = {"t1": _full_groups_t1, "t": _full_groups}[name]
-        _compiled[name] = torch.compile(fn, dynamic=True)
-    return _compiled[name]
+@functools.cache
+def _compiled_groups():
+    """torch.compile'd `_groups`, built on first use (dynamic shapes: one compilation serves
+    every chunk size and vocabulary; T = 1 and T != 1 are two graphs)."""
+    return torch.compile(_groups, dynamic=True)
 
 
 def resolve_kernel(kernel: str, device: torch.device | str) -> str:
@@ -83,10 +74,10 @@ def resolve_kernel(kernel: str, device: torch.device | str) -> str:
     if kernel == "eager" or (kernel == "auto" and torch.device(device).type != "cpu"):
         return "eager"
     try:
-        probe = torch.randn(3, 2 * GROUP)
+        probe = torch.randn(3, 2, GROUP)
         with torch.inference_mode():
-            got = _compiled_fn("t1")(probe)
-        want = _full_groups_t1(probe)
+            got = _compiled_groups()(probe, None)
+        want = _groups(probe, None)
         if not all(torch.allclose(a, b, rtol=1e-5) for a, b in zip(got, want)):
             raise RuntimeError("the compiled kernel disagrees with the eager one on a probe")
     except Exception as exc:  # noqa: BLE001 - any compiler failure means: use eager
@@ -105,26 +96,17 @@ def resolve_kernel(kernel: str, device: torch.device | str) -> str:
 def group_stats(x: Tensor, temperature: float = 1.0, kernel: str = "eager") -> GroupStats:
     """x [P, V] fp32 logits -> GroupStats over groups of GROUP columns; `kernel` is
     `compiled` or `eager` (see resolve_kernel)."""
-    rows, vocab = x.shape
+    vocab = x.shape[1]
     full = vocab // GROUP * GROUP
-    with_t = temperature != 1.0
-    parts: list[tuple[Tensor, ...]] = []
+    inv_t = None if temperature == 1.0 else 1.0 / temperature
+    parts = []
     if full:
-        head = x[:, :full]
-        if kernel == "compiled":
-            fn = _compiled_fn("t" if with_t else "t1")
-            parts.append(fn(head, 1.0 / temperature) if with_t else fn(head))
-        else:
-            parts.append(_full_groups(head, 1.0 / temperature) if with_t else _full_groups_t1(head))
+        groups = _compiled_groups() if kernel == "compiled" else _groups
+        parts.append(groups(x[:, :full].unflatten(-1, (-1, GROUP)), inv_t))
     if full < vocab:  # the short last group, eager: at most GROUP - 1 columns
-        rest = x[:, full:]
-        maxima = rest.amax(-1, keepdim=True)
-        shifted = rest - maxima
-        last = (maxima, shifted.exp().sum(-1, keepdim=True))
-        parts.append(last + ((shifted * (1.0 / temperature)).exp().sum(-1, keepdim=True),)
-                     if with_t else last)
+        parts.append(_groups(x[:, full:].unsqueeze(1), inv_t))
     maxima, *sums = [torch.cat(p, -1) if len(parts) > 1 else p[0] for p in zip(*parts)]
     # A group of -inf logits only (ids a model masks out) has max -inf and NaN sums: weight 0.
     finite = torch.isfinite(maxima)
     sums = [torch.where(finite, s, 0.0) for s in sums]
-    return GroupStats(maxima, sums[0], sums[1] if with_t else None)
+    return GroupStats(maxima, sums[0], sums[1] if inv_t is not None else None)

@@ -119,32 +119,33 @@ class HeadLogits:
         return out.copy_(self.head(h)[:, :vocab])  # quantised or half-precision heads
 
 
-class _Buffers:
-    """[rows, V] fp32 work buffers reused by every chunk of a batch (allocated on first use:
-    fresh multi-MB tensors per chunk would cost page faults on the CPU)."""
+class _Buffer:
+    """One [rows, V] fp32 buffer for the logits of every chunk of a batch that needs a
+    copy or a matmul (allocated on first use: fresh multi-MB tensors per chunk would cost
+    page faults on the CPU)."""
 
     def __init__(self, rows: int, vocab: int, device: torch.device):
         self.shape, self.device = (rows, vocab), device
-        self._tensors: dict[str, Tensor] = {}
+        self._tensor: Tensor | None = None
 
-    def get(self, name: str, rows: int) -> Tensor:
-        if name not in self._tensors:
-            self._tensors[name] = torch.empty(self.shape, dtype=torch.float32, device=self.device)
-        return self._tensors[name][:rows]
+    def get(self, rows: int) -> Tensor:
+        if self._tensor is None:
+            self._tensor = torch.empty(self.shape, dtype=torch.float32, device=self.device)
+        return self._tensor[:rows]
 
 
 def _chunk_logits(logits: Tensor | HeadLogits, pieces: list[Piece], vocab: int,
-                  buffers: _Buffers) -> Tensor:
+                  buffer: _Buffer) -> Tensor:
     """fp32 logits [P, vocab] of a chunk's positions: a view when possible, else a copy."""
     rows = sum(t1 - t0 for _, t0, t1 in pieces)
     if isinstance(logits, HeadLogits):
-        return logits.chunk(pieces, vocab, buffers.get("logits", rows))
+        return logits.chunk(pieces, vocab, buffer.get(rows))
     if len(pieces) == 1:
         b, t0, t1 = pieces[0]
         view = logits[b, t0:t1, :vocab]  # [P, vocab], rows strided by V' >= vocab
         if view.dtype == torch.float32:
             return view
-    out = buffers.get("logits", rows)
+    out = buffer.get(rows)
     at = 0
     for b, t0, t1 in pieces:
         out[at:at + t1 - t0].copy_(logits[b, t0:t1, :vocab])  # casts bf16/fp16 to fp32
@@ -162,7 +163,7 @@ def capture_token_signals(logits: Tensor | HeadLogits, lengths: list[int], sampl
     chunks = plan_chunks(lengths, spec.logits_chunk)
     widest = max(sum(t1 - t0 for _, t0, t1 in pieces) for pieces in chunks)
     device = logits.device
-    buffers = _Buffers(widest, vocab, device)
+    buffer = _Buffer(widest, vocab, device)
     uniforms = None
     if n_draws:
         uniforms = torch.cat([sample_uniforms(spec.seed, sid, n, n_draws)
@@ -171,7 +172,7 @@ def capture_token_signals(logits: Tensor | HeadLogits, lengths: list[int], sampl
     draw_rows, draw_ids, draw_counts, draw_lps = [], [], [], []
     start = 0
     for pieces in chunks:
-        x = _chunk_logits(logits, pieces, vocab, buffers)  # [P, V]
+        x = _chunk_logits(logits, pieces, vocab, buffer)  # [P, V]
         rows = x.shape[0]
         stats = group_stats(x, temperature if n_draws else 1.0, spec.kernel)  # [P, G] each
         lse = _logsumexp(stats)  # [P]
@@ -217,24 +218,19 @@ def _logsumexp(stats: GroupStats) -> Tensor:
     return top.squeeze(-1) + total.log()
 
 
-def _group_columns(groups: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
-    """Column ids of the groups [P, n] -> ([P, n, GROUP] ids clamped into the row, and a
-    mask of the real ones: the last group may be short)."""
-    cols = groups.unsqueeze(-1) * GROUP + torch.arange(GROUP, device=groups.device)
-    return cols.clamp(max=vocab - 1), cols < vocab
-
-
-def _group_values(x: Tensor, groups: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The values of x [P, V] in groups [P, n] -> (values [P, n, GROUP], with -inf past
-    the row's end; their column ids; the mask of real columns)."""
+def _group_values(x: Tensor, groups: Tensor) -> tuple[Tensor, Tensor]:
+    """The values of x [P, V] in groups [P, n] -> (values [P, n, GROUP], -inf past the
+    row's end (the last group may be short); their column ids, clamped into the row)."""
     rows, vocab = x.shape
-    cols, real = _group_columns(groups, vocab)  # [P, n, GROUP]
+    cols = groups.unsqueeze(-1) * GROUP + torch.arange(GROUP, device=groups.device)
     if x.is_contiguous() and vocab % GROUP == 0:  # groups are rows of [P * G, GROUP]:
         flat = (groups + torch.arange(rows, device=x.device)[:, None] * (vocab // GROUP))
         values = x.view(-1, GROUP).index_select(0, flat.flatten())  # ~5x faster than gather
-        return values.view(cols.shape), cols, real
+        return values.view(cols.shape), cols
+    real = cols < vocab
+    cols = cols.clamp(max=vocab - 1)
     values = x.gather(1, cols.flatten(1)).view(cols.shape)
-    return values.masked_fill_(~real, float("-inf")), cols, real
+    return values.masked_fill_(~real, float("-inf")), cols
 
 
 def _topk_and_tail(x: Tensor, stats: GroupStats, lse: Tensor, k: int
@@ -260,7 +256,7 @@ def _topk_and_tail(x: Tensor, stats: GroupStats, lse: Tensor, k: int
         mass = probs.sum(-1)
     else:
         chosen = torch.topk(stats.maxima, k, dim=-1, sorted=False).indices  # [P, k]
-        cand, cols, _ = _group_values(x, chosen)  # [P, k, GROUP]
+        cand, cols = _group_values(x, chosen)  # [P, k, GROUP]
         cand = cand.flatten(1)
         values, where = torch.topk(cand, k, dim=-1)  # [P, k] positions among the candidates
         ids = cols.flatten(1).gather(1, where)
@@ -297,9 +293,9 @@ def draw(x: Tensor, stats: GroupStats, u: Tensor, temperature: float = 1.0):
     group = torch.searchsorted(cdf, target, right=True)  # [P, N]
     before = torch.where(group > 0, cdf.gather(1, (group - 1).clamp(min=0)), 0.0)
     left = (target - before) / scale.gather(1, group)  # in units of exp((x - group max) / T)
-    values, _, real = _group_values(x, group)  # [P, N, GROUP]
+    values, _ = _group_values(x, group)  # [P, N, GROUP]; -inf past the row's end: weight 0
     inner = ((values - stats.maxima.gather(1, group).unsqueeze(-1)) * inv_t).exp()
-    inner_cdf = inner.masked_fill_(~real, 0.0).cumsum(-1)  # [P, N, GROUP]
+    inner_cdf = inner.cumsum(-1)  # [P, N, GROUP]
     inner_total = inner_cdf[..., -1:]
     left = torch.minimum(left.clamp(min=0).unsqueeze(-1),
                          torch.nextafter(inner_total, torch.zeros_like(inner_total)))

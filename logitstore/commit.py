@@ -31,12 +31,33 @@ def now_iso() -> str:
 
 
 def load_json(fs: StoreFS, rel: str) -> dict[str, Any]:
-    raw = fs.read_bytes(rel)
+    return parse_json(fs, rel, fs.read_bytes(rel))
+
+
+def parse_json(fs: StoreFS, rel: str, raw: bytes) -> dict[str, Any]:
+    """The JSON document `raw`, read from `rel`; ChecksumError naming the file if damaged."""
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ChecksumError(f"{fs.path(rel)} is not valid JSON ({err}); the file is damaged",
                             path=rel) from None
+
+
+def read_commit(fs: StoreFS, attempts: int = 100) -> tuple[bytes, dict[str, Any], bytes]:
+    """(manifest bytes, manifest, index bytes) of one commit, also beside a running writer:
+    a commit landing between the two reads replaces the manifest, then deletes the index
+    the old one named; the newer manifest is read then. FileNotFoundError only when the
+    index of the current manifest is missing."""
+    for attempt in range(attempts):
+        raw = fs.read_bytes(MANIFEST)
+        manifest = parse_json(fs, MANIFEST, raw)
+        check_format_version(manifest.get("format_version"), fs.path(MANIFEST))
+        try:
+            return raw, manifest, fs.read_bytes(manifest["index"]["path"])
+        except FileNotFoundError:
+            if attempt == attempts - 1 or load_json(fs, MANIFEST)["index"] == manifest["index"]:
+                raise
+    raise AssertionError("unreachable")
 
 
 def dump_json(data: dict[str, Any]) -> bytes:

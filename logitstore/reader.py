@@ -17,12 +17,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
-from logitstore.commit import load_json
+from logitstore.commit import read_commit
 from logitstore.encoding import decode_logprobs, decode_sampled, decode_topk_ids
 from logitstore.errors import (ChecksumError, ManifestMissingError, StoreNotFoundError,
                                UnknownSampleError, UnknownSignalError)
-from logitstore.format import (MANIFEST, PARTS_DIR, StoreSettings, check_format_version,
-                               signal_array)
+from logitstore.format import MANIFEST, PARTS_DIR, StoreSettings, signal_array
 from logitstore.fs import StoreFS, sha256_hex
 from logitstore.sample import Sample, Sampled, SignalData, TopK
 
@@ -52,18 +51,8 @@ class StoreReader:
             raise ManifestMissingError(
                 f"{url} has no {MANIFEST}: the dump is still running or stopped before its first "
                 f"commit. Wait for it, or rerun the same teacher-dump command to resume it")
-        for attempt in range(100):
-            self.manifest: dict[str, Any] = load_json(self.fs, MANIFEST)
-            check_format_version(self.manifest.get("format_version"), self.fs.path(MANIFEST))
-            try:
-                self.index: pa.Table = self._load_index()
-                break
-            except FileNotFoundError:
-                # A running writer committed between our two reads: it replaced the manifest,
-                # then deleted the index the old one named. Read the new manifest; raise only
-                # when the index of the current manifest is missing.
-                if attempt == 99 or load_json(self.fs, MANIFEST)["index"] == self.manifest["index"]:
-                    raise
+        _, self.manifest, index = read_commit(self.fs)
+        self.index: pa.Table = self._parse_index(index)
         self.settings = StoreSettings.from_json(self.manifest["settings"])
         self.sample_ids: list[str] = self.index.column("sample_id").to_pylist()
         self._row_of = {sid: i for i, sid in enumerate(self.sample_ids)}
@@ -84,9 +73,8 @@ class StoreReader:
 
     # -- metadata -------------------------------------------------------------------------
 
-    def _load_index(self) -> pa.Table:
+    def _parse_index(self, data: bytes) -> pa.Table:
         meta = self.manifest["index"]
-        data = self.fs.read_bytes(meta["path"])
         if sha256_hex(data) != meta["sha256"]:
             raise ChecksumError(f"checksum mismatch in {self.fs.path(meta['path'])}: the sample "
                                 f"index is damaged (expected sha256 {meta['sha256']})",

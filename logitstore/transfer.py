@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Callable
 
-from logitstore.commit import load_json
+from logitstore.commit import read_commit
 from logitstore.errors import ChecksumError, LogitStoreError, ManifestMissingError
-from logitstore.format import MANIFEST, check_format_version
+from logitstore.format import MANIFEST
 from logitstore.fs import StoreFS, sha256_hex
 
 
@@ -23,8 +22,11 @@ def copy_store(src: str, dst: str, *, src_options: dict | None = None,
     source, target = StoreFS(src, src_options), StoreFS(dst, dst_options)
     if not source.exists(MANIFEST):
         raise ManifestMissingError(f"{src} has no committed {MANIFEST}: nothing to copy")
-    raw_manifest, manifest, index = _committed_state(source)
-    check_format_version(manifest.get("format_version"), source.path(MANIFEST))
+    try:
+        raw_manifest, manifest, index = read_commit(source)
+    except FileNotFoundError as err:
+        raise ChecksumError(f"{err.filename or 'the sample index'} is missing: the source store "
+                            f"is damaged (run `logitstore verify {src}`)") from None
     if target.exists(MANIFEST) and not overwrite:
         raise LogitStoreError(f"{dst} already holds a store; pass --overwrite to replace it")
     # Uncommit the old store first: its files are about to be replaced under its manifest.
@@ -49,23 +51,3 @@ def copy_store(src: str, dst: str, *, src_options: dict | None = None,
     target.write_bytes(MANIFEST, raw_manifest)
     return manifest
 
-
-def _committed_state(fs: StoreFS, attempts: int = 100) -> tuple[bytes, dict, bytes]:
-    """(manifest bytes, manifest, index bytes) of one commit, also beside a running writer:
-    a commit landing between the two reads replaces the manifest, then deletes the index
-    the old one named; read the new manifest then (as StoreReader does)."""
-    for attempt in range(attempts):
-        raw = fs.read_bytes(MANIFEST)
-        try:
-            manifest = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ChecksumError(f"{fs.path(MANIFEST)} is not valid JSON ({err}); the file is "
-                                f"damaged", path=MANIFEST) from None
-        try:
-            return raw, manifest, fs.read_bytes(manifest["index"]["path"])
-        except FileNotFoundError:
-            if attempt == attempts - 1 or load_json(fs, MANIFEST)["index"] == manifest["index"]:
-                raise ChecksumError(f"{fs.path(manifest['index']['path'])} is missing: the "
-                                    f"source store is damaged (run `logitstore verify`)",
-                                    path=manifest["index"]["path"]) from None
-    raise AssertionError("unreachable")

@@ -12,10 +12,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import zarr
 
-from logitstore.commit import dataset_fingerprint, load_json
+from logitstore.commit import dataset_fingerprint, load_json, read_commit
 from logitstore.errors import LogitStoreError
-from logitstore.format import (MANIFEST, PARTS_DIR, StoreSettings, check_format_version,
-                               int_dtype_for, signal_array)
+from logitstore.format import MANIFEST, PARTS_DIR, StoreSettings, int_dtype_for, signal_array
 from logitstore.fs import StoreFS, sha256_hex
 
 
@@ -55,67 +54,56 @@ def _lp_dtype(spec) -> str:
 def verify_store(url: str, *, storage_options: dict | None = None,
                  progress: Callable[[str], None] | None = None) -> list[str]:
     fs = StoreFS(url, storage_options)
-    for _ in range(10):
-        index_path, problems = _verify_commit(fs, progress)
-        # Beside a running writer, a commit replaces the manifest and then deletes the index
-        # the old one named: the index reported missing is then no damage, the store moved
-        # on. Check the newer commit.
-        if index_path is None or fs.exists(index_path) or _index_path(fs) == index_path:
-            return problems
-    return problems
-
-
-def _index_path(fs: StoreFS) -> str | None:
-    try:
-        return load_json(fs, MANIFEST)["index"]["path"]
-    except (LogitStoreError, KeyError, TypeError, FileNotFoundError):
-        return None
-
-
-def _verify_commit(fs: StoreFS, progress) -> tuple[str | None, list[str]]:
-    """(the index path of the manifest checked, problems) for the current commit."""
     if not fs.exists(MANIFEST):
-        return None, [f"{fs.path(MANIFEST)}: missing (no committed store here)"]
+        return [f"{fs.path(MANIFEST)}: missing (no committed store here)"]
     try:
-        manifest = load_json(fs, MANIFEST)
-        check_format_version(manifest.get("format_version"), fs.path(MANIFEST))
+        try:
+            # Beside a running writer, one whole commit: a newer commit deletes the index an
+            # older manifest names (read_commit then reads the newer one); segment files are
+            # never deleted once committed.
+            _, manifest, index_data = read_commit(fs)
+        except FileNotFoundError:  # the current manifest's index is missing: damage
+            manifest, index_data = load_json(fs, MANIFEST), None
         settings = StoreSettings.from_json(manifest["settings"])
     except (LogitStoreError, KeyError, TypeError) as err:
-        return None, [f"{fs.path(MANIFEST)}: {err}"]
+        return [f"{fs.path(MANIFEST)}: {err}"]
     problems: list[str] = []
     files = dict(manifest.get("files", {}))
     index_path = manifest["index"]["path"]
     files[index_path] = manifest["index"]
     damaged: set[str] = set()
-    index = None
-    for rel, meta in sorted(files.items(), key=lambda kv: kv[0] != index_path):  # index first
+    for rel, meta in sorted(files.items()):
         if progress:
             progress(rel)
-        problem, data = _check_file(fs, rel, meta)
+        data = index_data if rel == index_path else _read(fs, rel)
+        problem = _check_bytes(fs, rel, meta, data)
         if problem:
             problems.append(problem)
             damaged.add(rel)
-        elif rel == index_path:
-            index = pq.read_table(io.BytesIO(data))
-    if index is None:
-        return index_path, problems  # no trustworthy index: structure cannot be checked
+    if index_path in damaged:
+        return problems  # no trustworthy index: structure cannot be checked
+    index = pq.read_table(io.BytesIO(index_data))
     problems += _check_structure(fs, manifest, settings, index, damaged)
-    return index_path, problems
+    return problems
 
 
-def _check_file(fs: StoreFS, rel: str, meta: dict) -> tuple[str | None, bytes | None]:
-    """(problem or None, the file's bytes when it is sound)."""
+def _read(fs: StoreFS, rel: str) -> bytes | None:
     try:
-        data = fs.read_bytes(rel)
+        return fs.read_bytes(rel)
     except FileNotFoundError:
-        return f"{fs.path(rel)}: missing", None
+        return None
+
+
+def _check_bytes(fs: StoreFS, rel: str, meta: dict, data: bytes | None) -> str | None:
+    """The problem with a file's bytes (None: missing), or None when they are sound."""
+    if data is None:
+        return f"{fs.path(rel)}: missing"
     if len(data) != meta["size"]:
-        return (f"{fs.path(rel)}: size {len(data)} bytes, expected {meta['size']} (truncated?)",
-                None)
+        return f"{fs.path(rel)}: size {len(data)} bytes, expected {meta['size']} (truncated?)"
     found = sha256_hex(data)
     if found != meta["sha256"]:
-        return f"{fs.path(rel)}: sha256 {found}, expected {meta['sha256']} (damaged)", None
-    return None, data
+        return f"{fs.path(rel)}: sha256 {found}, expected {meta['sha256']} (damaged)"
+    return None
 
 
 def _check_structure(fs: StoreFS, manifest: dict, settings: StoreSettings, index,

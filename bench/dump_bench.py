@@ -23,7 +23,7 @@ reported:
 * bare: tokenizer, `teacher_dump.dump.read_data` and `teacher_dump.ranks.plan_batches`
   with the dump's own resolved config, so the batches are the dump's, padded with
   `teacher_dump.capture.make_batch` before timing; the model loaded by
-  `logitstore.hf.load_causal_lm` as run_dump loads it; one untimed warm-up batch; then
+  `logitstore.toolkit.hf.load_causal_lm` as run_dump loads it; one untimed warm-up batch; then
   timed:
   `model(input_ids=..., attention_mask=..., use_cache=False)` under
   `torch.inference_mode()` over every batch (use_cache=False: the call the dump makes;
@@ -238,7 +238,7 @@ def child_bare(cfg) -> dict:
     import numpy as np
     import torch
 
-    from logitstore.hf import load_causal_lm, load_tokenizer
+    from logitstore.toolkit.hf import load_causal_lm, load_tokenizer
     from teacher_dump.capture import make_batch
     from teacher_dump.dump import read_data
     from teacher_dump.ranks import plan_batches

@@ -2,7 +2,7 @@
 
     python bench/store_bench.py [--samples 64 --length 512 --vocab 32000 --k 64 --draws 50]
 
-Teacher signals come from the synthetic Zipf-like teacher (logitstore/synthetic.py), or,
+Teacher signals come from the synthetic Zipf-like teacher (tests/synthetic.py), or,
 with `--model DIR --data JSONL`, from the real logits of a trained causal LM (e.g. the demo
 teacher) over text records; the measured mean entropy is printed and stored. Everything is measured side by side in one
 run; ratios are what to compare across machines. JSON goes to bench/out/store_bench.json.
@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import tempfile
+import sys
 import time
 from pathlib import Path
 
@@ -26,8 +27,10 @@ from logitstore.commit import load_json
 from logitstore.format import SampledSpec, SignalSpec, StoreSettings, TopKSpec
 from logitstore.info import size_report
 from logitstore.reader import StoreReader
-from logitstore.synthetic import ZipfTeacher, mean_entropy, random_sample
 from logitstore.writer import StoreWriter
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the synthetic teacher
+from synthetic import ZipfTeacher, mean_entropy, random_sample  # noqa: E402
 
 
 def raw_baseline(tokens: int, k: int, entries: int) -> dict[str, float]:
@@ -105,7 +108,7 @@ def model_samples(args, rng):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from logitstore.sample import Sample, SignalData
-    from logitstore.synthetic import sampled_of, topk_of
+    from synthetic import sampled_of, topk_of
 
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()
@@ -150,7 +153,7 @@ def main() -> None:
         entropy = mean_entropy(teacher.logits(np.random.default_rng(args.seed + 1), 1024))
         samples = [random_sample(rng, f"bench:{i}", args.length, teacher, k=args.k,
                                  n_draws=args.draws) for i in range(args.samples)]
-        kind = "synthetic Zipf (logitstore/synthetic.py)"
+        kind = "synthetic Zipf (tests/synthetic.py)"
     print(f"teacher: {kind}, V={args.vocab}, mean entropy {entropy:.2f} nats/position")
     print(f"generated {len(samples)} samples in {time.perf_counter() - start:.1f}s")
     tokens = sum(len(x.input_ids) for x in samples)

@@ -226,7 +226,7 @@ def build_world(root: Path, args) -> dict:
     import torch
 
     from logitstore.format import SignalSpec, StoreSettings, TopKSpec
-    from logitstore.hf import tokenizer_fingerprint
+    from logitstore.toolkit.hf import tokenizer_fingerprint
     from logitstore.info import size_report
     from logitstore.commit import load_json
     from logitstore.sample import Sample, SignalData, TopK

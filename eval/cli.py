@@ -3,7 +3,7 @@
     distill-eval --model STUDENT --teacher TEACHER --baseline BASE \\
                  --tasks medical,local --ppl-data heldout.jsonl --out reports/run1
 
-Models are aliases from configs/models.yaml, local directories or hub ids. `--tasks`
+Models are aliases from logitstore/toolkit/models.yaml, local directories or hub ids. `--tasks`
 takes `medical` (MultiMedQA via lm-eval), `local` (the sets shipped in eval/tasks/),
 task names, or paths to lm-eval task YAMLs / JSONL files (see eval/tasks.py).
 
@@ -33,7 +33,7 @@ import sys
 
 import click
 
-from logitstore.hf import DTYPE_CHOICES
+from logitstore.toolkit.hf import DTYPE_CHOICES
 
 _QUANTIZE = click.Choice(["auto", "4bit", "8bit", "none"])
 
@@ -41,7 +41,7 @@ _QUANTIZE = click.Choice(["auto", "4bit", "8bit", "none"])
 @click.command(name="distill-eval", context_settings={"help_option_names": ["-h", "--help"],
                                                       "max_content_width": 100})
 @click.option("--model", required=True,
-              help="Student: alias from configs/models.yaml, local directory or hub id.")
+              help="Student: alias from logitstore/toolkit/models.yaml, local directory or hub id.")
 @click.option("--teacher", help="Teacher (same forms as --model).")
 @click.option("--baseline", help="Baseline, e.g. the student before distillation.")
 @click.option("--tasks", default="medical", show_default=True,

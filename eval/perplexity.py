@@ -25,6 +25,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from logitstore.errors import ConfigError, LogitStoreError
+from logitstore.toolkit.batching import by_length, padded_batches
 
 # Names a store's eval split usually has, tried in this order by split="auto".
 EVAL_SPLITS = ("eval", "validation", "valid", "val", "dev", "test")
@@ -68,11 +69,13 @@ def score_sequences(model, sequences: Sequence[TokenSequence], *, max_batch_toke
         raise ValueError("no sequence has a scored position (each needs >= 2 tokens and a "
                          "target after the first)")
     device = next(model.parameters()).device
-    order = sorted(range(len(scored)), key=lambda i: len(scored[i].ids))  # less padding
+    lengths = [len(s.ids) for s in scored]
     total_nll, correct, count = 0.0, 0, 0
     bar = tqdm(total=len(scored), desc="perplexity", disable=not progress, leave=False)
     with torch.inference_mode():
-        for batch in _batches([scored[i] for i in order], max_batch_tokens):
+        # Sorted by length: batches of similar lengths, least padding.
+        for positions in padded_batches(lengths, max_batch_tokens, order=by_length(lengths)):
+            batch = [scored[i] for i in positions]
             width = max(len(s.ids) for s in batch)
             ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
             attention = torch.zeros((len(batch), width), dtype=torch.long)
@@ -99,17 +102,6 @@ def score_sequences(model, sequences: Sequence[TokenSequence], *, max_batch_toke
         "tokens": count,
         "sequences": len(scored),
     }
-
-
-def _batches(sequences: list[TokenSequence], max_batch_tokens: int) -> Iterable[list]:
-    batch: list[TokenSequence] = []
-    for seq in sequences:  # sorted by length: the last one is the widest
-        if batch and (len(batch) + 1) * len(seq.ids) > max_batch_tokens:
-            yield batch
-            batch = []
-        batch.append(seq)
-    if batch:
-        yield batch
 
 
 # ----------------------------------------------------------------------------- text files
@@ -176,7 +168,7 @@ def sequences_from_store(url: str, tokenizer, *, split: str = "auto", max_length
                          limit: int | None = None) -> tuple[str, list[TokenSequence]]:
     """(split used, sequences) of a store's eval split; StoreTokenizerMismatch when the
     model's tokenizer is not the one the store was written with."""
-    from logitstore.hf import tokenizer_fingerprint
+    from logitstore.toolkit.hf import tokenizer_fingerprint
     from logitstore.reader import StoreReader
 
     reader = StoreReader(url)

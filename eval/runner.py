@@ -74,7 +74,7 @@ def check_config(cfg: EvalConfig) -> list:
     """TaskRequests of cfg.tasks; ConfigError/ModelLoadError for what is wrong, before any
     heavy import or model load."""
     from eval.tasks import resolve_tasks
-    from logitstore.hf import resolve_model
+    from logitstore.toolkit.hf import resolve_model
 
     problems = []
     for name, value, low in (("--batch-size", cfg.batch_size, 1),
@@ -196,7 +196,7 @@ def _run_role(cfg, role, name, loaded, manager, prompts, texts) -> RoleRun:
     from eval.efficiency import (PeakMemory, benchmark_speed, count_parameters, disk_bytes,
                                  release_memory, weights_bytes, weights_dir)
     from eval.tasks import evaluate_tasks
-    from logitstore.hf import load_causal_lm, load_tokenizer, resolve_model
+    from logitstore.toolkit.hf import load_causal_lm, load_tokenizer, resolve_model
 
     spec = resolve_model(name)
     results: dict[str, dict] = {}

@@ -131,7 +131,7 @@ class StoreSettings:
         if self.vocab_size > 2**31:
             problems.append(f"vocab_size must be < 2**31, found {self.vocab_size}")
         if not self.tokenizer_fingerprint:
-            problems.append("tokenizer_fingerprint is empty (use logitstore.hf.tokenizer_fingerprint)")
+            problems.append("tokenizer_fingerprint is empty (use logitstore.toolkit.hf.tokenizer_fingerprint)")
         for name in ("chunk_tokens", "segment_tokens", "chunk_samples"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, found {getattr(self, name)}")

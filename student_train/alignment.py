@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 # The pooling math is shared with teacher-dump, which computes the stored teacher pools.
-from logitstore.pooling import HIDDEN_POOLINGS, pool_attention, pool_hidden  # noqa: F401
+from logitstore.toolkit.pooling import HIDDEN_POOLINGS, pool_attention, pool_hidden  # noqa: F401
 
 Tensor = torch.Tensor
 HIDDEN_LOSSES = ("cosine", "mse")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from logitstore.config import (Field, at_least, between, load_section, one_of, positive,
+from logitstore.toolkit.options import (Field, at_least, between, load_section, one_of, positive,
                                resolve_fields)
 from logitstore.errors import ConfigError
 
@@ -50,7 +50,7 @@ FIELDS: dict[str, Field] = {
     # what to train, from what
     "store": Field("optional_str", None, help="store URL (teacher signals); or --data"),
     "data": Field("list_str", [], help="raw data for hard-label training (no teacher)"),
-    "student": Field("optional_str", None, help="alias (configs/models.yaml), directory or hub id"),
+    "student": Field("optional_str", None, help="alias (logitstore/toolkit/models.yaml), directory or hub id"),
     "revision": Field("optional_str", None, help="hub branch, tag or commit of the student"),
     "trust_remote_code": Field("bool", False),
     "out": Field("optional_str", None, resumable=True, help="run directory"),

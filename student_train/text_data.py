@@ -1,7 +1,7 @@
 """`--data` mode: raw training data (no teacher) as batches of the StoreStream contract.
 
 The raw-data reader (files, globs, HF datasets -> tokenized samples with a loss mask) is
-`logitstore.data`, shared with teacher-dump (student_train never imports teacher_dump).
+`logitstore.toolkit.data`, shared with teacher-dump (student_train never imports teacher_dump).
 
 Samples are held in memory (hard-label fine-tuning sets are small next to a store); each epoch
 is a seeded permutation cut greedily into micro-batches of at most `batch_tokens` padded tokens,
@@ -16,13 +16,14 @@ import numpy as np
 import torch
 
 from logitstore.errors import LogitStoreError
+from logitstore.toolkit.batching import padded_batches
 from student_train.losses import IGNORE
 
 
 def load_text_samples(sources: Sequence[str], tokenizer, *, data_format: str = "auto",
                       max_length: int | None = None, include_prompt: bool = False) -> list:
     """Tokenized samples (sample_id, input_ids, loss_mask, ...) of `sources`."""
-    from logitstore.data import DataOptions, iter_samples
+    from logitstore.toolkit.data import DataOptions, iter_samples
 
     options = DataOptions(format=data_format, max_length=max_length,
                           include_prompt=include_prompt)
@@ -78,6 +79,7 @@ class TextBatches(torch.utils.data.IterableDataset):
                  rank: int = 0, world_size: int = 1, pad_id: int = 0,
                  drop_uneven: bool = True):
         self.samples = samples
+        self.lengths = np.array([len(s.input_ids) for s in samples], np.int64)  # [n]
         self.drop_uneven = drop_uneven  # training: equal batch counts per process
         self.batch_tokens = batch_tokens
         self.seed, self.shuffle = seed, shuffle
@@ -92,16 +94,7 @@ class TextBatches(torch.utils.data.IterableDataset):
         order = np.arange(len(self.samples))
         if self.shuffle:
             order = np.random.default_rng([self.seed, self.epoch]).permutation(order)
-        batches, current, longest = [], [], 0
-        for i in order.tolist():
-            n = len(self.samples[i].input_ids)
-            if current and (len(current) + 1) * max(longest, n) > self.batch_tokens:
-                batches.append(current)
-                current, longest = [], 0
-            current.append(i)
-            longest = max(longest, n)
-        if current:
-            batches.append(current)
+        batches = padded_batches(self.lengths, self.batch_tokens, order=order)
         mine = batches[self.rank::self.world_size]
         # Training drops the uneven tail so that no process waits for another at a step;
         # evaluation keeps every batch (each process sums its own, then they are added).

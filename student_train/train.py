@@ -28,7 +28,7 @@ import torch
 
 from logitstore import __version__
 from logitstore.errors import ConfigError
-from logitstore.hf import check_vocab_compat
+from logitstore.toolkit.hf import check_vocab_compat
 from student_train.checkpoint import (checkpoint_dir, find_checkpoint, load_checkpoint,
                                       save_checkpoint)
 from student_train.config import TrainConfig, resume_differences, save_config

@@ -23,10 +23,10 @@ full forward is never made. Per sample:
 * hidden: `spec.hidden_layers[i]` indexes `output.hidden_states[1:]`, i.e. layer index j
   is the output of decoder block j (0-based) and -1 the last block's output - which
   Hugging Face returns after the model's final norm, the same tensor the LM head reads.
-  Pooled with `logitstore.pooling.pool_hidden`.
+  Pooled with `logitstore.toolkit.pooling.pool_hidden`.
 * attention: `spec.attention_layers[i]` indexes `output.attentions` (one per decoder
   block, -1 = last); needs eager attention (`load_causal_lm(need_attentions=True)`).
-  Head-averaged or per head, pooled to G x G with `logitstore.pooling.pool_attention`.
+  Head-averaged or per head, pooled to G x G with `logitstore.toolkit.pooling.pool_attention`.
   Where the blocks are `decoder.layers[i].self_attn` (Llama, Qwen2, Mistral, Gemma...),
   forward hooks on the selected layers pool each map as soon as its layer has run and the
   forward is not asked for output_attentions, so no layer's [B, H, S, S] map outlives its
@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from logitstore.errors import LogitStoreError
-from logitstore.pooling import pool_attention, pool_hidden
+from logitstore.toolkit.pooling import pool_attention, pool_hidden
 from logitstore.sample import SignalData
 from teacher_dump.token_signals import HeadLogits, capture_token_signals
 

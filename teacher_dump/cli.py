@@ -33,7 +33,7 @@ _FORMAT_METAVAR = "[" + "|".join(f.replace("_", "-") for f in DATA_FORMATS) + "]
                                                       "max_content_width": 100})
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="YAML preset; its `dump:` section sets defaults for every flag below.")
-@click.option("--model", help="Teacher: alias from configs/models.yaml, local directory or hub id.")
+@click.option("--model", help="Teacher: alias from logitstore/toolkit/models.yaml, local directory or hub id.")
 @click.option("--data", multiple=True,
               help="Data file, directory, glob or dataset name[:config][@split]; repeatable "
                    "or comma-separated.")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from logitstore.config import Field, at_least, load_section, one_of, positive, resolve_fields
+from logitstore.toolkit.options import Field, at_least, load_section, one_of, positive, resolve_fields
 from logitstore.errors import ConfigError
 from logitstore.format import ATTENTION_HEADS, HIDDEN_POOLINGS, LOGPROB_ENCODINGS
 
@@ -31,7 +31,7 @@ DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 # Kernels of teacher_dump.logit_stats (auto: compiled on the CPU when torch.compile works).
 CAPTURE_KERNELS = ("auto", "compiled", "eager")
 STORED_FLOAT_DTYPES = ("float16", "float32")
-# Data formats of logitstore.formats; dashes are accepted for underscores.
+# Data formats of logitstore.toolkit.record_formats; dashes are accepted for underscores.
 DATA_FORMATS = ("auto", "chat", "medmcqa", "mcq", "instruction", "prompt_completion", "text")
 SECTION = "dump"
 _SIGNAL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
@@ -49,7 +49,7 @@ def _signal_name(v):
 FIELDS: dict[str, Field] = {
     # what to run
     "model": Field("optional_str", None,
-                   help="teacher: alias (configs/models.yaml), directory or hub id"),
+                   help="teacher: alias (logitstore/toolkit/models.yaml), directory or hub id"),
     "revision": Field("optional_str", None, help="hub branch, tag or commit of the teacher"),
     "trust_remote_code": Field("bool", False,
                                help="run the model repo's own code (only when asked)"),

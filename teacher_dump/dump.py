@@ -17,7 +17,7 @@ Steps, top to bottom in `run_dump`:
    or a saved config of the same signal that differs on a content key, is refused -
    unless `overwrite`, which replaces such a store. A store with the same config is
    resumed (never replaced), so a killed dump restarted with the same command continues.
-2. Data: every sample is read (`logitstore.data.iter_samples`). The *batch plan*:
+2. Data: every sample is read (`logitstore.toolkit.data.iter_samples`). The *batch plan*:
    samples sorted by (length, input position), cut into batches of at most
    `batch_tokens` padded tokens (batch size x longest sample); in add-signal mode, one
    plan per stored segment.
@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from logitstore.commit import commit_store
-from logitstore.data import DataOptions, DataSourceError, DataSummary, iter_samples
+from logitstore.toolkit.data import DataOptions, DataSourceError, DataSummary, iter_samples
 from logitstore.errors import ConfigError, SettingsMismatchError
 from logitstore.format import (AttentionSpec, HiddenSpec, SampledSpec, SignalSpec, StoreSettings,
                                TopKSpec)
@@ -122,7 +122,7 @@ def run_dump(cfg: DumpConfig, *, ranks: RankContext | None = None,
              progress: bool = True) -> DumpReport:
     """Dump `cfg.data` through `cfg.model` into the store `cfg.out` (module docstring)."""
     from teacher_dump.logit_stats import resolve_kernel
-    from logitstore.hf import (check_vocab_compat, load_causal_lm, load_tokenizer,
+    from logitstore.toolkit.hf import (check_vocab_compat, load_causal_lm, load_tokenizer,
                                tokenizer_fingerprint, vocab_size_of)
 
     started = time.monotonic()
@@ -139,7 +139,7 @@ def run_dump(cfg: DumpConfig, *, ranks: RankContext | None = None,
     conflicts = conflicts or data_conflicts(store, cfg, samples)
     if conflicts and not cfg.overwrite:
         raise SettingsMismatchError(refusal(cfg.out, conflicts))
-    quantize = None if cfg.quantize == "auto" else cfg.quantize  # None: logitstore.hf decides
+    quantize = None if cfg.quantize == "auto" else cfg.quantize  # None: logitstore.toolkit.hf decides
     model, info = load_causal_lm(cfg.model, quantize=quantize,
                                  dtype=cfg.dtype, device=_device(cfg) or ranks.device,
                                  need_attentions=bool(cfg.attention_layers),

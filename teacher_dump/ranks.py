@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from logitstore.toolkit.batching import by_length, padded_batches
+
 
 @dataclass
 class RankContext:
@@ -18,7 +20,7 @@ class RankContext:
 
     rank: int = 0
     world: int = 1
-    device: str | None = None  # None: logitstore.hf's default (cuda if available, else cpu)
+    device: str | None = None  # None: toolkit.hf's default (cuda if available, else cpu)
     wait: Callable[[], None] = lambda: None
 
     @property
@@ -52,17 +54,7 @@ class RankContext:
 def plan_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     """Sample positions sorted by (length, position), in batches of at most `batch_tokens`
     padded tokens; a sample longer than the budget gets a batch of its own."""
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:  # lengths ascending: the newest sample is the longest of its batch
-        if current and (len(current) + 1) * lengths[i] > batch_tokens:
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
+    return padded_batches(lengths, batch_tokens, order=by_length(lengths))
 
 
 def batches_of_rank(n_batches: int, rank: int, world: int) -> list[int]:

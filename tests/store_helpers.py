@@ -30,7 +30,7 @@ import numpy as np
 from logitstore.format import (AttentionSpec, HiddenSpec, SampledSpec, SignalSpec, StoreSettings,
                                TopKSpec)
 from logitstore.sample import Sample
-from logitstore.synthetic import ZipfTeacher, random_sample
+from synthetic import ZipfTeacher, random_sample
 
 VOCAB = 500
 

@@ -1,4 +1,4 @@
-"""logitstore.data / logitstore.formats: sources, formats, tokenization, bad data."""
+"""logitstore.toolkit.data / logitstore.toolkit.record_formats: sources, formats, tokenization, bad data."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from logitstore.data import (
+from logitstore.toolkit.data import (
     DataOptions,
     DataSourceError,
     HFDatasetSpec,
@@ -19,7 +19,7 @@ from logitstore.data import (
     resolve_sources,
     tokenize_pair,
 )
-from logitstore.formats import ALPACA_PROMPT_NO_INPUT
+from logitstore.toolkit.record_formats import ALPACA_PROMPT_NO_INPUT
 from tiny_hf import make_tokenizer
 
 ID_PATTERN = re.compile(r"^(?P<source>.+):(?P<row>\d+):(?P<hash>[0-9a-f]{12})(#w\d+)?$")
@@ -454,5 +454,5 @@ def test_data_module_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, logitstore.data; sys.exit('torch' in sys.modules)"
+    code = "import sys, logitstore.toolkit.data; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -16,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
-from logitstore.hf import load_causal_lm  # noqa: E402
+from logitstore.toolkit.hf import load_causal_lm  # noqa: E402
 from logitstore.reader import StoreReader  # noqa: E402
 from logitstore.verify import verify_store  # noqa: E402
 from teacher_dump.capture import (CaptureSpec, capture_batch, capture_outputs,  # noqa: E402

@@ -40,7 +40,7 @@ def _store(path: Path, tokenizer_dir: Path) -> str:
     from transformers import AutoTokenizer
 
     from logitstore.format import StoreSettings
-    from logitstore.hf import tokenizer_fingerprint
+    from logitstore.toolkit.hf import tokenizer_fingerprint
     from logitstore.sample import Sample
     from logitstore.writer import StoreWriter
 

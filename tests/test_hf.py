@@ -1,4 +1,4 @@
-"""logitstore.hf: model resolution, loading (plain, eager, bitsandbytes 4/8-bit), errors,
+"""logitstore.toolkit.hf: model resolution, loading (plain, eager, bitsandbytes 4/8-bit), errors,
 tokenizer fingerprints and vocabulary checks, all on tiny local models."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from logitstore.errors import ConfigError, LogitStoreError
-from logitstore.hf import (
+from logitstore.toolkit.hf import (
     DEFAULT_MODELS_FILE,
     ModelLoadError,
     ModelSpec,
@@ -63,7 +63,7 @@ def _ids(*tokens):
 
 def test_import_logitstore_hf_does_not_import_torch():
     code = (
-        "import sys, logitstore, logitstore.hf;"
+        "import sys, logitstore, logitstore.toolkit.hf;"
         "sys.exit('torch' in sys.modules or 'transformers' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
@@ -209,7 +209,7 @@ def test_fingerprint_stable_across_save_reload_and_processes(tmp_path, tiny):
     # Another process (another hash seed) computing it from the backend alone agrees.
     code = textwrap.dedent(f"""
         from tokenizers import Tokenizer
-        from logitstore.hf import tokenizer_fingerprint
+        from logitstore.toolkit.hf import tokenizer_fingerprint
         class Shim:
             backend_tokenizer = Tokenizer.from_file({str(tmp_path / "copy" / "tokenizer.json")!r})
         print(tokenizer_fingerprint(Shim()))

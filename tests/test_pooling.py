@@ -1,4 +1,4 @@
-"""logitstore.pooling: hidden-state pools and attention grids against plain recomputations,
+"""logitstore.toolkit.pooling: hidden-state pools and attention grids against plain recomputations,
 with right and left padding."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
-from logitstore.pooling import pool_attention, pool_hidden  # noqa: E402
+from logitstore.toolkit.pooling import pool_attention, pool_hidden  # noqa: E402
 
 
 def _padded(lengths, width, left: bool):
@@ -88,5 +88,5 @@ def test_pool_attention_checks_its_inputs():
 
 def test_store_core_does_not_import_pooling_or_torch():
     code = ("import sys, logitstore, logitstore.writer, logitstore.reader;"
-            "sys.exit('torch' in sys.modules or 'logitstore.pooling' in sys.modules)")
+            "sys.exit('torch' in sys.modules or 'logitstore.toolkit.pooling' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -9,7 +9,7 @@ from logitstore.errors import SchemaMismatchError
 from logitstore.format import SampledSpec, SignalSpec, TopKSpec
 from logitstore.reader import StoreReader
 from logitstore.signal_writer import SignalAppender
-from logitstore.synthetic import ZipfTeacher, random_sample
+from synthetic import ZipfTeacher, random_sample
 from logitstore.verify import verify_store
 from logitstore.writer import StoreWriter
 

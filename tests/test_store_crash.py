@@ -50,7 +50,7 @@ PART = "part-00000"
 PART_MANIFEST = f"parts/{PART}/manifest.json"
 WRITER_SCRIPT = Path(__file__).with_name("crash_writer.py")
 PRELOAD = ["numpy", "pandas", "pyarrow", "pyarrow.parquet", "zarr", "logitstore.writer",
-           "logitstore.reader", "logitstore.synthetic", "logitstore.verify"]  # missing: skipped
+           "logitstore.reader", "synthetic", "logitstore.verify"]  # missing: skipped
 TIMEOUT = 120  # seconds a child may take before the test gives up on it (never reached)
 
 

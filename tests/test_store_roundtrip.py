@@ -9,7 +9,7 @@ from logitstore.format import (AttentionSpec, HiddenSpec, SampledSpec, SignalSpe
                                TopKSpec)
 from logitstore.reader import StoreReader
 from logitstore.sample import Sample, Sampled, SignalData, TopK
-from logitstore.synthetic import ZipfTeacher, random_sample
+from synthetic import ZipfTeacher, random_sample
 from logitstore.writer import StoreWriter
 
 V = 300

@@ -119,7 +119,7 @@ def test_resume_refuses_changed_settings(world, tmp_path):
 def test_tokenizer_mismatch_is_refused_showing_both_sides(world, tmp_path):
     from transformers import AutoTokenizer
 
-    from logitstore.hf import tokenizer_fingerprint
+    from logitstore.toolkit.hf import tokenizer_fingerprint
     from tiny_hf import make_tiny_llama, make_tokenizer
 
     other_tok = AutoTokenizer.from_pretrained(make_tokenizer(tmp_path / "tok", vocab_size=300))

@@ -19,8 +19,8 @@ import torch
 
 from logitstore.format import (AttentionSpec, HiddenSpec, SampledSpec, SignalSpec, StoreSettings,
                                TopKSpec)
-from logitstore.hf import tokenizer_fingerprint
-from logitstore.pooling import pool_attention, pool_hidden
+from logitstore.toolkit.hf import tokenizer_fingerprint
+from logitstore.toolkit.pooling import pool_attention, pool_hidden
 from logitstore.sample import Sample, Sampled, SignalData, TopK
 from logitstore.writer import StoreWriter
 from tiny_hf import corpus, make_tiny_llama, make_tokenizer

@@ -17,7 +17,7 @@ text               ``text`` (plain language-model data: empty prompt, all of it 
 =================  ==========================================================================
 
 The renderings here use no tokenizer, so they are the same for every teacher; they are
-what sample ids and duplicate detection hash (see `logitstore.data`). Chat records are
+what sample ids and duplicate detection hash (see `logitstore.toolkit.data`). Chat records are
 re-rendered with a tokenizer's own chat template for tokenization when it has one
 (`render_with_chat_template`); `render_default_chat` is the fallback template:
 

@@ -2,8 +2,8 @@
 
 `resolve_sources(spec)` turns one ``--data`` spec into its sources in reading order and
 `iter_raw_records(specs)` yields every record of them, unparsed ones included (with
-`error`), so `logitstore.data` can count and report them. The definitions of *source*
-and *row* (used in sample ids) are in `logitstore.data`'s docstring.
+`error`), so `logitstore.toolkit.data` can count and report them. The definitions of *source*
+and *row* (used in sample ids) are in `logitstore.toolkit.data`'s docstring.
 """
 
 from __future__ import annotations

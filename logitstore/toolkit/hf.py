@@ -27,7 +27,7 @@ from logitstore.errors import ConfigError, LogitStoreError, SchemaMismatchError
 log = logging.getLogger(__name__)
 
 MODELS_ENV = "LOGITSTORE_MODELS"
-DEFAULT_MODELS_FILE = Path(__file__).resolve().parents[1] / "configs" / "models.yaml"
+DEFAULT_MODELS_FILE = Path(__file__).resolve().parent / "models.yaml"  # package data
 QUANTIZE_CHOICES = ("4bit", "8bit", "none")
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 _TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
@@ -81,7 +81,7 @@ class LoadedModel:
 
 
 def models_file() -> Path:
-    """configs/models.yaml of this checkout, or $LOGITSTORE_MODELS."""
+    """The bundled models.yaml (package data of logitstore.toolkit), or $LOGITSTORE_MODELS."""
     override = os.environ.get(MODELS_ENV)
     return Path(override).expanduser() if override else DEFAULT_MODELS_FILE
 

@@ -1,7 +1,7 @@
 """Read training/dump data into tokenized samples with a loss mask.
 
 Sources (`iter_samples(sources, ...)` takes one spec or a list, read in the order given;
-resolved and read by `logitstore.data_sources`):
+resolved and read by `logitstore.toolkit.data_sources`):
 
 * a local file: ``.jsonl`` / ``.ndjson`` (one record per line), ``.json`` (a list of
   records or ``{"data": [...]}``; a ``.json`` file holding JSON lines is read as JSONL),
@@ -13,7 +13,7 @@ resolved and read by `logitstore.data_sources`):
 * a Hugging Face dataset ``name[:config][@split]`` (``hf:`` prefix to force), loaded
   with ``datasets.load_dataset``; without ``@split`` every split is read.
 
-Record formats, their rendering and pair tokenization live in `logitstore.formats`.
+Record formats, their rendering and pair tokenization live in `logitstore.toolkit.record_formats`.
 
 Definitions that other tools rely on:
 
@@ -24,7 +24,7 @@ Definitions that other tools rely on:
   counting blank lines; JSON/Parquet/datasets: record index). Messages about bad records
   show ``source:LINE`` (1-based) for JSONL and ``source[row]`` otherwise.
 * **sample id**: ``f"{source}:{row}:{sha256(prompt + response)[:12]}"`` where prompt and
-  response are the tokenizer-independent renderings of `logitstore.formats` (UTF-8,
+  response are the tokenizer-independent renderings of `logitstore.toolkit.record_formats` (UTF-8,
   hex digest), so teams with different teachers or tokenizers agree. Windows of a long
   sample get ``#w0``, ``#w1``... appended.
 * **duplicate**: same ``prompt + response`` text as an earlier sample of the run (the
@@ -50,7 +50,7 @@ from typing import Literal
 
 import numpy as np
 
-from logitstore.data_sources import (  # noqa: F401  (re-exported: part of this module's API)
+from logitstore.toolkit.data_sources import (  # noqa: F401  (re-exported: part of this module's API)
     DataSourceError,
     HFDatasetSpec,
     RawRecord,
@@ -58,7 +58,7 @@ from logitstore.data_sources import (  # noqa: F401  (re-exported: part of this 
     parse_hf_spec,
     resolve_sources,
 )
-from logitstore.formats import (
+from logitstore.toolkit.record_formats import (
     Format,
     RecordError,
     RenderOptions,
@@ -78,7 +78,7 @@ MAX_REPORTED = 5  # malformed records quoted in the summary and the log
 
 @dataclass(frozen=True)
 class DataOptions:
-    format: str = "auto"  # "auto" or a name from logitstore.formats.FORMAT_NAMES
+    format: str = "auto"  # "auto" or a name from logitstore.toolkit.record_formats.FORMAT_NAMES
     max_length: int | None = None  # in tokens, BOS and EOS included
     overflow: Literal["truncate", "window"] = "truncate"
     include_prompt: bool = False  # prompt tokens are targets too
@@ -86,7 +86,7 @@ class DataOptions:
     wrap_in_chat: bool = False  # render non-chat records as a user/assistant exchange
     dedup: bool = True
     limit: int | None = None  # at most this many samples
-    mcq_index_base: int = 0  # see logitstore.formats.RenderOptions
+    mcq_index_base: int = 0  # see logitstore.toolkit.record_formats.RenderOptions
     default_split: str = "train"
 
 

@@ -24,7 +24,7 @@ students Five copies of the SAME initial weights, trained in ONE loop on the SAM
            topk64     KD from the topk64 signal  } (--signals NAME --target topk|sampled), the
            sampled50  KD from the sampled50 signal} objective's chunked lm_head + sparse KD
            online     the teacher in memory: its full logits, full-vocabulary forward KL at
-                      T = 1 (losses.dense_kd_per_position) on the student's full logits
+                      T = 1 (reference_losses.dense_kd_per_position) on the student's full logits
          KD variants use the same blend: alpha 0.5 (0.5 KD + 0.5 CE), loss kl, top-k mode tail,
          T = 1; hidden and attention terms are off everywhere, so only the token target
          differs. Other settings are the demo preset's `train:` section, except eval_fraction
@@ -74,6 +74,7 @@ from types import SimpleNamespace
 from fidelity_metrics import ECE_BINS, VARIANTS, heldout_metrics, render, summarise
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the dense reference losses (online KD baseline)
 # the store variants' signals (their names are VARIANTS[1:4]): one teacher-dump run each
 SIGNALS = {"topk8": {"top_k": 8, "samples": 0, "target": "topk"},
            "topk64": {"top_k": 64, "samples": 0, "target": "topk"},
@@ -227,7 +228,8 @@ def online_module(student, teacher):
     import torch
     from torch import nn
 
-    from student_train.losses import cross_entropy_per_position, dense_kd_per_position
+    from reference_losses import dense_kd_per_position
+    from student_train.losses import cross_entropy_per_position
     from student_train.objective import IGNORE, shifted, target_positions
 
     class OnlineKD(nn.Module):

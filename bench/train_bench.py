@@ -18,7 +18,7 @@ world   The demo corpus (demo/make_corpus.py), a byte-level BPE trained on it (i
           offline  KD from the store: DistillationObjective with a top-k plan (chunked KD + CE);
                    its batches come from a live StoreStream, fetched inline as train.py does
           online   the teacher in memory: teacher forward -> full logits, student full logits,
-                   full-vocabulary KL (losses.dense_kd_per_position) + CE
+                   full-vocabulary KL (reference_losses.dense_kd_per_position) + CE
         Median over `--rounds` rounds after `--warmup`; the mode order rotates every round.
         The offline step charged against the goals = its median compute + the loader's
         amortised time per batch (e): train.py reads the stream in the training process.
@@ -34,7 +34,7 @@ world   The demo corpus (demo/make_corpus.py), a byte-level BPE trained on it (i
         each variant in its own subprocess measured like the steps (VmHWM over a baseline that
         holds the inputs and weight). naive = full fp32 logits [B,S,V] then the same
         per-position functions (losses.sparse_kd_per_position: logsumexp/log_softmax + KL;
-        cross_entropy_per_position); chunked = chunked_loss.chunked_kd_ce (the fused path,
+        cross_entropy_per_position); chunked = tests/chunked_loss.chunked_kd_ce (the fused path,
         given the loss's gradient w.r.t. kd and ce as training gives it) at each
         `--loss-chunks` size. Loss values and grad norms are compared (must agree).
 (e)     Loader: a fresh StoreStream per epoch iterated with no model (plan, segment reads,
@@ -64,6 +64,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
+# the dense reference losses and the chunked [B, S, d] loss front (tests/reference_losses.py,
+# tests/chunked_loss.py)
+sys.path.insert(0, str(ROOT / "tests"))
 MODES = ("ce", "hf_ce", "offline", "online")
 MODE_LABELS = {"ce": "CE-only (student-train, chunked)", "hf_ce": "CE-only (HF loss, full logits)",
                "offline": "offline KD (store, chunked)", "online": "online KD (teacher, full V)"}
@@ -226,7 +229,7 @@ def build_world(root: Path, args) -> dict:
     import torch
 
     from logitstore.format import SignalSpec, StoreSettings, TopKSpec
-    from logitstore.toolkit.hf import tokenizer_fingerprint
+    from logitstore.toolkit.tokenizer_identity import tokenizer_fingerprint
     from logitstore.info import size_report
     from logitstore.commit import load_json
     from logitstore.sample import Sample, SignalData, TopK
@@ -322,7 +325,8 @@ def mode_module(mode: str, student, teacher, cfg):
     import torch
     from torch import nn
 
-    from student_train.losses import cross_entropy_per_position, dense_kd_per_position
+    from reference_losses import dense_kd_per_position
+    from student_train.losses import cross_entropy_per_position
     from student_train.objective import (IGNORE, DistillationObjective, LossSettings,
                                          SignalPlan, shifted, target_positions)
 
@@ -509,9 +513,10 @@ def worker_loss_memory(args, variant: str, chunk: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from student_train.chunked_loss import chunked_kd_ce
+    from chunked_loss import chunked_kd_ce
+    from reference_losses import masked_mean
     from student_train.losses import (build_topk_target, cross_entropy_per_position,
-                                      masked_mean, sparse_kd_per_position)
+                                      sparse_kd_per_position)
 
     def inputs(V: int, N: int):
         torch.manual_seed(0)

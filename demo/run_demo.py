@@ -83,7 +83,7 @@ def load_settings(scale: str) -> dict[str, Any]:
     teacher = CONFIG_DIR / f"{scale}-teacher.yaml"
     data = yaml.safe_load(preset.read_text(encoding="utf-8"))
     return {"scale": scale, "preset": preset, "teacher_preset": teacher, "demo": data["demo"],
-            "dump": data["dump"], "train": data["train"]}
+            "dump": data["dump"], "train": data["train"], "eval": data["eval"]}
 
 
 def _sha(*parts: Any) -> str:
@@ -382,14 +382,11 @@ def train_baseline(ctx: "Context") -> None:
 
 def evaluate(ctx: "Context") -> None:
     p = ctx.paths
-    argv = ["--model", str(p["student"]), "--teacher", str(p["teacher"]),
-            "--baseline", str(p["baseline"]), "--tasks", "local",
-            "--ppl-data", str(p["corpus"] / "heldout.jsonl"), "--out", str(p["report"]),
-            "--device", "cpu", "--quantize", "none", "--dtype", "float32",
-            "--network", "offline", "--no-progress"]
-    for key, value in ctx.demo.get("eval", {}).items():
-        argv += [f"--{key.replace('_', '-')}", str(value)]
-    ctx.runner.run("eval", "distill-eval", argv)
+    ctx.runner.run("eval", "distill-eval", [
+        "--config", str(ctx.settings["preset"]), "--model", str(p["student"]),
+        "--teacher", str(p["teacher"]), "--baseline", str(p["baseline"]),
+        "--ppl-data", str(p["corpus"] / "heldout.jsonl"), "--out", str(p["report"]),
+        "--no-progress"])
 
 
 # ----------------------------------------------------------------------------- bookkeeping
@@ -464,7 +461,7 @@ STAGES = [
     Stage("baseline", "train the baseline (student-train --data)", train_baseline,
           ("baseline_run",), lambda c: c.settings["train"]),
     Stage("eval", "evaluate (distill-eval)", evaluate, ("report",),
-          lambda c: c.demo.get("eval", {})),
+          lambda c: c.settings["eval"]),
 ]
 
 

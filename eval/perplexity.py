@@ -168,7 +168,7 @@ def sequences_from_store(url: str, tokenizer, *, split: str = "auto", max_length
                          limit: int | None = None) -> tuple[str, list[TokenSequence]]:
     """(split used, sequences) of a store's eval split; StoreTokenizerMismatch when the
     model's tokenizer is not the one the store was written with."""
-    from logitstore.toolkit.hf import tokenizer_fingerprint
+    from logitstore.toolkit.tokenizer_identity import tokenizer_fingerprint
     from logitstore.reader import StoreReader
 
     reader = StoreReader(url)

@@ -12,62 +12,16 @@ Order, chosen so that problems surface before hours of work:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from eval.config import EvalConfig
 from logitstore.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EvalConfig:
-    model: str  # the student
-    out: str
-    teacher: str | None = None
-    baseline: str | None = None
-    tasks: str = "medical"
-    quantize: str = "auto"  # all roles; per-role values below override
-    teacher_quantize: str | None = None
-    student_quantize: str | None = None
-    baseline_quantize: str | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    limit: float | None = None
-    num_fewshot: int | None = None
-    batch_size: int = 8
-    max_new_tokens: int = 64
-    apply_chat_template: bool = False
-    ppl_data: str | None = None
-    ppl_store: str | None = None
-    ppl_split: str = "auto"
-    ppl_max_length: int = 512
-    ppl_limit: int | None = None
-    efficiency: bool = True
-    efficiency_prompts: str | None = None  # JSONL with `prompt`; default: shipped medgen_mini
-    efficiency_samples: int = 8
-    efficiency_repeats: int = 3
-    warmup: int = 1
-    efficiency_new_tokens: int = 32
-    network: str = "auto"
-    task_timeout: float = 300.0
-    trust_remote_code: bool = False
-    progress: bool = True
-
-    def roles(self) -> dict[str, str]:
-        named = {"teacher": self.teacher, "student": self.model, "baseline": self.baseline}
-        return {role: name for role, name in named.items() if name}
-
-    def quantize_for(self, role: str) -> str | None:
-        value = getattr(self, f"{role}_quantize") or self.quantize
-        return None if value == "auto" else value
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def check_config(cfg: EvalConfig) -> list:
@@ -76,20 +30,7 @@ def check_config(cfg: EvalConfig) -> list:
     from eval.tasks import resolve_tasks
     from logitstore.toolkit.hf import resolve_model
 
-    problems = []
-    for name, value, low in (("--batch-size", cfg.batch_size, 1),
-                             ("--max-new-tokens", cfg.max_new_tokens, 1),
-                             ("--ppl-max-length", cfg.ppl_max_length, 2),
-                             ("--efficiency-samples", cfg.efficiency_samples, 1),
-                             ("--efficiency-repeats", cfg.efficiency_repeats, 1),
-                             ("--efficiency-new-tokens", cfg.efficiency_new_tokens, 1),
-                             ("--warmup", cfg.warmup, 0)):
-        if value < low:
-            problems.append(f"{name} must be >= {low}, got {value}")
-    if cfg.limit is not None and cfg.limit <= 0:
-        problems.append(f"--limit must be > 0, got {cfg.limit:g}")
-    if cfg.num_fewshot is not None and cfg.num_fewshot < 0:
-        problems.append(f"--num-fewshot must be >= 0, got {cfg.num_fewshot}")
+    problems = []  # the values' own checks were done by eval.config.resolve_config
     for flag, path in (("--ppl-data", cfg.ppl_data),
                        ("--efficiency-prompts", cfg.efficiency_prompts)):
         if path and not Path(path).is_file():

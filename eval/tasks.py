@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from logitstore.errors import ConfigError
+from logitstore.toolkit.hub_probe import hub_endpoint, probe_hub
 
 log = logging.getLogger(__name__)
 
@@ -204,29 +205,6 @@ def _absolute(files: Any, base: Path) -> Any:
 class NetworkState:
     offline: bool
     reason: str  # why, for the report and skip messages
-
-
-def hub_endpoint() -> str:
-    return os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
-
-
-def probe_hub(timeout_s: float = 3.0) -> str | None:
-    """None when the hub endpoint answers an HTTP HEAD with a success status within
-    timeout_s, else why not. HTTP rather than a bare TCP connect: sandboxes and corporate
-    proxies accept connections (or answer 403/404) for hosts they will not forward to."""
-    import urllib.error
-    import urllib.request
-
-    url = hub_endpoint()
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"),
-                                    timeout=timeout_s):
-            return None
-    except urllib.error.HTTPError as exc:
-        return f"{url} unreachable (HTTP {exc.code} {exc.reason})"
-    except (OSError, ValueError) as exc:  # DNS failure, refused, timeout, bad URL
-        cause = getattr(exc, "reason", exc)
-        return f"{url} unreachable ({type(cause).__name__}: {cause})"
 
 
 @contextlib.contextmanager

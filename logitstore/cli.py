@@ -1,6 +1,8 @@
 """`logitstore` command line: info, verify, cp, show, commit.
 
-Exit codes: 0 success / clean store, 1 damaged store (verify), 2 usage or store errors.
+Exit status (logitstore/exit_codes.py): 0 success / clean store; 1 a store error or a
+damaged store (verify, cp), one paragraph `logitstore: error: ...`; 2 a usage error;
+130 interrupted.
 """
 
 from __future__ import annotations
@@ -13,16 +15,30 @@ from typing import Any
 import click
 import numpy as np
 
-from logitstore import __version__
+from logitstore import __version__, exit_codes
 from logitstore.errors import LogitStoreError
 
-
-def _fail(err: Exception) -> None:
-    click.echo(f"error: {err}", err=True)
-    sys.exit(2)
+PROG = "logitstore"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _fail(err: Exception, code: int = exit_codes.USER_ERROR) -> None:
+    exit_codes.fail(PROG, str(err), code=code)
+
+
+class _Group(exit_codes.Group):
+    """Every subcommand reports a store error, or an OSError on the user's paths, as one
+    paragraph and exit status 1: a missing store, a damaged file, an I/O failure with its
+    URL, a bad URL scheme, an unknown sample id."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (LogitStoreError, OSError) as err:
+            _fail(err)
+
+
+@click.group(name=PROG, cls=_Group,
+             context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="logitstore")
 def main() -> None:
     """Inspect, verify and move logitstore stores (local paths or any fsspec URL)."""
@@ -93,7 +109,7 @@ def verify(store: str, quiet: bool) -> None:
         click.echo(f"DAMAGED {problem}", err=True)
     if problems:
         click.echo(f"{store}: {len(problems)} problem(s)", err=True)
-        sys.exit(1)
+        sys.exit(exit_codes.USER_ERROR)
     if not quiet:
         click.echo(f"{store}: ok")
 
@@ -120,7 +136,7 @@ def cp(src: str, dst: str, overwrite: bool) -> None:
     if problems:
         for problem in problems:
             click.echo(f"DAMAGED {problem}", err=True)
-        sys.exit(1)
+        sys.exit(exit_codes.USER_ERROR)
     click.echo(f"copied {src} -> {dst}; verified")
 
 
@@ -138,7 +154,8 @@ def show(store: str, sample_id: str | None, position: int | None, tokenizer: str
     from logitstore.reader import StoreReader
 
     if (sample_id is None) == (position is None):
-        _fail(LogitStoreError("give either SAMPLE_ID or --index N (not both)"))
+        _fail(LogitStoreError("give either SAMPLE_ID or --index N (not both)"),
+              code=exit_codes.USAGE)
     try:
         reader = StoreReader(store)
         sample = reader.sample(sample_id if position is None else position)

@@ -4,43 +4,103 @@ Order (crash safety): segment files are already on storage and listed in part ma
 here the merged index is written under a content-addressed name, then the store manifest
 is replaced atomically. A crash before the rename leaves the previous manifest, whose
 index file is untouched, so the last committed state stays readable.
+
+Every manifest (the store's and each part's) is written sealed: its `manifest_sha256` is
+the sha256 of its own bytes with that value blanked (FORMAT.md section 5), and every read
+of a manifest checks it, so damage to any of its bytes is reported instead of being
+merged into the next commit. The store manifest also lists the size and sha256 of each
+part manifest it was merged from.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import io
 import json
+import re
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from logitstore import __version__
 from logitstore.errors import (ChecksumError, LogitStoreError, ManifestMissingError,
-                               SchemaMismatchError)
+                               SchemaMismatchError, StoreNotFoundError)
 from logitstore.format import (FORMAT_NAME, FORMAT_VERSION, INDEX_DIR, MANIFEST, PART_MANIFEST,
                                PARTS_DIR, SEGMENT_INDEX, StoreSettings, check_format_version,
                                settings_differences)
 from logitstore.fs import StoreFS, sha256_hex
+from logitstore.parquet_io import table_from_bytes, table_to_bytes
 
 
 def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+SEAL_KEY = "manifest_sha256"  # in every manifest written by format 1.1 and later
+_SEAL_BLANK = "0" * 64
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def require_committed(fs: StoreFS) -> None:
+    """StoreNotFoundError or ManifestMissingError unless `fs` holds a committed store."""
+    if fs.exists(MANIFEST):
+        return
+    if not fs.exists():
+        raise StoreNotFoundError(f"no store at {fs.url}: the path does not exist")
+    raise ManifestMissingError(
+        f"{fs.url} is not a committed store: it has no {MANIFEST}. If a dump writes it, the "
+        f"dump is still running or stopped before its first commit: wait for it, or rerun "
+        f"the same teacher-dump command to resume it")
+
+
 def load_json(fs: StoreFS, rel: str) -> dict[str, Any]:
-    return parse_json(fs, rel, fs.read_bytes(rel))
+    """The manifest (store or part) at `rel`, checked as `parse_manifest` does."""
+    return parse_manifest(fs, rel, fs.read_bytes(rel))
 
 
-def parse_json(fs: StoreFS, rel: str, raw: bytes) -> dict[str, Any]:
-    """The JSON document `raw`, read from `rel`; ChecksumError naming the file if damaged."""
+def parse_manifest(fs: StoreFS, rel: str, raw: bytes) -> dict[str, Any]:
+    """The manifest `raw`, read from `rel`: a JSON object of a known major format version
+    whose seal matches its bytes. FormatVersionError for another major version, else
+    ChecksumError naming the file when it is damaged."""
     try:
-        return json.loads(raw)
+        doc = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ChecksumError(f"{fs.path(rel)} is not valid JSON ({err}); the file is damaged",
                             path=rel) from None
+    if not isinstance(doc, dict):
+        raise ChecksumError(f"{fs.path(rel)} holds a JSON {type(doc).__name__}, expected an "
+                            f"object; the file is damaged", path=rel)
+    check_format_version(doc.get("format_version"), fs.path(rel))
+    problem = seal_problem(raw, doc)
+    if problem:
+        raise ChecksumError(f"{fs.path(rel)}: {problem}; the file is damaged", path=rel)
+    return doc
+
+
+def seal_problem(raw: bytes, doc: dict[str, Any]) -> str | None:
+    """Why the manifest bytes `raw` (parsed: `doc`) fail their seal, or None when intact.
+
+    Manifests of format 1.0 have no seal and pass; from 1.1 on the seal is required."""
+    seal = doc.get(SEAL_KEY)
+    if seal is None:
+        version = str(doc.get("format_version"))
+        return None if version == "1.0" else \
+            f"no {SEAL_KEY} although format_version is {version} (1.1 and later have one)"
+    if not isinstance(seal, str) or not _HEX64.fullmatch(seal):
+        return f"{SEAL_KEY} is not 64 lowercase hex digits: {seal!r}"
+    found = sha256_hex(raw.replace(seal.encode("ascii"), _SEAL_BLANK.encode("ascii")))
+    if found != seal:
+        return f"{SEAL_KEY} is {seal} but the content hashes to {found}"
+    return None
+
+
+def sealed_json(data: dict[str, Any]) -> bytes:
+    """`data` as manifest bytes carrying their seal (any seal already in `data` replaced)."""
+    body = {k: v for k, v in data.items() if k != SEAL_KEY}
+    blank = dump_json({**body, SEAL_KEY: _SEAL_BLANK})
+    sealed = dump_json({**body, SEAL_KEY: sha256_hex(blank)})
+    assert len(sealed) == len(blank)  # the same layout: only the 64 digits differ
+    return sealed
 
 
 def read_commit(fs: StoreFS, attempts: int = 100) -> tuple[bytes, dict[str, Any], bytes]:
@@ -50,8 +110,7 @@ def read_commit(fs: StoreFS, attempts: int = 100) -> tuple[bytes, dict[str, Any]
     index of the current manifest is missing."""
     for attempt in range(attempts):
         raw = fs.read_bytes(MANIFEST)
-        manifest = parse_json(fs, MANIFEST, raw)
-        check_format_version(manifest.get("format_version"), fs.path(MANIFEST))
+        manifest = parse_manifest(fs, MANIFEST, raw)
         try:
             return raw, manifest, fs.read_bytes(manifest["index"]["path"])
         except FileNotFoundError:
@@ -64,15 +123,25 @@ def dump_json(data: dict[str, Any]) -> bytes:
     return (json.dumps(data, indent=1, sort_keys=True) + "\n").encode("utf-8")
 
 
+def part_manifest_path(part: str) -> str:
+    return f"{PARTS_DIR}/{part}/{PART_MANIFEST}"
+
+
 def read_part_manifests(fs: StoreFS) -> list[dict[str, Any]]:
     """Every part that has committed at least once, in part-name order."""
+    return [part for part, _ in _read_parts(fs)]
+
+
+def _read_parts(fs: StoreFS) -> list[tuple[dict[str, Any], bytes]]:
+    """(part manifest, its bytes) of every part that has committed, in part-name order."""
     out = []
     for name in fs.listdir(PARTS_DIR):
-        rel = f"{PARTS_DIR}/{name}/{PART_MANIFEST}"
-        if fs.exists(rel):
-            part = load_json(fs, rel)
-            check_format_version(part.get("format_version"), fs.path(rel))
-            out.append(part)
+        rel = part_manifest_path(name)
+        try:
+            raw = fs.read_bytes(rel)
+        except FileNotFoundError:
+            continue  # a part directory whose writer has not committed a segment yet
+        out.append((parse_manifest(fs, rel, raw), raw))
     return out
 
 
@@ -92,7 +161,8 @@ def commit_store(url: str | StoreFS, *, storage_options: dict | None = None,
     have closed their parts).
     """
     fs = url if isinstance(url, StoreFS) else StoreFS(url, storage_options)
-    parts = read_part_manifests(fs)
+    parts_read = _read_parts(fs)
+    parts = [part for part, _ in parts_read]
     if not parts:
         raise ManifestMissingError(f"nothing to commit at {fs.url}: no part has committed a "
                                    f"segment yet (expected {PARTS_DIR}/<part>/{PART_MANIFEST})")
@@ -115,9 +185,7 @@ def commit_store(url: str | StoreFS, *, storage_options: dict | None = None,
         raise SchemaMismatchError(f"sample ids appear in more than one place in {fs.url}: "
                                   f"{dups[:5]} ({len(dups)} in all); each part must hold "
                                   f"different samples")
-    sink = io.BytesIO()
-    pq.write_table(index, sink, compression="zstd")
-    index_bytes = sink.getvalue()
+    index_bytes = table_to_bytes(index)
     index_sha = sha256_hex(index_bytes)
     index_rel = f"{INDEX_DIR}/{index_sha[:20]}.parquet"
     if not fs.exists(index_rel):
@@ -151,9 +219,12 @@ def commit_store(url: str | StoreFS, *, storage_options: dict | None = None,
                                 for s in p["segments"]]}
                   for p in parts],
         "files": files,
+        "part_manifests": {part_manifest_path(p["part"]): {"size": len(raw),
+                                                           "sha256": sha256_hex(raw)}
+                           for p, raw in parts_read},
         "extra": extra if extra is not None else (previous or {}).get("extra", {}),
     }
-    fs.write_bytes(MANIFEST, dump_json(manifest))
+    fs.write_bytes(MANIFEST, sealed_json(manifest))
     if previous and previous["index"]["path"] != index_rel:
         fs.delete(previous["index"]["path"])  # no committed manifest refers to it any more
     return manifest
@@ -164,7 +235,7 @@ def _merged_index(fs: StoreFS, parts: list[dict], previous: dict | None) -> pa.T
     known: dict[tuple[str, str], pa.Table] = {}
     if previous is not None and fs.exists(previous["index"]["path"]):
         # Reuse the rows of segments committed before: one read instead of one per segment.
-        old = pq.read_table(io.BytesIO(fs.read_bytes(previous["index"]["path"])))
+        old = table_from_bytes(fs.read_bytes(previous["index"]["path"]))
         keys = list(zip(old.column("part").to_pylist(), old.column("segment").to_pylist()))
         starts: dict[tuple[str, str], list[int]] = {}
         for row, key in enumerate(keys):
@@ -198,4 +269,4 @@ def _read_segment_index(fs: StoreFS, part: str, seg: dict) -> pa.Table:
     if sha256_hex(data) != expected:
         raise ChecksumError(f"checksum mismatch in {fs.path(rel)}: expected sha256 {expected}, "
                             f"found {sha256_hex(data)}", path=rel)
-    return pq.read_table(io.BytesIO(data))
+    return table_from_bytes(data)

@@ -20,6 +20,11 @@ class ManifestMissingError(LogitStoreError, FileNotFoundError):
     """The store directory exists but has no committed manifest (dump incomplete or running)."""
 
 
+class StoreIOError(LogitStoreError, OSError):
+    """Storage could not be read or written (timeout, connection, permission, credentials):
+    nothing is known to be wrong with the store's bytes, so this is never reported as damage."""
+
+
 class FormatVersionError(LogitStoreError):
     """The store was written with a format major version this reader does not understand."""
 

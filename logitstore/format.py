@@ -14,7 +14,7 @@ from typing import Any
 from logitstore.errors import FormatVersionError, SettingsMismatchError
 
 FORMAT_NAME = "logitstore"
-FORMAT_VERSION = "1.0"  # major.minor: readers refuse another major, accept any minor
+FORMAT_VERSION = "1.1"  # major.minor: readers refuse another major, accept any minor
 MANIFEST = "manifest.json"  # the store manifest, written last; its presence = a committed store
 PARTS_DIR = "parts"
 INDEX_DIR = "index"
@@ -103,9 +103,25 @@ class SignalSpec:
     hidden: HiddenSpec | None = None
     attention: AttentionSpec | None = None
     teacher: dict[str, Any] = field(default_factory=dict)  # model id, revision, dtype, ...
+    # The teacher's number of decoder layers (blocks). When known, hidden and attention
+    # `layers` are stored as block numbers 0..depth-1 (`canonical_layers`); None: unknown
+    # (stores written before it was recorded keep their indices as given, -1 = last).
+    depth: int | None = None
 
     def kinds(self) -> list[str]:
         return [k for k in ("topk", "sampled", "hidden", "attention") if getattr(self, k)]
+
+
+def canonical_layer(index: int, depth: int | None) -> int:
+    """A teacher layer index in its stored form: the block number 0..depth-1, so that -1 and
+    depth-1 are one layer; `index` unchanged when the depth is unknown or it is out of range."""
+    if depth is None or not -depth <= index < depth:
+        return index
+    return index % depth
+
+
+def canonical_layers(layers, depth: int | None) -> tuple[int, ...]:
+    return tuple(canonical_layer(int(i), depth) for i in layers)
 
 
 @dataclass(frozen=True)
@@ -131,7 +147,7 @@ class StoreSettings:
         if self.vocab_size > 2**31:
             problems.append(f"vocab_size must be < 2**31, found {self.vocab_size}")
         if not self.tokenizer_fingerprint:
-            problems.append("tokenizer_fingerprint is empty (use logitstore.toolkit.hf.tokenizer_fingerprint)")
+            problems.append("tokenizer_fingerprint is empty (use logitstore.toolkit.tokenizer_identity.tokenizer_fingerprint)")
         for name in ("chunk_tokens", "segment_tokens", "chunk_samples"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, found {getattr(self, name)}")
@@ -174,6 +190,8 @@ def _signal_problems(name: str, sig: SignalSpec) -> list[str]:
         if not sig.sampled.temperature > 0:
             out.append(f"signal {name!r}: sample temperature must be > 0, "
                        f"found {sig.sampled.temperature}")
+    if sig.depth is not None:
+        out += _depth_problems(name, sig)
     if sig.hidden is not None:
         if sig.hidden.pooling not in HIDDEN_POOLINGS:
             out.append(f"signal {name!r}: hidden pooling must be one of {HIDDEN_POOLINGS}, "
@@ -199,6 +217,22 @@ def _signal_problems(name: str, sig: SignalSpec) -> list[str]:
     return out
 
 
+def _depth_problems(name: str, sig: SignalSpec) -> list[str]:
+    """With a known depth, stored layers are block numbers of the teacher, each once."""
+    if sig.depth < 1:
+        return [f"signal {name!r}: depth must be >= 1, found {sig.depth}"]
+    out = []
+    for kind in ("hidden", "attention"):
+        spec = getattr(sig, kind)
+        if spec is None:
+            continue
+        if any(not 0 <= i < sig.depth for i in spec.layers) or len(set(spec.layers)) != len(
+                spec.layers):
+            out.append(f"signal {name!r}: {kind} layers must be distinct block numbers in "
+                       f"0..{sig.depth - 1} (depth {sig.depth}), found {list(spec.layers)}")
+    return out
+
+
 def _signal_from_json(data: dict[str, Any]) -> SignalSpec:
     def build(cls, value):
         if value is None:
@@ -214,6 +248,7 @@ def _signal_from_json(data: dict[str, Any]) -> SignalSpec:
         hidden=build(HiddenSpec, data.get("hidden")),
         attention=build(AttentionSpec, data.get("attention")),
         teacher=dict(data.get("teacher", {})),
+        depth=data.get("depth"),
     )
 
 

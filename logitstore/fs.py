@@ -4,15 +4,22 @@ Local paths get temp-file + fsync + rename; object stores (s3://, gs://, memory:
 each object in one PUT, which is atomic there. Readers may add a local read cache
 (fsspec's `filecache`), and zarr reads go through a small wrapper that caches shard
 indexes so random reads cost one request per chunk instead of two.
+
+Failures of the storage itself (timeouts, refused connections, permissions, missing
+credentials) become `StoreIOError` naming the URL, never a checksum error: nothing is known
+to be wrong with the bytes. Reads are idempotent, so a timeout or a dropped connection is
+retried (`RETRY_DELAYS`) before it is reported.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
+import time
 import uuid
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import fsspec
 from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
@@ -20,11 +27,85 @@ from fsspec.implementations.local import LocalFileSystem
 from zarr.abc.store import SuffixByteRequest
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
+from logitstore.errors import LogitStoreError, StoreIOError
 from logitstore.format import MANIFEST, TMP_MARK
+
+T = TypeVar("T")
+
+# Seconds to wait before the 2nd, 3rd, ... attempt of a read that timed out or lost its
+# connection (client libraries such as s3fs retry on their own first).
+RETRY_DELAYS: tuple[float, ...] = (0.5, 2.0)
+TRANSIENT_ERRORS = (TimeoutError, ConnectionError)
+# Not storage failures: a missing file is reported as missing (or damage) by the caller.
+_ABSENT_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
+# Exceptions of these client libraries are storage failures even when not an OSError
+# (botocore's NoCredentialsError, EndpointConnectionError, ...).
+_CLIENT_MODULES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "google.auth", "google.api_core",
+                   "azure", "adlfs", "aiohttp", "requests", "urllib3")
 
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def storage_error(err: BaseException, url: str, attempts: int = 1) -> StoreIOError | None:
+    """`err` as a StoreIOError naming `url` when it is a failure to reach or use the storage
+    (not a missing file and not bad bytes); None otherwise."""
+    if isinstance(err, StoreIOError):
+        return err
+    if isinstance(err, _ABSENT_ERRORS):
+        return None
+    modules = [c.__module__ for c in type(err).__mro__]
+    if not isinstance(err, OSError) and not any(m.startswith(_CLIENT_MODULES) for m in modules):
+        return None
+    name = type(err).__name__
+    detail = str(err).splitlines()[0] if str(err) else name
+    tries = f" (after {attempts} attempts)" if attempts > 1 else ""
+    if "Credential" in name:
+        return StoreIOError(
+            f"cannot access {url}: no usable credentials ({name}: {detail}). Provide them the "
+            f"usual way for the storage (for s3://: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+            f"or AWS_PROFILE; for gs://: GOOGLE_APPLICATION_CREDENTIALS) and retry")
+    if isinstance(err, PermissionError):
+        return StoreIOError(f"I/O error on {url}: permission denied ({detail}); check the "
+                            f"access rights of this path or bucket. This is not damage to the "
+                            f"store")
+    return StoreIOError(f"I/O error on {url}: {name}: {detail}{tries}. The storage could not "
+                        f"be reached or did not answer; this is not damage to the store: "
+                        f"retry later, or check the network and the endpoint")
+
+
+def with_retries(url: str, action: Callable[[], T], retry: bool = True) -> T:
+    """`action()`; transient errors retried (when `retry`), storage failures raised as
+    StoreIOError naming `url`; anything else (a missing file, bad bytes) as it was."""
+    delays = RETRY_DELAYS if retry else ()
+    for attempt in range(len(delays) + 1):
+        try:
+            return action()
+        except TRANSIENT_ERRORS as err:
+            if attempt == len(delays):
+                raise storage_error(err, url, attempt + 1) from err
+            time.sleep(delays[attempt])
+        except Exception as err:
+            failure = storage_error(err, url)
+            if failure is None:
+                raise
+            raise failure from err
+    raise AssertionError("unreachable")
+
+
+def _open_filesystem(url: str, options: dict[str, Any]):
+    """(filesystem, root path) of an fsspec URL; LogitStoreError when it cannot be opened."""
+    try:
+        return fsspec.core.url_to_fs(url, **options)
+    except ImportError as err:
+        raise LogitStoreError(f"cannot open {url}: {err} (the package that handles its URL "
+                              f"scheme is not installed)") from None
+    except (ValueError, OSError, TypeError) as err:
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise LogitStoreError(f"cannot open {url}: {detail}. Give a local path or an fsspec "
+                              f"URL such as s3://bucket/prefix, gs://bucket/prefix or "
+                              f"memory://name") from None
 
 
 class StoreFS:
@@ -34,7 +115,7 @@ class StoreFS:
                  cache_dir: str | None = None):
         self.url = str(url)
         self.storage_options = dict(storage_options or {})
-        fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        fs, root = _open_filesystem(self.url, self.storage_options)
         self.cached = cache_dir is not None and not isinstance(fs, LocalFileSystem)
         self._uncached = fs  # manifest.json is replaced by every commit: never read it cached
         if self.cached:
@@ -49,18 +130,25 @@ class StoreFS:
     def path(self, rel: str = "") -> str:
         return f"{self.root}/{rel}" if rel else self.root
 
+    def url_of(self, rel: str = "") -> str:
+        """The full URL of a file of the store (as the user would write it)."""
+        return f"{self.url.rstrip('/')}/{rel}" if rel else self.url
+
     def exists(self, rel: str = "") -> bool:
-        return self.fs.exists(self.path(rel))
+        return with_retries(self.url_of(rel), lambda: self.fs.exists(self.path(rel)))
 
     def read_bytes(self, rel: str) -> bytes:
         fs = self._uncached if rel == MANIFEST else self.fs
-        return fs.cat_file(self.path(rel))
+        return with_retries(self.url_of(rel), lambda: fs.cat_file(self.path(rel)))
 
     def size(self, rel: str) -> int:
-        return int(self.fs.size(self.path(rel)))
+        return int(with_retries(self.url_of(rel), lambda: self.fs.size(self.path(rel))))
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Write a file so that readers see either nothing/the old bytes or all new bytes."""
+        with_retries(self.url_of(rel), lambda: self._write(rel, data), retry=False)
+
+    def _write(self, rel: str, data: bytes) -> None:
         full = self.path(rel)
         if self.is_local:
             directory = os.path.dirname(full)
@@ -76,14 +164,15 @@ class StoreFS:
 
     def delete(self, rel: str, recursive: bool = False) -> None:
         full = self.path(rel)
-        if self.fs.exists(full):
-            self.fs.rm(full, recursive=recursive)
+        if self.exists(rel):
+            with_retries(self.url_of(rel), lambda: self.fs.rm(full, recursive=recursive),
+                         retry=False)
 
     def listdir(self, rel: str = "") -> list[str]:
         """Names (not paths) directly under rel; [] when rel does not exist."""
         full = self.path(rel)
         try:
-            entries = self.fs.ls(full, detail=False)
+            entries = with_retries(self.url_of(rel), lambda: self.fs.ls(full, detail=False))
         except FileNotFoundError:
             return []
         return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries
@@ -92,11 +181,11 @@ class StoreFS:
     def walk_files(self, rel: str) -> list[str]:
         """All file paths under rel, relative to the store root."""
         full = self.path(rel)
-        if not self.fs.exists(full):
+        if not self.exists(rel):
             return []
         prefix = self.root.rstrip("/") + "/"
         return sorted(p[len(prefix):] if p.startswith(prefix) else p
-                      for p in self.fs.find(full))
+                      for p in with_retries(self.url_of(rel), lambda: self.fs.find(full)))
 
     def zarr_store(self) -> "ShardIndexCache":
         """A read-only zarr store rooted at the store root (shard indexes cached); one per StoreFS."""
@@ -126,6 +215,16 @@ class ShardIndexCache(WrapperStore):
         self._whole_files = whole_files
 
     async def get(self, key, prototype, byte_range=None):
+        # Chunk reads are idempotent: a timeout or a dropped connection is retried here
+        # (reported by the reader as an I/O error, not as damage, if it persists).
+        for delay in RETRY_DELAYS:
+            try:
+                return await self._get(key, prototype, byte_range)
+            except TRANSIENT_ERRORS:
+                await asyncio.sleep(delay)
+        return await self._get(key, prototype, byte_range)
+
+    async def _get(self, key, prototype, byte_range=None):
         if not isinstance(byte_range, SuffixByteRequest):
             return await self._store.get(key, prototype, byte_range)
         slot = (key, byte_range.suffix)

@@ -1,28 +1,28 @@
 """Read a committed store: numpy out, random access by sample id, streaming by segment.
 
 Only what the store manifest lists is read, so parts and segments still being written are
-invisible. The sample index and the manifest are checked against their recorded sha256 at
-open; chunk data carries a crc32c per chunk, checked by zarr on every read.
+invisible. At open the manifest is checked against its seal and the sample index against
+the sha256 the manifest records; chunk data carries a crc32c per chunk, checked by zarr on
+every read. A failure of the storage (timeout, permission, credentials) is raised as
+StoreIOError naming the URL, never as damage.
 """
 
 from __future__ import annotations
 
-import io
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import zarr
 
-from logitstore.commit import read_commit
+from logitstore.commit import read_commit, require_committed
 from logitstore.encoding import decode_logprobs, decode_sampled, decode_topk_ids
-from logitstore.errors import (ChecksumError, ManifestMissingError, StoreNotFoundError,
-                               UnknownSampleError, UnknownSignalError)
-from logitstore.format import MANIFEST, PARTS_DIR, StoreSettings, signal_array
-from logitstore.fs import StoreFS, sha256_hex
+from logitstore.errors import ChecksumError, UnknownSampleError, UnknownSignalError
+from logitstore.format import PARTS_DIR, StoreSettings, signal_array
+from logitstore.fs import StoreFS, sha256_hex, storage_error
+from logitstore.parquet_io import table_from_bytes
 from logitstore.sample import Sample, Sampled, SignalData, TopK
 
 
@@ -45,12 +45,7 @@ class StoreReader:
     def __init__(self, url: str, *, storage_options: dict | None = None,
                  cache_dir: str | None = None):
         self.fs = StoreFS(url, storage_options, cache_dir=cache_dir)
-        if not self.fs.exists(MANIFEST):
-            if not self.fs.exists():
-                raise StoreNotFoundError(f"no store at {url}: the path does not exist")
-            raise ManifestMissingError(
-                f"{url} has no {MANIFEST}: the dump is still running or stopped before its first "
-                f"commit. Wait for it, or rerun the same teacher-dump command to resume it")
+        require_committed(self.fs)
         _, self.manifest, index = read_commit(self.fs)
         self.index: pa.Table = self._parse_index(index)
         self.settings = StoreSettings.from_json(self.manifest["settings"])
@@ -79,7 +74,7 @@ class StoreReader:
             raise ChecksumError(f"checksum mismatch in {self.fs.path(meta['path'])}: the sample "
                                 f"index is damaged (expected sha256 {meta['sha256']})",
                                 path=meta["path"])
-        return pq.read_table(io.BytesIO(data))
+        return table_from_bytes(data)
 
     @property
     def signals(self) -> list[str]:
@@ -127,7 +122,11 @@ class StoreReader:
         if arr is None:
             try:
                 arr = zarr.open_array(self._zstore, path=key, mode="r", zarr_format=3)
-            except Exception as err:  # missing or unparsable zarr.json
+            except Exception as err:
+                failure = storage_error(err, self.fs.url_of(key))
+                if failure is not None:
+                    raise failure from err
+                # zarr raises many types for a missing or unparsable zarr.json
                 raise ChecksumError(f"cannot open array {self.fs.path(key)}: {err}; the store is "
                                     f"damaged (run `logitstore verify`)", path=key) from None
             self._arrays[key] = arr
@@ -141,6 +140,10 @@ class StoreReader:
         try:
             return arr[start:stop] if (start is not None or stop is not None) else arr[...]
         except Exception as err:
+            failure = storage_error(err, self.fs.url_of(f"{seg.path}/{name}"))
+            if failure is not None:
+                raise failure from err
+            # a bad crc32c, a truncated shard or shard index: zarr and numcodecs raise many types
             raise ChecksumError(f"cannot read {self.fs.path(seg.path + '/' + name)}: "
                                 f"{type(err).__name__}: {err}; the file is damaged or truncated "
                                 f"(run `logitstore verify`)", path=f"{seg.path}/{name}") from None

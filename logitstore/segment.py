@@ -8,12 +8,10 @@ segment avoids that), and its files can be checksummed as they are produced.
 from __future__ import annotations
 
 import hashlib
-import io
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 from zarr.storage import MemoryStore
@@ -22,6 +20,7 @@ from logitstore.encoding import encode_logprobs, encode_sampled, encode_topk_ids
 from logitstore.errors import LogitStoreError, SchemaMismatchError
 from logitstore.format import (INDEX_COLUMNS, SEGMENT_INDEX, SignalSpec, StoreSettings,
                                int_dtype_for, signal_array)
+from logitstore.parquet_io import table_to_bytes
 from logitstore.sample import Sample, SignalData
 
 
@@ -243,9 +242,7 @@ def _index_bytes(samples: list[Sample], offsets: np.ndarray, lengths: np.ndarray
             columns[tag] = pa.array(values)
         except (pa.ArrowInvalid, pa.ArrowTypeError):
             columns[tag] = pa.array([None if v is None else str(v) for v in values], pa.string())
-    sink = io.BytesIO()
-    pq.write_table(pa.table(columns), sink, compression="zstd")
-    return sink.getvalue()
+    return table_to_bytes(pa.table(columns))
 
 
 def _plain(value):

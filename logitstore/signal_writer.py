@@ -15,17 +15,17 @@ segments still pending.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, replace
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from logitstore.commit import commit_store, dump_json, load_json, now_iso, read_part_manifests
+from logitstore.commit import (commit_store, load_json, now_iso, read_part_manifests,
+                               sealed_json)
 from logitstore.errors import LogitStoreError, ManifestMissingError, SchemaMismatchError
 from logitstore.format import (MANIFEST, PART_MANIFEST, PARTS_DIR, SEGMENT_INDEX, SignalSpec,
                                StoreSettings)
 from logitstore.fs import StoreFS, sha256_hex
+from logitstore.parquet_io import table_from_bytes
 from logitstore.sample import Sample, SignalData
 from logitstore.segment import encode_signal, validate_sample
 
@@ -70,8 +70,7 @@ class SignalAppender:
                 if self.name in seg.get("signals", []):
                     continue
                 rel = f"{PARTS_DIR}/{part_name}/{seg['name']}/{SEGMENT_INDEX}"
-                table = pq.read_table(io.BytesIO(self.fs.read_bytes(rel)),
-                                      columns=["sample_id", "length"])
+                table = table_from_bytes(self.fs.read_bytes(rel), columns=["sample_id", "length"])
                 jobs.append(SegmentJob(part_name, seg["name"],
                                        table.column("sample_id").to_pylist(),
                                        table.column("length").to_pylist()))
@@ -105,7 +104,7 @@ class SignalAppender:
             part["settings"] = replace(settings, signals={**settings.signals,
                                                           self.name: self.spec}).to_json()
         part["updated"] = now_iso()
-        self.fs.write_bytes(f"{PARTS_DIR}/{job.part}/{PART_MANIFEST}", dump_json(part))
+        self.fs.write_bytes(f"{PARTS_DIR}/{job.part}/{PART_MANIFEST}", sealed_json(part))
         if self.commit_each_segment:
             self._commit_if_consistent()
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from logitstore.commit import read_commit
-from logitstore.errors import ChecksumError, LogitStoreError, ManifestMissingError
+from logitstore.commit import parse_manifest, read_commit, require_committed
+from logitstore.errors import ChecksumError, LogitStoreError
 from logitstore.format import MANIFEST
 from logitstore.fs import StoreFS, sha256_hex
 
@@ -15,13 +15,14 @@ def copy_store(src: str, dst: str, *, src_options: dict | None = None,
                progress: Callable[[str, int], None] | None = None) -> dict:
     """Copy the files the source manifest lists, then the manifest last; returns the manifest.
 
-    Each file is checked against its recorded sha256 when read from the source and again
-    when read back from the destination, so a damaged source or a bad transfer fails loudly
-    and names the file. Uncommitted files at the source are not copied.
+    Each data file is checked against its recorded sha256 when read from the source and
+    again when read back from the destination, so a damaged source or a bad transfer fails
+    loudly and names the file. The part manifests the store manifest lists are copied too
+    (so the copy can be resumed or appended to), as found: a running writer may have
+    replaced one since the commit. Uncommitted files at the source are not copied.
     """
     source, target = StoreFS(src, src_options), StoreFS(dst, dst_options)
-    if not source.exists(MANIFEST):
-        raise ManifestMissingError(f"{src} has no committed {MANIFEST}: nothing to copy")
+    require_committed(source)
     try:
         raw_manifest, manifest, index = read_commit(source)
     except FileNotFoundError as err:
@@ -40,10 +41,17 @@ def copy_store(src: str, dst: str, *, src_options: dict | None = None,
         if sha256_hex(data) != meta["sha256"]:
             raise ChecksumError(f"checksum mismatch in source file {source.path(rel)}; the source "
                                 f"store is damaged (run `logitstore verify {src}`)", path=rel)
-        target.write_bytes(rel, data)
-        if sha256_hex(target.read_bytes(rel)) != meta["sha256"]:
-            raise ChecksumError(f"{target.path(rel)} differs from the source after copying; "
-                                f"retry the copy", path=rel)
+        _write_checked(target, rel, data)
+        if progress:
+            progress(rel, len(data))
+    for rel in sorted(manifest.get("part_manifests") or {}):
+        try:
+            data = source.read_bytes(rel)
+        except FileNotFoundError:
+            raise ChecksumError(f"{source.path(rel)} is missing: the source store is damaged "
+                                f"(run `logitstore verify {src}`)", path=rel) from None
+        parse_manifest(source, rel, data)  # ChecksumError naming it when damaged
+        _write_checked(target, rel, data)
         if progress:
             progress(rel, len(data))
     # The manifest read at the start, not the source's current one: a writer may have
@@ -51,3 +59,9 @@ def copy_store(src: str, dst: str, *, src_options: dict | None = None,
     target.write_bytes(MANIFEST, raw_manifest)
     return manifest
 
+
+def _write_checked(target: StoreFS, rel: str, data: bytes) -> None:
+    target.write_bytes(rel, data)
+    if sha256_hex(target.read_bytes(rel)) != sha256_hex(data):
+        raise ChecksumError(f"{target.path(rel)} differs from the source after copying; "
+                            f"retry the copy", path=rel)

@@ -1,21 +1,27 @@
 """Verify a committed store: every checksum and every structural invariant.
 
-Returns a list of problems, each naming the file it is about; an empty list means clean.
+Every file of the committed store is checked: the store manifest against its seal, the
+sample index and every data file (zarr metadata, shards, segment indexes) against the
+sha256 the manifest records, and each part manifest against its seal and the committed
+state. Returns a list of problems, each naming the file it is about; an empty list means
+clean. A path that holds no committed store raises StoreNotFoundError or
+ManifestMissingError, and a failure of the storage itself raises StoreIOError: neither is
+damage.
 """
 
 from __future__ import annotations
 
-import io
 from typing import Callable
 
 import numpy as np
-import pyarrow.parquet as pq
 import zarr
 
-from logitstore.commit import dataset_fingerprint, load_json, read_commit
-from logitstore.errors import LogitStoreError
+from logitstore.commit import (dataset_fingerprint, load_json, parse_manifest,
+                               part_manifest_path, read_commit, require_committed)
+from logitstore.errors import ChecksumError, SchemaMismatchError
 from logitstore.format import MANIFEST, PARTS_DIR, StoreSettings, int_dtype_for, signal_array
-from logitstore.fs import StoreFS, sha256_hex
+from logitstore.fs import StoreFS, sha256_hex, storage_error
+from logitstore.parquet_io import table_from_bytes
 
 
 def expected_arrays(settings: StoreSettings, tokens: int, samples: int, entries: dict[str, int],
@@ -54,8 +60,7 @@ def _lp_dtype(spec) -> str:
 def verify_store(url: str, *, storage_options: dict | None = None,
                  progress: Callable[[str], None] | None = None) -> list[str]:
     fs = StoreFS(url, storage_options)
-    if not fs.exists(MANIFEST):
-        return [f"{fs.path(MANIFEST)}: missing (no committed store here)"]
+    require_committed(fs)
     try:
         try:
             # Beside a running writer, one whole commit: a newer commit deletes the index an
@@ -65,9 +70,11 @@ def verify_store(url: str, *, storage_options: dict | None = None,
         except FileNotFoundError:  # the current manifest's index is missing: damage
             manifest, index_data = load_json(fs, MANIFEST), None
         settings = StoreSettings.from_json(manifest["settings"])
-    except (LogitStoreError, KeyError, TypeError) as err:
-        return [f"{fs.path(MANIFEST)}: {err}"]
-    problems: list[str] = []
+    except ChecksumError as err:  # names the file
+        return [str(err)]
+    except (SchemaMismatchError, KeyError, TypeError, ValueError) as err:
+        return [f"{fs.path(MANIFEST)}: {type(err).__name__}: {err}"]
+    problems: list[str] = _check_part_manifests(fs, manifest)
     files = dict(manifest.get("files", {}))
     index_path = manifest["index"]["path"]
     files[index_path] = manifest["index"]
@@ -82,9 +89,63 @@ def verify_store(url: str, *, storage_options: dict | None = None,
             damaged.add(rel)
     if index_path in damaged:
         return problems  # no trustworthy index: structure cannot be checked
-    index = pq.read_table(io.BytesIO(index_data))
+    index = table_from_bytes(index_data)
     problems += _check_structure(fs, manifest, settings, index, damaged)
     return problems
+
+
+def _check_part_manifests(fs: StoreFS, manifest: dict) -> list[str]:
+    """Each part manifest the store manifest lists: present, sealed, and holding the
+    committed state of its part.
+
+    A running (or crashed) writer may have replaced it since the commit, with more
+    segments or a new signal: then it differs from the sha256 the store manifest records
+    but must still be intact and list every committed segment with the same files."""
+    recorded = manifest.get("part_manifests")
+    if recorded is None:  # format 1.0 listed none (and copies made by `cp` had none)
+        recorded = {part_manifest_path(p["name"]): None for p in manifest["parts"]}
+    parts = {part_manifest_path(p["name"]): p for p in manifest["parts"]}
+    problems = []
+    for rel, meta in sorted(recorded.items()):
+        raw = _read(fs, rel)
+        if raw is None:
+            if meta is not None:
+                problems.append(f"{fs.path(rel)}: missing (a committed part's manifest; "
+                                f"resuming or committing the store needs it)")
+            continue
+        if meta is not None and len(raw) == meta["size"] and sha256_hex(raw) == meta["sha256"]:
+            continue  # the very file the commit was made from
+        try:
+            doc = parse_manifest(fs, rel, raw)
+        except ChecksumError as err:
+            problems.append(str(err))
+            continue
+        disagreement = _part_disagreement(doc, parts[rel], manifest["files"]) \
+            if rel in parts else "is listed but its part is not in the store manifest"
+        if disagreement:
+            problems.append(f"{fs.path(rel)}: {disagreement} (damaged or replaced)")
+    return problems
+
+
+def _part_disagreement(doc: dict, part: dict, files: dict) -> str | None:
+    """How a part manifest contradicts the committed state of its part, or None."""
+    if doc.get("part") != part["name"]:
+        return f"names part {doc.get('part')!r}, expected {part['name']!r}"
+    if part["complete"] and not doc.get("complete"):
+        return "says the part is not complete; the store manifest says it is"
+    segments = doc.get("segments")
+    if not isinstance(segments, list) or len(segments) < len(part["segments"]):
+        return f"lists fewer segments than the {len(part['segments'])} committed"
+    for committed, found in zip(part["segments"], segments):
+        for key in ("name", "samples", "tokens", "target_tokens"):
+            if found.get(key) != committed.get(key):
+                return (f"segment {committed['name']}: {key} {found.get(key)!r}, committed "
+                        f"{committed.get(key)!r}")
+        prefix = f"{PARTS_DIR}/{part['name']}/{committed['name']}/"
+        for rel, meta in files.items():
+            if rel.startswith(prefix) and (found.get("files") or {}).get(rel) != meta:
+                return f"segment {committed['name']}: lists {rel} differently"
+    return None
 
 
 def _read(fs: StoreFS, rel: str) -> bytes | None:
@@ -161,7 +222,8 @@ def _check_array(fs: StoreFS, rel: str, shape, dtype) -> list[str]:
     try:
         arr = _open(fs, rel)
     except Exception as err:
-        return [f"{fs.path(rel)}: cannot open ({err})"]
+        _raise_storage_failure(err, fs.url_of(rel))
+        return [f"{fs.path(rel)}: cannot open ({type(err).__name__}: {err})"]
     out = []
     if tuple(arr.shape) != tuple(shape):
         out.append(f"{fs.path(rel)}: shape {tuple(arr.shape)}, expected {tuple(shape)}")
@@ -183,6 +245,7 @@ def _check_sampled(fs: StoreFS, settings: StoreSettings, seg_dir: str, damaged) 
         try:
             nuniq, nmulti, ids, counts = (_open(fs, rels[a])[...].astype(np.int64) for a in rels)
         except Exception as err:
+            _raise_storage_failure(err, fs.url_of(seg_dir))
             out.append(f"{fs.path(seg_dir)}: cannot read sampled arrays of {name!r} ({err})")
             continue
         if nuniq.sum() != len(ids) or np.any(nuniq < 1) or np.any(nmulti > nuniq) or \
@@ -197,3 +260,11 @@ def _check_sampled(fs: StoreFS, settings: StoreSettings, seg_dir: str, damaged) 
             out.append(f"{fs.path(rels['sampled_counts'])}: draws per position must sum to "
                        f"{spec.sampled.n_draws}")
     return out
+
+
+def _raise_storage_failure(err: Exception, url: str) -> None:
+    """Raise StoreIOError when `err` is a failure of the storage rather than of the bytes
+    (zarr raises many types for damaged metadata or chunks: those are returned as problems)."""
+    failure = storage_error(err, url)
+    if failure is not None:
+        raise failure from err

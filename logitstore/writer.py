@@ -13,19 +13,17 @@ files of the segment that was being written.
 
 from __future__ import annotations
 
-import io
 import logging
 from typing import Any, Iterable
 
-import pyarrow.parquet as pq
-
 from logitstore import __version__
-from logitstore.commit import commit_store, dump_json, load_json, now_iso, read_part_manifests
+from logitstore.commit import (commit_store, load_json, now_iso, read_part_manifests,
+                               sealed_json)
 from logitstore.errors import LogitStoreError, SchemaMismatchError, SettingsMismatchError
 from logitstore.format import (FORMAT_VERSION, MANIFEST, PART_MANIFEST, PARTS_DIR, SEGMENT_INDEX,
-                               StoreSettings, check_format_version, segment_name,
-                               settings_differences)
+                               StoreSettings, segment_name, settings_differences)
 from logitstore.fs import StoreFS, sha256_hex
+from logitstore.parquet_io import table_from_bytes
 from logitstore.sample import Sample
 from logitstore.segment import encode_segment, validate_sample
 
@@ -68,8 +66,7 @@ class StoreWriter:
         """Refuse to write into a store (or beside parts) created with other settings."""
         others = []
         if self.fs.exists(MANIFEST):
-            store = load_json(self.fs, MANIFEST)
-            check_format_version(store.get("format_version"), self.fs.path(MANIFEST))
+            store = load_json(self.fs, MANIFEST)  # also checks its version and seal
             others.append(("the store manifest", store["settings"]))
         others += [(f"part {p['part']!r}", p["settings"]) for p in read_part_manifests(self.fs)]
         for where, found in others:
@@ -123,7 +120,7 @@ class StoreWriter:
             self._committed = set()
             for seg in self._manifest["segments"]:
                 rel = f"{self._prefix}/{seg['name']}/{SEGMENT_INDEX}"
-                table = pq.read_table(io.BytesIO(self.fs.read_bytes(rel)), columns=["sample_id"])
+                table = table_from_bytes(self.fs.read_bytes(rel), columns=["sample_id"])
                 self._committed.update(table.column("sample_id").to_pylist())
         return self._committed
 
@@ -175,7 +172,7 @@ class StoreWriter:
 
     def _write_part_manifest(self) -> None:
         self._manifest["updated"] = now_iso()
-        self.fs.write_bytes(f"{self._prefix}/{PART_MANIFEST}", dump_json(self._manifest))
+        self.fs.write_bytes(f"{self._prefix}/{PART_MANIFEST}", sealed_json(self._manifest))
 
     def close(self) -> None:
         """Flush, mark the part complete and (single writer) commit the store."""

@@ -2,53 +2,32 @@
 
     student-train --store store/ --student llama3.2-1b --out run/
     student-train --config configs/med42-to-llama3.2-1b.yaml --store s3://b/med42 --out run/
+    student-train --config med42-to-llama3.2-1b --store s3://b/med42 --out run/ --resume
     accelerate launch --num_processes 4 -m student_train --config ... --out run/
 
-Every flag is a key of the preset's `train:` section (student_train/config.py, FIELDS): the
-flags below are generated from that table, and a flag given overrides the preset. Values are
-read as text and validated by the config, so all problems are reported together.
+Every flag is a key of the preset's `train:` section: the flags are generated from
+student_train/config.py's FIELDS, and a flag given overrides the preset (`--config`: a path
+or a bundled preset's name). Values are read as text and validated by the config, so all
+problems are reported together.
+
+Exit status (logitstore/exit_codes.py): 0 on success; 1 with a one-paragraph reason for a
+wrong config, model, data or store; 2 for a usage error (unknown flag); 130 when
+interrupted (rerun with --resume to continue from the last checkpoint).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import sys
 
 import click
 
+from logitstore import exit_codes
 from logitstore.errors import LogitStoreError
-from student_train.config import FIELDS, resolve_config
+from logitstore.toolkit.options import click_options, yaml_only_note
+from student_train.config import FIELDS, SECTION, resolve_config
 
-_CHOICES = {  # shown in --help; the config checks them
-    "target": "[auto|topk|sampled]", "topk_mode": "[tail|renormalised]",
-    "loss": "[kl|rkl|jsd|skl|srkl|tvd]", "temperature_schedule": "[constant|linear|exp]",
-    "objective": "[blend|distillm-med]", "verify_store": "[full|none]",
-}
-_METAVARS = {"int": "N", "optional_int": "N", "float": "X", "optional_float": "X",
-             "weights": "NAME:W,..."}
-
-
-def _add_field_options(command):
-    for name, field in reversed(list(FIELDS.items())):
-        if not field.flag:
-            continue
-        flag = "--" + name.replace("_", "-")
-        help_text = field.help or ""
-        if field.kind != "bool":
-            help_text += f" [default: {field.default}]" if field.default not in (None, [], {}) \
-                else ""
-        if field.kind == "bool":
-            command = click.option(f"{flag}/--no-{flag[2:]}", name, default=None,
-                                   help=help_text)(command)
-        elif field.kind == "list_str":
-            command = click.option(flag, name, multiple=True, default=None,
-                                   help=f"{help_text} (repeat or comma-separate)")(command)
-        else:
-            metavar = _CHOICES.get(name) or _METAVARS.get(field.kind, "TEXT")
-            command = click.option(flag, name, type=str, default=None, metavar=metavar,
-                                   help=help_text.strip())(command)
-    return command
+PROG = "student-train"
 
 
 def _rank_prefix() -> str:
@@ -68,11 +47,15 @@ def _setup_logging() -> None:
         pass
 
 
-@click.command(name="student-train", context_settings={"help_option_names": ["-h", "--help"],
-                                                        "max_content_width": 100})
-@click.option("--config", "config_file", type=click.Path(dir_okay=False),
-              help="YAML preset; its `train:` section is read, flags override it")
-@_add_field_options
+@click.command(name=PROG, cls=exit_codes.Command,
+               interrupted_hint="rerun with --resume to continue from the last checkpoint",
+               context_settings={"help_option_names": ["-h", "--help"],
+                                 "max_content_width": 100})
+@click.option("--config", "config_file", metavar="PATH|NAME",
+              help="YAML preset (a path, or the name of a bundled preset such as tiny-cpu); "
+                   "its `train:` section is read, flags override it."
+                   + yaml_only_note(FIELDS, SECTION))
+@click_options(FIELDS)
 def main(config_file: str | None, **flags) -> None:
     """Train a student from a store of teacher signals (or from --data, hard labels only)."""
     _setup_logging()
@@ -83,8 +66,9 @@ def main(config_file: str | None, **flags) -> None:
 
         metrics = train(cfg)
     except LogitStoreError as exc:  # ConfigError, hf.ModelLoadError, store errors: all of them
-        click.echo(f"{_rank_prefix()}student-train: error: {exc}", err=True)
-        sys.exit(2)
+        exit_codes.fail(PROG, str(exc), prefix=_rank_prefix())
+    except OSError as exc:  # e.g. the run directory is not writable
+        exit_codes.fail(PROG, f"{type(exc).__name__}: {exc}", prefix=_rank_prefix())
     if metrics and os.environ.get("RANK", "0") == "0":
         shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
                           if isinstance(v, float) and not k.endswith("target_tokens"))

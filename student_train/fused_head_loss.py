@@ -1,16 +1,19 @@
 """lm_head + CE + sparse KD per chunk of positions, with analytic gradients and no recompute.
 
-Why: the checkpointed path (chunked_loss.chunked_lm_loss) runs the lm_head matmul and every
-[n, V] op of the loss twice (forward, then recompute in backward) and autograd keeps several
-[n, V] buffers (support mask, masked copy, log-softmax, their gradients). Here each chunk of n
-positions goes once through ONE fp32 [n, V] buffer:
+Training's lm_head + loss: objective.py calls `fused_head_loss` on the hidden states of the
+positions it trains. Why not the textbook chunked path (each chunk of positions under
+torch.utils.checkpoint, as tests/chunked_loss.py keeps it for reference): it runs the lm_head
+matmul and every [n, V] op of the loss twice (forward, then recompute in backward), and
+autograd keeps several [n, V] buffers (support mask, masked copy, log-softmax, their
+gradients). Here each chunk of n positions goes once through ONE fp32 [n, V] buffer:
 
   z = h @ W.T + b                                  the logits (buffer)
   gather z at each target's ids [n, K], at the labels [n]; mean(z) if label smoothing
   e = exp(z - max z)                               in place: the softmax numerators
   per KD target with a student tail bin: the sum of e off its support (support entries
       zeroed, summed, put back: a sum of positives, no cancellation as in sum(e) - support)
-  values: KD from O(n K) numbers (losses.kd_from_student_bins, the code the reference runs),
+  values: KD from O(n K) numbers (losses.kd_from_student_bins, which
+      losses.sparse_kd_per_position also runs on full logits),
       CE from logsumexp = max + log(sum e)
   gradient w.r.t. the logits, written over e (coefficients c [n, terms], see below):
       g = e * r  [+ e_T * r_T]  - c_ce * eps / V  + O(n K) scattered corrections
@@ -30,8 +33,9 @@ Math, per position (softmax p = e / sum e; S = a target's support; T its tempera
     E.g. forward KL, tail mode, T = 1 (q = teacher): dL/dz_j = p_j - q_j on the support and
     p_j * (1 - q_tail / p_tail) off it (p_tail = student mass off the support).
   A position whose off-support sum falls below TINY_TAIL (the tail is > 57 nats under the top
-  logit, so exp() of it would lose precision) is redone exactly on its own logits with the
-  reference functions and autograd (rare; values and gradients stay those of the reference).
+  logit, so exp() of it would lose precision) is redone exactly on its own logits with
+  head_loss_terms.dense_terms and autograd (rare; values and gradients stay those of the
+  dense computation).
 
 Gradient coefficients. When the caller's loss is linear in the per-position values (the
 trainer's is: weighted sums over denominators known before any forward, see objective.py),
@@ -51,14 +55,14 @@ would); everything between them in fp32 (fp64 for fp64 inputs).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from student_train.head_loss_terms import HeadLossTerms, dense_terms
 from student_train.losses import (IGNORE, LOG_ZERO, SparseTarget, at_least_fp32,
-                                  cross_entropy_per_position, kd_from_student_bins,
-                                  sparse_kd_per_position, student_tail_needed, support_size)
+                                  kd_from_student_bins, student_tail_needed, support_size)
 
 Tensor = torch.Tensor
 DEFAULT_CHUNK_SIZE = 1024
@@ -68,45 +72,6 @@ TINY_TAIL = 1e-25
 # grad_output may differ from factor * expected_grad by rounding only (same formula, the
 # scalar applied at another point): this many ulps of the largest entry.
 ULPS_OF_ROUNDING = 1000
-
-
-@dataclass(frozen=True)
-class HeadLossTerms:
-    """The per-position loss terms: one KD term per target (in order), then CE if labels.
-
-    targets: SparseTarget rows, fields [n, K]; labels: [n] long (-100 = ignored) or None.
-    """
-
-    targets: tuple[SparseTarget, ...] = ()
-    labels: Tensor | None = None
-    loss: str = "kl"
-    label_smoothing: float = 0.0
-    jsd_beta: float = 0.5
-    skew_alpha: float = 0.1
-
-    @property
-    def count(self) -> int:
-        return len(self.targets) + (self.labels is not None)
-
-    def rows(self, index) -> HeadLossTerms:
-        """The same terms restricted to rows `index` (a slice or a long tensor)."""
-        def pick(t: SparseTarget) -> SparseTarget:
-            tail = None if t.tail_logprob is None else t.tail_logprob[index]
-            return SparseTarget(t.ids[index], t.logprobs[index], t.valid[index], tail,
-                                t.temperature)
-
-        return replace(self, targets=tuple(pick(t) for t in self.targets),
-                       labels=None if self.labels is None else self.labels[index])
-
-
-def reference_terms(logits: Tensor, terms: HeadLossTerms) -> Tensor:
-    """[n, V] logits -> [n, count] with losses.py's per-position functions (autograd-able)."""
-    out = [sparse_kd_per_position(logits, t, loss=terms.loss, jsd_beta=terms.jsd_beta,
-                                  skew_alpha=terms.skew_alpha) for t in terms.targets]
-    if terms.labels is not None:
-        out.append(cross_entropy_per_position(logits, terms.labels,
-                                              label_smoothing=terms.label_smoothing))
-    return torch.stack(out, -1)
 
 
 # ----------------------------------------------------------------------------- one chunk
@@ -127,105 +92,184 @@ def _support_entries(target: SparseTarget) -> Tensor:
     return entries
 
 
+@dataclass
+class _ChunkLogits:
+    """What one chunk's losses need of its logits z, once z is overwritten by e = exp(z - top).
+
+    total starts as None and is filled by the first term that sums e over the vocabulary.
+    """
+
+    e: Tensor  # [n, V] exp(z - top), in place of z: the one [n, V] buffer
+    top: Tensor  # [n] max z
+    tempered: dict[float, Tensor]  # T -> exp((z - top) / T) [n, V]; zero-tail kl at T != 1 only
+    z_support: list[Tensor]  # z at each target's ids, [n, K] each
+    label_ids: Tensor | None  # [n, 1] the labels (ignored ones replaced by 0)
+    z_label: Tensor | None  # [n] z at the labels
+    z_mean: Tensor | None  # [n] mean of z over the vocabulary (label smoothing only)
+    total: Tensor | None = None  # [n] sum of e over the vocabulary
+
+
+@dataclass
+class _StudentTail:
+    """A target's student tail bin, from the sum of a buffer (e or e_T) off its support."""
+
+    logit: Tensor  # [n] the tempered tail logit kd_from_student_bins takes
+    no_tail: Tensor  # [n] bool: the support is the whole vocabulary
+    off_sum: Tensor  # [n] the buffer summed off the support
+    kept: Tensor  # [n, K] the buffer at the support ids
+    entries: Tensor  # [n, K] bool: one entry per distinct support id
+    on_tempered: bool  # the buffer is logits.tempered[T] (zero-tail kl at T != 1), not e
+
+
+@dataclass
+class _LogitGradient:
+    """g = e * rate + sum_T e_T * rate_t[T] - uniform + the scattered sparse corrections."""
+
+    rate: Tensor  # [n]
+    rate_t: dict[float, Tensor]  # T -> [n]
+    sparse: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # (ids [n, k], add [n, k])
+    uniform: Tensor | None = None  # [n], subtracted from every logit (label smoothing)
+
+    def add_kd(self, target: SparseTarget, grads: tuple[Tensor, ...],
+               tail: _StudentTail | None) -> None:
+        """A KD term's gradients w.r.t. its bins (support logits, tail logit) -> the logits."""
+        on_support = grads[0]  # [n, K]; 0 on padding entries (masked in the bins)
+        if tail is not None:
+            T = target.temperature
+            off = torch.where(tail.off_sum > 0, grads[1] / (T * tail.off_sum), 0.0)  # [n]
+            (self.rate_t[T] if tail.on_tempered else self.rate).add_(off)
+            # the dense term e * off covers the support too: take it back there, once per id
+            on_support = on_support - torch.where(tail.entries, off[:, None] * tail.kept, 0.0)
+        self.sparse.append((target.ids, on_support))
+
+    def assemble(self, logits: _ChunkLogits) -> Tensor:
+        """g [n, V], written over logits.e (and the tempered buffers): they are spent after."""
+        g = logits.e.mul_(self.rate[:, None])
+        for T, e_t in logits.tempered.items():
+            g.add_(e_t.mul_(self.rate_t[T][:, None]))
+        if self.uniform is not None:
+            g.sub_(self.uniform[:, None])
+        for ids, added in self.sparse:
+            g.scatter_add_(-1, ids, added.to(g.dtype))
+        return g
+
+
+def _exponentiate(terms: HeadLossTerms, h: Tensor, weight: Tensor, bias: Tensor | None,
+                  has_tail: list[bool]) -> _ChunkLogits:
+    """The chunk's logits, gathered where the terms need them, then exponentiated in place."""
+    z = at_least_fp32(F.linear(h, weight, bias))  # [n, V]: the one buffer
+    z_support = [z.gather(-1, t.ids) for t in terms.targets]  # [n, K] each
+    label_ids = z_label = z_mean = None
+    if terms.labels is not None:
+        label_ids = torch.where(terms.labels != IGNORE, terms.labels, 0).long()[:, None]
+        z_label = z.gather(-1, label_ids)[:, 0]
+        z_mean = z.mean(-1) if terms.label_smoothing > 0 else None
+    top = z.amax(-1)  # [n]
+    tempered = {}  # made while z still exists
+    for t, tail in zip(terms.targets, has_tail):
+        T = t.temperature
+        if tail and t.tail_logprob is None and T != 1 and T not in tempered:
+            tempered[T] = (z - top[:, None]).div_(T).exp_()
+    e = z.sub_(top[:, None]).exp_()  # [n, V], in place: z is gone from here on
+    return _ChunkLogits(e, top, tempered, z_support, label_ids, z_label, z_mean)
+
+
+def _student_tail(target: SparseTarget, logits: _ChunkLogits) -> _StudentTail:
+    """The student's tail bin for `target`: logsumexp of its logits off the support, tempered
+    as losses.sparse_kd_per_position does (fills logits.total when it sums e)."""
+    T = target.temperature
+    tail_mode = target.tail_logprob is not None
+    on_tempered = not (tail_mode or T == 1)
+    buffer = logits.tempered[T] if on_tempered else logits.e
+    off_sum, kept = _off_support_sum(buffer, target.ids)
+    no_tail = support_size(target) == logits.e.shape[1]
+    entries = _support_entries(target)
+    if not on_tempered and logits.total is None:  # positives only: as exact as e.sum(-1)
+        logits.total = off_sum + torch.where(entries, kept, 0.0).sum(-1)
+    log_tail = off_sum.log()
+    logit = (logits.top + log_tail) / T if tail_mode else logits.top / T + log_tail
+    # what sparse_kd_per_position's logsumexp gives over an all-LOG_ZERO row
+    logit = torch.where(no_tail, LOG_ZERO / T if tail_mode else LOG_ZERO, logit)
+    return _StudentTail(logit, no_tail, off_sum, kept, entries, on_tempered)
+
+
+def _kd_term(terms: HeadLossTerms, target: SparseTarget, z_support: Tensor,
+             tail: _StudentTail | None, coef: Tensor | None,
+             gradient: _LogitGradient | None) -> Tensor:
+    """One target's KD values [n] from its bins; adds d sum(coef * values) / d logits to
+    `gradient` when there is one."""
+    want_grad = gradient is not None
+    leaves = [z_support.requires_grad_(want_grad)]
+    if tail is not None:
+        leaves.append(tail.logit.requires_grad_(want_grad))
+    with torch.enable_grad():
+        kd = kd_from_student_bins(leaves[0], None if tail is None else tail.logit,
+                                  None if tail is None else tail.no_tail, target,
+                                  loss=terms.loss, jsd_beta=terms.jsd_beta,
+                                  skew_alpha=terms.skew_alpha)
+    if want_grad:
+        gradient.add_kd(target, torch.autograd.grad(kd, leaves, grad_outputs=coef.to(kd.dtype)),
+                        tail)
+    return kd.detach()
+
+
+def _ce_term(terms: HeadLossTerms, logits: _ChunkLogits, coef: Tensor | None,
+             gradient: _LogitGradient | None) -> Tensor:
+    """Hard-label CE values [n] (0 where the label is ignored); adds its gradient to
+    `gradient` when there is one."""
+    eps = terms.label_smoothing
+    keep = terms.labels != IGNORE
+    if logits.total is None:
+        logits.total = logits.e.sum(-1)
+    lse = logits.top + logits.total.log()
+    nll = lse - logits.z_label
+    ce = nll if eps == 0 else (1 - eps) * nll - eps * (logits.z_mean - lse)
+    if gradient is not None:
+        c = torch.where(keep, coef.to(logits.e.dtype), 0.0)
+        gradient.rate.add_(c / logits.total)
+        gradient.sparse.append((logits.label_ids, (-(1 - eps) * c)[:, None]))
+        if eps > 0:
+            gradient.uniform = c * (eps / logits.e.shape[1])
+    return torch.where(keep, ce, 0.0)
+
+
 def _chunk(terms: HeadLossTerms, h: Tensor, weight: Tensor, bias: Tensor | None,
            coef: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """(values [n, count], g [n, V] = d sum(coef * values) / d logits, or None without coef).
 
     h [n, d], weight [V, d] and bias [V] already in the compute dtype.
     """
-    z = at_least_fp32(F.linear(h, weight, bias))  # [n, V]: the one buffer
-    n, V = z.shape
-    eps = terms.label_smoothing
-    want_grad = coef is not None
-    z_support = [z.gather(-1, t.ids) for t in terms.targets]  # [n, K] each
     has_tail = [student_tail_needed(t, terms.loss) for t in terms.targets]
+    logits = _exponentiate(terms, h, weight, bias, has_tail)
+    n = logits.e.shape[0]
+    gradient = None
+    if coef is not None:
+        gradient = _LogitGradient(logits.e.new_zeros(n),
+                                  {T: logits.e.new_zeros(n) for T in logits.tempered})
+    values, hard = [], torch.zeros(n, dtype=torch.bool, device=logits.e.device)
+    for i, (t, z_support, needs_tail) in enumerate(zip(terms.targets, logits.z_support,
+                                                       has_tail)):
+        tail = _student_tail(t, logits) if needs_tail else None
+        if tail is not None:
+            hard |= ~tail.no_tail & (tail.off_sum < TINY_TAIL)
+        values.append(_kd_term(terms, t, z_support, tail,
+                               None if coef is None else coef[:, i], gradient))
     if terms.labels is not None:
-        keep = terms.labels != IGNORE
-        y = torch.where(keep, terms.labels, 0).long()[:, None]  # [n, 1]
-        z_label = z.gather(-1, y)[:, 0]
-        z_mean = z.mean(-1) if eps > 0 else None
-    top = z.amax(-1)  # [n]
-    tempered = {}  # T -> e_T [n, V]: zero-tail kl at T != 1 only, made while z still exists
-    for t, tail in zip(terms.targets, has_tail):
-        T = t.temperature
-        if tail and t.tail_logprob is None and T != 1 and T not in tempered:
-            tempered[T] = (z - top[:, None]).div_(T).exp_()
-    e = z.sub_(top[:, None]).exp_()  # [n, V], in place: z is gone from here on
-
-    values, hard = [], torch.zeros(n, dtype=torch.bool, device=z.device)
-    rate = z.new_zeros(n)  # g = e * rate + sum_T e_T * rate_T + ...
-    rate_t = {T: z.new_zeros(n) for T in tempered}
-    sparse: list[tuple[Tensor, Tensor]] = []  # (ids [n, k], added gradient [n, k])
-    total = None  # sum of e over the vocabulary
-    for i, (t, zs, tail) in enumerate(zip(terms.targets, z_support, has_tail)):
-        T = t.temperature
-        tail_logit = no_tail = None
-        if tail:
-            tail_mode = t.tail_logprob is not None
-            buffer = e if tail_mode or T == 1 else tempered[T]
-            tail_sum, kept = _off_support_sum(buffer, t.ids)
-            no_tail = support_size(t) == V
-            hard |= ~no_tail & (tail_sum < TINY_TAIL)
-            entries = _support_entries(t)
-            if buffer is e and total is None:  # positives only: as exact as e.sum(-1)
-                total = tail_sum + torch.where(entries, kept, 0.0).sum(-1)
-            log_tail = tail_sum.log()
-            tail_logit = (top + log_tail) / T if tail_mode else top / T + log_tail
-            # the reference's logsumexp over an all-LOG_ZERO row
-            tail_logit = torch.where(no_tail, LOG_ZERO / T if tail_mode else LOG_ZERO,
-                                     tail_logit)
-        leaves = [zs.requires_grad_(want_grad)]
-        if tail_logit is not None:
-            leaves.append(tail_logit.requires_grad_(want_grad))
-        with torch.enable_grad():
-            kd = kd_from_student_bins(leaves[0], tail_logit, no_tail, t, loss=terms.loss,
-                                      jsd_beta=terms.jsd_beta, skew_alpha=terms.skew_alpha)
-        values.append(kd.detach())
-        if not want_grad:
-            continue
-        grads = torch.autograd.grad(kd, leaves, grad_outputs=coef[:, i].to(kd.dtype))
-        on_support = grads[0]  # [n, K]; 0 on padding entries (masked in the bins)
-        if tail:
-            off = torch.where(tail_sum > 0, grads[1] / (T * tail_sum), 0.0)  # [n]
-            (rate if buffer is e else rate_t[T]).add_(off)
-            # the dense term e * off covers the support too: take it back there, once per id
-            on_support = on_support - torch.where(entries, off[:, None] * kept, 0.0)
-        sparse.append((t.ids, on_support))
-
-    if terms.labels is not None:
-        if total is None:
-            total = e.sum(-1)
-        lse = top + total.log()
-        nll = lse - z_label
-        ce = nll if eps == 0 else (1 - eps) * nll - eps * (z_mean - lse)
-        values.append(torch.where(keep, ce, 0.0))
-        if want_grad:
-            c = torch.where(keep, coef[:, -1].to(e.dtype), 0.0)
-            rate.add_(c / total)
-            sparse.append((y, (-(1 - eps) * c)[:, None]))
+        values.append(_ce_term(terms, logits, None if coef is None else coef[:, -1], gradient))
     values = torch.stack(values, -1)
-
-    g = None
-    if want_grad:
-        g = e.mul_(rate[:, None])
-        for T, e_t in tempered.items():
-            g.add_(e_t.mul_(rate_t[T][:, None]))
-        if terms.labels is not None and eps > 0:
-            g.sub_((c * (eps / V))[:, None])
-        for ids, added in sparse:
-            g.scatter_add_(-1, ids, added.to(g.dtype))
-    tempered.clear()
+    g = None if gradient is None else gradient.assemble(logits)
+    logits.tempered.clear()
     if any(has_tail) and bool(hard.any()):  # (a host sync: only when a tail exists)
         _redo_exactly(terms, h, weight, bias, coef, hard.nonzero()[:, 0], values, g)
     return values, g
 
 
 def _redo_exactly(terms, h, weight, bias, coef, rows, values, g) -> None:
-    """Rows whose tail underflows: the reference on their own logits, written into values, g."""
+    """Rows whose tail underflows: dense_terms on their own logits, written into values, g."""
     with torch.enable_grad():
         logits = at_least_fp32(F.linear(h[rows], weight, bias)).detach()
         logits.requires_grad_(g is not None)
-        exact = reference_terms(logits, terms.rows(rows))
+        exact = dense_terms(logits, terms.rows(rows))
     values[rows] = exact.detach()
     if g is not None:
         g[rows] = torch.autograd.grad(exact, logits, coef[rows].to(exact.dtype))[0].to(g.dtype)
@@ -346,7 +390,8 @@ def fused_head_loss(hidden: Tensor, weight: Tensor, terms: HeadLossTerms, *,
 
     hidden: [n, d] (the positions to compute); weight: [V, d]; bias: [V] or None.
     terms: what to compute (KD per target, then CE); returns [n, terms.count] fp32 (fp64 for
-    fp64 inputs), equal in values and gradients to reference_terms on the full logits.
+    fp64 inputs), equal in values and gradients to head_loss_terms.dense_terms on the full
+    logits.
     expected_grad: [n, terms.count], the gradient the caller's loss will send back w.r.t. the
     result, up to one scalar factor; with it the backward costs nothing (module docstring).
     """

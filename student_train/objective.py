@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from student_train.alignment import HiddenStateAligner, attention_alignment_loss
-from student_train.fused_head_loss import DEFAULT_CHUNK_SIZE, HeadLossTerms, fused_head_loss
+from student_train.fused_head_loss import DEFAULT_CHUNK_SIZE, fused_head_loss
+from student_train.head_loss_terms import HeadLossTerms
 from student_train.losses import IGNORE, build_sampled_target, build_topk_target
 
 Tensor = torch.Tensor

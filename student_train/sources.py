@@ -1,6 +1,9 @@
 """Where training batches come from, checked before any step: store(s) or raw --data.
 
-A store is refused, before training, when its tokenizer or vocabulary differs from the
+`check_inputs` runs before any model is loaded and checks what costs only metadata: the
+store(s) exist and are committed (their manifest and index are read), the --data specs
+resolve to files, directories or dataset names. Then, with the student loaded, a store is
+refused, before training, when its tokenizer or vocabulary differs from the
 student's (both sides shown), when a checksum fails (the damaged files named), or when the
 config asks for what it does not hold (signals, captures, layers). Config problems are
 collected and raised together, like the config's own.
@@ -16,7 +19,7 @@ from typing import Any, Callable
 from logitstore.errors import ChecksumError, ConfigError, SchemaMismatchError
 from logitstore.reader import StoreReader
 from logitstore.verify import verify_store
-from student_train.alignment import HiddenStateAligner, parse_layer_map
+from student_train.alignment import HiddenStateAligner, parse_layer_map, stored_teacher_layer
 from student_train.objective import SignalPlan
 from student_train.student import compat_problems, num_blocks
 
@@ -63,9 +66,31 @@ def _on_main(accelerator, fn: Callable[[], Any]) -> Any:
     return value
 
 
-def open_store(url: str, cfg, tokenizer, accelerator) -> StoreReader:
-    """Reader of a compatible, intact store; refuses anything else with a clear message."""
-    reader = StoreReader(url, cache_dir=cfg.cache_dir)
+@dataclass
+class Inputs:
+    """The run's stores, opened by `check_inputs` (None: not configured)."""
+
+    store: StoreReader | None = None
+    eval_store: StoreReader | None = None
+
+
+def check_inputs(cfg) -> Inputs:
+    """Open the store and eval_store (each: exists, committed, a format this version reads)
+    or resolve every --data spec; raises their one-paragraph LogitStoreError otherwise."""
+    if not cfg.distill:
+        from logitstore.toolkit.data_sources import resolve_sources
+
+        for spec in cfg.data:
+            resolve_sources(spec)
+        return Inputs()
+    store = StoreReader(cfg.store, cache_dir=cfg.cache_dir)
+    eval_store = StoreReader(cfg.eval_store, cache_dir=cfg.cache_dir) if cfg.eval_store \
+        else None
+    return Inputs(store, eval_store)
+
+
+def check_store(reader: StoreReader, url: str, cfg, tokenizer, accelerator) -> None:
+    """Refuse a store the student cannot train on (tokenizer, vocabulary) or a damaged one."""
     problems = compat_problems(tokenizer, reader.settings, url)
     if problems:
         raise SchemaMismatchError("; ".join(problems))
@@ -76,7 +101,6 @@ def open_store(url: str, cfg, tokenizer, accelerator) -> StoreReader:
                 f"store {url} is damaged ({len(damaged)} problem(s)): " + "; ".join(damaged[:10])
                 + f". Run `logitstore verify {url}`; restore the named files from a good copy "
                   f"(`logitstore cp`) or dump again", path=damaged[0].split(": ", 1)[0])
-    return reader
 
 
 def manifest_sha256(reader: StoreReader) -> str:
@@ -86,16 +110,21 @@ def manifest_sha256(reader: StoreReader) -> str:
 # ----------------------------------------------------------------------------- signal plans
 
 def _layer_map(user: dict[int, int] | None, stored: tuple[int, ...], kind: str, name: str,
-               n_blocks: int, problems: list[str]) -> dict[int, int]:
-    """The student->teacher map for one captured kind, checked against what is stored."""
+               n_blocks: int, problems: list[str], depth: int | None = None) -> dict[int, int]:
+    """The student->teacher map for one captured kind, checked against what is stored;
+    teacher layers given in either form (3 or -1, with the teacher's `depth` known) come
+    back in the stored form."""
     mapping = dict(user) if user else {-1: stored[-1]}
     for s, t in mapping.items():
         if not -n_blocks <= s < n_blocks:
             problems.append(f"layer_map: student block {s} does not exist (the student has "
                             f"{n_blocks} blocks: 0..{n_blocks - 1}, or -1 for the last)")
-        if t not in stored:
+        found = stored_teacher_layer(t, stored, depth)
+        if found is None:
             problems.append(f"layer_map: teacher layer {t} of signal {name!r} has no stored "
                             f"{kind}; stored layers: {list(stored)}")
+        else:
+            mapping[s] = found
     return mapping
 
 
@@ -126,7 +155,7 @@ def plan_signals(cfg, settings, student, problems: list[str]):
                          sample_temperature=spec.sampled.temperature)
         if cfg.hidden_weight > 0 and spec.hidden:
             entry["hidden_map"] = _layer_map(user_map, spec.hidden.layers, "hidden states",
-                                             name, n_blocks, problems)
+                                             name, n_blocks, problems, spec.depth)
         if cfg.attention_weight > 0 and spec.attention:
             att = spec.attention
             if att.num_heads not in (1, text.num_attention_heads):
@@ -134,7 +163,7 @@ def plan_signals(cfg, settings, student, problems: list[str]):
                                 f"student has {text.num_attention_heads}: per-head alignment "
                                 f"needs equal counts (or a head-averaged dump)")
             entry["layer_map"] = _layer_map(user_map, att.layers, "attention", name, n_blocks,
-                                            problems)
+                                            problems, spec.depth)
             entry["attention_layers"] = tuple(att.layers)
         entries.append(entry)
 
@@ -181,10 +210,11 @@ def _make_stream(api, url: str, problems: list[str], **kwargs):
         return None
 
 
-def store_sources(cfg, tokenizer, student, accelerator) -> Sources:
-    reader = open_store(cfg.store, cfg, tokenizer, accelerator)
-    eval_reader = open_store(cfg.eval_store, cfg, tokenizer, accelerator) \
-        if cfg.eval_store else None
+def store_sources(cfg, inputs: Inputs, tokenizer, student, accelerator) -> Sources:
+    reader, eval_reader = inputs.store, inputs.eval_store
+    check_store(reader, cfg.store, cfg, tokenizer, accelerator)
+    if eval_reader is not None:
+        check_store(eval_reader, cfg.eval_store, cfg, tokenizer, accelerator)
     problems: list[str] = []
     plans, aligners = plan_signals(cfg, reader.settings, student, problems)
     names = [p.name for p in plans]
@@ -255,7 +285,8 @@ def text_sources(cfg, tokenizer, accelerator) -> Sources:
                    provenance={"data": list(cfg.data), "samples": len(samples)})
 
 
-def open_sources(cfg, tokenizer, student, accelerator) -> Sources:
+def open_sources(cfg, inputs: Inputs, tokenizer, student, accelerator) -> Sources:
+    """The train (and eval) batches of the run, from the inputs `check_inputs` opened."""
     if cfg.distill:
-        return store_sources(cfg, tokenizer, student, accelerator)
+        return store_sources(cfg, inputs, tokenizer, student, accelerator)
     return text_sources(cfg, tokenizer, accelerator)

@@ -8,7 +8,8 @@
         for batch in loader: ...                    # batch contract: student_train/collate.py
         ckpt["data"] = stream.state_dict()          # exact position, at any step
 
-How one epoch is planned (metadata only: the sample index, never the arrays)
+How one epoch is planned (metadata only: the sample index, never the arrays; the planning
+functions are `student_train.stream_plan`, pure and testable without a store)
 1. Selection: rows matching `split`, `rows` and `sample_filter` (weights from `sample_weight`).
 2. Segment order: the segments holding selected rows, permuted by (seed, epoch) ("shuffle",
    "curriculum") or in store order ("sequential"); each segment's rows in store order.
@@ -24,14 +25,16 @@ How one epoch is planned (metadata only: the sample index, never the arrays)
    seeded by (seed, epoch, rank, worker); "curriculum" first sorts rows by the
    `curriculum_key` tag (ascending, nulls last) and runs the buffer within each key value,
    so the stream goes easy -> hard and equal keys are shuffled.
-5. Batching by token budget: padding mode closes a batch before B * max_len would exceed
-   `batch_tokens`; packing mode fills rows of `pack_length` tokens (default `batch_tokens`,
-   i.e. one row per batch) first-fit, at most `batch_tokens // pack_length` rows, so both
-   the sum of lengths and B * S stay <= `batch_tokens`. `max_batch_size` caps B. A sample
-   longer than the budget (or than `pack_length`) is yielded alone, over budget, never cut.
-Then the plan is executed: a segment is read (whole, `read_segment`) when its first planned
-row is needed, and only its rows still to come are kept, so memory is bounded by the shuffle
-buffer plus one segment. In curriculum order a segment is read once per key value it holds.
+5. Batching by token budget (`logitstore.toolkit.batching`): padding mode closes a batch
+   before B * max_len would exceed `batch_tokens`; packing mode fills rows of `pack_length`
+   tokens (default `batch_tokens`, i.e. one row per batch) first-fit, at most
+   `batch_tokens // pack_length` rows, so both the sum of lengths and B * S stay <=
+   `batch_tokens`. `max_batch_size` caps B. A sample longer than the budget (or than
+   `pack_length`) is yielded alone, over budget, never cut.
+This module executes the plan: a segment is read (whole, `read_segment`) when its first
+planned row is needed, and only its rows still to come are kept, so memory is bounded by the
+shuffle buffer plus one segment. In curriculum order a segment is read once per key value it
+holds.
 
 Resume: the plan is a pure function of (settings, seed, epoch, rank, worker), so the state is
 just (epoch, batches yielded per worker). Restoring re-plans the epoch (index only) and skips
@@ -59,10 +62,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from logitstore.reader import StoreReader
 from student_train.collate import collate
+from student_train.stream_plan import (EpochPlan, PlanSettings, StoreRows, check,
+                                       curriculum_levels, plan_config, plan_epoch,
+                                       resume_counts, select_rows)
 
-ORDERS = ("shuffle", "sequential", "curriculum")
-PARTITIONS = ("auto", "segments", "rows")
-MIN_SEGMENTS_PER_SHARD = 4  # "auto" partitions whole segments from this many per shard
 STATE_VERSION = 1
 
 
@@ -84,21 +87,6 @@ def holdout_rows(reader: StoreReader, fraction: float, seed: int = 0) -> tuple[n
     return np.flatnonzero(~held), np.flatnonzero(held)
 
 
-class _Plan:
-    """One shard's epoch: batches as rows of store rows, and who is read with whom."""
-
-    def __init__(self, batches: list[list[list[int]]], seg_of_row: np.ndarray,
-                 group: np.ndarray):
-        self.batches = batches
-        # (segment, group) -> [(row, batch number)]: the rows one segment read provides
-        self.members: dict[tuple[int, int], list[tuple[int, int]]] = {}
-        for b, layout in enumerate(batches):
-            for row in layout:
-                for r in row:
-                    key = (int(seg_of_row[r]), int(group[r]))
-                    self.members.setdefault(key, []).append((r, b))
-
-
 class StoreStream(IterableDataset):
     """Batches (dicts of CPU tensors, see collate.py) from a store; see the module docstring."""
 
@@ -113,89 +101,68 @@ class StoreStream(IterableDataset):
                  curriculum_key: str = "difficulty", pack_length: int | None = None,
                  partition: str = "auto"):
         super().__init__()
-        _check(order in ORDERS, f"order must be one of {ORDERS}, found {order!r}")
-        _check(partition in PARTITIONS, f"partition must be one of {PARTITIONS}, found "
-                                        f"{partition!r}")
-        _check(batch_tokens >= 1 and shuffle_buffer >= 1,
-               f"batch_tokens and shuffle_buffer must be >= 1, found {batch_tokens}, "
-               f"{shuffle_buffer}")
-        _check(max_batch_size is None or max_batch_size >= 1,
-               f"max_batch_size must be None or >= 1, found {max_batch_size}")
-        _check(pack_length is None or 1 <= pack_length <= batch_tokens,
-               f"pack_length must be in [1, batch_tokens={batch_tokens}], found {pack_length}")
-        _check(world_size >= 1 and 0 <= rank < world_size,
-               f"need 0 <= rank < world_size, found rank={rank}, world_size={world_size}")
+        self.plan_settings = PlanSettings(
+            seed=int(seed), order=order, shuffle=bool(shuffle), shuffle_buffer=int(shuffle_buffer),
+            batch_tokens=int(batch_tokens), max_batch_size=max_batch_size, packing=bool(packing),
+            pack_length=pack_length, partition=partition, rank=int(rank),
+            world_size=int(world_size))
         self.url, self.cache_dir, self.storage_options = url, cache_dir, storage_options
-        self.seed, self.order, self.packing = int(seed), order, bool(packing)
-        self.shuffled = bool(shuffle) and order != "sequential"
-        self.shuffle_buffer, self.batch_tokens = int(shuffle_buffer), int(batch_tokens)
-        self.max_batch_size, self.pack_length = max_batch_size, pack_length
-        self.rank, self.world_size, self.partition = int(rank), int(world_size), partition
+        self.rank, self.packing = int(rank), bool(packing)
         self.curriculum_key = curriculum_key
         self._reader: StoreReader | None = None
         self._reader_pid, self._index_sha = -1, None
         reader = self.reader
         missing = [s for s in (signals or []) if s not in reader.settings.signals]
-        _check(not missing, f"signal(s) {missing} not in {url}; it holds {reader.signals}")
+        check(not missing, f"signal(s) {missing} not in {url}; it holds {reader.signals}")
         self.signals = reader.signals if signals is None else list(signals)
 
         # Per store row (numpy, picklable: DataLoader workers get a copy).
         n = len(reader)
-        self._length = reader.index.column("length").to_numpy().astype(np.int64)  # [n]
-        self._seg_first = np.array([s.first_sample for s in reader.segments], np.int64)
-        self._seg_of_row = np.repeat(np.arange(len(reader.segments)),
-                                     [s.samples for s in reader.segments])  # [n]
-        self._rows = self._select(reader, split, rows, sample_filter)  # [selected], ascending
-        self._weight = np.ones(n, np.float32)  # [n]
-        self._group = np.zeros(n, np.int64)  # [n] curriculum level (0 when not curriculum)
-        if sample_weight is not None:
-            dicts = reader.index.take(self._rows).to_pylist()
-            w = np.array([float(sample_weight(d)) for d in dicts], np.float32)
-            _check(bool(np.all(np.isfinite(w) & (w >= 0))),
-                   "sample_weight must return finite weights >= 0")
-            self._weight[self._rows] = w
+        selected = self._select(reader, split, rows, sample_filter)  # [selected], ascending
+        level = np.zeros(n, np.int64)  # [n] curriculum level (0 when not curriculum)
         if order == "curriculum":
-            self._group[self._rows] = self._levels(reader, curriculum_key)
+            level[selected] = self._levels(reader, selected, curriculum_key)
+        self.rows = StoreRows.of([seg.samples for seg in reader.segments],
+                                 reader.index.column("length").to_numpy(), selected, level)
+        self._seg_first = np.array([seg.first_sample for seg in reader.segments], np.int64)
+        self._weight = np.ones(n, np.float32)  # [n]
+        if sample_weight is not None:
+            dicts = reader.index.take(selected).to_pylist()
+            w = np.array([float(sample_weight(d)) for d in dicts], np.float32)
+            check(bool(np.all(np.isfinite(w) & (w >= 0))),
+                  "sample_weight must return finite weights >= 0")
+            self._weight[selected] = w
 
         self.epoch = 0
         self._counts: list[int] = []  # batches consumed per worker in this epoch
         self._pending: dict[str, Any] | None = None  # a loaded state not yet resumed
 
-    # -- selection -------------------------------------------------------------------------
+    # -- selection (reads the index; the decisions are stream_plan's) -------------------------
 
     def _select(self, reader: StoreReader, split, rows, sample_filter) -> np.ndarray:
         n = len(reader)
-        keep = np.ones(n, bool)
+        in_split = None
         if split is not None:
-            keep &= pc.fill_null(pc.equal(reader.index.column("split"), split),
-                                 False).to_numpy(zero_copy_only=False)
-        if rows is not None:
-            rows = np.asarray(rows, np.int64)
-            _check(rows.size == 0 or (rows.min() >= 0 and rows.max() < n),
-                   f"rows must be store rows in [0, {n})")
-            chosen = np.zeros(n, bool)
-            chosen[rows] = True
-            keep &= chosen
+            in_split = pc.fill_null(pc.equal(reader.index.column("split"), split),
+                                    False).to_numpy(zero_copy_only=False)
+        accept = None
         if sample_filter is not None:
-            cand = np.flatnonzero(keep)
-            ok = [bool(sample_filter(d)) for d in reader.index.take(cand).to_pylist()]
-            keep[cand] = np.asarray(ok, bool)
-        selected = np.flatnonzero(keep)
-        _check(selected.size > 0, f"no sample of {self.url} selected (split={split!r}, "
-                                  f"rows={'given' if rows is not None else None}, filter="
-                                  f"{'given' if sample_filter else None}; store has {n})")
+            def accept(candidates: np.ndarray) -> list[bool]:
+                return [bool(sample_filter(d))
+                        for d in reader.index.take(candidates).to_pylist()]
+        selected = select_rows(n, in_split=in_split, rows=rows, accept=accept)
+        check(selected.size > 0, f"no sample of {self.url} selected (split={split!r}, "
+                                 f"rows={'given' if rows is not None else None}, filter="
+                                 f"{'given' if sample_filter else None}; store has {n})")
         return selected
 
-    def _levels(self, reader: StoreReader, key: str) -> np.ndarray:
+    @staticmethod
+    def _levels(reader: StoreReader, selected: np.ndarray, key: str) -> np.ndarray:
         """Curriculum level of each selected row: rank of its key value, nulls last."""
-        _check(key in reader.index.column_names,
-               f"curriculum_key {key!r} is not a column of the sample index "
-               f"({reader.index.column_names})")
-        values = reader.index.column(key).take(self._rows).to_pylist()
-        distinct = sorted({v for v in values if v is not None})
-        level = {v: i for i, v in enumerate(distinct)}
-        return np.array([level.get(v, len(distinct)) if v is not None else len(distinct)
-                         for v in values], np.int64)
+        check(key in reader.index.column_names,
+              f"curriculum_key {key!r} is not a column of the sample index "
+              f"({reader.index.column_names})")
+        return curriculum_levels(reader.index.column(key).take(selected).to_pylist())
 
     # -- reader and settings (one reader per process: never share one across a fork) ------
 
@@ -220,66 +187,18 @@ class StoreStream(IterableDataset):
 
     @property
     def num_samples(self) -> int:
-        return int(self._rows.size)
+        return int(self.rows.selected.size)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_reader"], state["_reader_pid"] = None, -1
         return state
 
-    # -- planning ----------------------------------------------------------------------------
-
-    def _shard_rows(self, epoch: int, shards: int, shard: int) -> np.ndarray:
-        """Store rows of one shard, in epoch order (steps 2-3 of the module docstring)."""
-        segs = self._seg_of_row[self._rows]
-        eligible = np.unique(segs)
-        if self.shuffled:
-            eligible = np.random.default_rng([self.seed, epoch, 1]).permutation(eligible)
-        seg_rank = np.zeros(len(self._seg_first), np.int64)
-        seg_rank[eligible] = np.arange(len(eligible))
-        ordered = self._rows[np.argsort(seg_rank[segs], kind="stable")]
-        mode = self.partition
-        if mode == "auto":
-            mode = "segments" if len(eligible) >= MIN_SEGMENTS_PER_SHARD * shards else "rows"
-        if shards == 1:
-            return ordered
-        if mode == "rows":
-            return ordered[shard::shards]
-        tokens = np.bincount(segs, weights=self._length[self._rows],
-                             minlength=len(self._seg_first))
-        load = np.zeros(shards)
-        mine = np.zeros(len(self._seg_first), bool)
-        for s in eligible:  # greedy: the least-loaded shard takes the next segment
-            target = int(np.argmin(load))
-            load[target] += tokens[s]
-            mine[s] = target == shard
-        return ordered[mine[self._seg_of_row[ordered]]]
-
-    def _plan(self, epoch: int, num_workers: int, worker: int) -> _Plan:
-        shards = self.world_size * num_workers
-        seq = self._shard_rows(epoch, shards, self.rank * num_workers + worker)
-        if self.order == "curriculum":
-            seq = seq[np.argsort(self._group[seq], kind="stable")]
-        if self.shuffled:
-            rng = np.random.default_rng([self.seed, epoch, self.rank, worker, 2])
-            levels = self._group[seq]
-            cuts = np.flatnonzero(np.diff(levels)) + 1
-            seq = np.concatenate([_buffer_shuffle(part, self.shuffle_buffer, rng)
-                                  for part in np.split(seq, cuts)]) if seq.size else seq
-        if self.packing:
-            cap = self.pack_length or self.batch_tokens
-            max_rows = max(1, self.batch_tokens // cap)
-            if self.max_batch_size:
-                max_rows = min(max_rows, self.max_batch_size)
-            batches = _pack(seq, self._length, cap, max_rows)
-        else:
-            batches = _pad(seq, self._length, self.batch_tokens, self.max_batch_size)
-        return _Plan(batches, self._seg_of_row, self._group)
-
     def num_batches(self, num_workers: int = 0) -> int:
         """Batches this rank yields in the current epoch (all its workers), from the index only."""
         nw = max(1, num_workers)
-        return sum(len(self._plan(self.epoch, nw, w).batches) for w in range(nw))
+        return sum(len(plan_epoch(self.rows, self.plan_settings, self.epoch, nw, w).batches)
+                   for w in range(nw))
 
     # -- iteration ---------------------------------------------------------------------------
 
@@ -293,18 +212,7 @@ class StoreStream(IterableDataset):
 
     def _resume_counts(self, num_workers: int) -> tuple[list[int], int]:
         """(batches already consumed per worker, worker rotation) for an iteration starting now."""
-        p = self._pending
-        if p is None or p["epoch"] != self.epoch or p["batches"] == 0:
-            return [0] * num_workers, 0
-        if p["num_workers"] != num_workers:
-            raise ValueError(f"the saved stream state was taken with {p['num_workers']} "
-                             f"DataLoader worker(s) (0 and 1 count as 1), this run has "
-                             f"{num_workers}: resume with the same number of workers")
-        if p["rank"] == self.rank:
-            counts = list(p["worker_batches"])
-        else:  # another rank's state: in lockstep, batch i came from worker i % num_workers
-            counts = [len(range(w, p["batches"], num_workers)) for w in range(num_workers)]
-        return counts, p["batches"] % num_workers
+        return resume_counts(self._pending, self.epoch, self.rank, num_workers)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -314,7 +222,7 @@ class StoreStream(IterableDataset):
         if info is None:  # main process: this object itself tracks what was consumed
             self._counts, self._pending = counts, None
         epoch = self.epoch
-        plan = self._plan(epoch, num_workers, worker)
+        plan = plan_epoch(self.rows, self.plan_settings, epoch, num_workers, worker)
         for i, batch in enumerate(self._execute(plan, counts[worker]), start=counts[worker]):
             batch["stream_position"] = {"epoch": epoch, "worker": worker,
                                         "num_workers": num_workers, "index": i}
@@ -322,7 +230,7 @@ class StoreStream(IterableDataset):
                 self._counts[0] = i + 1
             yield batch
 
-    def _execute(self, plan: _Plan, skip: int) -> Iterator[dict[str, Any]]:
+    def _execute(self, plan: EpochPlan, skip: int) -> Iterator[dict[str, Any]]:
         reader = self.reader
         loaded: dict[int, Any] = {}  # store row -> decoded Sample, read but not yet batched
         for b in range(skip, len(plan.batches)):
@@ -335,12 +243,13 @@ class StoreStream(IterableDataset):
             weights = [[float(self._weight[r]) for r in row] for row in layout]
             yield collate(samples, weights, self.signals, packing=self.packing)
 
-    def _load(self, reader: StoreReader, plan: _Plan, row: int, b: int, loaded: dict) -> None:
+    def _load(self, reader: StoreReader, plan: EpochPlan, row: int, b: int,
+              loaded: dict) -> None:
         """Read row's whole segment; keep its rows of the same level planned from batch b on."""
-        seg = int(self._seg_of_row[row])
+        seg = int(self.rows.segment[row])
         samples = reader.read_segment(seg, self.signals)
         first = int(self._seg_first[seg])
-        for r, when in plan.members[(seg, int(self._group[row]))]:
+        for r, when in plan.reads[(seg, int(self.rows.level[row]))]:
             if when >= b:
                 loaded[r] = samples[r - first]
 
@@ -359,27 +268,19 @@ class StoreStream(IterableDataset):
         self._counts[pos["worker"]] = pos["index"] + 1
         self.epoch, self._pending = pos["epoch"], None
 
-    def _config(self) -> dict[str, Any]:
-        rows = hashlib.sha256(self._rows.tobytes() + self._group[self._rows].tobytes())
-        return {"seed": self.seed, "order": self.order, "shuffled": self.shuffled,
-                "shuffle_buffer": self.shuffle_buffer, "batch_tokens": self.batch_tokens,
-                "max_batch_size": self.max_batch_size, "packing": self.packing,
-                "pack_length": self.pack_length, "partition": self.partition,
-                "world_size": self.world_size, "rows_sha256": rows.hexdigest()}
-
     def state_dict(self) -> dict[str, Any]:
         counts = list(self._counts)
         return {"version": STATE_VERSION, "epoch": self.epoch, "batches": sum(counts),
                 "worker_batches": counts, "num_workers": len(counts), "rank": self.rank,
-                "config": self._config()}
+                "config": plan_config(self.plan_settings, self.rows)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        _check(state.get("version") == STATE_VERSION,
-               f"stream state version {state.get('version')} != {STATE_VERSION}")
-        mine = self._config()
+        check(state.get("version") == STATE_VERSION,
+              f"stream state version {state.get('version')} != {STATE_VERSION}")
+        mine = plan_config(self.plan_settings, self.rows)
         diff = {k: (v, mine.get(k)) for k, v in state["config"].items() if mine.get(k) != v}
-        _check(not diff, "the saved stream state belongs to a differently configured stream "
-                         "(saved, now): " + json.dumps(diff, default=str))
+        check(not diff, "the saved stream state belongs to a differently configured stream "
+                        "(saved, now): " + json.dumps(diff, default=str))
         self.epoch = int(state["epoch"])
         self._counts = list(state["worker_batches"])
         self._pending = dict(state)
@@ -389,9 +290,9 @@ class StreamLoader:
     """DataLoader(stream, batch_size=None, ...) that records every batch it hands out."""
 
     def __init__(self, stream: StoreStream, **dataloader_kwargs: Any):
-        _check(not dataloader_kwargs.get("persistent_workers"),
+        check(not dataloader_kwargs.get("persistent_workers"),
                "persistent_workers would keep a stale epoch in the workers")
-        _check(dataloader_kwargs.pop("batch_size", None) is None,
+        check(dataloader_kwargs.pop("batch_size", None) is None,
                "the stream batches itself: batch_size must be None")
         self.stream, self.kwargs = stream, dataloader_kwargs
 
@@ -404,70 +305,3 @@ class StreamLoader:
         for batch in it:
             self.stream.record(batch)
             yield batch
-
-
-# -- pure helpers ------------------------------------------------------------------------------
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
-
-
-def _buffer_shuffle(seq: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Order of a streaming shuffle buffer: fill `size`, then emit a random slot and refill it."""
-    items = seq.tolist()
-    buf, out = items[:size], []
-    picks = rng.integers(0, len(buf), max(0, len(items) - size)).tolist() if buf else []
-    for item, j in zip(items[size:], picks):
-        out.append(buf[j])
-        buf[j] = item
-    out.extend(buf[i] for i in rng.permutation(len(buf)).tolist())  # drain in random order
-    return np.asarray(out, np.int64)
-
-
-def _pad(seq: np.ndarray, length: np.ndarray, budget: int,
-         max_size: int | None) -> list[list[list[int]]]:
-    """One sample per row; close a batch before rows * longest would exceed the budget."""
-    out: list[list[list[int]]] = []
-    cur: list[int] = []
-    longest = 0
-    for r in seq.tolist():
-        L = int(length[r])
-        if cur and (max(longest, L) * (len(cur) + 1) > budget or len(cur) == max_size):
-            out.append([[x] for x in cur])
-            cur, longest = [], 0
-        cur.append(r)
-        longest = max(longest, L)
-    if cur:
-        out.append([[x] for x in cur])
-    return out
-
-
-def _pack(seq: np.ndarray, length: np.ndarray, cap: int,
-          max_rows: int) -> list[list[list[int]]]:
-    """First-fit samples into rows of `cap` tokens, at most max_rows rows per batch."""
-    out: list[list[list[int]]] = []
-    rows: list[list[int]] = []
-    fill: list[int] = []
-    for r in seq.tolist():
-        L = int(length[r])
-        if L > cap:  # cannot share a row: alone, over budget
-            if rows:
-                out.append(rows)
-                rows, fill = [], []
-            out.append([[r]])
-            continue
-        for i, f in enumerate(fill):
-            if f + L <= cap:
-                rows[i].append(r)
-                fill[i] += L
-                break
-        else:
-            if len(rows) == max_rows:
-                out.append(rows)
-                rows, fill = [], []
-            rows.append([r])
-            fill.append(L)
-    if rows:
-        out.append(rows)
-    return out

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from logitstore.toolkit.hf import load_causal_lm, load_tokenizer, tokenizer_fingerprint, vocab_size_of
+from logitstore.toolkit.hf import load_causal_lm, load_tokenizer
+from logitstore.toolkit.tokenizer_identity import tokenizer_fingerprint, vocab_size_of
 
 log = logging.getLogger(__name__)
 KNOWN_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

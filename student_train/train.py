@@ -1,15 +1,16 @@
 """student-train's loop: distil a student from a store of teacher signals (or fit --data).
 
-One optimizer step, top to bottom:
-  1. take `grad_accum` micro-batches from the stream (every process its own shard);
-  2. sum their loss weights (target tokens, samples) over the micro-batches and processes:
-     one all-reduce, before any forward;
-  3. per micro-batch: forward -> loss *sums* -> divided by those global weights -> backward
-     (DDP syncs gradients on the last micro-batch only);
-  4. clip, AdamW step, scheduler step; log; maybe evaluate, checkpoint, stop early.
-Step 2 makes accumulation and data parallelism exact: the gradient is that of one batch
-holding every micro-batch of every process. Resuming restores model, optimizer, scheduler,
-RNG and stream position, so a resumed run continues the same loss curve.
+`train(cfg)`, top to bottom:
+  1. check the inputs that cost no model (`sources.check_inputs`: stores, data;
+     `check_run_dir`: run directory, checkpoint to resume), so a wrong path fails at once;
+  2. `prepare_run`: accelerator, student, batches, objective, optimizer, schedule (`Run`);
+  3. `start_state`: a fresh `TrainState`, or one restored from a checkpoint;
+  4. `run_steps`: take `grad_accum` micro-batches (every process its own shard), one exact
+     optimizer step over them (`student_train.step.Step`), log; evaluate and checkpoint at
+     their intervals; stop at total_steps, at the end of the data or early;
+  5. evaluate the final model, restore the best one (early stopping), save (`finish`).
+Resuming restores model, optimizer, scheduler, RNG and stream position, so a resumed run
+continues the same loss curve.
 
 Precision: bf16 autocast on CUDA with bf16 support, fp16 (with loss scaling) on other CUDA,
 fp32 on CPU; the master weights stay fp32 and every loss is computed in fp32.
@@ -20,22 +21,25 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from logitstore import __version__
-from logitstore.errors import ConfigError
-from logitstore.toolkit.hf import check_vocab_compat
-from student_train.checkpoint import (checkpoint_dir, find_checkpoint, load_checkpoint,
-                                      save_checkpoint)
-from student_train.config import TrainConfig, resume_differences, save_config
+from logitstore.errors import ConfigError, LogitStoreError
+from logitstore.toolkit.tokenizer_identity import check_vocab_compat
+from logitstore.toolkit.options import config_differences
+from student_train.checkpoint import (TrainingProgress, checkpoint_dir, find_checkpoint,
+                                      load_checkpoint, save_checkpoint)
+from student_train.config import FIELDS, TrainConfig, save_config
 from student_train.losses import temperature_at
-from student_train.objective import (DistillationObjective, LossSettings, Weights, combine,
-                                     denominators, sample_groups, token_sum_gradients)
-from student_train.sources import Sources, open_sources
+from student_train.objective import DistillationObjective, LossSettings
+from student_train.sources import Inputs, Sources, check_inputs, open_sources
+from student_train.step import Step, all_processes
 from student_train.student import load_student, save_final
 
 log = logging.getLogger(__name__)
@@ -44,8 +48,6 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------- setup
 
 def make_accelerator(cfg: TrainConfig, out: Path):
-    import os
-
     from accelerate import Accelerator
     from accelerate.utils import str_to_bool
 
@@ -88,33 +90,19 @@ def plan_total_steps(cfg: TrainConfig, stream, accelerator) -> int:
     return total
 
 
-def all_processes(accelerator, flag: bool) -> bool:
-    """True when `flag` holds on every process (a collective: all must call it)."""
-    if accelerator.num_processes == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(t, reduction="sum").item() == accelerator.num_processes)
-
-
-def to_device(batch: Any, device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    return batch
-
-
 class EpochBatches:
     """Micro-batches across epochs. All processes end an epoch together, when the first one
     runs out, so no process waits forever on a collective the others never reach."""
 
-    def __init__(self, stream, accelerator, max_epochs: float, state: dict | None):
+    def __init__(self, stream, accelerator, max_epochs: float):
         self.stream, self.accelerator, self.max_epochs = stream, accelerator, max_epochs
         self.epoch = 0
-        if state is not None:
-            stream.load_state_dict(state)
-            self.epoch = int(state["epoch"])
         self._it = None
+
+    def restore(self, stream_state: dict) -> None:
+        """Continue where a checkpointed stream stood (its epoch, its batches consumed)."""
+        self.stream.load_state_dict(stream_state)
+        self.epoch, self._it = int(stream_state["epoch"]), None
 
     def next(self) -> dict | None:
         empty_epochs = 0
@@ -141,114 +129,6 @@ class EpochBatches:
         return window
 
 
-# ----------------------------------------------------------------------------- one step
-
-class Step:
-    """What every optimizer step and evaluation needs, bundled once."""
-
-    def __init__(self, cfg, accelerator, model, sources: Sources):
-        self.cfg, self.accelerator, self.model, self.sources = cfg, accelerator, model, sources
-        self.n_groups = max(1, len(sources.groups))
-        self.weights = Weights(alpha=cfg.alpha, alpha_on=cfg.alpha_on, hidden=cfg.hidden_weight,
-                               attention=cfg.attention_weight,
-                               group_weights=tuple(sources.group_weights) or (1.0,))
-        self.eval_weights = Weights(alpha=cfg.alpha, alpha_on=cfg.alpha_on)
-
-    def add_groups(self, batch: dict) -> dict:
-        if self.sources.group_of:
-            other = self.n_groups - 1
-            owner = torch.tensor([self.sources.group_of.get(s, other) for s in batch["sample_ids"]])
-            batch["token_groups"] = sample_groups(batch, owner)
-        return batch
-
-    def global_denominators(self, window: list[dict], n_groups: int) -> dict[str, torch.Tensor]:
-        dens = [denominators(b, n_groups) for b in window]
-        total = {k: sum(d[k] for d in dens).to(self.accelerator.device) for k in dens[0]}
-        total["real_tokens"] = torch.tensor(
-            [float(sum(int(b["attention_mask"].sum()) for b in window))],
-            device=self.accelerator.device)
-        return self.accelerator.reduce(total, reduction="sum")
-
-    def train(self, window: list[dict], temperature: float, optimizer, scheduler) -> dict:
-        acc, cfg = self.accelerator, self.cfg
-        window = [self.add_groups(b) for b in window]
-        dens = self.global_denominators(window, self.n_groups)
-        # accelerate divides by grad_accum and DDP averages over processes; the global
-        # denominators already make the sum over micro-batches and processes the batch mean.
-        scale = cfg.grad_accum * acc.num_processes
-        # The loss is linear in the token sums: its gradient w.r.t. them, known now, lets the
-        # objective build the lm_head gradients in its forward (objective module docstring).
-        hint = {}
-        if isinstance(acc.unwrap_model(self.model), DistillationObjective):
-            hint["sum_grads"] = token_sum_gradients(dens, self.sources.plans, self.weights)
-        logged: dict[str, torch.Tensor] = {}
-        for batch in window:
-            with acc.accumulate(self.model):
-                sums = self.model(to_device(batch, acc.device), temperature=temperature,
-                                  label_smoothing=cfg.label_smoothing, n_groups=self.n_groups,
-                                  **hint)
-                loss, parts = combine(sums, dens, self.sources.plans, self.weights)
-                acc.backward(loss * scale)
-            for k, v in parts.items():
-                logged[k] = logged.get(k, 0.0) + v.detach()
-        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
-        optimizer.step()
-        if not acc.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped the step
-            scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        stats = {k: float(v) for k, v in acc.reduce(logged, reduction="sum").items()}
-        stats["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-        stats["tokens"] = float(dens["real_tokens"])
-        return stats
-
-    @torch.no_grad()
-    def evaluate(self, stream) -> dict[str, float]:
-        """Eval KD (T=1), CE (no smoothing), perplexity, eval loss = the KD/CE blend."""
-        from accelerate.utils import DistributedType
-
-        acc = self.accelerator
-        # DDP: every process runs its whole shard on the plain module (no collective inside).
-        # FSDP/DeepSpeed need the wrapped module in lockstep: stop at the shortest shard.
-        plain = acc.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU,
-                                         DistributedType.MULTI_GPU)
-        module = acc.unwrap_model(self.model) if plain else self.model
-        module.eval()
-        sums, dens = self._zero_sums(module), None
-        it = iter(stream)
-        while True:
-            batch = next(it, None)
-            if not plain and not all_processes(acc, batch is not None):
-                break
-            if batch is None:
-                break
-            d = {k: v.to(acc.device) for k, v in denominators(batch).items()}
-            dens = d if dens is None else {k: dens[k] + d[k] for k in d}
-            with acc.autocast():
-                out = module(to_device(batch, acc.device), temperature=1.0, label_smoothing=0.0)
-            sums = {k: sums[k] + out[k].float() for k in sums}
-        module.train()
-        if dens is None:
-            dens = {"tokens": torch.zeros(1, device=acc.device),
-                    "samples": torch.zeros(1, device=acc.device)}
-        sums, dens = acc.reduce(sums, reduction="sum"), acc.reduce(dens, reduction="sum")
-        _, parts = combine(sums, dens, self.sources.plans, self.eval_weights)
-        metrics = {f"eval/{k}": float(v) for k, v in parts.items()}
-        metrics["eval/ppl"] = math.exp(min(metrics["eval/ce"], 50.0))
-        metrics["eval/target_tokens"] = float(dens["tokens"].sum())
-        return metrics
-
-    def _zero_sums(self, module) -> dict[str, torch.Tensor]:
-        dev = self.accelerator.device
-        out = {"kd": torch.zeros(len(module.kd_plans), 1, device=dev),
-               "ce": torch.zeros(1, device=dev)}
-        if len(module.aligners):
-            out["hidden"] = torch.zeros(len(module.aligners), device=dev)
-        if module.attention_plans:
-            out["attention"] = torch.zeros(len(module.attention_plans), device=dev)
-        return out
-
-
 # ----------------------------------------------------------------------------- the run
 
 def _check_resume(cfg: TrainConfig, out: Path, ckpt: Path | None) -> None:
@@ -258,35 +138,59 @@ def _check_resume(cfg: TrainConfig, out: Path, ckpt: Path | None) -> None:
     if ckpt is None or not saved_file.is_file():
         return
     saved = (yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}).get("train", {})
-    diffs = resume_differences(saved, cfg)
+    diffs = config_differences(saved, cfg, FIELDS, saved_as="run")
     if diffs:
         raise ConfigError([f"resume: {d}" for d in diffs] +
                           ["resuming continues the same run: use its settings, or a new --out"])
 
 
-def _flat_config(cfg: TrainConfig) -> dict[str, Any]:
-    """Tensorboard hparams take only scalars and strings."""
-    return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
-            for k, v in cfg.as_dict().items()}
-
-
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) training as configured; returns the final metrics."""
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-    from transformers import get_scheduler
-
+def check_run_dir(cfg: TrainConfig) -> tuple[Path, Path | None]:
+    """(run directory, created and writable; the checkpoint `--resume` names, or None)."""
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise LogitStoreError(
+            f"out {out}: the run directory cannot be created or written "
+            f"({type(exc).__name__}: {exc.strerror or exc}); give a writable directory with "
+            f"--out") from exc
     ckpt = find_checkpoint(out, cfg.resume)
     _check_resume(cfg, out, ckpt)
-    accelerator = make_accelerator(cfg, out)
-    main = accelerator.is_main_process
-    set_seed(cfg.seed)  # same initial projections on every process (and on resume)
+    return out, ckpt
 
+
+@dataclass
+class Run:
+    """What the loop works with, made once by `prepare_run` (on every process alike)."""
+
+    cfg: TrainConfig
+    out: Path
+    accelerator: Any
+    tokenizer: Any
+    student_info: Any  # logitstore.toolkit.hf.LoadedModel
+    vocab_padding: int
+    sources: Sources
+    model: Any  # the DistillationObjective, prepared by accelerate
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # stepped by us, once per optimizer step
+    total_steps: int
+    batches: EpochBatches
+    step: Step
+
+
+def prepare_run(cfg: TrainConfig, out: Path, inputs: Inputs) -> Run:
+    """Accelerator, student, data, objective, optimizer and schedule of the run."""
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    accelerator = make_accelerator(cfg, out)
+    set_seed(cfg.seed)  # same initial projections on every process (and on resume)
     tokenizer, student, student_info = load_student(cfg, accelerator.device)
     vocab_padding = check_vocab_compat(tokenizer, student)
-    sources = open_sources(cfg, tokenizer, student, accelerator)
+    sources = open_sources(cfg, inputs, tokenizer, student, accelerator)
     model = DistillationObjective(
         student, sources.plans,
         LossSettings(loss=cfg.loss, topk_mode=cfg.topk_mode, jsd_beta=cfg.jsd_beta,
@@ -299,117 +203,182 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                               num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)  # stepped by us, once per optimizer step
-
-    state: dict[str, Any] = {"step": 0, "total_steps": total_steps, "tokens": 0.0,
-                             "best_eval_loss": None, "best_step": None, "bad_evals": 0,
-                             "stopped_early": False, "elapsed_s": 0.0}
-    stream_state = None
-    if ckpt is not None:
-        state, stream_state = load_checkpoint(accelerator, ckpt)
-        if state["total_steps"] != total_steps:
-            raise ConfigError([f"resume: the checkpoint plans {state['total_steps']} steps, "
-                               f"this run {total_steps}: data or batching changed"])
-        log.info("resumed from %s at step %d", ckpt, state["step"])
-    if main:
-        save_config(cfg, out / "config.yaml")
-        accelerator.init_trackers("tensorboard", config=_flat_config(cfg))
+    accelerator.register_for_checkpointing(scheduler)
     batches = EpochBatches(sources.train, accelerator,
-                           math.inf if cfg.max_steps else math.ceil(cfg.epochs), stream_state)
-    step = Step(cfg, accelerator, model, sources)
+                           math.inf if cfg.max_steps else math.ceil(cfg.epochs))
+    return Run(cfg, out, accelerator, tokenizer, student_info, vocab_padding, sources, model,
+               optimizer, scheduler, total_steps, batches, Step(cfg, accelerator, model, sources))
 
-    metrics_file = (out / "metrics.jsonl").open("a", encoding="utf-8") if main else None
-    progress = tqdm(total=total_steps, initial=state["step"], disable=not main,
-                    desc="student-train", unit="step", dynamic_ncols=True)
-    last_eval: dict[str, float] = {}
-    marks = {"eval": None, "saved": state["step"] if ckpt else None}  # steps last done at
-    elapsed_before, started = state["elapsed_s"], time.perf_counter()
-    tokens_since, since = 0.0, time.perf_counter()
 
-    def record(values: dict[str, Any]) -> None:
-        accelerator.log(values, step=state["step"])
-        if metrics_file:
-            metrics_file.write(json.dumps({"step": state["step"], **values}) + "\n")
-            metrics_file.flush()
+class MetricsLog:
+    """Metrics to the trackers (tensorboard) and, on the main process, run/metrics.jsonl."""
 
-    def checkpoint() -> None:
-        state["elapsed_s"] = elapsed_before + time.perf_counter() - started
-        best = checkpoint_dir(out, state["best_step"]) if state["best_step"] else None
-        save_checkpoint(accelerator, out, state["step"], state, batches.stream.state_dict(),
-                        cfg.keep_checkpoints, protect=best if cfg.patience else None)
-        marks["saved"] = state["step"]
+    def __init__(self, accelerator, path: Path | None):
+        self.accelerator = accelerator
+        self.file = path.open("a", encoding="utf-8") if path is not None else None
 
-    def run_eval() -> None:
-        nonlocal last_eval
-        last_eval = step.evaluate(sources.eval)
-        marks["eval"] = state["step"]
-        record(last_eval)
-        loss = last_eval["eval/loss"]
-        if state["best_eval_loss"] is None or loss < state["best_eval_loss"]:
-            state.update(best_eval_loss=loss, best_step=state["step"], bad_evals=0,
-                         best_eval=dict(last_eval))
-            if cfg.patience:  # keep the best weights, to restore them when training ends
-                checkpoint()
-        else:
-            state["bad_evals"] += 1
-            state["stopped_early"] = bool(cfg.patience) and state["bad_evals"] >= cfg.patience
+    def record(self, step: int, values: dict[str, Any]) -> None:
+        self.accelerator.log(values, step=step)
+        if self.file:
+            self.file.write(json.dumps({"step": step, **values}) + "\n")
+            self.file.flush()
 
-    if sources.eval is not None and cfg.eval_on_start and state["step"] == 0:
-        run_eval()
-    while state["step"] < total_steps and not state["stopped_early"]:
-        window = batches.take(cfg.grad_accum)
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+@dataclass
+class TrainState:
+    """The loop's state: the checkpointed progress, and what this process alone keeps."""
+
+    progress: TrainingProgress
+    metrics: MetricsLog
+    saved_at: int | None  # step of the last checkpoint (of this run or the one resumed)
+    evaluated_at: int | None = None  # step of the last evaluation
+    last_eval: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)  # training wall clock
+    elapsed_before: float = 0.0  # training wall time of the runs before a resume
+
+
+def start_state(run: Run, ckpt: Path | None) -> TrainState:
+    """Fresh, or restored from `ckpt` (weights, optimizer, RNG, stream position)."""
+    progress = TrainingProgress(total_steps=run.total_steps)
+    if ckpt is not None:
+        progress, stream_state = load_checkpoint(run.accelerator, ckpt)
+        if progress.total_steps != run.total_steps:
+            raise ConfigError([f"resume: the checkpoint plans {progress.total_steps} steps, "
+                               f"this run {run.total_steps}: data or batching changed"])
+        run.batches.restore(stream_state)
+        log.info("resumed from %s at step %d", ckpt, progress.step)
+    main = run.accelerator.is_main_process
+    if main:
+        save_config(run.cfg, run.out / "config.yaml")
+        run.accelerator.init_trackers("tensorboard", config=_flat_config(run.cfg))
+    return TrainState(progress, MetricsLog(run.accelerator,
+                                           run.out / "metrics.jsonl" if main else None),
+                      saved_at=progress.step if ckpt else None,
+                      elapsed_before=progress.elapsed_s)
+
+
+def _flat_config(cfg: TrainConfig) -> dict[str, Any]:
+    """Tensorboard hparams take only scalars and strings."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+            for k, v in cfg.as_dict().items()}
+
+
+def save(run: Run, state: TrainState) -> None:
+    """Checkpoint at the current step (all processes); the best one survives rotation when
+    early stopping may restore it."""
+    progress = state.progress
+    progress.elapsed_s = state.elapsed_before + time.perf_counter() - state.started
+    best = checkpoint_dir(run.out, progress.best_step) if progress.best_step else None
+    save_checkpoint(run.accelerator, run.out, progress, run.batches.stream.state_dict(),
+                    run.cfg.keep_checkpoints, protect=best if run.cfg.patience else None)
+    state.saved_at = progress.step
+
+
+def evaluate(run: Run, state: TrainState) -> None:
+    """Evaluate on the eval batches, log, note the best (checkpointed with early stopping)."""
+    metrics = run.step.evaluate(run.sources.eval)
+    state.last_eval, state.evaluated_at = metrics, state.progress.step
+    state.metrics.record(state.progress.step, metrics)
+    if state.progress.record_eval(metrics, run.cfg.patience) and run.cfg.patience:
+        save(run, state)  # keep the best weights, to restore them when training ends
+
+
+class Throughput:
+    """Tokens per second since the last reset."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.tokens, self.since = 0.0, time.perf_counter()
+
+    def add(self, tokens: float) -> float:
+        self.tokens += tokens
+        return self.tokens / max(time.perf_counter() - self.since, 1e-9)
+
+
+def run_steps(run: Run, state: TrainState) -> None:
+    """Optimizer steps until total_steps, the end of the data or early stopping; logs,
+    evaluates and checkpoints at their intervals."""
+    from tqdm.auto import tqdm
+
+    cfg, progress = run.cfg, state.progress
+    bar = tqdm(total=progress.total_steps, initial=progress.step,
+               disable=not run.accelerator.is_main_process, desc="student-train", unit="step",
+               dynamic_ncols=True)
+    speed = Throughput()
+    while progress.step < progress.total_steps and not progress.stopped_early:
+        window = run.batches.take(cfg.grad_accum)
         if window is None:
             break  # out of data (epochs done)
-        temperature = temperature_at(state["step"], total_steps, cfg.temperature,
+        temperature = temperature_at(progress.step, progress.total_steps, cfg.temperature,
                                      cfg.temperature_end, cfg.temperature_schedule)
-        stats = step.train(window, temperature, optimizer, scheduler)
-        state["step"] += 1
-        state["tokens"] += stats["tokens"]
-        tokens_since += stats["tokens"]
-        rate = tokens_since / max(time.perf_counter() - since, 1e-9)
-        progress.update(1)
-        progress.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{rate:.0f}")
-        if state["step"] % cfg.log_every == 0 or state["step"] == total_steps:
-            record({**{f"train/{k}": v for k, v in stats.items()},
-                    "train/lr": scheduler.get_last_lr()[0], "train/temperature": temperature,
-                    "train/epoch": batches.epoch, "train/tokens_seen": state["tokens"],
-                    "train/tokens_per_s": rate})
-            tokens_since, since = 0.0, time.perf_counter()
-        if sources.eval is not None and cfg.eval_every and state["step"] % cfg.eval_every == 0:
-            run_eval()
-        if cfg.save_every and state["step"] % cfg.save_every == 0 \
-                and marks["saved"] != state["step"]:
-            checkpoint()
-    progress.close()
+        stats = run.step.train(window, temperature, run.optimizer, run.scheduler)
+        progress.step += 1
+        progress.tokens += stats["tokens"]
+        rate = speed.add(stats["tokens"])
+        bar.update(1)
+        bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{rate:.0f}")
+        if progress.step % cfg.log_every == 0 or progress.step == progress.total_steps:
+            state.metrics.record(progress.step, {
+                **{f"train/{k}": v for k, v in stats.items()},
+                "train/lr": run.scheduler.get_last_lr()[0], "train/temperature": temperature,
+                "train/epoch": run.batches.epoch, "train/tokens_seen": progress.tokens,
+                "train/tokens_per_s": rate})
+            speed.reset()
+        if run.sources.eval is not None and cfg.eval_every and progress.step % cfg.eval_every == 0:
+            evaluate(run, state)
+        if cfg.save_every and progress.step % cfg.save_every == 0 \
+                and state.saved_at != progress.step:
+            save(run, state)
+    bar.close()
 
-    if sources.eval is not None and marks["eval"] != state["step"]:
-        run_eval()  # the final model is always evaluated
-    if cfg.save_every and marks["saved"] != state["step"]:
-        checkpoint()  # so that --resume latest after the end has nothing left to do
-    final_metrics = last_eval
-    if cfg.patience and state["best_step"] is not None and state["best_step"] != state["step"]:
-        log.info("restoring the best evaluation (step %d)", state["best_step"])
-        accelerator.load_state(str(checkpoint_dir(out, state["best_step"])))
-        final_metrics = state["best_eval"]
-    finish(cfg, accelerator, model, tokenizer, student_info, sources, state, final_metrics,
-           vocab_padding, out)
-    if metrics_file:
-        metrics_file.close()
-    accelerator.end_training()
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) training as configured; returns the final metrics.
+
+    The inputs that cost no model (stores, data, run directory, checkpoint to resume) are
+    checked first, so a wrong path fails in seconds, not after the student has loaded.
+    """
+    inputs = check_inputs(cfg)
+    out, ckpt = check_run_dir(cfg)
+    run = prepare_run(cfg, out, inputs)
+    state = start_state(run, ckpt)
+    progress = state.progress
+    if run.sources.eval is not None and cfg.eval_on_start and progress.step == 0:
+        evaluate(run, state)
+    run_steps(run, state)
+
+    if run.sources.eval is not None and state.evaluated_at != progress.step:
+        evaluate(run, state)  # the final model is always evaluated
+    if cfg.save_every and state.saved_at != progress.step:
+        save(run, state)  # so that --resume latest after the end has nothing left to do
+    final_metrics = state.last_eval
+    if cfg.patience and progress.best_step is not None and progress.best_step != progress.step:
+        log.info("restoring the best evaluation (step %d)", progress.best_step)
+        run.accelerator.load_state(str(checkpoint_dir(out, progress.best_step)))
+        final_metrics = progress.best_eval
+    finish(run, progress, final_metrics)
+    state.metrics.close()
+    run.accelerator.end_training()
     return final_metrics
 
 
-def finish(cfg, accelerator, model, tokenizer, student_info, sources, state, final_metrics,
-           vocab_padding, out: Path) -> None:
+def finish(run: Run, progress: TrainingProgress, final_metrics: dict[str, float]) -> None:
     """run/final (student + tokenizer), run/alignment.safetensors, training_metadata.json."""
+    accelerator, cfg, out = run.accelerator, run.cfg, run.out
     accelerator.wait_for_everyone()
-    full_state = accelerator.get_state_dict(model)  # gathered on the main process (FSDP too)
-    unwrapped = accelerator.unwrap_model(model)
+    full_state = accelerator.get_state_dict(run.model)  # gathered on the main process (FSDP too)
+    unwrapped = accelerator.unwrap_model(run.model)
     if accelerator.is_main_process:
         student_state = None if cfg.lora_r else {
             k.removeprefix("student."): v for k, v in full_state.items()
             if k.startswith("student.")}
-        save_final(unwrapped.student, tokenizer, cfg, out, state_dict=student_state)
+        save_final(unwrapped.student, run.tokenizer, cfg, out, state_dict=student_state)
         if len(unwrapped.aligners):
             from safetensors.torch import save_file
 
@@ -419,11 +388,11 @@ def finish(cfg, accelerator, model, tokenizer, student_info, sources, state, fin
                       str(out / "alignment.safetensors"))
         metadata = {
             "tool": "student-train", "tool_version": __version__,
-            "student": student_info.as_dict(), "vocab_padding_rows": vocab_padding,
-            "source": sources.provenance, "config": cfg.as_dict(),
-            "steps": state["step"], "total_steps": state["total_steps"],
-            "stopped_early": state["stopped_early"], "best_step": state["best_step"],
-            "best_eval_loss": state["best_eval_loss"], "tokens_seen": state["tokens"],
+            "student": run.student_info.as_dict(), "vocab_padding_rows": run.vocab_padding,
+            "source": run.sources.provenance, "config": cfg.as_dict(),
+            "steps": progress.step, "total_steps": progress.total_steps,
+            "stopped_early": progress.stopped_early, "best_step": progress.best_step,
+            "best_eval_loss": progress.best_eval_loss, "tokens_seen": progress.tokens,
             "world_size": accelerator.num_processes,
             "mixed_precision": str(accelerator.mixed_precision),
             "final_metrics": final_metrics,

@@ -1,7 +1,9 @@
 """Capture teacher signals from one padded batch, on the model's device, into numpy.
 
-    batch = make_batch(samples, pad_id=0, device="cuda:0")
+    batch = make_batch(sample_ids, input_ids, loss_masks, pad_id=0, device="cuda:0")
     signals = capture_batch(model, batch, spec)          # list[SignalData], one per sample
+
+(`teacher_dump.batch_loops` does this for every batch of a dump.)
 
 Per position t of a sample (FORMAT.md section 4: the distribution of token t+1):
 
@@ -23,7 +25,8 @@ full forward is never made. Per sample:
 * hidden: `spec.hidden_layers[i]` indexes `output.hidden_states[1:]`, i.e. layer index j
   is the output of decoder block j (0-based) and -1 the last block's output - which
   Hugging Face returns after the model's final norm, the same tensor the LM head reads.
-  Pooled with `logitstore.toolkit.pooling.pool_hidden`.
+  Pooled with `logitstore.toolkit.pooling.pool_hidden`. Both forms name one layer (3 and -1
+  of a 4-layer teacher); the store records them as block numbers (`teacher_dump.dump`).
 * attention: `spec.attention_layers[i]` indexes `output.attentions` (one per decoder
   block, -1 = last); needs eager attention (`load_causal_lm(need_attentions=True)`).
   Head-averaged or per head, pooled to G x G with `logitstore.toolkit.pooling.pool_attention`.

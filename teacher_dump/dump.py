@@ -13,6 +13,8 @@ Two modes, chosen from what `cfg.out` holds:
 
 Steps, top to bottom in `run_dump`:
 
+0. Hub datasets of `cfg.data` (`--data`, or the alias's `default_data`) are checked to be
+   readable (`teacher_dump.default_data`): offline and not cached fails before any loading.
 1. Tokenizer, then the existing store (`teacher_dump.existing_store`): another tokenizer,
    or a saved config of the same signal that differs on a content key, is refused -
    unless `overwrite`, which replaces such a store. A store with the same config is
@@ -27,6 +29,8 @@ Steps, top to bottom in `run_dump`:
    same padding, same floating-point results - as in a 1-process dump, and a resume
    recomputes a half-written batch (segment) whole. Each rank writes part `rank-{i:05d}`.
 4. Resume: sample ids committed in any part (segments holding the signal) are skipped.
+   Teacher layers are compared as block numbers (`-1` and `3` of a 4-layer teacher are
+   one layer) where the store records the teacher's depth.
 5. Forward under inference mode, capture (`teacher_dump.capture`) and hand the numpy
    results to a writer thread through a bounded queue (`teacher_dump.batch_loops`,
    `teacher_dump.background_writer`), so the accelerator never waits for compression or
@@ -46,11 +50,12 @@ from logitstore.commit import commit_store
 from logitstore.toolkit.data import DataOptions, DataSourceError, DataSummary, iter_samples
 from logitstore.errors import ConfigError, SettingsMismatchError
 from logitstore.format import (AttentionSpec, HiddenSpec, SampledSpec, SignalSpec, StoreSettings,
-                               TopKSpec)
+                               TopKSpec, canonical_layers)
 from teacher_dump.batch_loops import DumpWork, add_signal, capture_spec, dump_samples
 from teacher_dump.config import DumpConfig
+from teacher_dump.default_data import check_hub_data_readable
 from teacher_dump.existing_store import (EXTRA_CONFIG, EXTRA_RUNS, EXTRA_SIGNAL_CONFIGS,
-                                         EXTRA_SUMMARY, adds_signal, data_conflicts,
+                                         EXTRA_SUMMARY, ExistingStore, adds_signal, data_conflicts,
                                          early_conflicts, erase_store, inspect_store, refusal,
                                          settings_conflicts)
 from teacher_dump.ranks import RankContext
@@ -118,19 +123,76 @@ def read_data(cfg: DumpConfig, tokenizer) -> tuple[list, DataSummary]:
     return samples, summary
 
 
+@dataclass
+class _Plan:
+    """What run_dump has found and decided before any rank writes."""
+
+    store: ExistingStore
+    settings: StoreSettings
+    spec: SignalSpec
+    conflicts: list[str]  # non-empty only with --overwrite: the store is replaced
+
+
 def run_dump(cfg: DumpConfig, *, ranks: RankContext | None = None,
              progress: bool = True) -> DumpReport:
     """Dump `cfg.data` through `cfg.model` into the store `cfg.out` (module docstring)."""
     from teacher_dump.logit_stats import resolve_kernel
-    from logitstore.toolkit.hf import (check_vocab_compat, load_causal_lm, load_tokenizer,
-                               tokenizer_fingerprint, vocab_size_of)
+    from logitstore.toolkit.hf import load_causal_lm, load_tokenizer
+    from logitstore.toolkit.tokenizer_identity import tokenizer_fingerprint, vocab_size_of
 
     started = time.monotonic()
     ranks = ranks or RankContext.from_accelerate()
+    check_hub_data_readable(cfg.data, cfg.model)  # offline without the data: before any load
     tokenizer = load_tokenizer(cfg.model, cfg.revision, cfg.trust_remote_code)
     fingerprint, vocab = tokenizer_fingerprint(tokenizer), vocab_size_of(tokenizer)
+    store, samples, data_summary, conflicts = _check_store_and_read_data(cfg, tokenizer,
+                                                                         fingerprint, vocab)
+    quantize = None if cfg.quantize == "auto" else cfg.quantize  # None: logitstore.toolkit.hf decides
+    model, info = load_causal_lm(cfg.model, quantize=quantize,
+                                 dtype=cfg.dtype, device=_device(cfg) or ranks.device,
+                                 need_attentions=bool(cfg.attention_layers),
+                                 trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    kernel = resolve_kernel(cfg.capture_kernel, next(model.parameters()).device)  # compiles
+    _warm_up_pyarrow()
+    plan = _plan_store(cfg, tokenizer, (fingerprint, vocab), model, info, kernel, store,
+                       conflicts)
+    adding = adds_signal(plan.store, cfg) and not plan.conflicts
+    if adding:  # segments still without the signal, all parts: read before anyone writes
+        from logitstore.signal_writer import SignalAppender
 
-    # 1. The existing store: refuse (or, with overwrite, replace) a conflicting one.
+        all_jobs = SignalAppender(cfg.out, cfg.signal, plan.spec).pending()
+    ranks.wait()  # every rank has read the old store before it may be erased or written
+    if plan.conflicts:
+        _replace_store(cfg, ranks, plan)
+
+    # 2-5. This rank's share of the work, computed and written.
+    report = DumpReport(url=cfg.out, signal=cfg.signal, is_main=ranks.is_main,
+                        world_size=ranks.world, device=str(next(model.parameters()).device),
+                        teacher=info.as_dict())
+    report.data = {k: v for k, v in asdict(data_summary).items() if k != "malformed_examples"}
+    signal_configs = {**plan.store.signal_configs, cfg.signal: cfg.as_dict()}
+    running = {EXTRA_CONFIG: cfg.as_dict(), EXTRA_SIGNAL_CONFIGS: signal_configs,
+               EXTRA_SUMMARY: {"status": "running"}, EXTRA_RUNS: plan.store.runs}
+    work = DumpWork(cfg, model, capture_spec(cfg, vocab, kernel), ranks, progress,
+                    pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    if adding:
+        report.mode = "add-signal"
+        report.samples_written = sum(len(job.sample_ids) for job in all_jobs)
+        report.tokens_written = sum(sum(job.lengths) for job in all_jobs)
+        report.samples_resumed = len(plan.store.committed_ids) - report.samples_written
+        add_signal(work, plan.spec, plan.store)
+    else:
+        dump_samples(work, plan.settings, samples, plan.store, running, report)
+    ranks.wait()
+    if ranks.is_main:
+        _commit(cfg, report, running, plan.store.runs, started)
+    report.wall_seconds = time.monotonic() - started
+    return report
+
+
+def _check_store_and_read_data(cfg: DumpConfig, tokenizer, fingerprint: str, vocab: int):
+    """Steps 1-2: (store, samples, data summary, conflicts); a conflict is raised unless
+    `cfg.overwrite` (then the store will be replaced)."""
     store = inspect_store(cfg.out)
     conflicts = early_conflicts(store, cfg, fingerprint, vocab)
     if conflicts and not cfg.overwrite:
@@ -139,18 +201,24 @@ def run_dump(cfg: DumpConfig, *, ranks: RankContext | None = None,
     conflicts = conflicts or data_conflicts(store, cfg, samples)
     if conflicts and not cfg.overwrite:
         raise SettingsMismatchError(refusal(cfg.out, conflicts))
-    quantize = None if cfg.quantize == "auto" else cfg.quantize  # None: logitstore.toolkit.hf decides
-    model, info = load_causal_lm(cfg.model, quantize=quantize,
-                                 dtype=cfg.dtype, device=_device(cfg) or ranks.device,
-                                 need_attentions=bool(cfg.attention_layers),
-                                 trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    return store, samples, data_summary, conflicts
+
+
+def _plan_store(cfg: DumpConfig, tokenizer, tokenizer_id: tuple[str, int], model, info,
+                kernel: str, store: ExistingStore, conflicts: list[str]) -> _Plan:
+    """The teacher's signal spec and the store settings of this run, checked against the
+    model and the existing store; `tokenizer_id`: (fingerprint, vocabulary size)."""
+    from logitstore.toolkit.tokenizer_identity import check_vocab_compat
+
+    fingerprint, vocab = tokenizer_id
     problems = model_problems(cfg, model, vocab)
     if problems:
         raise ConfigError(problems)
     check_vocab_compat(tokenizer, model)
-    kernel = resolve_kernel(cfg.capture_kernel, next(model.parameters()).device)  # compiles
-    _warm_up_pyarrow()
-    spec = teacher_signal(cfg, model, info, kernel)
+    stored = store.settings.signals.get(cfg.signal) if store.settings else None
+    # A store written before the teacher's depth was recorded keeps its layer indices as given.
+    spec = teacher_signal(cfg, model, info, kernel,
+                          record_depth=stored is None or stored.depth is not None)
     # Layout keys (chunk/segment sizes) of an existing store win: they do not change content.
     layout = store.settings or StoreSettings(vocab, fingerprint, chunk_tokens=cfg.chunk_tokens,
                                              segment_tokens=cfg.segment_tokens,
@@ -162,64 +230,47 @@ def run_dump(cfg: DumpConfig, *, ranks: RankContext | None = None,
     conflicts = conflicts or settings_conflicts(store, settings, cfg.signal)
     if conflicts and not cfg.overwrite:
         raise SettingsMismatchError(refusal(cfg.out, conflicts))
-    adding = adds_signal(store, cfg) and not conflicts
-    if adding:  # segments still without the signal, all parts: read before anyone writes
-        from logitstore.signal_writer import SignalAppender
+    return _Plan(store, settings, spec, conflicts)
 
-        all_jobs = SignalAppender(cfg.out, cfg.signal, spec).pending()
-    ranks.wait()  # every rank has read the old store before it may be erased or written
-    if conflicts:
-        if ranks.is_main:
-            log.warning("--overwrite: replacing %s (%s)", cfg.out, "; ".join(conflicts))
-            erase_store(cfg.out)
-        ranks.wait()
-        store = inspect_store(cfg.out)
-        settings = replace(settings, chunk_tokens=cfg.chunk_tokens,
-                           segment_tokens=cfg.segment_tokens, chunk_samples=cfg.chunk_samples)
 
-    # 2-5. This rank's share of the work, computed and written.
-    report = DumpReport(url=cfg.out, signal=cfg.signal, is_main=ranks.is_main,
-                        world_size=ranks.world, device=str(next(model.parameters()).device),
-                        teacher=info.as_dict())
-    report.data = {k: v for k, v in asdict(data_summary).items() if k != "malformed_examples"}
-    signal_configs = {**store.signal_configs, cfg.signal: cfg.as_dict()}
-    running = {EXTRA_CONFIG: cfg.as_dict(), EXTRA_SIGNAL_CONFIGS: signal_configs,
-               EXTRA_SUMMARY: {"status": "running"}, EXTRA_RUNS: store.runs}
-    work = DumpWork(cfg, model, capture_spec(cfg, vocab, kernel), ranks, progress,
-                 pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
-    if adding:
-        report.mode = "add-signal"
-        report.samples_written = sum(len(job.sample_ids) for job in all_jobs)
-        report.tokens_written = sum(sum(job.lengths) for job in all_jobs)
-        report.samples_resumed = len(store.committed_ids) - report.samples_written
-        add_signal(work, spec, store)
-    else:
-        dump_samples(work, settings, samples, store, running, report)
-
-    # 6. Everyone done: the main process commits parts, config and summary.
-    ranks.wait()
+def _replace_store(cfg: DumpConfig, ranks: RankContext, plan: _Plan) -> None:
+    """--overwrite of a conflicting store: erase it (main rank), start with this run's layout."""
     if ranks.is_main:
-        manifest = commit_store(cfg.out, extra=running)
-        counts = manifest["counts"]
-        size = sum(f["size"] for f in manifest["files"].values()) + manifest["index"]["size"]
-        report.store = {"samples": counts["samples"], "tokens": counts["tokens"],
-                        "target_tokens": counts["target_tokens"], "bytes": size,
-                        "bytes_per_token": size / max(counts["tokens"], 1),
-                        "signals": sorted(manifest["settings"]["signals"])}
-        report.wall_seconds = time.monotonic() - started
-        summary = report.as_dict()
-        commit_store(cfg.out, extra={**running, EXTRA_SUMMARY: summary,
-                                     EXTRA_RUNS: store.runs + [_run_record(summary)]})
+        log.warning("--overwrite: replacing %s (%s)", cfg.out, "; ".join(plan.conflicts))
+        erase_store(cfg.out)
+    ranks.wait()
+    plan.store = inspect_store(cfg.out)
+    plan.settings = replace(plan.settings, chunk_tokens=cfg.chunk_tokens,
+                            segment_tokens=cfg.segment_tokens, chunk_samples=cfg.chunk_samples)
+
+
+def _commit(cfg: DumpConfig, report: DumpReport, running: dict[str, Any],
+            runs: list[dict[str, Any]], started: float) -> None:
+    """Step 6 (main process): commit parts, config and the run summary."""
+    manifest = commit_store(cfg.out, extra=running)
+    counts = manifest["counts"]
+    size = sum(f["size"] for f in manifest["files"].values()) + manifest["index"]["size"]
+    report.store = {"samples": counts["samples"], "tokens": counts["tokens"],
+                    "target_tokens": counts["target_tokens"], "bytes": size,
+                    "bytes_per_token": size / max(counts["tokens"], 1),
+                    "signals": sorted(manifest["settings"]["signals"])}
     report.wall_seconds = time.monotonic() - started
-    return report
+    summary = report.as_dict()
+    commit_store(cfg.out, extra={**running, EXTRA_SUMMARY: summary,
+                                 EXTRA_RUNS: runs + [_run_record(summary)]})
 
 
-
-
-def teacher_signal(cfg: DumpConfig, model, info, kernel: str) -> SignalSpec:
+def teacher_signal(cfg: DumpConfig, model, info, kernel: str, *,
+                   record_depth: bool = True) -> SignalSpec:
     """The store's description of what this run captures from `model`; `kernel`: the
-    resolved capture kernel (a resume with another one is refused: see logit_stats)."""
+    resolved capture kernel (a resume with another one is refused: see logit_stats).
+    With `record_depth` the teacher's depth is stored and layers as block numbers
+    0..depth-1 (`-1` of a 4-layer teacher is stored as 3); without it (resuming a store
+    written before depths were recorded), layers as given and no depth."""
     text = model.config.get_text_config()
+    depth = int(text.num_hidden_layers) if record_depth else None
+    hidden_layers = canonical_layers(cfg.hidden_layers, depth)
+    attention_layers = canonical_layers(cfg.attention_layers, depth)
     heads = int(text.num_attention_heads)
     teacher = {k: v for k, v in info.as_dict().items() if k not in ("device", "is_local")}
     teacher.update(num_layers=int(text.num_hidden_layers), hidden_size=int(text.hidden_size),
@@ -232,13 +283,13 @@ def teacher_signal(cfg: DumpConfig, model, info, kernel: str) -> SignalSpec:
         topk=TopKSpec(cfg.top_k, enc, step) if cfg.top_k else None,
         sampled=(SampledSpec(cfg.samples, cfg.sample_temperature, enc, step, cfg.singleton_step)
                  if cfg.samples else None),
-        hidden=(HiddenSpec(cfg.hidden_layers, int(text.hidden_size), cfg.hidden_pool,
+        hidden=(HiddenSpec(hidden_layers, int(text.hidden_size), cfg.hidden_pool,
                            cfg.hidden_dtype) if cfg.hidden_layers else None),
-        attention=(AttentionSpec(cfg.attention_layers,
+        attention=(AttentionSpec(attention_layers,
                                  1 if cfg.attention_heads == "mean" else heads,
                                  cfg.attention_grid, cfg.attention_heads, cfg.attention_dtype)
                    if cfg.attention_layers else None),
-        teacher=teacher)
+        teacher=teacher, depth=depth)
 
 
 def model_problems(cfg: DumpConfig, model, vocab: int) -> list[str]:
@@ -247,6 +298,12 @@ def model_problems(cfg: DumpConfig, model, vocab: int) -> list[str]:
            f"(valid: {-n}..{n - 1})"
            for key in ("hidden_layers", "attention_layers") for i in getattr(cfg, key)
            if not -n <= i < n]
+    for key in ("hidden_layers", "attention_layers"):
+        blocks = canonical_layers(getattr(cfg, key), n)
+        twice = sorted({b for b in blocks if blocks.count(b) > 1 and 0 <= b < n})
+        out += [f"{key}: {' and '.join(str(i) for i in getattr(cfg, key) if i % n == b)} are "
+                f"the same layer of {cfg.model}, which has {n} layers; list each layer once"
+                for b in twice]
     if cfg.top_k > vocab:
         out.append(f"top_k: {cfg.top_k} is larger than the vocabulary ({vocab})")
     return out

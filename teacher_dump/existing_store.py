@@ -9,24 +9,24 @@ resuming), and why this run may not write into it (the refusals `--overwrite` li
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, replace
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from logitstore.commit import dataset_fingerprint, load_json, read_part_manifests
 from logitstore.format import (MANIFEST, PARTS_DIR, SEGMENT_INDEX, StoreSettings,
-                               settings_differences)
+                               canonical_layers, settings_differences)
 from logitstore.fs import StoreFS
+from logitstore.parquet_io import table_from_bytes
 from logitstore.segment import sample_digest
-from teacher_dump.config import DumpConfig, content_differences
+from logitstore.toolkit.options import config_differences
+from teacher_dump.config import FIELDS, DumpConfig
 
 # Keys of the store manifest's `extra` written by teacher-dump.
 EXTRA_CONFIG = "teacher_dump_config"  # the resolved config of the latest run (as_dict)
 EXTRA_SIGNAL_CONFIGS = "teacher_dump_signal_configs"  # {signal: config that dumped it}
 EXTRA_SUMMARY = "teacher_dump_summary"  # DumpReport.as_dict of the latest run
 EXTRA_RUNS = "teacher_dump_runs"  # one short record per run (a resumed dump has several)
+LAYER_KEYS = ("hidden_layers", "attention_layers")  # teacher layer indices, either form
 
 
 @dataclass
@@ -72,7 +72,7 @@ def inspect_store(url: str) -> ExistingStore:
     for part in parts:
         for seg in part["segments"]:
             rel = f"{PARTS_DIR}/{part['part']}/{seg['name']}/{SEGMENT_INDEX}"
-            table = pq.read_table(io.BytesIO(fs.read_bytes(rel)), columns=["sample_id"])
+            table = table_from_bytes(fs.read_bytes(rel), columns=["sample_id"])
             ids.update(table.column("sample_id").to_pylist())
     return ExistingStore(settings, manifest is not None,
                          (manifest or {}).get("dataset_fingerprint"), extra.get(EXTRA_CONFIG),
@@ -111,8 +111,20 @@ def early_conflicts(store: ExistingStore, cfg: DumpConfig, fingerprint: str,
                        f"finished: rerun its command to complete it before adding "
                        f"{cfg.signal!r}")
     elif store.saved_config(cfg.signal) is not None:
-        out += [f"config {d}" for d in content_differences(store.saved_config(cfg.signal), cfg)]
+        signal = s.signals.get(cfg.signal)
+        depth = signal.depth if signal is not None else None
+        saved = layers_as_blocks(store.saved_config(cfg.signal), depth)
+        out += [f"config {d}" for d in config_differences(
+            saved, layers_as_blocks(cfg.as_dict(), depth), FIELDS, saved_as="store")]
     return out
+
+
+def layers_as_blocks(config: dict[str, Any], depth: int | None) -> dict[str, Any]:
+    """`config` with its teacher layer lists as block numbers of a `depth`-layer teacher
+    (-1 -> depth-1), so that a resume given `3` or `-1` compares equal; unchanged when the
+    depth is unknown (a store written before it was recorded)."""
+    return {**config, **{key: list(canonical_layers(config[key] or [], depth))
+                         for key in LAYER_KEYS if key in config}}
 
 
 def data_conflicts(store: ExistingStore, cfg: DumpConfig, samples: list) -> list[str]:

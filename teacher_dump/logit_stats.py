@@ -12,9 +12,10 @@ groups the top-k can lie in, the probability mass of every group (the tail and t
 level of each draw); only the few groups that hold a top-k candidate or a draw are read
 again, 64 columns each.
 
-Why a kernel of its own: the capture used to make five passes over the fp32 [P x V] block
-(log_softmax, group maxima, exp, cumsum, a masked sum), each reading and most writing
-P x V x 4 bytes; on a CPU that memory traffic cost a third of a small teacher's forward.
+Why a kernel of its own: computed op by op (log_softmax, group maxima, exp, cumsum, a masked
+sum), the capture makes five passes over the fp32 [P x V] block, each reading and most
+writing P x V x 4 bytes; on a CPU that memory traffic costs a third of a small teacher's
+forward.
 These statistics need one read and write only [P, G]. Eager PyTorch cannot fuse a max and
 a sum of exps over the same group, so `kernel="compiled"` runs them through
 `torch.compile` (Inductor: one C++/OpenMP loop on the CPU, ~7x faster than eager at

@@ -9,7 +9,7 @@ cut into groups of GROUP = 64 columns (`teacher_dump.logit_stats`, one read of x
 
     maxima, sums       per group: max and sum of exp(x - max)            [P, G]
     lse                log sum exp of the row, from the [P, G] statistics
-    top-k              only in the k groups with the largest maxima (exact: see _topk)
+    top-k              only in the k groups with the largest maxima (exact: see _topk_and_tail)
     tail               log of the mass outside the top-k: the mass of the other groups plus
                        the other columns of the k searched groups, summed term by term (no
                        1 - sum cancellation; exact logsumexp when it underflows)
@@ -17,8 +17,8 @@ cut into groups of GROUP = 64 columns (`teacher_dump.logit_stats`, one read of x
                        the target, then the column inside it (64 values re-read per draw)
 
 Against the single-level rule (cumsum over all V columns) a draw is the same id except
-where its uniform lies within fp32 rounding of a CDF boundary; sampled counts follow the
-teacher's distribution exactly as before. Reproducibility: the uniforms come from a CPU
+where its uniform lies within fp32 rounding of a CDF boundary; either way the counts follow
+the teacher's distribution. Reproducibility: the uniforms come from a CPU
 generator seeded per sample from (seed, sample_id), so the draws of a sample do not depend
 on its batch, its rank or a resume (for one `capture_kernel`: logit_stats).
 

@@ -12,6 +12,7 @@ from student_train.alignment import (
     parse_layer_map,
     pool_attention,
     pool_hidden,
+    stored_teacher_layer,
 )
 
 
@@ -123,3 +124,48 @@ def test_attention_alignment_rejects_head_mismatch():
     attn = [torch.rand(1, 4, 3, 3)]
     with pytest.raises(ValueError, match="heads"):
         attention_alignment_loss(attn, torch.rand(1, 1, 2, 2, 2), torch.tensor([3]), {0: 0})
+
+
+# ----------------------------------------------------------------------------- teacher depth
+
+
+def test_stored_teacher_layer_accepts_either_form_with_a_known_depth():
+    assert stored_teacher_layer(-1, [1, 3], 4) == 3
+    assert stored_teacher_layer(3, [1, 3], 4) == 3
+    assert stored_teacher_layer(-3, [1, 3], 4) == 1
+    assert stored_teacher_layer(-2, [1, 3], 4) is None  # block 2: not stored
+    assert stored_teacher_layer(-1, [1, 3], None) is None  # depth unknown: exact form only
+    assert stored_teacher_layer(3, [-1], 4) == -1  # a store holding Python-style indices
+    assert stored_teacher_layer(3, [-1], None) is None
+
+
+def test_aligners_resolve_teacher_layers_against_the_stored_depth():
+    hidden, mask, am = hidden_case()
+    g = torch.Generator().manual_seed(4)
+    pools = torch.randn(3, 2, 6, generator=g)  # stored blocks 1 and 3 of a 4-layer teacher
+    torch.manual_seed(0)
+    negative = HiddenStateAligner({0: -1}, 4, 6, teacher_layers=[1, 3], teacher_depth=4)
+    torch.manual_seed(0)
+    positive = HiddenStateAligner({0: 3}, 4, 6, teacher_layers=[1, 3], teacher_depth=4)
+    assert negative([hidden], pools, mask, am).item() == positive([hidden], pools, mask, am).item()
+    with pytest.raises(ValueError, match="teacher layer -1 .* not stored"):
+        HiddenStateAligner({0: -1}, 4, 6, teacher_layers=[1, 3])([hidden], pools, mask, am)
+    attn = [torch.rand(2, 2, 4, 4, generator=g)]
+    grids = torch.rand(2, 2, 1, 2, 2, generator=g)
+    lengths = torch.tensor([4, 3])
+    by_negative = attention_alignment_loss(attn, grids, lengths, {0: -3}, teacher_layers=[1, 3],
+                                           teacher_depth=4)
+    by_block = attention_alignment_loss(attn, grids, lengths, {0: 1}, teacher_layers=[1, 3])
+    assert by_negative.item() == by_block.item()
+
+
+def test_training_layer_map_comes_back_in_the_stored_form():
+    from student_train.sources import _layer_map
+
+    problems = []
+    assert _layer_map({0: -1, 1: 1}, (1, 3), "hidden states", "t", 2, problems, 4) == {0: 3,
+                                                                                      1: 1}
+    assert problems == []
+    _layer_map({0: -1}, (1, 3), "hidden states", "t", 2, problems, None)
+    assert problems == ["layer_map: teacher layer -1 of signal 't' has no stored hidden states; "
+                        "stored layers: [1, 3]"]

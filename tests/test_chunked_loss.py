@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from student_train.chunked_loss import chunked_kd_ce, chunked_lm_loss
+from chunked_loss import chunked_kd_ce, chunked_lm_loss
 from student_train.losses import (
     build_sampled_target,
     build_topk_target,
@@ -151,7 +151,8 @@ def test_generic_per_position_loss_and_errors():
 
 PEAK_SCRIPT = """
 import resource, sys, torch
-from student_train.chunked_loss import chunked_kd_ce
+sys.path.insert(0, sys.argv[3])  # tests/, where chunked_loss lives
+from chunked_loss import chunked_kd_ce
 from student_train.losses import (build_topk_target, cross_entropy_per_position,
                                   sparse_kd_per_position)
 torch.manual_seed(0)
@@ -184,7 +185,8 @@ def test_peak_memory_does_not_grow_with_the_number_of_positions():
 
     def peak(kind, n):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
-        out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, kind, str(n)],
+        tests_dir = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, kind, str(n), tests_dir],
                              capture_output=True, text=True, check=True, env=env, timeout=120)
         return int(out.stdout.strip())
 

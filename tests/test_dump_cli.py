@@ -171,9 +171,31 @@ def test_preset_flags_override_and_resolved_config_is_saved(tiny, tmp_path):
                                   "llama3-8b-to-llama3.2-1b", "tiny-cpu"])
 def test_presets_resolve_and_say_how_to_use_them(name):
     path = REPO / "configs" / f"{name}.yaml"
-    assert path.read_text().startswith(f"# teacher-dump --config configs/{name}.yaml")
+    text = path.read_text()
+    assert text.startswith(f"# teacher-dump --config configs/{name}.yaml")
+    assert f"# student-train --config configs/{name}.yaml" in text
+    assert f"# distill-eval --config configs/{name}.yaml" in text
     cfg = resolve_config(path, {"model": "m", "data": ["d.jsonl"], "out": "store/"})
     assert cfg.top_k > 0
+    # --config also takes a bundled preset's name.
+    assert resolve_config(name, {"model": "m", "data": ["d.jsonl"], "out": "store/"}) == cfg
+
+
+def test_every_setting_is_a_flag_and_a_preset_key(tmp_path):
+    from teacher_dump.config import FIELDS
+
+    assert {p.name for p in teacher_dump.params} - {"config_path", "no_progress", "verbose"} \
+        == set(FIELDS)
+    preset = tmp_path / "p.yaml"
+    preset.write_text("dump:\n  dedup: false\n  segment_tokens: 100\n")
+    flags = ["--model", "m", "--data", "d.jsonl", "--out", "s"]
+    from_flags = teacher_dump.make_context("teacher-dump", [
+        *flags, "--no-dedup", "--segment-tokens", "100"]).params
+    from_flags = {k: v for k, v in from_flags.items() if k in FIELDS}
+    from_flags["data"] = list(from_flags["data"])
+    assert resolve_config(None, from_flags) == \
+        resolve_config(preset, {"model": "m", "data": ["d.jsonl"], "out": "s"})
+    assert resolve_config(preset, {"model": "m", "data": ["d.jsonl"], "out": "s"}).dedup is False
 
 
 def test_bad_config_lists_every_problem_at_once(tiny, tmp_path):

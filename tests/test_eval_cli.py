@@ -40,7 +40,7 @@ def _store(path: Path, tokenizer_dir: Path) -> str:
     from transformers import AutoTokenizer
 
     from logitstore.format import StoreSettings
-    from logitstore.toolkit.hf import tokenizer_fingerprint
+    from logitstore.toolkit.tokenizer_identity import tokenizer_fingerprint
     from logitstore.sample import Sample
     from logitstore.writer import StoreWriter
 
@@ -181,7 +181,8 @@ def test_error_messages(tmp_path, models):
     bad.write_text('{"text": "x"}\n')
     _fails(["--model", student, "--tasks", f"{bad}", "--out", out], "question/choices/answer")
     _fails(["--model", student, "--tasks", "local", "--limit", "0", "--batch-size", "0",
-            "--out", out], "--limit must be > 0", "--batch-size must be >= 1")
+            "--out", out], "limit (command line): must be > 0",
+           "batch_size (command line): must be >= 1")
     _fails(["--model", student, "--tasks", "local", "--ppl-data", str(tmp_path / "x.txt"),
             "--out", out], "--ppl-data")
     _fails(["--model", student, "--tasks", "local", "--ppl-store", str(tmp_path / "store"),
@@ -202,8 +203,41 @@ def test_model_without_weights_fails_after_tasks_load(tmp_path, models):
 
 
 def test_usage_errors_exit_2():
-    result = CliRunner().invoke(distill_eval, ["--tasks", "local"])
-    assert result.exit_code == 2 and "--model" in result.output
+    result = CliRunner().invoke(distill_eval, ["--tasks", "local", "--no-such-flag"])
+    assert result.exit_code == 2 and "--no-such-flag" in result.output
+
+
+def test_missing_model_is_a_config_error():
+    # --model may come from a preset's eval: section, so its absence is a config error (1).
+    _fails(["--tasks", "local"], "model is required", "out is required")
+
+
+def test_eval_section_of_a_preset(tmp_path, models):
+    from eval.config import resolve_config
+
+    preset = tmp_path / "p.yaml"
+    preset.write_text("# distill-eval --config p.yaml\ndump:\n  top_k: 4\neval:\n"
+                      f"  model: {models['student']}\n  tasks: local\n  batch_size: 2\n"
+                      "  limit: 5\n  progress: false\n")
+    cfg = resolve_config(preset, {"out": "o", "batch_size": "3"})
+    assert (cfg.model, cfg.tasks, cfg.batch_size, cfg.limit, cfg.progress) == \
+        (str(models["student"]), "local", 3, 5, False)
+    assert isinstance(cfg.limit, int) and resolve_config(None, {"model": "m", "out": "o",
+                                                                "limit": "0.5"}).limit == 0.5
+    assert cfg.roles() == {"student": str(models["student"])}
+    for name in ("med42-to-llama3.2-1b", "qwen2-1.5b-to-qwen2-0.5b",  # bundled, by name
+                 "llama3-8b-to-llama3.2-1b", "tiny-cpu"):
+        bundled = resolve_config(name, {"model": "run/final", "out": "o"})
+        assert bundled.tasks in ("medical,local", "local")
+    for scale in ("tiny", "default"):  # the demo's presets: every section resolves
+        demo = REPO / "demo" / "configs" / f"{scale}.yaml"
+        assert resolve_config(demo, {"model": "m", "out": "o"}).network == "offline"
+    # A flag's value is checked by the same code as a preset's; all problems at once.
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("eval:\n  quantise: 4bit\n  network: maybe\n")
+    _fails(["--config", str(bad), "--model", "m", "--out", str(tmp_path / "o"),
+            "--teacher-quantize", "3bit"], "unknown setting 'quantise' (did you mean "
+           "'quantize'?)", "network (", "teacher_quantize (command line): must be one of")
 
 
 def test_python_dash_m_eval_one_paragraph_error(tmp_path):

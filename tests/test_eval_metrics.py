@@ -148,7 +148,7 @@ def test_read_texts_formats(tmp_path):
 
 def test_store_eval_split_uses_loss_mask_and_checks_tokenizer(tiny, tmp_path):
     from logitstore.format import StoreSettings
-    from logitstore.toolkit.hf import tokenizer_fingerprint
+    from logitstore.toolkit.tokenizer_identity import tokenizer_fingerprint
     from logitstore.sample import Sample
     from logitstore.writer import StoreWriter
 

@@ -1,6 +1,6 @@
 """fused_head_loss == the reference per-position functions on full logits, values and gradients.
 
-The reference (fused_head_loss.reference_terms) is losses.sparse_kd_per_position and
+The reference (head_loss_terms.dense_terms) is losses.sparse_kd_per_position and
 cross_entropy_per_position run through autograd on [n, V] logits. Most cases run in float64
 so that a wrong analytic gradient cannot hide under fp32 rounding.
 """
@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import student_train.fused_head_loss as fused
-from student_train.fused_head_loss import HeadLossTerms, fused_head_loss, reference_terms
+from student_train.fused_head_loss import fused_head_loss
+from student_train.head_loss_terms import HeadLossTerms, dense_terms
 from student_train.losses import KD_LOSSES, build_sampled_target, build_topk_target
 
 N, D, V = 11, 6, 29
@@ -67,7 +68,7 @@ def check(terms, hidden, weight, bias, *, chunk_size=4, expected=True, factor=2.
     got = fused_head_loss(hidden, weight, terms, bias=bias, chunk_size=chunk_size,
                           expected_grad=coef if expected else None)
     logits = hidden @ weight.T + (0 if bias is None else bias)
-    want = reference_terms(logits, terms)
+    want = dense_terms(logits, terms)
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
     leaves = [t for t in (hidden, weight, bias) if t is not None]
     got_g = torch.autograd.grad((got * coef).sum() * factor, leaves)
@@ -166,7 +167,7 @@ def test_a_gradient_other_than_the_expected_one_is_recomputed(monkeypatch):
     out = fused_head_loss(hidden, weight, terms, bias=bias, expected_grad=coef)
     got = torch.autograd.grad(out.pow(2).sum(), [hidden, weight, bias])
     assert passes == [True, True, True]  # not proportional: run again with grad_output
-    want = reference_terms(hidden @ weight.T + bias, terms)
+    want = dense_terms(hidden @ weight.T + bias, terms)
     for a, b in zip(got, torch.autograd.grad(want.pow(2).sum(), [hidden, weight, bias])):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
@@ -183,7 +184,7 @@ def test_forward_keeps_no_logits_sized_tensor_for_backward():
 
 
 def test_autocast_bf16_matches_the_checkpointed_path():
-    from student_train.chunked_loss import chunked_lm_loss
+    from chunked_loss import chunked_lm_loss
 
     hidden, weight, bias, g = inputs(seed=10, n=40, v=300, dtype=torch.float32)
     target = build_topk_target(*[x[None] for x in
@@ -196,7 +197,7 @@ def test_autocast_bf16_matches_the_checkpointed_path():
                               expected_grad=coef)
         want = chunked_lm_loss(
             hidden[None], weight,
-            lambda z, t, y: reference_terms(z, HeadLossTerms(targets=(t,), labels=y)),
+            lambda z, t, y: dense_terms(z, HeadLossTerms(targets=(t,), labels=y)),
             (target, terms.labels[None]), bias=bias, chunk_size=16)[0]
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     for a, b in zip(torch.autograd.grad((got * coef).sum(), [hidden, weight, bias]),

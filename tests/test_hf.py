@@ -1,5 +1,6 @@
-"""logitstore.toolkit.hf: model resolution, loading (plain, eager, bitsandbytes 4/8-bit), errors,
-tokenizer fingerprints and vocabulary checks, all on tiny local models."""
+"""logitstore.toolkit.hf (model resolution, loading: plain, eager, bitsandbytes 4/8-bit, errors)
+and logitstore.toolkit.tokenizer_identity (tokenizer fingerprints, vocabulary checks), all on
+tiny local models."""
 
 from __future__ import annotations
 
@@ -18,12 +19,14 @@ from logitstore.toolkit.hf import (
     DEFAULT_MODELS_FILE,
     ModelLoadError,
     ModelSpec,
-    VocabMismatchError,
-    check_vocab_compat,
     load_aliases,
     load_causal_lm,
     load_tokenizer,
     resolve_model,
+)
+from logitstore.toolkit.tokenizer_identity import (
+    VocabMismatchError,
+    check_vocab_compat,
     tokenizer_fingerprint,
     vocab_size_of,
 )
@@ -209,7 +212,7 @@ def test_fingerprint_stable_across_save_reload_and_processes(tmp_path, tiny):
     # Another process (another hash seed) computing it from the backend alone agrees.
     code = textwrap.dedent(f"""
         from tokenizers import Tokenizer
-        from logitstore.toolkit.hf import tokenizer_fingerprint
+        from logitstore.toolkit.tokenizer_identity import tokenizer_fingerprint
         class Shim:
             backend_tokenizer = Tokenizer.from_file({str(tmp_path / "copy" / "tokenizer.json")!r})
         print(tokenizer_fingerprint(Shim()))

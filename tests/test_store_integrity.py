@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from logitstore.commit import commit_store
+from logitstore.commit import commit_store, sealed_json
 from logitstore.errors import (ChecksumError, FormatVersionError, LogitStoreError,
                                ManifestMissingError, SchemaMismatchError, SettingsMismatchError,
                                StoreNotFoundError, UnknownSampleError, UnknownSignalError)
@@ -109,8 +109,8 @@ def test_unknown_major_version_names_both(pristine, tmp_path):
     (root / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(FormatVersionError, match=r"2\.3.*expected major version 1"):
         StoreReader(str(root))
-    manifest["format_version"] = "1.7"  # a newer minor is readable
-    (root / MANIFEST).write_text(json.dumps(manifest))
+    manifest["format_version"] = "1.7"  # a newer minor is readable (once sealed again:
+    (root / MANIFEST).write_bytes(sealed_json(manifest))  # any hand edit breaks the seal)
     assert len(StoreReader(str(root))) == 20
 
 

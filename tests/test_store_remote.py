@@ -164,7 +164,7 @@ def test_cli_cp_between_local_and_s3(s3, small_local, tmp_path, monkeypatch):
         assert MANIFEST in s3.keys("cli")
 
         again = runner.invoke(cli, ["cp", path, s3.url("cli")])
-        assert again.exit_code == 2 and "already holds a store" in again.output
+        assert again.exit_code == 1 and "already holds a store" in again.output
 
         back = tmp_path / "back"
         result = runner.invoke(cli, ["cp", s3.url("cli"), str(back)])

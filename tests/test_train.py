@@ -119,7 +119,7 @@ def test_resume_refuses_changed_settings(world, tmp_path):
 def test_tokenizer_mismatch_is_refused_showing_both_sides(world, tmp_path):
     from transformers import AutoTokenizer
 
-    from logitstore.toolkit.hf import tokenizer_fingerprint
+    from logitstore.toolkit.tokenizer_identity import tokenizer_fingerprint
     from tiny_hf import make_tiny_llama, make_tokenizer
 
     other_tok = AutoTokenizer.from_pretrained(make_tokenizer(tmp_path / "tok", vocab_size=300))
@@ -145,6 +145,54 @@ def test_a_damaged_store_is_refused_naming_the_file(world, tmp_path):
         run_training(world, tmp_path / "run", store=str(store), verify_store="full", max_steps=1)
     rel = victim.relative_to(store).as_posix()
     assert "damaged" in str(err.value) and rel in str(err.value)
+
+
+def test_cheap_inputs_are_checked_before_the_student_is_loaded(world, tmp_path, monkeypatch):
+    """A wrong path must fail in seconds, not after minutes of loading a 1B student."""
+    import student_train.train as train_module
+    from logitstore.errors import LogitStoreError, ManifestMissingError, StoreNotFoundError
+    from logitstore.toolkit.data_sources import DataSourceError
+
+    def no_student(*args, **kwargs):
+        raise AssertionError("the student was loaded")
+
+    monkeypatch.setattr(train_module, "load_student", no_student)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a-file").write_text("not a directory")
+    cases = [
+        (dict(store=str(tmp_path / "nonexistent")), StoreNotFoundError, "does not exist"),
+        (dict(store=str(tmp_path / "empty")), ManifestMissingError, "no manifest.json"),
+        (dict(eval_store=str(tmp_path / "nonexistent")), StoreNotFoundError, "nonexistent"),
+        (dict(store=None, data=[str(tmp_path / "missing.jsonl")]), DataSourceError,
+         "does not exist"),
+        (dict(out=str(tmp_path / "a-file")), LogitStoreError, "cannot be created or written"),
+        (dict(out=str(tmp_path / "a-file" / "run")), LogitStoreError, "--out"),
+        (dict(resume=str(tmp_path / "empty")), ConfigError, "not a complete checkpoint"),
+    ]
+    for overrides, error, words in cases:
+        settings = {"out": str(tmp_path / "run"), "max_steps": 1, **overrides}
+        with pytest.raises(error) as err:
+            run_training(world, Path(settings.pop("out")), **settings)
+        assert words in str(err.value) and "\n\n" not in str(err.value), overrides
+    with pytest.raises(AssertionError, match="the student was loaded"):  # inputs fine: loads
+        run_training(world, tmp_path / "run", max_steps=1)
+
+
+def test_training_progress_tracks_the_best_evaluation_and_round_trips():
+    from student_train.checkpoint import TrainingProgress
+
+    progress = TrainingProgress(total_steps=10)
+    for step, loss in ((1, 2.0), (2, 1.5), (3, 1.7), (4, 1.6)):
+        progress.step = step
+        progress.record_eval({"eval/loss": loss}, patience=2)
+    assert (progress.best_step, progress.best_eval_loss, progress.bad_evals) == (2, 1.5, 2)
+    assert progress.stopped_early and progress.best_eval == {"eval/loss": 1.5}
+    state = json.loads(json.dumps(progress.state_dict()))  # as trainer_state.json holds it
+    assert TrainingProgress.from_state_dict(state) == progress
+    del state["best_eval"]  # a checkpoint written before best_eval was always present
+    assert TrainingProgress.from_state_dict(state).best_eval is None
+    with pytest.raises(ConfigError, match="another version"):
+        TrainingProgress.from_state_dict({**state, "epoch_float": 1.0})
 
 
 # ----------------------------------------------------------------------------- LoRA
@@ -213,7 +261,7 @@ def test_alignment_layer_map_problems_are_listed_together(world, tmp_path):
 
 @pytest.mark.parametrize("alpha_on", ["kd", "ce"])
 def test_group_combination_matches_the_seed_003_reference(alpha_on):
-    from student_train.losses import distillm_med_loss
+    from reference_losses import distillm_med_loss
     from student_train.objective import SignalPlan, Weights, combine
 
     g = torch.Generator().manual_seed(0)

@@ -42,13 +42,29 @@ def test_every_flag_is_a_config_key():
     assert flags == {name for name, f in FIELDS.items() if f.flag}
 
 
+def test_bare_resume_means_latest():
+    # --resume alone is --resume latest; a directory or `latest` still work as values.
+    def resume(*args):
+        ctx = main.make_context("student-train", list(args))
+        return ctx.params["resume"], ctx.params["out"]
+
+    assert resume("--resume", "--out", "r") == ("latest", "r")
+    assert resume("--out", "r", "--resume") == ("latest", "r")
+    assert resume("--resume", "run/checkpoint-20", "--out", "r") == ("run/checkpoint-20", "r")
+    assert resume("--resume", "latest") == ("latest", None)
+    assert resume("--out", "r") == (None, "r")
+    cfg = resolve_config(None, {"store": "s", "student": "x", "out": "r",
+                                "resume": resume("--resume")[0]})
+    assert cfg.resume == "latest"
+
+
 def test_config_problems_are_reported_together(tmp_path):
     preset = tmp_path / "p.yaml"
     preset.write_text("# student-train --config p.yaml\ntrain:\n  lr: fast\n  lora_rank: 8\n"
                       "  loss: kl\n")
     result = invoke("--config", str(preset), "--alpha", "2", "--loss", "nope",
                     "--max-steps", "x", "--qlora", "--layer-map", "1-3")
-    assert result.exit_code == 2
+    assert result.exit_code == 1  # a config error (exit_codes.USER_ERROR)
     out = result.output
     for expected in ("lr (", "must be a number, got 'fast'", "unknown setting 'lora_rank' "
                      "(did you mean 'lora_r'?)", "alpha (command line): must be in [0, 1]",
@@ -101,10 +117,10 @@ def test_cli_run_with_preset_and_overrides(world, tmp_path):
 def test_cli_errors_exit_nonzero_with_a_reason(world, tmp_path):
     result = invoke("--store", str(tmp_path / "nowhere"), "--student", str(world.student),
                     "--out", str(tmp_path / "r"))
-    assert result.exit_code == 2 and "no store at" in result.output
+    assert result.exit_code == 1 and "no store at" in result.output
     result = invoke("--store", str(world.store), "--student", str(tmp_path / "nope"),
                     "--out", str(tmp_path / "r"))
-    assert result.exit_code == 2 and "is not an existing directory" in result.output
+    assert result.exit_code == 1 and "is not an existing directory" in result.output
 
 
 # ----------------------------------------------------------------------------- --data mode
@@ -159,6 +175,8 @@ def test_data_mode_trains_on_hard_labels(world, tmp_path, monkeypatch):
 
     samples = _text_samples(AutoTokenizer.from_pretrained(world.tokenizer))
     monkeypatch.setattr(text_data, "load_text_samples", lambda *a, **k: samples)
+    monkeypatch.chdir(tmp_path)  # --data paths are checked to exist before the student loads
+    (tmp_path / "notes.jsonl").write_text("")
     run = tmp_path / "run"
     result = invoke("--data", "notes.jsonl", "--student", str(world.student), "--out", str(run),
                     "--max-steps", "3", "--batch-tokens", "256", "--eval-fraction", "0.25",

@@ -19,7 +19,7 @@ import torch
 
 from logitstore.format import (AttentionSpec, HiddenSpec, SampledSpec, SignalSpec, StoreSettings,
                                TopKSpec)
-from logitstore.toolkit.hf import tokenizer_fingerprint
+from logitstore.toolkit.tokenizer_identity import tokenizer_fingerprint
 from logitstore.toolkit.pooling import pool_attention, pool_hidden
 from logitstore.sample import Sample, Sampled, SignalData, TopK
 from logitstore.writer import StoreWriter

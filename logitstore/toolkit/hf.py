@@ -1,19 +1,19 @@
 """Hugging Face helpers shared by teacher-dump, student-train and distill-eval.
 
-Resolve a model name (alias from configs/models.yaml, local directory or hub id), load
-its tokenizer and causal LM (optionally bitsandbytes-quantized), fingerprint a tokenizer,
-and check a model's vocabulary against a tokenizer.
+Resolve a model name (alias from the bundled models.yaml or $LOGITSTORE_MODELS, local
+directory or hub id), then load its tokenizer and causal LM (optionally bitsandbytes-quantized),
+turning a missing or unreachable model into one ModelLoadError paragraph that says how to get
+it. A tokenizer's fingerprint and the model/tokenizer vocabulary check live in
+tokenizer_identity.py.
 
-torch / transformers / huggingface_hub are imported inside the functions that need them:
-``import logitstore`` must stay light and torch-free (the store core has no torch).
+torch / transformers / huggingface_hub are imported inside the functions that need them, so
+importing this module loads none of them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import logging
 import os
 import re
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from logitstore.errors import ConfigError, LogitStoreError, SchemaMismatchError
+from logitstore.errors import ConfigError, LogitStoreError
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +42,6 @@ DType = Literal["auto", "bfloat16", "float16", "float32"]
 
 class ModelLoadError(LogitStoreError):
     """A model or tokenizer that cannot be resolved or loaded (unknown name, missing weights)."""
-
-
-class VocabMismatchError(SchemaMismatchError):
-    """A model whose embedding matrix has fewer rows than its tokenizer has tokens."""
 
 
 @dataclass(frozen=True)
@@ -378,88 +374,3 @@ def load_causal_lm(
     )
     log.info("loaded %s", info)
     return model, info
-
-
-# ----------------------------------------------------------------------------- tokenizer identity
-
-
-def _merge_text(merge) -> str:
-    # tokenizers >= 0.20 saves merges as [a, b] pairs, older ones as "a b": same identity.
-    return " ".join(merge) if isinstance(merge, (list, tuple)) else str(merge)
-
-
-def _tokenizer_identity(tokenizer) -> dict[str, Any]:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        state = json.loads(backend.to_str())
-        model = state.get("model") or {}
-        added = state.get("added_tokens") or []
-        return {
-            "model": model.get("type"),
-            "vocab": model.get("vocab"),  # token -> id (a [token, score] list for Unigram)
-            "merges": [_merge_text(m) for m in model.get("merges") or []],
-            "added": sorted(
-                (
-                    {"content": t["content"], "id": t["id"], "special": bool(t.get("special"))}
-                    for t in added
-                ),
-                key=lambda t: t["id"],
-            ),
-        }
-    # Slow (Python) tokenizers: the vocabulary plus the added/special tokens.
-    specials = set(tokenizer.all_special_tokens)
-    added = {
-        tok.content if hasattr(tok, "content") else str(tok): idx
-        for idx, tok in getattr(tokenizer, "added_tokens_decoder", {}).items()
-    }
-    for token in specials:
-        added.setdefault(token, tokenizer.convert_tokens_to_ids(token))
-    return {
-        "model": type(tokenizer).__name__,
-        "vocab": tokenizer.get_vocab(),
-        "merges": [],
-        "added": sorted(
-            ({"content": c, "id": i, "special": c in specials} for c, i in added.items()),
-            key=lambda t: (t["id"], t["content"]),
-        ),
-    }
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 hex of the vocabulary, merges and added/special tokens (canonical JSON).
-
-    Stable across processes and save/reload; changes when any token or id changes. It
-    deliberately ignores the chat template and normalizer settings.
-    """
-    canonical = json.dumps(
-        _tokenizer_identity(tokenizer), sort_keys=True, separators=(",", ":"), ensure_ascii=False
-    )
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-
-
-def vocab_size_of(tokenizer) -> int:
-    """Number of ids the tokenizer can emit (added tokens included)."""
-    return len(tokenizer)
-
-
-def check_vocab_compat(tokenizer, model) -> int:
-    """Rows of padding beyond the tokenizer's vocabulary (>= 0), or VocabMismatchError.
-
-    Padded embeddings (Qwen2: 151,936 rows for ~151,646 tokens) are fine: those rows are
-    never produced by the tokenizer. Fewer rows than tokens would index out of range.
-    """
-    n_tokens = max(vocab_size_of(tokenizer), max(tokenizer.get_vocab().values()) + 1)
-    embedding = model.get_input_embeddings()
-    rows = {"input embedding": embedding.num_embeddings}
-    head = model.get_output_embeddings()
-    if head is not None:  # Linear4bit packs its weight: out_features is the true row count
-        rows["output head"] = getattr(head, "out_features", None) or head.weight.shape[0]
-    too_small = {k: v for k, v in rows.items() if v < n_tokens}
-    if too_small:
-        parts = ", ".join(f"{k} has {v} rows" for k, v in too_small.items())
-        raise VocabMismatchError(
-            f"the model's {parts} but the tokenizer has {n_tokens} tokens: ids >= the row "
-            "count would be out of range. Use the tokenizer the model was trained with, or "
-            "resize the embeddings (model.resize_token_embeddings(len(tokenizer)))."
-        )
-    return min(rows.values()) - n_tokens

@@ -1,27 +1,67 @@
-"""The one config mechanism of the tools: YAML preset section <- command-line flags.
+"""Option tables: each tool declares each of its settings once, as a `Field` in a table.
 
-Each tool declares its settings as a table of `Field`s; `resolve_fields` layers the defaults,
-the preset's section (`dump:`, `train:`, ...) and the flags, coerces every value, runs every
-field's check and returns ALL problems at once, so a user fixes a config in one go.
+A tool (teacher_dump/config.py, student_train/config.py, eval/config.py) holds one table
+`{name: Field}`; everything else is generated from it here:
+
+- `click_options(fields)`: the command's flags, `--name-with-dashes` per field (a field
+  with a `yaml_only` reason has none: `yaml_only_note` lists it in the `--config` help);
+  flag values are read as text and checked below, with the preset's, so that one run
+  reports every problem of a command line and its preset together;
+- `config_class(name, fields)`: the config object, a frozen dataclass with one attribute
+  per field (lists as tuples) and `as_dict()`;
+- `resolve_fields(fields, section, preset, overrides)`: defaults <- the preset's section
+  (`dump:`, `train:`, `eval:`) <- the flags; coerces every value, runs every check and
+  returns ALL problems; `preset` is a path or the name of a bundled preset (`find_preset`);
+- `config_differences(saved, new, fields)`: the settings that differ between two resolved
+  configs (a saved run and its resume), `resumable` fields excepted.
+
 No torch here.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+# Bundled presets: the checkout's configs/, installed as this package (pyproject.toml).
+PRESETS_PACKAGE = "logitstore.presets"
+_CHECKOUT_PRESETS = Path(__file__).resolve().parents[2] / "configs"
+
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "list_str": tuple[str, ...],
+          "list_int": tuple[int, ...], "weights": dict[str, float]}
+_METAVARS = {"int": "N", "float": "X", "list_int": "I,J", "weights": "NAME:W,...", "str": "TEXT"}
+
 
 @dataclass(frozen=True)
 class Field:
+    """One setting: its type, default, check and help; the flag and YAML key share its name."""
+
     kind: str  # str | int | float | bool | list_str | list_int | weights | optional_<scalar>
     default: Any
     check: Callable[[Any], str | None] | None = None  # -> problem text, or None when fine
     help: str = ""
-    flag: bool = True  # exposed as a command-line flag (else YAML only)
+    choices: tuple | None = None  # allowed values: checked, and shown as the flag's metavar
+    metavar: str | None = None  # the flag's metavar when choices/kind do not say it well
+    flag_names: str | None = None  # e.g. "--split-long/--truncate-long" (default from the name)
+    bare_value: Any = None  # value of the flag given alone (`--resume` = "latest"); None: none
+    yaml_only: str = ""  # why this setting has no flag (shown in --config's help); "" = it has
     resumable: bool = False  # may differ between a run and its resume (no effect on results)
+
+    @property
+    def flag(self) -> bool:
+        return not self.yaml_only
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with a coerced value (choices, then the check), or None."""
+        if self.choices is not None:
+            found = one_of(self.choices)(value)
+            if found:
+                return found
+        return self.check(value) if self.check is not None else None
 
 
 # -- checks (each returns a problem text or None; None values are "not set")
@@ -42,7 +82,7 @@ def between(low, high, *, high_open=False):
 
 def one_of(choices):
     return lambda v: None if v is None or v in choices else \
-        f"must be one of {', '.join(choices)}, got {v!r}"
+        f"must be one of {', '.join(map(str, choices))}, got {v!r}"
 
 
 def positive(v):
@@ -141,15 +181,152 @@ def coerce(kind: str, value: Any) -> Any:
     raise AssertionError(f"unknown field kind {kind}")
 
 
+# -- the command line
+
+
+def click_options(fields: dict[str, Field]):
+    """Decorator: one click option per field with a flag, in table order.
+
+    Every value stays text (None = not given) for `resolve_fields` to coerce and check;
+    a bool is a `--name/--no-name` pair, a list_str repeats or comma-separates.
+    """
+    def decorate(command):
+        for name, field in reversed(list(fields.items())):
+            if field.flag:
+                command = _click_option(name, field)(command)
+        return command
+    return decorate
+
+
+def _click_option(name: str, field: Field):
+    import click
+
+    dashed = "--" + name.replace("_", "-")
+    help_text = field.help
+    if field.kind == "bool":
+        names = field.flag_names or f"{dashed}/--no-{dashed[2:]}"
+        default = names.split("/")[0 if field.default else 1].strip()
+        return click.option(names, name, default=None,
+                            help=f"{help_text} [default: {default}]".strip())
+    if field.default not in (None, [], {}):
+        shown = ",".join(map(str, field.default)) if isinstance(field.default, list) \
+            else field.default
+        help_text += f" [default: {shown}]"
+    names = (field.flag_names or dashed,)
+    if field.kind == "list_str":
+        return click.option(*names, name, multiple=True, default=None, metavar="TEXT",
+                            help=f"{help_text} Repeat the flag or comma-separate.".strip())
+    kind = field.kind.removeprefix("optional_")
+    metavar = field.metavar or (f"[{'|'.join(map(str, field.choices))}]" if field.choices
+                                else _METAVARS.get(kind, "TEXT"))
+    optional_value = {} if field.bare_value is None else \
+        {"is_flag": False, "flag_value": field.bare_value}
+    return click.option(*names, name, type=str, default=None, metavar=metavar,
+                        help=help_text.strip(), **optional_value)
+
+
+def yaml_only_note(fields: dict[str, Field], section: str) -> str:
+    """The settings without a flag and why, for the help of --config ("" when none)."""
+    notes = [f"{name} ({field.yaml_only})" for name, field in fields.items()
+             if field.yaml_only]
+    return f" Only in its `{section}:` section: {'; '.join(notes)}." if notes else ""
+
+
+# -- the config object
+
+
+def config_class(name: str, fields: dict[str, Field], *, module: str, doc: str,
+                 methods: dict[str, Any] | None = None) -> type:
+    """A frozen dataclass with one attribute per field, `as_dict()` and `methods`."""
+    def kind_type(kind: str):
+        base = _TYPES[kind.removeprefix("optional_")]
+        return base | None if kind.startswith("optional_") else base
+
+    cls = dataclasses.make_dataclass(
+        name, [(key, kind_type(field.kind)) for key, field in fields.items()],
+        namespace={"as_dict": _as_dict, **(methods or {})}, frozen=True)
+    cls.__module__, cls.__doc__ = module, doc
+    return cls
+
+
+def _as_dict(self) -> dict[str, Any]:
+    """JSON/YAML-able form (tuples as lists), as echoed and saved."""
+    return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def make_config(cls: type, resolved: dict[str, Any]):
+    """`cls` (from `config_class`) of resolved values; lists become tuples (frozen)."""
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in resolved.items()})
+
+
+def config_differences(saved: dict[str, Any], new: Any, fields: dict[str, Field], *,
+                       saved_as: str = "saved") -> list[str]:
+    """`key: <saved_as> has X, now Y` for each non-resumable key that differs.
+
+    `new` is a config object or its `as_dict()`. Keys missing from `saved` (settings added
+    since it was written) are not differences; a list equals the tuple of the same items,
+    and None equals the empty list.
+    """
+    now = new if isinstance(new, dict) else new.as_dict()
+    out = []
+    for key, field in fields.items():
+        if field.resumable or key not in saved:
+            continue
+        before, after = saved[key], _plain(now[key])
+        if isinstance(before, (list, tuple)) or isinstance(after, list):
+            before, after = list(before or []), list(after or [])
+        if before != after:
+            out.append(f"{key}: {saved_as} has {before!r}, now {after!r}")
+    return out
+
+
 # -- presets and resolution
+
+
+def bundled_presets() -> dict[str, Any]:
+    """{name: file} of the presets shipped as `logitstore.presets` (else the checkout's)."""
+    from importlib import resources
+
+    try:
+        folder = resources.files(PRESETS_PACKAGE)
+    except ModuleNotFoundError:  # not installed as a package (yet): the checkout's configs/
+        folder = _CHECKOUT_PRESETS
+    if not folder.is_dir():
+        return {}
+    return {entry.name.removesuffix(".yaml"): entry for entry in folder.iterdir()
+            if entry.name.endswith(".yaml")}
+
+
+def find_preset(preset: str | Path) -> tuple[Any, list[str]]:
+    """(the file `--config` means, problems): an existing path, a path-like value as given
+    (the read reports it missing), or the name of a bundled preset."""
+    text = str(preset)
+    path = Path(text).expanduser()
+    if path.exists() or "/" in text or "\\" in text or path.suffix in (".yaml", ".yml"):
+        return path, []
+    found = bundled_presets()
+    if text in found:
+        return found[text], []
+    names = ", ".join(sorted(found)) or "none"
+    return None, [f"config {text!r}: no such file, and no bundled preset of that name "
+                  f"(bundled: {names}); give a path to a YAML file or one of those names"]
 
 
 def load_section(path: str | Path, section: str,
                  fields: dict[str, Field]) -> tuple[dict[str, Any], list[str]]:
-    """(the `section:` mapping of a YAML preset, problems); a missing section is a problem."""
+    """(the `section:` mapping of a YAML preset, problems); a missing section is a problem.
+
+    `path` is a path or a bundled preset's name (see `find_preset`).
+    """
     import yaml
 
-    path = Path(path)
+    path, problems = find_preset(path)
+    if problems:
+        return {}, problems
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -201,11 +378,12 @@ def resolve_fields(fields: dict[str, Field], section: str, preset: str | Path | 
                 origin[norm] = where
             except ValueError as exc:
                 problems.append(f"{norm} ({where}): {exc}")
-    resolved = {key: values.get(key, field.default) for key, field in fields.items()}
+    # A copy of each default: a tool may change its resolved lists and mappings in place.
+    resolved = {key: values.get(key, copy.deepcopy(field.default))
+                for key, field in fields.items()}
     for key, field in fields.items():
-        if key in values and field.check is not None:
-            problem = field.check(resolved[key])
+        if key in values:
+            problem = field.problem(resolved[key])
             if problem:
                 problems.append(f"{key} ({origin[key]}): {problem}")
     return resolved, origin, problems
-

@@ -1,22 +1,22 @@
-"""lm_head + loss computed in chunks of positions, so [B, S, V] fp32 logits never exist at once.
+"""Chunked lm_head + loss over [B, S, d] hidden states, for tests and benchmarks.
 
-Two paths. `chunked_kd_ce` (KD vs sparse targets + CE, what training uses) runs
-fused_head_loss: one [chunk, V] buffer per chunk, analytic gradients, no recompute (see
-that module). `chunked_lm_loss` takes any per-position loss function and is the generic
-path described below.
+No production code calls this module: training reaches student_train.fused_head_loss through
+student_train.objective, which selects its positions itself. Two paths:
 
-With V = 128k, B*S = 16k positions, full fp32 logits are 8 GiB (plus as much again for their
-gradient and the softmax saved for backward). Like Liger's fused linear cross-entropy and
-torchtune's chunked CE, we compute `logits = hidden @ W.T + b` and the per-position loss one
-chunk of positions at a time. Each chunk runs under `torch.utils.checkpoint` (non-reentrant):
-the forward saves only the chunk's hidden rows, the backward recomputes that chunk's logits,
-uses them and frees them before the next chunk is recomputed. Peak extra memory is therefore
-O(chunk_size * V) in both passes. Only positions selected by `mask` are computed at all
-(prompt and padding positions cost nothing).
+* `chunked_kd_ce`: per-position KD (vs sparse targets) and CE from [B, S, d] hidden states and
+  a [B, S] mask; it flattens the selected positions and runs fused_head_loss on them. The
+  tests and bench/train_bench.py use it as the memory-safe counterpart of the dense reference.
+* `chunked_lm_loss`: any per-position loss function, the textbook checkpointed way, as a second
+  reference for fused_head_loss (e.g. under autocast). Each chunk of positions computes
+  `logits = hidden @ W.T + b` and the loss under `torch.utils.checkpoint` (non-reentrant): the
+  forward saves only the chunk's hidden rows, the backward recomputes that chunk's logits, uses
+  them and frees them before the next chunk. Peak extra memory is O(chunk_size * V) in both
+  passes, but the lm_head matmul and every [n, V] op run twice.
 
+Only positions selected by `mask` are computed (prompt and padding positions cost nothing).
 The matmul runs in the weight's dtype (casting a [V, d] bf16 weight to fp32 would itself be a
-V*d fp32 copy; tensor-core matmuls accumulate in fp32 anyway); the logits are cast to fp32
-before any softmax, as everywhere in losses.py.
+V*d fp32 copy); the logits are cast to fp32 before any softmax, as in student_train.losses.
+Benchmarks import this module by putting tests/ on sys.path.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from student_train.fused_head_loss import (DEFAULT_CHUNK_SIZE, HeadLossTerms, check_head_inputs,
-                                           fused_head_loss)
+from student_train.fused_head_loss import DEFAULT_CHUNK_SIZE, check_head_inputs, fused_head_loss
+from student_train.head_loss_terms import HeadLossTerms
 from student_train.losses import SparseTarget
 
 Tensor = torch.Tensor
@@ -97,7 +97,7 @@ def chunked_lm_loss(hidden: Tensor, weight: Tensor,
         gets them flattened to [n, ...] for its n positions.
     per_position_loss(logits [n, V] fp32, *target_rows) -> [n] or [n, terms].
     returns [B, S] (or [B, S, terms]) fp32, 0 at positions outside mask; reduce it with
-    losses.masked_mean. Values and gradients equal the unchunked computation.
+    reference_losses.masked_mean. Values and gradients equal the unchunked computation.
     """
     flat_hidden, flat_targets, rows = _selected_positions(hidden, weight, bias, mask,
                                                           chunk_size, targets)
@@ -131,7 +131,7 @@ def chunked_kd_ce(hidden: Tensor, weight: Tensor, *, target: SparseTarget | None
 
     hidden [B, S, d], weight [V, d], target fields [B, S, K], labels [B, S] (-100 = ignore),
     mask [B, S] -> (kd [B, S] or None, ce [B, S] or None), 0 outside mask. Combine with
-    losses.masked_mean and losses.blend_kd_ce (mask the CE with labels != -100 as well).
+    reference_losses.masked_mean and blend_kd_ce (mask the CE with labels != -100 as well).
     expected_grads: (d loss / d kd, d loss / d ce), [B, S] each (None: 0), the gradient the
     caller's loss will send back, up to one scalar factor; it lets the forward build the
     gradients (fused_head_loss). Without it backward recomputes; either way the result is exact.

@@ -1,0 +1,61 @@
+"""Exit status of the four commands: logitstore, teacher-dump, student-train, distill-eval.
+
+    0    success
+    1    user, config or data error: a LogitStoreError, an OSError on the user's paths,
+         store damage found by `logitstore verify`; one paragraph `PROG: error: ...`
+    2    usage error found by click itself (unknown flag, missing argument)
+    130  interrupted (Ctrl-C); teacher-dump and student-train resume when rerun
+
+The commands build on `Command`/`Group` below, so an interrupt exits 130 everywhere
+(click alone prints "Aborted!" and exits 1), and report errors through `fail`.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import NoReturn
+
+import click
+
+OK = 0
+USER_ERROR = 1
+USAGE = 2  # click's own UsageError.exit_code
+INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
+
+
+def fail(prog: str, message: str, *, code: int = USER_ERROR, prefix: str = "") -> NoReturn:
+    """Print `PROG: error: MESSAGE` on stderr and exit with `code`.
+
+    `prefix` goes before it, e.g. "[rank 1] " in a multi-process run.
+    """
+    click.echo(f"{prefix}{prog}: error: {message}", err=True)
+    sys.exit(code)
+
+
+def interrupted(prog: str, hint: str = "") -> NoReturn:
+    """Print `PROG: interrupted[; HINT]` on stderr and exit 130."""
+    click.echo(f"{prog}: interrupted" + (f"; {hint}" if hint else ""), err=True)
+    sys.exit(INTERRUPTED)
+
+
+class _ExitsOnInterrupt:
+    """A click command that exits 130 on KeyboardInterrupt; `interrupted_hint` says what
+    to do next (a keyword of the command decorator)."""
+
+    def __init__(self, *args, interrupted_hint: str = "", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.interrupted_hint = interrupted_hint
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            interrupted(self.name, self.interrupted_hint)
+
+
+class Command(_ExitsOnInterrupt, click.Command):
+    """click.Command with the exit status above (use as `@click.command(cls=Command)`)."""
+
+
+class Group(_ExitsOnInterrupt, click.Group):
+    """click.Group with the exit status above; covers every subcommand."""

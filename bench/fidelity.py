@@ -18,7 +18,7 @@ students Five copies of the SAME initial weights, trained in ONE loop on the SAM
          (one StoreStream holding all three signals, so the data order is identical by
          construction) with the SAME optimizer (student_train.train.make_optimizer: AdamW),
          lr schedule (transformers.get_scheduler, the preset's cosine + warmup), steps and
-         seed, each step being student_train.train.Step.train (the real loop):
+         seed, each step being student_train.step.Step.train (the real loop):
            ce         CE only: DistillationObjective with no signal (what --data trains)
            topk8      KD from the topk8 signal   } plans from student_train.sources.plan_signals
            topk64     KD from the topk64 signal  } (--signals NAME --target topk|sampled), the
@@ -264,7 +264,8 @@ class Variant:
         from logitstore.errors import ConfigError
         from student_train.objective import DistillationObjective, LossSettings, SignalPlan
         from student_train.sources import plan_signals
-        from student_train.train import Step, make_optimizer
+        from student_train.step import Step
+        from student_train.train import make_optimizer
 
         self.name, self.cfg = name, cfg
         set_seed(cfg.seed)

@@ -11,7 +11,7 @@ world   The demo corpus (demo/make_corpus.py), a byte-level BPE trained on it (i
         over `--tokens` tokens (windows of `--seq-len`). The teacher is randomly initialised
         (nothing is trained): its logits are real model outputs, which is all the timings need.
 (a-c)   Step time, interleaved round by round on the SAME batches from the same student init
-        (one copy per mode), each step being student_train.train.Step.train (accelerate, the
+        (one copy per mode), each step being student_train.step.Step.train (accelerate, the
         real loop: forward -> combine -> backward -> clip -> AdamW):
           ce       CE only through the student-train objective (chunked lm_head: the --data path)
           hf_ce    CE only the usual way, HF `model(labels=...)` (full [B,S,V] logits), reference
@@ -381,7 +381,8 @@ class Runner:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from student_train.train import Step, make_optimizer
+        from student_train.step import Step
+        from student_train.train import make_optimizer
 
         self.mode, self.cfg = mode, train_settings(args)
         student = AutoModelForCausalLM.from_pretrained(world.student)  # fp32, identical init

@@ -4,7 +4,8 @@ The raw-data reader (files, globs, HF datasets -> tokenized samples with a loss 
 `logitstore.toolkit.data`, shared with teacher-dump (student_train never imports teacher_dump).
 
 Samples are held in memory (hard-label fine-tuning sets are small next to a store); each epoch
-is a seeded permutation cut greedily into micro-batches of at most `batch_tokens` padded tokens,
+is a seeded permutation cut greedily into micro-batches of at most `batch_tokens` padded tokens
+(`logitstore.toolkit.batching.padded_batches`),
 dealt round-robin to the processes, each process getting the same number of batches.
 """
 

@@ -147,7 +147,7 @@ def run_dump(cfg: DumpConfig, *, ranks: RankContext | None = None,
     fingerprint, vocab = tokenizer_fingerprint(tokenizer), vocab_size_of(tokenizer)
     store, samples, data_summary, conflicts = _check_store_and_read_data(cfg, tokenizer,
                                                                          fingerprint, vocab)
-    quantize = None if cfg.quantize == "auto" else cfg.quantize  # None: logitstore.toolkit.hf decides
+    quantize = None if cfg.quantize == "auto" else cfg.quantize  # None: hf decides
     model, info = load_causal_lm(cfg.model, quantize=quantize,
                                  dtype=cfg.dtype, device=_device(cfg) or ranks.device,
                                  need_attentions=bool(cfg.attention_layers),
@@ -216,9 +216,10 @@ def _plan_store(cfg: DumpConfig, tokenizer, tokenizer_id: tuple[str, int], model
         raise ConfigError(problems)
     check_vocab_compat(tokenizer, model)
     stored = store.settings.signals.get(cfg.signal) if store.settings else None
-    # A store written before the teacher's depth was recorded keeps its layer indices as given.
-    spec = teacher_signal(cfg, model, info, kernel,
-                          record_depth=stored is None or stored.depth is not None)
+    # A store written before the teacher's depth was recorded keeps its layer indices as
+    # given when it is resumed (not when --overwrite replaces it for an earlier conflict).
+    legacy = stored is not None and stored.depth is None and not conflicts
+    spec = teacher_signal(cfg, model, info, kernel, record_depth=not legacy)
     # Layout keys (chunk/segment sizes) of an existing store win: they do not change content.
     layout = store.settings or StoreSettings(vocab, fingerprint, chunk_tokens=cfg.chunk_tokens,
                                              segment_tokens=cfg.segment_tokens,

@@ -436,7 +436,7 @@ def test_kill_9_mid_dump_then_resume_gives_the_same_store(tiny, tmp_path):
         time.sleep(0.01)
     assert proc.poll() is None, "the dump ended before it could be killed: give it more data"
     os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    assert proc.wait() == -signal.SIGKILL, "the dump ended before the kill reached it"
     partial = StoreReader(str(killed))
     assert 0 < len(partial) < 150
     # The same command again (in this process: a second interpreter start costs ~10 s).

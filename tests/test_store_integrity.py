@@ -1,21 +1,31 @@
 """Corruption is caught by verify and by the reader, naming the file; every error is clear."""
 
+import hashlib
 import json
 import os
+import re
 import shutil
+import uuid
 
+import fsspec
 import numpy as np
 import pytest
+from click.testing import CliRunner
+
+import logitstore.fs as fs_module
+from logitstore.cli import main as cli
 
 from logitstore.commit import commit_store, sealed_json
 from logitstore.errors import (ChecksumError, FormatVersionError, LogitStoreError,
                                ManifestMissingError, SchemaMismatchError, SettingsMismatchError,
-                               StoreNotFoundError, UnknownSampleError, UnknownSignalError)
+                               StoreIOError, StoreNotFoundError, UnknownSampleError,
+                               UnknownSignalError)
 from logitstore.format import MANIFEST, StoreSettings, TopKSpec
 from logitstore.reader import StoreReader
 from logitstore.verify import verify_store
 from logitstore.writer import StoreWriter
 
+from store_helpers import make_samples, make_settings, make_signal, store_files
 from test_store_roundtrip import V, make, settings_for
 
 
@@ -183,3 +193,225 @@ def test_complete_part_cannot_be_appended(pristine, tmp_path):
     with pytest.raises(ChecksumError):  # a damaged manifest is reported, not a bare traceback
         (root / MANIFEST).write_text("{not json")
         StoreReader(str(root))
+
+
+# -- every file of a committed store --------------------------------------------------------
+
+def _kind(rel: str, manifest: dict) -> str:
+    if rel == MANIFEST:
+        return "store manifest"
+    if rel == manifest["index"]["path"]:
+        return "store index"
+    if rel.endswith("/manifest.json"):
+        return "part manifest"
+    if rel.endswith("/index.parquet"):
+        return "segment index"
+    if rel.endswith("zarr.json"):
+        return "zarr metadata"
+    return "shard"
+
+
+KINDS = ["store manifest", "store index", "part manifest", "segment index", "zarr metadata",
+         "shard"]
+
+
+@pytest.fixture(scope="module")
+def two_parts(tmp_path_factory):
+    """A small committed store of two parts (two segments each), free metadata in `extra`."""
+    root = tmp_path_factory.mktemp("two_parts") / "store"
+    s = make_settings(segment_tokens=40, signals={"teacher": make_signal(hidden=None,
+                                                                         attention=(1, 1, 2))})
+    samples = make_samples(8, 3, s)
+    for part, chunk in (("p0", samples[:4]), ("p1", samples[4:])):
+        with StoreWriter(str(root), s, part=part, commit_store=False) as w:
+            w.add_many(chunk)
+    commit_store(str(root), extra={"teacher_dump_config": {"model": "tiny", "lr": 0.5}})
+    assert verify_store(str(root)) == []
+    manifest = json.loads((root / MANIFEST).read_text())
+    files = sorted(store_files(root))
+    assert {_kind(f, manifest) for f in files} == set(KINDS)
+    return root, files, manifest
+
+
+def _letter_in_a_string(data: bytes, rng) -> int | None:
+    """Position of an ASCII letter inside a JSON string: flipping its case bit keeps the
+    JSON valid, so only a checksum can tell."""
+    spots = [m.start() + 1 + i for m in re.finditer(rb'"[^"\\]*"', data)
+             for i, c in enumerate(m.group()[1:-1]) if chr(c).isalpha()]
+    return int(rng.choice(spots)) if spots else None
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_file_damaged_makes_verify_exit_1_naming_it(two_parts, tmp_path, kind, damage):
+    root, files, manifest = two_parts
+    victims = [f for f in files if _kind(f, manifest) == kind]
+    missed = []
+    for n, rel in enumerate(victims):
+        copy_root = tmp_path / f"{n}"
+        shutil.copytree(root, copy_root)
+        path = copy_root / rel
+        data = bytearray(path.read_bytes())
+        rng = np.random.default_rng([n, len(data)])
+        if damage == "truncate":
+            # a lost last byte (the JSON files' final newline: still valid JSON) or half
+            path.write_bytes(bytes(data[:len(data) - 1 if n % 2 == 0 else len(data) // 2]))
+        else:
+            pos = _letter_in_a_string(data, rng) if rel.endswith(".json") else None
+            if pos is not None:
+                data[pos] ^= 0x20  # case bit: the JSON stays valid
+            else:
+                data[int(rng.integers(len(data)))] ^= 1 << int(rng.integers(8))
+            path.write_bytes(bytes(data))
+        result = CliRunner().invoke(cli, ["verify", str(copy_root)])
+        if result.exit_code != 1 or rel not in result.output or "Traceback" in result.output:
+            missed.append((rel, result.exit_code, result.output[-300:]))
+        shutil.rmtree(copy_root)
+    assert not missed, missed
+
+
+def test_flip_in_free_metadata_and_in_part_manifest(two_parts, tmp_path):
+    """The issue's two examples: valid JSON after the flip, caught by the seals."""
+    root, _, _ = two_parts
+    for rel, needle in ((MANIFEST, b'"tiny"'), ("parts/p1/manifest.json", b'"p1"')):
+        store = tmp_path / rel.replace("/", "_")
+        shutil.copytree(root, store)
+        data = (store / rel).read_bytes()
+        assert needle in data
+        (store / rel).write_bytes(data.replace(needle, needle.upper(), 1))
+        json.loads((store / rel).read_text())  # still valid JSON
+        problems = verify_store(str(store))
+        assert problems and all(rel in p for p in problems), problems
+        if rel == MANIFEST:
+            with pytest.raises(ChecksumError, match="manifest_sha256"):
+                StoreReader(str(store))
+
+
+def test_seal_is_documented_procedure(two_parts):
+    """FORMAT.md section 5, done by hand: blank the 64 digits of manifest_sha256, hash."""
+    root, _, _ = two_parts
+    for rel in (MANIFEST, "parts/p0/manifest.json"):
+        raw = (root / rel).read_bytes()
+        seal = json.loads(raw)["manifest_sha256"]
+        assert hashlib.sha256(raw.replace(seal.encode(), b"0" * 64)).hexdigest() == seal
+    listed = json.loads((root / MANIFEST).read_text())["part_manifests"]
+    assert listed["parts/p1/manifest.json"]["sha256"] == \
+        hashlib.sha256((root / "parts/p1/manifest.json").read_bytes()).hexdigest()
+
+
+def test_store_of_format_1_0_without_seals_still_reads_and_verifies(two_parts, tmp_path):
+    root = tmp_path / "old"
+    shutil.copytree(two_parts[0], root)
+    for rel in (MANIFEST, "parts/p0/manifest.json", "parts/p1/manifest.json"):
+        doc = json.loads((root / rel).read_text())
+        doc.pop("manifest_sha256")
+        doc.pop("part_manifests", None)
+        doc["format_version"] = "1.0"
+        (root / rel).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    assert verify_store(str(root)) == []
+    assert len(StoreReader(str(root))) == 8
+    os.remove(root / "parts/p1/manifest.json")  # copies made by 1.0's `cp` had none
+    assert verify_store(str(root)) == []
+
+
+def test_part_manifest_advanced_by_a_writer_is_not_damage(two_parts, tmp_path):
+    """A writer resumed part p1 and committed a segment to it, not yet to the store."""
+    root = tmp_path / "store"
+    shutil.copytree(two_parts[0], root)
+    s = StoreReader(str(root)).settings
+    (root / "parts/p1/manifest.json").unlink()  # a new part p2 then, same situation:
+    with StoreWriter(str(root), s, part="p2", commit_store=False) as w:
+        w.add_many(make_samples(3, 9, s))
+    assert verify_store(str(root)) == [f"{root}/parts/p1/manifest.json: missing (a committed "
+                                       f"part's manifest; resuming or committing the store "
+                                       f"needs it)"]
+    shutil.copy(two_parts[0] / "parts/p1/manifest.json", root / "parts/p1/manifest.json")
+    part = json.loads((root / "parts/p1/manifest.json").read_text())
+    part["segments"] = part["segments"] + [dict(part["segments"][-1], name="seg-000009")]
+    (root / "parts/p1/manifest.json").write_bytes(sealed_json(part))
+    assert verify_store(str(root)) == []  # intact and still holds the committed segments
+    part["segments"] = part["segments"][1:]  # but losing a committed segment is not allowed
+    (root / "parts/p1/manifest.json").write_bytes(sealed_json(part))
+    assert any("parts/p1/manifest.json" in p for p in verify_store(str(root)))
+
+
+def test_not_a_store_is_not_damage(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(cli, ["verify", str(tmp_path / "empty")])
+    assert result.exit_code == 1 and "not a committed store" in result.output
+    assert "DAMAGED" not in result.output and "Traceback" not in result.output
+    with pytest.raises(StoreNotFoundError):
+        verify_store(str(tmp_path / "nowhere"))
+
+
+# -- transient storage failures are I/O errors, never damage ---------------------------------
+
+@pytest.fixture
+def memory_store():
+    url = f"memory://integrity-{uuid.uuid4().hex}/store"
+    s = make_settings(signals={"teacher": make_signal(hidden=None, attention=None)})
+    with StoreWriter(url, s) as w:
+        w.add_many(make_samples(4, 1, s))
+    yield url
+    fsspec.filesystem("memory").rm(url.split("/store")[0], recursive=True)
+
+
+class FailingReads:
+    """The memory filesystem's reads raise `error` while `armed` (the first `fail_first`
+    times). Patched on the class: zarr's async wrapper binds the method when a reader opens."""
+
+    def __init__(self, monkeypatch, error: type[Exception], fail_first: int = 10**9):
+        from fsspec.implementations.memory import MemoryFileSystem
+
+        self.calls: list[str] = []
+        self.armed = True
+        real = MemoryFileSystem.cat_file
+
+        def cat_file(fs, path, *args, **kwargs):
+            if self.armed:
+                self.calls.append(path)
+                if len(self.calls) <= fail_first:
+                    raise error(f"simulated {error.__name__} reading {path}")
+            return real(fs, path, *args, **kwargs)
+
+        monkeypatch.setattr(MemoryFileSystem, "cat_file", cat_file)
+        monkeypatch.setattr(fs_module, "RETRY_DELAYS", (0.0, 0.0))
+
+
+def _open_then_fail(url: str, failing: FailingReads) -> StoreReader:
+    failing.armed = False
+    reader = StoreReader(url)
+    failing.armed = True
+    return reader
+
+
+@pytest.mark.parametrize("error", [TimeoutError, ConnectionResetError, PermissionError])
+def test_storage_failure_is_an_io_error_with_the_url(memory_store, monkeypatch, error):
+    failing = FailingReads(monkeypatch, error)
+    for action in (lambda: StoreReader(memory_store), lambda: verify_store(memory_store),
+                   lambda: _open_then_fail(memory_store, failing).sample(0)):
+        failing.calls.clear()
+        with pytest.raises(StoreIOError) as info:
+            action()
+        message = str(info.value)
+        assert memory_store in message and "I/O error" in message, message
+        assert "damage" not in message.replace("not damage", ""), message
+        assert not isinstance(info.value, ChecksumError)
+        if error is PermissionError:
+            assert "permission denied" in message and len(failing.calls) == 1
+        else:  # idempotent reads are retried (3 attempts) before giving up
+            assert len(failing.calls) == 3, failing.calls
+    result = CliRunner().invoke(cli, ["verify", memory_store])
+    assert result.exit_code == 1 and "I/O error" in result.output
+    assert "DAMAGED" not in result.output and "Traceback" not in result.output
+
+
+def test_transient_failure_is_retried(memory_store, monkeypatch):
+    failing = FailingReads(monkeypatch, TimeoutError, fail_first=2)
+    reader = StoreReader(memory_store)  # the first two reads time out, the third answers
+    assert len(reader) == 4 and len(failing.calls) > 2
+    assert verify_store(memory_store) == []
+    failing.calls.clear()
+    reader = _open_then_fail(memory_store, failing)  # now chunk reads (through zarr)
+    assert reader.sample(1).sample_id == reader.sample_ids[1]
+    assert len(failing.calls) > 2

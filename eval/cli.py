@@ -39,19 +39,12 @@ import click
 
 from eval.config import FIELDS, SECTION
 from logitstore import exit_codes
-from logitstore.toolkit.options import click_options, yaml_only_note
+from logitstore.toolkit.options import tool_command
 
 PROG = "distill-eval"
 
 
-@click.command(name=PROG, cls=exit_codes.Command,
-               context_settings={"help_option_names": ["-h", "--help"],
-                                 "max_content_width": 100})
-@click.option("--config", "config_path", metavar="PATH|NAME",
-              help="YAML preset (a path, or the name of a bundled preset such as "
-                   "med42-to-llama3.2-1b); its `eval:` section sets defaults for every flag "
-                   "below." + yaml_only_note(FIELDS, SECTION))
-@click_options(FIELDS)
+@tool_command(PROG, FIELDS, SECTION, preset_example="med42-to-llama3.2-1b")
 @click.option("-v", "--verbose", is_flag=True, help="Log at DEBUG level (libraries included).")
 def distill_eval(config_path: str | None, verbose: bool, **flags) -> None:
     """Compare a distilled student with its teacher and a baseline: quality kept, cost saved."""

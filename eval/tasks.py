@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from logitstore.errors import ConfigError
-from logitstore.toolkit.hub_probe import hub_endpoint, probe_hub
+from logitstore.toolkit.hub_probe import env_flag_set, hub_endpoint, probe_hub
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,6 @@ MEDICAL_TASKS = {
 MCQ_TEMPLATE = "medmcq_mini"  # shipped definitions that user JSONL files run with
 GENERATION_TEMPLATE = "medgen_mini"
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-_TRUE = {"1", "ON", "YES", "TRUE"}
 
 
 @dataclass(frozen=True)
@@ -225,7 +224,7 @@ def network(mode: str = "auto", probe_timeout_s: float = 3.0) -> Iterator[Networ
     elif mode == "online":
         state = NetworkState(False, "--network online")
     elif user:
-        offline = any(v.strip().upper() in _TRUE for v in user.values())
+        offline = any(env_flag_set(v) for v in user.values())
         state = NetworkState(offline, ", ".join(f"{k}={v}" for k, v in user.items()))
     else:
         why = probe_hub(probe_timeout_s)

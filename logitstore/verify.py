@@ -18,7 +18,8 @@ import zarr
 
 from logitstore.commit import (dataset_fingerprint, load_json, parse_manifest,
                                part_manifest_path, read_commit, require_committed)
-from logitstore.errors import ChecksumError, SchemaMismatchError
+from logitstore.errors import (ChecksumError, FormatVersionError, SchemaMismatchError,
+                               StoreIOError)
 from logitstore.format import MANIFEST, PARTS_DIR, StoreSettings, int_dtype_for, signal_array
 from logitstore.fs import StoreFS, sha256_hex, storage_error
 from logitstore.parquet_io import table_from_bytes
@@ -72,6 +73,8 @@ def verify_store(url: str, *, storage_options: dict | None = None,
         settings = StoreSettings.from_json(manifest["settings"])
     except ChecksumError as err:  # names the file
         return [str(err)]
+    except (StoreIOError, FormatVersionError):
+        raise  # not damage: the storage failed, or another major version of the format
     except (SchemaMismatchError, KeyError, TypeError, ValueError) as err:
         return [f"{fs.path(MANIFEST)}: {type(err).__name__}: {err}"]
     problems: list[str] = _check_part_manifests(fs, manifest)

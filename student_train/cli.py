@@ -24,7 +24,7 @@ import click
 
 from logitstore import exit_codes
 from logitstore.errors import LogitStoreError
-from logitstore.toolkit.options import click_options, yaml_only_note
+from logitstore.toolkit.options import tool_command
 from student_train.config import FIELDS, SECTION, resolve_config
 
 PROG = "student-train"
@@ -47,21 +47,14 @@ def _setup_logging() -> None:
         pass
 
 
-@click.command(name=PROG, cls=exit_codes.Command,
-               interrupted_hint="rerun with --resume to continue from the last checkpoint",
-               context_settings={"help_option_names": ["-h", "--help"],
-                                 "max_content_width": 100})
-@click.option("--config", "config_file", metavar="PATH|NAME",
-              help="YAML preset (a path, or the name of a bundled preset such as tiny-cpu); "
-                   "its `train:` section is read, flags override it."
-                   + yaml_only_note(FIELDS, SECTION))
-@click_options(FIELDS)
-def main(config_file: str | None, **flags) -> None:
+@tool_command(PROG, FIELDS, SECTION,
+              interrupted_hint="rerun with --resume to continue from the last checkpoint")
+def main(config_path: str | None, **flags) -> None:
     """Train a student from a store of teacher signals (or from --data, hard labels only)."""
     _setup_logging()
     overrides = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flags.items()}
     try:
-        cfg = resolve_config(config_file, overrides)
+        cfg = resolve_config(config_path, overrides)
         from student_train.train import train
 
         metrics = train(cfg)

@@ -23,22 +23,14 @@ import click
 
 from logitstore import exit_codes
 from logitstore.errors import LogitStoreError
-from logitstore.toolkit.options import click_options, yaml_only_note
+from logitstore.toolkit.options import tool_command
 from teacher_dump.config import FIELDS, SECTION, resolve_config
 
 PROG = "teacher-dump"
 log = logging.getLogger("teacher_dump")
 
 
-@click.command(name=PROG, cls=exit_codes.Command,
-               interrupted_hint="rerun the same command to resume",
-               context_settings={"help_option_names": ["-h", "--help"],
-                                 "max_content_width": 100})
-@click.option("--config", "config_path", metavar="PATH|NAME",
-              help="YAML preset (a path, or the name of a bundled preset such as tiny-cpu); "
-                   "its `dump:` section sets defaults for every flag below."
-                   + yaml_only_note(FIELDS, SECTION))
-@click_options(FIELDS)
+@tool_command(PROG, FIELDS, SECTION, interrupted_hint="rerun the same command to resume")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("-v", "--verbose", is_flag=True, help="Log at DEBUG level.")
 def teacher_dump(config_path, no_progress, verbose, **flags) -> None:

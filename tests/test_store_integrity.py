@@ -388,19 +388,20 @@ def _open_then_fail(url: str, failing: FailingReads) -> StoreReader:
 @pytest.mark.parametrize("error", [TimeoutError, ConnectionResetError, PermissionError])
 def test_storage_failure_is_an_io_error_with_the_url(memory_store, monkeypatch, error):
     failing = FailingReads(monkeypatch, error)
-    for action in (lambda: StoreReader(memory_store), lambda: verify_store(memory_store),
-                   lambda: _open_then_fail(memory_store, failing).sample(0)):
+    for what, action in (("open", lambda: StoreReader(memory_store)),
+                         ("verify", lambda: verify_store(memory_store)),
+                         ("chunk read", lambda: _open_then_fail(memory_store, failing).sample(0))):
         failing.calls.clear()
-        with pytest.raises(StoreIOError) as info:
+        with pytest.raises(StoreIOError, match="I/O error") as info:
             action()
         message = str(info.value)
-        assert memory_store in message and "I/O error" in message, message
-        assert "damage" not in message.replace("not damage", ""), message
+        assert memory_store in message, (what, message)
+        assert "damage" not in message.replace("not damage", ""), (what, message)
         assert not isinstance(info.value, ChecksumError)
         if error is PermissionError:
             assert "permission denied" in message and len(failing.calls) == 1
         else:  # idempotent reads are retried (3 attempts) before giving up
-            assert len(failing.calls) == 3, failing.calls
+            assert len(failing.calls) == 3, (what, failing.calls)
     result = CliRunner().invoke(cli, ["verify", memory_store])
     assert result.exit_code == 1 and "I/O error" in result.output
     assert "DAMAGED" not in result.output and "Traceback" not in result.output

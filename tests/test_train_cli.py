@@ -38,7 +38,7 @@ def test_help_lists_every_flag():
 
 def test_every_flag_is_a_config_key():
     # The flags are generated from config.FIELDS: one mechanism for YAML and the command line.
-    flags = {p.name for p in main.params} - {"config_file"}
+    flags = {p.name for p in main.params} - {"config_path"}
     assert flags == {name for name, f in FIELDS.items() if f.flag}
 
 

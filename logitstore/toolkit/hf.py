@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from logitstore.errors import ConfigError, LogitStoreError
+from logitstore.toolkit.hub_probe import env_flag_set
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,6 @@ MODELS_ENV = "LOGITSTORE_MODELS"
 DEFAULT_MODELS_FILE = Path(__file__).resolve().parent / "models.yaml"  # package data
 QUANTIZE_CHOICES = ("4bit", "8bit", "none")
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
-_TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
 # Hub repo ids: "name" or "org/name" of word characters, dots and dashes.
 _HUB_ID = re.compile(r"[\w.-]{1,96}(/[\w.-]{1,96})?")
 _SNAPSHOT_COMMIT = re.compile(r"/snapshots/([0-9a-f]{40})(/|$)")
@@ -153,7 +153,7 @@ def resolve_model(name: str | os.PathLike | ModelSpec, revision: str | None = No
 
 def hub_offline() -> bool:
     """HF_HUB_OFFLINE as set now (the hub library reads it only once, at import)."""
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in _TRUE_VALUES:
+    if env_flag_set(os.environ.get("HF_HUB_OFFLINE")):
         return True
     try:
         from huggingface_hub import constants

@@ -5,6 +5,14 @@ from __future__ import annotations
 
 import os
 
+# What huggingface_hub and datasets read as "on" in their *_OFFLINE variables.
+_TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
+
+
+def env_flag_set(value: str | None) -> bool:
+    """An environment value (e.g. of HF_HUB_OFFLINE) that the Hugging Face libraries take as on."""
+    return value is not None and value.strip().upper() in _TRUE_VALUES
+
 
 def hub_endpoint() -> str:
     return os.environ.get("HF_ENDPOINT") or "https://huggingface.co"

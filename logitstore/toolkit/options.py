@@ -184,6 +184,30 @@ def coerce(kind: str, value: Any) -> Any:
 # -- the command line
 
 
+def tool_command(prog: str, fields: dict[str, Field], section: str, *,
+                 preset_example: str = "tiny-cpu", interrupted_hint: str = ""):
+    """Decorator: the click command of a tool, with the exit status of
+    logitstore/exit_codes.py, `--config PATH|NAME` (a preset whose `section:` sets the
+    defaults) and one flag per field. The function gets `config_path` and the flags
+    (text, None = not given); options declared below the decorator come last in --help."""
+    import click
+
+    from logitstore import exit_codes
+
+    def decorate(function):
+        function = click_options(fields)(function)
+        function = click.option(
+            "--config", "config_path", metavar="PATH|NAME",
+            help=f"YAML preset (a path, or the name of a bundled preset such as "
+                 f"{preset_example}); its `{section}:` section sets defaults for every flag "
+                 f"below, flags override it." + yaml_only_note(fields, section))(function)
+        return click.command(name=prog, cls=exit_codes.Command,
+                             interrupted_hint=interrupted_hint,
+                             context_settings={"help_option_names": ["-h", "--help"],
+                                               "max_content_width": 100})(function)
+    return decorate
+
+
 def click_options(fields: dict[str, Field]):
     """Decorator: one click option per field with a flag, in table order.
 

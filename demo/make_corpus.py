@@ -49,6 +49,7 @@ KIND_WORD = {"condition": "condition", "drug": "drug", "lab_test": "laboratory t
 BASE_TRAIN = 3600          # train records at --scale 1.0 (about 1.5 MB of text with heldout)
 HELDOUT_FRACTION = 0.10    # share of (entity, template) combos and of records held out
 LETTERS = "ABCD"
+MCQ_EVAL_ITEMS = 400       # questions in medmcq_kb.jsonl (--mcq-eval): SE of accuracy <= 0.025
 
 ALL_FIELDS = tuple(dict.fromkeys(f for k in KIND_FIELDS for f in KIND_FIELDS[k] + OPTIONAL_FIELDS.get(k, ())))
 # Per-field phrasing (label, sentences, questions, rel, mcq) lives in the YAML's `phrasing`
@@ -485,6 +486,44 @@ def build(entities: list[dict], seed: int = 0, scale: float = 1.0) -> dict[str, 
     return out
 
 
+def build_mcq_eval(entities: list[dict], seed: int = 0, n: int = MCQ_EVAL_ITEMS) -> list[dict]:
+    """`n` four-option questions on the knowledge base's facts, in the eval format
+    (question, choices, answer): one true item of one list field of one entity, three
+    distractors as in the corpus (same kind, no shared content word). Every fact is stated
+    in the training text: these test what a model knows of the domain, not a template.
+
+    Candidates are every (entity, field, true item); a seeded draw picks n of them, spread
+    over the entities, and the keyed answer takes each position n/4 times (a model that
+    prefers a position gains nothing). Its own random stream: the same questions whatever
+    the corpus scale."""
+    rng = random.Random(f"logitstore-demo-mcq-eval:{seed}")
+    by_kind: dict[str, list[dict]] = {}
+    for e in entities:
+        by_kind.setdefault(e["kind"], []).append(e)
+    ctx = {"by_kind": by_kind}
+    per_entity = [[(e, f, x) for f in list_fields(e) if "mcq" in FIELDS[f] for x in e[f]]
+                  for e in entities]
+    for cands in per_entity:
+        rng.shuffle(cands)
+    order = [c for rnd in range(max(map(len, per_entity))) for c in
+             rng.sample([p[rnd] for p in per_entity if rnd < len(p)],
+                        sum(rnd < len(p) for p in per_entity))]
+    items: list[dict] = []
+    for e, f, x in order:
+        if len(items) == n:
+            break
+        wrong = distractors(e, f, ctx, rng)
+        if wrong is None:
+            continue
+        answer = len(items) % 4
+        choices = wrong[:answer] + [x] + wrong[answer:]
+        items.append({"id": f"kbmcq-{len(items):04d}",
+                      "question": FIELDS[f]["mcq"].format(t=term(e)),
+                      "choices": choices, "answer": answer, "specialty": e["specialty"],
+                      "entity": e["name"], "field": f})
+    return items
+
+
 def write_jsonl(path: Path, records: list[dict]) -> int:
     data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
     path.write_bytes(data)
@@ -497,11 +536,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies the number of train/heldout records")
     ap.add_argument("--kb", type=Path, default=KB_PATH, help="knowledge base YAML")
+    ap.add_argument("--mcq-eval", type=int, default=MCQ_EVAL_ITEMS, metavar="N",
+                    help="questions in medmcq_kb.jsonl (0: no such file)")
     args = ap.parse_args(argv)
     if args.scale <= 0:
         ap.error("--scale must be positive")
+    if args.mcq_eval < 0:
+        ap.error("--mcq-eval must be >= 0")
     t0 = time.perf_counter()
-    corpora = build(load_kb(args.kb), seed=args.seed, scale=args.scale)
+    entities = load_kb(args.kb)
+    corpora = build(entities, seed=args.seed, scale=args.scale)
+    if args.mcq_eval:
+        corpora["medmcq_kb"] = build_mcq_eval(entities, seed=args.seed, n=args.mcq_eval)
     args.out.mkdir(parents=True, exist_ok=True)
     text_bytes = sum(len(r["text"].encode("utf-8")) for s in ("train", "heldout") for r in corpora[s])
     for name, recs in corpora.items():

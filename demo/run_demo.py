@@ -385,6 +385,7 @@ def evaluate(ctx: "Context") -> None:
     ctx.runner.run("eval", "distill-eval", [
         "--config", str(ctx.settings["preset"]), "--model", str(p["student"]),
         "--teacher", str(p["teacher"]), "--baseline", str(p["baseline"]),
+        "--tasks", f"{ctx.settings['eval']['tasks']},{p['corpus'] / 'medmcq_kb.jsonl'}",
         "--ppl-data", str(p["corpus"] / "heldout.jsonl"), "--out", str(p["report"]),
         "--no-progress"])
 

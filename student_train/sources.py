@@ -2,7 +2,7 @@
 
 `check_inputs` runs before any model is loaded and checks what costs only metadata: the
 store(s) exist and are committed (their manifest and index are read), the --data specs
-resolve to files, directories or dataset names. Then, with the student loaded, a store is
+resolve to files, directories or dataset names, the --signals names are in the store. Then, with the student loaded, a store is
 refused, before training, when its tokenizer or vocabulary differs from the
 student's (both sides shown), when a checksum fails (the damaged files named), or when the
 config asks for what it does not hold (signals, captures, layers). Config problems are
@@ -86,7 +86,18 @@ def check_inputs(cfg) -> Inputs:
     store = StoreReader(cfg.store, cache_dir=cfg.cache_dir)
     eval_store = StoreReader(cfg.eval_store, cache_dir=cfg.cache_dir) if cfg.eval_store \
         else None
+    problem = _unknown_signals(cfg, store.settings)
+    if problem:
+        raise ConfigError([problem])
     return Inputs(store, eval_store)
+
+
+def _unknown_signals(cfg, settings) -> str | None:
+    """The problem with --signals names the store does not hold (None when all are held)."""
+    unknown = [n for n in cfg.signals if n not in settings.signals]
+    if not unknown:
+        return None
+    return f"signals: {unknown} not in the store, which holds {list(settings.signals)}"
 
 
 def check_store(reader: StoreReader, url: str, cfg, tokenizer, accelerator) -> None:
@@ -131,10 +142,9 @@ def _layer_map(user: dict[int, int] | None, stored: tuple[int, ...], kind: str, 
 def plan_signals(cfg, settings, student, problems: list[str]):
     """(plans, aligners) of the selected signals; appends what is wrong to `problems`."""
     names = list(cfg.signals) or list(settings.signals)
-    unknown = [n for n in names if n not in settings.signals]
+    unknown = _unknown_signals(cfg, settings)
     if unknown:
-        problems.append(f"signals: {unknown} not in the store, which holds "
-                        f"{list(settings.signals)}")
+        problems.append(unknown)
         return [], []
     user_map = parse_layer_map(cfg.layer_map) if cfg.layer_map else None
     text = student.config.get_text_config()

@@ -61,6 +61,9 @@ ROWS = [
                        "--loss", "l2"], 1, ["loss", "must be one of", "'l2'"]),
     ("student-train", ["--store", "{tmp}", "--student", NO_MODEL, "--out", "{tmp}/run"], 1,
      ["not a committed store"]),
+    # checked from the store's manifest before the (here missing) student is looked at
+    ("student-train", ["--store", "{store}", "--student", NO_MODEL, "--out", "{tmp}/run",
+                       "--signals", "qwen:1"], 1, ["'qwen'", "not in the store"]),
     ("distill-eval", ["--model", NO_MODEL, "--tasks", "local", "--out", "{tmp}/r",
                       "--device", "cpu", "--no-efficiency"], 1, [NO_MODEL]),
     ("distill-eval", ["--model", "{model}", "--tasks", "/nonexistent/tasks.jsonl", "--out",

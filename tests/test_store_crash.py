@@ -20,9 +20,7 @@ the part in this process and writing the samples after `committed_count`.
 
 from __future__ import annotations
 
-import json
 import multiprocessing
-import os
 import signal
 import subprocess
 import sys
@@ -34,21 +32,14 @@ import numpy as np
 import pytest
 
 import crash_writer
-from store_helpers import (content_differences, content_of, make_samples,
-                           make_settings, sample_content, settings_json, store_files)
+from crash_checks import (N, PART, SEED, SETTINGS, Reference, check_committed, check_final,
+                          commit_in_progress, finish, fresh_store, part_is_complete,
+                          part_segments, uncommitted_segments)
+from store_helpers import content_differences, content_of, make_samples, settings_json
 
-from logitstore.commit import commit_store, dataset_fingerprint
-from logitstore.errors import LogitStoreError, ManifestMissingError
-from logitstore.format import MANIFEST, TMP_MARK
 from logitstore.reader import StoreReader
 from logitstore.verify import verify_store
-from logitstore.writer import StoreWriter
 
-N = 16  # samples (~330 tokens)
-SEED = 5
-SETTINGS = make_settings(segment_tokens=64)  # -> 5 segments of ~26 files each
-PART = "part-00000"
-PART_MANIFEST = f"parts/{PART}/manifest.json"
 WRITER_SCRIPT = Path(__file__).with_name("crash_writer.py")
 PRELOAD = ["numpy", "pandas", "pyarrow", "pyarrow.parquet", "zarr", "logitstore.writer",
            "logitstore.reader", "synthetic", "logitstore.verify"]  # missing: skipped
@@ -147,18 +138,6 @@ def run_forked(mp, argv: list[str], kill_after: float | None = None,
 
 # -- the reference: one uninterrupted write --------------------------------------------------
 
-@dataclass
-class Reference:
-    path: Path
-    reader: StoreReader
-    ids: list[str]
-    content: dict
-    digests: dict[str, str]
-    ops: list[tuple[int, str, str]]  # (number, write|delete, relative path)
-    seconds: float  # time the uninterrupted child spent writing
-    commits: int  # segment commits it reported from add() (close() commits the last one)
-
-
 @pytest.fixture(scope="module")
 def reference(mp, tmp_path_factory) -> Reference:
     path = tmp_path_factory.mktemp("crash") / "reference"
@@ -179,141 +158,6 @@ def reference(mp, tmp_path_factory) -> Reference:
     digests = dict(zip(reader.sample_ids, reader.index.column("digest").to_pylist()))
     commits = sum(line.startswith("COMMITTED") for line in run.lines)
     return Reference(path, reader, ids, content_of(reader), digests, ops, seconds, commits)
-
-
-# -- checks -----------------------------------------------------------------------------------
-
-def check_committed(store: Path, ref: Reference, at_least: int = 0) -> int:
-    """The state a kill left: readable and clean up to the last commit; returns its samples."""
-    if not (store / MANIFEST).exists():
-        assert at_least == 0, "a committed store lost its manifest"
-        with pytest.raises(ManifestMissingError):
-            StoreReader(str(store))
-        with pytest.raises(ManifestMissingError):  # not a store yet, rather than damaged
-            verify_store(str(store))
-        return 0
-    reader = StoreReader(str(store))
-    assert verify_store(str(store)) == [], "uncommitted leftovers must be ignored by verify"
-    n = len(reader)
-    assert at_least <= n <= N, f"committed samples went from {at_least} to {n}"
-    assert reader.sample_ids == ref.ids[:n], "a committed state is a prefix of the write order"
-    assert reader.manifest["counts"]["samples"] == n
-    assert reader.manifest["dataset_fingerprint"] == dataset_fingerprint(
-        reader.sample_ids, [ref.digests[i] for i in reader.sample_ids])
-    assert_reference_content(reader, ref)
-    return n
-
-
-def assert_reference_content(reader: StoreReader, ref: Reference) -> None:
-    """Every sample the reader lists holds exactly what the uninterrupted write holds.
-
-    The caller has run verify_store, which checks every file the manifest lists against
-    its recorded sha256. So when those records equal the reference's (same paths, same
-    bytes) and so do the rows of the sample index, the decoded content is the reference's
-    too, and only the first and the last sample are decoded (random access) as a spot
-    check; otherwise (a layout the reference does not share) every sample is decoded and
-    compared.
-    """
-    ref_files = ref.reader.manifest["files"]
-    same_files = all(ref_files.get(rel) == meta for rel, meta in reader.manifest["files"].items())
-    same_rows = reader.index.to_pylist() == ref.reader.index.slice(0, len(reader)).to_pylist()
-    if not (same_files and same_rows):
-        problems = content_differences(content_of(reader),
-                                       {i: ref.content[i] for i in reader.sample_ids})
-        assert not problems, problems
-    for sid in {reader.sample_ids[0], reader.sample_ids[-1]}:
-        assert not content_differences({sid: sample_content(reader.sample(sid))},
-                                       {sid: ref.content[sid]})
-
-
-def finish(store: Path, visible: int) -> str:
-    """Resume the part in this process and write the rest; returns how it resumed."""
-    samples = make_samples(N, SEED, SETTINGS)
-    try:
-        writer = StoreWriter(str(store), SETTINGS, part=PART)
-    except LogitStoreError as err:
-        # The kill hit close() after the part was marked complete but before (or while) the
-        # store was committed: a complete part is never appended to (FORMAT.md section 7),
-        # so finishing means committing, as `logitstore commit` does.
-        assert "is complete" in str(err), err
-        commit_store(str(store))
-        return "complete part: commit_store"
-    done = writer.committed_count
-    assert visible <= done <= N, (visible, done)
-    assert writer.committed_ids == {s.sample_id for s in samples[:done]}
-    for sample in samples[done:]:
-        writer.add(sample)
-    writer.close()
-    return f"resumed after {done}"
-
-
-def check_final(store: Path, ref: Reference) -> None:
-    assert verify_store(str(store)) == []
-    reader = StoreReader(str(store))
-    assert reader.sample_ids == ref.ids
-    assert_reference_content(reader, ref)
-    assert reader.manifest["dataset_fingerprint"] == ref.reader.manifest["dataset_fingerprint"]
-    counts, ref_counts = reader.manifest["counts"], ref.reader.manifest["counts"]
-    assert counts == ref_counts
-    # a resumed writer continues at the segment boundary it committed: same segmentation
-    assert [s.samples for s in reader.segments] == [s.samples for s in ref.reader.segments]
-    assert all(p["complete"] for p in reader.manifest["parts"])
-    # nothing uncommitted is left inside the part once it has been reopened
-    files = store_files(store)
-    listed = set(reader.manifest["files"]) | {PART_MANIFEST, MANIFEST,
-                                             reader.manifest["index"]["path"]}
-    assert {f for f in files if f.startswith("parts/")} <= listed, \
-        sorted({f for f in files if f.startswith("parts/")} - listed)[:5]
-    # outside parts/ a crash may leave only temp files and unreferenced index files
-    for extra in files - listed:
-        name = extra.rsplit("/", 1)[-1]
-        assert TMP_MARK in name or extra.startswith("index/"), extra
-
-
-def part_manifest(store: Path) -> dict:
-    path = store / PART_MANIFEST
-    return json.loads(path.read_text()) if path.exists() else {"complete": False, "segments": []}
-
-
-def part_is_complete(store: Path) -> bool:
-    return part_manifest(store)["complete"]
-
-
-def part_segments(store: Path) -> list[str]:
-    """Segments the part manifest lists (committed in the part; maybe not yet in the store)."""
-    return [s["name"] for s in part_manifest(store)["segments"]]
-
-
-def uncommitted_segments(store: Path) -> list[str]:
-    """Segment directories of the part that its manifest does not list."""
-    listed = set(part_segments(store))
-    return sorted(n for n in os.listdir(store / "parts" / PART)
-                  if n.startswith("seg-") and n not in listed)
-
-
-def commit_in_progress(store: Path) -> str | None:
-    """What a kill left half done, or None when the store is exactly a committed state: a
-    file the store manifest does not list (segment files, a temp file, a new or an old
-    index), or a part manifest ahead of the store manifest (more segments, or complete)."""
-    files = store_files(store)
-    if not (store / MANIFEST).exists():
-        return f"{len(files)} file(s) and no store manifest" if files else None
-    manifest = json.loads((store / MANIFEST).read_text())
-    listed = set(manifest["files"]) | {MANIFEST, PART_MANIFEST, manifest["index"]["path"]}
-    if unlisted := sorted(files - listed):
-        return f"{len(unlisted)} unlisted file(s), e.g. {unlisted[0]}"
-    (committed,) = [p for p in manifest["parts"] if p["name"] == PART]
-    if [s["name"] for s in committed["segments"]] != part_segments(store):
-        return "the part manifest lists segments the store manifest does not"
-    if committed["complete"] != part_is_complete(store):
-        return "the part is complete, the store manifest does not say so"
-    return None
-
-
-def fresh_store(tmp_path: Path, name: str) -> Path:
-    store = tmp_path / name
-    store.mkdir()  # exists, so a never-committed store reads as ManifestMissingError
-    return store
 
 
 # -- kills at chosen file operations -------------------------------------------------------

@@ -168,6 +168,7 @@ def test_cheap_inputs_are_checked_before_the_student_is_loaded(world, tmp_path, 
         (dict(out=str(tmp_path / "a-file")), LogitStoreError, "cannot be created or written"),
         (dict(out=str(tmp_path / "a-file" / "run")), LogitStoreError, "--out"),
         (dict(resume=str(tmp_path / "empty")), ConfigError, "not a complete checkpoint"),
+        (dict(signals={"no-such-teacher": 1.0}), ConfigError, "not in the store"),
     ]
     for overrides, error, words in cases:
         settings = {"out": str(tmp_path / "run"), "max_steps": 1, **overrides}

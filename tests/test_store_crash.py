@@ -15,7 +15,14 @@ Kills come two ways:
 - by the test (SIGKILL) at seeded random moments: a random number of segment commits into
   the run, plus a random part of a segment's write time, landing wherever the writer is.
 After every kill the committed state is checked, and the store is finished by reopening
-the part in this process and writing the samples after `committed_count`.
+the part in this process and writing the samples after `committed_count`
+(tests/crash_checks.py holds the checks).
+
+A kill must really have cut a run short: every chosen-operation kill asserts the child died
+by SIGKILL before it reported DONE, at the operation it named; the random campaigns count
+the runs killed mid-run and the kills that left a commit half done on disk (files the store
+manifest does not list, a part manifest ahead of it) and assert a floor for both, since a
+random delay may also land after the writer finished or between two commits.
 """
 
 from __future__ import annotations
@@ -32,11 +39,12 @@ import numpy as np
 import pytest
 
 import crash_writer
-from crash_checks import (N, PART, SEED, SETTINGS, Reference, check_committed, check_final,
-                          commit_in_progress, finish, fresh_store, part_is_complete,
-                          part_segments, uncommitted_segments)
+from crash_checks import (N, PART, PART_MANIFEST, SEED, SETTINGS, Reference, check_committed,
+                          check_final, commit_in_progress, finish, fresh_store,
+                          part_is_complete, part_segments, uncommitted_segments)
 from store_helpers import content_differences, content_of, make_samples, settings_json
 
+from logitstore.format import MANIFEST
 from logitstore.reader import StoreReader
 from logitstore.verify import verify_store
 

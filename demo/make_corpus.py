@@ -282,6 +282,15 @@ def make_qa(f):
     return fn
 
 
+def make_pick(f):
+    """Short-answer form of a multiple-choice question: the question, one true item."""
+    def fn(e, rng, ctx):
+        if not e.get(f) or "mcq" not in FIELDS[f]:
+            return None
+        return dict(format="qa", question=FIELDS[f]["mcq"].format(t=term(e)), answer=rng.choice(e[f]))
+    return fn
+
+
 def t_qa_notes(e, rng, ctx):
     if not e.get("notes"):
         return None
@@ -405,6 +414,7 @@ TEMPLATES = [("para.overview", t_overview), ("para.study_note", t_study_note), (
              ("para.compare", t_compare), ("qa.definition", t_qa_definition), ("qa.notes", t_qa_notes),
              ("qa.cloze", t_cloze), ("qa.true_false", t_true_false)]
 TEMPLATES += [(f"qa.{f}", make_qa(f)) for f in ALL_FIELDS]
+TEMPLATES += [(f"qa.pick.{f}", make_pick(f)) for f in ALL_FIELDS if f not in SCALAR_FIELDS]
 TEMPLATES += [("instr.summary", t_instr_summary), ("instr.list", t_instr_list), ("instr.identify", t_instr_identify),
               ("instr.extract", t_instr_extract),
               ("chat.tutor", t_chat_tutor), ("chat.quiz", t_chat_quiz),

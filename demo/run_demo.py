@@ -6,10 +6,12 @@
 Stages, each one a call of the real command-line tool (the arguments are printed, and
 saved in OUT/commands.sh so any stage can be rerun by hand):
 
-  corpus     demo/make_corpus.py -> OUT/corpus/{train,heldout,...}.jsonl
+  corpus     demo/make_corpus.py -> OUT/corpus/{train,heldout,...}.jsonl and the
+             knowledge-base multiple-choice eval set OUT/corpus/medmcq_kb.jsonl
   tokenizer  byte-level BPE trained on train.jsonl with `tokenizers` -> OUT/tokenizer;
              train records grouped into documents of <= N tokens -> corpus/documents.jsonl,
-             its first documents -> corpus/distill.jsonl (the held-in split to distil on)
+             its first documents -> corpus/distill.jsonl (the transfer set: a held-in
+             split, >= 10x smaller than the teacher's text; sizes in split_sizes.json)
   init       randomly initialised (seeded) Llama teacher and smaller student -> OUT/init/
   teacher    student-train --data documents.jsonl (hard labels) -> OUT/runs/teacher/final
   dump       teacher-dump of distill.jsonl (top-k, sampled, hidden, attention) -> OUT/store
@@ -17,7 +19,9 @@ saved in OUT/commands.sh so any stage can be rerun by hand):
   student    student-train --store (KD + hidden + attention) -> OUT/runs/student/final
   baseline   student-train --data distill.jsonl, same settings, no teacher
              -> OUT/runs/baseline/final
-  eval       distill-eval teacher/student/baseline -> OUT/report/report.{md,json,png}
+  eval       distill-eval teacher/student/baseline on the bundled tasks, medmcq_kb and
+             the held-out documents -> OUT/report/report.{md,json,png} (values with
+             standard errors; which student-baseline differences are resolved)
 
 Settings come from demo/configs/SCALE.yaml (`demo:`, `dump:` and `train:` sections) and
 demo/configs/SCALE-teacher.yaml. Everything is seeded, so a run is reproducible.
@@ -274,7 +278,9 @@ def make_documents(ctx: "Context", tokenizer, texts: list[str]) -> None:
     by max_length); distill.jsonl: its first `distill_documents` documents.
 
     The teacher trains on every document; the store (and so the student) and the baseline
-    get the distill split, text the teacher was trained on (a held-in split). Grouping keeps
+    get the distill split, text the teacher was trained on (a held-in split), a small part
+    of it: the classic setting where the teacher has seen far more text than the transfer
+    set (corpus/split_sizes.json has both sizes in tokens, and their ratio). Grouping keeps
     padding low: `--data` and the store batch whole samples padded to the longest of their
     micro-batch, and the corpus's records alone (~75 tokens, up to ~240) would waste about
     half of every batch."""
@@ -293,6 +299,7 @@ def make_documents(ctx: "Context", tokenizer, texts: list[str]) -> None:
     docs.append(current)
     records = [{"id": f"doc-{i:05d}", "text": "\n\n".join(d), "records": len(d)}
                for i, d in enumerate(docs)]
+    tokens = [size(d) for d in docs]
     n_distill = ctx.demo["distill_documents"]
     if not 0 < n_distill < len(records):
         raise DemoError(f"distill_documents must be in 1..{len(records) - 1} (there are "
@@ -300,10 +307,17 @@ def make_documents(ctx: "Context", tokenizer, texts: list[str]) -> None:
     _write_jsonl(ctx.paths["documents"], records)
     _write_jsonl(ctx.paths["distill"], records[:n_distill])
     held_in = sum(r["records"] for r in records[:n_distill])
+    sizes = {"teacher_documents": len(records), "teacher_tokens": sum(tokens),
+             "transfer_documents": n_distill, "transfer_tokens": sum(tokens[:n_distill]),
+             "teacher_to_transfer": round(sum(tokens) / sum(tokens[:n_distill]), 2)}
+    ctx.paths["split_sizes"].write_text(json.dumps(sizes, indent=1) + "\n", encoding="utf-8")
     print(f"    {len(texts)} train records -> {len(records)} documents of <= {budget} tokens: "
           f"{_rel(ctx.paths['documents'], ctx.out)}", flush=True)
     print(f"    distill split: the first {n_distill} documents ({held_in} records): "
           f"{_rel(ctx.paths['distill'], ctx.out)}", flush=True)
+    print(f"    teacher's text {sizes['teacher_tokens']:,} tokens, transfer set "
+          f"{sizes['transfer_tokens']:,} tokens ({sizes['teacher_to_transfer']:.1f}x less)",
+          flush=True)
 
 
 def init_models(ctx: "Context") -> None:
@@ -428,6 +442,7 @@ def make_paths(out: Path) -> dict[str, Path]:
          "student_run": out / "runs" / "student", "baseline_run": out / "runs" / "baseline",
          "report": out / "report"}
     p.update(documents=p["corpus"] / "documents.jsonl", distill=p["corpus"] / "distill.jsonl",
+             split_sizes=p["corpus"] / "split_sizes.json",
              teacher=p["teacher_run"] / "final", student=p["student_run"] / "final",
              baseline=p["baseline_run"] / "final", info=p["inspect"] / "info.txt",
              verify=p["inspect"] / "verify.txt")
@@ -447,7 +462,7 @@ STAGES = [
                      _file_sha(DEMO_DIR / "make_corpus.py"),
                      _file_sha(DEMO_DIR / "knowledge_base.yaml"))),
     Stage("tokenizer", "train a byte-level BPE tokenizer; group records into documents",
-          train_tokenizer, ("tokenizer", "documents", "distill"),
+          train_tokenizer, ("tokenizer", "documents", "distill", "split_sizes"),
           lambda c: (c.demo["tokenizer"], SPECIAL_TOKENS, c.demo["doc_tokens"],
                      c.demo["distill_documents"]), (make_documents,)),
     Stage("init", "initialise teacher and student (Llama)", init_models, ("init",),
@@ -619,17 +634,33 @@ def build_summary(ctx: Context, timings: dict, total: float) -> dict[str, Any]:
         "timings": timings, "total_seconds": total,
         "parameters": {r: _params(p[r]) for r in ("teacher", "student", "baseline")},
         "heldout_kd": heldout_kd(p["student_run"]),
+        "data": _data_sizes(p),
     }
     report_file = p["report"] / "report.json"
     if report_file.is_file():
         report = json.loads(report_file.read_text(encoding="utf-8"))
         summary["comparison"] = [r for r in report["comparison"] if r["task"] != "efficiency"]
+        summary["findings"] = report.get("findings", [])
         summary["ratios"] = report["ratios"]
         summary["skipped"] = report.get("skipped", [])
     verify = p["verify"]
     summary["verify"] = verify.read_text(encoding="utf-8").strip().splitlines()[-1] \
         if verify.is_file() else None
     return summary
+
+
+def _data_sizes(p: dict[str, Path]) -> dict[str, Any] | None:
+    """Teacher's text vs the transfer set (tokens), and the tokens the teacher trained on."""
+    if not p["split_sizes"].is_file():
+        return None
+    sizes = json.loads(p["split_sizes"].read_text(encoding="utf-8"))
+    metrics = p["teacher_run"] / "metrics.jsonl"
+    if metrics.is_file():
+        rows = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines()
+                if line.strip()]
+        seen = [r["train/tokens_seen"] for r in rows if "train/tokens_seen" in r]
+        sizes["teacher_tokens_seen"] = int(seen[-1]) if seen else None
+    return sizes
 
 
 def _fmt(v: Any) -> str:
@@ -662,13 +693,26 @@ def render_summary(s: dict[str, Any]) -> str:
         (s0, k0), (s1, k1) = s["heldout_kd"][0], s["heldout_kd"][-1]
         lines.append(f"student held-out KD (teacher || student): {k0:.4f} at step {s0} -> "
                      f"{k1:.4f} at step {s1}")
+    data = s.get("data")
+    if data:
+        seen = data.get("teacher_tokens_seen")
+        lines.append(f"teacher's text {data['teacher_tokens']:,} tokens"
+                     + (f" ({seen:,} seen in training)" if seen else "")
+                     + f"; transfer set {data['transfer_tokens']:,} tokens "
+                       f"({data['teacher_to_transfer']:.1f}x less)")
     if s.get("comparison"):
-        lines += ["", f"  {'task':24s} {'metric':14s} {'teacher':>9s} {'student':>9s} "
-                      f"{'baseline':>9s} {'gap closed':>10s}"]
+        lines += ["", "value ± standard error; * = student - baseline resolved (> 2 SE, paired)",
+                  f"  {'task':16s} {'metric':14s} {'teacher':>15s} {'student':>15s} "
+                  f"{'baseline':>15s} {'gap closed':>10s}"]
         for r in s["comparison"]:
-            lines.append(f"  {r['task'][:24]:24s} {r['metric'][:14]:14s} {_fmt(r['teacher']):>9s} "
-                         f"{_fmt(r['student']):>9s} {_fmt(r['baseline']):>9s} "
-                         f"{_fmt(r['gap_closed']):>10s}")
+            errors = r.get("stderr") or {}
+            cells = [_fmt(r[role]) + (f" ±{errors[role]:.2g}" if errors.get(role) else "")
+                     for role in ("teacher", "student", "baseline")]
+            mark = "*" if (r.get("student_vs_baseline") or {}).get("resolved") else " "
+            lines.append(f"  {r['task'][:16]:16s} {r['metric'][:14]:14s} {cells[0]:>15s} "
+                         f"{cells[1]:>15s} {cells[2]:>15s} {_fmt(r['gap_closed']):>10s} {mark}")
+    if s.get("findings"):
+        lines += ["", "student vs baseline:"] + [f"  {f}" for f in s["findings"]]
     if s.get("ratios"):
         shown = ", ".join(f"{k} {_fmt(v)}" for k, v in s["ratios"].items() if v is not None)
         lines += ["", f"teacher/student ratios: {shown}"]
@@ -684,7 +728,8 @@ def main(argv: list[str] | None = None) -> int:
                                  epilog="\n".join(__doc__.splitlines()[2:]))
     ap.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory")
     ap.add_argument("--scale", choices=SCALES, default="default",
-                    help="default: the demo (~5-6 min on 2 cores); tiny: test size (< 1 min)")
+                    help="default: the demo (~10 CPU-minutes, < 10 min on 2 cores); tiny: "
+                         "test size (< 1 min)")
     ap.add_argument("--force", action="store_true", help="rerun every stage")
     ap.add_argument("--subprocess", action="store_true",
                     help="run each tool through its console script, in its own process")

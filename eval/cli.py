@@ -17,7 +17,15 @@ resolved). report.json:
                                  "ppl/<file stem>", "ppl/store" or "efficiency"
     stderr[ROLE][TASK][METRIC]   lm-eval's standard errors
     comparison[]                 {task, metric, higher_is_better, teacher, student, baseline,
-                                  retention, gap_closed}  (see eval/report.py)
+                                  retention, gap_closed}  (see eval/report.py), and on
+                                  quality rows: stderr{ROLE} (from per-item scores, else
+                                  lm-eval's), student_vs_baseline and teacher_vs_baseline
+                                  {difference, stderr, items, paired, resolved, better}
+                                  (null where not computable); gap_closed_reason: why
+                                  gap_closed is null (null when it is given)
+    findings[]                   sentences: which student-baseline differences are resolved
+                                 (> 2 standard errors)
+    uncertainty                  how the standard errors were computed (eval/uncertainty.py)
     ratios                       compression, memory and speed-up, teacher vs student
     efficiency_notes, environment, config
 

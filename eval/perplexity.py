@@ -8,6 +8,10 @@ context and is never scored). Over all scored positions of all sequences:
     perplexity          = exp(nll)
     next_token_accuracy = share of positions whose argmax prediction is token_t
 
+`score_sequences(..., per_sequence=[])` also gives each sequence's NLL sum, correct
+predictions and scored tokens: the report's standard errors treat sequences as the
+independent units (eval/report.py).
+
 Sources: a text file (`--ppl-data`: .jsonl with `text`, or `prompt` + `reference`, per
 record; any other file: paragraphs separated by blank lines), every token a target; or a
 store's eval split (`--ppl-store`), its `loss_mask` as targets, read with StoreReader
@@ -39,6 +43,9 @@ class StoreTokenizerMismatch(LogitStoreError):
 class TokenSequence:
     ids: np.ndarray  # [L] int64
     targets: np.ndarray  # [L] bool; targets[0] is ignored
+    # Which document it is (text number, store row): the same for every model scoring the
+    # same source, so per-sequence scores pair up across models whatever their tokenizers.
+    source: int | None = None
 
     @classmethod
     def all_targets(cls, ids: Sequence[int]) -> "TokenSequence":
@@ -54,23 +61,29 @@ class TokenSequence:
 
 
 def score_sequences(model, sequences: Sequence[TokenSequence], *, max_batch_tokens: int = 4096,
-                    pad_id: int = 0, progress: bool = False) -> dict[str, float | int]:
+                    pad_id: int = 0, progress: bool = False,
+                    per_sequence: list[dict] | None = None) -> dict[str, float | int]:
     """{"perplexity", "nll", "next_token_accuracy", "tokens", "sequences"} over `sequences`.
 
     Batches hold at most `max_batch_tokens` padded positions (the logits of a batch are
     batch x length x vocabulary floats: this bounds memory for 128k-token vocabularies).
+    When `per_sequence` is a list, one {"index", "nll", "correct", "tokens"} is appended
+    per scored sequence, in input order: its `source` (else its index in `sequences`), NLL
+    sum (nats), correct argmax predictions and scored positions of that sequence.
     """
     import torch
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
     scored = [s for s in sequences if s.scored > 0]
+    indices = [i if s.source is None else s.source for i, s in enumerate(sequences)
+               if s.scored > 0]
     if not scored:
         raise ValueError("no sequence has a scored position (each needs >= 2 tokens and a "
                          "target after the first)")
     device = next(model.parameters()).device
     lengths = [len(s.ids) for s in scored]
-    total_nll, correct, count = 0.0, 0, 0
+    sums = np.zeros((len(scored), 3))  # per scored sequence: NLL sum, correct, tokens
     bar = tqdm(total=len(scored), desc="perplexity", disable=not progress, leave=False)
     with torch.inference_mode():
         # Sorted by length: batches of similar lengths, least padding.
@@ -89,11 +102,17 @@ def score_sequences(model, sequences: Sequence[TokenSequence], *, max_batch_toke
             logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
             labels, keep = ids[:, 1:], mask[:, 1:] & attention[:, 1:].bool()
             nll = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
-            total_nll += float(nll[keep].double().sum())
-            correct += int((logits.argmax(-1) == labels)[keep].sum())
-            count += int(keep.sum())
+            hits = (logits.argmax(-1) == labels) & keep
+            sums[list(positions)] = torch.stack(
+                [(nll.double() * keep).sum(1), hits.sum(1).double(),
+                 keep.sum(1).double()], 1).cpu().numpy()
             bar.update(len(batch))
     bar.close()
+    total_nll, correct, count = float(sums[:, 0].sum()), int(sums[:, 1].sum()), \
+        int(sums[:, 2].sum())
+    if per_sequence is not None:
+        per_sequence.extend({"index": i, "nll": float(n), "correct": int(c), "tokens": int(t)}
+                            for i, (n, c, t) in zip(indices, sums))
     mean_nll = total_nll / count
     return {
         "perplexity": math.exp(mean_nll) if mean_nll < 700 else math.inf,
@@ -139,11 +158,13 @@ def read_texts(path: str | Path) -> list[str]:
 def sequences_from_texts(texts: Iterable[str], tokenizer, max_length: int) -> list[TokenSequence]:
     """Tokenized documents (special tokens as the tokenizer adds them), cut at max_length."""
     out = []
-    for text in texts:
+    for number, text in enumerate(texts):
         ids = tokenizer(text, add_special_tokens=True, truncation=True,
                         max_length=max_length)["input_ids"]
         if len(ids) >= 2:
-            out.append(TokenSequence.all_targets(ids))
+            sequence = TokenSequence.all_targets(ids)
+            sequence.source = number
+            out.append(sequence)
     return out
 
 
@@ -184,7 +205,7 @@ def sequences_from_store(url: str, tokenizer, *, split: str = "auto", max_length
     for row in rows[:limit]:
         sample = reader.sample(row, signals=[])  # tokens and loss mask only
         ids, mask = sample.input_ids[:max_length], sample.loss_mask[:max_length]
-        seq = TokenSequence(ids.astype(np.int64), mask.astype(bool))
+        seq = TokenSequence(ids.astype(np.int64), mask.astype(bool), source=row)
         if seq.scored:
             out.append(seq)
     return split, out

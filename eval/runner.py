@@ -93,6 +93,7 @@ class RoleRun:
     stderr: dict[str, dict[str, float]]
     samples: dict[str, int]  # task -> documents evaluated
     skipped: list[dict[str, Any]]
+    items: dict[str, dict[str, Any]]  # task -> metric -> per-item scores (eval/report.py)
 
 
 def run(cfg: EvalConfig) -> tuple[dict[str, Any], dict[str, Path]]:
@@ -126,6 +127,7 @@ def run(cfg: EvalConfig) -> tuple[dict[str, Any], dict[str, Path]]:
     report = build_report(
         results={role: run.results for role, run in runs.items()},
         stderr={role: run.stderr for role, run in runs.items()},
+        items={role: run.items for role, run in runs.items()},
         models={role: run.info for role, run in runs.items()},
         tasks=loaded.info, skipped=skipped,
         efficiency_notes=_efficiency_notes(runs, cfg) if cfg.efficiency else {},
@@ -170,10 +172,11 @@ def _run_role(cfg, role, name, loaded, manager, prompts, texts) -> RoleRun:
                             apply_chat_template=cfg.apply_chat_template)
     results.update(scores.metrics)
     skipped += [{"task": t, "role": role, "reason": r} for t, r in scores.errors.items()]
-    results.update(_perplexities(cfg, role, model, tokenizer, texts, skipped))
+    items = dict(scores.items)
+    results.update(_perplexities(cfg, role, model, tokenizer, texts, skipped, items))
     del model, tokenizer
     release_memory()
-    return RoleRun(info, _order(results), scores.stderr, scores.samples, skipped)
+    return RoleRun(info, _order(results), scores.stderr, scores.samples, skipped, items)
 
 
 def _order(results: dict) -> dict:
@@ -182,9 +185,11 @@ def _order(results: dict) -> dict:
                                                         kv[0].startswith("ppl/"))))
 
 
-def _perplexities(cfg, role, model, tokenizer, texts, skips) -> dict[str, dict]:
+def _perplexities(cfg, role, model, tokenizer, texts, skips, items) -> dict[str, dict]:
+    """task -> perplexity metrics; each sequence's scores go to items[task] (for SEs)."""
     from eval.perplexity import (StoreTokenizerMismatch, score_sequences, sequences_from_store,
                                  sequences_from_texts)
+    from eval.uncertainty import sequence_items
 
     out = {}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -194,7 +199,10 @@ def _perplexities(cfg, role, model, tokenizer, texts, skips) -> dict[str, dict]:
         sequences = sequences_from_texts(texts[:cfg.ppl_limit], tokenizer, max_length)
         log.info("[%s] perplexity on %s (%d sequences)", role, cfg.ppl_data, len(sequences))
         try:
-            out[name] = score_sequences(model, sequences, pad_id=pad, progress=cfg.progress)
+            per_sequence: list[dict] = []
+            out[name] = score_sequences(model, sequences, pad_id=pad, progress=cfg.progress,
+                                        per_sequence=per_sequence)
+            items[name] = sequence_items(per_sequence)
         except ValueError as exc:
             skips.append({"task": name, "role": role, "reason": str(exc)})
     if cfg.ppl_store:
@@ -203,8 +211,10 @@ def _perplexities(cfg, role, model, tokenizer, texts, skips) -> dict[str, dict]:
                                                     max_length=max_length, limit=cfg.ppl_limit)
             log.info("[%s] perplexity on %s@%s (%d sequences)", role, cfg.ppl_store, split,
                      len(sequences))
+            per_sequence = []
             out["ppl/store"] = score_sequences(model, sequences, pad_id=pad,
-                                               progress=cfg.progress)
+                                               progress=cfg.progress, per_sequence=per_sequence)
+            items["ppl/store"] = sequence_items(per_sequence)
         except (StoreTokenizerMismatch, ValueError) as exc:
             # Another tokenizer (a baseline of another family), or no scored token within
             # max_length: this role has no store perplexity, the others still do.

@@ -23,7 +23,9 @@ Loading one task's data is also time-boxed (`timeout_s`).
 
 Every task runs through `lm_eval.simple_evaluate` with the already-loaded model wrapped in
 `HFLM(pretrained=model, tokenizer=...)`, so quantised models work. Generation tasks are
-scored by eval/generation.py from lm-eval's logged answers.
+scored by eval/generation.py from lm-eval's logged answers. Each document's own scores
+(lm-eval's per-document metrics, ROUGE per answer) are kept too, by document id, for the
+report's paired standard errors (eval/report.py).
 """
 
 from __future__ import annotations
@@ -355,6 +357,8 @@ class RoleScores:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # task -> metric -> v
     stderr: dict[str, dict[str, float]] = field(default_factory=dict)
     samples: dict[str, int] = field(default_factory=dict)  # task -> documents evaluated
+    # task -> metric -> document id -> that document's score (see item_scores)
+    items: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     num_fewshot: dict[str, int] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)  # task -> reason it failed
 
@@ -387,8 +391,38 @@ def evaluate_tasks(model, tokenizer, loaded: LoadedTasks, manager, *, num_fewsho
         if task.get_config("output_type") == "generate_until":
             values.update(generation_scores(*pairs_from_lm_eval_samples(samples)))
         out.metrics[name], out.stderr[name] = values, errors
+        out.items[name] = item_scores(
+            samples, generated=task.get_config("output_type") == "generate_until")
         out.samples[name] = len(samples)
         out.num_fewshot[name] = int(result.get("n-shot", {}).get(name) or 0)
+    return out
+
+
+def item_scores(samples: list[dict[str, Any]], *,
+                generated: bool = False) -> dict[str, dict[str, float]]:
+    """metric -> {document id: score} from lm-eval's logged samples: every finite number
+    among a sample's `metrics` (named as in `_metrics`: "acc", other filters "acc[filter]"),
+    and with `generated` (a generate_until task) ROUGE-1/2/L of that answer against its reference (their
+    mean over documents is the task's ROUGE). Corpus BLEU has no per-document score."""
+    from eval.generation import pairs_from_lm_eval_samples, rouge_scores
+
+    out: dict[str, dict[str, float]] = {}
+    for sample in samples:
+        doc = str(sample.get("doc_id"))
+        filt = sample.get("filter", "none")
+        for metric in sample.get("metrics") or ():
+            value = sample.get(metric)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                    not math.isfinite(value) or metric.startswith("bypass"):
+                continue
+            out.setdefault(metric if filt == "none" else f"{metric}[{filt}]", {})[doc] = \
+                float(value)
+        if not generated:
+            continue
+        predictions, references = pairs_from_lm_eval_samples([sample])
+        if predictions:
+            for metric, value in rouge_scores(predictions, references).items():
+                out.setdefault(metric, {})[doc] = value
     return out
 
 

@@ -14,7 +14,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "demo"
 TASKS = ROOT / "eval" / "tasks"
-OUTPUTS = ("train", "heldout", "instructions", "chat", "mcq")
+OUTPUTS = ("train", "heldout", "instructions", "chat", "mcq", "medmcq_kb")
 TAGS = ("specialty", "difficulty", "kind", "entity", "template")
 
 
@@ -154,6 +154,37 @@ def test_structured_outputs(corpus, kb):
         assert len(r["options"]) == 4 and len(set(r["options"])) == 4
         assert isinstance(r["answer"], int) and 0 <= r["answer"] < 4
         _check_tags(r, specialties)
+
+
+def test_short_answer_items_state_a_true_fact(corpus, kb):
+    # qa.pick.FIELD: a multiple-choice question of the KB with one true item as the answer,
+    # the form distill-eval scores choices in ("Question: ...\nAnswer: CHOICE").
+    by_name = {e["name"]: e for e in kb}
+    picks = [r for r in corpus["train"] if r["template"].startswith("qa.pick.")]
+    assert len(picks) >= 0.05 * len(corpus["train"])
+    for r in picks:
+        field = r["template"].removeprefix("qa.pick.")
+        answer = r["text"].splitlines()[-1].split(": ", 1)[-1]
+        assert answer in by_name[r["entity"]][field], r
+
+
+def test_kb_mcq_eval_set(corpus, kb):
+    rows = corpus["medmcq_kb"]
+    assert len(rows) == mc.MCQ_EVAL_ITEMS
+    assert len({r["id"] for r in rows}) == len(rows)
+    counts = collections.Counter(r["answer"] for r in rows)
+    assert set(counts.values()) == {len(rows) // 4}, counts  # each position equally often
+    by_name = {e["name"]: e for e in kb}
+    assert len({r["entity"] for r in rows}) >= 0.8 * len(kb)  # spread over the entities
+    for r in rows:
+        entity = by_name[r["entity"]]
+        assert len(r["choices"]) == 4 and len(set(r["choices"])) == 4
+        assert r["choices"][r["answer"]] in entity[r["field"]]  # the key is a true fact
+        for i, wrong in enumerate(r["choices"]):  # no distractor shares a word with the truth
+            if i != r["answer"]:
+                assert not mc.words(wrong) & mc.claims_of(entity), (r, wrong)
+    # Its own random stream: the same questions at every corpus scale.
+    assert mc.build_mcq_eval(kb, seed=0) == rows
 
 
 def test_default_scale_size(kb):

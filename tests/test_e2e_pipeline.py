@@ -54,7 +54,8 @@ def test_every_artifact_exists(demo):
     missing = [name for name, a in summary["artifacts"].items() if not a["exists"]]
     assert not missing, missing
     for path in ("corpus/train.jsonl", "corpus/heldout.jsonl", "corpus/distill.jsonl",
-                 "corpus/documents.jsonl", "tokenizer/tokenizer.json",
+                 "corpus/documents.jsonl", "corpus/medmcq_kb.jsonl", "corpus/split_sizes.json",
+                 "tokenizer/tokenizer.json",
                  "init/teacher/model.safetensors", "init/student/model.safetensors",
                  "runs/teacher/final/model.safetensors", "runs/teacher/final/tokenizer.json",
                  "store/manifest.json", "inspect/info.txt", "inspect/verify.txt",
@@ -74,6 +75,12 @@ def test_every_artifact_exists(demo):
     # baseline.
     params = summary["parameters"]
     assert params["teacher"] > params["student"] == params["baseline"] > 0
+    # The teacher's text vs the transfer set (the distill split, a part of it), in tokens.
+    data = summary["data"]
+    assert data["teacher_tokens"] > data["transfer_tokens"] > 0
+    assert data["teacher_to_transfer"] == pytest.approx(
+        data["teacher_tokens"] / data["transfer_tokens"], abs=0.01)
+    assert data["teacher_tokens_seen"] > 0
     # Every tool stage is a plain command, listed in commands.sh.
     commands = (out / "commands.sh").read_text().splitlines()
     assert [c.split()[0] for c in commands if not c.startswith(("#", "set ", "python "))] == [
@@ -123,8 +130,8 @@ def test_report_is_complete(demo):
     report = json.loads((out / "report" / "report.json").read_text())
     assert report["skipped"] == []
     assert {t for t, e in report["tasks"].items() if e["status"] == "ok"} \
-        == {"medmcq_mini", "medgen_mini"}
-    expected = {"medmcq_mini": {"acc", "acc_norm"},
+        == {"medmcq_mini", "medgen_mini", "medmcq_kb"}
+    expected = {"medmcq_mini": {"acc", "acc_norm"}, "medmcq_kb": {"acc", "acc_norm"},
                 "medgen_mini": {"rouge1", "rouge2", "rougeL", "bleu"},
                 "ppl/heldout": {"perplexity", "nll", "next_token_accuracy"},
                 "efficiency": {"parameters", "peak_memory_bytes", "generation_tokens_per_s",
@@ -140,14 +147,26 @@ def test_report_is_complete(demo):
         (t, m) for t, ms in expected.items() for m in ms}
     for row in rows:
         assert all(_finite(row[role]) for role in ROLES), row
-        # retention / gap_closed are null only where they are undefined (division by 0).
+        # retention is null only where it is undefined (division by 0).
         assert _finite(row["retention"]) or row["teacher"] == 0, row
-        if row["task"] != "efficiency":
-            assert _finite(row["gap_closed"]) or row["teacher"] == row["baseline"], row
+        # gap_closed: a number exactly where the teacher beats the baseline beyond noise,
+        # else null with the reason.
+        gap = row.get("teacher_vs_baseline")
+        beyond_noise = bool(gap) and gap["resolved"] and gap["better"] == "teacher"
+        assert _finite(row["gap_closed"]) == beyond_noise, row
+        assert (row["gap_closed_reason"] is None) == beyond_noise, row
+        if row["task"] == "efficiency" or row["metric"] == "bleu":
+            continue
+        # Per-item scores: every role has a standard error, the differences are paired.
+        assert all(_finite(row["stderr"][role]) for role in ROLES), row
+        assert row["student_vs_baseline"]["paired"] and row["student_vs_baseline"]["items"] \
+            >= 2, row
+    assert len(report["findings"]) == len([r for r in rows if r["task"] != "efficiency"])
     assert report["ratios"] and all(_finite(v) for v in report["ratios"].values()), \
         report["ratios"]
     markdown = (out / "report" / "report.md").read_text()
-    for word in ("medmcq_mini", "medgen_mini", "ppl/heldout", "efficiency"):
+    for word in ("medmcq_mini", "medgen_mini", "medmcq_kb", "ppl/heldout", "efficiency",
+                 "## Student vs baseline: what is resolved", " ± "):
         assert word in markdown
 
 

@@ -106,8 +106,15 @@ def test_perplexity_is_exp_mean_nll_with_padding_and_masks(tiny):
     sequences.append(masked)  # only even positions scored
     nll, correct, count = _by_hand(model, sequences)
     # A tiny batch budget forces several batches of different widths (right padding).
-    got = score_sequences(model, sequences, max_batch_tokens=40, pad_id=tokenizer.pad_token_id)
+    per_sequence = []
+    got = score_sequences(model, sequences, max_batch_tokens=40, pad_id=tokenizer.pad_token_id,
+                          per_sequence=per_sequence)
     assert got["tokens"] == count == sum(s.scored for s in sequences)
+    # Per sequence, in input order, named by source (text number; the masked copy has none).
+    assert [s["index"] for s in per_sequence] == [0, 1, 2, 3]
+    assert [s["tokens"] for s in per_sequence] == [s.scored for s in sequences]
+    assert sum(s["nll"] for s in per_sequence) == pytest.approx(nll, rel=1e-5)
+    assert sum(s["correct"] for s in per_sequence) == correct
     assert got["nll"] == pytest.approx(nll / count, rel=1e-5)
     assert got["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
     assert got["next_token_accuracy"] == pytest.approx(correct / count)
@@ -228,10 +235,18 @@ def _results():
     }
 
 
+# lm-eval's standard errors of mcq acc: teacher - baseline = 0.4 +- sqrt(2) * 0.05, resolved.
+STDERR = {role: {"mcq": {"acc": 0.05}} for role in ("teacher", "student", "baseline")}
+
+
 def test_comparison_rows_and_ratios():
-    rows = {(r["task"], r["metric"]): r for r in comparison_rows(_results())}
+    rows = {(r["task"], r["metric"]): r for r in comparison_rows(_results(), STDERR)}
     assert rows[("mcq", "acc")]["retention"] == pytest.approx(0.75)
     assert rows[("mcq", "acc")]["gap_closed"] == pytest.approx(0.5)
+    assert rows[("mcq", "acc")]["gap_closed_reason"] is None
+    # Without any standard error the teacher's lead cannot be told from noise.
+    (bare,) = [r for r in comparison_rows(_results()) if r["metric"] == "acc"]
+    assert bare["gap_closed"] is None and "standard error" in bare["gap_closed_reason"]
     assert rows[("mcq", "acc_norm")]["student"] is None  # NaN
     assert rows[("mcq", "acc_norm")]["retention"] is None
     assert rows[("mcq", "acc_norm")]["baseline"] is None  # metric missing for a role
@@ -255,7 +270,7 @@ def test_missing_roles_give_nulls():
 
 
 def test_report_files(tmp_path):
-    report = build_report(results=_results(), stderr={}, models={
+    report = build_report(results=_results(), stderr=STDERR, models={
         "teacher": {"name": "t"}, "student": {"name": "s"}, "baseline": {"name": "b"}},
         tasks={"mcq": {"status": "ok"}, "medmcqa": {"status": "skipped", "reason": "offline"}},
         skipped=[{"task": "medmcqa", "role": None, "reason": "offline"}],
@@ -267,7 +282,8 @@ def test_report_files(tmp_path):
     assert paths["report.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = paths["report.md"].read_text()
     for section in ("## Results", "## Compression and speed-up", "## Skipped", "medmcqa",
-                    "report.png", "| mcq | acc | ↑ | 0.8 | 0.6 | 0.4 | 0.75 | 0.5 |"):
+                    "report.png", "| mcq | acc | ↑ | 0.8 ± 0.05 | 0.6 ± 0.05 | 0.4 ± 0.05 | "
+                    "+0.2 ± 0.071 **✓** | 0.75 | 0.5 |"):
         assert section in md
     import yaml
 

@@ -496,7 +496,8 @@ def build(entities: list[dict], seed: int = 0, scale: float = 1.0) -> dict[str, 
     return out
 
 
-def build_mcq_eval(entities: list[dict], seed: int = 0, n: int = MCQ_EVAL_ITEMS) -> list[dict]:
+def build_mcq_eval(entities: list[dict], seed: int = 0, n: int = MCQ_EVAL_ITEMS,
+                   exclude: frozenset = frozenset()) -> list[dict]:
     """`n` four-option questions on the knowledge base's facts, in the eval format
     (question, choices, answer): one true item of one list field of one entity, three
     distractors as in the corpus (same kind, no shared content word). Every fact is stated
@@ -505,14 +506,15 @@ def build_mcq_eval(entities: list[dict], seed: int = 0, n: int = MCQ_EVAL_ITEMS)
     Candidates are every (entity, field, true item); a seeded draw picks n of them, spread
     over the entities, and the keyed answer takes each position n/4 times (a model that
     prefers a position gains nothing). Its own random stream: the same questions whatever
-    the corpus scale."""
+    the corpus scale. `exclude`: (entity name, field, item) triples never asked (with
+    --drill, the transfer set's facts)."""
     rng = random.Random(f"logitstore-demo-mcq-eval:{seed}")
     by_kind: dict[str, list[dict]] = {}
     for e in entities:
         by_kind.setdefault(e["kind"], []).append(e)
     ctx = {"by_kind": by_kind}
-    per_entity = [[(e, f, x) for f in list_fields(e) if "mcq" in FIELDS[f] for x in e[f]]
-                  for e in entities]
+    per_entity = [[(e, f, x) for f in list_fields(e) if "mcq" in FIELDS[f] for x in e[f]
+                   if (e["name"], f, x) not in exclude] for e in entities]
     for cands in per_entity:
         rng.shuffle(cands)
     order = [c for rnd in range(max(map(len, per_entity))) for c in
@@ -531,7 +533,63 @@ def build_mcq_eval(entities: list[dict], seed: int = 0, n: int = MCQ_EVAL_ITEMS)
                       "question": FIELDS[f]["mcq"].format(t=term(e)),
                       "choices": choices, "answer": answer, "specialty": e["specialty"],
                       "entity": e["name"], "field": f})
-    return items
+    return items[:len(items) // 4 * 4]  # each key position equally often
+
+
+def select_entities(entities: list[dict], n: int) -> list[dict]:
+    """The first n entities taken in turn from each specialty (file order): a smaller
+    knowledge base with every specialty in it, whose facts a small model can learn in the
+    demo's few minutes; n = 0 or >= the KB's size keeps them all."""
+    if not 0 < n < len(entities):
+        return entities
+    queues: dict[str, list[dict]] = {}
+    for e in entities:
+        queues.setdefault(e["specialty"], []).append(e)
+    picked: list[dict] = []
+    while len(picked) < n:
+        for queue in queues.values():
+            if queue and len(picked) < n:
+                picked.append(queue.pop(0))
+    return [e for e in entities if any(e is p for p in picked)]
+
+
+def fact_text(e: dict, f: str, x: str) -> str:
+    """One fact in the form distill-eval scores a choice in: the question, the true item."""
+    return f"Question: {FIELDS[f]['mcq'].format(t=term(e))}\nAnswer: {x}"
+
+
+def transfer_facts(entities: list[dict], seed: int = 0) -> list[tuple[dict, str, str]]:
+    """One seeded true item per (entity, field) that has a multiple-choice question: the
+    facts the transfer set states (build_drill), and the ones medmcq_kb then does not ask."""
+    rng = random.Random(f"logitstore-demo-transfer:{seed}")
+    return [(e, f, rng.choice(e[f])) for e in entities for f in list_fields(e)
+            if "mcq" in FIELDS[f]]
+
+
+def build_drill(entities: list[dict], seed: int = 0, rounds: int = 0) -> dict[str, list[dict]]:
+    """Fact records in the scored form (fact_text): `transfer` holds one fact per (entity,
+    field) (transfer_facts), `drill` every true item of every such field, `rounds` times,
+    each round in its own seeded order. The corpus's paragraphs state each of the ~1200 facts
+    only a few times; a small model learns which finding belongs to which disease only from
+    many repetitions, and the drill gives them. run_demo.py puts the transfer records first
+    (so they open the distill split) and the drill in the teacher's text only."""
+    rng = random.Random(f"logitstore-demo-drill:{seed}")
+    facts = [(e, f, x) for e in entities for f in list_fields(e) if "mcq" in FIELDS[f]
+             for x in e[f]]
+
+    def record(kind: str, i: int, e: dict, f: str, x: str) -> dict:
+        return {"id": f"{kind}-{i:05d}", "text": fact_text(e, f, x), "specialty": e["specialty"],
+                "difficulty": e["difficulty"], "kind": e["kind"], "entity": e["name"],
+                "template": f"fact.{f}", "format": "qa"}
+
+    drill = []
+    for _ in range(rounds):
+        order = list(facts)
+        rng.shuffle(order)
+        drill += [record("drill", len(drill), *fact) for fact in order]
+    return {"transfer": [record("transfer", i, *fact)
+                         for i, fact in enumerate(transfer_facts(entities, seed))],
+            "drill": drill}
 
 
 def write_jsonl(path: Path, records: list[dict]) -> int:
@@ -548,16 +606,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kb", type=Path, default=KB_PATH, help="knowledge base YAML")
     ap.add_argument("--mcq-eval", type=int, default=MCQ_EVAL_ITEMS, metavar="N",
                     help="questions in medmcq_kb.jsonl (0: no such file)")
+    ap.add_argument("--entities", type=int, default=0, metavar="N",
+                    help="use only N entities, taken in turn from each specialty (0: all)")
+    ap.add_argument("--drill", type=int, default=0, metavar="R",
+                    help="also write transfer.jsonl (one fact per entity and field) and "
+                         "drill.jsonl (every fact R times), in the scored question/answer form; "
+                         "medmcq_kb then asks none of transfer.jsonl's facts (0: neither)")
     args = ap.parse_args(argv)
     if args.scale <= 0:
         ap.error("--scale must be positive")
+    if args.drill < 0:
+        ap.error("--drill must be >= 0")
     if args.mcq_eval < 0:
         ap.error("--mcq-eval must be >= 0")
     t0 = time.perf_counter()
-    entities = load_kb(args.kb)
+    entities = select_entities(load_kb(args.kb), args.entities)
     corpora = build(entities, seed=args.seed, scale=args.scale)
+    exclude: frozenset = frozenset()
+    if args.drill:
+        corpora.update(build_drill(entities, seed=args.seed, rounds=args.drill))
+        exclude = frozenset((e["name"], f, x) for e, f, x in transfer_facts(entities, args.seed))
     if args.mcq_eval:
-        corpora["medmcq_kb"] = build_mcq_eval(entities, seed=args.seed, n=args.mcq_eval)
+        corpora["medmcq_kb"] = build_mcq_eval(entities, seed=args.seed, n=args.mcq_eval,
+                                              exclude=exclude)
     args.out.mkdir(parents=True, exist_ok=True)
     text_bytes = sum(len(r["text"].encode("utf-8")) for s in ("train", "heldout") for r in corpora[s])
     for name, recs in corpora.items():

@@ -187,6 +187,35 @@ def test_kb_mcq_eval_set(corpus, kb):
     assert mc.build_mcq_eval(kb, seed=0) == rows
 
 
+def test_fact_drill_and_transfer_facts(kb, tmp_path):
+    # --drill R: transfer.jsonl states one fact per (entity, field), drill.jsonl every fact R
+    # times, both in the form distill-eval scores a choice in; medmcq_kb then asks none of the
+    # transfer facts (they are what the students' transfer set states).
+    _run_cli(tmp_path, "--seed", "0", "--scale", "0.05", "--drill", "3")
+    transfer = _read_jsonl(tmp_path / "transfer.jsonl")
+    drill = _read_jsonl(tmp_path / "drill.jsonl")
+    asked = _read_jsonl(tmp_path / "medmcq_kb.jsonl")
+    by_name = {e["name"]: e for e in kb}
+    facts = [(e["name"], f, x) for e in kb for f in mc.list_fields(e) if "mcq" in mc.FIELDS[f]
+             for x in e[f]]
+    pairs = {(name, f) for name, f, _ in facts}
+
+    def fact(r):
+        question, answer = r["text"].removeprefix("Question: ").split("\nAnswer: ")
+        field = r["template"].removeprefix("fact.")
+        assert question == mc.FIELDS[field]["mcq"].format(t=mc.term(by_name[r["entity"]]))
+        return r["entity"], field, answer
+
+    told = [fact(r) for r in transfer]
+    assert {(name, f) for name, f, _ in told} == pairs and len(told) == len(pairs)
+    assert collections.Counter(map(fact, drill)) == {f: 3 for f in facts}
+    assert len(asked) == mc.MCQ_EVAL_ITEMS
+    assert not {(r["entity"], r["field"], r["choices"][r["answer"]]) for r in asked} & set(told)
+    for r in asked:  # the scored text of the key is a drill record
+        key = f"Question: {r['question']}\nAnswer: {r['choices'][r['answer']]}"
+        assert key in {d["text"] for d in drill}
+
+
 def test_default_scale_size(kb):
     out = mc.build(kb, seed=0, scale=1.0)
     text_bytes = sum(len(r["text"].encode("utf-8")) for s in ("train", "heldout") for r in out[s])

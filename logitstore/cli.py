@@ -1,8 +1,8 @@
 """`logitstore` command line: info, verify, cp, show, commit.
 
-Exit status (logitstore/exit_codes.py): 0 success / clean store; 1 a store error or a
-damaged store (verify, cp), one paragraph `logitstore: error: ...`; 2 a usage error;
-130 interrupted.
+Exit status (logitstore/exit_codes.py): 0 success / clean store; 1 a store error, one
+paragraph `logitstore: error: ...`, or a damaged store (verify, cp), one `DAMAGED <file>:
+<problem>` line per problem (verify then prints the count); 2 a usage error; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -156,12 +156,12 @@ def show(store: str, sample_id: str | None, position: int | None, tokenizer: str
     if (sample_id is None) == (position is None):
         _fail(LogitStoreError("give either SAMPLE_ID or --index N (not both)"),
               code=exit_codes.USAGE)
+    decode = _decoder(tokenizer)  # before the store is opened: the cheaper input first
     try:
         reader = StoreReader(store)
         sample = reader.sample(sample_id if position is None else position)
     except LogitStoreError as err:
         _fail(err)
-    decode = _decoder(tokenizer)
     if as_json:
         click.echo(json.dumps(_sample_json(sample, decode if tokenizer else None,
                                              reader.settings), indent=1))
@@ -187,6 +187,9 @@ def show(store: str, sample_id: str | None, position: int | None, tokenizer: str
 
 
 def _decoder(path: str | None):
+    """Token ids -> text with the tokenizer at `path` (a tokenizer.json file or a directory
+    holding one), or the ids as text when `path` is None; LogitStoreError when `path` holds
+    no readable tokenizer."""
     if path is None:
         return lambda ids: str(ids[0]) if len(ids) == 1 else str(ids)
     from tokenizers import Tokenizer
@@ -194,7 +197,14 @@ def _decoder(path: str | None):
     file = Path(path)
     if file.is_dir():
         file = file / "tokenizer.json"
-    tok = Tokenizer.from_file(str(file))
+    expected = ("expected --tokenizer to be a tokenizer.json file (Hugging Face tokenizers "
+                "format) or a directory holding one, e.g. the teacher's model directory")
+    if not file.is_file():
+        raise LogitStoreError(f"no tokenizer at {path}: {file} does not exist; {expected}")
+    try:
+        tok = Tokenizer.from_file(str(file))
+    except Exception as err:  # tokenizers raises a bare Exception for any unreadable file
+        raise LogitStoreError(f"{file} is not a tokenizer file ({err}); {expected}") from None
     return lambda ids: tok.decode(list(ids), skip_special_tokens=False)
 
 

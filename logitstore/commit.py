@@ -60,8 +60,12 @@ def load_json(fs: StoreFS, rel: str) -> dict[str, Any]:
 
 def parse_manifest(fs: StoreFS, rel: str, raw: bytes) -> dict[str, Any]:
     """The manifest `raw`, read from `rel`: a JSON object of a known major format version
-    whose seal matches its bytes. FormatVersionError for another major version, else
-    ChecksumError naming the file when it is damaged."""
+    whose seal matches its bytes. ChecksumError naming the file when it is damaged, else
+    FormatVersionError for another major version.
+
+    A sealed manifest's seal is checked before its version, so a flipped bit in
+    `format_version` is reported as damage, not as another major version; an unsealed one
+    is checked for its version first (only format 1.0 may lack a seal)."""
     try:
         doc = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -70,10 +74,12 @@ def parse_manifest(fs: StoreFS, rel: str, raw: bytes) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise ChecksumError(f"{fs.path(rel)} holds a JSON {type(doc).__name__}, expected an "
                             f"object; the file is damaged", path=rel)
-    check_format_version(doc.get("format_version"), fs.path(rel))
+    if SEAL_KEY not in doc:
+        check_format_version(doc.get("format_version"), fs.path(rel))
     problem = seal_problem(raw, doc)
     if problem:
         raise ChecksumError(f"{fs.path(rel)}: {problem}; the file is damaged", path=rel)
+    check_format_version(doc.get("format_version"), fs.path(rel))
     return doc
 
 
@@ -143,6 +149,21 @@ def _read_parts(fs: StoreFS) -> list[tuple[dict[str, Any], bytes]]:
             continue  # a part directory whose writer has not committed a segment yet
         out.append((parse_manifest(fs, rel, raw), raw))
     return out
+
+
+def committed_part_manifest(manifest: dict[str, Any], doc: dict[str, Any]) -> dict[str, Any]:
+    """The part manifest `doc` cut back to the state of its part that the store manifest
+    `manifest` committed: the committed segments with their committed files, the committed
+    `complete` flag and settings (a running writer may since have added segments, or a
+    signal to every segment). Unsealed; `sealed_json` seals it."""
+    part = next(p for p in manifest["parts"] if p["name"] == doc["part"])
+    segments = []
+    for seg in part["segments"]:  # the store manifest keeps every key of a segment but files
+        prefix = f"{PARTS_DIR}/{part['name']}/{seg['name']}/"
+        segments.append({**seg, "files": {rel: meta for rel, meta in manifest["files"].items()
+                                          if rel.startswith(prefix)}})
+    return {**doc, "complete": part["complete"], "settings": manifest["settings"],
+            "segments": segments}
 
 
 def dataset_fingerprint(sample_ids: list[str], digests: list[str]) -> str:

@@ -1,8 +1,10 @@
 """Exit status of the four commands: logitstore, teacher-dump, student-train, distill-eval.
 
     0    success
-    1    user, config or data error: a LogitStoreError, an OSError on the user's paths,
-         store damage found by `logitstore verify`; one paragraph `PROG: error: ...`
+    1    user, config or data error: a LogitStoreError or an OSError on the user's paths,
+         one paragraph `PROG: error: ...`; or store damage found by `logitstore verify`
+         or `logitstore cp` (verifying the copy), one `DAMAGED <file>: <problem>` line
+         per problem, which `verify` follows with `STORE: N problem(s)`
     2    usage error found by click itself (unknown flag, missing argument)
     130  interrupted (Ctrl-C); teacher-dump and student-train resume when rerun
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Callable
 
-from logitstore.commit import parse_manifest, read_commit, require_committed
+from logitstore.commit import (committed_part_manifest, parse_manifest, part_manifest_path,
+                               read_commit, require_committed, sealed_json)
 from logitstore.errors import ChecksumError, LogitStoreError
 from logitstore.format import MANIFEST
 from logitstore.fs import StoreFS, sha256_hex
+from logitstore.verify import part_disagreement
 
 
 def copy_store(src: str, dst: str, *, src_options: dict | None = None,
@@ -18,8 +20,10 @@ def copy_store(src: str, dst: str, *, src_options: dict | None = None,
     Each data file is checked against its recorded sha256 when read from the source and
     again when read back from the destination, so a damaged source or a bad transfer fails
     loudly and names the file. The part manifests the store manifest lists are copied too
-    (so the copy can be resumed or appended to), as found: a running writer may have
-    replaced one since the commit. Uncommitted files at the source are not copied.
+    (so the copy can be resumed or appended to): byte for byte when unchanged since the
+    commit; one that a running writer has moved on since (more segments, a new signal) is
+    cut back to the committed state of its part and sealed again, as those segments and
+    files are not copied. Uncommitted files at the source are not copied.
     """
     source, target = StoreFS(src, src_options), StoreFS(dst, dst_options)
     require_committed(source)
@@ -44,13 +48,8 @@ def copy_store(src: str, dst: str, *, src_options: dict | None = None,
         _write_checked(target, rel, data)
         if progress:
             progress(rel, len(data))
-    for rel in sorted(manifest.get("part_manifests") or {}):
-        try:
-            data = source.read_bytes(rel)
-        except FileNotFoundError:
-            raise ChecksumError(f"{source.path(rel)} is missing: the source store is damaged "
-                                f"(run `logitstore verify {src}`)", path=rel) from None
-        parse_manifest(source, rel, data)  # ChecksumError naming it when damaged
+    for rel, recorded in sorted((manifest.get("part_manifests") or {}).items()):
+        data = _committed_part_bytes(source, src, rel, recorded, manifest)
         _write_checked(target, rel, data)
         if progress:
             progress(rel, len(data))
@@ -58,6 +57,28 @@ def copy_store(src: str, dst: str, *, src_options: dict | None = None,
     # committed more segments since, which were not copied.
     target.write_bytes(MANIFEST, raw_manifest)
     return manifest
+
+
+def _committed_part_bytes(source: StoreFS, src: str, rel: str, recorded: dict,
+                          manifest: dict) -> bytes:
+    """The bytes of the part manifest at `rel` as the commit `manifest` recorded it: the
+    source's file when unchanged, else (a writer moved the part on) the source's file cut
+    back to the committed state and sealed again. ChecksumError naming it when damaged."""
+    try:
+        data = source.read_bytes(rel)
+    except FileNotFoundError:
+        raise ChecksumError(f"{source.path(rel)} is missing: the source store is damaged "
+                            f"(run `logitstore verify {src}`)", path=rel) from None
+    if len(data) == recorded["size"] and sha256_hex(data) == recorded["sha256"]:
+        return data  # the very file the commit was made from
+    doc = parse_manifest(source, rel, data)  # ChecksumError naming it when damaged
+    part = next((p for p in manifest["parts"] if part_manifest_path(p["name"]) == rel), None)
+    problem = part_disagreement(doc, part, manifest["files"]) if part else \
+        "is listed but its part is not in the store manifest"
+    if problem:
+        raise ChecksumError(f"{source.path(rel)}: {problem}; the source store is damaged "
+                            f"(run `logitstore verify {src}`)", path=rel)
+    return sealed_json(committed_part_manifest(manifest, doc))
 
 
 def _write_checked(target: StoreFS, rel: str, data: bytes) -> None:

@@ -103,7 +103,8 @@ def _check_part_manifests(fs: StoreFS, manifest: dict) -> list[str]:
 
     A running (or crashed) writer may have replaced it since the commit, with more
     segments or a new signal: then it differs from the sha256 the store manifest records
-    but must still be intact and list every committed segment with the same files."""
+    but must still be intact, list every committed segment with the same files, and every
+    file it lists beyond the commit must exist."""
     recorded = manifest.get("part_manifests")
     if recorded is None:  # format 1.0 listed none (and copies made by `cp` had none)
         recorded = {part_manifest_path(p["name"]): None for p in manifest["parts"]}
@@ -123,14 +124,28 @@ def _check_part_manifests(fs: StoreFS, manifest: dict) -> list[str]:
         except ChecksumError as err:
             problems.append(str(err))
             continue
-        disagreement = _part_disagreement(doc, parts[rel], manifest["files"]) \
+        disagreement = part_disagreement(doc, parts[rel], manifest["files"]) \
             if rel in parts else "is listed but its part is not in the store manifest"
         if disagreement:
             problems.append(f"{fs.path(rel)}: {disagreement} (damaged or replaced)")
+            continue
+        problems += _files_past_the_commit_missing(fs, rel, doc, manifest["files"])
     return problems
 
 
-def _part_disagreement(doc: dict, part: dict, files: dict) -> str | None:
+def _files_past_the_commit_missing(fs: StoreFS, rel: str, doc: dict, files: dict) -> list[str]:
+    """A part manifest moved on since the commit lists files the commit does not: a writer
+    writes them before it lists them, so each must exist (a copy that lacks them cannot be
+    resumed or committed). Their bytes are checked when a commit lists them."""
+    for seg in doc["segments"]:
+        for listed in sorted(seg.get("files") or {}):
+            if listed not in files and not fs.exists(listed):
+                return [f"{fs.path(rel)}: lists {listed}, which is missing (resuming or "
+                        f"committing this part would fail)"]
+    return []
+
+
+def part_disagreement(doc: dict, part: dict, files: dict) -> str | None:
     """How a part manifest contradicts the committed state of its part, or None."""
     if doc.get("part") != part["name"]:
         return f"names part {doc.get('part')!r}, expected {part['name']!r}"

@@ -185,11 +185,12 @@ def test_reader_beside_a_running_writer_sees_only_committed_data(reference, tmp_
 
 
 class SegmentWriter:
-    """A writer in this process that commits the store after every segment, one at a time."""
+    """A writer in this process that writes one segment at a time, committing the store
+    after each (unless `commit_store` is False)."""
 
-    def __init__(self, store: Path):
+    def __init__(self, store: Path, commit_store: bool = True):
         self.samples = iter(make_samples(N, SEED, SETTINGS))
-        self.writer = StoreWriter(str(store), SETTINGS)
+        self.writer = StoreWriter(str(store), SETTINGS, commit_store=commit_store)
 
     def commit_one_segment(self) -> None:
         before = self.writer.committed_count
@@ -261,3 +262,70 @@ def test_verify_and_cp_survive_a_commit_between_manifest_and_index_reads(tmp_pat
     if tool == "cp":
         assert len(StoreReader(str(tmp_path / "copy"))) < writer.committed_count
     writer.abort()
+
+
+def test_cp_of_a_part_moved_past_the_commit_copies_the_committed_part(tmp_path):
+    """A writer added a segment to its part after the last commit (its part manifest lists
+    it; the store manifest does not). `cp` copies only the committed segments, so the copy's
+    part manifest must be the committed one: the copy verifies, its part resumes from the
+    committed samples, and `logitstore commit` on it lists only files that exist."""
+    from click.testing import CliRunner
+
+    from logitstore.cli import main as cli
+    from logitstore.transfer import copy_store
+
+    store, part_rel = tmp_path / "store", "parts/part-00000/manifest.json"
+    segments = SegmentWriter(store, commit_store=False)  # as a rank: commits made by hand
+    writer = segments.writer
+    for _ in range(2):
+        segments.commit_one_segment()
+    commit_store(str(store))
+    committed_ids = sorted(writer.committed_ids)
+    snapshot = content_of(StoreReader(str(store)))
+    copy_store(str(store), str(tmp_path / "quiet"))  # nothing moved: the very same bytes
+    assert (tmp_path / "quiet" / part_rel).read_bytes() == (store / part_rel).read_bytes()
+
+    segments.commit_one_segment()  # the part moves on; the store is not committed
+    writer.abort()
+    copy = tmp_path / "copy"
+    copy_store(str(store), str(copy))
+    assert verify_store(str(copy)) == []
+    assert not content_differences(content_of(StoreReader(str(copy))), snapshot)
+
+    resumed = StoreWriter(str(copy), SETTINGS, commit_store=False)  # resumes part-00000
+    assert sorted(resumed.committed_ids) == committed_ids
+    resumed.close()  # marks the part complete; the commit below lists it
+    result = CliRunner().invoke(cli, ["commit", str(copy)])
+    assert result.exit_code == 0, result.output
+    assert verify_store(str(copy)) == []
+    reader = StoreReader(str(copy))
+    assert reader.manifest["parts"][0]["complete"]
+    assert not content_differences(content_of(reader), snapshot)
+
+
+def test_cp_of_a_half_added_signal_copies_the_committed_part(tmp_path):
+    """A signal appender (no commits: a rank) wrote its signal into the first committed
+    segment and listed the new files in the part manifest. The copy's part manifest must
+    not list them (they are not copied), so an appender on the copy starts from scratch."""
+    import numpy as np
+
+    from logitstore.signal_writer import SignalAppender
+    from logitstore.transfer import copy_store
+    from test_store_add_signal import SPEC, second_signal
+    from test_store_roundtrip import make, settings_for
+
+    store, copy = tmp_path / "store", tmp_path / "copy"
+    settings = settings_for()
+    with StoreWriter(str(store), settings) as writer:
+        writer.add_many(make(np.random.default_rng(4), 15, settings))
+    snapshot = content_of(StoreReader(str(store)))
+    appender = SignalAppender(str(store), "second", SPEC, commit_store=False)
+    jobs = appender.pending()
+    assert len(jobs) > 1
+    appender.write(jobs[0], [second_signal(i, n) for i, n in zip(jobs[0].sample_ids,
+                                                                 jobs[0].lengths)])
+    copy_store(str(store), str(copy))
+    assert verify_store(str(copy)) == []
+    assert not content_differences(content_of(StoreReader(str(copy))), snapshot)
+    assert [j.segment for j in SignalAppender(str(copy), "second", SPEC).pending()] == \
+        [j.segment for j in jobs]

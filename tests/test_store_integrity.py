@@ -115,8 +115,8 @@ def test_missing_store_and_missing_manifest(tmp_path):
 def test_unknown_major_version_names_both(pristine, tmp_path):
     root = copy(pristine, tmp_path)
     manifest = json.loads((root / MANIFEST).read_text())
-    manifest["format_version"] = "2.3"
-    (root / MANIFEST).write_text(json.dumps(manifest))
+    manifest["format_version"] = "2.3"  # sealed, as its writer would: an unsealed hand
+    (root / MANIFEST).write_bytes(sealed_json(manifest))  # edit is damage (seal checked first)
     with pytest.raises(FormatVersionError, match=r"2\.3.*expected major version 1"):
         StoreReader(str(root))
     manifest["format_version"] = "1.7"  # a newer minor is readable (once sealed again:
@@ -284,6 +284,31 @@ def test_flip_in_free_metadata_and_in_part_manifest(two_parts, tmp_path):
         assert problems and all(rel in p for p in problems), problems
         if rel == MANIFEST:
             with pytest.raises(ChecksumError, match="manifest_sha256"):
+                StoreReader(str(store))
+
+
+def test_flipped_bit_in_major_version_is_damage_not_another_version(two_parts, tmp_path):
+    """'1' -> '0' in format_version of a sealed manifest: the seal no longer matches, so it
+    is damage naming the file, not a store of another major version."""
+    root, _, _ = two_parts
+    for rel in (MANIFEST, "parts/p1/manifest.json"):
+        store = tmp_path / rel.replace("/", "_")
+        shutil.copytree(root, store)
+        data = (store / rel).read_bytes()
+        needle = b'"format_version": "1.'
+        assert data.count(needle) == 1
+        pos = data.index(needle) + len(needle) - 2
+        flipped = bytearray(data)
+        flipped[pos] ^= 1  # ASCII '1' -> '0': major version 0
+        (store / rel).write_bytes(bytes(flipped))
+        assert json.loads((store / rel).read_text())["format_version"].startswith("0.")
+        result = CliRunner().invoke(cli, ["verify", str(store)])
+        assert result.exit_code == 1, result.output
+        assert f"DAMAGED {store / rel}: manifest_sha256" in result.output, result.output
+        assert "Traceback" not in result.output and "major version" not in result.output
+        if rel == MANIFEST:
+            with pytest.raises(ChecksumError, match=f"{re.escape(str(store / rel))}: "
+                                                    f"manifest_sha256"):
                 StoreReader(str(store))
 
 

@@ -47,13 +47,13 @@ import click
 
 from eval.config import FIELDS, SECTION
 from logitstore import exit_codes
-from logitstore.toolkit.options import tool_command
+from logitstore.toolkit.options import tool_command, verbose_option
 
 PROG = "distill-eval"
 
 
 @tool_command(PROG, FIELDS, SECTION, preset_example="med42-to-llama3.2-1b")
-@click.option("-v", "--verbose", is_flag=True, help="Log at DEBUG level (libraries included).")
+@verbose_option(" (libraries included; an unexpected error shows its traceback)")
 def distill_eval(config_path: str | None, verbose: bool, **flags) -> None:
     """Compare a distilled student with its teacher and a baseline: quality kept, cost saved."""
     _setup_logging(verbose)

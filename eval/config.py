@@ -34,8 +34,8 @@ FIELDS: dict[str, Field] = {
     "teacher": Field("optional_str", None, help="Teacher (same forms as --model)."),
     "baseline": Field("optional_str", None,
                       help="Baseline, e.g. the student before distillation."),
-    "tasks": Field("str", "medical", help="Comma-separated: medical, local, task names, task "
-                                          "YAML/JSONL paths."),
+    "tasks": Field("list_str", ["medical"], help="medical, local, task names, task YAML/JSONL "
+                                                "paths (a YAML list in a preset)."),
     "out": Field("optional_str", None, help="Report directory (created)."),
     # how models are loaded
     "quantize": Field("str", "auto", choices=QUANTIZE_CHOICES,

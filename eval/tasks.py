@@ -1,6 +1,7 @@
 """Task resolution and the lm-eval bridge of distill-eval.
 
-`--tasks` is a comma-separated list of:
+`--tasks` (comma-separated or repeated; a YAML list or a comma-separated string in a
+preset) lists:
 
 - `medical`: the MultiMedQA set (MEDICAL_TASKS), lm-eval's own task definitions;
 - `local`: every task definition shipped in eval/tasks/ (bundled medical MCQ and
@@ -37,6 +38,7 @@ import math
 import os
 import sys
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -82,12 +84,14 @@ def shipped_tasks() -> dict[str, Path]:
     return {p.stem: p for p in sorted(SHIPPED_DIR.glob("*.yaml"))}
 
 
-def resolve_tasks(text: str) -> list[TaskRequest]:
-    """TaskRequests of a `--tasks` value; ConfigError naming every bad entry."""
+def resolve_tasks(tasks: str | Sequence[str]) -> list[TaskRequest]:
+    """TaskRequests of the `tasks` setting (entries, each may be comma-separated: "a,b" and
+    ["a", "b"] are the same); ConfigError naming every bad entry."""
     shipped = shipped_tasks()
     requests: list[TaskRequest] = []
     problems: list[str] = []
-    for item in (part.strip() for part in str(text).split(",")):
+    entries = [tasks] if isinstance(tasks, str) else list(tasks)
+    for item in (part.strip() for entry in entries for part in str(entry).split(",")):
         if not item:
             continue
         if item == "medical":

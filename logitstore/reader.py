@@ -46,7 +46,8 @@ class StoreReader:
                  cache_dir: str | None = None):
         self.fs = StoreFS(url, storage_options, cache_dir=cache_dir)
         require_committed(self.fs)
-        _, self.manifest, index = read_commit(self.fs)
+        # The manifest's bytes as read: what this reader's view of the store was built from.
+        self.manifest_bytes, self.manifest, index = read_commit(self.fs)
         self.index: pa.Table = self._parse_index(index)
         self.settings = StoreSettings.from_json(self.manifest["settings"])
         self.sample_ids: list[str] = self.index.column("sample_id").to_pylist()

@@ -9,10 +9,10 @@ Layer maps are {student_layer: teacher_layer}. Student layers index the student'
 states / attention maps as passed in (for HF `output_hidden_states=True`, index 0 is the
 embedding output and i the output of block i); teacher layers are the teacher's layer numbers,
 translated to positions on the stored L_t axis through `teacher_layers` (the stored layer
-numbers, e.g. the store's HiddenSpec.layers; default: position == layer number). With the
-teacher's depth known (`teacher_depth`, the store's SignalSpec.depth) a teacher layer may be
-given in either form: 3 and -1 name the same layer of a 4-layer teacher
-(`stored_teacher_layer`); without it, only the form as stored matches.
+numbers, e.g. the store's HiddenSpec.layers; default: position == layer number), in the form
+they are stored. `stored_teacher_layer` converts a user's teacher layer to that form (3 and
+-1 name the same layer of a 4-layer teacher); student_train/sources.py applies it when it
+builds the layer maps.
 """
 
 from __future__ import annotations
@@ -61,20 +61,18 @@ def stored_teacher_layer(layer: int, stored: Sequence[int], depth: int | None) -
 
 
 def _teacher_positions(layer_map: Mapping[int, int], teacher_layers: Sequence[int] | None,
-                       n_stored: int, teacher_depth: int | None = None) -> dict[int, int]:
-    """{student_layer: index on the stored L_t axis}."""
+                       n_stored: int) -> dict[int, int]:
+    """{student_layer: index on the stored L_t axis}; teacher layers as stored."""
     stored = list(range(n_stored)) if teacher_layers is None else list(teacher_layers)
     if len(stored) != n_stored:
         raise ValueError(f"teacher_layers lists {len(stored)} layers but the stored axis has "
                          f"{n_stored}")
     out = {}
     for s, t in layer_map.items():
-        found = stored_teacher_layer(t, stored, teacher_depth)
-        if found is None:
-            depth = f" of a {teacher_depth}-layer teacher" if teacher_depth else ""
+        if t not in stored:
             raise ValueError(f"teacher layer {t} (mapped from student layer {s}) is not stored; "
-                             f"stored layers: {stored}{depth}")
-        out[s] = stored.index(found)
+                             f"stored layers: {stored}")
+        out[s] = stored.index(t)
     return out
 
 
@@ -102,7 +100,7 @@ class HiddenStateAligner(nn.Module):
 
     def __init__(self, layer_map: Mapping[int, int], d_student: int, d_teacher: int, *,
                  loss: str = "cosine", pooling: str = "mean",
-                 teacher_layers: Sequence[int] | None = None, teacher_depth: int | None = None):
+                 teacher_layers: Sequence[int] | None = None):
         super().__init__()
         if loss not in HIDDEN_LOSSES:
             raise ValueError(f"hidden loss must be one of {HIDDEN_LOSSES}, found {loss!r}")
@@ -113,7 +111,6 @@ class HiddenStateAligner(nn.Module):
         self.layer_map = dict(layer_map)
         self.loss, self.pooling = loss, pooling
         self.teacher_layers = None if teacher_layers is None else list(teacher_layers)
-        self.teacher_depth = teacher_depth
         self.projections = nn.ModuleDict(
             {str(s): nn.Linear(d_student, d_teacher) for s in self.layer_map})
 
@@ -124,8 +121,7 @@ class HiddenStateAligner(nn.Module):
         if teacher_pools.dim() != 3:
             raise ValueError(f"teacher_pools must be [B, L_t, d_t], found "
                              f"{tuple(teacher_pools.shape)}")
-        where = _teacher_positions(self.layer_map, self.teacher_layers, teacher_pools.shape[1],
-                                   self.teacher_depth)
+        where = _teacher_positions(self.layer_map, self.teacher_layers, teacher_pools.shape[1])
         valid = attention_mask.bool().any(-1)  # [B]
         per_layer = []
         for s, t_pos in where.items():
@@ -153,7 +149,6 @@ class HiddenStateAligner(nn.Module):
 def attention_alignment_loss(student_attentions: Sequence[Tensor], teacher_grids: Tensor,
                              lengths: Tensor, layer_map: Mapping[int, int], *,
                              loss: str = "mse", teacher_layers: Sequence[int] | None = None,
-                             teacher_depth: int | None = None,
                              sample_weights: Tensor | None = None) -> Tensor:
     """Student attention maps vs stored teacher grids.
 
@@ -173,7 +168,7 @@ def attention_alignment_loss(student_attentions: Sequence[Tensor], teacher_grids
     if not layer_map:
         raise ValueError("layer_map must map at least one student layer, found none")
     grid = teacher_grids.shape[-1]
-    where = _teacher_positions(layer_map, teacher_layers, teacher_grids.shape[1], teacher_depth)
+    where = _teacher_positions(layer_map, teacher_layers, teacher_grids.shape[1])
     valid = lengths > 0
     per_layer = []
     for s, t_pos in where.items():

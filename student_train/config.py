@@ -26,6 +26,8 @@ from typing import Any
 from logitstore.errors import ConfigError
 from logitstore.toolkit.options import (Field, at_least, between, config_class, load_section,
                                         make_config, positive, resolve_fields)
+from logitstore.toolkit.record_formats import (DATA_FORMAT_METAVAR, data_format_problem,
+                                               normalize_format_name)
 
 SECTION = "train"
 TARGETS = ("auto", "topk", "sampled")  # auto: top-k where captured, else sampled
@@ -70,8 +72,8 @@ FIELDS: dict[str, Field] = {
     "verify_store": Field("str", "full", choices=VERIFY, resumable=True,
                           help="full: check every checksum before training."),
     # --data only
-    "data_format": Field("str", "auto", help="--data: record format (auto: detected per "
-                                             "source)."),
+    "data_format": Field("str", "auto", data_format_problem, metavar=DATA_FORMAT_METAVAR,
+                         help="--data: record format (auto: detected per source)."),
     "max_length": Field("optional_int", 2048, _at_least(2),
                         help="--data: tokens per sample (longer ones are cut)."),
     "include_prompt": Field("bool", False, help="--data: prompt tokens are targets too."),
@@ -178,6 +180,7 @@ def resolve_config(preset: str | Path | None = None,
     problems += _cross_field_problems(resolved)
     if problems:
         raise ConfigError(problems)
+    resolved["data_format"] = normalize_format_name(resolved["data_format"])
     if resolved["temperature_schedule"] == "exp":
         resolved["temperature_schedule"] = "exponential"  # losses.TEMPERATURE_SCHEDULES' name
     if resolved["temperature_end"] is None:

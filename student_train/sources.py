@@ -2,11 +2,17 @@
 
 `check_inputs` runs before any model is loaded and checks what costs only metadata: the
 store(s) exist and are committed (their manifest and index are read), the --data specs
-resolve to files, directories or dataset names, the --signals names are in the store. Then, with the student loaded, a store is
-refused, before training, when its tokenizer or vocabulary differs from the
-student's (both sides shown), when a checksum fails (the damaged files named), or when the
-config asks for what it does not hold (signals, captures, layers). Config problems are
-collected and raised together, like the config's own.
+resolve to files, directories or dataset names (a hub dataset: readable, i.e. online or
+cached), the --signals names are in the store. Then, with the student loaded, a store is
+refused, before training, when its tokenizer or vocabulary differs from the student's
+(both sides shown), when a checksum fails (the damaged files named), or when the config
+asks for what it does not hold (signals, captures, layers). Config problems are collected
+and raised together, like the config's own.
+
+The run's provenance (training_metadata.json `source`) names the store by its manifest:
+`manifest_file_sha256`, the sha256 of the manifest bytes this run read, and
+`manifest_seal`, the store's own seal (manifest.json `manifest_sha256`, format 1.1; None
+for older stores).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from logitstore.commit import SEAL_KEY
 from logitstore.errors import ChecksumError, ConfigError, SchemaMismatchError
 from logitstore.reader import StoreReader
 from logitstore.verify import verify_store
@@ -76,12 +83,12 @@ class Inputs:
 
 def check_inputs(cfg) -> Inputs:
     """Open the store and eval_store (each: exists, committed, a format this version reads)
-    or resolve every --data spec; raises their one-paragraph LogitStoreError otherwise."""
+    or resolve every --data spec (a hub dataset must be readable: online or cached); raises
+    their one-paragraph LogitStoreError otherwise."""
     if not cfg.distill:
-        from logitstore.toolkit.data_sources import resolve_sources
+        from logitstore.toolkit.hub_data import check_hub_data_readable
 
-        for spec in cfg.data:
-            resolve_sources(spec)
+        check_hub_data_readable(cfg.data)
         return Inputs()
     store = StoreReader(cfg.store, cache_dir=cfg.cache_dir)
     eval_store = StoreReader(cfg.eval_store, cache_dir=cfg.cache_dir) if cfg.eval_store \
@@ -114,8 +121,10 @@ def check_store(reader: StoreReader, url: str, cfg, tokenizer, accelerator) -> N
                   f"(`logitstore cp`) or dump again", path=damaged[0].split(": ", 1)[0])
 
 
-def manifest_sha256(reader: StoreReader) -> str:
-    return hashlib.sha256(reader.fs.read_bytes("manifest.json")).hexdigest()
+def manifest_provenance(reader: StoreReader) -> dict[str, str | None]:
+    """The manifest this run read: the sha256 of its bytes, and the store's seal."""
+    return {"manifest_file_sha256": hashlib.sha256(reader.manifest_bytes).hexdigest(),
+            "manifest_seal": reader.manifest.get(SEAL_KEY)}
 
 
 # ----------------------------------------------------------------------------- signal plans
@@ -269,12 +278,12 @@ def store_sources(cfg, inputs: Inputs, tokenizer, student, accelerator) -> Sourc
                                 rows=eval_rows, shuffle=False, order="sequential", **common)
     if problems:
         raise ConfigError(problems)
-    src.provenance = {"store": cfg.store, "manifest_sha256": manifest_sha256(reader),
+    src.provenance = {"store": cfg.store, **manifest_provenance(reader),
                       "dataset_fingerprint": reader.manifest.get("dataset_fingerprint"),
                       "signals": {n: reader.manifest["settings"]["signals"][n] for n in names}}
     if eval_reader is not None:
-        src.provenance.update(eval_store=cfg.eval_store,
-                              eval_manifest_sha256=manifest_sha256(eval_reader),
+        eval_manifest = {f"eval_{k}": v for k, v in manifest_provenance(eval_reader).items()}
+        src.provenance.update(eval_store=cfg.eval_store, **eval_manifest,
                               eval_dataset_fingerprint=eval_reader.manifest.get(
                                   "dataset_fingerprint"))
     return src

@@ -3,8 +3,8 @@
 The flags are generated from teacher_dump/config.py's FIELDS, the same table as the keys
 of a preset's `dump:` section: `--top-k 8` is `top_k: 8`, a flag given overrides the
 preset (`--config`: a path or a bundled preset's name, e.g. `--config tiny-cpu`). Only
-`--config`, `--no-progress` and `-v` are not settings: they change what is shown, never
-what is stored. A second teacher (same tokenizer) is added to a finished store by
+`--config` and `-v` are not settings: `-v` changes what this invocation logs, never what is
+stored. A second teacher (same tokenizer) is added to a finished store by
 rerunning with its --model and a new --signal. Multi-process (one part per process;
 without a GPU add `--multi_gpu`: accelerate's `--cpu` starts a single process):
 
@@ -23,7 +23,7 @@ import click
 
 from logitstore import exit_codes
 from logitstore.errors import LogitStoreError
-from logitstore.toolkit.options import tool_command
+from logitstore.toolkit.options import tool_command, verbose_option
 from teacher_dump.config import FIELDS, SECTION, resolve_config
 
 PROG = "teacher-dump"
@@ -31,9 +31,8 @@ log = logging.getLogger("teacher_dump")
 
 
 @tool_command(PROG, FIELDS, SECTION, interrupted_hint="rerun the same command to resume")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
-@click.option("-v", "--verbose", is_flag=True, help="Log at DEBUG level.")
-def teacher_dump(config_path, no_progress, verbose, **flags) -> None:
+@verbose_option()
+def teacher_dump(config_path, verbose, **flags) -> None:
     """Run a teacher over data once and store its signals for offline distillation."""
     from teacher_dump.dump import run_dump
     from teacher_dump.ranks import RankContext
@@ -45,7 +44,7 @@ def teacher_dump(config_path, no_progress, verbose, **flags) -> None:
         _setup_logging(verbose, ranks.is_main)
         if ranks.is_main:
             click.echo(_echo_config(cfg), err=True)
-        report = run_dump(cfg, ranks=ranks, progress=not no_progress)
+        report = run_dump(cfg, ranks=ranks)
     except LogitStoreError as exc:
         exit_codes.fail(PROG, str(exc))
     except OSError as exc:  # e.g. the store location is not writable

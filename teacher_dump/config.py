@@ -25,7 +25,9 @@ from typing import Any
 from logitstore.errors import ConfigError
 from logitstore.format import ATTENTION_HEADS, HIDDEN_POOLINGS, LOGPROB_ENCODINGS
 from logitstore.toolkit.options import (Field, at_least, config_class, load_section,
-                                        make_config, one_of, positive, resolve_fields)
+                                        make_config, positive, resolve_fields)
+from logitstore.toolkit.record_formats import (DATA_FORMAT_METAVAR, data_format_problem,
+                                               normalize_format_name)
 from teacher_dump.default_data import alias_default_data
 
 # auto: the alias's default (4bit unless it says otherwise) on CUDA, none on CPU.
@@ -34,8 +36,6 @@ DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 # Kernels of teacher_dump.logit_stats (auto: compiled on the CPU when torch.compile works).
 CAPTURE_KERNELS = ("auto", "compiled", "eager")
 STORED_FLOAT_DTYPES = ("float16", "float32")
-# Data formats of logitstore.toolkit.record_formats; dashes are accepted for underscores.
-DATA_FORMATS = ("auto", "chat", "medmcqa", "mcq", "instruction", "prompt_completion", "text")
 SECTION = "dump"
 _SIGNAL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 
@@ -44,10 +44,6 @@ def _signal_name(v):
     if v is None or _SIGNAL_NAME.fullmatch(v):
         return None
     return f"must be letters, digits, '.', '_' or '-' (not starting with '.' or '-'), got {v!r}"
-
-
-def _data_format(v):
-    return one_of(DATA_FORMATS)(v.replace("-", "_"))
 
 
 FIELDS: dict[str, Field] = {
@@ -71,8 +67,7 @@ FIELDS: dict[str, Field] = {
     # data
     "data": Field("list_str", [], help="Data file, directory, glob or dataset "
                                        "name[:config][@split]."),
-    "format": Field("str", "auto", _data_format,
-                    metavar="[" + "|".join(f.replace("_", "-") for f in DATA_FORMATS) + "]",
+    "format": Field("str", "auto", data_format_problem, metavar=DATA_FORMAT_METAVAR,
                     help="Data record format (auto: detected per source)."),
     "max_length": Field("optional_int", 2048, at_least(2),
                         help="Tokens per sample (BOS/EOS included)."),
@@ -146,6 +141,8 @@ FIELDS: dict[str, Field] = {
                                  "when it works, else eager)."),
     "queue_batches": Field("int", 4, at_least(1), resumable=True,
                            help="Captured batches waiting for the writer thread at most."),
+    # what is shown only
+    "progress": Field("bool", True, resumable=True, help="Progress bar."),
 }
 
 DumpConfig = config_class("DumpConfig", FIELDS, module=__name__,
@@ -175,7 +172,7 @@ def resolve_config(preset: str | Path | None = None,
     """
     resolved, _, problems = resolve_fields(FIELDS, SECTION, preset, overrides)
     if isinstance(resolved["format"], str):
-        resolved["format"] = resolved["format"].replace("-", "_")
+        resolved["format"] = normalize_format_name(resolved["format"])
     if not resolved["data"] and isinstance(resolved["model"], str):  # e.g. --model med42
         resolved["data"] = alias_default_data(resolved["model"])
     problems += _cross_field_problems(resolved)

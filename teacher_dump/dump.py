@@ -53,7 +53,7 @@ from logitstore.format import (AttentionSpec, HiddenSpec, SampledSpec, SignalSpe
                                TopKSpec, canonical_layers)
 from teacher_dump.batch_loops import DumpWork, add_signal, capture_spec, dump_samples
 from teacher_dump.config import DumpConfig
-from teacher_dump.default_data import check_hub_data_readable
+from teacher_dump.default_data import check_dump_data_readable
 from teacher_dump.existing_store import (EXTRA_CONFIG, EXTRA_RUNS, EXTRA_SIGNAL_CONFIGS,
                                          EXTRA_SUMMARY, ExistingStore, adds_signal, data_conflicts,
                                          early_conflicts, erase_store, inspect_store, refusal,
@@ -134,15 +134,16 @@ class _Plan:
 
 
 def run_dump(cfg: DumpConfig, *, ranks: RankContext | None = None,
-             progress: bool = True) -> DumpReport:
-    """Dump `cfg.data` through `cfg.model` into the store `cfg.out` (module docstring)."""
+             progress: bool | None = None) -> DumpReport:
+    """Dump `cfg.data` through `cfg.model` into the store `cfg.out` (module docstring).
+    `progress`: show the progress bar (None: as `cfg.progress` says)."""
     from teacher_dump.logit_stats import resolve_kernel
     from logitstore.toolkit.hf import load_causal_lm, load_tokenizer
     from logitstore.toolkit.tokenizer_identity import tokenizer_fingerprint, vocab_size_of
 
     started = time.monotonic()
     ranks = ranks or RankContext.from_accelerate()
-    check_hub_data_readable(cfg.data, cfg.model)  # offline without the data: before any load
+    check_dump_data_readable(cfg.data, cfg.model)  # offline without the data: before any load
     tokenizer = load_tokenizer(cfg.model, cfg.revision, cfg.trust_remote_code)
     fingerprint, vocab = tokenizer_fingerprint(tokenizer), vocab_size_of(tokenizer)
     store, samples, data_summary, conflicts = _check_store_and_read_data(cfg, tokenizer,
@@ -173,6 +174,7 @@ def run_dump(cfg: DumpConfig, *, ranks: RankContext | None = None,
     signal_configs = {**plan.store.signal_configs, cfg.signal: cfg.as_dict()}
     running = {EXTRA_CONFIG: cfg.as_dict(), EXTRA_SIGNAL_CONFIGS: signal_configs,
                EXTRA_SUMMARY: {"status": "running"}, EXTRA_RUNS: plan.store.runs}
+    progress = cfg.progress if progress is None else progress
     work = DumpWork(cfg, model, capture_spec(cfg, vocab, kernel), ranks, progress,
                     pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     if adding:

@@ -139,24 +139,18 @@ def test_stored_teacher_layer_accepts_either_form_with_a_known_depth():
     assert stored_teacher_layer(3, [-1], None) is None
 
 
-def test_aligners_resolve_teacher_layers_against_the_stored_depth():
+def test_aligners_take_teacher_layers_in_the_stored_form():
     hidden, mask, am = hidden_case()
     g = torch.Generator().manual_seed(4)
     pools = torch.randn(3, 2, 6, generator=g)  # stored blocks 1 and 3 of a 4-layer teacher
-    torch.manual_seed(0)
-    negative = HiddenStateAligner({0: -1}, 4, 6, teacher_layers=[1, 3], teacher_depth=4)
-    torch.manual_seed(0)
-    positive = HiddenStateAligner({0: 3}, 4, 6, teacher_layers=[1, 3], teacher_depth=4)
-    assert negative([hidden], pools, mask, am).item() == positive([hidden], pools, mask, am).item()
     with pytest.raises(ValueError, match="teacher layer -1 .* not stored"):
         HiddenStateAligner({0: -1}, 4, 6, teacher_layers=[1, 3])([hidden], pools, mask, am)
-    attn = [torch.rand(2, 2, 4, 4, generator=g)]
-    grids = torch.rand(2, 2, 1, 2, 2, generator=g)
-    lengths = torch.tensor([4, 3])
-    by_negative = attention_alignment_loss(attn, grids, lengths, {0: -3}, teacher_layers=[1, 3],
-                                           teacher_depth=4)
-    by_block = attention_alignment_loss(attn, grids, lengths, {0: 1}, teacher_layers=[1, 3])
-    assert by_negative.item() == by_block.item()
+    torch.manual_seed(0)
+    by_layer = HiddenStateAligner({0: 3}, 4, 6, teacher_layers=[1, 3])
+    torch.manual_seed(0)
+    by_position = HiddenStateAligner({0: 1}, 4, 6)  # layer 3 is position 1 of the axis
+    assert by_layer([hidden], pools, mask, am).item() == \
+        by_position([hidden], pools, mask, am).item()
 
 
 def test_training_layer_map_comes_back_in_the_stored_form():

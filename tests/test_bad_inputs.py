@@ -35,6 +35,10 @@ ROWS = [
     ("logitstore", ["info", "{store}", "--bogus"], 2, ["No such option"]),
     ("logitstore", ["show", "{store}", "x", "--tokenizer", "/nonexistent"], 2,
      ["does not exist"]),
+    ("logitstore", ["show", "{store}", "--index", "0", "--tokenizer", "{tmp}"], 1,
+     ["no tokenizer at {tmp}", "tokenizer.json", "a directory holding one"]),
+    ("logitstore", ["show", "{store}", "--index", "0", "--tokenizer", "{file}"], 1,
+     ["{file} is not a tokenizer file", "tokenizer.json"]),
     ("teacher-dump", ["--model", NO_MODEL, "--data", "{file}", "--out", "{tmp}/s",
                       "--device", "cpu"], 1, [NO_MODEL]),
     ("teacher-dump", ["--model", "{model}", "--data", "{file}", "--out", "{file}/store",
@@ -64,6 +68,9 @@ ROWS = [
     # checked from the store's manifest before the (here missing) student is looked at
     ("student-train", ["--store", "{store}", "--student", NO_MODEL, "--out", "{tmp}/run",
                        "--signals", "qwen:1"], 1, ["'qwen'", "not in the store"]),
+    # a data format is checked with the config, before the (here missing) student is looked at
+    ("student-train", ["--data", "{file}", "--student", NO_MODEL, "--out", "{tmp}/run",
+                       "--data-format", "yaml"], 1, ["data_format", "must be one of", "'yaml'"]),
     ("distill-eval", ["--model", NO_MODEL, "--tasks", "local", "--out", "{tmp}/r",
                       "--device", "cpu", "--no-efficiency"], 1, [NO_MODEL]),
     ("distill-eval", ["--model", "{model}", "--tasks", "/nonexistent/tasks.jsonl", "--out",

@@ -17,8 +17,8 @@ from click.testing import CliRunner
 from logitstore.toolkit.data_sources import DataSourceError, resolve_sources
 from logitstore.errors import ConfigError
 from teacher_dump.config import resolve_config
-from teacher_dump.default_data import (_cache_places, alias_default_data,
-                                       check_hub_data_readable)
+from logitstore.toolkit.hub_data import cache_places, check_hub_data_readable
+from teacher_dump.default_data import alias_default_data
 
 REPO = Path(__file__).resolve().parents[1]
 MEADOW = "medalpaca/medical_meadow_medical_flashcards@train"
@@ -80,8 +80,8 @@ def test_the_cards_command_fails_at_once_offline(tmp_path):
 def test_an_unreachable_hub_counts_as_offline(tmp_path):
     env = _offline_env(tmp_path, HF_ENDPOINT="http://127.0.0.1:9")  # a closed local port
     del env["HF_HUB_OFFLINE"], env["HF_DATASETS_OFFLINE"]
-    code = ("from teacher_dump.default_data import check_hub_data_readable as c\n"
-            f"c([{MEADOW!r}], 'med42')")
+    code = ("from logitstore.toolkit.hub_data import check_hub_data_readable as c\n"
+            f"c([{MEADOW!r}])")
     result = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
@@ -97,7 +97,7 @@ def test_a_cached_dataset_passes_the_check(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     with pytest.raises(DataSourceError, match="no copy of it is in the local caches"):
         check_hub_data_readable([MEADOW])
-    hub_copy, prepared = _cache_places(resolve_sources(MEADOW)[0].hf)
+    hub_copy, prepared = cache_places(resolve_sources(MEADOW)[0].hf)
     assert hub_copy == tmp_path / "hub" / "datasets--medalpaca--medical_meadow_medical_flashcards"
     prepared.mkdir(parents=True)  # a dataset prepared by `datasets` before
     check_hub_data_readable([MEADOW])

@@ -184,8 +184,7 @@ def test_presets_resolve_and_say_how_to_use_them(name):
 def test_every_setting_is_a_flag_and_a_preset_key(tmp_path):
     from teacher_dump.config import FIELDS
 
-    assert {p.name for p in teacher_dump.params} - {"config_path", "no_progress", "verbose"} \
-        == set(FIELDS)
+    assert {p.name for p in teacher_dump.params} - {"config_path", "verbose"} == set(FIELDS)
     preset = tmp_path / "p.yaml"
     preset.write_text("dump:\n  dedup: false\n  segment_tokens: 100\n")
     flags = ["--model", "m", "--data", "d.jsonl", "--out", "s"]

@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from eval.cli import distill_eval
+from logitstore.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 ROLES = ("teacher", "student", "baseline")
@@ -152,7 +153,7 @@ def test_resolved_config_is_saved(full_run):
     report = json.loads((full_run[1] / "report.json").read_text())
     assert config == report["config"]
     assert config["limit"] == 3 and config["num_fewshot"] == 1 and config["tasks"] == \
-        "local,medmcqa"
+        ["local", "medmcqa"]
     assert config["quantize"] == "auto" and config["efficiency_repeats"] == 2
 
 
@@ -221,14 +222,14 @@ def test_eval_section_of_a_preset(tmp_path, models):
                       "  limit: 5\n  progress: false\n")
     cfg = resolve_config(preset, {"out": "o", "batch_size": "3"})
     assert (cfg.model, cfg.tasks, cfg.batch_size, cfg.limit, cfg.progress) == \
-        (str(models["student"]), "local", 3, 5, False)
+        (str(models["student"]), ("local",), 3, 5, False)
     assert isinstance(cfg.limit, int) and resolve_config(None, {"model": "m", "out": "o",
                                                                 "limit": "0.5"}).limit == 0.5
     assert cfg.roles() == {"student": str(models["student"])}
     for name in ("med42-to-llama3.2-1b", "qwen2-1.5b-to-qwen2-0.5b",  # bundled, by name
                  "llama3-8b-to-llama3.2-1b", "tiny-cpu"):
         bundled = resolve_config(name, {"model": "run/final", "out": "o"})
-        assert bundled.tasks in ("medical,local", "local")
+        assert bundled.tasks in (("medical", "local"), ("local",))
     for scale in ("tiny", "default"):  # the demo's presets: every section resolves
         demo = REPO / "demo" / "configs" / f"{scale}.yaml"
         assert resolve_config(demo, {"model": "m", "out": "o"}).network == "offline"
@@ -238,6 +239,26 @@ def test_eval_section_of_a_preset(tmp_path, models):
     _fails(["--config", str(bad), "--model", "m", "--out", str(tmp_path / "o"),
             "--teacher-quantize", "3bit"], "unknown setting 'quantise' (did you mean "
            "'quantize'?)", "network (", "teacher_quantize (command line): must be one of")
+
+
+def test_tasks_is_a_list_in_a_preset_and_on_the_command_line(tmp_path):
+    from eval.config import resolve_config
+    from eval.tasks import resolve_tasks
+
+    preset = tmp_path / "p.yaml"
+    preset.write_text("eval:\n  model: m\n  out: o\n  tasks: [medmcq_mini, medgen_mini]\n")
+    as_list = resolve_config(preset).tasks
+    assert as_list == ("medmcq_mini", "medgen_mini")
+    assert resolve_config(None, {"model": "m", "out": "o",
+                                 "tasks": ["medmcq_mini,medgen_mini"]}).tasks == as_list
+    repeated = distill_eval.make_context("distill-eval", [
+        "--tasks", "medmcq_mini", "--tasks", "medgen_mini"]).params["tasks"]
+    assert resolve_config(None, {"model": "m", "out": "o", "tasks": repeated}).tasks == as_list
+    assert [r.name for r in resolve_tasks(as_list)] == ["medmcq_mini", "medgen_mini"]
+    assert resolve_config(None, {"model": "m", "out": "o"}).tasks == ("medical",)
+    preset.write_text("eval:\n  model: m\n  out: o\n  tasks: {medical: 1}\n")
+    with pytest.raises(ConfigError, match="tasks .*must be strings"):
+        resolve_config(preset)
 
 
 def test_python_dash_m_eval_one_paragraph_error(tmp_path):

@@ -156,3 +156,52 @@ def test_every_setting_of_every_tool_has_a_flag_or_a_reason(module):
     for name, field in fields.items():
         assert field.flag or len(field.yaml_only) > 10, name
         assert field.default is None or field.problem(field.default) is None, name
+
+
+def test_data_format_is_checked_alike_in_both_tools():
+    from logitstore.errors import ConfigError, LogitStoreError
+    from logitstore.toolkit.record_formats import get_format
+    from student_train.config import resolve_config as train_config
+    from teacher_dump.config import resolve_config as dump_config
+
+    dump = dump_config(None, {"model": "m", "data": ["d.jsonl"], "out": "s",
+                              "format": "prompt-completion"})
+    train = train_config(None, {"data": ["d.jsonl"], "student": "s", "out": "o",
+                                "data_format": "prompt-completion"})
+    assert dump.format == train.data_format == "prompt_completion"
+    for resolve, key, base in ((dump_config, "format", {"model": "m", "data": ["d"],
+                                                        "out": "s"}),
+                               (train_config, "data_format", {"data": ["d"], "student": "s",
+                                                              "out": "o"})):
+        with pytest.raises(ConfigError, match=f"{key} \\(command line\\): must be one of "
+                                              f"auto, chat, .*, got 'yaml'"):
+            resolve(None, {**base, key: "yaml"})
+    assert get_format("prompt-completion").name == "prompt_completion"
+    with pytest.raises(LogitStoreError, match="unknown data format 'yaml'"):
+        get_format("yaml")
+
+
+@pytest.mark.parametrize("module,command", [("teacher_dump.cli", "teacher_dump"),
+                                            ("eval.cli", "distill_eval")])
+def test_verbose_says_why_it_is_not_a_setting(module, command):
+    import importlib
+
+    cli = getattr(importlib.import_module(module), command)
+    help_text = " ".join(CliRunner().invoke(cli, ["--help"], terminal_width=200).output.split())
+    assert "-v, --verbose Log at DEBUG level" in help_text
+    assert "not a setting saved with the output" in help_text
+
+
+def test_progress_is_a_resumable_setting_of_teacher_dump(tmp_path):
+    from teacher_dump.cli import teacher_dump
+    from teacher_dump.config import FIELDS, resolve_config
+
+    assert FIELDS["progress"].resumable and FIELDS["progress"].default is True
+    flags = teacher_dump.make_context("teacher-dump", ["--no-progress"]).params
+    preset = tmp_path / "p.yaml"
+    preset.write_text("dump:\n  model: m\n  data: [d.jsonl]\n  out: s\n  progress: false\n")
+    assert resolve_config(preset).progress is False
+    assert resolve_config(preset, {"progress": flags["progress"]}).progress is False
+    assert resolve_config(preset, {"progress": True}).progress is True
+    assert options.config_differences(resolve_config(preset).as_dict(),
+                                      resolve_config(preset, {"progress": True}), FIELDS) == []

@@ -56,7 +56,9 @@ def test_distillation_lowers_heldout_kd_and_saves_a_loadable_student(world, tmp_
 
     meta = json.loads((run / "training_metadata.json").read_text())
     manifest = (world.store / "manifest.json").read_bytes()
-    assert meta["source"]["manifest_sha256"] == hashlib.sha256(manifest).hexdigest()
+    assert meta["source"]["manifest_file_sha256"] == hashlib.sha256(manifest).hexdigest()
+    assert meta["source"]["manifest_seal"] == json.loads(manifest)["manifest_sha256"]
+    assert "manifest_sha256" not in meta["source"]  # the seal's own key, not a file hash
     assert meta["source"]["dataset_fingerprint"] == json.loads(manifest)["dataset_fingerprint"]
     assert meta["steps"] == 24 and meta["final_metrics"]["eval/kd"] == after
     assert meta["config"]["alpha"] == 0.9
@@ -157,6 +159,13 @@ def test_cheap_inputs_are_checked_before_the_student_is_loaded(world, tmp_path, 
         raise AssertionError("the student was loaded")
 
     monkeypatch.setattr(train_module, "load_student", no_student)
+    # The hub offline, its caches empty: a hub dataset cannot be read.
+    import datasets
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
     (tmp_path / "empty").mkdir()
     (tmp_path / "a-file").write_text("not a directory")
     cases = [
@@ -165,6 +174,8 @@ def test_cheap_inputs_are_checked_before_the_student_is_loaded(world, tmp_path, 
         (dict(eval_store=str(tmp_path / "nonexistent")), StoreNotFoundError, "nonexistent"),
         (dict(store=None, data=[str(tmp_path / "missing.jsonl")]), DataSourceError,
          "does not exist"),
+        (dict(store=None, data=["org/no-such-dataset@train"]), DataSourceError,
+         "'org/no-such-dataset' (split train): the hub is offline"),
         (dict(out=str(tmp_path / "a-file")), LogitStoreError, "cannot be created or written"),
         (dict(out=str(tmp_path / "a-file" / "run")), LogitStoreError, "--out"),
         (dict(resume=str(tmp_path / "empty")), ConfigError, "not a complete checkpoint"),

@@ -1,5 +1,6 @@
-"""Is the Hugging Face hub reachable from here? (distill-eval's network mode, teacher-dump's
-check that its hub datasets can be read before a model is loaded)."""
+"""Is the Hugging Face hub reachable from here? (distill-eval's network mode, and
+`hub_data.check_hub_data_readable`: can the hub datasets of --data be read before a model
+is loaded)."""
 
 from __future__ import annotations
 

@@ -13,7 +13,8 @@ A tool (teacher_dump/config.py, student_train/config.py, eval/config.py) holds o
   (`dump:`, `train:`, `eval:`) <- the flags; coerces every value, runs every check and
   returns ALL problems; `preset` is a path or the name of a bundled preset (`find_preset`);
 - `config_differences(saved, new, fields)`: the settings that differ between two resolved
-  configs (a saved run and its resume), `resumable` fields excepted.
+  configs (a saved run and its resume), `resumable` fields excepted;
+- `verbose_option()`: the one flag that is not a field (`-v`: logging of this invocation).
 
 No torch here.
 """
@@ -206,6 +207,17 @@ def tool_command(prog: str, fields: dict[str, Field], section: str, *,
                              context_settings={"help_option_names": ["-h", "--help"],
                                                "max_content_width": 100})(function)
     return decorate
+
+
+def verbose_option(what: str = ""):
+    """Decorator: the `-v/--verbose` flag. Not a field of the table: it sets how much this
+    invocation logs, never what the command computes or writes, so it has no YAML key."""
+    import click
+
+    return click.option("-v", "--verbose", is_flag=True,
+                        help=f"Log at DEBUG level{what}. Command line only, no preset key: it "
+                             "sets how much this invocation logs, not a setting saved with "
+                             "the output.")
 
 
 def click_options(fields: dict[str, Field]):

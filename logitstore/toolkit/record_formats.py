@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from logitstore.errors import ConfigError
+
 LETTERS = string.ascii_uppercase
 ANSWER_FIELDS = ("answer", "answer_idx", "label")
 MEDMCQA_OPTION_FIELDS = ("opa", "opb", "opc", "opd", "ope")
@@ -360,13 +362,31 @@ def detect_format(record: Mapping) -> Format | None:
     return next((f for f in FORMATS.values() if f.detect(record)), None)
 
 
+# What a user may ask for (teacher-dump --format, student-train --data-format): a format
+# or auto (detected per source). Dashes are accepted for underscores (`prompt-completion`).
+DATA_FORMATS = ("auto", *FORMAT_NAMES)
+DATA_FORMAT_METAVAR = "[" + "|".join(f.replace("_", "-") for f in DATA_FORMATS) + "]"
+
+
+def normalize_format_name(name: str) -> str:
+    """A data format name as typed -> as named here (`prompt-completion` -> `prompt_completion`)."""
+    return name.replace("-", "_")
+
+
+def data_format_problem(name: str | None) -> str | None:
+    """What is wrong with a data format name as typed (dashes allowed), or None when fine."""
+    if name is None or normalize_format_name(name) in DATA_FORMATS:
+        return None
+    return f"must be one of {', '.join(DATA_FORMATS)}, got {name!r}"
+
+
 def get_format(name: str) -> Format:
+    """The Format called `name` (dashes allowed); ConfigError for an unknown name."""
     try:
-        return FORMATS[name]
+        return FORMATS[normalize_format_name(name)]
     except KeyError:
-        raise ValueError(
-            f"unknown data format {name!r}; choose 'auto' or one of {', '.join(FORMAT_NAMES)}"
-        ) from None
+        raise ConfigError([f"unknown data format {name!r}; choose 'auto' or one of "
+                           f"{', '.join(FORMAT_NAMES)}"]) from None
 
 
 def tags_of(record: Mapping, fmt: Format) -> dict[str, str | int | float | bool]:

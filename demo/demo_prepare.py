@@ -81,8 +81,9 @@ def read_texts(path: Path) -> list[str]:
 
 
 def make_documents(ctx: Context, tokenizer, texts: list[str]) -> None:
-    """documents.jsonl: the train records grouped, in order, into documents of at most
-    `doc_tokens` tokens (BOS and EOS included; a longer record stays alone and is truncated
+    """documents.jsonl: the records (with make_corpus.py --drill: the transfer facts, the
+    train records, the drill; else the train records) grouped, in order, into documents of
+    at most `doc_tokens` tokens (BOS and EOS included; a longer record stays alone and is truncated
     by max_length); distill.jsonl: its first `distill_documents` documents.
 
     The teacher trains on every document; the store (and so the student) and the baseline

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Turn demo/knowledge_base.yaml into the JSONL corpora used by the logitstore demo.
 
-    python demo/make_corpus.py --out DIR [--seed 0] [--scale 1.0]
+    python demo/make_corpus.py --out DIR [--seed 0] [--scale 1.0] [--entities N] [--drill R]
 
 Outputs (all UTF-8 JSONL, one object per line):
   train.jsonl         plain-text records: id, text, specialty, difficulty, kind, entity, template, format
@@ -9,6 +9,9 @@ Outputs (all UTF-8 JSONL, one object per line):
   instructions.jsonl  id, instruction, input, output + tags      (structured view of train items)
   chat.jsonl          id, messages[{role, content}] + tags       (structured view of train items)
   mcq.jsonl           id, question, options[4], answer, explanation + tags
+  medmcq_kb.jsonl     id, question, choices[4], answer + tags   (eval set, --mcq-eval N)
+  transfer.jsonl      one fact per (entity, field) in the scored form         (--drill R)
+  drill.jsonl         every fact R times in the scored form                   (--drill R)
 
 Wording per field comes from the YAML's `phrasing` section; the template functions here
 decide structure (overview / study note / bullet list / comparison paragraphs, Q/A, cloze,
@@ -254,6 +257,8 @@ def t_bullets(e, rng, ctx):
 
 def t_compare(e, rng, ctx):
     others = [o for o in ctx["by_kind"][e["kind"]] if o is not e]
+    if not others:  # the only one of its kind (a small --entities slice)
+        return None
     same = [o for o in others if o["specialty"] == e["specialty"]]
     o = rng.choice(same or others)
     key = {"condition": ["symptoms", "treatment"], "drug": ["drug_class", "uses"], "lab_test": ["high_in"],

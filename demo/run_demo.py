@@ -6,10 +6,12 @@
 Stages, each one a call of the real command-line tool (the arguments are printed, and
 saved in OUT/commands.sh so any stage can be rerun by hand):
 
-  corpus     demo/make_corpus.py -> OUT/corpus/{train,heldout,...}.jsonl and the
-             knowledge-base multiple-choice eval set OUT/corpus/medmcq_kb.jsonl
+  corpus     demo/make_corpus.py -> OUT/corpus/{train,heldout,...}.jsonl, the facts in
+             the scored form (transfer.jsonl, drill.jsonl) and the knowledge-base
+             multiple-choice eval set OUT/corpus/medmcq_kb.jsonl
   tokenizer  byte-level BPE trained on train.jsonl with `tokenizers` -> OUT/tokenizer;
-             train records grouped into documents of <= N tokens -> corpus/documents.jsonl,
+             transfer, train and drill records grouped, in that order, into documents of
+             <= N tokens -> corpus/documents.jsonl,
              its first documents -> corpus/distill.jsonl (the transfer set: a held-in
              split, >= 10x smaller than the teacher's text; sizes in split_sizes.json)
   init       randomly initialised (seeded) Llama teacher and smaller student -> OUT/init/
@@ -181,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                                  epilog="\n".join(__doc__.splitlines()[2:]))
     ap.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory")
     ap.add_argument("--scale", choices=SCALES, default="default",
-                    help="default: the demo (~10 CPU-minutes, < 10 min on 2 cores); tiny: "
+                    help="default: the demo (~8 CPU-minutes, < 8 min on 2 cores); tiny: "
                          "test size (< 1 min)")
     ap.add_argument("--force", action="store_true", help="rerun every stage")
     ap.add_argument("--subprocess", action="store_true",

@@ -92,6 +92,7 @@ STAGES = [
           lambda c: (c.demo["seed"], c.demo["corpus_scale"], c.demo.get("fact_drill", 0),
                      c.demo.get("entities", 0),
                      file_hash(DEMO_DIR / "make_corpus.py"),
+                     *(file_hash(p) for p in sorted(DEMO_DIR.glob("corpus_*.py"))),
                      file_hash(DEMO_DIR / "knowledge_base.yaml"))),
     Stage("tokenizer", "train a byte-level BPE tokenizer; group records into documents",
           train_tokenizer, ("tokenizer", "documents", "distill", "split_sizes"),

@@ -31,8 +31,6 @@ import random
 import sysconfig
 from pathlib import Path
 
-SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>",
-                  "unk_token": "<unk>"}
 # the standard library's own tests, GUI demos and vendored copies are not prose
 STDLIB_SKIP = {"site-packages", "test", "idlelib", "lib2to3", "tkinter", "turtledemo",
                "ensurepip", "tests"}
@@ -87,22 +85,13 @@ def collect_units(sources: list[str], min_chars: int) -> dict[str, str]:
 
 
 def _train_tokenizer(texts: list[str], vocab_size: int, out: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    """The demo's byte-level BPE recipe (demo/demo_prepare.py), trained on these texts."""
+    import sys
 
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size,
-                                  special_tokens=list(SPECIAL_TOKENS.values()),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    backend.train_from_iterator(texts, trainer=trainer)
-    bos = SPECIAL_TOKENS["bos_token"]
-    backend.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", special_tokens=[(bos, backend.token_to_id(bos))])
-    PreTrainedTokenizerFast(tokenizer_object=backend, **SPECIAL_TOKENS).save_pretrained(out)
-    return backend
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "demo"))
+    from demo_prepare import train_byte_level_bpe
+
+    return train_byte_level_bpe(texts, vocab_size, out)
 
 
 def _documents(unit: str, text: str, backend, budget: int) -> list[tuple[str, int]]:

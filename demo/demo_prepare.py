@@ -48,16 +48,17 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
                     encoding="utf-8")
 
 
-def train_tokenizer(ctx: Context) -> None:
-    """Byte-level BPE (GPT-2/Llama-3 style), BOS added on encoding, saved for transformers."""
+def train_byte_level_bpe(texts: list[str], vocab_size: int, out: Path):
+    """Byte-level BPE (GPT-2/Llama-3 style) trained on `texts`, BOS added on encoding, saved
+    for transformers under `out`; returns the `tokenizers` backend (bench/fidelity_corpus.py
+    trains its tokenizer with this function too)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    texts = read_texts(ctx.paths["corpus"] / "train.jsonl")
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=ctx.demo["tokenizer"]["vocab_size"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size,
                                   special_tokens=list(SPECIAL_TOKENS.values()),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
@@ -66,8 +67,18 @@ def train_tokenizer(ctx: Context) -> None:
     backend.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
         special_tokens=[(bos, backend.token_to_id(bos))])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **SPECIAL_TOKENS)
-    tokenizer.save_pretrained(ctx.paths["tokenizer"])
+    PreTrainedTokenizerFast(tokenizer_object=backend, **SPECIAL_TOKENS).save_pretrained(out)
+    return backend
+
+
+def train_tokenizer(ctx: Context) -> None:
+    """The demo's tokenizer, trained on the corpus's train.jsonl; then its documents."""
+    from transformers import PreTrainedTokenizerFast
+
+    texts = read_texts(ctx.paths["corpus"] / "train.jsonl")
+    backend = train_byte_level_bpe(texts, ctx.demo["tokenizer"]["vocab_size"],
+                                   ctx.paths["tokenizer"])
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(ctx.paths["tokenizer"])
     print(f"    vocab {len(tokenizer)} -> {rel_path(ctx.paths['tokenizer'], ctx.out)}", flush=True)
     corpus = ctx.paths["corpus"]
     drill = corpus / "drill.jsonl"

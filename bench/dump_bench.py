@@ -20,7 +20,7 @@ Measurements, each in a fresh subprocess (so every one gets its own peak RSS, fr
 getrusage ru_maxrss), alternating bare, dump, bare, dump... (--repeats pairs), medians
 reported:
 
-* bare: tokenizer, `teacher_dump.dump.read_data` and `teacher_dump.ranks.plan_batches`
+* bare: tokenizer, `teacher_dump.dump.read_data` and the dump's windowed batch plan
   with the dump's own resolved config, so the batches are the dump's, padded with
   `teacher_dump.capture.make_batch` before timing; the model loaded by
   `logitstore.toolkit.hf.load_causal_lm` as run_dump loads it; one untimed warm-up batch; then
@@ -225,6 +225,15 @@ class RssSampler:
                 "loop_peak_rss_mb": self.peak / 2**20}
 
 
+def _dump_plan(samples: list, cfg) -> list[list[int]]:
+    """The dump's batch plan (`teacher_dump.ranks.stream_batches`) as sample positions."""
+    from logitstore.toolkit.batching import windowed_padded_batches
+
+    return list(windowed_padded_batches(range(len(samples)), cfg.batch_tokens,
+                                        cfg.read_window_tokens,
+                                        lambda i: len(samples[i].input_ids)))
+
+
 def _plan_digest(samples, plan) -> str:
     ids = [[samples[i].sample_id for i in batch] for batch in plan]
     return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
@@ -241,12 +250,12 @@ def child_bare(cfg) -> dict:
     from logitstore.toolkit.hf import load_causal_lm, load_tokenizer
     from teacher_dump.capture import make_batch
     from teacher_dump.dump import read_data
-    from teacher_dump.ranks import plan_batches
 
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(cfg.model)
     samples, _ = read_data(cfg, tokenizer)
-    plan = plan_batches([len(s.input_ids) for s in samples], cfg.batch_tokens)
+    samples = list(samples)  # a stream: held here, to pad every batch before timing
+    plan = _dump_plan(samples, cfg)
     model, _ = load_causal_lm(cfg.model, quantize=cfg.quantize, dtype=cfg.dtype,
                               device=cfg.device)
     device = next(model.parameters()).device
@@ -288,8 +297,7 @@ def child_dump(cfg, breakdown: bool = False) -> dict:
     import teacher_dump.capture as capture
     import teacher_dump.dump as dump
     from teacher_dump.background_writer import BackgroundWriter
-    from teacher_dump.ranks import plan_batches
-    from logitstore.commit import load_json
+    from logitstore.snapshot import committed_state
     from logitstore.fs import StoreFS
     from logitstore.info import size_report
 
@@ -299,7 +307,8 @@ def child_dump(cfg, breakdown: bool = False) -> dict:
                 "writer_thread_cpu_s": 0.0}
 
     def timed_loop(work, settings, samples, store, extra, report):
-        plan = plan_batches([len(s.input_ids) for s in samples], work.cfg.batch_tokens)
+        samples = list(samples)  # a stream: read whole here, so the plan can be hashed
+        plan = _dump_plan(samples, work.cfg)
         timing["plan_digest"] = _plan_digest(samples, plan)
         timing["batches"] = len(plan)
         t = time.perf_counter()
@@ -351,7 +360,7 @@ def child_dump(cfg, breakdown: bool = False) -> dict:
     t0 = time.perf_counter()
     report = dump.run_dump(cfg, progress=False)
     end = time.perf_counter()
-    manifest = load_json(StoreFS(cfg.out), "manifest.json")
+    manifest = committed_state(StoreFS(cfg.out))
     sizes = size_report(manifest)
     loop_s = timing["loop_end"] - timing["loop_start"]
     commit_s = end - timing["loop_end"]

@@ -77,6 +77,11 @@ FIELDS: dict[str, Field] = {
     "max_length": Field("optional_int", 2048, _at_least(2),
                         help="--data: tokens per sample (longer ones are cut)."),
     "include_prompt": Field("bool", False, help="--data: prompt tokens are targets too."),
+    "read_window_tokens": Field("int", 1 << 20, _at_least(1),
+                                help="--data: data larger than this many tokens is streamed, "
+                                     "each epoch shuffled and batched one window of this many "
+                                     "tokens at a time (memory holds one window); smaller "
+                                     "data is kept in memory and shuffled whole."),
     # objective
     "target": Field("str", "auto", choices=TARGETS,
                     help="Per-token teacher target (auto: top-k where captured, else sampled)."),

@@ -292,12 +292,15 @@ def store_sources(cfg, inputs: Inputs, tokenizer, student, accelerator) -> Sourc
 def text_sources(cfg, tokenizer, accelerator) -> Sources:
     from student_train.text_data import TextBatches, holdout, load_text_samples
 
+    # A list when the data fits in one read window, else a stream re-read at each pass.
     samples = load_text_samples(cfg.data, tokenizer, data_format=cfg.data_format,
-                                max_length=cfg.max_length, include_prompt=cfg.include_prompt)
+                                max_length=cfg.max_length, include_prompt=cfg.include_prompt,
+                                window_tokens=cfg.read_window_tokens)
     train, held = holdout(samples, cfg.eval_fraction, cfg.seed) if cfg.eval_fraction \
         else (samples, [])
     common = dict(batch_tokens=cfg.batch_tokens, seed=cfg.seed, rank=accelerator.process_index,
-                  world_size=accelerator.num_processes, pad_id=tokenizer.pad_token_id or 0)
+                  world_size=accelerator.num_processes, pad_id=tokenizer.pad_token_id or 0,
+                  window_tokens=cfg.read_window_tokens)
     return Sources(train=TextBatches(train, shuffle=cfg.shuffle, **common),
                    eval=TextBatches(held, shuffle=False, drop_uneven=False, **common)
                    if held else None,

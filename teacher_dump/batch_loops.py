@@ -2,15 +2,18 @@
 then the numpy results handed to the writer thread (`BackgroundWriter`).
 
 * `dump_samples` (dump mode): this rank's batches of the plan, new samples only, into its
-  part of the store (`logitstore.writer.StoreWriter`).
+  part of the store (`logitstore.writer.StoreWriter`); the samples arrive as a stream and
+  are planned a window at a time (`teacher_dump.ranks.stream_batches`).
 * `add_signal` (add-signal mode): the segments of this rank's parts that lack the signal,
   each recomputed whole from the tokens stored in it (`logitstore.signal_writer`).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +23,7 @@ from logitstore.sample import Sample, SignalData
 from teacher_dump.background_writer import writing_in_background
 from teacher_dump.config import DumpConfig
 from teacher_dump.existing_store import ExistingStore
-from teacher_dump.ranks import RankContext, batches_of_rank, plan_batches
+from teacher_dump.ranks import RankContext, is_batch_of_rank, plan_batches, stream_batches
 
 if TYPE_CHECKING:
     from teacher_dump.dump import DumpReport
@@ -49,7 +52,7 @@ class DumpWork:
                            device=next(self.model.parameters()).device)
         return capture_batch(self.model, batch, self.spec)
 
-    def bar(self, total: int):
+    def bar(self, total: int | None):
         from tqdm.auto import tqdm
 
         return tqdm(total=total, unit="sample", desc=f"dump {self.cfg.signal}",
@@ -69,35 +72,27 @@ def capture_spec(cfg: DumpConfig, vocab: int, kernel: str):
                        kernel=kernel)
 
 
-def dump_samples(work: DumpWork, settings: StoreSettings, samples: list, store: ExistingStore,
-                 extra: dict[str, Any], report: DumpReport) -> None:
-    """Dump mode: this rank's batches of the plan, new samples only, into its part."""
-    from logitstore.writer import StoreWriter
-
-    committed, ranks, signal = store.committed_ids, work.ranks, work.cfg.signal
-    pending = [s for s in samples if s.sample_id not in committed]
-    report.samples_written = len(pending)
-    report.tokens_written = sum(len(s.input_ids) for s in pending)
-    report.samples_resumed = len(samples) - len(pending)
-    plan = plan_batches([len(s.input_ids) for s in samples], work.cfg.batch_tokens)
-    todo = [j for j in batches_of_rank(len(plan), ranks.rank, ranks.world)
-            if any(samples[i].sample_id not in committed for i in plan[j])]
-    if not todo:
+def dump_samples(work: DumpWork, settings: StoreSettings, samples: Iterable,
+                 store: ExistingStore, extra: dict[str, Any], report: DumpReport) -> None:
+    """Dump mode: this rank's batches of the plan (`ranks.stream_batches` over the sample
+    stream), new samples only, into its part. The stream is read to its end, and the run's
+    counts (`report.samples_written`... all ranks) are added up as it is read."""
+    ranks = work.ranks
+    batches = stream_batches(_counted(samples, store.committed_ids, report),
+                             work.cfg.batch_tokens, work.cfg.read_window_tokens)
+    mine = (batch for j, batch in enumerate(batches)
+            if is_batch_of_rank(j, ranks.rank, ranks.world)
+            and any(s.sample_id not in store.committed_ids for s in batch))
+    first = next(mine, None)  # reads up to this rank's first batch with work left
+    if first is None:
         log.info("rank %d: nothing left to dump", ranks.rank)
         return
-    if store.parts.get(ranks.part):
-        raise LogitStoreError(
-            f"part {ranks.part} of {work.cfg.out} is complete but samples of its batches are "
-            f"missing: the dump was started with another number of processes "
-            f"({sum(p.startswith('rank-') for p in store.parts)} parts); rerun it with that many")
-    writer = StoreWriter(work.cfg.out, settings, part=ranks.part, commit_store=ranks.world == 1,
-                         extra=extra)
-    todo_samples = sum(samples[i].sample_id not in committed for j in todo for i in plan[j])
+    writer = _open_part(work, settings, store, extra)
+    committed, signal = store.committed_ids, work.cfg.signal
     tokens, t0 = 0, time.monotonic()
-    with (work.bar(todo_samples) as bar,
+    with (work.bar(None) as bar,
           writing_in_background(writer, work.cfg.queue_batches) as background):
-        for j in todo:
-            chosen = [samples[i] for i in plan[j]]
+        for chosen in itertools.chain([first], mine):
             signals = work.capture(chosen)
             # A batch cut by the last commit of a killed run is recomputed whole (same
             # padding, same numbers); only its missing samples are written.
@@ -108,6 +103,34 @@ def dump_samples(work: DumpWork, settings: StoreSettings, samples: list, store: 
             tokens += sum(len(s.input_ids) for s in out)
             bar.update(len(out))
             bar.set_postfix(tok_s=f"{tokens / max(time.monotonic() - t0, 1e-9):.0f}")
+
+
+def _counted(samples: Iterable, committed: set[str], report: DumpReport) -> Iterator:
+    """`samples`, unchanged, counting into `report` those already in the store (resumed) and
+    the others (written by this run, whichever rank computes them) as they are read."""
+    for s in samples:
+        if s.sample_id in committed:
+            report.samples_resumed += 1
+        else:
+            report.samples_written += 1
+            report.tokens_written += len(s.input_ids)
+        yield s
+
+
+def _open_part(work: DumpWork, settings: StoreSettings, store: ExistingStore,
+               extra: dict[str, Any]):
+    """The writer of this rank's part; refused when that part was closed by a run with
+    another number of processes (its batches are not this rank's)."""
+    from logitstore.writer import StoreWriter
+
+    if store.parts.get(work.ranks.part):
+        raise LogitStoreError(
+            f"part {work.ranks.part} of {work.cfg.out} is complete but samples of its batches "
+            f"are missing: the dump was started with another number of processes "
+            f"({sum(p.startswith('rank-') for p in store.parts)} parts); rerun it with that "
+            f"many")
+    return StoreWriter(work.cfg.out, settings, part=work.ranks.part,
+                       commit_store=work.ranks.world == 1, extra=extra)
 
 
 class _AppendSink:

@@ -131,6 +131,12 @@ FIELDS: dict[str, Field] = {
     # performance only
     "batch_tokens": Field("int", 16384, at_least(1), resumable=True,
                           help="Padded tokens (batch size x longest sample) per forward pass."),
+    # Resumable like batch_tokens: it only decides which samples share a forward pass.
+    "read_window_tokens": Field("int", 1 << 20, at_least(1), resumable=True,
+                                help="Data is read, sorted by length and cut into batches "
+                                     "this many tokens at a time, so memory holds one window "
+                                     "whatever the size of the data (larger: less padding, "
+                                     "later first batch)."),
     # Not resumable: the LM head runs per chunk, and a matmul's rounding follows its shape.
     "logits_chunk": Field("int", 512, at_least(1),
                           help="Positions per fp32 [chunk x vocab] logits block of the capture "

@@ -19,15 +19,21 @@ Steps, top to bottom in `run_dump`:
    or a saved config of the same signal that differs on a content key, is refused -
    unless `overwrite`, which replaces such a store. A store with the same config is
    resumed (never replaced), so a killed dump restarted with the same command continues.
-2. Data: every sample is read (`logitstore.toolkit.data.iter_samples`). The *batch plan*:
-   samples sorted by (length, input position), cut into batches of at most
-   `batch_tokens` padded tokens (batch size x longest sample); in add-signal mode, one
-   plan per stored segment.
-3. Ranks (`teacher_dump.ranks`): batch j of the plan goes to process j mod world_size
-   (add-signal: part i of the store to process i mod world_size). Batches are the same
-   whatever the number of processes, so every sample is computed in the same batch -
-   same padding, same floating-point results - as in a 1-process dump, and a resume
-   recomputes a half-written batch (segment) whole. Each rank writes part `rank-{i:05d}`.
+2. Data: a stream of samples (`logitstore.toolkit.data.iter_samples`), read and
+   tokenized as the dump consumes it, so memory does not grow with the data (its first
+   sample is read before the model loads, to fail early on unusable data). The *batch
+   plan* (`teacher_dump.ranks.stream_batches`): the stream is read `read_window_tokens`
+   tokens at a time, each window sorted by (length, position) and cut into batches of at
+   most `batch_tokens` padded tokens (batch size x longest sample). The data summary and
+   this run's counts are added up as the stream is read. In add-signal mode the data is
+   only compared with the store (read once, constant memory) and each stored segment gets
+   its own plan.
+3. Ranks (`teacher_dump.ranks`): every rank reads the whole stream; batch j of the plan
+   goes to process j mod world_size (add-signal: part i of the store to process i mod
+   world_size). Batches are the same whatever the number of processes, so every sample is
+   computed once, in the same batch - same padding, same floating-point results - as in a
+   1-process dump, and a resume recomputes a half-written batch (segment) whole. Each rank
+   writes part `rank-{i:05d}`.
 4. Resume: sample ids committed in any part (segments holding the signal) are skipped.
    Teacher layers are compared as block numbers (`-1` and `3` of a 4-layer teacher are
    one layer) where the store records the teacher's depth.
@@ -41,8 +47,10 @@ Steps, top to bottom in `run_dump`:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -100,27 +108,24 @@ class DumpReport:
         ])
 
 
-def read_data(cfg: DumpConfig, tokenizer) -> tuple[list, DataSummary]:
+def read_data(cfg: DumpConfig, tokenizer) -> tuple[Iterator, DataSummary]:
+    """The samples of `cfg.data` as a stream, read and tokenized lazily as it is consumed,
+    and the summary it fills meanwhile (complete once the stream is). The first sample is
+    read here, so data without a usable sample fails before the model is loaded."""
     options = DataOptions(format=cfg.format, max_length=cfg.max_length,
                           overflow="window" if cfg.split_long else "truncate",
                           include_prompt=cfg.include_prompt,
                           use_chat_template=cfg.use_chat_template, wrap_in_chat=cfg.wrap_in_chat,
                           dedup=cfg.dedup, limit=cfg.limit, mcq_index_base=cfg.mcq_index_base)
     summary = DataSummary()
-    samples = list(iter_samples(list(cfg.data), tokenizer, options, summary))
-    if not samples:
+    # Sample ids are unique without keeping them: dedup drops a repeated record, and without
+    # dedup iter_samples refuses sources that would be read twice.
+    stream = iter_samples(list(cfg.data), tokenizer, options, summary)
+    first = next(stream, None)
+    if first is None:
         raise DataSourceError(f"no usable samples in {', '.join(cfg.data)}. "
                               + " ".join(str(summary).split()))
-    seen: set[str] = set()
-    repeated = []
-    for sample in samples:
-        if sample.sample_id in seen:
-            repeated.append(sample.sample_id)
-        seen.add(sample.sample_id)
-    if repeated:  # e.g. one file given twice with dedup off: the store needs unique ids
-        raise DataSourceError(f"{len(repeated)} sample ids occur more than once (e.g. "
-                              f"{repeated[:3]}); is a data source listed twice?")
-    return samples, summary
+    return itertools.chain([first], stream), summary
 
 
 @dataclass
@@ -170,7 +175,6 @@ def run_dump(cfg: DumpConfig, *, ranks: RankContext | None = None,
     report = DumpReport(url=cfg.out, signal=cfg.signal, is_main=ranks.is_main,
                         world_size=ranks.world, device=str(next(model.parameters()).device),
                         teacher=info.as_dict())
-    report.data = {k: v for k, v in asdict(data_summary).items() if k != "malformed_examples"}
     signal_configs = {**plan.store.signal_configs, cfg.signal: cfg.as_dict()}
     running = {EXTRA_CONFIG: cfg.as_dict(), EXTRA_SIGNAL_CONFIGS: signal_configs,
                EXTRA_SUMMARY: {"status": "running"}, EXTRA_RUNS: plan.store.runs}
@@ -185,6 +189,8 @@ def run_dump(cfg: DumpConfig, *, ranks: RankContext | None = None,
         add_signal(work, plan.spec, plan.store)
     else:
         dump_samples(work, plan.settings, samples, plan.store, running, report)
+    # Complete now: the stream has been read to its end (by the dump, or by data_conflicts).
+    report.data = {k: v for k, v in asdict(data_summary).items() if k != "malformed_examples"}
     ranks.wait()
     if ranks.is_main:
         _commit(cfg, report, running, plan.store.runs, started)
@@ -200,7 +206,10 @@ def _check_store_and_read_data(cfg: DumpConfig, tokenizer, fingerprint: str, voc
     if conflicts and not cfg.overwrite:
         raise SettingsMismatchError(refusal(cfg.out, conflicts))
     samples, data_summary = read_data(cfg, tokenizer)
-    conflicts = conflicts or data_conflicts(store, cfg, samples)
+    if not conflicts and adds_signal(store, cfg):
+        conflicts = data_conflicts(store, cfg, samples)  # reads the stream to its end
+        if conflicts and cfg.overwrite:  # the store will be replaced: dump from a new read
+            samples, data_summary = read_data(cfg, tokenizer)
     if conflicts and not cfg.overwrite:
         raise SettingsMismatchError(refusal(cfg.out, conflicts))
     return store, samples, data_summary, conflicts

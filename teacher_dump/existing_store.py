@@ -9,10 +9,12 @@ resuming), and why this run may not write into it (the refusals `--overwrite` li
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from logitstore.commit import dataset_fingerprint, load_json, read_part_manifests
+from logitstore.commit import load_json, read_part_manifests
 from logitstore.format import (MANIFEST, PARTS_DIR, SEGMENT_INDEX, StoreSettings,
                                canonical_layers, settings_differences)
 from logitstore.fs import StoreFS
@@ -127,17 +129,41 @@ def layers_as_blocks(config: dict[str, Any], depth: int | None) -> dict[str, Any
                          for key in LAYER_KEYS if key in config}}
 
 
-def data_conflicts(store: ExistingStore, cfg: DumpConfig, samples: list) -> list[str]:
-    """Adding a signal: the data must give exactly the samples and tokens of the store."""
+def data_conflicts(store: ExistingStore, cfg: DumpConfig, samples: Iterable) -> list[str]:
+    """Adding a signal: the data must give exactly the samples and tokens of the store.
+
+    Reads `samples` (a stream) to its end in constant memory: both sides are reduced to
+    `content_hash` of their (sample id, digest) pairs, which is equal exactly when the
+    dataset fingerprints are (same pairs), without sorting the whole dataset."""
     if not adds_signal(store, cfg):
         return []
-    ids = [s.sample_id for s in samples]
-    found = dataset_fingerprint(ids, [sample_digest(s.sample_id, s.input_ids) for s in samples])
-    if found == store.fingerprint:
+    from logitstore.reader import StoreReader
+
+    index = StoreReader(cfg.out).index.select(["sample_id", "digest"])
+    stored = content_hash(pair for batch in index.to_batches(1 << 16)
+                          for pair in zip(*(c.to_pylist() for c in batch.columns)))
+    found = content_hash((s.sample_id, sample_digest(s.sample_id, s.input_ids))
+                         for s in samples)
+    if found == stored:
         return []
-    return [f"the data gives other samples or tokens than the store holds (dataset fingerprint "
-            f"{found}, store {store.fingerprint}): adding signal {cfg.signal!r} needs the data "
-            f"and data options (--max-length, --format, --limit...) the store was dumped with"]
+    return [f"the data gives other samples or tokens than the store holds ({found[0]} samples, "
+            f"content hash {found[1]:064x}; the store: {stored[0]} samples, content hash "
+            f"{stored[1]:064x}, dataset fingerprint {store.fingerprint}): adding signal "
+            f"{cfg.signal!r} needs the data and data options (--max-length, --format, "
+            f"--limit...) the store was dumped with"]
+
+
+def content_hash(pairs: Iterable[tuple[str, str]]) -> tuple[int, int]:
+    """(number of pairs, sum mod 2**256 of sha256("{id}\\0{digest}\\n") over the pairs): an
+    order-independent summary of (sample id, digest) pairs, computed in one pass in constant
+    memory. Two sets of pairs with distinct ids get the same result exactly when they are
+    equal (up to a sha256 collision), as with `commit.dataset_fingerprint`, which sorts."""
+    count, total = 0, 0
+    for sample_id, digest in pairs:
+        line = f"{sample_id}\0{digest}\n".encode("utf-8")
+        total = (total + int.from_bytes(hashlib.sha256(line).digest(), "big")) % (1 << 256)
+        count += 1
+    return count, total
 
 
 def settings_conflicts(store: ExistingStore, settings: StoreSettings, signal: str) -> list[str]:

@@ -11,6 +11,11 @@ lengths to indices; what an index means (a sample of a list, a store row) is the
   `max_rows` rows per batch, so both the tokens of a batch and `rows x row_tokens` stay
   within the budget the caller derived them from.
 * `by_length`: the order (length, position) ascending, which gives the least padding.
+* `windows` / `windowed_padded_batches`: the same over a stream of any size, in bounded
+  memory: items are read a window (`window_tokens` tokens) at a time and each window is
+  ordered (by default `by_length`) and cut by `padded_batches` on its own. Nothing is read
+  past the window whose batches are being handed out, so memory holds one window, and the
+  first batch comes after reading at most one window.
 
 Either way a sample longer than the budget is never cut: it gets a batch of its own, over
 budget, and the caller decides what that means (dump it alone, train on it alone).
@@ -18,9 +23,11 @@ budget, and the caller decides what that means (dump it alone, train on it alone
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 
 def by_length(lengths: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -100,3 +107,38 @@ def packed_batches(lengths: Sequence[int] | np.ndarray, row_tokens: int, max_row
         batches.append(rows)
     return batches
 
+
+
+def windows(items: Iterable[T], window_tokens: int,
+            length: Callable[[T], int]) -> Iterator[list[T]]:
+    """Consecutive runs of `items`, in order: a run is closed as soon as its lengths add up
+    to `window_tokens` or more (so it holds at most `window_tokens` plus one item's tokens);
+    the last run holds what is left. Reads lazily: a run is yielded before the item after
+    it is read."""
+    if window_tokens < 1:
+        raise ValueError(f"the window must hold >= 1 token, found {window_tokens}")
+    current: list[T] = []
+    tokens = 0
+    for item in items:
+        current.append(item)
+        tokens += length(item)
+        if tokens >= window_tokens:
+            yield current
+            current, tokens = [], 0
+    if current:
+        yield current
+
+
+def windowed_padded_batches(
+        items: Iterable[T], budget: int, window_tokens: int, length: Callable[[T], int],
+        order: Callable[[np.ndarray], np.ndarray] = by_length,
+        max_size: int | None = None) -> Iterator[list[T]]:
+    """`padded_batches` over a stream: each window of `windows(items, window_tokens, length)`
+    is ordered by `order(lengths of the window)` (default: by (length, position) within the
+    window) and cut into batches of its own items; batches never span two windows. The
+    result depends only on the items, their order and the arguments, so every process that
+    reads the same stream plans the same batches."""
+    for window in windows(items, window_tokens, length):
+        lengths = np.fromiter((length(x) for x in window), np.int64, len(window))
+        for batch in padded_batches(lengths, budget, order=order(lengths), max_size=max_size):
+            yield [window[i] for i in batch]

@@ -15,6 +15,14 @@ resolved and read by `logitstore.toolkit.data_sources`):
 
 Record formats, their rendering and pair tokenization live in `logitstore.toolkit.record_formats`.
 
+`iter_samples` is lazy: records are read, rendered and tokenized one at a time as its
+consumer asks (JSONL line by line, Parquet by record batches, datasets row by row from
+their memory-mapped Arrow files; a ``.json`` file holding one JSON list is parsed whole),
+and the summary is added up as it goes. What it keeps grows only with dedup: the sha256 of
+each distinct record (about 100 bytes each). Sample ids are unique without being kept: dedup
+drops a repeated record, and without dedup sources that would be read twice are refused
+before anything is read (`data_sources.repeated_sources`).
+
 Definitions that other tools rely on:
 
 * **source**: a file's path relative to its data root (the directory given, the glob's
@@ -56,6 +64,7 @@ from logitstore.toolkit.data_sources import (  # noqa: F401  (re-exported: part 
     RawRecord,
     iter_raw_records,
     parse_hf_spec,
+    repeated_sources,
     resolve_sources,
 )
 from logitstore.toolkit.record_formats import (
@@ -295,6 +304,14 @@ def iter_samples(
         raise ValueError(f"overflow must be 'truncate' or 'window', got {options.overflow!r}")
     if options.max_length is not None and options.max_length < 1:
         raise ValueError(f"max_length must be positive, got {options.max_length}")
+    if not options.dedup:  # with dedup a repeated record is dropped, so ids stay unique
+        repeated = repeated_sources(sources)
+        if repeated:
+            raise DataSourceError(
+                f"sample ids would occur more than once: {sorted(set(repeated))} would be read "
+                "twice (ids are source:row:hash, and dedup is off). Is a data source listed "
+                "twice? List each source once, rename one of two files with the same name, "
+                "or turn dedup on")
     summary = summary if summary is not None else DataSummary()
     summary.format_requested = options.format
     if tokenizer.eos_token_id is None:

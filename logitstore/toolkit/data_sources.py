@@ -235,6 +235,23 @@ def _read_dataset(src: DataSource) -> Iterator[RawRecord]:
             yield RawRecord(label, row, f"{label}[{row}]", record=record, split=split)
 
 
+def repeated_sources(sources: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
+    """Source names that more than one of the resolved `sources` would read, so that their
+    rows could get the same sample id (``source:row:hash``): a file or dataset listed twice,
+    two files with the same relative name, a split read twice. A dataset read without a
+    split (every split) clashes with any split of the same name."""
+    specs = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
+    seen: dict[str, set[str | None]] = {}
+    repeated = []
+    for src in (src for spec in specs for src in resolve_sources(spec)):
+        split = src.split if src.kind == "disk" else (src.hf.split if src.hf else "")
+        splits = seen.setdefault(src.label, set())
+        if split in splits or (splits and (split is None or None in splits)):
+            repeated.append(src.label if not split else f"{src.label}@{split}")
+        splits.add(split)
+    return repeated
+
+
 def iter_raw_records(
     sources: str | os.PathLike | Iterable[str | os.PathLike],
 ) -> Iterator[RawRecord]:

@@ -23,7 +23,7 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
-from logitstore.commit import load_json
+from logitstore.snapshot import committed_state
 from logitstore.format import SampledSpec, SignalSpec, StoreSettings, TopKSpec
 from logitstore.info import size_report
 from logitstore.reader import StoreReader
@@ -50,7 +50,7 @@ def run_encoding(samples, vocab: int, k: int, draws: int, encoding: str, workdir
     with StoreWriter(root, settings) as writer:
         writer.add_many(samples)
     write_s = time.perf_counter() - start
-    manifest = load_json(writer.fs, "manifest.json")
+    manifest = committed_state(writer.fs)
     sizes = size_report(manifest)
     tokens = manifest["counts"]["tokens"]
 

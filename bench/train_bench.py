@@ -231,7 +231,7 @@ def build_world(root: Path, args) -> dict:
     from logitstore.format import SignalSpec, StoreSettings, TopKSpec
     from logitstore.toolkit.tokenizer_identity import tokenizer_fingerprint
     from logitstore.info import size_report
-    from logitstore.commit import load_json
+    from logitstore.snapshot import committed_state
     from logitstore.sample import Sample, SignalData, TopK
     from logitstore.writer import StoreWriter
 
@@ -280,7 +280,7 @@ def build_world(root: Path, args) -> dict:
                     signals={SIGNAL: SignalData(topk=TopK(top.indices[j].numpy(),
                                                           top.values[j].numpy()))}))
     dump_s = time.perf_counter() - dump_start
-    manifest = load_json(writer.fs, "manifest.json")
+    manifest = committed_state(writer.fs)
     sizes = size_report(manifest)
     info = {
         "corpus": "demo/make_corpus.py --seed 0, train.jsonl",

@@ -1,15 +1,10 @@
-"""Commit: merge the committed state of every part into the store manifest + sample index.
+"""Manifests: sealed JSON, reading them, and `commit_store` (logitstore/consolidate.py).
 
-Order (crash safety): segment files are already on storage and listed in part manifests;
-here the merged index is written under a content-addressed name, then the store manifest
-is replaced atomically. A crash before the rename leaves the previous manifest, whose
-index file is untouched, so the last committed state stays readable.
-
-Every manifest (the store's and each part's) is written sealed: its `manifest_sha256` is
-the sha256 of its own bytes with that value blanked (FORMAT.md section 5), and every read
-of a manifest checks it, so damage to any of its bytes is reported instead of being
-merged into the next commit. The store manifest also lists the size and sha256 of each
-part manifest it was merged from.
+Every manifest, head and record is written sealed: its `manifest_sha256` is the sha256 of
+its own bytes with that value blanked (FORMAT.md section 5), and every read of one checks
+it, so damage to any of its bytes is reported instead of being merged into the next
+commit. `read_commit`, `committed_part_manifest` and the part manifests serve stores of
+format 1.0 and 1.1, which this release reads and copies but does not write.
 """
 
 from __future__ import annotations
@@ -20,16 +15,9 @@ import json
 import re
 from typing import Any
 
-import pyarrow as pa
-
-from logitstore import __version__
-from logitstore.errors import (ChecksumError, LogitStoreError, ManifestMissingError,
-                               SchemaMismatchError, StoreNotFoundError)
-from logitstore.format import (FORMAT_NAME, FORMAT_VERSION, INDEX_DIR, MANIFEST, PART_MANIFEST,
-                               PARTS_DIR, SEGMENT_INDEX, StoreSettings, check_format_version,
-                               settings_differences)
+from logitstore.errors import ChecksumError, ManifestMissingError, StoreNotFoundError
+from logitstore.format import MANIFEST, PART_MANIFEST, PARTS_DIR, check_format_version
 from logitstore.fs import StoreFS, sha256_hex
-from logitstore.parquet_io import table_from_bytes, table_to_bytes
 
 
 def now_iso() -> str:
@@ -134,8 +122,19 @@ def part_manifest_path(part: str) -> str:
 
 
 def read_part_manifests(fs: StoreFS) -> list[dict[str, Any]]:
-    """Every part that has committed at least once, in part-name order."""
-    return [part for part, _ in _read_parts(fs)]
+    """Every part that has committed at least once, in part-name order, as a 1.1 part
+    manifest: `part`, `complete`, `settings` and `segments` (each with its counts and
+    files). Format 2.0 parts are read from their head and records (O(part) reads)."""
+    from logitstore.records import read_heads, segment_entry, walk_records
+
+    out = []
+    for name, head in read_heads(fs).items():
+        doc = head.doc
+        signals = list(doc["settings"]["signals"])
+        records = walk_records(fs, name, 0, None, doc["segments"], doc["last_record"])
+        out.append({"part": name, "complete": doc["complete"], "settings": doc["settings"],
+                    "segments": [segment_entry(fs, name, r, signals) for r in records]})
+    return out or [part for part, _ in _read_parts(fs)]
 
 
 def _read_parts(fs: StoreFS) -> list[tuple[dict[str, Any], bytes]]:
@@ -176,118 +175,12 @@ def dataset_fingerprint(sample_ids: list[str], digests: list[str]) -> str:
 
 def commit_store(url: str | StoreFS, *, storage_options: dict | None = None,
                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """List every committed part in the store manifest; returns the new manifest.
+    """Consolidate every part into the store manifest (logitstore/consolidate.py); returns
+    the committed state in the shape of a 1.1 store manifest (logitstore/snapshot.py).
 
     One process commits at a time (the single writer, or the main rank after the others
     have closed their parts).
     """
-    fs = url if isinstance(url, StoreFS) else StoreFS(url, storage_options)
-    parts_read = _read_parts(fs)
-    parts = [part for part, _ in parts_read]
-    if not parts:
-        raise ManifestMissingError(f"nothing to commit at {fs.url}: no part has committed a "
-                                   f"segment yet (expected {PARTS_DIR}/<part>/{PART_MANIFEST})")
-    settings = StoreSettings.from_json(parts[0]["settings"])
-    for part in parts[1:]:
-        diffs = settings_differences(settings, StoreSettings.from_json(part["settings"]))
-        if diffs:
-            raise SchemaMismatchError(f"parts {parts[0]['part']!r} and {part['part']!r} of "
-                                      f"{fs.url} were written with different settings: "
-                                      + "; ".join(diffs))
-    previous = load_json(fs, MANIFEST) if fs.exists(MANIFEST) else None
-    index = _merged_index(fs, parts, previous)
-    ids = index.column("sample_id").to_pylist()
-    if len(set(ids)) != len(ids):
-        seen, dups = set(), []
-        for sid in ids:
-            if sid in seen:
-                dups.append(sid)
-            seen.add(sid)
-        raise SchemaMismatchError(f"sample ids appear in more than one place in {fs.url}: "
-                                  f"{dups[:5]} ({len(dups)} in all); each part must hold "
-                                  f"different samples")
-    index_bytes = table_to_bytes(index)
-    index_sha = sha256_hex(index_bytes)
-    index_rel = f"{INDEX_DIR}/{index_sha[:20]}.parquet"
-    if not fs.exists(index_rel):
-        fs.write_bytes(index_rel, index_bytes)
+    from logitstore.consolidate import commit_store as consolidate  # (it imports this module)
 
-    files: dict[str, dict[str, Any]] = {}
-    for part in parts:
-        for seg in part["segments"]:
-            files.update(seg["files"])
-    target = sum(seg["target_tokens"] for p in parts for seg in p["segments"])
-    entries: dict[str, int] = {}
-    for part in parts:
-        for seg in part["segments"]:
-            for sig, n in seg.get("sampled_entries", {}).items():
-                entries[sig] = entries.get(sig, 0) + n
-    manifest = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "tool_version": __version__,
-        "created": previous["created"] if previous else now_iso(),
-        "committed": now_iso(),
-        "settings": settings.to_json(),
-        "counts": {"samples": len(ids), "tokens": int(sum(index.column("length").to_pylist())),
-                   "target_tokens": target, "parts": len(parts),
-                   "segments": sum(len(p["segments"]) for p in parts),
-                   "sampled_entries": entries},
-        "dataset_fingerprint": dataset_fingerprint(ids, index.column("digest").to_pylist()),
-        "index": {"path": index_rel, "size": len(index_bytes), "sha256": index_sha},
-        "parts": [{"name": p["part"], "complete": p["complete"],
-                   "segments": [{k: v for k, v in s.items() if k != "files"}
-                                for s in p["segments"]]}
-                  for p in parts],
-        "files": files,
-        "part_manifests": {part_manifest_path(p["part"]): {"size": len(raw),
-                                                           "sha256": sha256_hex(raw)}
-                           for p, raw in parts_read},
-        "extra": extra if extra is not None else (previous or {}).get("extra", {}),
-    }
-    fs.write_bytes(MANIFEST, sealed_json(manifest))
-    if previous and previous["index"]["path"] != index_rel:
-        fs.delete(previous["index"]["path"])  # no committed manifest refers to it any more
-    return manifest
-
-
-def _merged_index(fs: StoreFS, parts: list[dict], previous: dict | None) -> pa.Table:
-    """Store index rows in part order, then segment order; global token offsets added."""
-    known: dict[tuple[str, str], pa.Table] = {}
-    if previous is not None and fs.exists(previous["index"]["path"]):
-        # Reuse the rows of segments committed before: one read instead of one per segment.
-        old = table_from_bytes(fs.read_bytes(previous["index"]["path"]))
-        keys = list(zip(old.column("part").to_pylist(), old.column("segment").to_pylist()))
-        starts: dict[tuple[str, str], list[int]] = {}
-        for row, key in enumerate(keys):
-            starts.setdefault(key, []).append(row)
-        for key, rows in starts.items():
-            known[key] = old.slice(rows[0], len(rows)).drop_columns(["part", "segment", "offset"])
-    tables, offset = [], 0
-    for part in parts:
-        for seg in part["segments"]:
-            key = (part["part"], seg["name"])
-            table = known.get(key)
-            if table is None or table.num_rows != seg["samples"]:
-                table = _read_segment_index(fs, part["part"], seg)
-            n = table.num_rows
-            lengths = table.column("length").to_numpy()
-            offsets = offset + table.column("segment_offset").to_numpy()
-            table = table.append_column("part", pa.array([part["part"]] * n, pa.string()))
-            table = table.append_column("segment", pa.array([seg["name"]] * n, pa.string()))
-            table = table.append_column("offset", pa.array(offsets, pa.int64()))
-            tables.append(table)
-            offset += int(lengths.sum())
-    if not tables:
-        raise LogitStoreError(f"no committed segments in {fs.url}")
-    return pa.concat_tables(tables, promote_options="permissive")
-
-
-def _read_segment_index(fs: StoreFS, part: str, seg: dict) -> pa.Table:
-    rel = f"{PARTS_DIR}/{part}/{seg['name']}/{SEGMENT_INDEX}"
-    data = fs.read_bytes(rel)
-    expected = seg["files"][rel]["sha256"]
-    if sha256_hex(data) != expected:
-        raise ChecksumError(f"checksum mismatch in {fs.path(rel)}: expected sha256 {expected}, "
-                            f"found {sha256_hex(data)}", path=rel)
-    return table_from_bytes(data)
+    return consolidate(url, storage_options=storage_options, extra=extra)

@@ -37,6 +37,10 @@ class ChecksumError(LogitStoreError):
         self.path = path
 
 
+class MissingFileError(ChecksumError):
+    """A file that the committed state of a store lists is absent: the store is damaged."""
+
+
 class SchemaMismatchError(LogitStoreError):
     """Shapes, dtypes or capture settings differ between parts, signals or writers."""
 

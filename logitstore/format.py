@@ -14,11 +14,14 @@ from typing import Any
 from logitstore.errors import FormatVersionError, SettingsMismatchError
 
 FORMAT_NAME = "logitstore"
-FORMAT_VERSION = "1.1"  # major.minor: readers refuse another major, accept any minor
+FORMAT_VERSION = "2.0"  # major.minor: readers refuse another major, accept any minor
+LEGACY_VERSIONS = ("1.0", "1.1")  # one store manifest listing every file (FORMAT.md section 9)
 MANIFEST = "manifest.json"  # the store manifest, written last; its presence = a committed store
 PARTS_DIR = "parts"
-INDEX_DIR = "index"
-PART_MANIFEST = "manifest.json"  # parts/<part>/manifest.json
+INDEX_DIR = "index"  # consolidated sample index and catalog (content-addressed names)
+PART_MANIFEST = "manifest.json"  # parts/<part>/manifest.json (format 1.0 and 1.1 only)
+PART_HEAD = "head.json"  # parts/<part>/head.json (1.2): the part's committed segment count
+RECORDS_DIR = "records"  # parts/<part>/records/<segment>.json (1.2): segment commit records
 SEGMENT_INDEX = "index.parquet"  # parts/<part>/<segment>/index.parquet
 TMP_MARK = ".tmp-"  # in the name of every file still being written; never read
 
@@ -43,11 +46,12 @@ def check_format_version(found: str, where: str) -> None:
         raise FormatVersionError(
             f"{where}: format_version {found!r} is not of the form MAJOR.MINOR; "
             f"expected {FORMAT_VERSION}") from None
-    if found_major != major(FORMAT_VERSION):
+    if found_major != major(FORMAT_VERSION) and str(found) not in LEGACY_VERSIONS:
         raise FormatVersionError(
             f"{where}: store format version {found} is not supported by this reader "
-            f"(expected major version {major(FORMAT_VERSION)}, i.e. {FORMAT_VERSION}); "
-            f"install the logitstore release that wrote it, or convert the store")
+            f"(expected major version {major(FORMAT_VERSION)}, i.e. {FORMAT_VERSION}, or one "
+            f"of the older {', '.join(LEGACY_VERSIONS)} it still reads); install the "
+            f"logitstore release that wrote it, or convert the store")
 
 
 def int_dtype_for(max_value: int) -> str:

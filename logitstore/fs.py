@@ -28,7 +28,7 @@ from zarr.abc.store import SuffixByteRequest
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from logitstore.errors import LogitStoreError, StoreIOError
-from logitstore.format import MANIFEST, TMP_MARK
+from logitstore.format import MANIFEST, PART_HEAD, TMP_MARK
 
 T = TypeVar("T")
 
@@ -117,7 +117,8 @@ class StoreFS:
         self.storage_options = dict(storage_options or {})
         fs, root = _open_filesystem(self.url, self.storage_options)
         self.cached = cache_dir is not None and not isinstance(fs, LocalFileSystem)
-        self._uncached = fs  # manifest.json is replaced by every commit: never read it cached
+        # manifest.json and the part heads are replaced by commits: never read them cached
+        self._uncached = fs
         if self.cached:
             # Whole-file cache: shards are immutable once committed, so cached copies stay valid.
             fs = fsspec.filesystem("filecache", fs=fs, cache_storage=str(cache_dir),
@@ -138,7 +139,8 @@ class StoreFS:
         return with_retries(self.url_of(rel), lambda: self.fs.exists(self.path(rel)))
 
     def read_bytes(self, rel: str) -> bytes:
-        fs = self._uncached if rel == MANIFEST else self.fs
+        replaced = rel == MANIFEST or rel.rsplit("/", 1)[-1] == PART_HEAD
+        fs = self._uncached if replaced else self.fs
         return with_retries(self.url_of(rel), lambda: fs.cat_file(self.path(rel)))
 
     def size(self, rel: str) -> int:

@@ -1,10 +1,13 @@
 """Read a committed store: numpy out, random access by sample id, streaming by segment.
 
-Only what the store manifest lists is read, so parts and segments still being written are
-invisible. At open the manifest is checked against its seal and the sample index against
-the sha256 the manifest records; chunk data carries a crc32c per chunk, checked by zarr on
-every read. A failure of the storage (timeout, permission, credentials) is raised as
-StoreIOError naming the URL, never as damage.
+Only the committed state is read (logitstore/snapshot.py: the consolidated state plus the
+segments the heads of followed parts have committed since, as of the open), so segments
+still being written are invisible. At open the manifest is checked against its seal, the
+heads and records read against theirs and their hash chain, and every sample index against
+its recorded sha256; chunk data carries a crc32c per chunk, checked by zarr on every read.
+A file the committed state lists that is absent is refused when first read
+(MissingFileError naming it), never read as zeros. A failure of the storage (timeout,
+permission, credentials) is raised as StoreIOError naming the URL, never as damage.
 """
 
 from __future__ import annotations
@@ -16,14 +19,17 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 import zarr
+from zarr.storage import WrapperStore
 
-from logitstore.commit import read_commit, require_committed
+from logitstore.commit import require_committed
 from logitstore.encoding import decode_logprobs, decode_sampled, decode_topk_ids
-from logitstore.errors import ChecksumError, UnknownSampleError, UnknownSignalError
+from logitstore.errors import (ChecksumError, LogitStoreError, UnknownSampleError,
+                               UnknownSignalError)
 from logitstore.format import PARTS_DIR, StoreSettings, signal_array
-from logitstore.fs import StoreFS, sha256_hex, storage_error
-from logitstore.parquet_io import table_from_bytes
+from logitstore.fs import StoreFS, storage_error
+from logitstore.records import missing
 from logitstore.sample import Sample, Sampled, SignalData, TopK
+from logitstore.snapshot import read_snapshot
 
 
 @dataclass
@@ -46,9 +52,12 @@ class StoreReader:
                  cache_dir: str | None = None):
         self.fs = StoreFS(url, storage_options, cache_dir=cache_dir)
         require_committed(self.fs)
+        snapshot = read_snapshot(self.fs)
         # The manifest's bytes as read: what this reader's view of the store was built from.
-        self.manifest_bytes, self.manifest, index = read_commit(self.fs)
-        self.index: pa.Table = self._parse_index(index)
+        self.manifest_bytes = snapshot.root_raw
+        # The committed state in the shape of a 1.1 store manifest (logitstore/snapshot.py).
+        self.manifest: dict[str, Any] = snapshot.view
+        self.index: pa.Table = snapshot.index
         self.settings = StoreSettings.from_json(self.manifest["settings"])
         self.sample_ids: list[str] = self.index.column("sample_id").to_pylist()
         self._row_of = {sid: i for i, sid in enumerate(self.sample_ids)}
@@ -63,19 +72,11 @@ class StoreReader:
                 first += seg["samples"]
         self._local_offset = self.index.column("segment_offset").to_numpy()
         self._length = self.index.column("length").to_numpy()
-        self._zstore = self.fs.zarr_store()
+        self._zstore = ListedFiles(self.fs, self.manifest["files"])
         self._arrays: OrderedDict[str, Any] = OrderedDict()
         self._nuniq_cache: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()
 
     # -- metadata -------------------------------------------------------------------------
-
-    def _parse_index(self, data: bytes) -> pa.Table:
-        meta = self.manifest["index"]
-        if sha256_hex(data) != meta["sha256"]:
-            raise ChecksumError(f"checksum mismatch in {self.fs.path(meta['path'])}: the sample "
-                                f"index is damaged (expected sha256 {meta['sha256']})",
-                                path=meta["path"])
-        return table_from_bytes(data)
 
     @property
     def signals(self) -> list[str]:
@@ -123,6 +124,8 @@ class StoreReader:
         if arr is None:
             try:
                 arr = zarr.open_array(self._zstore, path=key, mode="r", zarr_format=3)
+            except LogitStoreError:
+                raise  # a listed file that is missing (ListedFiles), named already
             except Exception as err:
                 failure = storage_error(err, self.fs.url_of(key))
                 if failure is not None:
@@ -140,6 +143,8 @@ class StoreReader:
         arr = self._array(seg, name)
         try:
             return arr[start:stop] if (start is not None or stop is not None) else arr[...]
+        except LogitStoreError:
+            raise  # a listed file that is missing (ListedFiles), named already
         except Exception as err:
             failure = storage_error(err, self.fs.url_of(f"{seg.path}/{name}"))
             if failure is not None:
@@ -249,6 +254,25 @@ class StoreReader:
                      segments: list[int] | None = None) -> Iterator[Sample]:
         for seg_no in (range(len(self.segments)) if segments is None else segments):
             yield from self.read_segment(seg_no, signals)
+
+
+class ListedFiles(WrapperStore):
+    """The store's zarr store, refusing to read a listed file as absent.
+
+    zarr reads a missing shard as fill values (0): a committed file deleted or lost would
+    be read as zeros. Every read that finds nothing where the committed state lists a file
+    raises MissingFileError naming it instead; it costs no request."""
+
+    def __init__(self, fs: StoreFS, files: dict[str, Any]):
+        super().__init__(fs.zarr_store())
+        self._fs, self._files = fs, files
+
+    async def get(self, key, prototype, byte_range=None):
+        value = await self._store.get(key, prototype, byte_range)
+        if value is None and key in self._files:
+            segment = "/".join(key.split("/")[:3])
+            raise missing(self._fs, key, f"a file of committed segment {segment}")
+        return value
 
 
 def _slice_signal(data: SignalData, a: int, b: int, j: int) -> SignalData:

@@ -1,12 +1,13 @@
 """Verify a committed store: every checksum and every structural invariant.
 
 Every file of the committed store is checked: the store manifest against its seal, the
-sample index and every data file (zarr metadata, shards, segment indexes) against the
-sha256 the manifest records, and each part manifest against its seal and the committed
-state. Returns a list of problems, each naming the file it is about; an empty list means
-clean. A path that holds no committed store raises StoreNotFoundError or
-ManifestMissingError, and a failure of the storage itself raises StoreIOError: neither is
-damage.
+sample index (and, format 2.0, the catalog) against the sha256 the manifest records, every
+data file (zarr metadata, shards, segment indexes) against the sha256 its segment's record
+or the catalog records, the records, heads and counts (logitstore/verify_records.py), and
+for formats 1.0/1.1 each part manifest against its seal and the committed state. Returns a
+list of problems, each naming the file it is about; an empty list means clean. A path that
+holds no committed store raises StoreNotFoundError or ManifestMissingError, and a failure
+of the storage itself raises StoreIOError: neither is damage.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ from typing import Callable
 import numpy as np
 import zarr
 
-from logitstore.commit import (dataset_fingerprint, load_json, parse_manifest,
-                               part_manifest_path, read_commit, require_committed)
+from logitstore.commit import (dataset_fingerprint, parse_manifest, part_manifest_path,
+                               require_committed)
 from logitstore.errors import (ChecksumError, FormatVersionError, SchemaMismatchError,
                                StoreIOError)
+from logitstore.snapshot import read_snapshot
+from logitstore.verify_records import check_records
 from logitstore.format import MANIFEST, PARTS_DIR, StoreSettings, int_dtype_for, signal_array
 from logitstore.fs import StoreFS, sha256_hex, storage_error
-from logitstore.parquet_io import table_from_bytes
 
 
 def expected_arrays(settings: StoreSettings, tokens: int, samples: int, entries: dict[str, int],
@@ -63,37 +65,28 @@ def verify_store(url: str, *, storage_options: dict | None = None,
     fs = StoreFS(url, storage_options)
     require_committed(fs)
     try:
-        try:
-            # Beside a running writer, one whole commit: a newer commit deletes the index an
-            # older manifest names (read_commit then reads the newer one); segment files are
-            # never deleted once committed.
-            _, manifest, index_data = read_commit(fs)
-        except FileNotFoundError:  # the current manifest's index is missing: damage
-            manifest, index_data = load_json(fs, MANIFEST), None
+        # Beside a running writer, one whole committed state: a consolidation deletes the
+        # index and catalog an older manifest names (read_snapshot then reads the newer
+        # one); segment files and records are never deleted once committed.
+        snap = read_snapshot(fs)
+        manifest = snap.view
         settings = StoreSettings.from_json(manifest["settings"])
-    except ChecksumError as err:  # names the file
+    except ChecksumError as err:  # names the file (a missing one included)
         return [str(err)]
     except (StoreIOError, FormatVersionError):
         raise  # not damage: the storage failed, or another major version of the format
     except (SchemaMismatchError, KeyError, TypeError, ValueError) as err:
         return [f"{fs.path(MANIFEST)}: {type(err).__name__}: {err}"]
-    problems: list[str] = _check_part_manifests(fs, manifest)
-    files = dict(manifest.get("files", {}))
-    index_path = manifest["index"]["path"]
-    files[index_path] = manifest["index"]
+    problems = _check_part_manifests(fs, manifest) if snap.legacy else check_records(fs, snap)
     damaged: set[str] = set()
-    for rel, meta in sorted(files.items()):
+    for rel, meta in sorted(manifest.get("files", {}).items()):
         if progress:
             progress(rel)
-        data = index_data if rel == index_path else _read(fs, rel)
-        problem = _check_bytes(fs, rel, meta, data)
+        problem = _check_bytes(fs, rel, meta, _read(fs, rel))
         if problem:
             problems.append(problem)
             damaged.add(rel)
-    if index_path in damaged:
-        return problems  # no trustworthy index: structure cannot be checked
-    index = table_from_bytes(index_data)
-    problems += _check_structure(fs, manifest, settings, index, damaged)
+    problems += _check_structure(fs, manifest, settings, snap.index, damaged)
     return problems
 
 
@@ -189,7 +182,8 @@ def _check_structure(fs: StoreFS, manifest: dict, settings: StoreSettings, index
                      damaged: set[str]) -> list[str]:
     problems = []
     counts = manifest["counts"]
-    where = fs.path(manifest["index"]["path"])
+    index_path = manifest["index"]["path"]
+    where = fs.path(index_path) if index_path else f"the sample index of {fs.url}"
     ids = index.column("sample_id").to_pylist()
     lengths = index.column("length").to_numpy()
     offsets = index.column("offset").to_numpy()

@@ -5,29 +5,46 @@
             w.add(sample)
 
 Samples are buffered until a segment's worth of tokens is there, then the segment is
-encoded and written (data files first), the part manifest is replaced atomically, and,
-for a single writer, the store manifest is committed. A crash at any point leaves the
-last committed state readable; reopening the same part resumes after it and deletes the
-files of the segment that was being written.
+encoded and written (data files first), then its record, then the part's head is
+replaced atomically: that commits the segment (logitstore/records.py). Committing a
+segment writes the segment, one record and one head whatever the size of the store.
+A writer that commits the store itself (`commit_store=True`, a single writer) also
+registers its part in the store manifest once, at its first segment, so readers follow the
+part's head, and consolidates the store when it closes (logitstore/consolidate.py). A
+crash at any point leaves the last committed state readable; reopening the same part
+resumes after it and deletes the files of the segment that was being written.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Iterable
 
-from logitstore import __version__
-from logitstore.commit import (commit_store, load_json, now_iso, read_part_manifests,
-                               sealed_json)
+from logitstore.commit import commit_store, now_iso, part_manifest_path, sealed_json
+from logitstore.consolidate import previous_manifest, register_part
 from logitstore.errors import LogitStoreError, SchemaMismatchError, SettingsMismatchError
-from logitstore.format import (FORMAT_VERSION, MANIFEST, PART_MANIFEST, PARTS_DIR, SEGMENT_INDEX,
-                               StoreSettings, segment_name, settings_differences)
+from logitstore.format import (FORMAT_VERSION, MANIFEST, PART_HEAD, PARTS_DIR, RECORDS_DIR,
+                               SEGMENT_INDEX, StoreSettings, segment_name, settings_differences)
 from logitstore.fs import StoreFS, sha256_hex
 from logitstore.parquet_io import table_from_bytes
+from logitstore.records import (head_after, head_path, new_head, new_record, read_head,
+                                read_heads, record_path, seal)
 from logitstore.sample import Sample
 from logitstore.segment import encode_segment, validate_sample
 
 log = logging.getLogger(__name__)
+_SEGMENT = re.compile(r"seg-(\d{6,})")
+
+
+def segment_number(name: str) -> int | None:
+    """The number of a segment directory or record name (`seg-000012`, `seg-000012.json`,
+    `seg-000012+signal.json`), None for any other name."""
+    match = _SEGMENT.match(name)
+    if match is None or name[match.end():] not in ("", ".json") and \
+            not name[match.end():].startswith("+"):
+        return None
+    return int(match.group(1))
 
 
 class StoreWriter:
@@ -48,8 +65,10 @@ class StoreWriter:
         self._prefix = f"{PARTS_DIR}/{part}"
         if overwrite:
             self._erase_store()
-        self._check_store_settings()
-        self._manifest = self._open_part()
+        store = self._check_store_settings()
+        self._registered = any(p["name"] == part and p.get("follow_head")
+                               for p in (store or {}).get("parts", []))
+        self._head = self._open_part()
         self._buffer: list[Sample] = []
         self._buffer_tokens = 0
         self._buffered_ids: set[str] = set()
@@ -62,13 +81,13 @@ class StoreWriter:
         for rel in (MANIFEST, "index", PARTS_DIR):
             self.fs.delete(rel, recursive=True)
 
-    def _check_store_settings(self) -> None:
-        """Refuse to write into a store (or beside parts) created with other settings."""
-        others = []
-        if self.fs.exists(MANIFEST):
-            store = load_json(self.fs, MANIFEST)  # also checks its version and seal
-            others.append(("the store manifest", store["settings"]))
-        others += [(f"part {p['part']!r}", p["settings"]) for p in read_part_manifests(self.fs)]
+    def _check_store_settings(self) -> dict[str, Any] | None:
+        """Refuse to write into a store (or beside parts) created with other settings, or
+        into a store of format 1.0/1.1; returns the store manifest (None: none yet)."""
+        store = previous_manifest(self.fs)  # also checks its version and seal
+        others = [("the store manifest", store["settings"])] if store else []
+        others += [(f"part {name!r}", head.doc["settings"])
+                   for name, head in read_heads(self.fs).items()]
         for where, found in others:
             diffs = settings_differences(StoreSettings.from_json(found), self.settings)
             if diffs:
@@ -76,50 +95,56 @@ class StoreWriter:
                     f"{self.fs.url} was created with different settings ({where}): "
                     + "; ".join(diffs) + ". Write to a new store, or pass overwrite=True "
                     "(teacher-dump --overwrite) to replace it")
+        return store
 
     def _open_part(self) -> dict[str, Any]:
-        rel = f"{self._prefix}/{PART_MANIFEST}"
-        if self.fs.exists(rel):
-            manifest = load_json(self.fs, rel)
-            if manifest.get("complete"):
+        """The part's head (a new one when the part has committed nothing)."""
+        head = read_head(self.fs, self.part)
+        if head is None:
+            if self.fs.exists(part_manifest_path(self.part)):
+                raise LogitStoreError(
+                    f"part {self.part!r} of {self.fs.url} was written in format 1.0 or 1.1 "
+                    f"({part_manifest_path(self.part)}); this release writes format "
+                    f"{FORMAT_VERSION} only: resume it with the release that wrote it")
+            doc = new_head(self.part, self.settings.to_json())
+        else:
+            doc = head.doc
+            if doc.get("complete"):
                 if self.commit_each_segment:
-                    # A crash inside close() can leave the store manifest one commit behind
-                    # the complete part: bring it up to date (idempotent) before refusing.
+                    # A crash inside close() can leave the store manifest behind the
+                    # complete part: consolidate (idempotent) before refusing.
                     commit_store(self.fs, extra=self.extra)
                 raise LogitStoreError(
                     f"part {self.part!r} of {self.fs.url} is complete; it cannot be appended to. "
                     f"Write new samples to a new part name")
-            log.info("resuming part %s after %d committed samples", self.part,
-                     sum(s["samples"] for s in manifest["segments"]))
-        else:
-            manifest = {"format": "logitstore-part", "format_version": FORMAT_VERSION,
-                        "tool_version": __version__, "part": self.part, "created": now_iso(),
-                        "complete": False, "settings": self.settings.to_json(), "segments": []}
-        self._clean_uncommitted(manifest)
-        return manifest
+            log.info("resuming part %s after %d committed samples", self.part, doc["samples"])
+        self._clean_uncommitted(doc["segments"])
+        return doc
 
-    def _clean_uncommitted(self, manifest: dict[str, Any]) -> None:
-        """Delete segment directories and temp files left by a crash (never read anyway)."""
-        committed = {s["name"] for s in manifest["segments"]}
-        for name in self.fs.listdir(self._prefix):
-            if name == PART_MANIFEST:
-                continue
-            if name not in committed:
-                log.info("removing uncommitted %s/%s", self._prefix, name)
-                self.fs.delete(f"{self._prefix}/{name}", recursive=True)
+    def _clean_uncommitted(self, committed: int) -> None:
+        """Delete segment directories, records and temp files left by a crash past the
+        `committed` segments of the head (never read anyway)."""
+        for base, keep in ((self._prefix, (PART_HEAD, RECORDS_DIR)),
+                           (f"{self._prefix}/{RECORDS_DIR}", ())):
+            for name in self.fs.listdir(base):
+                number = segment_number(name)
+                if name in keep or (number is not None and number < committed):
+                    continue
+                log.info("removing uncommitted %s/%s", base, name)
+                self.fs.delete(f"{base}/{name}", recursive=True)
 
     @property
     def committed_count(self) -> int:
         """Samples of this part already committed: a resumed writer continues after them."""
-        return sum(s["samples"] for s in self._manifest["segments"])
+        return self._head["samples"]
 
     @property
     def committed_ids(self) -> set[str]:
         """Ids of this part's committed samples (read from its segment indexes once)."""
         if self._committed is None:
             self._committed = set()
-            for seg in self._manifest["segments"]:
-                rel = f"{self._prefix}/{seg['name']}/{SEGMENT_INDEX}"
+            for number in range(self._head["segments"]):
+                rel = f"{self._prefix}/{segment_name(number)}/{SEGMENT_INDEX}"
                 table = table_from_bytes(self.fs.read_bytes(rel), columns=["sample_id"])
                 self._committed.update(table.column("sample_id").to_pylist())
         return self._committed
@@ -147,7 +172,7 @@ class StoreWriter:
         """Write the buffered samples as one segment and commit it."""
         if not self._buffer:
             return
-        number = len(self._manifest["segments"])
+        number = self._head["segments"]
         name = segment_name(number)
         seg_dir = f"{self._prefix}/{name}"
         encoded = encode_segment(self._buffer, self.settings)
@@ -158,31 +183,32 @@ class StoreWriter:
             full_rel = f"{seg_dir}/{rel}"
             self.fs.write_bytes(full_rel, data)
             files[full_rel] = {"size": len(data), "sha256": sha256_hex(data)}
-        self._manifest["segments"].append({
-            "name": name, "samples": encoded.samples, "tokens": encoded.tokens,
-            "target_tokens": encoded.target_tokens, "sampled_entries": encoded.sampled_entries,
-            "sampled_multi": encoded.sampled_multi,
-            "signals": sorted(self.settings.signals), "files": files,
-        })
-        self._write_part_manifest()
+        counts = {"samples": encoded.samples, "tokens": encoded.tokens,
+                  "target_tokens": encoded.target_tokens,
+                  "sampled_entries": encoded.sampled_entries,
+                  "sampled_multi": encoded.sampled_multi, "signals": sorted(self.settings.signals)}
+        record = new_record(self.part, number, counts, files, self._head["last_record"])
+        raw, sha = seal(record)
+        self.fs.write_bytes(record_path(self.part, name), raw)
+        self._write_head(head_after(self._head, record, sha))  # the commit
         self.committed_ids.update(self._buffered_ids)
         self._buffer, self._buffer_tokens, self._buffered_ids = [], 0, set()
-        if self.commit_each_segment:
-            commit_store(self.fs, extra=self.extra)
+        if self.commit_each_segment and not self._registered:
+            register_part(self.fs, self.part, self.settings, self.extra)
+            self._registered = True
 
-    def _write_part_manifest(self) -> None:
-        self._manifest["updated"] = now_iso()
-        self.fs.write_bytes(f"{self._prefix}/{PART_MANIFEST}", sealed_json(self._manifest))
+    def _write_head(self, head: dict[str, Any]) -> None:
+        self.fs.write_bytes(head_path(self.part), sealed_json(head))
+        self._head = head
 
     def close(self) -> None:
-        """Flush, mark the part complete and (single writer) commit the store."""
+        """Flush, mark the part complete and (single writer) consolidate the store."""
         if self.closed:
             return
         self.flush()
-        self._manifest["complete"] = True
-        self._write_part_manifest()
+        self._write_head({**self._head, "complete": True, "updated": now_iso()})
         self.closed = True
-        if self.commit_each_segment and self._manifest["segments"]:
+        if self.commit_each_segment and self._head["segments"]:
             commit_store(self.fs, extra=self.extra)
 
     def abort(self) -> None:

@@ -16,7 +16,7 @@ from store_helpers import (content_differences, content_of, make_samples, make_s
 
 from logitstore.commit import commit_store, dataset_fingerprint
 from logitstore.errors import LogitStoreError, ManifestMissingError
-from logitstore.format import MANIFEST, TMP_MARK
+from logitstore.format import MANIFEST, TMP_MARK, segment_name
 from logitstore.reader import StoreReader
 from logitstore.verify import verify_store
 from logitstore.writer import StoreWriter
@@ -25,7 +25,7 @@ N = 16  # samples (~330 tokens)
 SEED = 5
 SETTINGS = make_settings(segment_tokens=64)  # -> 5 segments of ~26 files each
 PART = "part-00000"
-PART_MANIFEST = f"parts/{PART}/manifest.json"
+PART_HEAD = f"parts/{PART}/head.json"
 
 
 @dataclass
@@ -38,6 +38,7 @@ class Reference:
     ops: list[tuple[int, str, str]]  # (number, write|delete, relative path)
     seconds: float  # time the uninterrupted child spent writing
     commits: int  # segment commits it reported from add() (close() commits the last one)
+    write_seconds: float  # mean time from a segment's first file write to its commit
 
 
 
@@ -91,7 +92,7 @@ def finish(store: Path, visible: int) -> str:
         writer = StoreWriter(str(store), SETTINGS, part=PART)
     except LogitStoreError as err:
         # The kill hit close() after the part was marked complete but before (or while) the
-        # store was committed: a complete part is never appended to (FORMAT.md section 7),
+        # store was committed: a complete part is never appended to (FORMAT.md section 8),
         # so finishing means committing, as `logitstore commit` does.
         assert "is complete" in str(err), err
         commit_store(str(store))
@@ -118,8 +119,7 @@ def check_final(store: Path, ref: Reference) -> None:
     assert all(p["complete"] for p in reader.manifest["parts"])
     # nothing uncommitted is left inside the part once it has been reopened
     files = store_files(store)
-    listed = set(reader.manifest["files"]) | {PART_MANIFEST, MANIFEST,
-                                             reader.manifest["index"]["path"]}
+    listed = committed_files(store, reader)
     assert {f for f in files if f.startswith("parts/")} <= listed, \
         sorted({f for f in files if f.startswith("parts/")} - listed)[:5]
     # outside parts/ a crash may leave only temp files and unreferenced index files
@@ -128,22 +128,31 @@ def check_final(store: Path, ref: Reference) -> None:
         assert TMP_MARK in name or extra.startswith("index/"), extra
 
 
-def part_manifest(store: Path) -> dict:
-    path = store / PART_MANIFEST
-    return json.loads(path.read_text()) if path.exists() else {"complete": False, "segments": []}
+def committed_files(store: Path, reader: StoreReader) -> set[str]:
+    """Every file of the committed state: the data files, the store manifest, the part's
+    head and its committed segments' records, the consolidated index and catalog."""
+    root = json.loads((store / MANIFEST).read_text())
+    records = {f"parts/{PART}/records/{name}.json" for name in part_segments(store)}
+    return set(reader.manifest["files"]) | records | {MANIFEST, PART_HEAD} | {
+        root[name]["path"] for name in ("index", "catalog") if root.get(name)}
+
+
+def part_head(store: Path) -> dict:
+    path = store / PART_HEAD
+    return json.loads(path.read_text()) if path.exists() else {"complete": False, "segments": 0}
 
 
 def part_is_complete(store: Path) -> bool:
-    return part_manifest(store)["complete"]
+    return part_head(store)["complete"]
 
 
 def part_segments(store: Path) -> list[str]:
-    """Segments the part manifest lists (committed in the part; maybe not yet in the store)."""
-    return [s["name"] for s in part_manifest(store)["segments"]]
+    """Segments the part's head has committed (maybe not yet in the store manifest)."""
+    return [segment_name(n) for n in range(part_head(store)["segments"])]
 
 
 def uncommitted_segments(store: Path) -> list[str]:
-    """Segment directories of the part that its manifest does not list."""
+    """Segment directories of the part that its head does not count."""
     listed = set(part_segments(store))
     return sorted(n for n in os.listdir(store / "parts" / PART)
                   if n.startswith("seg-") and n not in listed)
@@ -151,20 +160,20 @@ def uncommitted_segments(store: Path) -> list[str]:
 
 def commit_in_progress(store: Path) -> str | None:
     """What a kill left half done, or None when the store is exactly a committed state: a
-    file the store manifest does not list (segment files, a temp file, a new or an old
-    index), or a part manifest ahead of the store manifest (more segments, or complete)."""
+    file the committed state does not list (segment files, a record, a temp file, a new or
+    an old index or catalog), a head the store manifest does not follow that is ahead of
+    it, or a complete part the store manifest has not consolidated."""
     files = store_files(store)
     if not (store / MANIFEST).exists():
         return f"{len(files)} file(s) and no store manifest" if files else None
     manifest = json.loads((store / MANIFEST).read_text())
-    listed = set(manifest["files"]) | {MANIFEST, PART_MANIFEST, manifest["index"]["path"]}
-    if unlisted := sorted(files - listed):
+    if unlisted := sorted(files - committed_files(store, StoreReader(str(store)))):
         return f"{len(unlisted)} unlisted file(s), e.g. {unlisted[0]}"
     (committed,) = [p for p in manifest["parts"] if p["name"] == PART]
-    if [s["name"] for s in committed["segments"]] != part_segments(store):
-        return "the part manifest lists segments the store manifest does not"
-    if committed["complete"] != part_is_complete(store):
-        return "the part is complete, the store manifest does not say so"
+    if not committed.get("follow_head") and committed["segments"] != len(part_segments(store)):
+        return "the part's head counts segments the store manifest does not"
+    if part_is_complete(store) and not committed["complete"]:
+        return "the part is complete, the store manifest has not consolidated it"
     return None
 
 

@@ -419,8 +419,10 @@ def _env() -> dict[str, str]:
 
 
 def _committed_segments(out: Path) -> int:
+    """Segments the dump's part heads have committed (logitstore/FORMAT.md section 7)."""
     try:
-        return json.loads((out / "manifest.json").read_text())["counts"]["segments"]
+        return sum(json.loads(head.read_text())["segments"]
+                   for head in out.glob("parts/*/head.json"))
     except (OSError, ValueError, KeyError):
         return 0
 

@@ -7,6 +7,7 @@ let the test synchronise with them without sleeping.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -114,6 +115,43 @@ def test_two_processes_write_two_parts_at_once(reference, tmp_path):
                                        {sid: ref_content[sid]})
 
 
+def test_two_ranks_committing_at_the_same_moment_lose_nothing(reference, tmp_path):
+    """Two ranks commit their segments at the same moments (released together after each
+    commit), while this process consolidates the store between their commits: every
+    consolidation holds exactly what each rank's head had committed, the store verifies,
+    and the final store holds every sample of both, as written."""
+    ref_reader, _ = reference
+    store = tmp_path / "store"
+    ids = [s.sample_id for s in make_samples(N, SEED, SETTINGS)]
+    writers = [Writer(store, "--part", f"rank-{r}", "--select", sel, "--no-commit", "--wait-go",
+                      "--lockstep", "3") for r, sel in ((0, "even"), (1, "odd"))]
+    try:
+        for w in writers:
+            w.expect("READY committed=0")
+        for w in writers:
+            w.go()
+        for _ in range(3):
+            done = [int(w.expect("COMMITTED ").split()[1]) for w in writers]
+            manifest = commit_store(str(store))  # both paused right after a commit
+            parts = {p["name"]: sum(s["samples"] for s in p["segments"])
+                     for p in manifest["parts"]}
+            assert parts == {"rank-0": done[0], "rank-1": done[1]}
+            assert verify_store(str(store)) == []
+            reader = StoreReader(str(store))
+            assert sorted(reader.sample_ids) == sorted(ids[0::2][:done[0]] + ids[1::2][:done[1]])
+            for w in writers:  # release both together: their next commits coincide
+                w.go()
+        for w in writers:
+            w.finish()
+    finally:
+        for w in writers:
+            w.kill()
+    manifest = commit_store(str(store))
+    assert manifest["counts"]["samples"] == N and all(p["complete"] for p in manifest["parts"])
+    assert verify_store(str(store)) == []
+    assert_same_content(StoreReader(str(store)), ref_reader)
+
+
 def check_visible(reader: StoreReader, ids: list[str], ref_content: dict) -> int:
     """Everything a reader lists is a committed prefix of the write order and reads back
     exactly as written; returns how many samples it lists."""
@@ -199,11 +237,13 @@ class SegmentWriter:
 
 
 def commit_while_reading(monkeypatch, store: Path, writer: SegmentWriter) -> list[str]:
-    """After one commit, make the next read of its index first commit another segment (a
-    new manifest, then that index deleted): the race of a tool beside a running writer.
-    Returns a list that holds the index path once the race has fired."""
+    """After one commit and consolidation, make the next read of its index first commit
+    another segment and consolidate (a new manifest, then that index deleted): the race of
+    a tool beside a running writer. Returns a list that holds the index path once the race
+    has fired."""
     writer.commit_one_segment()
-    first_index = StoreReader(str(store)).manifest["index"]["path"]
+    commit_store(str(store))
+    first_index = json.loads((store / "manifest.json").read_text())["index"]["path"]
     real_read = StoreFS.read_bytes
     fired: list[str] = []
 
@@ -211,6 +251,7 @@ def commit_while_reading(monkeypatch, store: Path, writer: SegmentWriter) -> lis
         if rel == first_index and not fired:  # about to read the index
             fired.append(rel)
             writer.commit_one_segment()
+            commit_store(str(store))
             assert not (store / first_index).exists()
         return real_read(fs, rel)
 
@@ -225,7 +266,7 @@ def test_commit_between_a_readers_manifest_and_index_reads(reference, tmp_path, 
     _, ref_content = reference
     ids = [s.sample_id for s in make_samples(N, SEED, SETTINGS)]
     store = tmp_path / "store"
-    segments = SegmentWriter(store)
+    segments = SegmentWriter(store, commit_store=False)
     writer = segments.writer
     fired = commit_while_reading(monkeypatch, store, segments)
     reader = StoreReader(str(store))
@@ -245,7 +286,7 @@ def test_verify_and_cp_survive_a_commit_between_manifest_and_index_reads(tmp_pat
     from logitstore.transfer import copy_store
 
     store = tmp_path / "store"
-    segments = SegmentWriter(store)
+    segments = SegmentWriter(store, commit_store=False)
     writer = segments.writer
     fired = commit_while_reading(monkeypatch, store, segments)
     if tool == "verify":
@@ -259,6 +300,7 @@ def test_verify_and_cp_survive_a_commit_between_manifest_and_index_reads(tmp_pat
         assert verify_store(str(tmp_path / "copy")) == []
         assert len(copy) == writer.committed_count  # the commit it read, whole
     segments.commit_one_segment()  # a third commit: the copy must not follow the source
+    commit_store(str(store))
     if tool == "cp":
         assert len(StoreReader(str(tmp_path / "copy"))) < writer.committed_count
     writer.abort()
@@ -274,7 +316,7 @@ def test_cp_of_a_part_moved_past_the_commit_copies_the_committed_part(tmp_path):
     from logitstore.cli import main as cli
     from logitstore.transfer import copy_store
 
-    store, part_rel = tmp_path / "store", "parts/part-00000/manifest.json"
+    store, part_rel = tmp_path / "store", "parts/part-00000/head.json"
     segments = SegmentWriter(store, commit_store=False)  # as a rank: commits made by hand
     writer = segments.writer
     for _ in range(2):

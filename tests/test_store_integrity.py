@@ -46,8 +46,10 @@ def copy(pristine, tmp_path):
 
 
 def data_files(root):
+    """Every file a reader reads: the data files, the consolidated index and catalog."""
     manifest = json.loads((root / MANIFEST).read_text())
-    return sorted(manifest["files"]) + [manifest["index"]["path"]]
+    return sorted(StoreReader(str(root)).manifest["files"]) + [manifest["index"]["path"],
+                                                              manifest["catalog"]["path"]]
 
 
 def read_everything(root):
@@ -115,11 +117,12 @@ def test_missing_store_and_missing_manifest(tmp_path):
 def test_unknown_major_version_names_both(pristine, tmp_path):
     root = copy(pristine, tmp_path)
     manifest = json.loads((root / MANIFEST).read_text())
-    manifest["format_version"] = "2.3"  # sealed, as its writer would: an unsealed hand
-    (root / MANIFEST).write_bytes(sealed_json(manifest))  # edit is damage (seal checked first)
-    with pytest.raises(FormatVersionError, match=r"2\.3.*expected major version 1"):
-        StoreReader(str(root))
-    manifest["format_version"] = "1.7"  # a newer minor is readable (once sealed again:
+    for other in ("3.1", "1.7"):  # another major; a 1.x the 1.x line never had
+        manifest["format_version"] = other  # sealed, as its writer would: an unsealed hand
+        (root / MANIFEST).write_bytes(sealed_json(manifest))  # edit is damage (seal first)
+        with pytest.raises(FormatVersionError, match=rf"{other}.*expected major version 2"):
+            StoreReader(str(root))
+    manifest["format_version"] = "2.7"  # a newer minor is readable (once sealed again:
     (root / MANIFEST).write_bytes(sealed_json(manifest))  # any hand edit breaks the seal)
     assert len(StoreReader(str(root))) == 20
 
@@ -202,8 +205,12 @@ def _kind(rel: str, manifest: dict) -> str:
         return "store manifest"
     if rel == manifest["index"]["path"]:
         return "store index"
-    if rel.endswith("/manifest.json"):
-        return "part manifest"
+    if rel == manifest["catalog"]["path"]:
+        return "catalog"
+    if rel.endswith("/head.json"):
+        return "part head"
+    if "/records/" in rel:
+        return "segment record"
     if rel.endswith("/index.parquet"):
         return "segment index"
     if rel.endswith("zarr.json"):
@@ -211,8 +218,8 @@ def _kind(rel: str, manifest: dict) -> str:
     return "shard"
 
 
-KINDS = ["store manifest", "store index", "part manifest", "segment index", "zarr metadata",
-         "shard"]
+KINDS = ["store manifest", "store index", "catalog", "part head", "segment record",
+         "segment index", "zarr metadata", "shard"]
 
 
 @pytest.fixture(scope="module")
@@ -273,7 +280,8 @@ def test_every_file_damaged_makes_verify_exit_1_naming_it(two_parts, tmp_path, k
 def test_flip_in_free_metadata_and_in_part_manifest(two_parts, tmp_path):
     """The issue's two examples: valid JSON after the flip, caught by the seals."""
     root, _, _ = two_parts
-    for rel, needle in ((MANIFEST, b'"tiny"'), ("parts/p1/manifest.json", b'"p1"')):
+    for rel, needle in ((MANIFEST, b'"tiny"'), ("parts/p1/head.json", b'"p1"'),
+                        ("parts/p0/records/seg-000001.json", b'"p0"')):
         store = tmp_path / rel.replace("/", "_")
         shutil.copytree(root, store)
         data = (store / rel).read_bytes()
@@ -288,23 +296,25 @@ def test_flip_in_free_metadata_and_in_part_manifest(two_parts, tmp_path):
 
 
 def test_flipped_bit_in_major_version_is_damage_not_another_version(two_parts, tmp_path):
-    """'1' -> '0' in format_version of a sealed manifest: the seal no longer matches, so it
+    """'2' -> '0' in format_version of a sealed manifest: the seal no longer matches, so it
     is damage naming the file, not a store of another major version."""
     root, _, _ = two_parts
-    for rel in (MANIFEST, "parts/p1/manifest.json"):
+    for rel in (MANIFEST, "parts/p1/head.json", "parts/p1/records/seg-000000.json"):
         store = tmp_path / rel.replace("/", "_")
         shutil.copytree(root, store)
         data = (store / rel).read_bytes()
-        needle = b'"format_version": "1.'
+        needle = b'"format_version": "2.'
         assert data.count(needle) == 1
         pos = data.index(needle) + len(needle) - 2
         flipped = bytearray(data)
-        flipped[pos] ^= 1  # ASCII '1' -> '0': major version 0
+        flipped[pos] ^= 2  # ASCII '2' -> '0': major version 0
         (store / rel).write_bytes(bytes(flipped))
         assert json.loads((store / rel).read_text())["format_version"].startswith("0.")
         result = CliRunner().invoke(cli, ["verify", str(store)])
         assert result.exit_code == 1, result.output
-        assert f"DAMAGED {store / rel}: manifest_sha256" in result.output, result.output
+        # (a consolidated record is checked against the sha256 the catalog records)
+        seal = "sha256" if "/records/" in rel else "manifest_sha256"
+        assert f"DAMAGED {store / rel}: {seal}" in result.output, result.output
         assert "Traceback" not in result.output and "major version" not in result.output
         if rel == MANIFEST:
             with pytest.raises(ChecksumError, match=f"{re.escape(str(store / rel))}: "
@@ -315,49 +325,50 @@ def test_flipped_bit_in_major_version_is_damage_not_another_version(two_parts, t
 def test_seal_is_documented_procedure(two_parts):
     """FORMAT.md section 5, done by hand: blank the 64 digits of manifest_sha256, hash."""
     root, _, _ = two_parts
-    for rel in (MANIFEST, "parts/p0/manifest.json"):
+    for rel in (MANIFEST, "parts/p0/head.json", "parts/p0/records/seg-000000.json"):
         raw = (root / rel).read_bytes()
         seal = json.loads(raw)["manifest_sha256"]
         assert hashlib.sha256(raw.replace(seal.encode(), b"0" * 64)).hexdigest() == seal
-    listed = json.loads((root / MANIFEST).read_text())["part_manifests"]
-    assert listed["parts/p1/manifest.json"]["sha256"] == \
-        hashlib.sha256((root / "parts/p1/manifest.json").read_bytes()).hexdigest()
+    # FORMAT.md section 7: the records of a part form a hash chain ending at its head
+    for part in ("p0", "p1"):
+        head = json.loads((root / f"parts/{part}/head.json").read_text())
+        previous = None
+        for n in range(head["segments"]):
+            raw = (root / f"parts/{part}/records/seg-{n:06d}.json").read_bytes()
+            assert json.loads(raw)["previous"] == previous
+            previous = hashlib.sha256(raw).hexdigest()
+        assert head["last_record"] == previous is not None
 
 
-def test_store_of_format_1_0_without_seals_still_reads_and_verifies(two_parts, tmp_path):
-    root = tmp_path / "old"
-    shutil.copytree(two_parts[0], root)
-    for rel in (MANIFEST, "parts/p0/manifest.json", "parts/p1/manifest.json"):
-        doc = json.loads((root / rel).read_text())
-        doc.pop("manifest_sha256")
-        doc.pop("part_manifests", None)
-        doc["format_version"] = "1.0"
-        (root / rel).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
-    assert verify_store(str(root)) == []
-    assert len(StoreReader(str(root))) == 8
-    os.remove(root / "parts/p1/manifest.json")  # copies made by 1.0's `cp` had none
-    assert verify_store(str(root)) == []
-
-
-def test_part_manifest_advanced_by_a_writer_is_not_damage(two_parts, tmp_path):
-    """A writer resumed part p1 and committed a segment to it, not yet to the store."""
+def test_part_head_advanced_by_a_writer_is_not_damage(tmp_path):
+    """A rank (no store commits of its own) committed a segment to its part after the last
+    consolidation: the store is clean; a lost head, a newer segment's file lost, or a head
+    that lost a committed segment are damage naming the file."""
     root = tmp_path / "store"
-    shutil.copytree(two_parts[0], root)
-    s = StoreReader(str(root)).settings
-    (root / "parts/p1/manifest.json").unlink()  # a new part p2 then, same situation:
-    with StoreWriter(str(root), s, part="p2", commit_store=False) as w:
-        w.add_many(make_samples(3, 9, s))
-    assert verify_store(str(root)) == [f"{root}/parts/p1/manifest.json: missing (a committed "
-                                       f"part's manifest; resuming or committing the store "
-                                       f"needs it)"]
-    shutil.copy(two_parts[0] / "parts/p1/manifest.json", root / "parts/p1/manifest.json")
-    part = json.loads((root / "parts/p1/manifest.json").read_text())
-    part["segments"] = part["segments"] + [dict(part["segments"][-1], name="seg-000009")]
-    (root / "parts/p1/manifest.json").write_bytes(sealed_json(part))
-    assert verify_store(str(root)) == []  # intact and still holds the committed segments
-    part["segments"] = part["segments"][1:]  # but losing a committed segment is not allowed
-    (root / "parts/p1/manifest.json").write_bytes(sealed_json(part))
-    assert any("parts/p1/manifest.json" in p for p in verify_store(str(root)))
+    s = make_settings(segment_tokens=40, signals={"teacher": make_signal(hidden=None,
+                                                                         attention=None)})
+    samples = make_samples(12, 4, s)
+    writer = StoreWriter(str(root), s, part="p0", commit_store=False)
+    writer.add_many(samples[:6])
+    commit_store(str(root))
+    committed = len(StoreReader(str(root)))
+    writer.add_many(samples[6:])  # commits more segments to the part only
+    head_rel = "parts/p0/head.json"
+    head = json.loads((root / head_rel).read_text())
+    assert head["samples"] > committed and len(StoreReader(str(root))) == committed
+    assert verify_store(str(root)) == []
+    newest = f"parts/p0/seg-{head['segments'] - 1:06d}/input_ids/zarr.json"
+    saved = (root / newest).read_bytes()
+    (root / newest).unlink()
+    assert any(newest in p and "missing" in p for p in verify_store(str(root)))
+    (root / newest).write_bytes(saved)
+    cut = json.loads((root / MANIFEST).read_text())["parts"][0]["segments"] - 1
+    (root / head_rel).write_bytes(sealed_json({**head, "segments": cut}))  # lost a segment
+    assert any(head_rel in p for p in verify_store(str(root)))
+    (root / head_rel).unlink()
+    problems = verify_store(str(root))
+    assert any(head_rel in p and "missing" in p for p in problems), problems
+    writer.abort()
 
 
 def test_not_a_store_is_not_damage(tmp_path):

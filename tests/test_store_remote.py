@@ -260,3 +260,14 @@ def test_cache_dir_serves_data_from_the_cache_and_sees_new_commits(memory_root, 
     later = StoreReader(url, cache_dir=cache)
     assert len(later) == N + 3
     assert later.sample(more[-1].sample_id).sample_id == more[-1].sample_id
+
+    # nor a part's head: a running writer's newer segments are seen (readers follow heads)
+    running = StoreWriter(url, SETTINGS, part="third")
+    seen = []
+    for sample in make_samples(8, SEED + 2, SETTINGS):
+        running.add(sample)
+        if running.committed_count and running.committed_count not in seen:
+            seen.append(running.committed_count)
+            assert len(StoreReader(url, cache_dir=cache)) == N + 3 + running.committed_count
+    assert len(seen) >= 2, seen
+    running.abort()

@@ -4,8 +4,9 @@
                  --tasks medical,local --ppl-data heldout.jsonl --out reports/run1
 
 Models are aliases from logitstore/toolkit/models.yaml, local directories or hub ids. `--tasks`
-takes `medical` (MultiMedQA via lm-eval), `local` (the sets shipped in eval/tasks/),
-task names, or paths to lm-eval task YAMLs / JSONL files (see eval/tasks.py).
+takes `medical` (MultiMedQA via lm-eval), `local` (the sets shipped in
+logitstore/toolkit/tasks/), task names, or paths to lm-eval task YAMLs / JSONL files (see
+eval/tasks.py).
 
 Writes REPORT_DIR/report.json, report.md, report.png and config.yaml (every option as
 resolved). report.json:

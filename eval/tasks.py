@@ -4,8 +4,8 @@
 preset) lists:
 
 - `medical`: the MultiMedQA set (MEDICAL_TASKS), lm-eval's own task definitions;
-- `local`: every task definition shipped in eval/tasks/ (bundled medical MCQ and
-  prompt/reference sets);
+- `local`: every task definition shipped in logitstore/toolkit/tasks/ (bundled medical
+  MCQ and prompt/reference sets);
 - the name of a shipped definition (`medmcq_mini`, `medgen_mini`) or of any lm-eval task;
 - a path to a task YAML (lm-eval's format) or to a JSONL: records with
   `question/choices/answer` run as the shipped multiple-choice definition, records with
@@ -44,11 +44,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from logitstore.errors import ConfigError
+from logitstore.toolkit.eval_tasks import BUNDLED_TASKS_DIR
 from logitstore.toolkit.hub_probe import env_flag_set, hub_endpoint, probe_hub
 
 log = logging.getLogger(__name__)
 
-SHIPPED_DIR = Path(__file__).resolve().with_name("tasks")
+# The bundled definitions are toolkit package data: `logitstore decontaminate` reads them too.
+SHIPPED_DIR = BUNDLED_TASKS_DIR
 # MultiMedQA as used for Med-PaLM and most medical LLM papers: the lm-eval task name and
 # the folder under lm_eval/tasks/ that defines it (indexing only these folders takes
 # milliseconds; the full lm-eval index takes about a minute).

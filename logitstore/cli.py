@@ -1,4 +1,5 @@
-"""`logitstore` command line: info, verify, cp, show, commit.
+"""`logitstore` command line: info, verify, cp, show, commit; merge and subset (cli_ops.py);
+decontaminate (cli_decontaminate.py).
 
 Exit status (logitstore/exit_codes.py): 0 success / clean store; 1 a store error, one
 paragraph `logitstore: error: ...`, or a damaged store (verify, cp), one `DAMAGED <file>:
@@ -247,6 +248,18 @@ def commit(store: str) -> None:
         _fail(err)
     click.echo(f"{store}: committed {manifest['counts']['parts']} part(s), "
                f"{manifest['counts']['samples']} samples")
+
+
+# merge and subset (store operations for sharing) live in cli_ops.py
+from logitstore.cli_ops import merge as _merge, subset as _subset  # noqa: E402
+
+main.add_command(_merge)
+main.add_command(_subset)
+
+# decontaminate (finds evaluation data in a store) lives in cli_decontaminate.py
+from logitstore.cli_decontaminate import decontaminate as _decontaminate  # noqa: E402
+
+main.add_command(_decontaminate)
 
 
 if __name__ == "__main__":

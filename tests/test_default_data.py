@@ -104,7 +104,8 @@ def test_a_cached_dataset_passes_the_check(tmp_path, monkeypatch):
     prepared.rmdir()
     hub_copy.mkdir(parents=True)  # files downloaded with `hf download`
     check_hub_data_readable([MEADOW])
-    check_hub_data_readable([str(REPO / "eval" / "tasks" / "medmcq_mini.jsonl")])  # local
+    local = REPO / "logitstore" / "toolkit" / "tasks" / "medmcq_mini.jsonl"
+    check_hub_data_readable([str(local)])  # a local file: nothing to check
     with pytest.raises(DataSourceError, match="does not exist"):
         check_hub_data_readable(["./missing.jsonl"])
 

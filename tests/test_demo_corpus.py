@@ -13,7 +13,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "demo"
-TASKS = ROOT / "eval" / "tasks"
+TASKS = ROOT / "logitstore" / "toolkit" / "tasks"
 OUTPUTS = ("train", "heldout", "instructions", "chat", "mcq", "medmcq_kb")
 TAGS = ("specialty", "difficulty", "kind", "entity", "template")
 

@@ -14,7 +14,7 @@ import pytest
 from eval import tasks as T
 from logitstore.errors import ConfigError
 
-SHIPPED = Path(T.__file__).resolve().parent / "tasks"
+SHIPPED = T.SHIPPED_DIR
 
 
 def _jsonl(path: Path, records: list[dict]) -> Path:

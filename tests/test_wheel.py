@@ -111,7 +111,8 @@ def wheel(sources, tmp_path_factory) -> Path:
 def test_wheel_holds_the_package_data_and_the_licence(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for needed in ["logitstore/FORMAT.md", "logitstore/toolkit/models.yaml",
-                   "eval/tasks/medmcq_mini.yaml", "eval/tasks/medmcq_mini.jsonl",
+                   "logitstore/toolkit/tasks/medmcq_mini.yaml",
+                   "logitstore/toolkit/tasks/medmcq_mini.jsonl",
                    *(f"logitstore/presets/{p}" for p in PRESETS)]:
         assert needed in names, needed
     info = next(n for n in names if n.endswith(".dist-info/METADATA"))

@@ -1,0 +1,164 @@
+"""`logitstore merge SRC... DST`: one store from several.
+
+    result = merge_stores(["a/", "s3://b/store"], "merged/", common_signals=False)
+
+Rules (checked before anything is written):
+
+- **Settings.** Every source must have the same store settings: `vocab_size`,
+  `tokenizer_fingerprint`, `chunk_tokens`, `segment_tokens`, `chunk_samples`, and for each
+  signal kept its whole capture spec (top-k, sampled, hidden, attention, depth, teacher).
+  Conflicts are refused in one paragraph naming each key and its value in each source.
+  `tokenizer_name` is informative (FORMAT.md section 2) and taken from the first source.
+- **Signals.** Every source must hold every signal; with `common_signals` only the signals
+  all sources hold are kept (the others are left out of the new store).
+- **Duplicates.** A sample whose index `digest` (sha256 of its id and tokens, FORMAT.md
+  section 3) equals one already taken from an earlier source is kept once: the copy from
+  the first source in argument order, with that source's split, tags and signals. Their
+  number is reported (`counts.duplicates`).
+- **Id collisions.** A sample id held by two sources with different tokens (different
+  digests) is refused, naming the ids and sources: ids are what other tools refer to
+  (id lists, evaluation splits, decontamination reports), so they are never rewritten.
+  Subset the sources to leave one of them out (`logitstore subset --ids`), then merge.
+
+The output is written and resumed as `logitstore.copy_samples` describes: sources in
+argument order, each in its store order, duplicates left out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Callable
+
+import numpy as np
+
+from logitstore.copy_samples import (CopyPlan, CopyResult, SourceSelection, execute_plan,
+                                     open_sources)
+from logitstore.errors import LogitStoreError, SchemaMismatchError, SettingsMismatchError
+from logitstore.reader import StoreReader
+
+INFORMATIVE_SETTINGS = ("tokenizer_name",)  # may differ between sources
+
+
+def merge_stores(sources: list[str], dst: str, *, common_signals: bool = False,
+                 src_options: dict | None = None, dst_options: dict | None = None,
+                 overwrite: bool = False,
+                 progress: Callable[[int], None] | None = None) -> CopyResult:
+    """Merge the stores at `sources` into a new store at `dst` (see the module docstring);
+    returns what was written, with `problems` from verifying it."""
+    if len(sources) < 1:
+        raise LogitStoreError("merge needs at least one source store")
+    readers = open_sources(list(sources), src_options)
+    plan = plan_merge(list(sources), readers, common_signals=common_signals)
+    return execute_plan(plan, dst, dst_options=dst_options, overwrite=overwrite,
+                        progress=progress)
+
+
+def plan_merge(urls: list[str], readers: list[StoreReader], *,
+               common_signals: bool) -> CopyPlan:
+    signals = kept_signals(urls, readers, common_signals)
+    check_settings_agree(urls, readers, signals)
+    first = readers[0].settings
+    settings = replace(first, signals={name: first.signals[name] for name in signals})
+    selections, per_source, duplicates = select_unique(urls, readers)
+    tokens = sum(s.tokens() for s in selections)
+    samples_in = sum(len(r) for r in readers)
+    dropped = sorted({n for r in readers for n in r.signals} - set(signals))
+    return CopyPlan(
+        command="merge", sources=selections, settings=settings,
+        filter={"common_signals": common_signals, "signals_left_out": dropped},
+        counts={"samples_in": samples_in, "samples_out": samples_in - duplicates,
+                "duplicates": duplicates, "tokens_out": tokens},
+        per_source=per_source)
+
+
+def kept_signals(urls: list[str], readers: list[StoreReader], common_signals: bool) -> list[str]:
+    """The signals of the merged store, in the first source's order."""
+    every = [n for n in readers[0].signals]
+    every += sorted({n for r in readers[1:] for n in r.signals} - set(every))
+    common = [n for n in every if all(n in r.settings.signals for r in readers)]
+    if common_signals:
+        if not common:
+            held = "; ".join(f"{u}: {r.signals}" for u, r in zip(urls, readers))
+            raise SchemaMismatchError(f"cannot merge: the sources have no signal in common "
+                                      f"({held}); a store holds at least one signal")
+        return common
+    missing = []
+    for name in every:
+        lacking = [u for u, r in zip(urls, readers) if name not in r.settings.signals]
+        if lacking:
+            missing.append(f"signal {name!r} is missing from {', '.join(lacking)}")
+    if missing:
+        raise SchemaMismatchError(
+            f"cannot merge: {'; '.join(missing)}. Every source must hold every signal; pass "
+            f"--common-signals to keep only the signals all sources hold ({common or 'none'})")
+    return every
+
+
+def check_settings_agree(urls: list[str], readers: list[StoreReader],
+                         signals: list[str]) -> None:
+    """SettingsMismatchError naming every key (of the settings and of each kept signal)
+    whose value differs between sources, with its value in each source."""
+    flat = []
+    for reader in readers:
+        data = reader.settings.to_json()
+        kept = {name: data["signals"][name] for name in signals}
+        plain = {k: v for k, v in data.items()
+                 if k != "signals" and k not in INFORMATIVE_SETTINGS}
+        flat.append(_flatten({**plain, "signals": kept}))
+    conflicts = []
+    for key in sorted(set().union(*flat)):
+        values: dict[str, list[str]] = {}
+        for url, entries in zip(urls, flat):
+            values.setdefault(repr(entries.get(key)), []).append(url)
+        if len(values) > 1:
+            conflicts.append(f"{key} is " + ", ".join(f"{value} in {' and '.join(where)}"
+                                                      for value, where in values.items()))
+    if conflicts:
+        raise SettingsMismatchError(
+            f"cannot merge: the sources were written with different settings: "
+            f"{'; '.join(conflicts)}. A merged store has one set of settings: merge stores "
+            f"written with the same tokenizer, store and signal settings (`logitstore info "
+            f"--json` shows them), or drop a differing signal with --common-signals when "
+            f"another source lacks it")
+
+
+def select_unique(urls: list[str], readers: list[StoreReader]
+                  ) -> tuple[list[SourceSelection], list[dict[str, int]], int]:
+    """Each source's rows that are not a duplicate of an earlier source's sample; refuses
+    ids shared with different content. Returns (selections, per-source counts, duplicates)."""
+    seen: dict[str, tuple[str, int]] = {}  # sample id -> (digest, source number)
+    collisions: list[str] = []
+    selections, per_source, duplicates = [], [], 0
+    for number, (url, reader) in enumerate(zip(urls, readers)):
+        digests = reader.index.column("digest").to_pylist()
+        keep = np.ones(len(reader), dtype=bool)
+        for row, (sid, digest) in enumerate(zip(reader.sample_ids, digests)):
+            earlier = seen.get(sid)
+            if earlier is None:
+                seen[sid] = (digest, number)
+            elif earlier[0] == digest:
+                keep[row] = False
+            else:
+                collisions.append(f"{sid!r} ({urls[earlier[1]]} and {url})")
+        rows = np.flatnonzero(keep).astype(np.int64)
+        dropped = len(reader) - len(rows)
+        duplicates += dropped
+        selections.append(SourceSelection(url, reader, rows))
+        per_source.append({"selected": int(len(rows)), "duplicates": int(dropped)})
+    if collisions:
+        raise SchemaMismatchError(
+            f"cannot merge: {len(collisions)} sample id(s) name different samples (other "
+            f"tokens) in different sources: {', '.join(collisions[:5])}"
+            f"{' ...' if len(collisions) > 5 else ''}. Ids must name one sample; merge "
+            f"refuses rather than renaming them. Leave one of each out first (`logitstore "
+            f"subset SRC OUT --ids KEEP`), or dump the sources with distinct ids")
+    return selections, per_source, duplicates
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): data}

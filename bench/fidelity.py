@@ -53,7 +53,9 @@ from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# This checkout's packages first, in this process as in the tools it starts (tool_env): an
+# editable install elsewhere must not mix two versions of logitstore in one run.
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(ROOT)]
 
 FULL_SWEEP = ["topk4", "topk8", "topk16", "topk32", "topk64",
               "sampled4", "sampled8", "sampled16", "sampled32", "sampled64",

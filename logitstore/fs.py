@@ -173,6 +173,9 @@ class StoreFS:
     def listdir(self, rel: str = "") -> list[str]:
         """Names (not paths) directly under rel; [] when rel does not exist."""
         full = self.path(rel)
+        # Object-store filesystems (s3fs, gcsfs) cache listings without expiry; other
+        # processes (the ranks of a dump) create parts and files: always list afresh.
+        self.fs.invalidate_cache(full)
         try:
             entries = with_retries(self.url_of(rel), lambda: self.fs.ls(full, detail=False))
         except FileNotFoundError:

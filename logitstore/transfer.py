@@ -97,7 +97,12 @@ def _copy_records_and_heads(copy: _Copier, snap: Snapshot) -> None:
     for entry in snap.root["parts"]:
         name = entry["name"]
         if name in snap.heads:  # followed: the head the snapshot was resolved from
-            copy.write(snap.heads[name].rel, snap.heads[name].raw)
+            head = snap.heads[name]
+            if head.doc["settings"] == snap.root["settings"]:
+                copy.write(head.rel, head.raw)
+            else:  # it names a signal added since the consolidation, whose files and
+                # addition records are not copied: the copy's head must not claim it
+                copy.write(head.rel, sealed_json({**head.doc, "settings": snap.root["settings"]}))
             continue
         head = read_sealed(copy.source, head_path(name), f"the head of part {name!r}")
         segments = catalog.get(name, [])

@@ -162,6 +162,7 @@ def add_signal(work: DumpWork, spec: SignalSpec, store: ExistingStore) -> None:
     jobs = appender.pending()
     if not jobs:
         log.info("rank %d: signal %s is already in all its segments", ranks.rank, signal)
+        appender.close()  # a kill after the last segment may have left the heads to write
         return
     reader = StoreReader(url)
     segment_of = {(seg.part, seg.name): n for n, seg in enumerate(reader.segments)}

@@ -7,11 +7,14 @@ at a time (`StoreReader.read_segment`), so memory holds one source segment and o
 segment, whatever the size of the stores. Segments holding no selected sample are not read.
 
 Provenance goes into the new store's manifest `extra` under `"operation"`: the command, the
-sources (URL, manifest sha256, dataset fingerprint, counts, their own `extra`), the filter,
-the signals and the counts in / out / duplicates (and notes such as the id file's name),
-and `job`: a sha256 over everything that
-decides the output's content (the sources' manifest sha256s, the filter, the signals; not
-the URLs), which is how a rerun recognises its own unfinished output.
+sources (URL, manifest sha256, `state_sha256`, dataset fingerprint, counts, their own
+`extra`), the filter, the signals and the counts in / out / duplicates (and notes such as
+the id file's name), and `job`: a sha256 over everything that decides the output's content
+(each source's manifest sha256 and state sha256, the filter, the signals; not the URLs),
+which is how a rerun recognises its own unfinished output. `state_sha256` is the id of the
+committed state read (the reader's `manifest["index"]["sha256"]`: the consolidated index's
+sha256, or, where parts are followed past the consolidation, a hash over it and the heads
+read): a source whose followed parts moved on has the same manifest but another state.
 
 Killed and rerun with the same arguments, the copy resumes: the writer reopens its part,
 which keeps every committed segment, and the samples it already holds are skipped. As the
@@ -99,12 +102,14 @@ class CopyPlan:
             manifest = source.reader.manifest
             sources.append({
                 "url": source.url, "manifest_sha256": sha256_hex(source.reader.manifest_bytes),
+                # pins what was read where the manifest does not: parts followed past it
+                "state_sha256": manifest["index"]["sha256"],
                 "dataset_fingerprint": manifest.get("dataset_fingerprint"),
                 "samples": len(source.reader), "tokens": source.reader.num_tokens,
                 **(self.per_source[i] if i < len(self.per_source) else {}),
                 "extra": manifest.get("extra") or {}})
         decisive = {"command": self.command, "filter": self.filter, "signals": self.signals,
-                    "sources": [s["manifest_sha256"] for s in sources]}
+                    "sources": [[s["manifest_sha256"], s["state_sha256"]] for s in sources]}
         job = sha256_hex(json.dumps(decisive, sort_keys=True).encode("utf-8"))
         return {"command": self.command, "job": job, "tool_version": __version__,
                 "sources": sources, "filter": self.filter, "signals": self.signals,

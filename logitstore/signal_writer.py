@@ -63,6 +63,15 @@ class SignalAppender:
         if name in store.signals:
             raise SchemaMismatchError(f"signal {name!r} is already in {url}; choose another "
                                       f"--signal name or --overwrite the store")
+        running = sorted(part for part, head in heads.items() if not head["complete"])
+        if running:
+            # A writer may still append segments to such a part: they would lack the signal,
+            # and the part's head would be replaced under both writers.
+            raise LogitStoreError(
+                f"parts {running} of {url} are still being written (their head says "
+                f"complete: false), so signal {name!r} cannot be added to them: let their "
+                f"writers finish (or rerun the dump that wrote them to complete them), "
+                f"then add the signal")
         for part, head in heads.items():
             earlier = StoreSettings.from_json(head["settings"]).signals.get(name)
             if earlier is not None and earlier != spec:

@@ -59,8 +59,8 @@ def read_snapshot(fs: StoreFS, attempts: int = 100) -> Snapshot:
     """The committed state of the store at `fs` (which holds a store manifest).
 
     A consolidation landing between the reads of the manifest and of the files it names
-    replaces the manifest, then deletes the index and catalog the old one named: the newer
-    manifest is read then. MissingFileError when a file the current manifest names is absent."""
+    replaces the manifest, then deletes the index and catalog the manifest before the old
+    one named (two consolidations delete the old one's): the newer manifest is read then. MissingFileError when a file the current manifest names is absent."""
     for attempt in range(attempts):
         raw = fs.read_bytes(MANIFEST)
         root = parse_manifest(fs, MANIFEST, raw)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import posixpath
 from typing import Callable
 
 from logitstore.commit import (committed_part_manifest, parse_manifest, part_manifest_path,
                                require_committed, sealed_json)
 from logitstore.errors import ChecksumError, LogitStoreError
-from logitstore.format import MANIFEST
+from logitstore.format import INDEX_DIR, MANIFEST, PARTS_DIR
 from logitstore.fs import StoreFS, sha256_hex
 from logitstore.records import addition_path, head_path, read_sealed, record_path
 from logitstore.snapshot import Snapshot, read_snapshot
@@ -30,14 +31,17 @@ def copy_store(src: str, dst: str, *, src_options: dict | None = None,
     running writer moved past that snapshot gets a head cut back to it (sealed again), as
     the newer segments are not copied. Formats 1.0/1.1: the part manifests the store
     manifest lists, cut back the same way. Uncommitted files at the source are not copied.
+    `overwrite`: a store at `dst` is deleted first, all of it (never the source itself).
     """
     source, target = StoreFS(src, src_options), StoreFS(dst, dst_options)
     require_committed(source)
     snap = read_snapshot(source)  # ChecksumError (MissingFileError) naming a damaged file
     if target.exists(MANIFEST) and not overwrite:
         raise LogitStoreError(f"{dst} already holds a store; pass --overwrite to replace it")
-    # Uncommit the old store first: its files are about to be replaced under its manifest.
-    target.delete(MANIFEST)
+    if overwrite:
+        _erase_old_store(source, target, src, dst)
+    else:  # uncommit what is there first: its files are about to be replaced
+        target.delete(MANIFEST)
     copy = _Copier(source, target, src, progress)
     for rel, meta in sorted(snap.view["files"].items()):
         copy.checked(rel, meta["sha256"])
@@ -51,6 +55,18 @@ def copy_store(src: str, dst: str, *, src_options: dict | None = None,
     # committed more segments since, which were not copied.
     target.write_bytes(MANIFEST, snap.root_raw)
     return snap.view
+
+
+def _erase_old_store(source: StoreFS, target: StoreFS, src: str, dst: str) -> None:
+    """Delete the store at `target` (manifest first, then its index and every part), as
+    `StoreWriter(overwrite=True)` does: a part the new store lacks would otherwise stay,
+    and a later `logitstore commit` of the copy would consolidate it."""
+    if (source.fs.protocol, posixpath.normpath(source.root)) == \
+            (target.fs.protocol, posixpath.normpath(target.root)):
+        raise LogitStoreError(f"{dst} is the source store {src}: --overwrite would delete "
+                              f"the store being copied; copy it somewhere else")
+    for rel in (MANIFEST, INDEX_DIR, PARTS_DIR):
+        target.delete(rel, recursive=True)
 
 
 class _Copier:

@@ -19,6 +19,7 @@ import zarr
 
 from logitstore.commit import (dataset_fingerprint, parse_manifest, part_manifest_path,
                                require_committed)
+from logitstore.consolidate import copy_problems
 from logitstore.errors import (ChecksumError, FormatVersionError, SchemaMismatchError,
                                StoreIOError)
 from logitstore.snapshot import read_snapshot
@@ -77,7 +78,8 @@ def verify_store(url: str, *, storage_options: dict | None = None,
         raise  # not damage: the storage failed, or another major version of the format
     except (SchemaMismatchError, KeyError, TypeError, ValueError) as err:
         return [f"{fs.path(MANIFEST)}: {type(err).__name__}: {err}"]
-    problems = _check_part_manifests(fs, manifest) if snap.legacy else check_records(fs, snap)
+    problems = _check_part_manifests(fs, manifest) if snap.legacy else \
+        check_records(fs, snap) + copy_problems(fs)
     damaged: set[str] = set()
     for rel, meta in sorted(manifest.get("files", {}).items()):
         if progress:

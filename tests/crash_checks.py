@@ -130,10 +130,13 @@ def check_final(store: Path, ref: Reference) -> None:
 
 def committed_files(store: Path, reader: StoreReader) -> set[str]:
     """Every file of the committed state: the data files, the store manifest, the part's
-    head and its committed segments' records, the consolidated index and catalog."""
+    head and its committed segments' records, the consolidated index and catalog and the
+    consolidation's copy of the manifest (this writer consolidates once: no older ones)."""
     root = json.loads((store / MANIFEST).read_text())
     records = {f"parts/{PART}/records/{name}.json" for name in part_segments(store)}
-    return set(reader.manifest["files"]) | records | {MANIFEST, PART_HEAD} | {
+    copies = {f"index/manifest-{root['consolidation']:09d}.json"} if root.get("consolidation") \
+        else set()
+    return set(reader.manifest["files"]) | records | {MANIFEST, PART_HEAD} | copies | {
         root[name]["path"] for name in ("index", "catalog") if root.get(name)}
 
 

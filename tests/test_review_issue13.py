@@ -102,3 +102,154 @@ def test_consolidation_on_s3_sees_a_part_created_by_another_process(s3):
     state = commit_store(url, storage_options=s3.options)
     assert [p["name"] for p in state["parts"]] == ["rank-00", "rank-01"]
     assert state["counts"]["samples"] == 6
+
+
+# -- the store manifest written by registrations and consolidations at the same time --------
+
+def _race_setup(tmp_path):
+    """A consolidated store (part a), an unconsolidated part c, samples for a part b."""
+    store, settings = str(tmp_path / "store"), settings_for()
+    samples = make(np.random.default_rng(4), 20, settings)
+    with StoreWriter(store, settings, part="a") as writer:
+        writer.add_many(samples[:10])
+    other = StoreWriter(store, settings, part="c", commit_store=False)
+    other.add_many(samples[15:])
+    other.close()
+    return store, settings, samples
+
+
+@pytest.mark.parametrize("consolidations", [1, 2])
+def test_consolidations_between_a_registrations_read_and_write(tmp_path, monkeypatch,
+                                                                consolidations):
+    """Part b registers (reads the manifest, writes it back with b followed) while one or
+    two consolidations land in between: the store must stay readable (the registration's
+    manifest named the deleted index before the fix), show what the consolidations added
+    (part c), and follow b."""
+    import logitstore.consolidate as consolidate
+
+    store, settings, samples = _race_setup(tmp_path)
+    real, fired = consolidate.previous_manifest, []
+
+    def racing(fs):
+        manifest = real(fs)
+        if not fired:
+            fired.append(1)
+            for _ in range(consolidations):
+                commit_store(store)
+        return manifest
+
+    monkeypatch.setattr(consolidate, "previous_manifest", racing)
+    writer = StoreWriter(store, settings, part="b")
+    writer.add_many(samples[10:13])
+    writer.flush()  # the registration
+    monkeypatch.setattr(consolidate, "previous_manifest", real)
+    assert fired and len(StoreReader(store)) == 18  # a, c and b's first segment
+    writer.add_many(samples[13:15])
+    writer.flush()  # b is followed: its next segment is visible before any consolidation
+    assert sorted(StoreReader(store).sample_ids) == sorted(s.sample_id for s in samples)
+    writer.close()
+    assert verify_store(store) == []
+
+
+def test_a_registration_during_a_consolidation_stays_followed(tmp_path, monkeypatch):
+    """Part b registers after the consolidation listed the heads, before it writes the
+    manifest: the consolidation's manifest must keep b followed (before the fix it dropped
+    b, whose segments then stayed invisible until the next consolidation)."""
+    import logitstore.consolidate as consolidate
+
+    store, settings, samples = _race_setup(tmp_path)
+    writer = StoreWriter(store, settings, part="b")
+    real = consolidate.read_heads
+
+    def heads_then_registration(fs):
+        heads = real(fs)
+        writer.add_many(samples[10:13])
+        writer.flush()  # b's first segment and its registration
+        return heads
+
+    monkeypatch.setattr(consolidate, "read_heads", heads_then_registration)
+    commit_store(store)
+    monkeypatch.setattr(consolidate, "read_heads", real)
+    assert len(StoreReader(store)) == 18
+    writer.add_many(samples[13:15])
+    writer.flush()
+    assert len(StoreReader(store)) == 20
+    writer.close()
+    assert verify_store(store) == []
+
+
+def test_consolidation_keeps_one_generation_and_clears_leftovers(tmp_path):
+    """index/ holds the files of the current and the previous manifest only: older ones
+    and the leftovers of a crashed consolidation are deleted."""
+    from logitstore.consolidate import previous_manifest
+    from logitstore.fs import StoreFS
+
+    store, settings, samples = _race_setup(tmp_path)
+    fs = StoreFS(store)
+    (tmp_path / "store" / "index" / "0123456789abcdef0123.parquet").write_bytes(b"crashed")
+    named = []
+    for start in (10, 13):
+        with StoreWriter(store, settings, part=f"b{start}") as writer:
+            writer.add_many(samples[start:start + 3 if start == 10 else 15])
+        manifest = previous_manifest(fs)
+        named.append({manifest["index"]["path"], manifest["catalog"]["path"],
+                      f"index/manifest-{manifest['consolidation']:09d}.json"})
+    assert {f"index/{n}" for n in fs.listdir("index")} == named[0] | named[1]
+    assert len(StoreReader(store)) == 20 and verify_store(store) == []
+
+
+# -- signal additions, provenance, cp --overwrite -------------------------------------------
+
+def test_signal_appender_refuses_a_part_still_being_written(tmp_path):
+    from logitstore.errors import LogitStoreError
+
+    store, settings = _written_store(tmp_path / "store"), settings_for()
+    running = StoreWriter(store, settings, part="running")
+    running.add_many(make(np.random.default_rng(9), 19, settings)[15:])
+    running.flush()  # committed segments, head complete: false
+    with pytest.raises(LogitStoreError, match=r"\['running'\].*still being written"):
+        SignalAppender(store, "second", SPEC)
+    running.close()
+    assert len(SignalAppender(store, "second", SPEC).pending()) >= 2
+
+
+def test_merge_provenance_pins_a_followed_source(tmp_path):
+    """A source whose followed part committed more segments has the same manifest bytes
+    but another content: the provenance must tell them apart (state_sha256, and the job)."""
+    from logitstore.merge import merge_stores
+
+    store, settings = str(tmp_path / "store"), settings_for()
+    samples = make(np.random.default_rng(5), 10, settings)
+    writer = StoreWriter(store, settings, part="a")
+    writer.add_many(samples[:5])
+    writer.flush()
+    first = merge_stores([store], str(tmp_path / "one")).provenance
+    manifest_before = StoreReader(store).manifest_bytes
+    writer.add_many(samples[5:])
+    writer.flush()
+    assert StoreReader(store).manifest_bytes == manifest_before  # the head moved, not it
+    second = merge_stores([store], str(tmp_path / "two")).provenance
+    writer.close()
+    assert first["sources"][0]["manifest_sha256"] == second["sources"][0]["manifest_sha256"]
+    assert first["sources"][0]["state_sha256"] != second["sources"][0]["state_sha256"]
+    assert first["job"] != second["job"]
+
+
+def test_cp_overwrite_removes_the_old_stores_parts(tmp_path):
+    """The old target's parts that the new store lacks must go: a later `logitstore
+    commit` of the target consolidated them into the copy before the fix."""
+    from logitstore.errors import LogitStoreError
+
+    source = _written_store(tmp_path / "source")
+    target, settings = str(tmp_path / "target"), settings_for()
+    with StoreWriter(target, settings, part="stale") as writer:
+        writer.add_many(make(np.random.default_rng(8), 5, settings))
+    copy_store(source, target, overwrite=True)
+    assert not (tmp_path / "target" / "parts" / "stale").exists()
+    commit_store(target)
+    assert not content_differences(content_of(StoreReader(target)),
+                                   content_of(StoreReader(source)))
+    assert verify_store(target) == []
+    with pytest.raises(LogitStoreError, match="would delete the store being copied"):
+        copy_store(source, source, overwrite=True)
+    assert len(StoreReader(source)) == 15

@@ -238,7 +238,7 @@ class SegmentWriter:
 
 def commit_while_reading(monkeypatch, store: Path, writer: SegmentWriter) -> list[str]:
     """After one commit and consolidation, make the next read of its index first commit
-    another segment and consolidate (a new manifest, then that index deleted): the race of
+    and consolidate twice (new manifests, then that index deleted): the race of
     a tool beside a running writer. Returns a list that holds the index path once the race
     has fired."""
     writer.commit_one_segment()
@@ -250,8 +250,9 @@ def commit_while_reading(monkeypatch, store: Path, writer: SegmentWriter) -> lis
     def read_bytes(fs, rel):
         if rel == first_index and not fired:  # about to read the index
             fired.append(rel)
-            writer.commit_one_segment()
-            commit_store(str(store))
+            for _ in range(2):  # a consolidation keeps the previous generation's files
+                writer.commit_one_segment()
+                commit_store(str(store))
             assert not (store / first_index).exists()
         return real_read(fs, rel)
 

@@ -4,7 +4,8 @@
 
 Teacher signals come from the synthetic Zipf-like teacher (tests/synthetic.py), or,
 with `--model DIR --data JSONL`, from the real logits of a trained causal LM (e.g. the demo
-teacher) over text records; the measured mean entropy is printed and stored. Everything is measured side by side in one
+teacher) over text records; the measured mean entropy is printed and stored. The sampled
+signal is also written without its log-probs. Everything is measured side by side in one
 run; ratios are what to compare across machines. JSON goes to bench/out/store_bench.json.
 """
 
@@ -17,6 +18,7 @@ import platform
 import tempfile
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,7 @@ from logitstore.snapshot import committed_state
 from logitstore.format import SampledSpec, SignalSpec, StoreSettings, TopKSpec
 from logitstore.info import size_report
 from logitstore.reader import StoreReader
+from logitstore.sample import SignalData
 from logitstore.writer import StoreWriter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the synthetic teacher
@@ -82,6 +85,22 @@ def run_encoding(samples, vocab: int, k: int, draws: int, encoding: str, workdir
         "random_read_tokens_per_s": rand_tokens / rand_s,
         "arrays": {n: a["bytes_per_entry"] for n, a in sizes["arrays"].items()},
     }
+
+
+def sampled_without_logprobs(samples, vocab: int, draws: int, workdir: str) -> dict:
+    """The sampled signal stored without its log-probs (teacher-dump --no-sampled-logprobs):
+    a store of that signal alone, written for real, so its bytes are measured, not derived."""
+    settings = StoreSettings(
+        vocab_size=vocab, tokenizer_fingerprint="bench", segment_tokens=1 << 15,
+        signals={"teacher": SignalSpec(sampled=SampledSpec(draws, 1.0, logprobs=False))})
+    bare = [replace(s, signals={"teacher": SignalData(sampled=s.signals["teacher"].sampled)})
+            for s in samples]
+    root = os.path.join(workdir, "no-logprobs")
+    with StoreWriter(root, settings) as writer:
+        writer.add_many(bare)
+    sig = size_report(committed_state(writer.fs))["signals"]["teacher"]["sampled"]
+    return {"sampled_bytes_per_token": sig["bytes_per_token"],
+            "sampled_bytes_per_entry": sig["bytes_per_entry"]}
 
 
 def partial_vs_whole_shard(workdir: str, tokens: int, k: int, piece: int) -> dict:
@@ -171,6 +190,7 @@ def main() -> None:
             r["topk_vs_raw"] = base["topk_bytes_per_entry"] / r["topk_bytes_per_entry"]
             r["sampled_vs_raw"] = base["sampled_bytes_per_token"] / r["sampled_bytes_per_token"]
             results.append(r)
+        no_lps = sampled_without_logprobs(samples, args.vocab, args.draws, workdir)
         shard = partial_vs_whole_shard(workdir, 1 << 16, args.k, args.length)
 
     print(f"\nraw baseline: top-k {base['topk_bytes_per_entry']:.2f} B/entry, sampled "
@@ -182,6 +202,9 @@ def main() -> None:
               f"{r['sampled_bytes_per_token']:13.2f} {r['sampled_vs_raw']:6.2f}x "
               f"{r['write_mb_per_s']:10.1f} {r['seq_read_tokens_per_s']:10.0f} "
               f"{r['random_read_tokens_per_s']:10.0f}")
+    print(f"sampled without log-probs (--no-sampled-logprobs): "
+          f"{no_lps['sampled_bytes_per_token']:.2f} B/token, "
+          f"{no_lps['sampled_bytes_per_entry']:.2f} B/entry")
     print(f"\nsampled entries/token: {results[0]['sampled_entries_per_token']:.2f}")
     print(f"zarr shard written in {shard['piece_tokens']}-token pieces: {shard['slowdown']:.1f}x "
           f"slower than one whole-shard write")
@@ -191,7 +214,8 @@ def main() -> None:
            "teacher": {"kind": kind, "vocab": args.vocab,
                        "mean_entropy_nats": entropy},
            "samples": args.samples, "length": args.length, "k": args.k, "draws": args.draws,
-           "raw_baseline": base, "results": results, "partial_shard_writes": shard}
+           "raw_baseline": base, "results": results, "sampled_without_logprobs": no_lps,
+           "partial_shard_writes": shard}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(f"wrote {args.out}")

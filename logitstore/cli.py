@@ -225,7 +225,8 @@ def _sample_json(sample, decode, settings) -> dict[str, Any]:
             per = [sig.sampled.position(t) for t in range(sig.sampled.num_positions)]
             entry["sampled"] = {"ids": [p[0].tolist() for p in per],
                                 "counts": [p[1].tolist() for p in per],
-                                "logprobs": [np.round(p[2], 5).tolist() for p in per]}
+                                "logprobs": None if sig.sampled.logprobs is None
+                                else [np.round(p[2], 5).tolist() for p in per]}
         if sig.hidden is not None:
             entry["hidden"] = {"layers": list(settings.signals[name].hidden.layers),
                                "pools": sig.hidden.tolist()}

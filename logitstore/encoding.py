@@ -67,12 +67,12 @@ class EncodedSampled:
     nmulti: np.ndarray  # [L] of which drawn more than once
     id_deltas: np.ndarray  # [E]
     multi_counts: np.ndarray  # [sum(nmulti)]
-    logprobs: np.ndarray  # [E] in stored order
+    logprobs: np.ndarray | None  # [E] in stored order; None when none were given
     single: np.ndarray  # [E] bool, entry drawn once (stored order)
 
 
 def encode_sampled(offsets: np.ndarray, ids: np.ndarray, counts: np.ndarray,
-                   logprobs: np.ndarray, dtype: str) -> EncodedSampled:
+                   logprobs: np.ndarray | None, dtype: str) -> EncodedSampled:
     ids = np.asarray(ids, dtype=np.int64)
     counts = np.asarray(counts, dtype=np.int64)
     nuniq = np.diff(offsets)
@@ -91,7 +91,7 @@ def encode_sampled(offsets: np.ndarray, ids: np.ndarray, counts: np.ndarray,
         raise SchemaMismatchError(f"sampled ids repeat within position {bad}; expected unique "
                                   f"ids with their counts")
     return EncodedSampled(nuniq, nmulti, deltas.astype(dtype), counts[~single],
-                          np.asarray(logprobs)[order], single)
+                          None if logprobs is None else np.asarray(logprobs)[order], single)
 
 
 def decode_sampled(nuniq: np.ndarray, nmulti: np.ndarray, id_deltas: np.ndarray,

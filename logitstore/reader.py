@@ -191,9 +191,12 @@ class StoreReader:
             local, ids, counts = decode_sampled(
                 nuniq, nmulti, self._read(seg, signal_array(name, "sampled_ids"), a, b),
                 self._read(seg, signal_array(name, "sampled_counts"), ma, mb))
-            steps = np.where(counts == 1, spec.sampled.singleton_step, spec.sampled.logprob_step)
-            lps = decode_logprobs(self._read(seg, signal_array(name, "sampled_logprobs"), a, b),
-                                  spec.sampled.logprob_encoding, steps)
+            lps = None  # a signal stored without log-probs
+            if spec.sampled.logprobs:
+                steps = np.where(counts == 1, spec.sampled.singleton_step,
+                                 spec.sampled.logprob_step)
+                lps = decode_logprobs(self._read(seg, signal_array(name, "sampled_logprobs"),
+                                                 a, b), spec.sampled.logprob_encoding, steps)
             out.sampled = Sampled(local, ids, counts, lps)
         if spec.hidden:
             out.hidden = self._read(seg, signal_array(name, "hidden"), sample_pos,
@@ -283,7 +286,7 @@ def _slice_signal(data: SignalData, a: int, b: int, j: int) -> SignalData:
         s = data.sampled
         lo, hi = int(s.offsets[a]), int(s.offsets[b])
         out.sampled = Sampled(s.offsets[a:b + 1] - lo, s.ids[lo:hi], s.counts[lo:hi],
-                              s.logprobs[lo:hi])
+                              None if s.logprobs is None else s.logprobs[lo:hi])
     if data.hidden is not None:
         out.hidden = data.hidden[j]
     if data.attention is not None:

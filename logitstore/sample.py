@@ -36,19 +36,24 @@ class Sampled:
     offsets: np.ndarray  # [L+1] int64, offsets[0] == 0
     ids: np.ndarray  # [E] int; distinct within a position
     counts: np.ndarray  # [E] int; draws of each id; sum per position == n_draws
-    logprobs: np.ndarray  # [E] float; teacher log p at T=1 of each id
+    # [E] float; teacher log p at T=1 of each id. None: not stored (SampledSpec.logprobs
+    # false); a writer of such a signal ignores them when given.
+    logprobs: np.ndarray | None
 
     @property
     def num_positions(self) -> int:
         return len(self.offsets) - 1
 
-    def position(self, t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def position(self, t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(ids, counts, logprobs or None when not stored) of position t."""
         a, b = int(self.offsets[t]), int(self.offsets[t + 1])
-        return self.ids[a:b], self.counts[a:b], self.logprobs[a:b]
+        return self.ids[a:b], self.counts[a:b], \
+            None if self.logprobs is None else self.logprobs[a:b]
 
     @classmethod
-    def from_lists(cls, ids: list, counts: list, logprobs: list) -> "Sampled":
-        """Build from per-position lists (convenient in tests and small tools)."""
+    def from_lists(cls, ids: list, counts: list, logprobs: list | None) -> "Sampled":
+        """Build from per-position lists (convenient in tests and small tools); logprobs
+        None: a signal without log-probs."""
         lengths = [len(x) for x in ids]
         offsets = np.zeros(len(ids) + 1, dtype=np.int64)
         offsets[1:] = np.cumsum(lengths)
@@ -57,7 +62,8 @@ class Sampled:
             return np.concatenate([np.asarray(p, dtype=dtype) for p in parts]) if parts else \
                 np.zeros(0, dtype=dtype)
 
-        return cls(offsets, flat(ids, np.int64), flat(counts, np.int64), flat(logprobs, np.float32))
+        return cls(offsets, flat(ids, np.int64), flat(counts, np.int64),
+                   None if logprobs is None else flat(logprobs, np.float32))
 
 
 @dataclass

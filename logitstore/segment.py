@@ -113,9 +113,11 @@ def validate_sample(sample: Sample, settings: StoreSettings) -> None:
                                           f"{length + 1} non-decreasing entries starting at 0, "
                                           f"each position with >= 1 id")
             n_entries = int(s.offsets[-1])
-            if not (len(s.ids) == len(s.counts) == len(s.logprobs) == n_entries):
-                raise SchemaMismatchError(f"{where}: signal {name!r} sampled ids/counts/logprobs "
-                                          f"must each have {n_entries} entries")
+            arrays = [s.ids, s.counts] + ([s.logprobs] if spec.sampled.logprobs else [])
+            if any(a is None or len(a) != n_entries for a in arrays):
+                stored = "ids/counts/logprobs" if spec.sampled.logprobs else "ids/counts"
+                raise SchemaMismatchError(f"{where}: signal {name!r} sampled {stored} must each "
+                                          f"have {n_entries} entries")
             _check_ids(s.ids, settings.vocab_size, f"{where}: signal {name!r} sampled")
             sums = np.add.reduceat(np.asarray(s.counts, dtype=np.int64), s.offsets[:-1])
             if np.any(sums != spec.sampled.n_draws):
@@ -204,9 +206,11 @@ def _put_signal(group, name: str, spec: SignalSpec, sig: list[SignalData],
              encode_logprobs(tail, spec.topk.logprob_encoding, spec.topk.logprob_step), ct)
     if spec.sampled:
         nuniq = np.concatenate([np.diff(d.sampled.offsets) for d in sig])
-        flat = [np.concatenate([getattr(d.sampled, a) for d in sig])
-                for a in ("ids", "counts", "logprobs")]
-        enc = encode_sampled(np.concatenate([[0], np.cumsum(nuniq)]), *flat, dtype=id_dtype)
+        # A signal without log-probs ignores any the samples hold.
+        stored = ("ids", "counts") + (("logprobs",) if spec.sampled.logprobs else ())
+        flat = [np.concatenate([getattr(d.sampled, a) for d in sig]) for a in stored]
+        enc = encode_sampled(np.concatenate([[0], np.cumsum(nuniq)]), *flat[:2],
+                             flat[2] if spec.sampled.logprobs else None, dtype=id_dtype)
         count_dtype = int_dtype_for(spec.sampled.n_draws)
         entry_rows = ct * max(1, spec.sampled.n_draws // 4)
         steps = np.where(enc.single, spec.sampled.singleton_step, spec.sampled.logprob_step)
@@ -215,8 +219,9 @@ def _put_signal(group, name: str, spec: SignalSpec, sig: list[SignalData],
         _put(group, signal_array(name, "sampled_ids"), enc.id_deltas, entry_rows)
         _put(group, signal_array(name, "sampled_counts"), enc.multi_counts.astype(count_dtype),
              entry_rows)
-        _put(group, signal_array(name, "sampled_logprobs"),
-             encode_logprobs(enc.logprobs, spec.sampled.logprob_encoding, steps), entry_rows)
+        if spec.sampled.logprobs:
+            _put(group, signal_array(name, "sampled_logprobs"),
+                 encode_logprobs(enc.logprobs, spec.sampled.logprob_encoding, steps), entry_rows)
         entries = (int(len(enc.id_deltas)), int(len(enc.multi_counts)))
     if spec.hidden:
         _put(group, signal_array(name, "hidden"),

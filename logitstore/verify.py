@@ -46,7 +46,8 @@ def expected_arrays(settings: StoreSettings, tokens: int, samples: int, entries:
             out[signal_array(name, "sampled_nmulti")] = ((tokens,), count_dtype)
             out[signal_array(name, "sampled_ids")] = ((n,), id_dtype)
             out[signal_array(name, "sampled_counts")] = ((multi.get(name, -1),), count_dtype)
-            out[signal_array(name, "sampled_logprobs")] = ((n,), _lp_dtype(spec.sampled))
+            if spec.sampled.logprobs:
+                out[signal_array(name, "sampled_logprobs")] = ((n,), _lp_dtype(spec.sampled))
         if spec.hidden:
             h = spec.hidden
             out[signal_array(name, "hidden")] = ((samples, len(h.layers), h.dim), h.dtype)

@@ -21,7 +21,8 @@ any position of the batch):
   num_target_tokens int            (labels != -100).sum()
   signals[name]:
     topk_ids [B,S,k] long, topk_logprobs [B,S,k] float, topk_tail [B,S] float
-    sampled_ids / sampled_counts [B,S,m] long, sampled_logprobs [B,S,m] float (count 0 = pad)
+    sampled_ids / sampled_counts [B,S,m] long, sampled_logprobs [B,S,m] float (count 0 = pad;
+    no sampled_logprobs for a signal stored without them)
     hidden [n,L,d] float, attention [n,L,H,G,G] float, with
     sample_row / sample_start / sample_length [n] long: where each sample lies
 
@@ -142,6 +143,7 @@ def _collate_signal(samples: list[Sample], where: list[tuple[int, int]], name: s
         m = _sampled_width(samples, name)
         ids = np.zeros((B, S, m), np.int64)
         counts = np.zeros((B, S, m), np.int64)
+        stored_lps = first.sampled.logprobs is not None  # one store: all samples alike
         lps = np.zeros((B, S, m), np.float32)
         for s, (b, a) in zip(samples, where):
             sp = s.signals[name].sampled
@@ -150,9 +152,11 @@ def _collate_signal(samples: list[Sample], where: list[tuple[int, int]], name: s
             col = np.arange(len(pos)) - sp.offsets[pos]  # [E] its column within the position
             ids[b, a + pos, col] = sp.ids
             counts[b, a + pos, col] = sp.counts
-            lps[b, a + pos, col] = sp.logprobs
-        out.update(sampled_ids=torch.from_numpy(ids), sampled_counts=torch.from_numpy(counts),
-                   sampled_logprobs=torch.from_numpy(lps))
+            if stored_lps:
+                lps[b, a + pos, col] = sp.logprobs
+        out.update(sampled_ids=torch.from_numpy(ids), sampled_counts=torch.from_numpy(counts))
+        if stored_lps:
+            out["sampled_logprobs"] = torch.from_numpy(lps)
     per_sample = False
     if first.hidden is not None:
         out["hidden"] = torch.from_numpy(np.stack(

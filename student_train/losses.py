@@ -225,17 +225,22 @@ def build_topk_target(ids: Tensor, logprobs: Tensor, *, temperature: float = 1.0
                         float(temperature))
 
 
-def build_sampled_target(ids: Tensor, counts: Tensor, logprobs: Tensor, *, n_draws: int,
-                         sample_temperature: float = 1.0,
+def build_sampled_target(ids: Tensor, counts: Tensor, logprobs: Tensor | None, *,
+                         n_draws: int, sample_temperature: float = 1.0,
                          temperature: float = 1.0) -> SparseTarget:
     """RS-KD target. ids/counts/logprobs [B,S,m] (counts 0 = padding; logprobs at T=1).
 
     w_i = counts_i / n_draws when temperature == sample_temperature, otherwise
     w_i ~ counts_i * exp(logprob_i * (1/temperature - 1/sample_temperature)), normalised.
+    logprobs may be None (a signal stored without them) only at the sample temperature.
     Every position must hold either 0 draws (ignored; mask it) or exactly n_draws.
     """
     _check_sparse(ids, counts, "sampled target")
-    if logprobs.shape != ids.shape:
+    if logprobs is None and temperature != sample_temperature:
+        raise ValueError(f"sampled target: temperature {temperature:g} differs from the sample "
+                         f"temperature {sample_temperature:g}, which needs the teacher's "
+                         f"log-probs; none were given (a signal stored without them)")
+    if logprobs is not None and logprobs.shape != ids.shape:
         raise ValueError(f"sampled target: logprobs must be {tuple(ids.shape)} like ids, "
                          f"found {tuple(logprobs.shape)}")
     if not (isinstance(n_draws, int) and n_draws >= 1):
@@ -252,8 +257,11 @@ def build_sampled_target(ids: Tensor, counts: Tensor, logprobs: Tensor, *, n_dra
                          f"(or 0 for padding), found {bad:g}")
     valid = c > 0
     _check_distinct(ids, valid, "sampled target")
-    shift = at_least_fp32(logprobs.detach()) * (1.0 / temperature - 1.0 / sample_temperature)
-    log_w = torch.where(valid, c.clamp_min(1).log() + shift, torch.full_like(c, LOG_ZERO))
+    log_w = c.clamp_min(1).log()
+    if logprobs is not None:  # the shift is 0 at the sample temperature (bit for bit)
+        log_w = log_w + at_least_fp32(logprobs.detach()) * (1.0 / temperature -
+                                                             1.0 / sample_temperature)
+    log_w = torch.where(valid, log_w, torch.full_like(c, LOG_ZERO))
     return SparseTarget(_sanitised_ids(ids, valid), F.log_softmax(log_w, -1), valid, None,
                         float(temperature))
 

@@ -246,9 +246,10 @@ class DistillationObjective(nn.Module):
             return build_topk_target(pick(signal["topk_ids"]).long(),
                                      pick(signal["topk_logprobs"]).float(),
                                      temperature=temperature, mode=self.settings.topk_mode)
+        logprobs = signal.get("sampled_logprobs")  # absent: a signal stored without them
         return build_sampled_target(pick(signal["sampled_ids"]).long(),
                                     pick(signal["sampled_counts"]),
-                                    pick(signal["sampled_logprobs"]).float(),
+                                    None if logprobs is None else pick(logprobs).float(),
                                     n_draws=plan.n_draws,
                                     sample_temperature=plan.sample_temperature,
                                     temperature=temperature)

@@ -3,8 +3,9 @@
 `check_inputs` runs before any model is loaded and checks what costs only metadata: the
 store(s) exist and are committed (their manifest and index are read), the --data specs
 resolve to files, directories or dataset names (a hub dataset: readable, i.e. online or
-cached), the --signals names are in the store. Then, with the student loaded, a store is
-refused, before training, when its tokenizer or vocabulary differs from the student's
+cached), the --signals names are in the store, and a sampled signal stored without
+log-probs is used only at its sample temperature (student_train/sampled_logprobs.py).
+Then, with the student loaded, a store is refused, before training, when its tokenizer or vocabulary differs from the student's
 (both sides shown), when a checksum fails (the damaged files named), or when the config
 asks for what it does not hold (signals, captures, layers). Config problems are collected
 and raised together, like the config's own.
@@ -28,6 +29,7 @@ from logitstore.reader import StoreReader
 from logitstore.verify import verify_store
 from student_train.alignment import HiddenStateAligner, parse_layer_map, stored_teacher_layer
 from student_train.objective import SignalPlan
+from student_train.sampled_logprobs import kd_target_of, missing_logprob_problems
 from student_train.student import compat_problems, num_blocks
 
 OTHER_GROUP = "(other)"
@@ -94,8 +96,11 @@ def check_inputs(cfg) -> Inputs:
     eval_store = StoreReader(cfg.eval_store, cache_dir=cfg.cache_dir) if cfg.eval_store \
         else None
     problem = _unknown_signals(cfg, store.settings)
-    if problem:
-        raise ConfigError([problem])
+    problems = [problem] if problem else missing_logprob_problems(
+        cfg, store.settings, cfg.store, eval_store.settings if eval_store else None,
+        cfg.eval_store)
+    if problems:
+        raise ConfigError(problems)
     return Inputs(store, eval_store)
 
 
@@ -162,8 +167,7 @@ def plan_signals(cfg, settings, student, problems: list[str]):
     entries = []
     for name in names:
         spec = settings.signals[name]
-        target = {"auto": "topk" if spec.topk else "sampled" if spec.sampled else None,
-                  "topk": "topk", "sampled": "sampled"}[cfg.target]
+        target = kd_target_of(cfg, spec)
         if target and getattr(spec, target) is None:
             problems.append(f"target {cfg.target}: signal {name!r} has no {target} capture "
                             f"(it holds {spec.kinds()})")

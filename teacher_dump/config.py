@@ -90,6 +90,11 @@ FIELDS: dict[str, Field] = {
                      lambda v: None if 0 <= v < 2**16 else f"must be in 0..65535, got {v}",
                      help="Sampled draws per position; 0 = off."),
     "sample_temperature": Field("float", 1.0, positive, help="Temperature of the sampled draws."),
+    # Not resumable: it decides which arrays a segment holds (SampledSpec.logprobs).
+    "sampled_logprobs": Field("bool", True,
+                              help="Store the log-probs of the sampled ids (about a third of "
+                                   "a sampled signal's bytes). A student trains without them "
+                                   "only at the sample temperature."),
     "seed": Field("int", 0, at_least(0), help="Seed of the sampled draws (per sample id)."),
     "hidden_layers": Field("list_int", [],
                            help="Pooled hidden states of these layers (indices into "

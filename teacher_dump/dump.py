@@ -293,8 +293,8 @@ def teacher_signal(cfg: DumpConfig, model, info, kernel: str, *,
     enc, step = cfg.logprob_encoding, cfg.logprob_step
     return SignalSpec(
         topk=TopKSpec(cfg.top_k, enc, step) if cfg.top_k else None,
-        sampled=(SampledSpec(cfg.samples, cfg.sample_temperature, enc, step, cfg.singleton_step)
-                 if cfg.samples else None),
+        sampled=(SampledSpec(cfg.samples, cfg.sample_temperature, enc, step, cfg.singleton_step,
+                             logprobs=cfg.sampled_logprobs) if cfg.samples else None),
         hidden=(HiddenSpec(hidden_layers, int(text.hidden_size), cfg.hidden_pool,
                            cfg.hidden_dtype) if cfg.hidden_layers else None),
         attention=(AttentionSpec(attention_layers,

@@ -129,14 +129,16 @@ def _canonical_topk(topk) -> dict[str, np.ndarray]:
 
 
 def _canonical_sampled(sampled) -> dict[str, np.ndarray]:
-    """Per position, entries sorted by id: (offsets, ids, counts, logprobs)."""
+    """Per position, entries sorted by id: (offsets, ids, counts, logprobs when stored)."""
     offsets = np.asarray(sampled.offsets, dtype=np.int64)
     ids = np.asarray(sampled.ids, dtype=np.int64)
     position = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
     order = np.lexsort((ids, position))
-    return {"offsets": offsets, "ids": ids[order],
-            "counts": np.asarray(sampled.counts, dtype=np.int64)[order],
-            "logprobs": np.asarray(sampled.logprobs)[order]}
+    out = {"offsets": offsets, "ids": ids[order],
+           "counts": np.asarray(sampled.counts, dtype=np.int64)[order]}
+    if sampled.logprobs is not None:
+        out["logprobs"] = np.asarray(sampled.logprobs)[order]
+    return out
 
 
 def sample_content(sample: Sample) -> dict[str, Any]:
@@ -243,9 +245,12 @@ def assert_sample_matches(original: Sample, stored: Sample, settings: StoreSetti
             w, g = _canonical_sampled(want.sampled), _canonical_sampled(got.sampled)
             for key in ("offsets", "ids", "counts"):
                 np.testing.assert_array_equal(g[key], w[key])
-            steps = np.where(w["counts"] == 1, spec.sampled.singleton_step,
-                             spec.sampled.logprob_step)
-            _assert_lp_close(g["logprobs"], w["logprobs"], spec.sampled, steps)
+            if spec.sampled.logprobs:
+                steps = np.where(w["counts"] == 1, spec.sampled.singleton_step,
+                                 spec.sampled.logprob_step)
+                _assert_lp_close(g["logprobs"], w["logprobs"], spec.sampled, steps)
+            else:
+                assert got.sampled.logprobs is None, "log-probs read from a signal without them"
         for kind in ("hidden", "attention"):
             cap = getattr(spec, kind)
             if cap:

@@ -10,6 +10,8 @@ Llama, a plain file and a fresh directory.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -68,6 +70,19 @@ ROWS = [
     # checked from the store's manifest before the (here missing) student is looked at
     ("student-train", ["--store", "{store}", "--student", NO_MODEL, "--out", "{tmp}/run",
                        "--signals", "qwen:1"], 1, ["'qwen'", "not in the store"]),
+    # sampled targets stored without log-probs (sampled at T=0.8) at another temperature:
+    # refused from the manifest, before the (here missing) student is looked at
+    ("student-train", ["--store", "{nolp_store}", "--student", NO_MODEL, "--out", "{tmp}/run",
+                       "--temperature", "2"], 1,
+     ["'teacher'", "without their log-probs", "trains at temperature 2", "--temperature 0.8",
+      "--sampled-logprobs"]),
+    ("student-train", ["--store", "{nolp_store}", "--student", NO_MODEL, "--out", "{tmp}/run",
+                       "--temperature", "0.8", "--temperature-end", "0.4",
+                       "--temperature-schedule", "linear"], 1,
+     ["without their log-probs", "from 0.8 to 0.4", "--temperature-schedule constant"]),
+    ("student-train", ["--store", "{nolp_store}", "--student", NO_MODEL, "--out", "{tmp}/run",
+                       "--temperature", "0.8", "--eval-fraction", "0.5"], 1,
+     ["without their log-probs", "evaluates it at temperature 1"]),
     # a data format is checked with the config, before the (here missing) student is looked at
     ("student-train", ["--data", "{file}", "--student", NO_MODEL, "--out", "{tmp}/run",
                        "--data-format", "yaml"], 1, ["data_format", "must be one of", "'yaml'"]),
@@ -107,9 +122,15 @@ def inputs(tmp_path_factory):
     settings = settings_for()
     with StoreWriter(str(store), settings) as writer:
         writer.add_many(make(np.random.default_rng(3), 4, settings))
+    nolp = settings_for(k=0, hidden=None, attention=None)  # sampled at T=0.8 only
+    nolp = replace(nolp, signals={"teacher": replace(nolp.signals["teacher"], sampled=replace(
+        nolp.signals["teacher"].sampled, logprobs=False))})
+    with StoreWriter(str(root / "nolp"), nolp) as writer:
+        writer.add_many(make(np.random.default_rng(3), 4, nolp))
     plain = root / "plain.jsonl"
     plain.write_text('{"text": "The patient reports chest pain."}\n')
-    out = {"store": str(store), "file": str(plain), "model": NO_MODEL}
+    out = {"store": str(store), "nolp_store": str(root / "nolp"), "file": str(plain),
+           "model": NO_MODEL}
     try:
         from tiny_hf import make_tiny_llama, make_tokenizer
 

@@ -85,8 +85,10 @@ FIELDS: dict[str, Field] = {
                             help="Numeric MCQ answers count from 0 or from 1."),
     "limit": Field("optional_int", None, at_least(1), help="At most this many samples."),
     # what to capture
-    "top_k": Field("int", 32, at_least(0), help="Top-k log-probs per position; 0 = off."),
-    "samples": Field("int", 0,
+    # Defaults from bench/fidelity.py (BENCHMARKS.md): per byte, sampled draws beat top-k at
+    # every size measured; 16 draws (22.4 B/token) is the knee of the front.
+    "top_k": Field("int", 0, at_least(0), help="Top-k log-probs per position; 0 = off."),
+    "samples": Field("int", 16,
                      lambda v: None if 0 <= v < 2**16 else f"must be in 0..65535, got {v}",
                      help="Sampled draws per position; 0 = off."),
     "sample_temperature": Field("float", 1.0, positive, help="Temperature of the sampled draws."),

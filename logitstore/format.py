@@ -266,16 +266,17 @@ def _signal_from_json(data: dict[str, Any]) -> SignalSpec:
 
 def settings_differences(expected: StoreSettings, found: StoreSettings) -> list[str]:
     """Human-readable list of the settings that differ (empty when they agree)."""
-    a, b = _flatten(expected.to_json()), _flatten(found.to_json())
+    a, b = flatten_settings(expected.to_json()), flatten_settings(found.to_json())
     return [f"{key}: store has {a.get(key)!r}, writer has {b.get(key)!r}"
             for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
 
 
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+def flatten_settings(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested settings JSON -> {"signals.teacher.topk.k": 8, ...} (for naming differences)."""
     if isinstance(data, dict):
         out: dict[str, Any] = {}
         for key, value in data.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten_settings(value, f"{prefix}{key}."))
         return out
     return {prefix.rstrip("."): data}
 

@@ -34,6 +34,7 @@ import numpy as np
 from logitstore.copy_samples import (CopyPlan, CopyResult, SourceSelection, execute_plan,
                                      open_sources)
 from logitstore.errors import LogitStoreError, SchemaMismatchError, SettingsMismatchError
+from logitstore.format import flatten_settings
 from logitstore.reader import StoreReader
 
 INFORMATIVE_SETTINGS = ("tokenizer_name",)  # may differ between sources
@@ -104,7 +105,7 @@ def check_settings_agree(urls: list[str], readers: list[StoreReader],
         kept = {name: data["signals"][name] for name in signals}
         plain = {k: v for k, v in data.items()
                  if k != "signals" and k not in INFORMATIVE_SETTINGS}
-        flat.append(_flatten({**plain, "signals": kept}))
+        flat.append(flatten_settings({**plain, "signals": kept}))
     conflicts = []
     for key in sorted(set().union(*flat)):
         values: dict[str, list[str]] = {}
@@ -153,12 +154,3 @@ def select_unique(urls: list[str], readers: list[StoreReader]
             f"refuses rather than renaming them. Leave one of each out first (`logitstore "
             f"subset SRC OUT --ids KEEP`), or dump the sources with distinct ids")
     return selections, per_source, duplicates
-
-
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix.rstrip("."): data}

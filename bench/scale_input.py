@@ -86,6 +86,10 @@ def _committed(out: Path) -> int:
         return 0
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _rss(pid: int) -> int:
     """Resident bytes of process `pid` now (psutil, else /proc), 0 once it is gone."""
     try:
@@ -117,8 +121,10 @@ def run_dump(model: Path, data: Path, out: Path, *, stop_after: int | None,
     log = out.with_name(out.name + ".stderr.txt")
     started = time.monotonic()
     with log.open("wb") as stderr:  # a file, not a pipe: a full pipe would block the child
+        # SIGINT back to its default in the child: a bench started in the background of a
+        # non-interactive shell inherits SIGINT ignored, and the stop below would do nothing.
         proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr,
-                                cwd=code)
+                                cwd=code, preexec_fn=_default_sigint)
     first_segment_s, peak_sampled, committed, stopped, ended = None, 0, 0, False, None
     while ended is None and time.monotonic() - started < timeout:
         peak_sampled = max(peak_sampled, _rss(proc.pid))

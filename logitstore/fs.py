@@ -143,6 +143,13 @@ class StoreFS:
         fs = self._uncached if replaced else self.fs
         return with_retries(self.url_of(rel), lambda: fs.cat_file(self.path(rel)))
 
+    def read_bytes_if_present(self, rel: str) -> bytes | None:
+        """The bytes of `rel`, or None when there is no such file (verify names it missing)."""
+        try:
+            return self.read_bytes(rel)
+        except FileNotFoundError:
+            return None
+
     def size(self, rel: str) -> int:
         return int(with_retries(self.url_of(rel), lambda: self.fs.size(self.path(rel))))
 

@@ -85,7 +85,7 @@ def verify_store(url: str, *, storage_options: dict | None = None,
     for rel, meta in sorted(manifest.get("files", {}).items()):
         if progress:
             progress(rel)
-        problem = _check_bytes(fs, rel, meta, _read(fs, rel))
+        problem = _check_bytes(fs, rel, meta, fs.read_bytes_if_present(rel))
         if problem:
             problems.append(problem)
             damaged.add(rel)
@@ -107,7 +107,7 @@ def _check_part_manifests(fs: StoreFS, manifest: dict) -> list[str]:
     parts = {part_manifest_path(p["name"]): p for p in manifest["parts"]}
     problems = []
     for rel, meta in sorted(recorded.items()):
-        raw = _read(fs, rel)
+        raw = fs.read_bytes_if_present(rel)
         if raw is None:
             if meta is not None:
                 problems.append(f"{fs.path(rel)}: missing (a committed part's manifest; "
@@ -160,13 +160,6 @@ def part_disagreement(doc: dict, part: dict, files: dict) -> str | None:
             if rel.startswith(prefix) and (found.get("files") or {}).get(rel) != meta:
                 return f"segment {committed['name']}: lists {rel} differently"
     return None
-
-
-def _read(fs: StoreFS, rel: str) -> bytes | None:
-    try:
-        return fs.read_bytes(rel)
-    except FileNotFoundError:
-        return None
 
 
 def _check_bytes(fs: StoreFS, rel: str, meta: dict, data: bytes | None) -> str | None:

@@ -35,13 +35,6 @@ def check_records(fs: StoreFS, snap: Snapshot) -> list[str]:
     return problems
 
 
-def _read(fs: StoreFS, rel: str) -> bytes | None:
-    try:
-        return fs.read_bytes(rel)
-    except FileNotFoundError:
-        return None
-
-
 def _consolidated_records(fs: StoreFS, entry: dict[str, Any],
                           segments: list[dict[str, Any]]) -> list[str]:
     """Each record (and addition record) of the consolidated segments of one part: present,
@@ -50,7 +43,7 @@ def _consolidated_records(fs: StoreFS, entry: dict[str, Any],
     part = entry["name"]
     for seg in segments:
         rel = record_path(part, seg["name"])
-        raw = _read(fs, rel)
+        raw = fs.read_bytes_if_present(rel)
         if raw is None:
             problems.append(f"{fs.path(rel)}: missing (the record of a committed segment)")
         elif sha256_hex(raw) != seg["record"]:
@@ -62,7 +55,7 @@ def _consolidated_records(fs: StoreFS, entry: dict[str, Any],
         previous = seg["record"]
         for signal, sha in sorted(seg.get("additions", {}).items()):
             added = addition_path(part, seg["name"], signal)
-            raw = _read(fs, added)
+            raw = fs.read_bytes_if_present(added)
             if raw is None or sha256_hex(raw) != sha:
                 state = "missing" if raw is None else f"sha256 {sha256_hex(raw)}, expected {sha}"
                 problems.append(f"{fs.path(added)}: {state} (the record of a signal added to a "

@@ -64,12 +64,21 @@ class RequestCounter:
     def __init__(self, app):
         self.app = app
         self.count = 0
+        # (CPU ms of the serving thread, wall ms) of every request in arrival order: tells
+        # the server's own cost per request apart from waiting on a busy machine
+        self.costs: list[tuple[float, float]] = []
         self._lock = threading.Lock()
 
     def __call__(self, environ, start_response):
         with self._lock:
             self.count += 1
-        return self.app(environ, start_response)
+        wall, cpu = time.perf_counter(), time.thread_time()  # werkzeug: a thread per request
+        try:
+            return self.app(environ, start_response)
+        finally:
+            cost = ((time.thread_time() - cpu) * 1e3, (time.perf_counter() - wall) * 1e3)
+            with self._lock:
+                self.costs.append(cost)
 
 
 class S3Server:
@@ -141,11 +150,15 @@ def run_dumps(args, backend: str, s3: S3Server | None, figures: dict) -> None:
         else:
             url, options = str(args.workdir / "stores" / name), None
             shutil.rmtree(url, ignore_errors=True)
+        served_before = s3.requests() if s3 else 0
         run = simulate_dump(code, url, segments=segments, parts=args.parts, mode=mode,
                             storage_options=options, workdir=args.workdir / "steps" / name,
                             server_requests=s3.requests if s3 else None)
         summary = {"backend": backend, "code": label,
                    "commit": OLD_COMMIT if label == "old" else _head(), **summarise(run)}
+        if s3 is not None:
+            summary["server_ms_per_request"] = server_cost_ends(
+                s3.counter.costs, served_before, run, summary["window"])
         figures["runs"].append(summary)
         figures["series"][name] = commit_series(run)
         _save(args, figures)
@@ -154,6 +167,30 @@ def run_dumps(args, backend: str, s3: S3Server | None, figures: dict) -> None:
               file=sys.stderr, flush=True)
         if s3 is None:
             shutil.rmtree(url, ignore_errors=True)
+
+
+def server_cost_ends(costs: list, start: int, run: dict, window: int) -> dict:
+    """moto's CPU and wall ms per request over the write phase's first and last `window`
+    commits of every part (requests arrive interleaved from the parts, so the ends are
+    taken by request count; the writers' open and close requests are left out)."""
+    phase = costs[start:start + run["server_requests"]["write"]]
+    opened = sum(w["open"]["requests"] for w in run["writes"])
+    closed = sum(w["close"]["requests"] for w in run["writes"])
+    per_commit = summarise_requests(run)
+    n = max(1, round(per_commit * window * run["parts"]))
+    first, last = phase[opened:opened + n], phase[max(opened, len(phase) - closed - n):
+                                                   len(phase) - closed]
+    out = {}
+    for k, key in enumerate(("cpu", "wall")):
+        a, b = (sum(c[k] for c in first) / len(first), sum(c[k] for c in last) / len(last))
+        out[key] = {"first": round(a, 3), "last": round(b, 3), "ratio": round(b / a, 3)}
+    return out
+
+
+def summarise_requests(run: dict) -> float:
+    """Mean S3 requests per commit the writers made (s3fs's count)."""
+    commits = [c["requests"] for w in run["writes"] for c in w["commits"]]
+    return sum(commits) / len(commits)
 
 
 def _head() -> str:
@@ -195,6 +232,15 @@ def markdown(figures: dict) -> str:
             f"{r['files_per_commit']['last']:.0f} | "
             + (f"{req['client_last']:.1f}; {req['server']:.1f}" if req else "–")
             + f" | {r['consolidate_s']:.2f} | {r['open_info_s']:.2f} | {r['verify_s']:.1f} |")
+    served = [r for r in figures["runs"] if r.get("server_ms_per_request")]
+    if served:
+        lines += ["", "| S3 run | server CPU ms/request first → last | ratio | server wall "
+                      "ms/request first → last | ratio |", "|---|---|---|---|---|"]
+        for r in served:
+            cpu, wall = r["server_ms_per_request"]["cpu"], r["server_ms_per_request"]["wall"]
+            lines.append(f"| {r['mode']} {r['code']} {r['segments']:,} | {cpu['first']:.2f} → "
+                         f"{cpu['last']:.2f} | {cpu['ratio']:.2f}x | {wall['first']:.2f} → "
+                         f"{wall['last']:.2f} | {wall['ratio']:.2f}x |")
     lines.append(f"\nFirst/last: each part's first and last {figures['runs'][0]['window']} "
                  "commits (means; CPU: the writer process's CPU time), tiny segments of one "
                  "16-token sample, top-k 8."

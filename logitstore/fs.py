@@ -138,17 +138,34 @@ class StoreFS:
     def exists(self, rel: str = "") -> bool:
         return with_retries(self.url_of(rel), lambda: self.fs.exists(self.path(rel)))
 
-    def read_bytes(self, rel: str) -> bytes:
+    def read_bytes(self, rel: str, size: int | None = None) -> bytes:
+        """The bytes of `rel`; `size`, when the caller knows it (a manifest's or record's
+        entry), lets a small file be read in one request (see `_one_request`)."""
         replaced = rel == MANIFEST or rel.rsplit("/", 1)[-1] == PART_HEAD
         fs = self._uncached if replaced else self.fs
-        return with_retries(self.url_of(rel), lambda: fs.cat_file(self.path(rel)))
+        kwargs = self._one_request(fs, rel, size)
+        return with_retries(self.url_of(rel), lambda: fs.cat_file(self.path(rel), **kwargs))
 
-    def read_bytes_if_present(self, rel: str) -> bytes | None:
+    def read_bytes_if_present(self, rel: str, size: int | None = None) -> bytes | None:
         """The bytes of `rel`, or None when there is no such file (verify names it missing)."""
         try:
-            return self.read_bytes(rel)
+            return self.read_bytes(rel, size)
         except FileNotFoundError:
             return None
+
+    @staticmethod
+    def _one_request(fs, rel: str, size: int | None) -> dict[str, Any]:
+        """cat_file arguments that read a small file with one GET.
+
+        s3fs asks for the size of every file it reads whole (a HEAD), to split files larger
+        than its block size into concurrent ranged GETs: that doubles the requests of a
+        store's many small files (metadata JSON: manifest, heads, records, zarr.json; and
+        files whose recorded size is below the block size). Other filesystems: no change."""
+        block = getattr(fs, "default_block_size", None)
+        if getattr(fs, "max_concurrency", None) is None or not block:
+            return {}
+        small = rel.endswith(".json") or (size is not None and size <= block)
+        return {"max_concurrency": 1} if small else {}
 
     def size(self, rel: str) -> int:
         return int(with_retries(self.url_of(rel), lambda: self.fs.size(self.path(rel))))
@@ -208,7 +225,12 @@ class StoreFS:
                 # (a caching wrapper reports its target's async_impl, but is itself sync)
                 if getattr(self.fs, "async_impl", False) and not self.cached:
                     # zarr drives its own event loop: give it an instance made for that.
-                    afs = type(self.fs)(asynchronous=True, **self.fs.storage_options)
+                    options = dict(self.fs.storage_options)
+                    if hasattr(self.fs, "max_concurrency"):
+                        # zarr reads shards by byte range; what it reads whole is metadata
+                        # and small chunks: one GET each, not a HEAD first (`_one_request`)
+                        options.setdefault("max_concurrency", 1)
+                    afs = type(self.fs)(asynchronous=True, **options)
                 else:
                     afs = AsyncFileSystemWrapper(self.fs, asynchronous=True)
                 inner = FsspecStore(afs, path=self.root, read_only=True)

@@ -12,7 +12,8 @@ of the storage itself raises StoreIOError: neither is damage.
 
 from __future__ import annotations
 
-from typing import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 import zarr
@@ -26,6 +27,12 @@ from logitstore.snapshot import read_snapshot
 from logitstore.verify_records import check_records
 from logitstore.format import MANIFEST, PARTS_DIR, StoreSettings, int_dtype_for, signal_array
 from logitstore.fs import StoreFS, sha256_hex, storage_error
+
+T = TypeVar("T")
+# Files read (and segments checked) at once: on an object store each read is a request
+# whose latency dominates, so verify keeps this many in flight; memory holds as many files.
+READERS = 16
+IN_FLIGHT = 256  # work items handed to the pool at a time (keeps the futures bounded)
 
 
 def expected_arrays(settings: StoreSettings, tokens: int, samples: int, entries: dict[str, int],
@@ -82,15 +89,27 @@ def verify_store(url: str, *, storage_options: dict | None = None,
     problems = _check_part_manifests(fs, manifest) if snap.legacy else \
         check_records(fs, snap) + copy_problems(fs)
     damaged: set[str] = set()
-    for rel, meta in sorted(manifest.get("files", {}).items()):
-        if progress:
-            progress(rel)
-        problem = _check_bytes(fs, rel, meta, fs.read_bytes_if_present(rel))
-        if problem:
-            problems.append(problem)
-            damaged.add(rel)
-    problems += _check_structure(fs, manifest, settings, snap.index, damaged)
+    files = sorted(manifest.get("files", {}).items())
+    with ThreadPoolExecutor(READERS) as pool:
+        def check_file(item: tuple[str, dict]) -> str | None:
+            rel, meta = item
+            return _check_bytes(fs, rel, meta, fs.read_bytes_if_present(rel, meta["size"]))
+
+        for (rel, _), problem in zip(files, _in_order(pool, check_file, files)):
+            if progress:
+                progress(rel)
+            if problem:
+                problems.append(problem)
+                damaged.add(rel)
+        problems += _check_structure(fs, manifest, settings, snap.index, damaged, pool)
     return problems
+
+
+def _in_order(pool: ThreadPoolExecutor, fn: Callable[[Any], T], items: list) -> Iterator[T]:
+    """fn(item) for every item, computed by the pool and yielded in order, at most
+    `IN_FLIGHT` at a time (memory: that many files, not the whole store)."""
+    for start in range(0, len(items), IN_FLIGHT):
+        yield from pool.map(fn, items[start:start + IN_FLIGHT])
 
 
 def _check_part_manifests(fs: StoreFS, manifest: dict) -> list[str]:
@@ -175,7 +194,7 @@ def _check_bytes(fs: StoreFS, rel: str, meta: dict, data: bytes | None) -> str |
 
 
 def _check_structure(fs: StoreFS, manifest: dict, settings: StoreSettings, index,
-                     damaged: set[str]) -> list[str]:
+                     damaged: set[str], pool: ThreadPoolExecutor) -> list[str]:
     problems = []
     counts = manifest["counts"]
     index_path = manifest["index"]["path"]
@@ -195,8 +214,7 @@ def _check_structure(fs: StoreFS, manifest: dict, settings: StoreSettings, index
     if dataset_fingerprint(ids, index.column("digest").to_pylist()) != \
             manifest["dataset_fingerprint"]:
         problems.append(f"{fs.path(MANIFEST)}: dataset fingerprint does not match the index")
-    row = 0
-    listed = set(manifest["files"])
+    row, segments = 0, []
     for part in manifest["parts"]:
         for seg in part["segments"]:
             seg_dir = f"{PARTS_DIR}/{part['name']}/{seg['name']}"
@@ -207,19 +225,37 @@ def _check_structure(fs: StoreFS, manifest: dict, settings: StoreSettings, index
                 problems.append(f"{where}: rows of {seg_dir} are out of place")
             if int(rows.column("length").to_numpy().sum()) != seg["tokens"]:
                 problems.append(f"{where}: lengths of {seg_dir} do not sum to {seg['tokens']}")
-            expected = expected_arrays(settings, seg["tokens"], seg["samples"],
-                                       seg.get("sampled_entries", {}),
-                                       seg.get("sampled_multi", {}))
-            for name, (shape, dtype) in expected.items():
-                rel = f"{seg_dir}/{name}"
-                if f"{rel}/zarr.json" not in listed:
-                    problems.append(f"{fs.path(rel)}: array not listed in the manifest")
-                    continue
-                if any(f.startswith(rel + "/") for f in damaged):
-                    continue  # already reported by checksum
-                problems += _check_array(fs, rel, shape, dtype)
-            problems += _check_sampled(fs, settings, seg_dir, damaged)
+            segments.append((seg_dir, seg))
+    listed = set(manifest["files"])
+    # every folder above a damaged file: an array is skipped when any file under it is
+    damaged_dirs = {rel.rsplit("/", depth)[0] for rel in damaged
+                    for depth in range(1, rel.count("/") + 1)}
+
+    def check_segment(item: tuple[str, dict]) -> list[str]:
+        seg_dir, seg = item
+        return _check_segment_arrays(fs, settings, seg_dir, seg, listed, damaged_dirs)
+
+    for found in _in_order(pool, check_segment, segments):
+        problems += found
     return problems
+
+
+def _check_segment_arrays(fs: StoreFS, settings: StoreSettings, seg_dir: str, seg: dict,
+                          listed: set[str], damaged_dirs: set[str]) -> list[str]:
+    """Shapes and dtypes of a segment's arrays, and its sampled draws (arrays with a
+    damaged file are skipped: their checksum is already reported)."""
+    problems = []
+    expected = expected_arrays(settings, seg["tokens"], seg["samples"],
+                               seg.get("sampled_entries", {}), seg.get("sampled_multi", {}))
+    for name, (shape, dtype) in expected.items():
+        rel = f"{seg_dir}/{name}"
+        if f"{rel}/zarr.json" not in listed:
+            problems.append(f"{fs.path(rel)}: array not listed in the manifest")
+            continue
+        if rel in damaged_dirs:
+            continue  # already reported by checksum
+        problems += _check_array(fs, rel, shape, dtype)
+    return problems + _check_sampled(fs, settings, seg_dir, damaged_dirs)
 
 
 def _open(fs: StoreFS, rel: str):
@@ -240,7 +276,8 @@ def _check_array(fs: StoreFS, rel: str, shape, dtype) -> list[str]:
     return out
 
 
-def _check_sampled(fs: StoreFS, settings: StoreSettings, seg_dir: str, damaged) -> list[str]:
+def _check_sampled(fs: StoreFS, settings: StoreSettings, seg_dir: str,
+                   damaged_dirs: set[str]) -> list[str]:
     """Draws of every position sum to n_draws; run lengths add up to the entry arrays."""
     out = []
     for name, spec in settings.signals.items():
@@ -248,7 +285,7 @@ def _check_sampled(fs: StoreFS, settings: StoreSettings, seg_dir: str, damaged) 
             continue
         rels = {a: f"{seg_dir}/{signal_array(name, a)}"
                 for a in ("sampled_nuniq", "sampled_nmulti", "sampled_ids", "sampled_counts")}
-        if any(f.startswith(r + "/") for f in damaged for r in rels.values()):
+        if any(r in damaged_dirs for r in rels.values()):
             continue
         try:
             nuniq, nmulti, ids, counts = (_open(fs, rels[a])[...].astype(np.int64) for a in rels)

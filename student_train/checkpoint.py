@@ -1,7 +1,8 @@
 """Checkpoints: run/checkpoints/step-00000100/ = accelerate state + stream state + trainer state.
 
 accelerate's `save_state` holds the model (student + projections), optimizer, registered
-scheduler, grad scaler and every process's RNG states. Next to it we keep what accelerate does
+scheduler, grad scaler and every process's RNG states (with --fsdp the model and optimizer
+as every process's shards, student_train/sharding.py). Next to it we keep what accelerate does
 not know: each process's stream position (`stream-rank{r}.pt`) and `trainer_state.json`, the
 `TrainingProgress` (step, tokens seen, best eval, early-stopping count...). A checkpoint is
 written under a `.tmp` name and renamed once every process has finished, so `--resume latest`

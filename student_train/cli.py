@@ -4,14 +4,20 @@
     student-train --config configs/med42-to-llama3.2-1b.yaml --store s3://b/med42 --out run/
     student-train --config med42-to-llama3.2-1b --store s3://b/med42 --out run/ --resume
     accelerate launch --num_processes 4 -m student_train --config ... --out run/
+    student-train --plan --config med42-to-llama3.2-1b --store store/ --gpu-memory 24GiB
 
 Every flag is a key of the preset's `train:` section: the flags are generated from
 student_train/config.py's FIELDS, and a flag given overrides the preset (`--config`: a path
 or a bundled preset's name). Values are read as text and validated by the config, so all
 problems are reported together.
 
+`--plan` prints the memory plan per device (student_train/memory_plan.py: from the student's
+config.json and the store's manifest, no weights) and exits, 1 when it does not fit
+`--gpu-memory`.
+
 Exit status (logitstore/exit_codes.py): 0 on success; 1 with a one-paragraph reason for a
-wrong config, model, data or store; 2 for a usage error (unknown flag); 130 when
+wrong config, model, data or store, a config the plan says cannot fit, or running out of
+memory (rerun with --resume); 2 for a usage error (unknown flag); 130 when
 interrupted (rerun with --resume to continue from the last checkpoint).
 """
 
@@ -47,6 +53,19 @@ def _setup_logging() -> None:
         pass
 
 
+def print_plan(cfg) -> None:
+    """`--plan`: the memory plan per device on stdout (no weights loaded); exit 1 with the
+    smallest change that fits when it does not fit --gpu-memory."""
+    from student_train.memory_plan import estimate, parse_memory_size
+    from student_train.memory_plan_render import planned_processes, refusal_message
+
+    budget = parse_memory_size(cfg.gpu_memory) if cfg.gpu_memory else None
+    plan = estimate(cfg, planned_processes(cfg), budget)
+    click.echo(plan.render())
+    if plan.fits is False:
+        exit_codes.fail(PROG, refusal_message(plan))
+
+
 @tool_command(PROG, FIELDS, SECTION,
               interrupted_hint="rerun with --resume to continue from the last checkpoint")
 def main(config_path: str | None, **flags) -> None:
@@ -55,6 +74,9 @@ def main(config_path: str | None, **flags) -> None:
     overrides = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flags.items()}
     try:
         cfg = resolve_config(config_path, overrides)
+        if cfg.plan:
+            print_plan(cfg)
+            return
         from student_train.train import train
 
         metrics = train(cfg)

@@ -28,6 +28,7 @@ from logitstore.toolkit.options import (Field, at_least, between, config_class, 
                                         make_config, positive, resolve_fields)
 from logitstore.toolkit.record_formats import (DATA_FORMAT_METAVAR, data_format_problem,
                                                normalize_format_name)
+from student_train.sharding import config_problems as sharding_problems
 
 SECTION = "train"
 TARGETS = ("auto", "topk", "sampled")  # auto: top-k where captured, else sampled
@@ -44,9 +45,18 @@ ATTENTION_LOSSES = ("mse", "frobenius")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 STUDENT_DTYPES = ("float32", "bfloat16", "float16")
 VERIFY = ("full", "none")
+# student_train/optimizers.py builds them; their state: 8, ~2, ~2 B/param, factored.
+OPTIMIZERS = ("adamw", "adamw-8bit", "paged-adamw-8bit", "adafactor")
 
 
 _at_least, _between, _positive = at_least, between, positive
+
+
+def _memory_size(value: str | None) -> str | None:
+    """The problem with a --gpu-memory size (None: fine or not set)."""
+    from student_train.memory_plan import memory_size_problem
+
+    return None if value is None else memory_size_problem(value)
 
 
 FIELDS: dict[str, Field] = {
@@ -125,12 +135,23 @@ FIELDS: dict[str, Field] = {
     "lr_schedule": Field("str", "cosine", choices=LR_SCHEDULES),
     "warmup_ratio": Field("float", 0.03, _between(0, 1, high_open=True)),
     "weight_decay": Field("float", 0.0, _at_least(0)),
+    "optimizer": Field("str", "adamw", choices=OPTIMIZERS,
+                       help="adamw: fp32 moments (8 B/param); adamw-8bit, paged-adamw-8bit:"
+                            " bitsandbytes 8-bit moments (~2 B/param; paged: spilled to "
+                            "host memory under pressure, CUDA only); adafactor: factored "
+                            "second moment, ignores adam_*."),
     "adam_beta1": Field("float", 0.9, _between(0, 1, high_open=True)),
     "adam_beta2": Field("float", 0.999, _between(0, 1, high_open=True)),
     "adam_epsilon": Field("float", 1e-8, _positive),
     "max_grad_norm": Field("float", 1.0, _at_least(0), help="0 = no clipping."),
     "seed": Field("int", 0, _at_least(0)),
-    "gradient_checkpointing": Field("bool", False),
+    "gradient_checkpointing": Field("bool", False, resumable=True,
+                                    help="Recompute each layer's activations in backward "
+                                         "(same results, less memory, ~30 % slower)."),
+    "fsdp": Field("bool", False,
+                  help="Shard weights, gradients and optimizer state over the processes "
+                       "(FSDP2 through accelerate; launch with accelerate launch "
+                       "--num_processes N)."),
     "mixed_precision": Field("str", "auto", choices=MIXED_PRECISION,
                              help="auto: bf16 on CUDA with bf16, else fp16 on CUDA, fp32 on "
                                   "CPU."),
@@ -143,6 +164,15 @@ FIELDS: dict[str, Field] = {
     "lora_dropout": Field("float", 0.05, _between(0, 1, high_open=True)),
     "lora_targets": Field("list_str", [], help="Module names (default: detected)."),
     "qlora": Field("bool", False, help="4-bit base model (needs --lora-r)."),
+    # memory plan (student_train/memory_plan.py)
+    "gpu_memory": Field("optional_str", None, _memory_size, resumable=True,
+                        help="Memory of one device, e.g. 24GiB: training refuses, before "
+                             "loading weights, a config the memory plan says cannot fit."),
+    "plan": Field("bool", False, resumable=True,
+                  help="Print the memory plan per device and exit (1 if it does not fit "
+                       "--gpu-memory); loads no weights, needs no --out."),
+    "num_processes": Field("optional_int", None, _at_least(1), resumable=True,
+                           help="Processes the plan spreads over (default: the world size)."),
     # evaluation, checkpoints, logging
     "eval_every": Field("int", 500, _at_least(0), resumable=True, help="0 = only at the end."),
     "eval_on_start": Field("bool", False, resumable=True,
@@ -202,7 +232,7 @@ def _cross_field_problems(v: dict[str, Any]) -> list[str]:
                    "(--data: hard labels only)")
     if not v["student"]:
         out.append("student is required (--student or train.student in the config file)")
-    if not v["out"]:
+    if not v["out"] and not v["plan"]:
         out.append("out is required: the run directory (--out or train.out in the config file)")
     if v["data"]:
         for key in ("signals", "hidden_weight", "attention_weight", "eval_store", "eval_split",
@@ -210,6 +240,8 @@ def _cross_field_problems(v: dict[str, Any]) -> list[str]:
             if v[key]:
                 out.append(f"{key} needs a store (--store); --data trains on hard labels from "
                            f"raw data, unpacked")
+    out += _optimizer_problems(v)
+    out += sharding_problems(v)
     if v["qlora"] and not v["lora_r"]:
         out.append("qlora trains LoRA adapters on a 4-bit base: set lora_r (e.g. --lora-r 16)")
     if v["eval_fraction"] and (v["eval_store"] or v["eval_split"]):
@@ -228,6 +260,27 @@ def _cross_field_problems(v: dict[str, Any]) -> list[str]:
                    "(e.g. --specialty-weights cardiology:1.2,radiology:1.0)")
     if v["signals"] and sum(v["signals"].values()) <= 0:
         out.append(f"signals: the weights must have a positive sum, got {v['signals']}")
+    return out
+
+
+def _optimizer_problems(v: dict[str, Any]) -> list[str]:
+    """bitsandbytes present for the 8-bit optimizers; only AdamW steps FSDP's sharded
+    parameters (DTensors: bitsandbytes' kernels and Adafactor's factored statistics take
+    plain tensors, and a factored statistic of one shard is not that of the whole matrix)."""
+    import importlib.util
+
+    out = []
+    if v["optimizer"] in ("adamw-8bit", "paged-adamw-8bit") \
+            and importlib.util.find_spec("bitsandbytes") is None:
+        from student_train.optimizers import BITSANDBYTES_MISSING
+
+        out.append(BITSANDBYTES_MISSING.format(name=v["optimizer"], error="not installed"))
+    if v.get("fsdp") and v["optimizer"] != "adamw":
+        out.append(f"optimizer {v['optimizer']} cannot step the sharded parameters of fsdp "
+                   f"(DTensors: bitsandbytes' kernels and Adafactor's row/column statistics "
+                   f"need whole plain tensors): use --optimizer adamw with --fsdp, or "
+                   f"--optimizer {v['optimizer']} without --fsdp (with --lora-r or --qlora "
+                   f"to fit a small GPU)")
     return out
 
 

@@ -4,8 +4,9 @@
   1. sums their loss weights (target tokens, samples) over the micro-batches and processes:
      one all-reduce, before any forward;
   2. per micro-batch: forward -> loss *sums* -> divided by those global weights -> backward
-     (DDP syncs gradients on the last micro-batch only);
-  3. clips, steps AdamW and the scheduler.
+     (DDP syncs gradients on the last micro-batch only; FSDP reduce-scatters after each,
+     student_train/sharding.py);
+  3. clips, steps the optimizer (--optimizer) and the scheduler.
 Step 1 makes accumulation and data parallelism exact: the gradient is that of one batch
 holding every micro-batch of every process.
 """
@@ -68,7 +69,7 @@ class Step:
         acc, cfg = self.accelerator, self.cfg
         window = [self.add_groups(b) for b in window]
         dens = self.global_denominators(window, self.n_groups)
-        # accelerate divides by grad_accum and DDP averages over processes; the global
+        # accelerate divides by grad_accum and DDP/FSDP average over processes; the global
         # denominators already make the sum over micro-batches and processes the batch mean.
         scale = cfg.grad_accum * acc.num_processes
         # The loss is linear in the token sums: its gradient w.r.t. them, known now, lets the

@@ -37,8 +37,13 @@ from student_train.checkpoint import (TrainingProgress, checkpoint_dir, find_che
                                       load_checkpoint, save_checkpoint)
 from student_train.config import FIELDS, TrainConfig, save_config
 from student_train.losses import temperature_at
+from student_train.memory_plan_render import (OUT_OF_MEMORY, check_memory_plan,
+                                              out_of_memory_message)
 from student_train.objective import DistillationObjective, LossSettings
+from student_train.optimizers import make_optimizer
 from student_train.sources import Inputs, Sources, check_inputs, open_sources
+from student_train.sharding import (check_sharding, fsdp_plugin, join_process_group,
+                                    shard_blocks, unsharded_student)
 from student_train.step import Step, all_processes
 from student_train.student import load_student, save_final
 
@@ -49,7 +54,7 @@ log = logging.getLogger(__name__)
 
 def make_accelerator(cfg: TrainConfig, out: Path):
     from accelerate import Accelerator
-    from accelerate.utils import str_to_bool
+    from accelerate.utils import GradientAccumulationPlugin, str_to_bool
 
     precision = cfg.mixed_precision
     if precision == "auto":
@@ -63,17 +68,16 @@ def make_accelerator(cfg: TrainConfig, out: Path):
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         else:
             precision = "no"
-    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum,
-                       log_with="tensorboard", project_dir=str(out))
-
-
-def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    # No weight decay on biases and norm scales (1-D), as usual for transformers.
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr,
-                             betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+    plugins = {}
+    if cfg.fsdp:
+        join_process_group()  # before the Accelerator fixes the distributed setup
+        plugins["fsdp_plugin"] = fsdp_plugin()
+    # FSDP: reduce-scatter every micro-batch, so only sharded gradients are accumulated.
+    accumulation = GradientAccumulationPlugin(num_steps=cfg.grad_accum, sync_each_batch=cfg.fsdp)
+    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_plugin=accumulation,
+                              log_with="tensorboard", project_dir=str(out), **plugins)
+    check_sharding(accelerator, cfg.fsdp)
+    return accelerator
 
 
 def plan_total_steps(cfg: TrainConfig, stream, accelerator) -> int:
@@ -202,6 +206,8 @@ def prepare_run(cfg: TrainConfig, out: Path, inputs: Inputs) -> Run:
     scheduler = get_scheduler(cfg.lr_schedule, optimizer,
                               num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
+    if cfg.fsdp:
+        shard_blocks(accelerator, student)  # the transformer blocks are the FSDP units
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     batches = EpochBatches(sources.train, accelerator,
@@ -342,10 +348,23 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) training as configured; returns the final metrics.
 
     The inputs that cost no model (stores, data, run directory, checkpoint to resume) are
-    checked first, so a wrong path fails in seconds, not after the student has loaded.
+    checked first, so a wrong path fails in seconds, not after the student has loaded; with
+    gpu_memory set, so is the memory plan (a config that cannot fit is refused, naming the
+    change that would). An out-of-memory error while training becomes a LogitStoreError
+    with the plan's suggestion; the checkpoints saved so far let --resume continue.
     """
     inputs = check_inputs(cfg)
     out, ckpt = check_run_dir(cfg)
+    if cfg.gpu_memory:
+        check_memory_plan(cfg)  # before any weight is loaded
+    try:
+        return _train(cfg, out, inputs, ckpt)
+    except OUT_OF_MEMORY as exc:  # the step's peak outgrew the device: say what would fit
+        raise LogitStoreError(out_of_memory_message(cfg, exc)) from None
+
+
+def _train(cfg: TrainConfig, out: Path, inputs: Inputs, ckpt: Path | None) -> dict[str, Any]:
+    """train() once its inputs are checked: prepare, (resume,) step, evaluate, save."""
     run = prepare_run(cfg, out, inputs)
     state = start_state(run, ckpt)
     progress = state.progress
@@ -375,16 +394,21 @@ def finish(run: Run, progress: TrainingProgress, final_metrics: dict[str, float]
     full_state = accelerator.get_state_dict(run.model)  # gathered on the main process (FSDP too)
     unwrapped = accelerator.unwrap_model(run.model)
     if accelerator.is_main_process:
-        student_state = None if cfg.lora_r else {
+        student, student_state = unwrapped.student, {
             k.removeprefix("student."): v for k, v in full_state.items()
             if k.startswith("student.")}
-        save_final(unwrapped.student, run.tokenizer, cfg, out, state_dict=student_state)
+        if cfg.fsdp:  # the trained student is sharded: save a plain copy of its full state
+            student, student_state = unsharded_student(cfg, student, student_state), None
+        save_final(student, run.tokenizer, cfg, out,
+                   state_dict=None if cfg.lora_r else student_state)
         if len(unwrapped.aligners):
             from safetensors.torch import save_file
 
-            save_file({f"hidden.{name}.{k}": v.detach().cpu().contiguous()
-                       for name, aligner in zip(unwrapped.aligner_names, unwrapped.aligners)
-                       for k, v in aligner.state_dict().items()},
+            # From the gathered state: with FSDP the aligners' own tensors are shards.
+            save_file({f"hidden.{name}.{k.removeprefix(f'aligners.{i}.')}":
+                       v.detach().cpu().contiguous()
+                       for i, name in enumerate(unwrapped.aligner_names)
+                       for k, v in full_state.items() if k.startswith(f"aligners.{i}.")},
                       str(out / "alignment.safetensors"))
         metadata = {
             "tool": "student-train", "tool_version": __version__,

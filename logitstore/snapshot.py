@@ -159,7 +159,7 @@ def read_segment_index(fs: StoreFS, part: str, seg: dict[str, Any]) -> bytes:
     """The bytes of a segment's index.parquet, checked against its entry's files."""
     rel = f"{PARTS_DIR}/{part}/{seg['name']}/{SEGMENT_INDEX}"
     try:
-        data = fs.read_bytes(rel)
+        data = fs.read_bytes(rel, seg["files"].get(rel, {}).get("size"))
     except FileNotFoundError:
         raise missing(fs, rel, f"the sample index of committed segment {seg['name']} of "
                                f"part {part!r}") from None

@@ -48,9 +48,9 @@ class Traffic:
             self.writes.append((rel, len(data)))
             return write(fs, rel, data)
 
-        def read_bytes(fs, rel):
+        def read_bytes(fs, rel, size=None):
             self.reads.append(rel)
-            return read(fs, rel)
+            return read(fs, rel, size)
 
         monkeypatch.setattr(StoreFS, "write_bytes", write_bytes)
         monkeypatch.setattr(StoreFS, "read_bytes", read_bytes)

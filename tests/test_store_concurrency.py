@@ -247,14 +247,14 @@ def commit_while_reading(monkeypatch, store: Path, writer: SegmentWriter) -> lis
     real_read = StoreFS.read_bytes
     fired: list[str] = []
 
-    def read_bytes(fs, rel):
+    def read_bytes(fs, rel, size=None):
         if rel == first_index and not fired:  # about to read the index
             fired.append(rel)
             for _ in range(2):  # a consolidation keeps the previous generation's files
                 writer.commit_one_segment()
                 commit_store(str(store))
             assert not (store / first_index).exists()
-        return real_read(fs, rel)
+        return real_read(fs, rel, size)
 
     monkeypatch.setattr(StoreFS, "read_bytes", read_bytes)
     return fired

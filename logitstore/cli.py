@@ -146,7 +146,8 @@ def cp(src: str, dst: str, overwrite: bool) -> None:
 @click.argument("sample_id", required=False)
 @click.option("--index", "position", type=int, help="Select the N-th sample in store order.")
 @click.option("--tokenizer", type=click.Path(exists=True),
-              help="tokenizer.json or a directory holding one, to decode tokens.")
+              help="tokenizer.json or a directory holding one, to decode tokens (default: the "
+                   "tokenizer stored in the store, if any).")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--top", default=5, show_default=True, help="Entries shown per position (text).")
 def show(store: str, sample_id: str | None, position: int | None, tokenizer: str | None,
@@ -157,22 +158,30 @@ def show(store: str, sample_id: str | None, position: int | None, tokenizer: str
     if (sample_id is None) == (position is None):
         _fail(LogitStoreError("give either SAMPLE_ID or --index N (not both)"),
               code=exit_codes.USAGE)
-    decode = _decoder(tokenizer)  # before the store is opened: the cheaper input first
+    # before the store is opened: the cheaper input first
+    decode = _decoder(tokenizer) if tokenizer else None
     try:
         reader = StoreReader(store)
         sample = reader.sample(sample_id if position is None else position)
+        decode = decode or _stored_decoder(reader)
     except LogitStoreError as err:
         _fail(err)
     if as_json:
-        click.echo(json.dumps(_sample_json(sample, decode if tokenizer else None,
-                                             reader.settings), indent=1))
+        click.echo(json.dumps(_sample_json(sample, decode, reader.settings), indent=1))
         return
+    decode = decode or _decoder(None)
     click.echo(f"sample {sample.sample_id}  source={sample.source} split={sample.split} "
                f"tags={sample.tags}  tokens={len(sample.input_ids)} "
                f"targets={int(sample.loss_mask.sum())}")
+    text = sample.text_spans
+    if text is not None:
+        click.echo(f"text {text.text!r}")
     for t, tok in enumerate(sample.input_ids.tolist()):
         mark = "*" if sample.loss_mask[t] else " "
         line = f"{t:5d} {mark} {tok:7d} {decode([tok])!r:16s}"
+        if text is not None:
+            start, end = (int(v) for v in text.spans[t])
+            line += f" [{start}:{end}]{'S' if text.special[t] else ' '}r{int(text.roles[t])}"
         for name, sig in sample.signals.items():
             if sig.topk is not None:
                 order = np.argsort(-sig.topk.logprobs[t])[:top]
@@ -209,6 +218,22 @@ def _decoder(path: str | None):
     return lambda ids: tok.decode(list(ids), skip_special_tokens=False)
 
 
+def _stored_decoder(reader):
+    """A decoder from the tokenizer.json stored in the store (format 2.1), None when it
+    stores none."""
+    data = reader.tokenizer_files().get("tokenizer.json")
+    if data is None:
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        tok = Tokenizer.from_str(data.decode("utf-8"))
+    except Exception as err:  # tokenizers raises a bare Exception for any unreadable file
+        raise LogitStoreError(f"the tokenizer.json stored in {reader.fs.url} cannot be read "
+                              f"({err}); pass --tokenizer to decode with another copy") from None
+    return lambda ids: tok.decode(list(ids), skip_special_tokens=False)
+
+
 def _sample_json(sample, decode, settings) -> dict[str, Any]:
     out: dict[str, Any] = {"sample_id": sample.sample_id, "source": sample.source,
                            "split": sample.split, "input_ids": sample.input_ids.tolist(),
@@ -216,6 +241,10 @@ def _sample_json(sample, decode, settings) -> dict[str, Any]:
                            "tags": sample.tags, "signals": {}}
     if decode is not None:
         out["tokens"] = [decode([t]) for t in sample.input_ids.tolist()]
+    if sample.text_spans is not None:
+        out.update(text=sample.text_spans.text, spans=sample.text_spans.spans.tolist(),
+                   special=sample.text_spans.special.astype(int).tolist(),
+                   roles=sample.text_spans.roles.tolist())
     for name, sig in sample.signals.items():
         entry: dict[str, Any] = {}
         if sig.topk is not None:

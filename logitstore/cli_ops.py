@@ -42,7 +42,8 @@ def _progress_bar():
 @click.argument("sources", nargs=-1, required=True)
 @click.argument("dst")
 @click.option("--common-signals", is_flag=True,
-              help="Keep only the signals every source holds (else all must hold the same).")
+              help="Keep only the signals (and the text and token spans) every source "
+                   "holds (else all must hold the same).")
 @click.option("--overwrite", is_flag=True,
               help="Replace what DST holds (a rerun of the same merge resumes without it).")
 def merge(sources: tuple[str, ...], dst: str, common_signals: bool, overwrite: bool) -> None:

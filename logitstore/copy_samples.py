@@ -38,7 +38,7 @@ import numpy as np
 from logitstore import __version__
 from logitstore.errors import (LogitStoreError, ManifestMissingError, SettingsMismatchError,
                                StoreIOError, StoreNotFoundError)
-from logitstore.format import StoreSettings
+from logitstore.format import TOKENIZER_DIR, StoreSettings
 from logitstore.fs import StoreFS, sha256_hex
 from logitstore.reader import StoreReader
 from logitstore.verify import verify_store
@@ -87,6 +87,9 @@ class CopyPlan:
     counts: dict[str, int]  # samples_in, samples_out, duplicates (merge), tokens_out
     per_source: list[dict[str, int]] = field(default_factory=list)  # counts of each source
     notes: dict[str, Any] = field(default_factory=dict)  # recorded, not deciding the content
+    # The tokenizer files the new store keeps ({"tokenizer/<name>": bytes}; the paths the
+    # settings' `tokenizer_files` list), read from a source.
+    tokenizer_files: dict[str, bytes] = field(default_factory=dict)
 
     @property
     def signals(self) -> list[str]:
@@ -133,6 +136,11 @@ class CopyResult:
     def already_complete(self) -> bool:
         """The destination held the finished output before this run: nothing was written."""
         return self.resumed_after == self.counts["samples_out"] and self.tokens_written == 0
+
+
+def stored_tokenizer_files(reader: StoreReader) -> dict[str, bytes]:
+    """The source's tokenizer files as a CopyPlan takes them ({} for a store without)."""
+    return {f"{TOKENIZER_DIR}/{name}": data for name, data in reader.tokenizer_files().items()}
 
 
 def open_sources(urls: list[str], storage_options: dict | None) -> list[StoreReader]:
@@ -203,7 +211,8 @@ def _open_destination(plan: CopyPlan, dst: str, dst_options: dict | None, overwr
         try:
             writer = StoreWriter(dst, plan.settings, part=OUTPUT_PART,
                                  storage_options=dst_options, overwrite=erase,
-                                 extra={OPERATION_KEY: provenance})
+                                 extra={OPERATION_KEY: provenance},
+                                 tokenizer_files=plan.tokenizer_files)
         except SettingsMismatchError as err:
             # parts without a committed store manifest, written with other settings
             found = f"an unfinished store with other settings ({err})"

@@ -70,3 +70,12 @@ class ConfigError(LogitStoreError):
         self.problems = list(problems)
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"invalid configuration ({len(self.problems)} problem(s)):\n{lines}")
+
+
+class TokenSpansError(LogitStoreError):
+    """Byte spans of a tokenization cannot be computed (e.g. a chat template that rewrites
+    message contents beyond trimming whitespace, so its tokens cannot be placed in the text)."""
+
+
+class OffsetsUnavailableError(TokenSpansError):
+    """A tokenizer that reports no token offsets (a slow, pure-Python one): use a fast one."""

@@ -11,10 +11,12 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from logitstore.errors import FormatVersionError, SettingsMismatchError
+from logitstore.errors import FormatVersionError, SchemaMismatchError, SettingsMismatchError
 
 FORMAT_NAME = "logitstore"
-FORMAT_VERSION = "2.0"  # major.minor: readers refuse another major, accept any minor
+# major.minor: readers refuse another major, accept any minor. 2.1 added the optional
+# sample text, token spans and tokenizer files (settings `text`, `tokenizer_files`).
+FORMAT_VERSION = "2.1"
 LEGACY_VERSIONS = ("1.0", "1.1")  # one store manifest listing every file (FORMAT.md section 9)
 MANIFEST = "manifest.json"  # the store manifest, written last; its presence = a committed store
 PARTS_DIR = "parts"
@@ -30,6 +32,8 @@ INDEX_COLUMNS = ("sample_id", "source", "split", "offset", "length", "part", "se
                  "segment_offset", "digest")
 
 LOGPROB_ENCODINGS = ("q8", "f16", "f32")
+OPTIONAL_SETTINGS = ("text", "tokenizer_files")  # 2.1; absent from settings while unused
+TOKENIZER_DIR = "tokenizer"  # ROOT/tokenizer/<file>: the tokenizer's files (2.1)
 HIDDEN_POOLINGS = ("mean", "mean-all", "last")
 ATTENTION_HEADS = ("mean", "all")
 
@@ -144,6 +148,10 @@ class StoreSettings:
     chunk_tokens: int = 4096  # positions per zarr chunk (unit of random reads)
     segment_tokens: int = 1 << 18  # target tokens per segment (one shard per array)
     chunk_samples: int = 64  # samples per chunk of per-sample arrays
+    # 2.1: every sample holds its UTF-8 text and its tokens' byte spans (text_spans.py).
+    text: bool = False
+    # 2.1: the tokenizer's files stored in the store, {"tokenizer/<name>": {"size", "sha256"}}
+    tokenizer_files: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def token_dtype(self) -> str:
@@ -162,17 +170,44 @@ class StoreSettings:
                 problems.append(f"{name} must be >= 1, found {getattr(self, name)}")
         for name, sig in self.signals.items():
             problems += _signal_problems(name, sig)
+        if not isinstance(self.text, bool):
+            problems.append(f"text must be true or false, found {self.text!r}")
+        problems += _tokenizer_file_problems(self.tokenizer_files)
         if problems:
             raise SettingsMismatchError("invalid store settings: " + "; ".join(problems))
 
     def to_json(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        data = json.loads(json.dumps(dataclasses.asdict(self)))
+        # The 2.1 keys are left out while unused, so such settings read as 2.0 settings
+        # (a 2.0 reader refuses any key it does not know).
+        for key in OPTIONAL_SETTINGS:
+            if not data[key]:
+                del data[key]
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "StoreSettings":
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise SchemaMismatchError(
+                f"store settings hold {unknown}, which this logitstore does not know (it reads "
+                f"format {FORMAT_VERSION} and older); the store was written by a newer release: "
+                f"upgrade logitstore to read it")
         signals = {name: _signal_from_json(s) for name, s in data.get("signals", {}).items()}
         plain = {k: v for k, v in data.items() if k != "signals"}
         return cls(signals=signals, **plain)
+
+
+def _tokenizer_file_problems(files: dict[str, Any]) -> list[str]:
+    """`tokenizer_files` entries: `tokenizer/<plain name>` -> {"size", "sha256"}."""
+    out = []
+    for rel, meta in files.items():
+        name = rel[len(TOKENIZER_DIR) + 1:] if rel.startswith(TOKENIZER_DIR + "/") else ""
+        if not name or "/" in name or name.startswith(".") or TMP_MARK in name:
+            out.append(f"tokenizer file {rel!r} must be {TOKENIZER_DIR}/<name> (no folders)")
+        if not isinstance(meta, dict) or set(meta) != {"size", "sha256"}:
+            out.append(f"tokenizer file {rel!r} must list its size and sha256, found {meta!r}")
+    return out
 
 
 def _signal_problems(name: str, sig: SignalSpec) -> list[str]:

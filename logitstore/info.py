@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from logitstore.format import PARTS_DIR, StoreSettings
+from logitstore.format import PARTS_DIR, TOKENIZER_DIR, StoreSettings
 
 # What each array would take uncompressed in the raw baseline (int32 ids, float16 values).
 _RAW_BYTES = {"input_ids": 4, "loss_mask": 1, "topk_ids": 4, "topk_logprobs": 2, "topk_tail": 2,
               "sampled_nuniq": 2, "sampled_nmulti": 0, "sampled_ids": 4, "sampled_counts": 2,
-              "sampled_logprobs": 2, "hidden": 2, "attention": 2}
+              "sampled_logprobs": 2, "hidden": 2, "attention": 2,
+              "sample_bytes": 4, "gap": 4, "length": 4, "kind": 1}
 
 
 def array_name(rel: str) -> str | None:
@@ -22,6 +23,8 @@ def array_name(rel: str) -> str | None:
         return "/".join(inner[:3])
     if inner[0] in ("input_ids", "loss_mask"):
         return inner[0]
+    if inner[0] in ("text", "spans") and len(inner) >= 2:  # 2.1: text/utf8, spans/gap, ...
+        return "/".join(inner[:2])
     return None
 
 
@@ -58,9 +61,13 @@ def size_report(manifest: dict[str, Any]) -> dict[str, Any]:
                            "entries_per_token": entries / tokens,
                            "compression_ratio": raw / max(1, size)}
         signals[sig] = entry
-    total = sum(meta["size"] for meta in manifest["files"].values()) + manifest["index"]["size"]
+    # The tokenizer's files (2.1) are a fixed cost, not a per-token one: counted apart.
+    tokenizer = sum(meta["size"] for rel, meta in manifest["files"].items()
+                    if rel.startswith(TOKENIZER_DIR + "/"))
+    total = sum(meta["size"] for meta in manifest["files"].values()) + \
+        manifest["index"]["size"] - tokenizer
     return {"total_bytes": total, "bytes_per_token": total / tokens, "arrays": arrays,
-            "signals": signals}
+            "signals": signals, "tokenizer_bytes": tokenizer}
 
 
 def _elements(settings: StoreSettings, counts: dict, name: str) -> int:
@@ -68,6 +75,8 @@ def _elements(settings: StoreSettings, counts: dict, name: str) -> int:
     leaf = name.rsplit("/", 1)[-1]
     if leaf in ("input_ids", "loss_mask", "topk_tail", "sampled_nuniq", "sampled_nmulti"):
         return tokens
+    if name.startswith(("text/", "spans/")):  # 2.1; text/utf8: raw ~4 B of text per token
+        return samples if leaf == "sample_bytes" else tokens
     if leaf == "sampled_counts":  # raw baseline stores a count per id
         return counts.get("sampled_entries", {}).get(name.split("/")[1], 0)
     sig = settings.signals[name.split("/")[1]]

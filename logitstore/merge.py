@@ -11,6 +11,12 @@ Rules (checked before anything is written):
   `tokenizer_name` is informative (FORMAT.md section 2) and taken from the first source.
 - **Signals.** Every source must hold every signal; with `common_signals` only the signals
   all sources hold are kept (the others are left out of the new store).
+- **Text.** The samples' text and token spans (format 2.1 settings `text`) are kept when
+  every source holds them. Sources with and without text are refused, like a signal some
+  sources lack; with `common_signals` the text is left out instead (only what all sources
+  hold is kept). The tokenizer's files (`tokenizer_files`) are those of the first source
+  that stores them: every source has the same tokenizer (its fingerprint), so they are
+  informative like `tokenizer_name`.
 - **Duplicates.** A sample whose index `digest` (sha256 of its id and tokens, FORMAT.md
   section 3) equals one already taken from an earlier source is kept once: the copy from
   the first source in argument order, with that source's split, tags and signals. Their
@@ -32,12 +38,13 @@ from typing import Any, Callable
 import numpy as np
 
 from logitstore.copy_samples import (CopyPlan, CopyResult, SourceSelection, execute_plan,
-                                     open_sources)
+                                     open_sources, stored_tokenizer_files)
 from logitstore.errors import LogitStoreError, SchemaMismatchError, SettingsMismatchError
 from logitstore.format import flatten_settings
 from logitstore.reader import StoreReader
 
-INFORMATIVE_SETTINGS = ("tokenizer_name",)  # may differ between sources
+INFORMATIVE_SETTINGS = ("tokenizer_name", "tokenizer_files")  # may differ between sources
+DECIDED_APART = ("text",)  # kept_text decides it
 
 
 def merge_stores(sources: list[str], dst: str, *, common_signals: bool = False,
@@ -58,18 +65,36 @@ def plan_merge(urls: list[str], readers: list[StoreReader], *,
                common_signals: bool) -> CopyPlan:
     signals = kept_signals(urls, readers, common_signals)
     check_settings_agree(urls, readers, signals)
+    text = kept_text(urls, readers, common_signals)
+    tokenizer_source = next((r for r in readers if r.settings.tokenizer_files), readers[0])
     first = readers[0].settings
-    settings = replace(first, signals={name: first.signals[name] for name in signals})
+    settings = replace(first, signals={name: first.signals[name] for name in signals},
+                       text=text, tokenizer_files=tokenizer_source.settings.tokenizer_files)
     selections, per_source, duplicates = select_unique(urls, readers)
     tokens = sum(s.tokens() for s in selections)
     samples_in = sum(len(r) for r in readers)
     dropped = sorted({n for r in readers for n in r.signals} - set(signals))
     return CopyPlan(
         command="merge", sources=selections, settings=settings,
-        filter={"common_signals": common_signals, "signals_left_out": dropped},
+        filter={"common_signals": common_signals, "signals_left_out": dropped,
+                **({"text_left_out": True} if any(r.has_text for r in readers) and not text
+                   else {})},
         counts={"samples_in": samples_in, "samples_out": samples_in - duplicates,
                 "duplicates": duplicates, "tokens_out": tokens},
-        per_source=per_source)
+        per_source=per_source, tokenizer_files=stored_tokenizer_files(tokenizer_source))
+
+
+def kept_text(urls: list[str], readers: list[StoreReader], common_signals: bool) -> bool:
+    """Whether the merged store keeps the samples' text and spans (module docstring)."""
+    lacking = [u for u, r in zip(urls, readers) if not r.has_text]
+    if not lacking or len(lacking) == len(readers) or common_signals:
+        return not lacking
+    holding = [u for u, r in zip(urls, readers) if r.has_text]
+    raise SchemaMismatchError(
+        f"cannot merge: {', '.join(holding)} keep each sample's text and token spans, "
+        f"{', '.join(lacking)} do not (written before format 2.1, or with teacher-dump "
+        f"--no-text). A merged store holds them for every sample or for none: pass "
+        f"--common-signals to leave the text out, or re-dump the sources without it")
 
 
 def kept_signals(urls: list[str], readers: list[StoreReader], common_signals: bool) -> list[str]:
@@ -104,7 +129,7 @@ def check_settings_agree(urls: list[str], readers: list[StoreReader],
         data = reader.settings.to_json()
         kept = {name: data["signals"][name] for name in signals}
         plain = {k: v for k, v in data.items()
-                 if k != "signals" and k not in INFORMATIVE_SETTINGS}
+                 if k != "signals" and k not in INFORMATIVE_SETTINGS + DECIDED_APART}
         flat.append(flatten_settings({**plain, "signals": kept}))
     conflicts = []
     for key in sorted(set().union(*flat)):

@@ -26,10 +26,12 @@ from logitstore.encoding import decode_logprobs, decode_sampled, decode_topk_ids
 from logitstore.errors import (ChecksumError, LogitStoreError, UnknownSampleError,
                                UnknownSignalError)
 from logitstore.format import PARTS_DIR, StoreSettings, signal_array
-from logitstore.fs import StoreFS, storage_error
+from logitstore.fs import StoreFS, sha256_hex, storage_error
 from logitstore.records import missing
 from logitstore.sample import Sample, Sampled, SignalData, TopK
 from logitstore.snapshot import read_snapshot
+from logitstore.text_spans import (SPAN_GAP, SPAN_LENGTH, TEXT_SAMPLE_BYTES, TEXT_UTF8, TOKEN_KIND,
+                                   SampleText, decode_sample_text)
 
 
 @dataclass
@@ -75,6 +77,7 @@ class StoreReader:
         self._zstore = ListedFiles(self.fs, self.manifest["files"])
         self._arrays: OrderedDict[str, Any] = OrderedDict()
         self._nuniq_cache: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()
+        self._text_offsets: OrderedDict[int, np.ndarray] = OrderedDict()
 
     # -- metadata -------------------------------------------------------------------------
 
@@ -88,6 +91,27 @@ class StoreReader:
     @property
     def num_tokens(self) -> int:
         return int(self.manifest["counts"]["tokens"])
+
+    @property
+    def has_text(self) -> bool:
+        """Whether every sample holds its text and token spans (format 2.1 `text`)."""
+        return self.settings.text
+
+    def tokenizer_files(self) -> dict[str, bytes]:
+        """The tokenizer's files stored in the store (format 2.1), by file name
+        (`tokenizer.json`, ...), each checked against its sha256; {} when it holds none."""
+        out = {}
+        for rel, meta in sorted(self.settings.tokenizer_files.items()):
+            try:
+                data = self.fs.read_bytes(rel, meta["size"])
+            except FileNotFoundError:
+                raise missing(self.fs, rel, "a tokenizer file the store settings list") from None
+            if sha256_hex(data) != meta["sha256"]:
+                raise ChecksumError(f"checksum mismatch in {self.fs.path(rel)}: expected sha256 "
+                                    f"{meta['sha256']}, found {sha256_hex(data)} (run "
+                                    f"`logitstore verify`)", path=rel)
+            out[rel.split("/", 1)[1]] = data
+        return out
 
     def tags(self, row: int) -> dict[str, Any]:
         fixed = {"sample_id", "source", "split", "offset", "length", "part", "segment",
@@ -206,6 +230,41 @@ class StoreReader:
                                        sample_stop).astype(np.float32)
         return out
 
+    def _text_byte_offsets(self, seg_no: int) -> np.ndarray:
+        """[samples+1] first byte of each sample's text in the segment's text/utf8."""
+        offsets = self._text_offsets.get(seg_no)
+        if offsets is None:
+            sizes = self._read(self.segments[seg_no], TEXT_SAMPLE_BYTES)
+            offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+            self._text_offsets[seg_no] = offsets
+            if len(self._text_offsets) > 64:
+                self._text_offsets.popitem(last=False)
+        return offsets
+
+    def _texts(self, seg_no: int, first: int, last: int, start: int,
+               stop: int) -> list[SampleText]:
+        """Text and spans of the segment's samples first..last-1, whose tokens are
+        [start, stop) of the segment."""
+        seg = self.segments[seg_no]
+        offsets = self._text_byte_offsets(seg_no)
+        utf8 = self._read(seg, TEXT_UTF8, int(offsets[first]), int(offsets[last]))
+        arrays = [self._read(seg, name, start, stop) for name in (SPAN_GAP, SPAN_LENGTH,
+                                                                  TOKEN_KIND)]
+        out, token = [], 0
+        for j in range(first, last):
+            row = seg.first_sample + j
+            n = int(self._length[row])
+            a, b = (int(offsets[j] - offsets[first]), int(offsets[j + 1] - offsets[first]))
+            try:
+                out.append(decode_sample_text(utf8[a:b], *(x[token:token + n] for x in arrays)))
+            except UnicodeDecodeError as err:
+                raise ChecksumError(f"{self.fs.path(seg.path + '/' + TEXT_UTF8)}: the text of "
+                                    f"sample {self.sample_ids[row]!r} is not UTF-8 ({err}); the "
+                                    f"store is damaged (run `logitstore verify`)",
+                                    path=f"{seg.path}/{TEXT_UTF8}") from None
+            token += n
+        return out
+
     # -- public reads -------------------------------------------------------------------
 
     def sample(self, key: str | int, signals: list[str] | None = None) -> Sample:
@@ -219,6 +278,8 @@ class StoreReader:
         pos = row - seg.first_sample
         sample = self._base_sample(row, self._read(seg, "input_ids", start, stop),
                                    self._read(seg, "loss_mask", start, stop))
+        if self.has_text:
+            sample.text_spans = self._texts(seg_no, pos, pos + 1, start, stop)[0]
         for name in signals:
             data = self._signal(seg_no, name, start, stop, pos, pos + 1)
             if data.hidden is not None:
@@ -242,12 +303,14 @@ class StoreReader:
         mask = self._read(seg, "loss_mask")
         whole = {name: self._signal(seg_no, name, 0, seg.tokens, 0, seg.samples)
                  for name in signals}
+        texts = self._texts(seg_no, 0, seg.samples, 0, seg.tokens) if self.has_text else None
         out = []
         for j in range(seg.samples):
             row = seg.first_sample + j
             a = int(self._local_offset[row])
             b = a + int(self._length[row])
             sample = self._base_sample(row, ids[a:b], mask[a:b])
+            sample.text_spans = texts[j] if texts is not None else None
             for name, data in whole.items():
                 sample.signals[name] = _slice_signal(data, a, b, j)
             out.append(sample)

@@ -5,6 +5,8 @@ The writer takes these, the reader gives them back. Conventions (see FORMAT.md):
   (what Hugging Face writes as `labels[t] != -100`).
 - a signal's per-position arrays at position t describe the teacher's distribution of
   token t+1 given tokens 0..t (the causal-LM logits at t).
+- `text_spans` (stores with text, format 2.1): the sample's UTF-8 text and the byte span,
+  special flag and role of every token (logitstore/text_spans.py).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from logitstore.text_spans import SampleText
 
 
 @dataclass
@@ -83,6 +87,9 @@ class Sample:
     split: str = "train"
     tags: dict[str, Any] = field(default_factory=dict)
     signals: dict[str, SignalData] = field(default_factory=dict)
+    # Its text and its tokens' byte spans: required by a store whose settings say `text`,
+    # ignored by one that does not; a reader fills it from a store that has them.
+    text_spans: SampleText | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)

@@ -22,6 +22,8 @@ from logitstore.format import (INDEX_COLUMNS, SEGMENT_INDEX, SignalSpec, StoreSe
                                int_dtype_for, signal_array)
 from logitstore.parquet_io import table_to_bytes
 from logitstore.sample import Sample, SignalData
+from logitstore.text_spans import (TEXT_CHUNK_FACTOR, TEXT_SAMPLE_BYTES, TEXT_UTF8, encode_texts,
+                                   sample_text_problem)
 
 
 @dataclass
@@ -87,6 +89,8 @@ def validate_sample(sample: Sample, settings: StoreSettings) -> None:
         if value is not None and not isinstance(value, (str, int, float, bool, np.generic)):
             raise SchemaMismatchError(f"{where}: tag {tag!r} must be str/int/float/bool/None, "
                                       f"found {type(value).__name__}")
+    if settings.text:
+        _check_text(sample, len(ids))
     if set(sample.signals) != set(settings.signals):
         raise SchemaMismatchError(f"{where}: signals {sorted(sample.signals)} != store signals "
                                   f"{sorted(settings.signals)}")
@@ -138,6 +142,21 @@ def validate_sample(sample: Sample, settings: StoreSettings) -> None:
                                           f"{np.shape(data.attention)}, expected {expected}")
 
 
+def _check_text(sample: Sample, length: int) -> None:
+    """A store with text needs every sample's text and spans, sound (text_spans.py)."""
+    where = f"sample {sample.sample_id!r}"
+    t = sample.text_spans
+    if t is None:
+        raise SchemaMismatchError(
+            f"{where} has no text: this store keeps each sample's text and token spans "
+            f"(settings `text`), expected Sample.text_spans; give them, or write the store "
+            f"without text (teacher-dump --no-text)")
+    problem = sample_text_problem(t.text, t.spans, t.special, t.roles, length)
+    if problem:
+        raise SchemaMismatchError(f"{where}: {problem}; expected byte spans [start, end) of "
+                                  f"each token in the UTF-8 text (logitstore/text_spans.py)")
+
+
 def _check_ids(ids, vocab_size: int, where: str) -> None:
     ids = np.asarray(ids)
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
@@ -160,6 +179,10 @@ def encode_segment(samples: list[Sample], settings: StoreSettings) -> EncodedSeg
     group = zarr.open_group(mem, mode="w", zarr_format=3)
     _put(group, "input_ids", input_ids.astype(settings.token_dtype), ct)
     _put(group, "loss_mask", loss_mask, ct)
+    if settings.text:
+        chunk_rows = {TEXT_UTF8: TEXT_CHUNK_FACTOR * ct, TEXT_SAMPLE_BYTES: settings.chunk_samples}
+        for name, data in encode_texts([s.text_spans for s in samples]).arrays().items():
+            _put(group, name, data, chunk_rows.get(name, ct))
     entries: dict[str, int] = {}
     multi: dict[str, int] = {}
     for name, spec in settings.signals.items():

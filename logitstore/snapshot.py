@@ -207,6 +207,9 @@ def view_of(root: dict[str, Any], parts: list[dict[str, Any]], index: pa.Table,
             files.update(seg["files"])
             for sig, n in seg.get("sampled_entries", {}).items():
                 entries[sig] = entries.get(sig, 0) + n
+    # 2.1: the tokenizer's files, listed by the settings, are files of the store like any
+    # other (checked by verify, copied by cp, refused by readers when missing).
+    files.update((root.get("settings") or {}).get("tokenizer_files") or {})
     ids = index.column("sample_id").to_pylist()
     view = {k: v for k, v in root.items() if k not in ("catalog",)}
     view["parts"] = [{"name": p["name"], "complete": p["complete"],

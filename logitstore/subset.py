@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from logitstore.copy_samples import (CopyPlan, CopyResult, SourceSelection, canonical_digest,
-                                     execute_plan, open_sources)
+                                     execute_plan, open_sources, stored_tokenizer_files)
 from logitstore.errors import LogitStoreError, UnknownSampleError
 from logitstore.format import INDEX_COLUMNS
 from logitstore.reader import StoreReader
@@ -84,7 +84,8 @@ def plan_subset(url: str, reader: StoreReader, *, split: str | None,
               "tokens_out": selection.tokens()}
     return CopyPlan(command="subset", sources=[selection], settings=reader.settings,
                     filter=record, counts=counts,
-                    notes={"ids_file": ids_label} if ids is not None else {})
+                    notes={"ids_file": ids_label} if ids is not None else {},
+                    tokenizer_files=stored_tokenizer_files(reader))
 
 
 def _equal_mask(column: pa.ChunkedArray, value: Any) -> np.ndarray:

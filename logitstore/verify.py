@@ -27,6 +27,8 @@ from logitstore.snapshot import read_snapshot
 from logitstore.verify_records import check_records
 from logitstore.format import MANIFEST, PARTS_DIR, StoreSettings, int_dtype_for, signal_array
 from logitstore.fs import StoreFS, sha256_hex, storage_error
+from logitstore.text_spans import (SPAN_GAP, SPAN_LENGTH, TEXT_ARRAYS, TEXT_SAMPLE_BYTES, TEXT_UTF8,
+                                   TOKEN_KIND, segment_text_problems)
 
 T = TypeVar("T")
 # Files read (and segments checked) at once: on an object store each read is a request
@@ -40,6 +42,10 @@ def expected_arrays(settings: StoreSettings, tokens: int, samples: int, entries:
     """Array path inside a segment -> (shape, dtype) that the format prescribes."""
     id_dtype = int_dtype_for(settings.vocab_size - 1)
     out = {"input_ids": ((tokens,), settings.token_dtype), "loss_mask": ((tokens,), "bool")}
+    if settings.text:  # text/utf8 holds sum(text/sample_bytes) bytes: checked with them
+        out.update({TEXT_UTF8: (None, "uint8"), TEXT_SAMPLE_BYTES: ((samples,), "uint32"),
+                    SPAN_GAP: ((tokens,), "int32"), SPAN_LENGTH: ((tokens,), "uint32"),
+                    TOKEN_KIND: ((tokens,), "uint8")})
     for name, spec in settings.signals.items():
         if spec.topk:
             k = spec.topk.k
@@ -225,15 +231,18 @@ def _check_structure(fs: StoreFS, manifest: dict, settings: StoreSettings, index
                 problems.append(f"{where}: rows of {seg_dir} are out of place")
             if int(rows.column("length").to_numpy().sum()) != seg["tokens"]:
                 problems.append(f"{where}: lengths of {seg_dir} do not sum to {seg['tokens']}")
-            segments.append((seg_dir, seg))
+            segments.append((seg_dir, seg, rows.column("length").to_numpy()))
     listed = set(manifest["files"])
     # every folder above a damaged file: an array is skipped when any file under it is
     damaged_dirs = {rel.rsplit("/", depth)[0] for rel in damaged
                     for depth in range(1, rel.count("/") + 1)}
 
-    def check_segment(item: tuple[str, dict]) -> list[str]:
-        seg_dir, seg = item
-        return _check_segment_arrays(fs, settings, seg_dir, seg, listed, damaged_dirs)
+    def check_segment(item: tuple[str, dict, np.ndarray]) -> list[str]:
+        seg_dir, seg, lengths = item
+        problems = _check_segment_arrays(fs, settings, seg_dir, seg, listed, damaged_dirs)
+        if settings.text and not problems:
+            problems += _check_text(fs, seg_dir, lengths, damaged_dirs)
+        return problems
 
     for found in _in_order(pool, check_segment, segments):
         problems += found
@@ -269,7 +278,7 @@ def _check_array(fs: StoreFS, rel: str, shape, dtype) -> list[str]:
         _raise_storage_failure(err, fs.url_of(rel))
         return [f"{fs.path(rel)}: cannot open ({type(err).__name__}: {err})"]
     out = []
-    if tuple(arr.shape) != tuple(shape):
+    if shape is not None and tuple(arr.shape) != tuple(shape):
         out.append(f"{fs.path(rel)}: shape {tuple(arr.shape)}, expected {tuple(shape)}")
     if str(arr.dtype) != dtype:
         out.append(f"{fs.path(rel)}: dtype {arr.dtype}, expected {dtype}")
@@ -305,6 +314,23 @@ def _check_sampled(fs: StoreFS, settings: StoreSettings, seg_dir: str,
             out.append(f"{fs.path(rels['sampled_counts'])}: draws per position must sum to "
                        f"{spec.sampled.n_draws}")
     return out
+
+
+def _check_text(fs: StoreFS, seg_dir: str, lengths: np.ndarray,
+                damaged_dirs: set[str]) -> list[str]:
+    """Texts and spans of a segment's samples (`lengths`: their tokens, from the index):
+    the texts add up to text/utf8 and are UTF-8, every span lies in its text, spans never
+    go back, special tokens' spans are empty and the others' are not (text_spans.py)."""
+    rels = [f"{seg_dir}/{name}" for name in TEXT_ARRAYS]
+    if any(r in damaged_dirs for r in rels):
+        return []  # already reported by checksum
+    try:
+        utf8, sample_bytes, gap, length, kind = (_open(fs, r)[...] for r in rels)
+    except Exception as err:
+        _raise_storage_failure(err, fs.url_of(seg_dir))
+        return [f"{fs.path(seg_dir)}: cannot read the text arrays ({err})"]
+    return [f"{fs.path(seg_dir)}/spans: {problem}" for problem in
+            segment_text_problems(utf8, sample_bytes, lengths, gap, length, kind)]
 
 
 def _raise_storage_failure(err: Exception, url: str) -> None:

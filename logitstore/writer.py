@@ -25,7 +25,8 @@ from logitstore.commit import commit_store, now_iso, part_manifest_path, sealed_
 from logitstore.consolidate import previous_manifest, register_part
 from logitstore.errors import LogitStoreError, SchemaMismatchError, SettingsMismatchError
 from logitstore.format import (FORMAT_VERSION, MANIFEST, PART_HEAD, PARTS_DIR, RECORDS_DIR,
-                               SEGMENT_INDEX, StoreSettings, segment_name, settings_differences)
+                               SEGMENT_INDEX, TOKENIZER_DIR, StoreSettings, segment_name,
+                               settings_differences)
 from logitstore.fs import StoreFS, sha256_hex
 from logitstore.parquet_io import table_from_bytes
 from logitstore.records import (head_after, head_path, new_head, new_record, read_head,
@@ -47,12 +48,44 @@ def segment_number(name: str) -> int | None:
     return int(match.group(1))
 
 
+def tokenizer_file_entries(files: dict[str, bytes]) -> dict[str, dict[str, Any]]:
+    """{"tokenizer/<name>": {"size", "sha256"}} of a tokenizer's files given by name: the
+    `tokenizer_files` of the settings of a store that keeps them."""
+    return {f"{TOKENIZER_DIR}/{name}": {"size": len(data), "sha256": sha256_hex(data)}
+            for name, data in sorted(files.items())}
+
+
+def write_tokenizer_files(fs: StoreFS, settings: StoreSettings, files: dict[str, bytes]) -> None:
+    """Store the tokenizer files the settings list (ROOT/tokenizer/<name>), before any
+    segment commits: `files` maps each listed path to its bytes. A file already there with
+    the listed bytes (another part's writer, a resumed one) is kept; LogitStoreError when
+    a listed file is neither given nor there, or the bytes given are not the listed ones."""
+    for rel, meta in sorted(settings.tokenizer_files.items()):
+        data = files.get(rel)
+        if data is None:
+            if fs.exists(rel):
+                continue  # its bytes are checked by verify, like every file of the store
+            raise LogitStoreError(
+                f"the store settings list the tokenizer file {rel} but it is neither in "
+                f"{fs.url} nor given to the writer; pass the tokenizer's files "
+                f"(tokenizer_files=...), or settings without tokenizer_files")
+        if len(data) != meta["size"] or sha256_hex(data) != meta["sha256"]:
+            raise LogitStoreError(
+                f"the bytes given for the tokenizer file {rel} ({len(data)} bytes, sha256 "
+                f"{sha256_hex(data)}) are not the ones the settings list ({meta['size']} "
+                f"bytes, sha256 {meta['sha256']}); build the settings from the same files "
+                f"(tokenizer_file_entries)")
+        if fs.read_bytes_if_present(rel) != data:
+            fs.write_bytes(rel, data)
+
+
 class StoreWriter:
     """Writes one part. Several writers (one per part) may write one store at the same time."""
 
     def __init__(self, url: str, settings: StoreSettings, *, part: str = "part-00000",
                  storage_options: dict | None = None, commit_store: bool = True,
-                 overwrite: bool = False, extra: dict[str, Any] | None = None):
+                 overwrite: bool = False, extra: dict[str, Any] | None = None,
+                 tokenizer_files: dict[str, bytes] | None = None):
         settings.validate()
         if not part or "/" in part or part.startswith("."):
             raise LogitStoreError(f"part name {part!r} must be non-empty, without '/' and not "
@@ -66,6 +99,7 @@ class StoreWriter:
         if overwrite:
             self._erase_store()
         store = self._check_store_settings()
+        write_tokenizer_files(self.fs, settings, tokenizer_files or {})
         self._registered = any(p["name"] == part and p.get("follow_head")
                                for p in (store or {}).get("parts", []))
         self._head = self._open_part()
@@ -78,7 +112,7 @@ class StoreWriter:
     # -- opening / resuming -------------------------------------------------------------
 
     def _erase_store(self) -> None:
-        for rel in (MANIFEST, "index", PARTS_DIR):
+        for rel in (MANIFEST, "index", PARTS_DIR, TOKENIZER_DIR):
             self.fs.delete(rel, recursive=True)
 
     def _check_store_settings(self) -> dict[str, Any] | None:

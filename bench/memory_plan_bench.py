@@ -183,6 +183,7 @@ def plan_of(settings: dict) -> dict | None:
     rows = plan.as_dict()
     return {k: rows.get(k) for k in PLAN_ROWS if rows.get(k) is not None} | {
         "other_rows": rows.get("other_rows", {}), "device": extra.get("device", "cuda"),
+        "peak_phase": rows.get("peak_phase"),
         "render": plan.render()}
 
 
@@ -196,13 +197,17 @@ def measured_rows(m: dict) -> dict:
     dynamic splits into forward_kept, the live "other" bytes at the decoder stack's output
     (what the forward keeps for backward, the batch included), and head_and_backward, the
     rest of the peak (lm_head + KD-loss buffers, the lm_head gradient) when the peak is in
-    the forward (None otherwise). peak_phase: "step" (optimizer temporaries live beyond the
-    states), "backward" (parameter gradients live), else "forward"."""
+    the forward (None otherwise). Past the forward, dynamic is the peak less all of the
+    gradients (one being made then, the embedding's, is not yet a .grad). peak_phase: "step"
+    (optimizer temporaries live beyond the states), "backward" (parameter gradients live),
+    else "forward"."""
     roles = m["peak_roles"]
-    live_static = roles["weights"] + roles["gradients"] + min(roles["optimizer"],
-                                                              m["optimizer_bytes"])
     phase = "step" if roles["optimizer"] > m["optimizer_bytes"] else (
         "backward" if roles["gradients"] else "forward")
+    # past the forward, all the gradients count as static (as the plan's phases count them):
+    # one still being made (the embedding's at the end of the backward) is not yet a .grad
+    gradients = m["gradient_bytes"] if phase != "forward" else roles["gradients"]
+    live_static = roles["weights"] + gradients + min(roles["optimizer"], m["optimizer_bytes"])
     return {"weights": m["param_bytes"] + m["buffer_bytes"], "gradients": m["gradient_bytes"],
             "optimizer": m["optimizer_bytes"], "dynamic": m["peak_tensor"] - live_static,
             "forward_kept": m["decoder_output_tensor"],
@@ -219,9 +224,11 @@ def compare(plan: dict | None, m: dict, checkpointing: bool) -> dict:
     if plan is None:
         return out
     acts = plan.get("activations_checkpointed" if checkpointing else "activations", 0)
+    dynamic = acts + plan.get("kd_buffers", 0) + plan.get("other", 0)
+    if plan.get("peak_phase") in ("backward", "step"):  # a phased plan: gradients live then
+        dynamic = plan["total"] - plan["weights"] - plan["optimizer"] - plan["gradients"]
     planned = {"weights": plan.get("weights", 0), "gradients": plan.get("gradients", 0),
-               "optimizer": plan.get("optimizer", 0),
-               "dynamic": acts + plan.get("kd_buffers", 0) + plan.get("other", 0),
+               "optimizer": plan.get("optimizer", 0), "dynamic": dynamic,
                "forward_kept": acts, "head_and_backward": plan.get("kd_buffers", 0)
                + plan.get("other", 0),
                "total_tensor": plan["total"], "total_rss": plan["total"]}

@@ -57,7 +57,8 @@ def markdown(report: dict) -> str:
             f"{_ratio(ratios.get('total_rss'))} | {off} |")
     lines += ["", "Rows, plan / measured MiB (measured: weights, gradients and optimizer state "
                   "counted from the tensors; activations+KD+other = the tensor peak less the "
-                  "weights, gradients and optimizer state live at that moment; the last column: "
+                  "weights and optimizer state, and in the backward and step all the gradients; "
+                  "the last column: "
                   "where the peak is (forward, backward, optimizer step) and the parameter "
                   "gradients live then; the split of the dynamic part: the plan's "
                   "activations against what the forward keeps at the decoder's output, the "

@@ -13,20 +13,26 @@ meta-device model, memory_plan_facts.py) and the store's manifest; every row is 
                projections fp32
   gradients    the trainable parameters, in their own dtype
   optimizer    student_train.optimizers.state_bytes per trainable tensor
-  activations  what autograd keeps per token for the backward of a Llama-style decoder layer
-               (`_layer_bytes_per_token`), x layers x batch_tokens; with gradient
-               checkpointing each layer keeps its input only and one layer is recomputed at a
-               time; plus the final norm, the trained positions' hidden rows and the batch
-  kd_buffers   fused_head_loss.py's chunk: one fp32 [chunk, vocab] buffer, a second one for
-               zero-tail kl at T != 1, a 16-bit copy while converting under autocast; its
-               16-bit weight copy and the hidden-row gradient it holds until backward
-  other        bf16 autocast copies of fp32 Linear weights (saved for backward), FSDP's
-               all-gathered units, DDP's gradient buckets, the optimizer step's transient where
-               it exceeds the forward/backward's, the CUDA context and allocator reserve
+  activations  what the forward keeps for backward per token (memory_plan_terms.py: a
+               Llama-style layer, measured exact in fp32), x layers x batch_tokens, plus the
+               final norm, RoPE's tables and the batch; with gradient checkpointing each layer
+               keeps its input only (the recompute of one layer comes in the backward)
+  kd_buffers   fused_head_loss.py's largest chunk: the fp32 [chunk, vocab] buffer, a second
+               one for zero-tail kl at T != 1, a 16-bit copy while converting under autocast;
+               its 16-bit weight copy, the picked hidden rows and their gradient
+  other        what else the peak phase holds: the lm_head gradient the fused head builds in
+               the forward (full fine-tune), the backward's buffers, recompute and embedding
+               gradients, the optimizer step's temporaries; on CUDA: bf16 autocast copies of
+               fp32 Linear weights, FSDP's all-gathered units, DDP's gradient buckets, the
+               CUDA context and allocator reserve
 
-With `fsdp`, weights, gradients and optimizer state are divided over the processes. Gradients
-are counted whole during the forward (they are, from the second micro-batch of an accumulation
-on, and the fused head makes the lm_head gradient in the forward), so the total errs high.
+The rows peak at different moments (with grad_accum 1 no parameter gradient exists in the
+forward; the optimizer's temporaries exist only in the step), so `total` is the largest of
+three phases, forward, backward and step (`_rows` says what each holds), and `peak_phase`
+names it. With `fsdp`, weights, gradients and optimizer state are divided over the processes.
+Measured on the CPU in fp32 (bench/memory_plan_bench.py); the CUDA-only rows (autocast copies,
+the context and reserve, foreach AdamW's transient, FSDP's and DDP's buffers) are sized from
+the ops and not measured.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import re
 from dataclasses import dataclass, field
 
 from logitstore.errors import ConfigError
+from student_train import memory_plan_terms as terms
 from student_train.memory_plan_facts import (ModelFacts, StoreFacts, load_model_config,
                                              model_facts, store_facts)
 
@@ -48,6 +55,7 @@ NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 CUDA_CONTEXT_BYTES = 512 << 20  # CUDA context, cuBLAS workspace: outside the allocator's count
 ALLOCATOR_RESERVE = 0.05  # fragmentation of the caching allocator, share of the tensor peak
 SUGGESTED_LORA_R = 16
+BACKWARD_ROW = "backward activations + buffers"  # the backward's peak beyond W + O + G
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 1 << 10, "m": 10**6, "mb": 10**6,
           "mib": 1 << 20, "g": 10**9, "gb": 10**9, "gib": 1 << 30, "t": 10**12, "tb": 10**12,
           "tib": 1 << 40}
@@ -96,13 +104,15 @@ class Knobs:
     lm_head_chunk: int
     packing: bool
     device: str  # "cuda" (the plan) or "cpu" (what the same run holds on the CPU)
+    grad_accum: int = 1
 
     @classmethod
     def of(cls, cfg, processes: int, device: str) -> "Knobs":
         return cls(cfg.batch_tokens, cfg.gradient_checkpointing,
                    getattr(cfg, "optimizer", "adamw"), getattr(cfg, "fsdp", False),
                    processes, cfg.lora_r, cfg.qlora, cfg.lora_dropout, cfg.student_dtype,
-                   cfg.mixed_precision, cfg.lm_head_chunk, cfg.packing, device)
+                   cfg.mixed_precision, cfg.lm_head_chunk, cfg.packing, device,
+                   cfg.grad_accum)
 
     @property
     def autocast(self) -> bool:
@@ -135,7 +145,9 @@ class MemoryPlan:
     max_batch_tokens: int | None  # the largest that fits (None: no gpu_memory, or none fits)
     suggestion: str | None  # the smallest change that fits, when this does not
     gpu_memory: int | None = None
-    other_rows: dict[str, int] = field(default_factory=dict)  # what `other` is made of
+    other_rows: dict[str, int] = field(default_factory=dict)  # the rows besides the main ones
+    peak_phase: str = "forward"  # the phase `total` is: forward, backward or step
+    phases: dict[str, int] = field(default_factory=dict)  # each phase's bytes (no CUDA rows)
     facts: dict = field(default_factory=dict)  # parameters, vocabulary, settings planned
 
     def as_dict(self) -> dict:
@@ -170,134 +182,101 @@ def _weight_bytes(m: ModelFacts, s: StoreFacts, k: Knobs) -> float:
     return base + sum(math.prod(shape) * 4 for shape in s.aligner_shapes.values())
 
 
-def _row_length(s: StoreFacts, k: Knobs) -> int:
-    """Positions per row: packed rows are batch_tokens long, else the longest sample."""
-    if k.packing or not s.longest_sample:
-        return k.batch_tokens
-    return min(k.batch_tokens, s.longest_sample)
+def _extras(m: ModelFacts, k: Knobs, shards: int, gradients: float) -> dict[str, float]:
+    """Rows outside the table's main ones that hold in the forward and backward (DDP's
+    buckets in every phase). CUDA-only ones are sized from the ops, not measured."""
+    extras = {}
+    if k.autocast and k.param_bytes == 4 and not k.qlora:
+        # 16-bit copies of the fp32 Linear weights, saved for backward (trained ones cached
+        # by autocast for the whole forward); with checkpointing one layer's at a time
+        linear = sum(lin.params for lin in m.linears)
+        per_layer = linear / max(m.layers, 1)
+        extras["bf16 autocast weight copies"] = 2 * (per_layer if k.gradient_checkpointing
+                                                     else linear)
+    if k.qlora:  # bitsandbytes dequantises one weight at a time
+        extras["4-bit dequantised weight"] = 2 * max((lin.params for lin in m.linears),
+                                                     default=0)
+    if k.fsdp and shards > 1:  # the root unit (embeddings, head) and a layer and its prefetch
+        extras["FSDP all-gathered units"] = (1 - 1 / shards) * (
+            (m.outside_layers() + 2 * m.layer_params()) * k.param_bytes)
+    if k.processes > 1 and not k.fsdp:
+        extras["DDP gradient buckets"] = gradients  # allocated with the DDP wrapper
+    return extras
 
 
-def _layer_bytes_per_token(m: ModelFacts, s: StoreFacts, k: Knobs, eager: bool) -> float:
-    """What one decoder layer keeps for backward, per token (HF Llama-style layer).
+def _rows(m: ModelFacts, s: StoreFacts, k: Knobs, tokens: int) -> dict:
+    """Every row of the plan at `tokens` per micro-batch, the phases they add up to, and
+    "total": the largest phase (+ on CUDA the context and allocator reserve).
 
-    Norms (2): the fp32 input and normalised rows; their output once, or under autocast one
-    16-bit copy per consuming projection (q, k, v; gate, up). Attention: q, k and their
-    rotate_half, the SDPA inputs (k, v repeated to all heads for grouped-query attention
-    with a mask), its output and the contiguous copy o_proj saves, the logsumexp; eager adds
-    the fp32 softmax and its 16-bit copy per query and key. MLP: gate, up, silu(gate) and the
-    product down_proj saves. LoRA: dropout's mask and output (or autocast's copy) per adapted
-    input.
+    The rows peak at different moments (measured, bench/memory_plan_bench.py), so a step's
+    peak is the largest of:
+      forward   weights + optimizer + what the forward keeps + the fused head's chunk and the
+                lm_head gradient it builds (+ gradients from the 2nd micro-batch of an
+                accumulation on)
+      backward  weights + optimizer + gradients + the largest of: the top layer's (all kept
+                activations, its gradient buffers, with checkpointing its recompute), the
+                bottom layer's under checkpointing (its recompute, the input embedding's
+                gradient not made yet), the end (the embeddings' gradient; tied: the head's
+                and the embedding's [V, d] and their sum)
+      step      weights + gradients + optimizer + the optimizer step's temporaries
     """
-    a, r, p = k.compute_bytes, k.param_bytes, k.param_bytes
-    h, inter = m.hidden, m.intermediate
-    qd, kvd = m.heads * m.head_dim, m.kv_heads * m.head_dim
-    kv_sdpa = qd if m.kv_heads < m.heads else kvd
-    norms = 2 * 2 * r * h + (5 * a * h if k.autocast else 2 * p * h)
-    attention = 5 * a * qd + 2 * a * kvd + 2 * a * kv_sdpa + 4 * m.heads
-    if eager:
-        attention += m.heads * _row_length(s, k) * (4 + (a if k.autocast else 0))
-    mlp = 4 * a * inter
-    lora = 0.0
-    if k.lora_r:
-        per_value = (1 + a) if k.lora_dropout > 0 else (a if k.autocast else 0)
-        lora = sum(lin.in_features for lin in m.lora_linears()) * per_value / max(m.layers, 1)
-    return norms + attention + mlp + lora
-
-
-def _backward_bytes_per_token(m: ModelFacts, s: StoreFacts, k: Knobs, eager: bool) -> float:
-    """Gradient buffers of one layer's backward in flight (MLP intermediates, the residual)."""
-    extra = 2 * 4 * m.heads * _row_length(s, k) if eager else 0
-    return 3 * k.compute_bytes * m.intermediate + 4 * k.param_bytes * m.hidden + extra
-
-
-def _outside_bytes_per_token(m: ModelFacts, s: StoreFacts, k: Knobs, eager: bool) -> float:
-    """Final norm, the final hidden rows and their trained-position copy, the batch tensors
-    (ids, labels, positions, mask, weights; KD ids and log-probs) and a packing mask."""
-    p, r = k.param_bytes, k.param_bytes
-    batch = 48 + 24 * sum(s.target_widths)
-    mask = _row_length(s, k) * (3 + (4 if eager else 0)) if k.packing else 0
-    return 2 * r * m.hidden + 2 * p * m.hidden + batch + mask
-
-
-def _activations(m, s, k, tokens: int, eager: bool, checkpointed: bool) -> float:
-    layer = _layer_bytes_per_token(m, s, k, eager)
-    kept = m.layers * (k.param_bytes * m.hidden if checkpointed else layer)
-    recompute = layer if checkpointed else 0
-    return tokens * (kept + recompute + _backward_bytes_per_token(m, s, k, eager)
-                     + _outside_bytes_per_token(m, s, k, eager))
-
-
-def _kd_buffers(m: ModelFacts, s: StoreFacts, k: Knobs, tokens: int) -> float:
-    """fused_head_loss: the chunk's [n, V] buffers, O(n K) gathers, the 16-bit head weight copy
-    and product under autocast, the hidden-row gradient [tokens, d] kept until backward."""
-    n = min(k.lm_head_chunk, tokens)
-    conversion = 2 if k.compute_bytes == 2 else 0
-    chunk = n * m.vocab * (4 + 4 * s.tempered_buffer + conversion)
-    sparse = n * sum(s.target_widths) * 4 * 16
-    weight_copy = 0
-    if k.compute_bytes != k.param_bytes:
-        weight_copy = 2 * m.vocab * m.hidden * (1 if k.lora_r else 2)
-    return chunk + sparse + weight_copy + tokens * m.hidden * k.param_bytes
-
-
-def _step_transient(trainable, k: Knobs, shards: int) -> float:
-    """The optimizer step's temporaries: foreach AdamW on CUDA one copy of all the moments'
-    size (sqrt of exp_avg_sq), per tensor on the CPU; Adafactor's fp32 update per tensor."""
-    largest = max((math.prod(shape) for shape, _ in trainable), default=0)
-    if k.optimizer == "adamw":
-        if k.device == "cuda":
-            return sum(math.prod(shape) * b for shape, b in trainable) / shards
-        return 2 * largest * max((b for _, b in trainable), default=4)
-    if k.optimizer == "adafactor":
-        return 3 * largest * 4
-    return 0.0  # bitsandbytes updates each tensor in place
-
-
-def _rows(m: ModelFacts, s: StoreFacts, k: Knobs, tokens: int) -> dict[str, float]:
-    """Every row of the plan at `tokens` per micro-batch; "total" is the peak."""
     from student_train.optimizers import state_bytes
 
     shards = k.processes if k.fsdp else 1
     trainable = _trainable(m, s, k)
-    eager = s.attention_maps
-    rows = {"weights": _weight_bytes(m, s, k) / shards,
-            "gradients": sum(math.prod(shape) * b for shape, b in trainable) / shards,
-            "optimizer": sum(state_bytes(k.optimizer, shape, b) for shape, b in trainable)
-            / shards,
-            "activations": _activations(m, s, k, tokens, eager, False),
-            "activations_checkpointed": _activations(m, s, k, tokens, eager, True),
-            "kd_buffers": _kd_buffers(m, s, k, tokens)}
-    other = {}
-    if k.autocast and k.param_bytes == 4 and not k.qlora:  # fp32 weights cast per forward
-        linear = sum(lin.params for lin in m.linears)
-        per_layer = linear / max(m.layers, 1)
-        other["bf16 autocast weight copies"] = 2 * (per_layer if k.gradient_checkpointing
-                                                    else linear)
-    if k.qlora:  # bitsandbytes dequantises one weight at a time
-        other["4-bit dequantised weight"] = 2 * max((lin.params for lin in m.linears), default=0)
-    if k.fsdp and shards > 1:
-        head_grad = 0 if k.lora_r else m.outside_layers() * k.param_bytes
-        other["FSDP all-gathered units"] = (1 - 1 / shards) * (
-            (m.outside_layers() + 2 * m.layer_params()) * k.param_bytes + head_grad)
-    activations = rows["activations_checkpointed" if k.gradient_checkpointing else "activations"]
-    forward_backward = activations + rows["kd_buffers"] + sum(other.values())
-    persistent = rows["weights"] + rows["gradients"] + rows["optimizer"]
-    if k.processes > 1 and not k.fsdp:  # kept from the first backward on
-        other["DDP gradient buckets"] = rows["gradients"]
-        persistent += rows["gradients"]
-    step = _step_transient(trainable, k, shards)
-    if m.tied and not k.lora_r:  # the embedding's dense gradient, added to the head's
-        step = max(step, m.vocab * m.hidden * k.param_bytes)
-    if step > forward_backward:
-        other["optimizer step transient"] = step - forward_backward
-    tensors = persistent + max(forward_backward, step)
+    weights = _weight_bytes(m, s, k) / shards
+    gradients = sum(math.prod(shape) * b for shape, b in trainable) / shards
+    optimizer = sum(state_bytes(k.optimizer, shape, b) for shape, b in trainable) / shards
+    outside = terms.outside_per_token(m, s, k)
+    layer = terms.layer_kept_per_token(m, s, k)
+    activations = tokens * (m.layers * layer + outside)
+    checkpointed = tokens * (m.layers * terms.checkpointed_layer_per_token(m, k) + outside)
+    kept = checkpointed if k.gradient_checkpointing else activations
+    kd = terms.head_chunk_bytes(m, s, k, tokens)
+    head_grad = terms.head_gradient_bytes(m, k)
+    extras = _extras(m, k, shards, gradients)
+    ddp = extras.get("DDP gradient buckets", 0)
+    gradients_in_forward = gradients if k.grad_accum > 1 else 0
+    buffers = tokens * terms.backward_buffers_per_token(m, s, k)
+    recompute = tokens * layer if k.gradient_checkpointing else 0
+    input_grad = tokens * m.hidden * k.param_bytes  # a layer's input gradient
+    end = input_grad  # the embeddings' output gradient; tied: the embedding's dense [V, d]
+    if m.tied and not k.lora_r:  # gradient and its sum with the head's (measured)
+        end += 2 * terms.head_gradient_bytes(m, k)
+    bottom = 0.0
+    if k.gradient_checkpointing:  # the input embedding's gradient is not made yet
+        missing = 0 if m.tied else terms.input_embedding_bytes(m, k) / shards
+        bottom = recompute + buffers + input_grad - missing
+    top = kept + buffers + recompute + input_grad
+    top_gradients = head_grad + gradients_in_forward  # the head's own until it hands it over
+    phases = {
+        "forward": {"weights": weights, "optimizer": optimizer, "gradients": gradients_in_forward,
+                    "activations": kept, "kd_buffers": kd, "lm_head gradient (fused head)":
+                    head_grad, **extras},
+        "backward": {"weights": weights, "optimizer": optimizer, "gradients": gradients,
+                     BACKWARD_ROW: max(top + top_gradients - gradients, end, bottom),
+                     **extras},
+        "step": {"weights": weights, "gradients": gradients, "optimizer": optimizer,
+                 "optimizer step transient": terms.step_transient(trainable, k, shards),
+                 **({"DDP gradient buckets": ddp} if ddp else {})},
+    }
+    sums = {name: sum(parts.values()) for name, parts in phases.items()}
+    peak = max(sums, key=sums.get)
+    total = sums[peak]
+    other_rows = {"lm_head gradient (fused head)": head_grad, **extras,
+                  "recomputed layer (backward)": recompute,
+                  BACKWARD_ROW: phases["backward"][BACKWARD_ROW],
+                  "optimizer step transient": phases["step"]["optimizer step transient"]}
     if k.device == "cuda":
-        other["CUDA context + allocator reserve"] = CUDA_CONTEXT_BYTES + ALLOCATOR_RESERVE * tensors
-    rows["other"] = sum(other.values())
-    rows["total"] = (rows["weights"] + rows["gradients"] + rows["optimizer"] + activations
-                     + rows["kd_buffers"] + rows["other"])
-    rows["other_rows"] = other
-    return rows
+        other_rows["CUDA context + allocator reserve"] = (CUDA_CONTEXT_BYTES
+                                                          + ALLOCATOR_RESERVE * total)
+        total += other_rows["CUDA context + allocator reserve"]
+    main = ("weights", "gradients", "optimizer", "activations", "kd_buffers")
+    other = total - sum(v for name, v in phases[peak].items() if name in main)
+    return {"weights": weights, "gradients": gradients, "optimizer": optimizer,
+            "activations": activations, "activations_checkpointed": checkpointed,
+            "kd_buffers": kd, "other": other, "total": total, "peak_phase": peak,
+            "phases": sums, "other_rows": {n: v for n, v in other_rows.items() if v}}
 
 
 # ----------------------------------------------------------------------------- solving
@@ -413,4 +392,6 @@ def estimate(cfg, num_processes: int = 1, gpu_memory: int | None = None, model_c
         kd_buffers=round(rows["kd_buffers"]), other=round(rows["other"]),
         total=round(rows["total"]), fits=fits, max_batch_tokens=max_tokens,
         suggestion=suggestion, gpu_memory=gpu_memory,
-        other_rows={name: round(v) for name, v in rows["other_rows"].items()}, facts=facts)
+        other_rows={name: round(v) for name, v in rows["other_rows"].items()},
+        peak_phase=rows["peak_phase"],
+        phases={name: round(v) for name, v in rows["phases"].items()}, facts=facts)

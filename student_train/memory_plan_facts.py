@@ -82,6 +82,7 @@ class StoreFacts:
     aligner_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     attention_maps: bool = False  # eager attention, maps kept for the alignment loss
     longest_sample: int | None = None
+    shortest_sample: int | None = None  # equal to longest_sample: rows need no padding
     signals: list[str] = field(default_factory=list)
 
 
@@ -200,4 +201,5 @@ def store_facts(cfg, model_config) -> StoreFacts:
                         for n, p in a.named_parameters()},
         attention_maps=any(p.attention_weight > 0 for p in plans),
         longest_sample=int(max(lengths)) if len(lengths) else None,
+        shortest_sample=int(min(lengths)) if len(lengths) else None,
         signals=[p.name for p in plans])

@@ -45,7 +45,13 @@ def render_plan(plan) -> str:
     ]
     for name, value in plan.other_rows.items():
         lines.append(f"  {name:<32}{_size(value)}")
-    lines.append(f"  {'total':<32}{_size(plan.total)}")
+    # the rows peak at different moments: the total is the largest phase, not their sum
+    phases = ", ".join(f"{name} {value / GiB:.2f}" + (" (peak)" if name == plan.peak_phase
+                                                      else "")
+                       for name, value in plan.phases.items())
+    lines += [f"  phases (GiB): {phases}",
+              f"  {'total (peak phase' + (' + CUDA rows)' if f['device'] == 'cuda' else ')'):<32}"
+              f"{_size(plan.total)}"]
     if plan.gpu_memory is not None:
         verdict = "fits" if plan.fits else "does NOT fit"
         lines += ["", f"  {verdict} in {plan.gpu_memory / GiB:.2f} GiB per device; largest "
@@ -84,8 +90,9 @@ def _breakdown(plan) -> str:
 
 def refusal_message(plan) -> str:
     """One paragraph: the plan does not fit gpu_memory, and the change that would."""
-    return (f"memory plan: this config needs {plan.total / GiB:.2f} GiB per device ("
-            f"{_breakdown(plan)} GiB) over {plan.facts['processes']} process(es), more than "
+    return (f"memory plan: this config needs {plan.total / GiB:.2f} GiB per device at its "
+            f"{plan.peak_phase} peak ({_breakdown(plan)} GiB) over "
+            f"{plan.facts['processes']} process(es), more than "
             f"gpu_memory {plan.gpu_memory / GiB:.2f} GiB; the smallest change that fits: "
             f"{plan.suggestion}. `student-train --plan` with the same flags prints the table")
 

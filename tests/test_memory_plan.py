@@ -129,12 +129,84 @@ def test_qlora_weights_are_about_half_a_byte_per_quantised_parameter():
 
 
 def test_activations_grow_with_batch_tokens_and_checkpointing_cuts_them():
-    totals = [plan_of(llama_1b(), batch_tokens=b).total for b in (512, 1024, 4096, 16384)]
-    assert totals == sorted(totals) and len(set(totals)) == 4
+    sizes = (512, 1024, 4096, 16384)
+    lora = [plan_of(llama_1b(), batch_tokens=b, lora_r=16).total for b in sizes]
+    assert lora == sorted(lora) and len(set(lora)) == 4  # the forward is LoRA's peak
+    # a full fine-tune peaks at the optimizer step until the activations outgrow it
+    full = [plan_of(llama_1b(), batch_tokens=b) for b in sizes]
+    assert [p.total for p in full] == sorted(p.total for p in full)
+    assert full[0].peak_phase == "step" and full[-1].peak_phase == "forward"
+    assert full[0].total > max(v for n, v in full[0].phases.items() if n != "step")
     plan = plan_of(llama_1b(), batch_tokens=8192)
     assert plan.activations_checkpointed < plan.activations / 4
     on = plan_of(llama_1b(), batch_tokens=8192, gradient_checkpointing=True)
     assert on.total < plan.total and on.activations_checkpointed == plan.activations_checkpointed
+
+
+def _saved_bytes_per_layer(model, config, tokens: int) -> list[float]:
+    """What autograd keeps per decoder layer in a forward (storages once, parameters not)."""
+    seen = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    current, kept = [None], [0] * config.num_hidden_layers
+    layers = model.get_decoder().layers
+    for i, layer in enumerate(layers):
+        layer.register_forward_pre_hook(lambda *_a, i=i: current.__setitem__(0, i))
+        layer.register_forward_hook(lambda *_a: current.__setitem__(0, None))
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if current[0] is not None and storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            kept[current[0]] += storage.nbytes()
+        return t
+
+    ids = torch.randint(0, config.vocab_size, (2, tokens // 2))
+    positions = torch.arange(tokens // 2).repeat(2, 1)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.get_decoder()(input_ids=ids, position_ids=positions)
+    return [b / tokens for b in kept]
+
+
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_layer_activations_equal_what_autograd_keeps(lora_r):
+    from transformers import LlamaForCausalLM
+
+    from student_train import memory_plan_terms as terms
+    from student_train.memory_plan import Knobs
+    from student_train.memory_plan_facts import StoreFacts, model_facts
+
+    config = tiny_config(intermediate_size=96, head_dim=24, attn_implementation="sdpa")
+    cfg = cfg_of(lora_r=lora_r, mixed_precision="no")
+    model = LlamaForCausalLM(config).train()
+    if lora_r:
+        from student_train.student import apply_lora
+
+        model = apply_lora(model, cfg).base_model.model
+    k = Knobs.of(cfg, 1, "cpu")
+    planned = terms.layer_kept_per_token(model_facts(cfg, config),
+                                         StoreFacts(longest_sample=32, shortest_sample=32), k)
+    kept = _saved_bytes_per_layer(model, config, tokens=64)
+    assert kept[1] == pytest.approx(planned, abs=0.01)  # layer 0 keeps less with LoRA
+
+
+def test_phases_hold_what_was_measured():
+    config = tiny_config(tie_word_embeddings=True)
+    vd = 300 * 64 * 4
+    full = plan_of(config, device="cpu", batch_tokens=64)
+    static = full.weights + full.optimizer
+    # the backward ends with the embedding's dense gradient and its sum with the head's
+    assert full.phases["backward"] >= static + full.gradients + 2 * vd
+    # no parameter gradient in the forward (grad_accum 1), but the fused head's [V, d]
+    assert full.other_rows["lm_head gradient (fused head)"] == vd
+    assert full.phases["forward"] == pytest.approx(
+        static + full.activations + full.kd_buffers + vd, abs=2)
+    accumulating = plan_of(config, device="cpu", batch_tokens=64, grad_accum=2)
+    assert accumulating.phases["forward"] == full.phases["forward"] + full.gradients
+    lora = plan_of(config, device="cpu", batch_tokens=64, lora_r=4)
+    assert "lm_head gradient (fused head)" not in lora.other_rows
+    assert full.total == max(full.phases.values())  # the CPU plan has no CUDA rows
+    cuda = plan_of(config, batch_tokens=64)
+    assert cuda.total > max(cuda.phases.values())  # context and allocator reserve
+    assert "peak" in cuda.render() and cuda.peak_phase in cuda.phases
 
 
 def test_max_batch_tokens_fits_and_one_more_chunk_does_not():

@@ -98,11 +98,25 @@ def refusal_message(plan) -> str:
 
 
 def check_memory_plan(cfg) -> None:
-    """Refuse (ConfigError) a config whose plan does not fit cfg.gpu_memory."""
-    from logitstore.errors import ConfigError
-    from student_train.memory_plan import estimate, parse_memory_size
+    """Refuse (ConfigError) a config whose plan does not fit the device: cfg.gpu_memory, else
+    (training on CUDA) the GPU's own memory. On the CPU without gpu_memory nothing is checked.
+    A plan that cannot be made (an architecture the meta-device count does not know) stops
+    the run only when gpu_memory asked for the check; else it is logged and training goes on."""
+    import logging
 
-    plan = estimate(cfg, planned_processes(cfg), parse_memory_size(cfg.gpu_memory))
+    from logitstore.errors import ConfigError, LogitStoreError
+    from student_train.memory_plan import estimate
+
+    budget = _device_memory(cfg)
+    if budget is None:
+        return
+    try:
+        plan = estimate(cfg, planned_processes(cfg), budget)
+    except LogitStoreError as exc:
+        if cfg.gpu_memory:
+            raise
+        logging.getLogger(__name__).warning("no memory plan before training: %s", exc)
+        return
     if not plan.fits:
         raise ConfigError([refusal_message(plan)])
 
@@ -112,10 +126,15 @@ def _device_memory(cfg) -> int | None:
 
     if cfg.gpu_memory:
         return parse_memory_size(cfg.gpu_memory)
+    import os
+
     import torch
 
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    if torch.cuda.is_available() and not on_cpu:
+        # the Accelerator has not picked this process's GPU yet: it will be LOCAL_RANK's
+        index = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+        return torch.cuda.get_device_properties(index).total_memory
     return None
 
 

@@ -355,8 +355,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """
     inputs = check_inputs(cfg)
     out, ckpt = check_run_dir(cfg)
-    if cfg.gpu_memory:
-        check_memory_plan(cfg)  # before any weight is loaded
+    check_memory_plan(cfg)  # before any weight is loaded (gpu_memory, else a CUDA device's)
     try:
         return _train(cfg, out, inputs, ckpt)
     except OUT_OF_MEMORY as exc:  # the step's peak outgrew the device: say what would fit

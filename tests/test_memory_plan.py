@@ -303,6 +303,24 @@ def test_training_refuses_a_config_that_cannot_fit_before_loading(world, tmp_pat
         run_training(world, tmp_path / "run", max_steps=2, gpu_memory="2MiB")
 
 
+def test_training_on_cuda_checks_the_plan_against_the_gpu_without_gpu_memory(
+        world, tmp_path, monkeypatch):
+    """No --gpu-memory: on a CUDA device the plan is checked against that GPU's memory
+    (the device is faked: a 2 MiB card), before any weight is loaded."""
+    import types
+
+    import torch
+
+    _forbid_weights(monkeypatch)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda index: types.SimpleNamespace(total_memory=2 << 20))
+    with pytest.raises(ConfigError, match="smallest change that fits"):
+        run_training(world, tmp_path / "run", max_steps=2)
+
+
 def test_out_of_memory_ends_in_one_paragraph_and_resume_continues(world, tmp_path,
                                                                   monkeypatch):
     from student_train.step import Step

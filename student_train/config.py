@@ -34,6 +34,7 @@ SECTION = "train"
 TARGETS = ("auto", "topk", "sampled")  # auto: top-k where captured, else sampled
 TOPK_MODES = ("tail", "renormalised")
 KD_LOSSES = ("kl", "rkl", "jsd", "skl", "srkl", "tvd")
+CROSS_LOSSES = ("pkl", "uld")  # a student with another tokenizer (cross_tokenizer.py)
 TEMPERATURE_SCHEDULES = ("constant", "linear", "exp", "exponential")
 # blend: alpha*KD + (1-alpha)*CE, token mean (specialty weights weight samples).
 # distillm-med: seed 003, sum over specialties s of w_s * (token mean of the blend over s).
@@ -102,6 +103,13 @@ FIELDS: dict[str, Field] = {
     "jsd_beta": Field("float", 0.5, _between(0, 1), help="Mixture weight of the jsd loss."),
     "skew_alpha": Field("float", 0.1, _between(0, 1, high_open=True),
                         help="Skew of the skl/srkl losses."),
+    "cross_loss": Field("str", "pkl", choices=CROSS_LOSSES,
+                        help="A student whose tokenizer is not the store's: pkl = the divergence "
+                             "on the teacher's top-k mapped onto the student's vocabulary; "
+                             "uld = sorted-probability distance (no map)."),
+    "min_mapped_share": Field("float", 0.5, _between(0, 1),
+                              help="pkl: skip (and count) positions whose teacher top-k mass "
+                                   "maps onto the student's vocabulary less than this."),
     "objective": Field("str", "blend", choices=OBJECTIVES,
                        help="blend: alpha*KD + (1-alpha)*CE over tokens; distillm-med: the "
                             "blend per specialty, weighted by specialty_weights."),

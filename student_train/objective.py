@@ -22,6 +22,12 @@ apply); any other use of the sums is recomputed exactly (fused_head_loss).
 Positions: the student's hidden state at t predicts token t+1; the stored signal at t is the
 teacher's distribution of token t+1. Position t is trained when labels[t+1] != -100 and t+1 does
 not start a new packed sample (position_ids[t+1] == 0).
+
+A student with another tokenizer (student_train/cross_batch.py builds its batches): a signal
+whose plan has `cross_loss` carries `kd_mask` [B, S], the positions aligned with a teacher
+position; its KD is computed there only (student_train/cross_terms.py: "pkl" through the
+vocabulary map as an ordinary sparse target of the fused lm_head, "uld" apart) and averaged
+over them (`denominators`' `kd_tokens/<name>`), while CE covers every trained position.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ import torch
 from torch import nn
 
 from student_train.alignment import HiddenStateAligner, attention_alignment_loss
+from student_train.cross_terms import cross_head_values, cross_kd_masks
+from student_train.cross_token_losses import project_topk_target
 from student_train.fused_head_loss import DEFAULT_CHUNK_SIZE, fused_head_loss
 from student_train.head_loss_terms import HeadLossTerms
 from student_train.losses import IGNORE, build_sampled_target, build_topk_target
@@ -53,6 +61,9 @@ class SignalPlan:
     attention_weight: float = 0.0
     attention_layers: tuple[int, ...] = ()  # stored teacher layers of the attention grids
     layer_map: dict[int, int] = field(default_factory=dict)  # {student block: teacher layer}
+    # A student with another tokenizer (student_train/cross_tokenizer.py): "pkl" (the top-k
+    # projected through the vocabulary map) or "uld"; None: same tokenizer.
+    cross_loss: str | None = None
 
 
 @dataclass(frozen=True)
@@ -111,15 +122,24 @@ def sample_groups(batch: dict, group_of_sample: Tensor) -> Tensor:
 
 
 def denominators(batch: dict, n_groups: int = 1) -> dict[str, Tensor]:
-    """Weights the forward's sums are divided by: per group token weight, sample weight."""
+    """Weights the forward's sums are divided by: per group token weight, sample weight; and
+    per signal with a `kd_mask` (a student with another tokenizer), `kd_tokens/<name>`: the
+    token weight of the positions that signal trains."""
     mask = target_positions(batch)
     w = shifted(batch["token_weights"].float(), 0.0) * mask  # weight of the predicted token
     groups = batch.get("token_groups")
-    tokens = (w.sum().reshape(1) if groups is None else
-              w.new_zeros(n_groups).index_add(0, shifted(groups, 0).reshape(-1), w.reshape(-1)))
+
+    def per_group(weight: Tensor) -> Tensor:
+        return (weight.sum().reshape(1) if groups is None else weight.new_zeros(n_groups)
+                .index_add(0, shifted(groups, 0).reshape(-1), weight.reshape(-1)))
+
     row, start, length = segments(batch)
     sample_w = batch["token_weights"].float()[row, start] * (length > 0)
-    return {"tokens": tokens, "samples": sample_w.sum().reshape(1)}
+    out = {"tokens": per_group(w), "samples": sample_w.sum().reshape(1)}
+    for name, signal in batch.get("signals", {}).items():
+        if "kd_mask" in signal:
+            out[f"kd_tokens/{name}"] = per_group(w * signal["kd_mask"].float())
+    return out
 
 
 # ----------------------------------------------------------------------------- student views
@@ -170,7 +190,10 @@ class DistillationObjective(nn.Module):
     """student + alignment projections; forward(batch) -> loss sums (see module docstring)."""
 
     def __init__(self, student: nn.Module, plans: Sequence[SignalPlan], settings: LossSettings,
-                 aligners: Sequence[tuple[str, HiddenStateAligner]] = ()):
+                 aligners: Sequence[tuple[str, HiddenStateAligner]] = (),
+                 vocab_maps: dict | None = None):
+        """vocab_maps: signal -> (teacher_to_student_first [Vt], exact [Vt]) numpy arrays of
+        the signals whose cross_loss is "pkl"."""
         super().__init__()
         self.student = student
         self.plans = list(plans)
@@ -180,6 +203,13 @@ class DistillationObjective(nn.Module):
         self.aligners = nn.ModuleList([aligner for _, aligner in aligners])
         self.kd_plans = [p for p in self.plans if p.target]
         self.attention_plans = [p for p in self.plans if p.attention_weight > 0]
+        self.map_index = {}  # signal -> i of the non-persistent buffers vocab_map_{i}_*
+        for i, (name, (first, exact)) in enumerate((vocab_maps or {}).items()):
+            self.map_index[name] = i
+            self.register_buffer(f"vocab_map_{i}_first", torch.as_tensor(first).long(),
+                                 persistent=False)
+            self.register_buffer(f"vocab_map_{i}_exact", torch.as_tensor(exact).bool(),
+                                 persistent=False)
 
     def forward(self, batch: dict, temperature: float = 1.0, label_smoothing: float = 0.0,
                 n_groups: int = 1, sum_grads: dict[str, Tensor] | None = None
@@ -216,9 +246,10 @@ class DistillationObjective(nn.Module):
             return x.reshape(B * S, *x.shape[2:]).index_select(0, rows)
 
         s = self.settings
+        fused_plans = [p for p in self.kd_plans if p.cross_loss != "uld"]
         targets = HeadLossTerms(targets=tuple(  # built as [1, n, K] (the builders' [B, S, K])
             self._target(p, batch["signals"][p.name], lambda x: pick(x)[None], temperature)
-            for p in self.kd_plans)).rows(0).targets
+            for p in fused_plans)).rows(0).targets
         terms = HeadLossTerms(targets=targets, labels=pick(shifted(batch["labels"], IGNORE)),
                               loss=s.loss, label_smoothing=label_smoothing,
                               jsd_beta=s.jsd_beta, skew_alpha=s.skew_alpha)
@@ -230,8 +261,13 @@ class DistillationObjective(nn.Module):
             of_group = torch.cat([sum_grads["kd"].T, sum_grads["ce"][:, None]], 1)  # [G, terms]
             expected = w[:, None] * (of_group[0] if groups is None else of_group[groups])
         head = self.student.get_output_embeddings()
-        values = fused_head_loss(pick(final), head.weight, terms, bias=head.bias,
-                                 expected_grad=expected, chunk_size=s.chunk_size)  # [n, terms]
+        kd_masks = cross_kd_masks(self.kd_plans, batch["signals"], pick)  # [n, n_kd] or None
+        if kd_masks is None and len(fused_plans) == len(self.kd_plans):
+            values = fused_head_loss(pick(final), head.weight, terms, bias=head.bias,
+                                     expected_grad=expected, chunk_size=s.chunk_size)
+        else:  # a student with another tokenizer: masked KD columns, ULD outside the fusion
+            values = cross_head_values(self.kd_plans, batch["signals"], pick, pick(final), head,
+                                       terms, expected, kd_masks, temperature, s.chunk_size)
         weighted = values * w[:, None]
         if groups is not None:
             per_group = weighted.new_zeros(n_groups, weighted.shape[1]).index_add(0, groups,
@@ -242,6 +278,13 @@ class DistillationObjective(nn.Module):
 
     def _target(self, plan: SignalPlan, signal: dict, pick, temperature: float):
         """The plan's SparseTarget at the picked positions, fields [1, n, K]."""
+        if plan.cross_loss == "pkl":
+            i = self.map_index[plan.name]
+            return project_topk_target(pick(signal["topk_ids"]).long(),
+                                       pick(signal["topk_logprobs"]).float(),
+                                       getattr(self, f"vocab_map_{i}_first"),
+                                       getattr(self, f"vocab_map_{i}_exact"),
+                                       temperature=temperature).target
         if plan.target == "topk":
             return build_topk_target(pick(signal["topk_ids"]).long(),
                                      pick(signal["topk_logprobs"]).float(),
@@ -308,7 +351,9 @@ def combine(sums: dict[str, Tensor], dens: dict[str, Tensor], plans: Sequence[Si
     parts = {"ce": sums["ce"].sum() / safe.sum().clamp_min(1) if tokens.numel() > 1
              else ce_g.sum()}
     kd_plans = [p for p in plans if p.target]
-    if kd_plans:
+    if kd_plans and any(f"kd_tokens/{p.name}" in dens for p in kd_plans):
+        blend_g = _masked_kd_blend(sums, dens, kd_plans, weights, ce_g, parts)
+    elif kd_plans:
         kd_w = torch.tensor([p.kd_weight for p in kd_plans], device=tokens.device)
         kd_g = (kd_w[:, None] * sums["kd"]).sum(0) / safe
         a = weights.alpha if weights.alpha_on == "kd" else 1 - weights.alpha
@@ -330,6 +375,22 @@ def combine(sums: dict[str, Tensor], dens: dict[str, Tensor], plans: Sequence[Si
             loss = loss + weight * parts[kind]
     parts["loss"] = loss
     return loss, parts
+
+
+def _masked_kd_blend(sums, dens, kd_plans, weights: Weights, ce_g: Tensor,
+                     parts: dict[str, Tensor]) -> Tensor:
+    """combine's blend per group when signals train only some positions (`kd_tokens/<name>`,
+    a student with another tokenizer): each signal's KD is its mean over its own positions."""
+    tokens = dens["tokens"]
+    kd_w = torch.tensor([p.kd_weight for p in kd_plans], device=tokens.device)
+    kd_den = torch.stack([dens.get(f"kd_tokens/{p.name}", tokens) for p in kd_plans])  # [n_kd, G]
+    kd_g = (kd_w[:, None] * sums["kd"] / torch.where(kd_den > 0, kd_den, 1.0)).sum(0)
+    a = weights.alpha if weights.alpha_on == "kd" else 1 - weights.alpha
+    per_signal = sums["kd"].sum(1) / kd_den.sum(1).clamp_min(1)  # [n_kd]
+    parts["kd"] = (kd_w * per_signal).sum()
+    for p, kd in zip(kd_plans, per_signal):
+        parts[f"kd/{p.name}"] = kd
+    return a * kd_g + (1 - a) * ce_g
 
 
 def token_sum_gradients(dens: dict[str, Tensor], plans: Sequence[SignalPlan],

@@ -5,10 +5,13 @@ store(s) exist and are committed (their manifest and index are read), the --data
 resolve to files, directories or dataset names (a hub dataset: readable, i.e. online or
 cached), the --signals names are in the store, and a sampled signal stored without
 log-probs is used only at its sample temperature (student_train/sampled_logprobs.py).
-Then, with the student loaded, a store is refused, before training, when its tokenizer or vocabulary differs from the student's
-(both sides shown), when a checksum fails (the damaged files named), or when the config
+Then, with the student loaded, a store is refused, before training, when its vocabulary
+differs from the student's while its tokenizer is the same (both sides shown), when a checksum
+fails (the damaged files named), or when the config
 asks for what it does not hold (signals, captures, layers). Config problems are collected
-and raised together, like the config's own.
+and raised together, like the config's own. A store whose tokenizer is not the student's is
+trained across tokenizers (student_train/cross_tokenizer.py: the stored text re-tokenized,
+positions aligned by byte spans, `cross_loss` pkl or uld), or refused when it holds no text.
 
 The run's provenance (training_metadata.json `source`) names the store by its manifest:
 `manifest_file_sha256`, the sha256 of the manifest bytes this run read, and
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from logitstore.commit import SEAL_KEY
@@ -28,6 +31,7 @@ from logitstore.errors import ChecksumError, ConfigError, SchemaMismatchError
 from logitstore.reader import StoreReader
 from logitstore.verify import verify_store
 from student_train.alignment import HiddenStateAligner, parse_layer_map, stored_teacher_layer
+from student_train.cross_tokenizer import cross_setup, is_foreign
 from student_train.objective import SignalPlan
 from student_train.sampled_logprobs import kd_target_of, missing_logprob_problems
 from student_train.student import compat_problems, num_blocks
@@ -45,6 +49,8 @@ class Sources:
     group_weights: list[float] = field(default_factory=list)
     group_of: dict[str, int] = field(default_factory=dict)  # sample_id -> group
     provenance: dict[str, Any] = field(default_factory=dict)
+    # signal -> (teacher_to_student_first, exact): a student with another tokenizer, pkl loss
+    vocab_maps: dict[str, Any] = field(default_factory=dict)
 
 
 class SpecialtyWeight:
@@ -112,9 +118,11 @@ def _unknown_signals(cfg, settings) -> str | None:
     return f"signals: {unknown} not in the store, which holds {list(settings.signals)}"
 
 
-def check_store(reader: StoreReader, url: str, cfg, tokenizer, accelerator) -> None:
-    """Refuse a store the student cannot train on (tokenizer, vocabulary) or a damaged one."""
-    problems = compat_problems(tokenizer, reader.settings, url)
+def check_store(reader: StoreReader, url: str, cfg, tokenizer, accelerator,
+                foreign: bool = False) -> None:
+    """Refuse a store the student cannot train on (tokenizer, vocabulary) or a damaged one;
+    foreign: the student's tokenizer is another one, trained across tokenizers."""
+    problems = [] if foreign else compat_problems(tokenizer, reader.settings, url)
     if problems:
         raise SchemaMismatchError("; ".join(problems))
     if cfg.verify_store == "full":
@@ -235,17 +243,23 @@ def _make_stream(api, url: str, problems: list[str], **kwargs):
 
 def store_sources(cfg, inputs: Inputs, tokenizer, student, accelerator) -> Sources:
     reader, eval_reader = inputs.store, inputs.eval_store
-    check_store(reader, cfg.store, cfg, tokenizer, accelerator)
+    foreign = is_foreign(tokenizer, reader.settings)
+    check_store(reader, cfg.store, cfg, tokenizer, accelerator, foreign)
     if eval_reader is not None:
-        check_store(eval_reader, cfg.eval_store, cfg, tokenizer, accelerator)
+        check_store(eval_reader, cfg.eval_store, cfg, tokenizer, accelerator, foreign)
     problems: list[str] = []
     plans, aligners = plan_signals(cfg, reader.settings, student, problems)
+    cross = cross_setup(cfg, reader, eval_reader, tokenizer, plans, problems) \
+        if foreign and not problems else None
+    if cross is not None:
+        plans = [replace(p, cross_loss=cross.loss) if p.target == "topk" else p for p in plans]
     names = [p.name for p in plans]
     if eval_reader is not None:
         missing = [n for n in names if n not in eval_reader.settings.signals]
         if missing:
             problems.append(f"eval_store {cfg.eval_store} lacks signal(s) {missing}")
-    src = Sources(train=None, eval=None, plans=plans, aligners=aligners)
+    src = Sources(train=None, eval=None, plans=plans, aligners=aligners,
+                  vocab_maps=cross.vocab_maps if cross is not None else {})
     weight_fn = None
     if cfg.objective == "distillm-med":  # specialty weights apply per group, not per sample
         src.groups = list(cfg.specialty_weights) + [OTHER_GROUP]
@@ -273,6 +287,9 @@ def store_sources(cfg, inputs: Inputs, tokenizer, student, accelerator) -> Sourc
     common = dict(signals=names, batch_tokens=cfg.batch_tokens, packing=cfg.packing,
                   rank=accelerator.process_index, world_size=accelerator.num_processes,
                   cache_dir=cfg.cache_dir, seed=cfg.seed)
+    if cross is not None:  # batches planned in teacher tokens, filled with the student's
+        common.update(collate_fn=cross.collate,
+                      batch_tokens=max(1, int(cfg.batch_tokens / max(cross.length_ratio, 1.0))))
     order = "curriculum" if cfg.curriculum else ("shuffle" if cfg.shuffle else "sequential")
     src.train = _make_stream(api, cfg.store, problems, split=cfg.train_split, rows=train_rows,
                              shuffle=cfg.shuffle, sample_weight=weight_fn, order=order,
@@ -284,7 +301,8 @@ def store_sources(cfg, inputs: Inputs, tokenizer, student, accelerator) -> Sourc
         raise ConfigError(problems)
     src.provenance = {"store": cfg.store, **manifest_provenance(reader),
                       "dataset_fingerprint": reader.manifest.get("dataset_fingerprint"),
-                      "signals": {n: reader.manifest["settings"]["signals"][n] for n in names}}
+                      "signals": {n: reader.manifest["settings"]["signals"][n] for n in names},
+                      **(cross.provenance if cross is not None else {})}
     if eval_reader is not None:
         eval_manifest = {f"eval_{k}": v for k, v in manifest_provenance(eval_reader).items()}
         src.provenance.update(eval_store=cfg.eval_store, **eval_manifest,

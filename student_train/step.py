@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from student_train.cross_batch import finish_stats
 from student_train.objective import (DistillationObjective, Weights, combine, denominators,
                                      sample_groups, token_sum_gradients)
 from student_train.sources import Sources
@@ -87,13 +88,16 @@ class Step:
                 acc.backward(loss * scale)
             for k, v in parts.items():
                 logged[k] = logged.get(k, 0.0) + v.detach()
+            for k, v in batch.get("cross_stats", {}).items():  # foreign-tokenizer counts
+                logged[k] = logged.get(k, 0.0) + torch.tensor(v, device=acc.device)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
         grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
         optimizer.step()
         if not acc.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped the step
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        stats = {k: float(v) for k, v in acc.reduce(logged, reduction="sum").items()}
+        stats = finish_stats({k: float(v) for k, v in acc.reduce(logged,
+                                                                 reduction="sum").items()})
         stats["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         stats["tokens"] = float(dens["real_tokens"])
         return stats

@@ -99,7 +99,9 @@ class StoreStream(IterableDataset):
                  storage_options: dict | None = None,
                  sample_weight: Callable[[dict], float] | None = None, order: str = "shuffle",
                  curriculum_key: str = "difficulty", pack_length: int | None = None,
-                 partition: str = "auto"):
+                 partition: str = "auto", collate_fn: Callable | None = None):
+        """collate_fn: builds a batch from (rows of samples, weights, signals, packing=);
+        default `collate.collate` (a foreign-tokenizer student: cross_batch.CrossCollate)."""
         super().__init__()
         self.plan_settings = PlanSettings(
             seed=int(seed), order=order, shuffle=bool(shuffle), shuffle_buffer=int(shuffle_buffer),
@@ -109,6 +111,7 @@ class StoreStream(IterableDataset):
         self.url, self.cache_dir, self.storage_options = url, cache_dir, storage_options
         self.rank, self.packing = int(rank), bool(packing)
         self.curriculum_key = curriculum_key
+        self.collate_fn = collate_fn or collate
         self._reader: StoreReader | None = None
         self._reader_pid, self._index_sha = -1, None
         reader = self.reader
@@ -241,7 +244,7 @@ class StoreStream(IterableDataset):
                         self._load(reader, plan, r, b, loaded)
             samples = [[loaded.pop(r) for r in row] for row in layout]
             weights = [[float(self._weight[r]) for r in row] for row in layout]
-            yield collate(samples, weights, self.signals, packing=self.packing)
+            yield self.collate_fn(samples, weights, self.signals, packing=self.packing)
 
     def _load(self, reader: StoreReader, plan: EpochPlan, row: int, b: int,
               loaded: dict) -> None:

@@ -200,7 +200,7 @@ def prepare_run(cfg: TrainConfig, out: Path, inputs: Inputs) -> Run:
         LossSettings(loss=cfg.loss, topk_mode=cfg.topk_mode, jsd_beta=cfg.jsd_beta,
                      skew_alpha=cfg.skew_alpha, attention_loss=cfg.attention_loss,
                      chunk_size=cfg.lm_head_chunk),
-        sources.aligners).to(accelerator.device)
+        sources.aligners, vocab_maps=sources.vocab_maps).to(accelerator.device)
     optimizer = make_optimizer(cfg, model)
     total_steps = plan_total_steps(cfg, sources.train, accelerator)
     scheduler = get_scheduler(cfg.lr_schedule, optimizer,

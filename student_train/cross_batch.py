@@ -1,0 +1,201 @@
+"""Batches for a student whose tokenizer differs from the store's: the stored samples re-cut.
+
+`CrossCollate` stands in for `collate.collate` in a StoreStream (its `collate_fn`). Per
+stored (teacher) sample, in the data path and vectorised with numpy (nothing per step in
+Python):
+  1. the sample's stored text is tokenized with the student's tokenizer
+     (`token_spans.tokenize_with_spans`: the student's own BOS/EOS, byte spans of every token);
+  2. student and teacher positions are aligned by byte spans (`token_alignment.align_positions`:
+     position j of the student and i of the teacher both predict a token starting at the same
+     byte after the same text; every other position is skipped with its reason, never guessed);
+  3. a student-side `Sample` is built: the student's ids; its loss mask taken from the stored
+     one (a student token is a target when the teacher text token holding its first byte is;
+     a zero-width token looks at the byte before it); per top-k signal the teacher's stored
+     top-k GATHERED at the aligned teacher positions (teacher ids, T=1 log-probs: the loss maps
+     or sorts them); hidden states and attention grids (per-sequence pools) unchanged;
+  4. `collate.collate` lays the student samples out as for any store, and the batch gets, per
+     top-k signal, `kd_mask` [B, S] bool (student position t has a teacher target: aligned and,
+     for the vocabulary-mapped loss, a mapped share of its top-k mass >= min_mapped_share),
+     and `cross_stats` (counts over the batch's trained positions, see `sample_stats`).
+Positions without a teacher target hold a harmless uniform top-k (ids 0..k-1) so every loss
+stays finite before `kd_mask` removes them. Sampled signals are not carried (their draws sit
+at teacher positions; sources.py refuses them as targets for a foreign student).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from logitstore.sample import Sample, SignalData, TopK
+from logitstore.toolkit.token_alignment import SkipReason, align_positions
+from logitstore.toolkit.token_spans import tokenize_with_spans
+from student_train.collate import collate
+
+STAT_PREFIX = "cross/"
+REASONS = [r.name.lower() for r in SkipReason if r != SkipReason.ALIGNED]
+
+
+@dataclass
+class StudentSample:
+    """One stored sample re-cut for the student, with its per-signal KD masks and counts."""
+
+    sample: Sample
+    kd_mask: dict[str, np.ndarray]  # signal -> [Ls] bool
+    stats: dict[str, float]
+
+
+def student_loss_mask(teacher: Sample, student_spans: np.ndarray) -> np.ndarray:
+    """[Ls] bool: a student token is a target when the teacher text token holding its
+    first byte (a zero-width token: the byte before it) is one."""
+    t = teacher.text_spans
+    text = ~t.special & (t.spans[:, 1] > t.spans[:, 0])
+    if not text.any():
+        return np.zeros(len(student_spans), bool)
+    starts = t.spans[text, 0].astype(np.int64)
+    masks = np.asarray(teacher.loss_mask, bool)[text]
+    width = student_spans[:, 1] - student_spans[:, 0]
+    anchor = np.maximum(student_spans[:, 0].astype(np.int64) - (width == 0), 0)
+    owner = np.clip(np.searchsorted(starts, anchor, side="right") - 1, 0, len(starts) - 1)
+    return masks[owner]
+
+
+def cut_to_teacher(tok, teacher_text) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, spans, special) of the student's tokenization, without the tokens that start
+    after the teacher's last text byte when the teacher's tokens stop before the end of the
+    text (a teacher cut at its max length): the student never trains on text the teacher
+    did not see."""
+    t = teacher_text
+    text = ~t.special & (t.spans[:, 1] > t.spans[:, 0])
+    seen = int(t.spans[text, 1].max()) if text.any() else 0
+    if seen >= len(t.text.encode("utf-8")):
+        return tok.ids, tok.spans, tok.special
+    n = int((tok.spans[:, 0] < seen).sum())  # starts never decrease: a prefix
+    return tok.ids[:n], tok.spans[:n], tok.special[:n]
+
+
+def _gathered_topk(topk: TopK, teacher_pos: np.ndarray, student_pos: np.ndarray,
+                   length: int) -> TopK:
+    """The teacher's top-k at the aligned teacher positions, placed at the student ones;
+    a uniform distribution over ids 0..k-1 elsewhere."""
+    k = topk.ids.shape[1]
+    ids = np.broadcast_to(np.arange(k, dtype=np.int64), (length, k)).copy()
+    logprobs = np.full((length, k), -np.log(k), np.float32)
+    tail = np.full(length, -1e4, np.float32)  # the uniform filler holds all the mass
+    ids[student_pos] = topk.ids[teacher_pos]
+    logprobs[student_pos] = topk.logprobs[teacher_pos]
+    tail[student_pos] = topk.tail()[teacher_pos]
+    return TopK(ids, logprobs, tail)
+
+
+def mapped_share(ids: np.ndarray, logprobs: np.ndarray,
+                 first: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mapped mass [A], stored mass [A]) of top-k rows through a teacher->student first-piece
+    map (ids outside the map count as unmapped), in float64."""
+    p = np.exp(logprobs.astype(np.float64))
+    inside = (ids >= 0) & (ids < len(first))
+    mapped = inside & (first[np.where(inside, ids, 0)] >= 0)
+    return (p * mapped).sum(-1), p.sum(-1)
+
+
+class CrossCollate:
+    """collate_fn of a StoreStream for a foreign-tokenizer student (module docstring).
+
+    tokenizer: the student's (fast) tokenizer; topk_signals: the signals whose top-k is a KD
+    target; first_maps: signal -> teacher_to_student_first [Vt] for the vocabulary-mapped
+    loss (absent: ULD, no share threshold); min_mapped_share: see `kd_mask`.
+    Picklable (DataLoader workers get a copy).
+    """
+
+    def __init__(self, tokenizer, topk_signals: list[str], first_maps: dict[str, np.ndarray],
+                 min_mapped_share: float):
+        self.tokenizer = tokenizer
+        self.topk_signals = list(topk_signals)
+        self.first_maps = {k: np.asarray(v) for k, v in first_maps.items()}
+        self.min_mapped_share = float(min_mapped_share)
+
+    def student_sample(self, teacher: Sample) -> StudentSample:
+        t = teacher.text_spans
+        ids, spans, special = cut_to_teacher(tokenize_with_spans(self.tokenizer, t.text), t)
+        align = align_positions(t.spans, t.special, spans, special)
+        loss_mask = student_loss_mask(teacher, spans)
+        trained = loss_mask[1:]  # [Ls-1]: position j trains on token j+1
+        stats = {"positions": float(trained.sum()),
+                 "aligned": float(trained[align.student_pos].sum())}
+        counts = np.bincount(align.student_reason[trained], minlength=len(SkipReason))
+        stats.update({f"skipped_{r.name.lower()}": float(counts[r]) for r in SkipReason
+                      if r != SkipReason.ALIGNED})
+        signals, kd_mask = {}, {}
+        length = len(ids)
+        for name, data in teacher.signals.items():
+            topk = None
+            if name in self.topk_signals and data.topk is not None:
+                topk = _gathered_topk(data.topk, align.teacher_pos, align.student_pos, length)
+                mask = np.zeros(length, bool)
+                mask[align.student_pos] = True
+                if name in self.first_maps:
+                    stats.update(self._share_stats(name, topk, align.student_pos, trained,
+                                                   mask))
+                kd_mask[name] = mask
+                stats[f"kd_positions/{name}"] = float((mask[:-1] & trained).sum())
+            signals[name] = SignalData(topk=topk, hidden=data.hidden, attention=data.attention)
+        sample = Sample(sample_id=teacher.sample_id, input_ids=ids, loss_mask=loss_mask,
+                        source=teacher.source, split=teacher.split, tags=teacher.tags,
+                        signals=signals)
+        return StudentSample(sample, kd_mask, stats)
+
+    def _share_stats(self, name: str, topk: TopK, aligned: np.ndarray, trained: np.ndarray,
+                     mask: np.ndarray) -> dict[str, float]:
+        """Clears `mask` where the mapped share is under the threshold; the counts and masses
+        (over trained aligned positions) for metrics."""
+        mapped, total = mapped_share(topk.ids[aligned], topk.logprobs[aligned],
+                                     self.first_maps[name])
+        share = np.where(total > 0, mapped / np.where(total > 0, total, 1.0), 0.0)
+        low = share < self.min_mapped_share
+        mask[aligned[low]] = False
+        counted = trained[aligned]
+        return {f"skipped_low_mapped_share/{name}": float((low & counted).sum()),
+                f"topk_mass/{name}": float(total[counted].sum()),
+                f"mapped_mass/{name}": float(mapped[counted].sum())}
+
+    def __call__(self, rows: list[list[Sample]], weights: list[list[float]], signals: list[str],
+                 *, packing: bool) -> dict[str, Any]:
+        converted = [[self.student_sample(s) for s in row] for row in rows]
+        batch = collate([[c.sample for c in row] for row in converted], weights, signals,
+                        packing=packing)
+        B, S = batch["input_ids"].shape
+        flat = [(b, c) for b, row in enumerate(converted) for c in row]
+        for name in self.topk_signals:
+            if name not in batch["signals"]:
+                continue
+            mask = np.zeros((B, S), bool)
+            start = {}
+            for b, c in flat:
+                a = start.get(b, 0)
+                mask[b, a:a + len(c.sample)] = c.kd_mask[name]
+                start[b] = a + len(c.sample)
+            batch["signals"][name]["kd_mask"] = torch.from_numpy(mask)
+        totals: dict[str, float] = {}
+        for _, c in flat:
+            for key, value in c.stats.items():
+                totals[STAT_PREFIX + key] = totals.get(STAT_PREFIX + key, 0.0) + value
+        batch["cross_stats"] = totals
+        return batch
+
+
+def finish_stats(stats: dict[str, float]) -> dict[str, float]:
+    """Adds the ratios of summed counts: the share of trained positions aligned, and per
+    signal the map's coverage (mapped / stored top-k mass at the aligned positions)."""
+    out = dict(stats)
+    positions = stats.get(STAT_PREFIX + "positions")
+    if positions:
+        out[STAT_PREFIX + "aligned_share"] = stats[STAT_PREFIX + "aligned"] / positions
+    for key, total in stats.items():
+        if key.startswith(STAT_PREFIX + "topk_mass/") and total > 0:
+            name = key[len(STAT_PREFIX + "topk_mass/"):]
+            out[STAT_PREFIX + f"map_coverage/{name}"] = \
+                stats[STAT_PREFIX + f"mapped_mass/{name}"] / total
+    return out

@@ -1,0 +1,178 @@
+"""Training a student whose tokenizer differs from the store's (issue 15): setup and ULD term.
+
+`cross_setup` runs once, when the sources are opened, for a store whose tokenizer fingerprint
+is not the student's:
+* refusals that stay: a store without sample text and token spans (written before format 2.1,
+  or dumped without text): nothing to re-tokenize; a signal whose KD target would be its
+  sampled draws (cross_token_losses maps and sorts top-k only); an eval_store cut by another
+  teacher tokenizer than the store;
+* `cross_loss: pkl` (default): the teacher's tokenizer is loaded from the files the store keeps
+  and the teacher -> student vocabulary map (`vocab_map.vocab_map_for`) is built once per
+  tokenizer pair and cached under `cache_dir/vocab_maps` (else `out/vocab_maps`);
+  the objective projects the stored top-k through it (`cross_token_losses.project_topk_target`,
+  an ordinary SparseTarget, so the fused lm_head path computes it like any top-k target);
+* `cross_loss: uld`: no map; `uld_values` computes ULD on the student logits of the aligned
+  positions, chunk by chunk under checkpointing;
+* the student's tokens per teacher token (`length_ratio`, measured on the first segment's
+  texts) scales the stream's token budget, so a student that cuts text finer keeps its
+  batches near `batch_tokens` of its own tokens.
+The data path (tokenize, align, gather) is `cross_batch.CrossCollate`.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from logitstore.errors import SchemaMismatchError
+from logitstore.toolkit.token_spans import tokenize_with_spans
+from logitstore.toolkit.tokenizer_identity import tokenizer_fingerprint, vocab_size_of
+from student_train.cross_batch import CrossCollate
+from student_train.cross_token_losses import uld_per_position
+
+RATIO_SAMPLES = 64  # texts of the first segment tokenized to estimate the length ratio
+
+
+@dataclass
+class CrossTokenizer:
+    """What a foreign-tokenizer run adds to its sources."""
+
+    loss: str  # "pkl" | "uld"
+    collate: CrossCollate
+    vocab_maps: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    length_ratio: float = 1.0  # student tokens per teacher token
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def is_foreign(tokenizer, settings) -> bool:
+    """Whether the student's tokenizer is not the one the store's token ids belong to."""
+    return tokenizer_fingerprint(tokenizer) != settings.tokenizer_fingerprint
+
+
+def no_text_problem(url: str, settings, tokenizer) -> str:
+    return (f"tokenizer mismatch: store {url} was dumped with tokenizer "
+            f"{settings.tokenizer_name or '?'} (fingerprint {settings.tokenizer_fingerprint}, "
+            f"vocabulary size {settings.vocab_size}), the student's tokenizer has fingerprint "
+            f"{tokenizer_fingerprint(tokenizer)} (vocabulary size {vocab_size_of(tokenizer)}), "
+            f"and the store holds no sample text nor token byte spans (written before store "
+            f"format 2.1, or dumped without text). A student with another tokenizer "
+            f"re-tokenizes each sample's stored text and aligns its positions with the "
+            f"teacher's by byte spans, so it needs both: dump the store again with this "
+            f"version's teacher-dump, which keeps text and spans (no command adds spans to an "
+            f"existing store yet), or train a student that shares the teacher's tokenizer")
+
+
+def sampled_problem(names: list[str], url: str) -> str:
+    return (f"signal(s) {names} of store {url} would give this run sampled targets, which a "
+            f"student with another tokenizer cannot use yet: the cross-tokenizer losses map "
+            f"(pkl) or sort (uld) the stored top-k only. Use --target topk where the signal "
+            f"holds top-k, dump the signal again with top-k, or train a student that shares "
+            f"the teacher's tokenizer")
+
+
+def stored_teacher_tokenizer(reader, url: str):
+    """The teacher's tokenizer from the files the store keeps, checked against its
+    fingerprint; SchemaMismatchError when the store keeps none or others."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    files = reader.tokenizer_files()
+    if "tokenizer.json" not in files:
+        raise SchemaMismatchError(
+            f"store {url} keeps no tokenizer.json of its teacher, which cross_loss pkl needs to "
+            f"map the teacher's vocabulary onto the student's: use --cross-loss uld (no map), "
+            f"or dump the store again with this version's teacher-dump (it stores the "
+            f"tokenizer's files)")
+    with tempfile.TemporaryDirectory() as folder:
+        for name, data in files.items():
+            (Path(folder) / name).write_bytes(data)
+        try:
+            teacher = AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError):  # no tokenizer_config.json: the bare tokenizer file
+            teacher = PreTrainedTokenizerFast(tokenizer_file=str(Path(folder) / "tokenizer.json"))
+    if tokenizer_fingerprint(teacher) != reader.settings.tokenizer_fingerprint:
+        raise SchemaMismatchError(
+            f"the tokenizer files kept in store {url} have fingerprint "
+            f"{tokenizer_fingerprint(teacher)}, the store's token ids were cut by "
+            f"{reader.settings.tokenizer_fingerprint}: the store is inconsistent; run "
+            f"`logitstore verify {url}` and dump it again")
+    return teacher
+
+
+def length_ratio(reader, tokenizer) -> float:
+    """Student tokens per teacher token over the first segment's texts (at most
+    RATIO_SAMPLES of them); 1.0 for an empty store."""
+    if not reader.segments:
+        return 1.0
+    samples = reader.read_segment(0, [])[:RATIO_SAMPLES]
+    teacher = sum(len(s) for s in samples)
+    student = sum(len(tokenize_with_spans(tokenizer, s.text_spans.text).ids) for s in samples)
+    return student / teacher if teacher else 1.0
+
+
+def cross_setup(cfg, reader, eval_reader, tokenizer, plans, problems: list[str]):
+    """The run's CrossTokenizer (None when the store's tokenizer is the student's). A store
+    without text raises SchemaMismatchError (`no_text_problem`); the other refusals are
+    appended to `problems` (and None is returned)."""
+    if not is_foreign(tokenizer, reader.settings):
+        return None
+    for url, r in ((cfg.store, reader), (cfg.eval_store, eval_reader)):
+        if r is not None and not r.has_text:
+            raise SchemaMismatchError(no_text_problem(url, r.settings, tokenizer))
+    start = len(problems)
+    if eval_reader is not None and \
+            eval_reader.settings.tokenizer_fingerprint != reader.settings.tokenizer_fingerprint:
+        problems.append(f"eval_store {cfg.eval_store} was cut by another tokenizer than store "
+                        f"{cfg.store}: a foreign-tokenizer student aligns with one teacher "
+                        f"tokenizer per run; evaluate on a store of the same teacher tokenizer")
+    sampled = [p.name for p in plans if p.target == "sampled"]
+    if sampled:
+        problems.append(sampled_problem(sampled, cfg.store))
+    if len(problems) > start:
+        return None
+    topk = [p.name for p in plans if p.target == "topk"]
+    maps, first_maps, summary = {}, {}, {}
+    if cfg.cross_loss == "pkl" and topk:
+        teacher = stored_teacher_tokenizer(reader, cfg.store)
+        from logitstore.toolkit.vocab_map import vocab_map_for
+
+        cache = Path(cfg.cache_dir or cfg.out) / "vocab_maps"
+        vocab_map = vocab_map_for(teacher, tokenizer, cache_dir=cache)
+        pair = (vocab_map.teacher_to_student_first, vocab_map.exact)
+        maps = {name: pair for name in topk}
+        first_maps = {name: pair[0] for name in topk}
+        summary = {"vocab_map": {**vocab_map.summary(), "key": vocab_map.key}}
+    ratio = length_ratio(reader, tokenizer)
+    return CrossTokenizer(
+        loss=cfg.cross_loss, collate=CrossCollate(tokenizer, topk, first_maps,
+                                                  cfg.min_mapped_share),
+        vocab_maps=maps, length_ratio=ratio,
+        provenance={"cross_tokenizer": {"loss": cfg.cross_loss, "length_ratio": ratio,
+                                        "min_mapped_share": cfg.min_mapped_share,
+                                        "teacher_tokenizer": reader.settings.tokenizer_name,
+                                        **summary}})
+
+
+def uld_values(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               ids: torch.Tensor, logprobs: torch.Tensor, temperature: float,
+               chunk_size: int) -> torch.Tensor:
+    """[n] ULD per position of the student logits hidden @ weight.T (+ bias) against the
+    teacher's top-k (ids [n, k], T=1 log-probs [n, k]), chunk by chunk; with gradients each
+    chunk runs under a non-reentrant checkpoint, so no [n, V] buffer outlives its chunk."""
+    def per_chunk(h, i, lp):
+        return uld_per_position(F.linear(h, weight, bias), i, lp, temperature=temperature)
+
+    track = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    out = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        piece = slice(start, start + chunk_size)
+        args = (hidden[piece], ids[piece], logprobs[piece])
+        out.append(checkpoint(per_chunk, *args, use_reentrant=False, preserve_rng_state=False)
+                   if track else per_chunk(*args))
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)

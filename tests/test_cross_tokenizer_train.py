@@ -1,0 +1,420 @@
+"""student-train with a student whose tokenizer is not the store's (issue 15, sections 3 and 4).
+
+The world: a tiny byte-level BPE teacher tokenizer (tiny_hf), a SentencePiece-style student
+tokenizer (metaspace BPE with byte fallback, tiny_tokenizers) trained on the same corpus, a
+tiny Llama teacher whose real top-k (and pooled hidden states) are written with the samples'
+text and byte spans (store format 2.1) through the core API, and a tiny Llama student over
+the student tokenizer. Same-tokenizer runs are covered by tests/test_train.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from logitstore.errors import ConfigError, SchemaMismatchError
+from logitstore.format import HiddenSpec, SampledSpec, SignalSpec, StoreSettings, TopKSpec
+from logitstore.sample import Sample, Sampled, SignalData, TopK
+from logitstore.text_spans import SampleText
+from logitstore.toolkit.pooling import pool_hidden
+from logitstore.toolkit.token_alignment import align_positions
+from logitstore.toolkit.token_spans import tokenize_with_spans
+from logitstore.toolkit.tokenizer_identity import tokenizer_fingerprint
+from logitstore.writer import StoreWriter, tokenizer_file_entries
+from tiny_hf import corpus, make_tiny_llama, make_tokenizer
+from train_helpers import read_metrics
+
+K = 8
+N_SAMPLES = 32
+
+
+def make_student_tokenizer(directory: Path, byte_fallback: bool = True) -> Path:
+    """A metaspace BPE with a BOS (half the corpus, 160 tokens; + 256 byte-fallback tokens,
+    else an <unk> for what it cannot spell), saved as a PreTrainedTokenizerFast."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    from tiny_tokenizers import metaspace_bpe
+
+    # cuts some words finer than the teacher's tokenizer, some coarser
+    backend = metaspace_bpe(corpus()[::2], 160, byte_fallback=byte_fallback)
+    bos = backend.token_to_id("<bos>")
+    backend.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", bos)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>",
+                                        eos_token="<eos>", unk_token="<unk>", pad_token="<unk>")
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _texts() -> list[str]:
+    texts = corpus()
+    step = max(1, len(texts) // N_SAMPLES)
+    return [texts[(i * step) % len(texts)] for i in range(N_SAMPLES)]
+
+
+def _signal(logp: torch.Tensor, hidden: torch.Tensor, kinds: str) -> SignalData:
+    top = logp.topk(K, -1)
+    sampled = None
+    if "sampled" in kinds:
+        draws = logp.exp().multinomial(4, replacement=True, generator=torch.Generator()
+                                       .manual_seed(0))
+        ids = [torch.unique(d).tolist() for d in draws]
+        counts = [[int((d == i).sum()) for i in u] for d, u in zip(draws, ids)]
+        sampled = Sampled.from_lists(ids, counts, [logp[t, u].tolist()
+                                                   for t, u in enumerate(ids)])
+    return SignalData(topk=TopK(top.indices.numpy(), top.values.numpy()) if "topk" in kinds
+                      else None, sampled=sampled, hidden=hidden.numpy())
+
+
+def write_store(url: Path, teacher_dir: Path, tokenizer_dir: Path, *, text: bool = True,
+                kinds: str = "topk") -> Path:
+    """Signals "teacher" (its logits) and "sharp" (logits x 2) of every text, with text and
+    byte spans when `text`; `kinds`: "topk" and/or "sampled"."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    spec = SignalSpec(topk=TopKSpec(K) if "topk" in kinds else None,
+                      sampled=SampledSpec(4) if "sampled" in kinds else None,
+                      hidden=HiddenSpec((-1,), teacher.config.hidden_size, "mean", "float32"))
+    files = {p.name: p.read_bytes() for p in Path(tokenizer_dir).iterdir()
+             if p.name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")}
+    settings = StoreSettings(
+        vocab_size=len(tokenizer), tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        tokenizer_name="tiny-teacher", chunk_tokens=128, segment_tokens=256, chunk_samples=8,
+        signals={"teacher": spec, "sharp": spec}, text=text,
+        tokenizer_files=tokenizer_file_entries(files) if text else {})
+    with StoreWriter(str(url), settings, overwrite=True,
+                     tokenizer_files={f"tokenizer/{k}": v for k, v in files.items()}
+                     if text else None) as writer:
+        for i, line in enumerate(_texts()):
+            cut = tokenize_with_spans(tokenizer, line)
+            with torch.no_grad():
+                out = teacher(torch.from_numpy(cut.ids)[None], output_hidden_states=True)
+            logits = out.logits[0].float()
+            mask = np.ones(len(cut.ids), bool)
+            mask[0] = False
+            pooled = pool_hidden(out.hidden_states[-1], torch.from_numpy(mask)[None],
+                                 torch.ones(1, len(cut.ids)), "mean")  # [1, d]
+            sample = Sample(sample_id=f"s{i:03d}", input_ids=cut.ids, loss_mask=mask,
+                            text_spans=SampleText(line, cut.spans, cut.special, cut.role)
+                            if text else None)
+            sample.signals["teacher"] = _signal(logits.log_softmax(-1), pooled, kinds)
+            sample.signals["sharp"] = _signal((2 * logits).log_softmax(-1), pooled, kinds)
+            writer.add(sample)
+    return url
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("cross")
+    teacher_tok = make_tokenizer(root / "teacher_tok")
+    teacher = make_tiny_llama(root / "teacher", AutoTokenizer.from_pretrained(teacher_tok),
+                              seed=1, initializer_range=0.3)
+    student_tok = AutoTokenizer.from_pretrained(make_student_tokenizer(root / "student_tok"))
+    student = make_tiny_llama(root / "student", student_tok, seed=0)
+    store = write_store(root / "store", teacher, teacher_tok)
+    return {"root": root, "store": store, "student": student, "teacher": teacher,
+            "teacher_tok": teacher_tok, "student_tok": student_tok}
+
+
+def train_run(world, out: Path, store: Path | None = None, **overrides):
+    from student_train.config import resolve_config
+    from student_train.train import train
+
+    settings = {"store": str(store or world["store"]), "student": str(world["student"]),
+                "out": str(out), "batch_tokens": 256, "lr": 3e-3, "warmup_ratio": 0.0,
+                "save_every": 0, "verify_store": "none", "log_every": 1}
+    settings.update(overrides)
+    return train(resolve_config(None, settings))
+
+
+def cross_metrics(run: Path) -> list[dict]:
+    return [m for m in read_metrics(run) if "train/cross/positions" in m]
+
+
+# ----------------------------------------------------------------------------- the data path
+
+def test_batches_hold_the_student_cut_and_the_teacher_topk_at_aligned_positions(world):
+    from student_train.cross_batch import REASONS, CrossCollate
+    from logitstore.reader import StoreReader
+
+    reader = StoreReader(str(world["store"]))
+    samples = reader.read_segment(0)[:3]
+    collate = CrossCollate(world["student_tok"], ["teacher"], {}, 0.5)
+    batch = collate([[s] for s in samples], [[1.0]] * 3, ["teacher", "sharp"], packing=False)
+    signal = batch["signals"]["teacher"]
+    for b, teacher in enumerate(samples):
+        t = teacher.text_spans
+        cut = tokenize_with_spans(world["student_tok"], t.text)
+        assert batch["input_ids"][b, :len(cut.ids)].tolist() == cut.ids.tolist()
+        align = align_positions(t.spans, t.special, cut.spans, cut.special)
+        assert 0 < align.aligned < len(cut.ids) - 1  # the tokenizers really differ
+        stored = teacher.signals["teacher"].topk
+        np.testing.assert_array_equal(signal["topk_ids"][b, align.student_pos].numpy(),
+                                      stored.ids[align.teacher_pos])
+        np.testing.assert_allclose(signal["topk_logprobs"][b, align.student_pos].numpy(),
+                                   stored.logprobs[align.teacher_pos])
+        expected = np.zeros(batch["input_ids"].shape[1], bool)
+        expected[align.student_pos] = True
+        np.testing.assert_array_equal(signal["kd_mask"][b].numpy(), expected)
+    assert "kd_mask" not in batch["signals"]["sharp"]  # not a KD signal of this collate
+    stats = batch["cross_stats"]
+    skipped = sum(stats[f"cross/skipped_{r}"] for r in REASONS)
+    assert stats["cross/aligned"] + skipped == stats["cross/positions"] > 0
+    assert stats["cross/skipped_inside_teacher_token"] > 0
+
+
+def test_min_mapped_share_drops_positions_and_counts_them(world):
+    from student_train.cross_batch import CrossCollate
+    from logitstore.reader import StoreReader
+
+    samples = StoreReader(str(world["store"])).read_segment(0)[:4]
+    vocab = 400
+    nothing_maps = np.full(vocab, -1, np.int32)
+    everything_maps = np.zeros(vocab, np.int32)
+
+    def run(first, share):
+        collate = CrossCollate(world["student_tok"], ["teacher"], {"teacher": first}, share)
+        return collate([samples], [[1.0] * 4], ["teacher"], packing=True)
+
+    dropped, kept = run(nothing_maps, 0.5), run(everything_maps, 0.5)
+    assert not dropped["signals"]["teacher"]["kd_mask"].any()
+    stats = dropped["cross_stats"]
+    assert stats["cross/skipped_low_mapped_share/teacher"] == stats["cross/aligned"] > 0
+    assert stats["cross/mapped_mass/teacher"] == 0.0
+    assert kept["signals"]["teacher"]["kd_mask"].sum() > 0
+    assert kept["cross_stats"]["cross/skipped_low_mapped_share/teacher"] == 0
+    assert kept["cross_stats"]["cross/mapped_mass/teacher"] == pytest.approx(
+        kept["cross_stats"]["cross/topk_mass/teacher"])
+
+
+@pytest.mark.parametrize("loss", ["pkl", "uld"])
+def test_objective_matches_a_dense_reference_on_a_cross_batch(world, loss, monkeypatch):
+    """The objective's loss and lm_head/body gradients on a foreign-tokenizer batch (fused
+    lm_head with its precomputed gradient for pkl, checkpointed chunks for uld; skipped
+    positions masked) equal the textbook computation on full logits, and the fused lm_head
+    uses the gradient its forward built (the masked expected gradient was the right one)."""
+    from transformers import AutoModelForCausalLM
+
+    import student_train.fused_head_loss as fused
+
+    from logitstore.reader import StoreReader
+    from logitstore.toolkit.vocab_map import vocab_map_for
+    from student_train.cross_batch import CrossCollate
+    from student_train.cross_token_losses import mapped_kd_sum, project_topk_target, uld_sum
+    from student_train.cross_tokenizer import stored_teacher_tokenizer
+    from student_train.losses import cross_entropy_per_position
+    from student_train.objective import (DistillationObjective, LossSettings, SignalPlan,
+                                         Weights, combine, denominators, shifted,
+                                         target_positions, token_sum_gradients)
+
+    reader = StoreReader(str(world["store"]))
+    teacher_tok = stored_teacher_tokenizer(reader, str(world["store"]))
+    vmap = vocab_map_for(teacher_tok, world["student_tok"], cache_dir=world["root"] / "maps")
+    first = vmap.teacher_to_student_first
+    collate = CrossCollate(world["student_tok"], ["teacher"], {"teacher": first}, 0.5)
+    batch = collate([[s] for s in reader.read_segment(0)[:4]], [[1.0]] * 4, ["teacher"],
+                    packing=False)
+    plans = [SignalPlan("teacher", kd_weight=1.0, target="topk", cross_loss=loss)]
+    weights, temperature = Weights(alpha=0.6), 2.0
+
+    def grads(model):
+        return [p.grad.clone() for p in (model.lm_head.weight, model.model.embed_tokens.weight)]
+
+    torch.manual_seed(0)
+    student = AutoModelForCausalLM.from_pretrained(world["student"]).float()
+    objective = DistillationObjective(student, plans, LossSettings(chunk_size=7),
+                                      vocab_maps={"teacher": (first, vmap.exact)})
+    dens = denominators(batch)
+    sums = objective(batch, temperature=temperature,
+                     sum_grads=token_sum_gradients(dens, plans, weights))
+    loss_value, _ = combine(sums, dens, plans, weights)
+    factors = []
+    common_factor = fused._common_factor
+    monkeypatch.setattr(fused, "_common_factor",
+                        lambda *a: factors.append(common_factor(*a)) or factors[-1])
+    loss_value.backward()
+    assert factors and None not in factors  # no recompute: the forward's gradients were used
+    got = grads(student)
+
+    reference = AutoModelForCausalLM.from_pretrained(world["student"]).float()
+    logits = reference(input_ids=batch["input_ids"],
+                       attention_mask=batch["attention_mask"]).logits
+    trained = target_positions(batch)
+    kd = trained & batch["signals"]["teacher"]["kd_mask"]
+    ids = batch["signals"]["teacher"]["topk_ids"][kd]
+    lps = batch["signals"]["teacher"]["topk_logprobs"][kd]
+    if loss == "pkl":
+        mapped = project_topk_target(ids, lps, torch.from_numpy(first).long(),
+                                     torch.from_numpy(vmap.exact), temperature=temperature)
+        kd_sum = mapped_kd_sum(logits[kd], mapped)
+    else:
+        kd_sum = uld_sum(logits[kd], ids, lps, temperature=temperature)
+    labels = shifted(batch["labels"], -100)
+    ce_sum = cross_entropy_per_position(logits[trained], labels[trained]).sum()
+    expected = 0.6 * kd_sum / kd.sum() + 0.4 * ce_sum / trained.sum()
+    expected.backward()
+    assert 0 < int(kd.sum()) < int(trained.sum())
+    assert float(loss_value) == pytest.approx(float(expected), rel=1e-5)
+    for a, b in zip(got, grads(reference)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_teacher_cut_short_cuts_the_student_at_the_same_text(world):
+    """A teacher sample that stops before the end of its text (cut at its max length): the
+    student is cut where the teacher's text stops, so it never trains on unseen text."""
+    from dataclasses import replace
+
+    from logitstore.reader import StoreReader
+    from student_train.cross_batch import CrossCollate
+
+    full = StoreReader(str(world["store"])).read_segment(0)[0]
+    n = 9
+    t = full.text_spans
+    cut = replace(full, input_ids=full.input_ids[:n], loss_mask=full.loss_mask[:n],
+                  text_spans=SampleText(t.text, t.spans[:n], t.special[:n], t.roles[:n]),
+                  signals={"teacher": SignalData(topk=TopK(
+                      full.signals["teacher"].topk.ids[:n],
+                      full.signals["teacher"].topk.logprobs[:n]))})
+    collate = CrossCollate(world["student_tok"], ["teacher"], {}, 0.5)
+    seen = int(t.spans[n - 1, 1])
+    whole = tokenize_with_spans(world["student_tok"], t.text)
+    student = collate.student_sample(cut).sample
+    kept = len(student.input_ids)
+    assert 1 < kept < len(whole.ids)
+    assert student.input_ids.tolist() == whole.ids[:kept].tolist()
+    assert whole.spans[kept - 1, 0] < seen <= whole.spans[kept, 0]
+    assert len(collate.student_sample(full).sample.input_ids) == len(whole.ids)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+@pytest.mark.parametrize("loss", ["pkl", "uld"])
+def test_foreign_student_trains_end_to_end(world, tmp_path, loss):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = tmp_path / loss
+    final = train_run(world, run, cross_loss=loss, max_steps=16, alpha=0.9,
+                      eval_fraction=0.25, eval_on_start=True, eval_every=0,
+                      signals={"teacher": 1.0})
+    evals = [m for m in read_metrics(run) if "eval/kd" in m]
+    assert [m["step"] for m in evals] == [0, 16]
+    assert evals[-1]["eval/kd"] < evals[0]["eval/kd"] - 0.05, evals
+    assert final["eval/kd"] == evals[-1]["eval/kd"]
+    rows = cross_metrics(run)
+    assert len(rows) == 16
+    for m in rows:
+        assert 0 < m["train/cross/aligned"] < m["train/cross/positions"]
+        assert 0.5 < m["train/cross/aligned_share"] <= 1.0
+        assert m["train/cross/skipped_inside_teacher_token"] > 0
+    first, last = rows[0]["train/kd/teacher"], rows[-1]["train/kd/teacher"]
+    assert np.isfinite(first) and last < first
+    if loss == "pkl":
+        coverage = [m["train/cross/map_coverage/teacher"] for m in rows]
+        assert all(0.5 < c <= 1.0 + 1e-6 for c in coverage)
+        assert list((run / "vocab_maps").glob("*.npz"))  # built once, cached in the run
+    else:
+        assert "train/cross/map_coverage/teacher" not in rows[0]
+    meta = json.loads((run / "training_metadata.json").read_text())
+    assert meta["source"]["cross_tokenizer"]["loss"] == loss
+    model = AutoModelForCausalLM.from_pretrained(run / "final")
+    saved = AutoTokenizer.from_pretrained(run / "final")
+    assert tokenizer_fingerprint(saved) == tokenizer_fingerprint(world["student_tok"])
+    assert model.config.vocab_size == len(world["student_tok"])
+
+
+def test_a_resumed_cross_run_continues_the_same_loss_curve(world, tmp_path):
+    import shutil
+
+    settings = dict(max_steps=4, save_every=2, signals={"teacher": 1.0})
+    full = tmp_path / "full"
+    train_run(world, full, **settings)
+    part = tmp_path / "part"
+    (part / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "step-00000002",
+                    part / "checkpoints" / "step-00000002")
+    shutil.copy(full / "config.yaml", part / "config.yaml")
+    train_run(world, part, resume="latest", **settings)
+    curve = [(m["step"], m["train/loss"], m["train/cross/aligned"]) for m in cross_metrics(full)]
+    resumed = [(m["step"], m["train/loss"], m["train/cross/aligned"])
+               for m in cross_metrics(part)]
+    assert resumed == curve[2:] and [s for s, *_ in resumed] == [3, 4]
+
+
+def test_weighted_signals_and_hidden_alignment_work_across_tokenizers(world, tmp_path):
+    run = tmp_path / "two"
+    train_run(world, run, max_steps=3, signals={"teacher": 0.7, "sharp": 0.3},
+              hidden_weight=0.5, packing=True)
+    last = read_metrics(run)[-1]
+    for key in ("train/kd/teacher", "train/kd/sharp", "train/hidden",
+                "train/cross/map_coverage/teacher", "train/cross/map_coverage/sharp"):
+        assert np.isfinite(last[key]), key
+    assert last["train/kd"] == pytest.approx(0.7 * last["train/kd/teacher"]
+                                             + 0.3 * last["train/kd/sharp"], rel=1e-4)
+
+
+def test_positions_whose_topk_mass_maps_too_little_are_skipped_and_counted(world, tmp_path):
+    """A student that cannot spell the teacher's non-ASCII byte tokens (no byte fallback):
+    the map covers part of the top-k mass, positions under min_mapped_share lose their KD
+    (counted), the rest train."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(make_student_tokenizer(tmp_path / "tok", False))
+    student = make_tiny_llama(tmp_path / "student", tok, seed=0)
+    run = tmp_path / "strict"
+    train_run({**world, "student": student}, run, max_steps=2, min_mapped_share=0.9,
+              signals={"teacher": 1.0})
+    rows = cross_metrics(run)
+    for m in rows:
+        low = m["train/cross/skipped_low_mapped_share/teacher"]
+        assert 0 < low < m["train/cross/aligned"]
+        assert m["train/cross/kd_positions/teacher"] == m["train/cross/aligned"] - low
+        assert 0.3 < m["train/cross/map_coverage/teacher"] < 1.0
+        assert np.isfinite(m["train/kd/teacher"])
+
+
+# ----------------------------------------------------------------------------- refusals
+
+def test_a_store_without_text_is_refused_in_one_paragraph(world, tmp_path):
+    store = write_store(tmp_path / "plain", world["teacher"], world["teacher_tok"], text=False)
+    with pytest.raises(SchemaMismatchError) as err:
+        train_run(world, tmp_path / "run", store=store, max_steps=1)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "holds no sample text nor token byte spans" in message
+    assert "dump the store again" in message and "no command adds spans" in message
+    assert tokenizer_fingerprint(world["student_tok"]) in message
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_a_store_without_text_exits_1_on_the_command_line(world, tmp_path):
+    from click.testing import CliRunner
+
+    from student_train.cli import main
+
+    store = tmp_path / "plain"
+    if not store.exists():
+        write_store(store, world["teacher"], world["teacher_tok"], text=False)
+    result = CliRunner().invoke(main, ["--store", str(store), "--student", str(world["student"]),
+                                       "--out", str(tmp_path / "run"), "--max-steps", "1",
+                                       "--verify-store", "none"])
+    assert result.exit_code == 1, result.output
+    assert "no command adds spans" in result.output
+
+
+def test_sampled_only_signals_are_refused_for_a_foreign_student(world, tmp_path):
+    store = write_store(tmp_path / "sampled", world["teacher"], world["teacher_tok"],
+                        kinds="sampled")
+    with pytest.raises(ConfigError) as err:
+        train_run(world, tmp_path / "run", store=store, max_steps=1)
+    message = str(err.value)
+    assert "sampled targets" in message and "top-k only" in message
+    assert "'teacher'" in message and "'sharp'" in message

@@ -110,7 +110,8 @@ class SignalAppender:
         if len(data) != len(job.sample_ids):
             raise SchemaMismatchError(f"{job.part}/{job.segment}: {len(data)} signal entries for "
                                       f"{len(job.sample_ids)} samples")
-        only = replace(self.settings, signals={self.name: self.spec})
+        # Only the signal is checked: the segment's text and spans are already stored.
+        only = replace(self.settings, signals={self.name: self.spec}, text=False)
         for sid, length, d in zip(job.sample_ids, job.lengths, data):
             # Token ids are not needed to validate the signal's shapes: zeros stand in.
             validate_sample(Sample(sid, np.zeros(length, dtype=np.int64),

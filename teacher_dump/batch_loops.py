@@ -14,7 +14,7 @@ import itertools
 import logging
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from logitstore.errors import LogitStoreError
@@ -41,6 +41,7 @@ class DumpWork:
     ranks: RankContext
     progress: bool
     pad_id: int
+    tokenizer_files: dict[str, bytes] = field(default_factory=dict)  # a new store's, by path
 
     def capture(self, chosen: list) -> list[SignalData]:
         """Forward + capture one batch of samples (anything with sample_id, input_ids,
@@ -89,6 +90,7 @@ def dump_samples(work: DumpWork, settings: StoreSettings, samples: Iterable,
         return
     writer = _open_part(work, settings, store, extra)
     committed, signal = store.committed_ids, work.cfg.signal
+    keep_text = settings.text  # the reader built text for a store that keeps it
     tokens, t0 = 0, time.monotonic()
     with (work.bar(None) as bar,
           writing_in_background(writer, work.cfg.queue_batches) as background):
@@ -97,7 +99,8 @@ def dump_samples(work: DumpWork, settings: StoreSettings, samples: Iterable,
             # A batch cut by the last commit of a killed run is recomputed whole (same
             # padding, same numbers); only its missing samples are written.
             out = [Sample(s.sample_id, s.input_ids, s.loss_mask, source=s.source, split=s.split,
-                          tags=store_tags(s.tags), signals={signal: sig})
+                          tags=store_tags(s.tags), signals={signal: sig},
+                          text_spans=s.text_spans if keep_text else None)
                    for s, sig in zip(chosen, signals) if s.sample_id not in committed]
             background.put(out)
             tokens += sum(len(s.input_ids) for s in out)
@@ -130,7 +133,8 @@ def _open_part(work: DumpWork, settings: StoreSettings, store: ExistingStore,
             f"({sum(p.startswith('rank-') for p in store.parts)} parts); rerun it with that "
             f"many")
     return StoreWriter(work.cfg.out, settings, part=work.ranks.part,
-                       commit_store=work.ranks.world == 1, extra=extra)
+                       commit_store=work.ranks.world == 1, extra=extra,
+                       tokenizer_files=work.tokenizer_files)
 
 
 class _AppendSink:

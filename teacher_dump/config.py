@@ -124,6 +124,13 @@ FIELDS: dict[str, Field] = {
     "singleton_step": Field("float", 0.5, positive,
                             help="Quantization step of the log-probs of tokens drawn once "
                                  "(nats)."),
+    # Resumable like the layout keys: an existing store keeps its own choice (store_text.py).
+    "text": Field("bool", True, resumable=True,
+                  help="Keep each sample's UTF-8 text, its tokens' byte spans and the "
+                       "tokenizer's files in the store (for students with another tokenizer, "
+                       "and `logitstore show` without --tokenizer). --no-text saves about "
+                       "2 B/token and the tokenizer files; an existing store keeps its own "
+                       "choice."),
     # layout only (an existing store keeps its own): how samples fall into files
     "segment_tokens": Field("int", 1 << 18, at_least(1), resumable=True,
                             help="Tokens per segment (one commit each)."),

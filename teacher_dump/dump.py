@@ -19,6 +19,9 @@ Steps, top to bottom in `run_dump`:
    or a saved config of the same signal that differs on a content key, is refused -
    unless `overwrite`, which replaces such a store. A store with the same config is
    resumed (never replaced), so a killed dump restarted with the same command continues.
+   A new store keeps each sample's text, token spans and the tokenizer's files unless
+   `--no-text`; an existing one keeps its own choice (`teacher_dump.store_text`). The main
+   process writes the tokenizer files before any rank's writer opens.
 2. Data: a stream of samples (`logitstore.toolkit.data.iter_samples`), read and
    tokenized as the dump consumes it, so memory does not grow with the data (its first
    sample is read before the model loads, to fail early on unusable data). The *batch
@@ -55,6 +58,8 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from logitstore.commit import commit_store
+from logitstore.fs import StoreFS
+from logitstore.writer import write_tokenizer_files
 from logitstore.toolkit.data import DataOptions, DataSourceError, DataSummary, iter_samples
 from logitstore.errors import ConfigError, SettingsMismatchError
 from logitstore.format import (AttentionSpec, HiddenSpec, SampledSpec, SignalSpec, StoreSettings,
@@ -67,6 +72,7 @@ from teacher_dump.existing_store import (EXTRA_CONFIG, EXTRA_RUNS, EXTRA_SIGNAL_
                                          early_conflicts, erase_store, inspect_store, refusal,
                                          settings_conflicts)
 from teacher_dump.ranks import RankContext
+from teacher_dump.store_text import kept_store_text, new_store_text, reads_text
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +114,12 @@ class DumpReport:
         ])
 
 
-def read_data(cfg: DumpConfig, tokenizer) -> tuple[Iterator, DataSummary]:
-    """The samples of `cfg.data` as a stream, read and tokenized lazily as it is consumed,
-    and the summary it fills meanwhile (complete once the stream is). The first sample is
-    read here, so data without a usable sample fails before the model is loaded."""
-    options = DataOptions(format=cfg.format, max_length=cfg.max_length,
+def read_data(cfg: DumpConfig, tokenizer, with_text: bool = False) -> tuple[Iterator, DataSummary]:
+    """The samples of `cfg.data` as a stream, read and tokenized lazily as it is consumed
+    (`with_text`: with their text and token spans), and the summary it fills meanwhile
+    (complete once the stream is). The first sample is read here, so data without a usable
+    sample fails before the model is loaded."""
+    options = DataOptions(format=cfg.format, max_length=cfg.max_length, with_text=with_text,
                           overflow="window" if cfg.split_long else "truncate",
                           include_prompt=cfg.include_prompt,
                           use_chat_template=cfg.use_chat_template, wrap_in_chat=cfg.wrap_in_chat,
@@ -136,6 +143,7 @@ class _Plan:
     settings: StoreSettings
     spec: SignalSpec
     conflicts: list[str]  # non-empty only with --overwrite: the store is replaced
+    tokenizer_files: dict[str, bytes]  # {"tokenizer/<name>": bytes} a new store keeps
 
 
 def run_dump(cfg: DumpConfig, *, ranks: RankContext | None = None,
@@ -170,6 +178,10 @@ def run_dump(cfg: DumpConfig, *, ranks: RankContext | None = None,
     ranks.wait()  # every rank has read the old store before it may be erased or written
     if plan.conflicts:
         _replace_store(cfg, ranks, plan)
+    if plan.tokenizer_files:  # written once, before any rank's writer looks for them
+        if ranks.is_main:
+            write_tokenizer_files(StoreFS(cfg.out), plan.settings, plan.tokenizer_files)
+        ranks.wait()
 
     # 2-5. This rank's share of the work, computed and written.
     report = DumpReport(url=cfg.out, signal=cfg.signal, is_main=ranks.is_main,
@@ -180,7 +192,8 @@ def run_dump(cfg: DumpConfig, *, ranks: RankContext | None = None,
                EXTRA_SUMMARY: {"status": "running"}, EXTRA_RUNS: plan.store.runs}
     progress = cfg.progress if progress is None else progress
     work = DumpWork(cfg, model, capture_spec(cfg, vocab, kernel), ranks, progress,
-                    pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+                    pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+                    tokenizer_files=plan.tokenizer_files)
     if adding:
         report.mode = "add-signal"
         report.samples_written = sum(len(job.sample_ids) for job in all_jobs)
@@ -205,11 +218,12 @@ def _check_store_and_read_data(cfg: DumpConfig, tokenizer, fingerprint: str, voc
     conflicts = early_conflicts(store, cfg, fingerprint, vocab)
     if conflicts and not cfg.overwrite:
         raise SettingsMismatchError(refusal(cfg.out, conflicts))
-    samples, data_summary = read_data(cfg, tokenizer)
-    if not conflicts and adds_signal(store, cfg):
+    adding = not conflicts and adds_signal(store, cfg)  # the data is only compared
+    samples, data_summary = read_data(cfg, tokenizer, not adding and reads_text(cfg, store))
+    if adding:
         conflicts = data_conflicts(store, cfg, samples)  # reads the stream to its end
         if conflicts and cfg.overwrite:  # the store will be replaced: dump from a new read
-            samples, data_summary = read_data(cfg, tokenizer)
+            samples, data_summary = read_data(cfg, tokenizer, cfg.text)
     if conflicts and not cfg.overwrite:
         raise SettingsMismatchError(refusal(cfg.out, conflicts))
     return store, samples, data_summary, conflicts
@@ -235,14 +249,22 @@ def _plan_store(cfg: DumpConfig, tokenizer, tokenizer_id: tuple[str, int], model
     layout = store.settings or StoreSettings(vocab, fingerprint, chunk_tokens=cfg.chunk_tokens,
                                              segment_tokens=cfg.segment_tokens,
                                              chunk_samples=cfg.chunk_samples)
+    # So does its text setting, with its tokenizer files (teacher_dump.store_text).
+    kept = store.settings is not None and not conflicts
+    text = (kept_store_text(cfg.text, store.settings) if kept
+            else new_store_text(cfg.text, tokenizer))
     settings = StoreSettings(vocab_size=vocab, tokenizer_fingerprint=fingerprint,
                              signals={cfg.signal: spec}, tokenizer_name=cfg.model,
                              chunk_tokens=layout.chunk_tokens, segment_tokens=layout.segment_tokens,
-                             chunk_samples=layout.chunk_samples)
+                             chunk_samples=layout.chunk_samples, text=text.text,
+                             tokenizer_files=text.entries)
     conflicts = conflicts or settings_conflicts(store, settings, cfg.signal)
     if conflicts and not cfg.overwrite:
         raise SettingsMismatchError(refusal(cfg.out, conflicts))
-    return _Plan(store, settings, spec, conflicts)
+    if conflicts and kept:  # --overwrite replaces the store: this run's choice
+        text = new_store_text(cfg.text, tokenizer)
+        settings = replace(settings, text=text.text, tokenizer_files=text.entries)
+    return _Plan(store, settings, spec, conflicts, text.files)
 
 
 def _replace_store(cfg: DumpConfig, ranks: RankContext, plan: _Plan) -> None:

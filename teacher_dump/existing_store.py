@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from logitstore.commit import load_json, read_part_manifests
-from logitstore.format import (MANIFEST, PARTS_DIR, SEGMENT_INDEX, StoreSettings,
+from logitstore.format import (MANIFEST, PARTS_DIR, SEGMENT_INDEX, TOKENIZER_DIR, StoreSettings,
                                canonical_layers, settings_differences)
 from logitstore.fs import StoreFS
 from logitstore.parquet_io import table_from_bytes
@@ -84,9 +84,10 @@ def inspect_store(url: str) -> ExistingStore:
 
 
 def erase_store(url: str) -> None:
-    """Delete a store's committed state and parts (what StoreWriter(overwrite=True) deletes)."""
+    """Delete a store's committed state, parts and tokenizer files (what
+    StoreWriter(overwrite=True) deletes)."""
     fs = StoreFS(url)
-    for rel in (MANIFEST, "index", PARTS_DIR):
+    for rel in (MANIFEST, "index", PARTS_DIR, TOKENIZER_DIR):
         fs.delete(rel, recursive=True)
 
 

@@ -42,6 +42,10 @@ Definitions that other tools rely on:
   + response + [EOS]``. (Token ids at the seam may differ from tokenizing the joined text;
   harmless, since teacher and student both consume the stored ids.) EOS is not added
   twice when a chat template already ends the turn with it.
+* **text** (``with_text``, teacher-dump's stores with text): each sample's text and its
+  tokens' byte spans (`TokenizedSample.text_spans`, built by
+  `logitstore.toolkit.sample_text` for exactly these ids, which it never changes); a
+  truncated sample or a window keeps the text of its kept tokens.
 * **loss_mask[i]** is True when ``input_ids[i]`` is a training target: response tokens
   and EOS; prompt tokens too with ``include_prompt=True``; every token for ``text``;
   never the BOS/prefix specials.
@@ -58,6 +62,8 @@ from typing import Literal
 
 import numpy as np
 
+from logitstore.errors import TokenSpansError
+from logitstore.text_spans import SampleText
 from logitstore.toolkit.data_sources import (  # noqa: F401  (re-exported: part of this module's API)
     DataSourceError,
     HFDatasetSpec,
@@ -79,6 +85,7 @@ from logitstore.toolkit.record_formats import (
     tags_of,
     tokenize_pair,
 )
+from logitstore.toolkit.sample_text import chat_sample_text, cut_text, pair_sample_text
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +104,9 @@ class DataOptions:
     limit: int | None = None  # at most this many samples
     mcq_index_base: int = 0  # see logitstore.toolkit.record_formats.RenderOptions
     default_split: str = "train"
+    # Also each sample's text and token byte spans (TokenizedSample.text_spans): off unless
+    # the reader writes a store that keeps them (costs a second tokenization with offsets).
+    with_text: bool = False
 
 
 @dataclass(frozen=True)
@@ -107,6 +117,7 @@ class TokenizedSample:
     input_ids: np.ndarray  # (seq,) int64
     loss_mask: np.ndarray  # (seq,) bool, True = training target
     tags: dict[str, str | int | float | bool]
+    text_spans: SampleText | None = None  # with DataOptions.with_text
 
 
 @dataclass
@@ -181,19 +192,20 @@ def _split_of(record: Mapping, raw: RawRecord, options: DataOptions) -> str:
     return raw.split or options.default_split
 
 
-def _windows(ids: np.ndarray, mask: np.ndarray, options: DataOptions, summary: DataSummary):
-    """[(id suffix, ids, mask)]: the sample itself, truncated, or cut into max_length windows."""
+def _windows(length: int, options: DataOptions, summary: DataSummary):
+    """[(id suffix, start, stop)]: the tokens kept of a `length`-token sample: all of it,
+    the first max_length, or each max_length window."""
     limit = options.max_length
-    if limit is None or len(ids) <= limit:
-        return [("", ids, mask)]
+    if limit is None or length <= limit:
+        return [("", 0, length)]
     if options.overflow == "window":
         summary.windowed += 1
         return [
-            (f"#w{k}", ids[start : start + limit], mask[start : start + limit])
-            for k, start in enumerate(range(0, len(ids), limit))
+            (f"#w{k}", start, min(start + limit, length))
+            for k, start in enumerate(range(0, length, limit))
         ]
     summary.truncated += 1
-    return [("", ids[:limit], mask[:limit])]
+    return [("", 0, limit)]
 
 
 class _Reader:
@@ -248,7 +260,7 @@ class _Reader:
                     summary.duplicates += 1
                     return []
                 self.seen.add(bytes.fromhex(digest))
-            text = self.templated(fmt, record, pair)
+            text, messages = self.templated(fmt, record, pair)
         except RecordError as exc:
             summary.add_malformed(raw.location, str(exc))
             return []
@@ -259,26 +271,43 @@ class _Reader:
             include_prompt=self.options.include_prompt or fmt.name == "text",
             prefix=self.prefix,
         )
+        sample_text = (self.sample_text(text, messages, ids, raw.location)
+                       if self.options.with_text else None)
         base_id = f"{raw.source}:{raw.row}:{digest[:12]}"
         split = _split_of(record, raw, self.options)
         tags = tags_of(record, fmt)
         out = []
-        for suffix, window_ids, window_mask in _windows(ids, mask, self.options, summary):
-            if not window_mask.any():
+        for suffix, start, stop in _windows(len(ids), self.options, summary):
+            if not mask[start:stop].any():
                 summary.no_target += 1
                 continue
+            kept_text = None if sample_text is None else cut_text(sample_text, start, stop)
             out.append(
                 TokenizedSample(
-                    base_id + suffix, raw.source, split, window_ids, window_mask, dict(tags)
+                    base_id + suffix, raw.source, split, ids[start:stop], mask[start:stop],
+                    dict(tags), kept_text,
                 )
             )
         return out
 
-    def templated(self, fmt: Format, record: Mapping, pair: TextPair) -> TextPair:
-        """The pair as the tokenizer's chat template renders it, when that applies."""
+    def sample_text(self, text: TextPair, messages: list[dict] | None, ids: np.ndarray,
+                    location: str) -> SampleText:
+        """The sample's text and the byte spans of its `ids` (module `sample_text`)."""
+        try:
+            if messages is not None:
+                return chat_sample_text(self.tokenizer, messages, ids, self.prefix)
+            return pair_sample_text(self.tokenizer, text.prompt, text.response, ids, self.prefix)
+        except TokenSpansError as exc:
+            raise TokenSpansError(f"record {location}: no exact text and token spans: "
+                                  f"{exc}") from exc
+
+    def templated(self, fmt: Format, record: Mapping,
+                  pair: TextPair) -> tuple[TextPair, list[dict] | None]:
+        """The pair as the tokenizer's chat template renders it, when that applies, and the
+        messages it rendered (None: the pair as given)."""
         wrap = self.options.wrap_in_chat and fmt.name != "text"
         if not self.use_template or (fmt.messages is None and not wrap):
-            return pair
+            return pair, None
         if fmt.messages is not None:
             messages = fmt.messages(record)
         else:
@@ -286,7 +315,7 @@ class _Reader:
                 {"role": "user", "content": pair.prompt},
                 {"role": "assistant", "content": pair.response},
             ]
-        return render_with_chat_template(self.tokenizer, messages)
+        return render_with_chat_template(self.tokenizer, messages), messages
 
 
 def iter_samples(

@@ -1,0 +1,102 @@
+"""What a dump keeps for cross-tokenizer distillation: each sample's UTF-8 text and its
+tokens' byte spans (store settings `text`), and the tokenizer's files (`tokenizer_files`,
+ROOT/tokenizer/<name>), FORMAT.md sections 2 and 4.1.
+
+A new store keeps them unless the run says `--no-text` (config `text: false`). An existing
+store, resumed or given another teacher's signal, keeps its own choice and its own
+tokenizer files, as it keeps its layout: a store written without text (before format 2.1,
+or with --no-text) is resumed without text, not refused. A store that `--overwrite`
+replaces starts with this run's choice.
+
+The tokenizer's files are what `save_pretrained` writes, data files only (JSON, Jinja chat
+templates, vocabulary text files, SentencePiece models; never pickles). Every process of a
+dump and every resume of a half-written new store builds them again and the store settings
+list their sha256, so they must be the same bytes each time: checked by saving twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from logitstore.errors import LogitStoreError
+from logitstore.format import TOKENIZER_DIR, StoreSettings
+from logitstore.writer import tokenizer_file_entries
+
+log = logging.getLogger(__name__)
+
+# Suffixes of the tokenizer files a store keeps: data formats only (no pickles, no code).
+TOKENIZER_FILE_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".tiktoken")
+
+
+@dataclass(frozen=True)
+class StoreText:
+    """A store's text setting and its tokenizer files: `entries` as the settings list them
+    ({"tokenizer/<name>": {"size", "sha256"}}), `files` their bytes by the same keys (empty
+    for an existing store: its files are already there)."""
+
+    text: bool
+    entries: dict[str, dict[str, Any]] = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict)
+
+    @classmethod
+    def of_store(cls, settings: StoreSettings) -> "StoreText":
+        return cls(settings.text, dict(settings.tokenizer_files))
+
+
+def reads_text(cfg, store) -> bool:
+    """Whether the dump reads its samples' text and spans: those of a new store (`cfg.text`),
+    of an existing one keeping them, or that `--overwrite` may replace with text (a
+    conflict found later replaces the store; its samples must then have their text)."""
+    if store.empty:
+        return cfg.text
+    return store.settings.text or (cfg.overwrite and cfg.text)
+
+
+def new_store_text(wanted: bool, tokenizer) -> StoreText:
+    """A new store's: with `wanted`, text and the tokenizer's files; else neither."""
+    if not wanted:
+        return StoreText(False)
+    by_name = saved_tokenizer_files(tokenizer)
+    files = {f"{TOKENIZER_DIR}/{name}": data for name, data in by_name.items()}
+    return StoreText(True, tokenizer_file_entries(by_name), files)
+
+
+def kept_store_text(wanted: bool, settings: StoreSettings) -> StoreText:
+    """An existing store's own choice (module docstring), said in the log when this run
+    asked for the other one."""
+    if wanted != settings.text:
+        log.info("the store %s its samples' text and token spans: kept (an existing store "
+                 "keeps its own choice, like its layout; --overwrite replaces it)",
+                 "holds" if settings.text else "was written without")
+    return StoreText.of_store(settings)
+
+
+def saved_tokenizer_files(tokenizer) -> dict[str, bytes]:
+    """{file name: bytes} of the data files `tokenizer.save_pretrained` writes; the same
+    bytes every call (LogitStoreError otherwise: the store settings list their sha256)."""
+    first, second = _save(tokenizer), _save(tokenizer)
+    if first != second:
+        changed = sorted(name for name in first.keys() | second.keys()
+                         if first.get(name) != second.get(name))
+        raise LogitStoreError(
+            f"the tokenizer writes different bytes each time it is saved ({', '.join(changed)}), "
+            f"so a resumed or multi-process dump could not match the files the store lists; "
+            f"dump without text (teacher-dump --no-text)")
+    if "tokenizer.json" not in first:
+        raise LogitStoreError(
+            f"the tokenizer ({type(tokenizer).__name__}) saves no tokenizer.json (found "
+            f"{sorted(first) or 'no data files'}), so the store could not be read without it; "
+            f"load a fast tokenizer, or dump without text (teacher-dump --no-text)")
+    return first
+
+
+def _save(tokenizer) -> dict[str, bytes]:
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return {path.name: path.read_bytes() for path in sorted(Path(tmp).iterdir())
+                if path.is_file() and path.suffix in TOKENIZER_FILE_SUFFIXES
+                and not path.name.startswith(".")}

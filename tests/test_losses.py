@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from reference_cross_losses import JSD_BETA, SKEW_ALPHA, temper, textbook_divergence
 from reference_losses import (
     blend_kd_ce,
     combine_teacher_losses,
@@ -29,35 +30,13 @@ from student_train.losses import (
     temperature_at,
 )
 
-BETA, ALPHA = 0.3, 0.2  # non-default JSD beta / skew alpha, so a swapped convention shows
+BETA, ALPHA = JSD_BETA, SKEW_ALPHA  # non-default JSD beta / skew alpha: a swapped convention shows
 
 
 # ----------------------------------------------------------------------------- references
 
-def ref_divergence(name: str, p: list[float], q: list[float]) -> float:
-    """The textbook formulas on explicit probability lists (0 * log 0 = 0)."""
-    def kl(a, b):
-        return sum(x * math.log(x / y) for x, y in zip(a, b) if x > 0)
-
-    if name == "kl":
-        return kl(p, q)
-    if name == "rkl":
-        return kl(q, p)
-    if name == "jsd":
-        m = [BETA * x + (1 - BETA) * y for x, y in zip(p, q)]
-        return BETA * kl(p, m) + (1 - BETA) * kl(q, m)
-    if name == "skl":
-        return kl(p, [ALPHA * x + (1 - ALPHA) * y for x, y in zip(p, q)])
-    if name == "srkl":
-        return kl(q, [ALPHA * y + (1 - ALPHA) * x for x, y in zip(p, q)])
-    if name == "tvd":
-        return 0.5 * sum(abs(x - y) for x, y in zip(p, q))
-    raise AssertionError(name)
-
-
-def temper(probs: list[float], T: float) -> list[float]:
-    powered = [x ** (1 / T) for x in probs]
-    return [x / sum(powered) for x in powered]
+# ref_divergence: the textbook formulas on explicit probability lists; temper: p^(1/T) normalised
+ref_divergence = textbook_divergence
 
 
 def softmax_list(logits: list[float], T: float = 1.0) -> list[float]:

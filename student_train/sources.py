@@ -31,7 +31,7 @@ from logitstore.errors import ChecksumError, ConfigError, SchemaMismatchError
 from logitstore.reader import StoreReader
 from logitstore.verify import verify_store
 from student_train.alignment import HiddenStateAligner, parse_layer_map, stored_teacher_layer
-from student_train.cross_tokenizer import cross_setup, is_foreign
+from student_train.cross_tokenizer import cross_setup, is_foreign, no_text_problem
 from student_train.objective import SignalPlan
 from student_train.sampled_logprobs import kd_target_of, missing_logprob_problems
 from student_train.student import compat_problems, num_blocks
@@ -107,7 +107,22 @@ def check_inputs(cfg) -> Inputs:
         cfg.eval_store)
     if problems:
         raise ConfigError(problems)
+    _refuse_foreign_student_without_text(cfg, {cfg.store: store, cfg.eval_store: eval_store})
     return Inputs(store, eval_store)
+
+
+def _refuse_foreign_student_without_text(cfg, readers: dict) -> None:
+    """A student of another tokenizer needs the stores' text and spans: refused before the
+    student's weights load (its tokenizer alone is read, which is cheap)."""
+    lacking = {url: r for url, r in readers.items() if r is not None and not r.has_text}
+    if not lacking:
+        return
+    from logitstore.toolkit.hf import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.student, cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    for url, reader in lacking.items():
+        if is_foreign(tokenizer, reader.settings):
+            raise SchemaMismatchError(no_text_problem(url, reader.settings, tokenizer))
 
 
 def _unknown_signals(cfg, settings) -> str | None:

@@ -62,7 +62,7 @@ ROWS = [
     ("student-train", ["--store", "{store}", "--student", "{model}", "--out", "{tmp}/run",
                        "--signals", "teacher:heavy"], 1, ["signals", "heavy"]),
     ("student-train", ["--store", "{store}", "--student", "{model}", "--out", "{tmp}/run"], 1,
-     ["vocab_size 300", "400"]),
+     ["vocabulary size 300", "vocabulary size 400", "holds no sample text"]),
     ("student-train", ["--store", "{store}", "--student", "{model}", "--out", "{tmp}/run",
                        "--loss", "l2"], 1, ["loss", "must be one of", "'l2'"]),
     ("student-train", ["--store", "{tmp}", "--student", NO_MODEL, "--out", "{tmp}/run"], 1,

@@ -176,13 +176,31 @@ def show(store: str, sample_id: str | None, position: int | None, tokenizer: str
     text = sample.text_spans
     if text is not None:
         click.echo(f"text {text.text!r}")
-    for t, tok in enumerate(sample.input_ids.tolist()):
-        mark = "*" if sample.loss_mask[t] else " "
+    own = {n: s for n, s in sample.signals.items() if reader.settings.signals[n].tokenization
+           is None}
+    _echo_tokens(sample.input_ids, sample.loss_mask, text, own, decode, top)
+    for tokenization, cut in sample.tokenizations.items():  # 2.2: another tokenizer's tokens
+        click.echo(f"tokenization {tokenization}: tokens={len(cut)} covers bytes "
+                   f"[0:{cut.covered_bytes}]")
+        try:
+            cut_decode = _stored_decoder(reader, tokenization) or _decoder(None)
+        except LogitStoreError as err:
+            _fail(err)
+        signals = {n: s for n, s in sample.signals.items()
+                   if reader.settings.signals[n].tokenization == tokenization}
+        _echo_tokens(cut.input_ids, cut.loss_mask, cut, signals, cut_decode, top)
+
+
+def _echo_tokens(ids, loss_mask, text, signals, decode, top: int) -> None:
+    """One line per token: id, decoded piece, byte span (with `text`: anything with spans,
+    special, roles), and the signals' top entries at its position."""
+    for t, tok in enumerate(ids.tolist()):
+        mark = "*" if loss_mask[t] else " "
         line = f"{t:5d} {mark} {tok:7d} {decode([tok])!r:16s}"
         if text is not None:
             start, end = (int(v) for v in text.spans[t])
             line += f" [{start}:{end}]{'S' if text.special[t] else ' '}r{int(text.roles[t])}"
-        for name, sig in sample.signals.items():
+        for name, sig in signals.items():
             if sig.topk is not None:
                 order = np.argsort(-sig.topk.logprobs[t])[:top]
                 line += f" | {name} top: " + " ".join(
@@ -218,10 +236,10 @@ def _decoder(path: str | None):
     return lambda ids: tok.decode(list(ids), skip_special_tokens=False)
 
 
-def _stored_decoder(reader):
-    """A decoder from the tokenizer.json stored in the store (format 2.1), None when it
-    stores none."""
-    data = reader.tokenizer_files().get("tokenizer.json")
+def _stored_decoder(reader, tokenization: str | None = None):
+    """A decoder from the tokenizer.json stored in the store (format 2.1; 2.2: that of an
+    extra tokenization), None when it stores none."""
+    data = reader.tokenizer_files(tokenization).get("tokenizer.json")
     if data is None:
         return None
     from tokenizers import Tokenizer
@@ -245,6 +263,12 @@ def _sample_json(sample, decode, settings) -> dict[str, Any]:
         out.update(text=sample.text_spans.text, spans=sample.text_spans.spans.tolist(),
                    special=sample.text_spans.special.astype(int).tolist(),
                    roles=sample.text_spans.roles.tolist())
+    if sample.tokenizations:  # 2.2: the text cut by other tokenizers
+        out["tokenizations"] = {name: {
+            "input_ids": cut.input_ids.tolist(), "loss_mask": cut.loss_mask.astype(int).tolist(),
+            "spans": cut.spans.tolist(), "special": cut.special.astype(int).tolist(),
+            "roles": cut.roles.tolist(), "covered_bytes": cut.covered_bytes}
+            for name, cut in sample.tokenizations.items()}
     for name, sig in sample.signals.items():
         entry: dict[str, Any] = {}
         if sig.topk is not None:

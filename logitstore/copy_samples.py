@@ -139,8 +139,13 @@ class CopyResult:
 
 
 def stored_tokenizer_files(reader: StoreReader) -> dict[str, bytes]:
-    """The source's tokenizer files as a CopyPlan takes them ({} for a store without)."""
-    return {f"{TOKENIZER_DIR}/{name}": data for name, data in reader.tokenizer_files().items()}
+    """The source's tokenizer files as a CopyPlan takes them ({} for a store without):
+    its own and (2.2) those of its extra tokenizations, `tokenizer/<tokenization>/<name>`."""
+    out = {f"{TOKENIZER_DIR}/{name}": data for name, data in reader.tokenizer_files().items()}
+    for tokenization in reader.tokenizations:
+        out.update({f"{TOKENIZER_DIR}/{tokenization}/{name}": data
+                    for name, data in reader.tokenizer_files(tokenization).items()})
+    return out
 
 
 def open_sources(urls: list[str], storage_options: dict | None) -> list[StoreReader]:

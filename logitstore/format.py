@@ -15,8 +15,9 @@ from logitstore.errors import FormatVersionError, SchemaMismatchError, SettingsM
 
 FORMAT_NAME = "logitstore"
 # major.minor: readers refuse another major, accept any minor. 2.1 added the optional
-# sample text, token spans and tokenizer files (settings `text`, `tokenizer_files`).
-FORMAT_VERSION = "2.1"
+# sample text, token spans and tokenizer files (settings `text`, `tokenizer_files`); 2.2 the
+# extra tokenizations of a teacher with another tokenizer (settings `tokenizations`).
+FORMAT_VERSION = "2.2"
 LEGACY_VERSIONS = ("1.0", "1.1")  # one store manifest listing every file (FORMAT.md section 9)
 MANIFEST = "manifest.json"  # the store manifest, written last; its presence = a committed store
 PARTS_DIR = "parts"
@@ -32,7 +33,7 @@ INDEX_COLUMNS = ("sample_id", "source", "split", "offset", "length", "part", "se
                  "segment_offset", "digest")
 
 LOGPROB_ENCODINGS = ("q8", "f16", "f32")
-OPTIONAL_SETTINGS = ("text", "tokenizer_files")  # 2.1; absent from settings while unused
+OPTIONAL_SETTINGS = ("text", "tokenizer_files", "tokenizations")  # 2.1/2.2; absent while unused
 TOKENIZER_DIR = "tokenizer"  # ROOT/tokenizer/<file>: the tokenizer's files (2.1)
 HIDDEN_POOLINGS = ("mean", "mean-all", "last")
 ATTENTION_HEADS = ("mean", "all")
@@ -120,6 +121,9 @@ class SignalSpec:
     # `layers` are stored as block numbers 0..depth-1 (`canonical_layers`); None: unknown
     # (stores written before it was recorded keep their indices as given, -1 = last).
     depth: int | None = None
+    # 2.2: the extra tokenization (settings `tokenizations`) whose positions and ids the
+    # signal's arrays index; None: the store's own (its `input_ids`).
+    tokenization: str | None = None
 
     def kinds(self) -> list[str]:
         return [k for k in ("topk", "sampled", "hidden", "attention") if getattr(self, k)]
@@ -138,6 +142,22 @@ def canonical_layers(layers, depth: int | None) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True)
+class TokenizationSpec:
+    """2.2: a tokenizer other than the store's, cutting the same samples' text into its own
+    tokens (segment arrays `tokenizations/<name>/...`, FORMAT.md section 4.2)."""
+
+    vocab_size: int
+    tokenizer_fingerprint: str
+    tokenizer_name: str = ""
+    # {"tokenizer/<tokenization>/<file>": {"size", "sha256"}}: its tokenizer's files
+    tokenizer_files: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def token_dtype(self) -> str:
+        return int_dtype_for(self.vocab_size - 1)
+
+
+@dataclass(frozen=True)
 class StoreSettings:
     """Everything a part is written with; all parts of one store must agree on it."""
 
@@ -152,10 +172,26 @@ class StoreSettings:
     text: bool = False
     # 2.1: the tokenizer's files stored in the store, {"tokenizer/<name>": {"size", "sha256"}}
     tokenizer_files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # 2.2: {name: TokenizationSpec}, the other tokenizations signals may index
+    tokenizations: dict[str, TokenizationSpec] = field(default_factory=dict)
 
     @property
     def token_dtype(self) -> str:
         return int_dtype_for(self.vocab_size - 1)
+
+    def all_tokenizer_files(self) -> dict[str, dict[str, Any]]:
+        """Every tokenizer file the settings list: the store's own and (2.2) those of its
+        extra tokenizations, {path: {"size", "sha256"}}."""
+        out = dict(self.tokenizer_files)
+        for spec in self.tokenizations.values():
+            out.update(spec.tokenizer_files)
+        return out
+
+    def signal_vocab_size(self, signal: str) -> int:
+        """Vocabulary size of the tokenization a signal's ids belong to."""
+        tokenization = self.signals[signal].tokenization
+        return self.vocab_size if tokenization is None else \
+            self.tokenizations[tokenization].vocab_size
 
     def validate(self) -> None:
         problems = []
@@ -173,6 +209,7 @@ class StoreSettings:
         if not isinstance(self.text, bool):
             problems.append(f"text must be true or false, found {self.text!r}")
         problems += _tokenizer_file_problems(self.tokenizer_files)
+        problems += _tokenization_problems(self)
         if problems:
             raise SettingsMismatchError("invalid store settings: " + "; ".join(problems))
 
@@ -183,6 +220,9 @@ class StoreSettings:
         for key in OPTIONAL_SETTINGS:
             if not data[key]:
                 del data[key]
+        for signal in data["signals"].values():  # 2.2 key, left out for the store's own
+            if signal.get("tokenization") is None:
+                signal.pop("tokenization", None)
         return data
 
     @classmethod
@@ -194,8 +234,45 @@ class StoreSettings:
                 f"format {FORMAT_VERSION} and older); the store was written by a newer release: "
                 f"upgrade logitstore to read it")
         signals = {name: _signal_from_json(s) for name, s in data.get("signals", {}).items()}
-        plain = {k: v for k, v in data.items() if k != "signals"}
-        return cls(signals=signals, **plain)
+        tokenizations = {name: TokenizationSpec(**t)
+                         for name, t in (data.get("tokenizations") or {}).items()}
+        plain = {k: v for k, v in data.items() if k not in ("signals", "tokenizations")}
+        return cls(signals=signals, tokenizations=tokenizations, **plain)
+
+
+def _tokenization_problems(settings: "StoreSettings") -> list[str]:
+    """2.2: tokenization names, their tokenizer files (`tokenizer/<name>/<file>`), the text
+    they need, and that every signal's tokenization exists and every tokenization is used."""
+    out = []
+    for name, spec in settings.tokenizations.items():
+        if not name or "/" in name or name.startswith(".") or TMP_MARK in name:
+            out.append(f"tokenization name {name!r} must be non-empty, without '/' and not "
+                       f"start with '.'")
+        if spec.vocab_size < 1 or not spec.tokenizer_fingerprint:
+            out.append(f"tokenization {name!r} needs vocab_size >= 1 and a tokenizer_fingerprint")
+        if spec.tokenizer_fingerprint == settings.tokenizer_fingerprint:
+            out.append(f"tokenization {name!r} has the store's own tokenizer fingerprint: its "
+                       f"signals index the store's own tokens (tokenization null)")
+        prefix = f"{TOKENIZER_DIR}/{name}/"
+        for rel in spec.tokenizer_files:
+            if not rel.startswith(prefix):
+                out.append(f"tokenizer file {rel!r} of tokenization {name!r} must be "
+                           f"{prefix}<name>")
+        out += _tokenizer_file_problems({TOKENIZER_DIR + "/" + rel[len(prefix):]: meta
+                                         for rel, meta in spec.tokenizer_files.items()
+                                         if rel.startswith(prefix)})
+    if settings.tokenizations and not settings.text:
+        out.append(f"tokenizations {sorted(settings.tokenizations)} need the samples' text "
+                   f"(settings text: true): their spans index it")
+    used = {s.tokenization for s in settings.signals.values()}
+    for name, sig in settings.signals.items():
+        if sig.tokenization is not None and sig.tokenization not in settings.tokenizations:
+            out.append(f"signal {name!r} indexes tokenization {sig.tokenization!r}, which the "
+                       f"settings do not list ({sorted(settings.tokenizations)})")
+    unused = sorted(set(settings.tokenizations) - used)
+    if unused:
+        out.append(f"tokenizations {unused} are indexed by no signal")
+    return out
 
 
 def _tokenizer_file_problems(files: dict[str, Any]) -> list[str]:
@@ -296,6 +373,7 @@ def _signal_from_json(data: dict[str, Any]) -> SignalSpec:
         attention=build(AttentionSpec, data.get("attention")),
         teacher=dict(data.get("teacher", {})),
         depth=data.get("depth"),
+        tokenization=data.get("tokenization"),
     )
 
 
@@ -318,6 +396,12 @@ def flatten_settings(data: Any, prefix: str = "") -> dict[str, Any]:
 
 def segment_name(number: int) -> str:
     return f"seg-{number:06d}"
+
+
+def tokenization_array(tokenization: str, array: str) -> str:
+    """Path of an extra tokenization's array inside a segment (2.2), e.g.
+    tokenizations/medgemma/input_ids."""
+    return f"tokenizations/{tokenization}/{array}"
 
 
 def signal_array(signal: str, array: str) -> str:

@@ -25,6 +25,8 @@ def array_name(rel: str) -> str | None:
         return inner[0]
     if inner[0] in ("text", "spans") and len(inner) >= 2:  # 2.1: text/utf8, spans/gap, ...
         return "/".join(inner[:2])
+    if inner[0] == "tokenizations" and len(inner) >= 4:  # 2.2: tokenizations/T/spans/gap, ...
+        return "/".join(inner[:4] if inner[2] == "spans" else inner[:3])
     return None
 
 
@@ -77,6 +79,8 @@ def _elements(settings: StoreSettings, counts: dict, name: str) -> int:
         return tokens
     if name.startswith(("text/", "spans/")):  # 2.1; text/utf8: raw ~4 B of text per token
         return samples if leaf == "sample_bytes" else tokens
+    if name.startswith("tokenizations/"):  # 2.2; counted on the store's token axis
+        return samples if leaf in ("sample_tokens", "covered_bytes") else tokens
     if leaf == "sampled_counts":  # raw baseline stores a count per id
         return counts.get("sampled_entries", {}).get(name.split("/")[1], 0)
     sig = settings.signals[name.split("/")[1]]

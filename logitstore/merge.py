@@ -17,6 +17,10 @@ Rules (checked before anything is written):
   hold is kept). The tokenizer's files (`tokenizer_files`) are those of the first source
   that stores them: every source has the same tokenizer (its fingerprint), so they are
   informative like `tokenizer_name`.
+- **Tokenizations** (format 2.2: the text cut by another teacher's tokenizer, FORMAT.md
+  section 4.2) are settings like the others: every source holding a kept signal on one must
+  hold it with the same tokenizer (a differing fingerprint or vocabulary is refused, naming
+  the key); a tokenization no kept signal indexes is left out.
 - **Duplicates.** A sample whose index `digest` (sha256 of its id and tokens, FORMAT.md
   section 3) equals one already taken from an earlier source is kept once: the copy from
   the first source in argument order, with that source's split, tags and signals. Their
@@ -68,8 +72,11 @@ def plan_merge(urls: list[str], readers: list[StoreReader], *,
     text = kept_text(urls, readers, common_signals)
     tokenizer_source = next((r for r in readers if r.settings.tokenizer_files), readers[0])
     first = readers[0].settings
+    used = {first.signals[name].tokenization for name in signals}
     settings = replace(first, signals={name: first.signals[name] for name in signals},
-                       text=text, tokenizer_files=tokenizer_source.settings.tokenizer_files)
+                       text=text, tokenizer_files=tokenizer_source.settings.tokenizer_files,
+                       tokenizations={t: spec for t, spec in first.tokenizations.items()
+                                      if t in used})
     selections, per_source, duplicates = select_unique(urls, readers)
     tokens = sum(s.tokens() for s in selections)
     samples_in = sum(len(r) for r in readers)
@@ -128,9 +135,14 @@ def check_settings_agree(urls: list[str], readers: list[StoreReader],
     for reader in readers:
         data = reader.settings.to_json()
         kept = {name: data["signals"][name] for name in signals}
-        plain = {k: v for k, v in data.items()
-                 if k != "signals" and k not in INFORMATIVE_SETTINGS + DECIDED_APART}
-        flat.append(flatten_settings({**plain, "signals": kept}))
+        used = {signal.get("tokenization") for signal in kept.values()}
+        plain = {k: v for k, v in data.items() if k not in ("signals", "tokenizations")
+                 and k not in INFORMATIVE_SETTINGS + DECIDED_APART}
+        tokenizations = {t: spec for t, spec in (data.get("tokenizations") or {}).items()
+                         if t in used}
+        flat.append(flatten_settings({**plain, "signals": kept,
+                                      **({"tokenizations": tokenizations} if tokenizations
+                                         else {})}))
     conflicts = []
     for key in sorted(set().union(*flat)):
         values: dict[str, list[str]] = {}

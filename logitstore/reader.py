@@ -25,13 +25,16 @@ from logitstore.commit import require_committed
 from logitstore.encoding import decode_logprobs, decode_sampled, decode_topk_ids
 from logitstore.errors import (ChecksumError, LogitStoreError, UnknownSampleError,
                                UnknownSignalError)
-from logitstore.format import PARTS_DIR, StoreSettings, signal_array
+from logitstore.format import (PARTS_DIR, TOKENIZER_DIR, StoreSettings, signal_array,
+                               tokenization_array)
 from logitstore.fs import StoreFS, sha256_hex, storage_error
 from logitstore.records import missing
 from logitstore.sample import Sample, Sampled, SignalData, TopK
 from logitstore.snapshot import read_snapshot
 from logitstore.text_spans import (SPAN_GAP, SPAN_LENGTH, TEXT_SAMPLE_BYTES, TEXT_UTF8, TOKEN_KIND,
                                    SampleText, decode_sample_text)
+from logitstore.tokenized import (COVERED_BYTES, SAMPLE_TOKENS, TOKEN_ARRAYS, Tokenized,
+                                  decode_tokenized)
 
 
 @dataclass
@@ -78,6 +81,7 @@ class StoreReader:
         self._arrays: OrderedDict[str, Any] = OrderedDict()
         self._nuniq_cache: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()
         self._text_offsets: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._token_offsets: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()
 
     # -- metadata -------------------------------------------------------------------------
 
@@ -97,11 +101,20 @@ class StoreReader:
         """Whether every sample holds its text and token spans (format 2.1 `text`)."""
         return self.settings.text
 
-    def tokenizer_files(self) -> dict[str, bytes]:
+    @property
+    def tokenizations(self) -> list[str]:
+        """The extra tokenizations of the store (format 2.2), by name."""
+        return list(self.settings.tokenizations)
+
+    def tokenizer_files(self, tokenization: str | None = None) -> dict[str, bytes]:
         """The tokenizer's files stored in the store (format 2.1), by file name
-        (`tokenizer.json`, ...), each checked against its sha256; {} when it holds none."""
+        (`tokenizer.json`, ...), each checked against its sha256; {} when it holds none.
+        `tokenization`: those of that extra tokenization (2.2) instead of the store's own."""
         out = {}
-        for rel, meta in sorted(self.settings.tokenizer_files.items()):
+        listed = self.settings.tokenizer_files if tokenization is None else \
+            self.settings.tokenizations[tokenization].tokenizer_files
+        folder = TOKENIZER_DIR if tokenization is None else f"{TOKENIZER_DIR}/{tokenization}"
+        for rel, meta in sorted(listed.items()):
             try:
                 data = self.fs.read_bytes(rel, meta["size"])
             except FileNotFoundError:
@@ -110,7 +123,7 @@ class StoreReader:
                 raise ChecksumError(f"checksum mismatch in {self.fs.path(rel)}: expected sha256 "
                                     f"{meta['sha256']}, found {sha256_hex(data)} (run "
                                     f"`logitstore verify`)", path=rel)
-            out[rel.split("/", 1)[1]] = data
+            out[rel[len(folder) + 1:]] = data
         return out
 
     def tags(self, row: int) -> dict[str, Any]:
@@ -265,6 +278,47 @@ class StoreReader:
             token += n
         return out
 
+    def _tokenization_offsets(self, seg_no: int, tokenization: str) -> np.ndarray:
+        """[samples+1] first token of each sample on a tokenization's axis in the segment."""
+        key = (seg_no, tokenization)
+        offsets = self._token_offsets.get(key)
+        if offsets is None:
+            counts = self._read(self.segments[seg_no],
+                                tokenization_array(tokenization, SAMPLE_TOKENS))
+            offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+            self._token_offsets[key] = offsets
+            if len(self._token_offsets) > 64:
+                self._token_offsets.popitem(last=False)
+        return offsets
+
+    def _tokenized(self, seg_no: int, tokenization: str, first: int,
+                   last: int) -> list[Tokenized]:
+        """The segment's samples first..last-1 as the tokenization cut them (2.2)."""
+        seg = self.segments[seg_no]
+        offsets = self._tokenization_offsets(seg_no, tokenization)
+        a, b = int(offsets[first]), int(offsets[last])
+        arrays = [self._read(seg, tokenization_array(tokenization, name), a, b)
+                  for name in TOKEN_ARRAYS]
+        covered = self._read(seg, tokenization_array(tokenization, COVERED_BYTES), first, last)
+        out = []
+        for j in range(first, last):
+            lo, hi = int(offsets[j]) - a, int(offsets[j + 1]) - a
+            out.append(decode_tokenized(*(x[lo:hi] for x in arrays), covered[j - first]))
+        return out
+
+    def _positions(self, seg_no: int, signal: str, first: int, last: int,
+                   start: int, stop: int) -> tuple[int, int]:
+        """[start, stop) of samples first..last-1 on the axis of `signal`'s positions: the
+        store's tokens (given), or its tokenization's (2.2)."""
+        tokenization = self.settings.signals[signal].tokenization
+        if tokenization is None:
+            return start, stop
+        offsets = self._tokenization_offsets(seg_no, tokenization)
+        return int(offsets[first]), int(offsets[last])
+
+    def _used_tokenizations(self, signals: list[str]) -> list[str]:
+        return sorted({self.settings.signals[n].tokenization for n in signals} - {None})
+
     # -- public reads -------------------------------------------------------------------
 
     def sample(self, key: str | int, signals: list[str] | None = None) -> Sample:
@@ -280,8 +334,12 @@ class StoreReader:
                                    self._read(seg, "loss_mask", start, stop))
         if self.has_text:
             sample.text_spans = self._texts(seg_no, pos, pos + 1, start, stop)[0]
+        for tokenization in self._used_tokenizations(signals):
+            sample.tokenizations[tokenization] = self._tokenized(seg_no, tokenization, pos,
+                                                                 pos + 1)[0]
         for name in signals:
-            data = self._signal(seg_no, name, start, stop, pos, pos + 1)
+            data = self._signal(seg_no, name, *self._positions(seg_no, name, pos, pos + 1,
+                                                               start, stop), pos, pos + 1)
             if data.hidden is not None:
                 data.hidden = data.hidden[0]
             if data.attention is not None:
@@ -301,9 +359,12 @@ class StoreReader:
         seg = self.segments[seg_no]
         ids = self._read(seg, "input_ids")
         mask = self._read(seg, "loss_mask")
-        whole = {name: self._signal(seg_no, name, 0, seg.tokens, 0, seg.samples)
+        whole = {name: self._signal(seg_no, name, *self._positions(
+                     seg_no, name, 0, seg.samples, 0, seg.tokens), 0, seg.samples)
                  for name in signals}
         texts = self._texts(seg_no, 0, seg.samples, 0, seg.tokens) if self.has_text else None
+        tokenized = {t: self._tokenized(seg_no, t, 0, seg.samples)
+                     for t in self._used_tokenizations(signals)}
         out = []
         for j in range(seg.samples):
             row = seg.first_sample + j
@@ -311,8 +372,15 @@ class StoreReader:
             b = a + int(self._length[row])
             sample = self._base_sample(row, ids[a:b], mask[a:b])
             sample.text_spans = texts[j] if texts is not None else None
+            sample.tokenizations = {t: cut[j] for t, cut in tokenized.items()}
             for name, data in whole.items():
-                sample.signals[name] = _slice_signal(data, a, b, j)
+                tokenization = self.settings.signals[name].tokenization
+                if tokenization is None:
+                    sample.signals[name] = _slice_signal(data, a, b, j)
+                else:
+                    offsets = self._tokenization_offsets(seg_no, tokenization)
+                    sample.signals[name] = _slice_signal(data, int(offsets[j]),
+                                                         int(offsets[j + 1]), j)
             out.append(sample)
         return out
 

@@ -7,6 +7,7 @@ The writer takes these, the reader gives them back. Conventions (see FORMAT.md):
   token t+1 given tokens 0..t (the causal-LM logits at t).
 - `text_spans` (stores with text, format 2.1): the sample's UTF-8 text and the byte span,
   special flag and role of every token (logitstore/text_spans.py).
+- `tokenizations` (format 2.2): the same text cut by other tokenizers (logitstore/tokenized.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from logitstore.text_spans import SampleText
+from logitstore.tokenized import Tokenized
 
 
 @dataclass
@@ -90,6 +92,10 @@ class Sample:
     # Its text and its tokens' byte spans: required by a store whose settings say `text`,
     # ignored by one that does not; a reader fills it from a store that has them.
     text_spans: SampleText | None = None
+    # 2.2: its text cut by each extra tokenization {name: Tokenized} (logitstore/tokenized.py):
+    # required for every tokenization a store's settings list; a reader fills those of the
+    # signals it reads. A signal on a tokenization has its positions, not input_ids'.
+    tokenizations: dict[str, Tokenized] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.input_ids)

@@ -19,11 +19,12 @@ from zarr.storage import MemoryStore
 from logitstore.encoding import encode_logprobs, encode_sampled, encode_topk_ids
 from logitstore.errors import LogitStoreError, SchemaMismatchError
 from logitstore.format import (INDEX_COLUMNS, SEGMENT_INDEX, SignalSpec, StoreSettings,
-                               int_dtype_for, signal_array)
+                               int_dtype_for, signal_array, tokenization_array)
 from logitstore.parquet_io import table_to_bytes
 from logitstore.sample import Sample, SignalData
 from logitstore.text_spans import (TEXT_CHUNK_FACTOR, TEXT_SAMPLE_BYTES, TEXT_UTF8, encode_texts,
                                    sample_text_problem)
+from logitstore.tokenized import SAMPLE_ARRAYS, encode_tokenized, tokenized_problem
 
 
 @dataclass
@@ -91,12 +92,15 @@ def validate_sample(sample: Sample, settings: StoreSettings) -> None:
                                       f"found {type(value).__name__}")
     if settings.text:
         _check_text(sample, len(ids))
+    _check_tokenizations(sample, settings)
     if set(sample.signals) != set(settings.signals):
         raise SchemaMismatchError(f"{where}: signals {sorted(sample.signals)} != store signals "
                                   f"{sorted(settings.signals)}")
-    length = len(ids)
     for name, spec in settings.signals.items():
         data = sample.signals[name]
+        # a signal on an extra tokenization has that tokenization's positions (2.2)
+        length = len(ids) if spec.tokenization is None else \
+            len(sample.tokenizations[spec.tokenization])
         for kind in ("topk", "sampled", "hidden", "attention"):
             if (getattr(spec, kind) is None) != (getattr(data, kind) is None):
                 state = "captured" if getattr(spec, kind) else "not captured"
@@ -109,7 +113,8 @@ def validate_sample(sample: Sample, settings: StoreSettings) -> None:
                 if found != shape:
                     raise SchemaMismatchError(f"{where}: signal {name!r} topk {arr_name} shape "
                                               f"{found}, expected {shape} (k={spec.topk.k})")
-            _check_ids(data.topk.ids, settings.vocab_size, f"{where}: signal {name!r} topk")
+            _check_ids(data.topk.ids, settings.signal_vocab_size(name),
+                       f"{where}: signal {name!r} topk")
         if spec.sampled:
             s = data.sampled
             if len(s.offsets) != length + 1 or s.offsets[0] != 0 or np.any(np.diff(s.offsets) < 1):
@@ -122,7 +127,7 @@ def validate_sample(sample: Sample, settings: StoreSettings) -> None:
                 stored = "ids/counts/logprobs" if spec.sampled.logprobs else "ids/counts"
                 raise SchemaMismatchError(f"{where}: signal {name!r} sampled {stored} must each "
                                           f"have {n_entries} entries")
-            _check_ids(s.ids, settings.vocab_size, f"{where}: signal {name!r} sampled")
+            _check_ids(s.ids, settings.signal_vocab_size(name), f"{where}: signal {name!r} sampled")
             sums = np.add.reduceat(np.asarray(s.counts, dtype=np.int64), s.offsets[:-1])
             if np.any(sums != spec.sampled.n_draws):
                 t = int(np.argmax(sums != spec.sampled.n_draws))
@@ -157,6 +162,24 @@ def _check_text(sample: Sample, length: int) -> None:
                                   f"each token in the UTF-8 text (logitstore/text_spans.py)")
 
 
+def _check_tokenizations(sample: Sample, settings: StoreSettings) -> None:
+    """2.2: the sample's text cut by every extra tokenization of the store, sound
+    (logitstore/tokenized.py); none that the store does not list."""
+    where = f"sample {sample.sample_id!r}"
+    if set(sample.tokenizations) != set(settings.tokenizations):
+        raise SchemaMismatchError(
+            f"{where}: tokenizations {sorted(sample.tokenizations)} != the store's "
+            f"{sorted(settings.tokenizations)}; give the sample's text cut by each tokenizer "
+            f"the store lists (Sample.tokenizations)")
+    for name, spec in settings.tokenizations.items():
+        problem = tokenized_problem(sample.tokenizations[name], spec.vocab_size,
+                                    len(sample.text_spans.text.encode("utf-8")))
+        if problem:
+            raise SchemaMismatchError(f"{where}: tokenization {name!r}: {problem}; expected its "
+                                      f"tokens' byte spans in the sample's text "
+                                      f"(logitstore/tokenized.py)")
+
+
 def _check_ids(ids, vocab_size: int, where: str) -> None:
     ids = np.asarray(ids)
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
@@ -183,6 +206,9 @@ def encode_segment(samples: list[Sample], settings: StoreSettings) -> EncodedSeg
         chunk_rows = {TEXT_UTF8: TEXT_CHUNK_FACTOR * ct, TEXT_SAMPLE_BYTES: settings.chunk_samples}
         for name, data in encode_texts([s.text_spans for s in samples]).arrays().items():
             _put(group, name, data, chunk_rows.get(name, ct))
+    for tok, spec in settings.tokenizations.items():
+        put_tokenized(group, tok, encode_tokenized([s.tokenizations[tok] for s in samples],
+                                                   spec.token_dtype), settings)
     entries: dict[str, int] = {}
     multi: dict[str, int] = {}
     for name, spec in settings.signals.items():
@@ -196,9 +222,19 @@ def encode_segment(samples: list[Sample], settings: StoreSettings) -> EncodedSeg
                           sampled_multi=multi, sample_ids=[s.sample_id for s in samples])
 
 
+def put_tokenized(group, tokenization: str, arrays: dict[str, np.ndarray],
+                  settings: StoreSettings) -> None:
+    """2.2: one extra tokenization's arrays (tokenized.encode_tokenized) into a segment group."""
+    for name, data in arrays.items():
+        rows = settings.chunk_samples if name in SAMPLE_ARRAYS else settings.chunk_tokens
+        _put(group, tokenization_array(tokenization, name), data, rows)
+
+
 def encode_signal(name: str, spec: SignalSpec, data: list[SignalData],
-                  settings: StoreSettings) -> tuple[dict[str, bytes], tuple[int, int] | None]:
-    """One signal's arrays for the samples of an existing segment (in segment order).
+                  settings: StoreSettings, tokenized: dict[str, np.ndarray] | None = None
+                  ) -> tuple[dict[str, bytes], tuple[int, int] | None]:
+    """One signal's arrays for the samples of an existing segment (in segment order), and
+    with `tokenized` (2.2: the encoded arrays of the signal's new tokenization) those too.
 
     Returns the files (paths relative to the segment directory) and, for sampled targets,
     (ids stored, counts stored).
@@ -206,8 +242,10 @@ def encode_signal(name: str, spec: SignalSpec, data: list[SignalData],
     mem = MemoryStore()
     group = zarr.open_group(mem, mode="w", zarr_format=3)
     entries = _put_signal(group, name, spec, data, settings)
+    if tokenized is not None:
+        put_tokenized(group, spec.tokenization, tokenized, settings)
     files = {key: buf.to_bytes() for key, buf in mem._store_dict.items()
-             if key.startswith("signals/")}
+             if key.startswith(("signals/", "tokenizations/"))}
     return files, entries
 
 
@@ -215,7 +253,7 @@ def _put_signal(group, name: str, spec: SignalSpec, sig: list[SignalData],
                 settings: StoreSettings) -> tuple[int, int] | None:
     """Write one signal's arrays into a segment group; returns (ids, counts) stored."""
     ct, cs = settings.chunk_tokens, settings.chunk_samples
-    id_dtype = int_dtype_for(settings.vocab_size - 1)
+    id_dtype = int_dtype_for(settings.signal_vocab_size(name) - 1)
     entries = None
     if spec.topk:
         ids = np.concatenate([d.topk.ids for d in sig])

@@ -210,6 +210,8 @@ def view_of(root: dict[str, Any], parts: list[dict[str, Any]], index: pa.Table,
     # 2.1: the tokenizer's files, listed by the settings, are files of the store like any
     # other (checked by verify, copied by cp, refused by readers when missing).
     files.update((root.get("settings") or {}).get("tokenizer_files") or {})
+    for tokenization in ((root.get("settings") or {}).get("tokenizations") or {}).values():
+        files.update(tokenization.get("tokenizer_files") or {})  # 2.2: tokenizer/<name>/...
     ids = index.column("sample_id").to_pylist()
     view = {k: v for k, v in root.items() if k not in ("catalog",)}
     view["parts"] = [{"name": p["name"], "complete": p["complete"],

@@ -25,10 +25,13 @@ from logitstore.errors import (ChecksumError, FormatVersionError, SchemaMismatch
                                StoreIOError)
 from logitstore.snapshot import read_snapshot
 from logitstore.verify_records import check_records
-from logitstore.format import MANIFEST, PARTS_DIR, StoreSettings, int_dtype_for, signal_array
+from logitstore.format import (MANIFEST, PARTS_DIR, StoreSettings, int_dtype_for, signal_array,
+                               tokenization_array)
 from logitstore.fs import StoreFS, sha256_hex, storage_error
 from logitstore.text_spans import (SPAN_GAP, SPAN_LENGTH, TEXT_ARRAYS, TEXT_SAMPLE_BYTES, TEXT_UTF8,
                                    TOKEN_KIND, segment_text_problems)
+from logitstore.tokenized import (ARRAYS as TOKENIZED_ARRAYS, SAMPLE_ARRAYS, SAMPLE_TOKENS,
+                                  segment_tokenized_problems)
 
 T = TypeVar("T")
 # Files read (and segments checked) at once: on an object store each read is a request
@@ -38,25 +41,36 @@ IN_FLIGHT = 256  # work items handed to the pool at a time (keeps the futures bo
 
 
 def expected_arrays(settings: StoreSettings, tokens: int, samples: int, entries: dict[str, int],
-                    multi: dict[str, int]) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Array path inside a segment -> (shape, dtype) that the format prescribes."""
-    id_dtype = int_dtype_for(settings.vocab_size - 1)
+                    multi: dict[str, int], tokenization_tokens: dict[str, int] | None = None
+                    ) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Array path inside a segment -> (shape, dtype) that the format prescribes.
+    `tokenization_tokens`: the segment's tokens on each extra tokenization's axis (2.2)."""
+    axis = dict(tokenization_tokens or {})
     out = {"input_ids": ((tokens,), settings.token_dtype), "loss_mask": ((tokens,), "bool")}
+    for name, spec in settings.tokenizations.items():
+        dtypes = {"input_ids": spec.token_dtype, "loss_mask": "bool", "spans/gap": "int32",
+                  "spans/length": "uint32", "spans/kind": "uint8"}
+        for array in TOKENIZED_ARRAYS:
+            rows = samples if array in SAMPLE_ARRAYS else axis.get(name, -1)
+            out[tokenization_array(name, array)] = ((rows,), dtypes.get(array, "uint32"))
     if settings.text:  # text/utf8 holds sum(text/sample_bytes) bytes: checked with them
         out.update({TEXT_UTF8: (None, "uint8"), TEXT_SAMPLE_BYTES: ((samples,), "uint32"),
                     SPAN_GAP: ((tokens,), "int32"), SPAN_LENGTH: ((tokens,), "uint32"),
                     TOKEN_KIND: ((tokens,), "uint8")})
     for name, spec in settings.signals.items():
+        id_dtype = int_dtype_for(settings.signal_vocab_size(name) - 1)
+        # a signal on an extra tokenization has that tokenization's positions (2.2)
+        positions = tokens if spec.tokenization is None else axis.get(spec.tokenization, -1)
         if spec.topk:
             k = spec.topk.k
-            out[signal_array(name, "topk_ids")] = ((tokens, k), id_dtype)
-            out[signal_array(name, "topk_logprobs")] = ((tokens, k), _lp_dtype(spec.topk))
-            out[signal_array(name, "topk_tail")] = ((tokens,), _lp_dtype(spec.topk))
+            out[signal_array(name, "topk_ids")] = ((positions, k), id_dtype)
+            out[signal_array(name, "topk_logprobs")] = ((positions, k), _lp_dtype(spec.topk))
+            out[signal_array(name, "topk_tail")] = ((positions,), _lp_dtype(spec.topk))
         if spec.sampled:
             n = entries.get(name, -1)
             count_dtype = int_dtype_for(spec.sampled.n_draws)
-            out[signal_array(name, "sampled_nuniq")] = ((tokens,), count_dtype)
-            out[signal_array(name, "sampled_nmulti")] = ((tokens,), count_dtype)
+            out[signal_array(name, "sampled_nuniq")] = ((positions,), count_dtype)
+            out[signal_array(name, "sampled_nmulti")] = ((positions,), count_dtype)
             out[signal_array(name, "sampled_ids")] = ((n,), id_dtype)
             out[signal_array(name, "sampled_counts")] = ((multi.get(name, -1),), count_dtype)
             if spec.sampled.logprobs:
@@ -242,6 +256,8 @@ def _check_structure(fs: StoreFS, manifest: dict, settings: StoreSettings, index
         problems = _check_segment_arrays(fs, settings, seg_dir, seg, listed, damaged_dirs)
         if settings.text and not problems:
             problems += _check_text(fs, seg_dir, lengths, damaged_dirs)
+        if settings.tokenizations and not problems:
+            problems += _check_tokenizations(fs, settings, seg_dir, damaged_dirs)
         return problems
 
     for found in _in_order(pool, check_segment, segments):
@@ -253,9 +269,10 @@ def _check_segment_arrays(fs: StoreFS, settings: StoreSettings, seg_dir: str, se
                           listed: set[str], damaged_dirs: set[str]) -> list[str]:
     """Shapes and dtypes of a segment's arrays, and its sampled draws (arrays with a
     damaged file are skipped: their checksum is already reported)."""
-    problems = []
+    problems, axis = _tokenization_tokens(fs, settings, seg_dir, listed, damaged_dirs)
     expected = expected_arrays(settings, seg["tokens"], seg["samples"],
-                               seg.get("sampled_entries", {}), seg.get("sampled_multi", {}))
+                               seg.get("sampled_entries", {}), seg.get("sampled_multi", {}),
+                               axis)
     for name, (shape, dtype) in expected.items():
         rel = f"{seg_dir}/{name}"
         if f"{rel}/zarr.json" not in listed:
@@ -265,6 +282,46 @@ def _check_segment_arrays(fs: StoreFS, settings: StoreSettings, seg_dir: str, se
             continue  # already reported by checksum
         problems += _check_array(fs, rel, shape, dtype)
     return problems + _check_sampled(fs, settings, seg_dir, damaged_dirs)
+
+
+def _tokenization_tokens(fs: StoreFS, settings: StoreSettings, seg_dir: str, listed: set[str],
+                         damaged_dirs: set[str]) -> tuple[list[str], dict[str, int]]:
+    """(problems, {tokenization: the segment's tokens on its axis}) from each extra
+    tokenization's `sample_tokens` (2.2); one that cannot be read is left out (its arrays'
+    shapes are then reported against -1, or their checksum already was)."""
+    problems, axis = [], {}
+    for name in settings.tokenizations:
+        rel = f"{seg_dir}/{tokenization_array(name, SAMPLE_TOKENS)}"
+        if f"{rel}/zarr.json" not in listed or rel in damaged_dirs:
+            continue  # reported as not listed, or by checksum
+        try:
+            axis[name] = int(_open(fs, rel)[...].astype(np.int64).sum())
+        except Exception as err:
+            _raise_storage_failure(err, fs.url_of(rel))
+            problems.append(f"{fs.path(rel)}: cannot read ({type(err).__name__}: {err})")
+    return problems, axis
+
+
+def _check_tokenizations(fs: StoreFS, settings: StoreSettings, seg_dir: str,
+                         damaged_dirs: set[str]) -> list[str]:
+    """Each extra tokenization's tokens against the samples' text (2.2, tokenized.py):
+    ids in its vocabulary, spans inside the covered bytes, covered bytes inside the text."""
+    problems = []
+    for name, spec in settings.tokenizations.items():
+        rels = {a: f"{seg_dir}/{tokenization_array(name, a)}" for a in TOKENIZED_ARRAYS}
+        sizes = f"{seg_dir}/{TEXT_SAMPLE_BYTES}"
+        if any(r in damaged_dirs for r in [*rels.values(), sizes]):
+            continue  # already reported by checksum
+        try:
+            arrays = {a: _open(fs, r)[...] for a, r in rels.items()}
+            sample_bytes = _open(fs, sizes)[...]
+        except Exception as err:
+            _raise_storage_failure(err, fs.url_of(seg_dir))
+            problems.append(f"{fs.path(seg_dir)}: cannot read tokenization {name!r} ({err})")
+            continue
+        problems += [f"{fs.path(seg_dir)}/tokenizations/{name}: {problem}" for problem in
+                     segment_tokenized_problems(arrays, sample_bytes, spec.vocab_size)]
+    return problems
 
 
 def _open(fs: StoreFS, rel: str):

@@ -48,10 +48,12 @@ def segment_number(name: str) -> int | None:
     return int(match.group(1))
 
 
-def tokenizer_file_entries(files: dict[str, bytes]) -> dict[str, dict[str, Any]]:
-    """{"tokenizer/<name>": {"size", "sha256"}} of a tokenizer's files given by name: the
-    `tokenizer_files` of the settings of a store that keeps them."""
-    return {f"{TOKENIZER_DIR}/{name}": {"size": len(data), "sha256": sha256_hex(data)}
+def tokenizer_file_entries(files: dict[str, bytes],
+                           folder: str = TOKENIZER_DIR) -> dict[str, dict[str, Any]]:
+    """{"<folder>/<name>": {"size", "sha256"}} of a tokenizer's files given by name: the
+    `tokenizer_files` of the settings of a store that keeps them (folder `tokenizer`), or
+    of an extra tokenization (2.2: `tokenizer/<tokenization>`)."""
+    return {f"{folder}/{name}": {"size": len(data), "sha256": sha256_hex(data)}
             for name, data in sorted(files.items())}
 
 
@@ -60,7 +62,7 @@ def write_tokenizer_files(fs: StoreFS, settings: StoreSettings, files: dict[str,
     segment commits: `files` maps each listed path to its bytes. A file already there with
     the listed bytes (another part's writer, a resumed one) is kept; LogitStoreError when
     a listed file is neither given nor there, or the bytes given are not the listed ones."""
-    for rel, meta in sorted(settings.tokenizer_files.items()):
+    for rel, meta in sorted(settings.all_tokenizer_files().items()):
         data = files.get(rel)
         if data is None:
             if fs.exists(rel):

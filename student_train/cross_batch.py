@@ -17,6 +17,11 @@ Python):
      top-k signal, `kd_mask` [B, S] bool (student position t has a teacher target: aligned and,
      for the vocabulary-mapped loss, a mapped share of its top-k mass >= min_mapped_share),
      and `cross_stats` (counts over the batch's trained positions, see `sample_stats`).
+A signal on another tokenization of the store (format 2.2: a second teacher with its own
+tokenizer) is aligned by THAT tokenization's spans, with its own vocabulary map; student
+positions past the bytes that tokenization covers (a sample it cut at its max length) have
+no target from it and are counted as `uncovered/<signal>`, not as skipped. Per signal the
+stats hold `aligned/<signal>` and `uncovered/<signal>` (finish_stats: their shares).
 Positions without a teacher target hold a harmless uniform top-k (ids 0..k-1) so every loss
 stays finite before `kd_mask` removes them. Sampled signals are not carried (their draws sit
 at teacher positions; sources.py refuses them as targets for a foreign student).
@@ -31,6 +36,7 @@ import numpy as np
 import torch
 
 from logitstore.sample import Sample, SignalData, TopK
+from logitstore.tokenized import loss_mask_by_bytes
 from logitstore.toolkit.token_alignment import SkipReason, align_positions
 from logitstore.toolkit.token_spans import tokenize_with_spans
 from student_train.collate import collate
@@ -50,17 +56,8 @@ class StudentSample:
 
 def student_loss_mask(teacher: Sample, student_spans: np.ndarray) -> np.ndarray:
     """[Ls] bool: a student token is a target when the teacher text token holding its
-    first byte (a zero-width token: the byte before it) is one."""
-    t = teacher.text_spans
-    text = ~t.special & (t.spans[:, 1] > t.spans[:, 0])
-    if not text.any():
-        return np.zeros(len(student_spans), bool)
-    starts = t.spans[text, 0].astype(np.int64)
-    masks = np.asarray(teacher.loss_mask, bool)[text]
-    width = student_spans[:, 1] - student_spans[:, 0]
-    anchor = np.maximum(student_spans[:, 0].astype(np.int64) - (width == 0), 0)
-    owner = np.clip(np.searchsorted(starts, anchor, side="right") - 1, 0, len(starts) - 1)
-    return masks[owner]
+    first byte (a zero-width token: the byte before it) is one (tokenized.loss_mask_by_bytes)."""
+    return loss_mask_by_bytes(teacher.text_spans, teacher.loss_mask, student_spans)
 
 
 def cut_to_teacher(tok, teacher_text) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -111,11 +108,22 @@ class CrossCollate:
     """
 
     def __init__(self, tokenizer, topk_signals: list[str], first_maps: dict[str, np.ndarray],
-                 min_mapped_share: float):
+                 min_mapped_share: float, tokenizations: dict[str, str | None] | None = None):
         self.tokenizer = tokenizer
         self.topk_signals = list(topk_signals)
         self.first_maps = {k: np.asarray(v) for k, v in first_maps.items()}
         self.min_mapped_share = float(min_mapped_share)
+        # signal -> the store tokenization its positions index (None: the store's own)
+        self.tokenizations = dict(tokenizations or {})
+
+    @staticmethod
+    def _teacher_side(teacher: Sample, tokenization: str | None):
+        """(spans, special, covered bytes) of the teacher tokens a signal's positions index."""
+        if tokenization is None:
+            t = teacher.text_spans
+            return t.spans, t.special, len(t.text.encode("utf-8"))
+        cut = teacher.tokenizations[tokenization]
+        return cut.spans, cut.special, cut.covered_bytes
 
     def student_sample(self, teacher: Sample) -> StudentSample:
         t = teacher.text_spans
@@ -128,17 +136,24 @@ class CrossCollate:
         counts = np.bincount(align.student_reason[trained], minlength=len(SkipReason))
         stats.update({f"skipped_{r.name.lower()}": float(counts[r]) for r in SkipReason
                       if r != SkipReason.ALIGNED})
-        signals, kd_mask = {}, {}
+        signals, kd_mask, aligned = {}, {}, {None: align}
         length = len(ids)
         for name, data in teacher.signals.items():
             topk = None
             if name in self.topk_signals and data.topk is not None:
-                topk = _gathered_topk(data.topk, align.teacher_pos, align.student_pos, length)
+                tokenization = self.tokenizations.get(name)
+                t_spans, t_special, covered = self._teacher_side(teacher, tokenization)
+                if tokenization not in aligned:
+                    aligned[tokenization] = align_positions(t_spans, t_special, spans, special)
+                a = aligned[tokenization]
+                uncovered = np.append(spans[1:, 0] >= covered, False)  # next token past them
+                stats[f"aligned/{name}"] = float(trained[a.student_pos].sum())
+                stats[f"uncovered/{name}"] = float((uncovered[:-1] & trained).sum())
+                topk = _gathered_topk(data.topk, a.teacher_pos, a.student_pos, length)
                 mask = np.zeros(length, bool)
-                mask[align.student_pos] = True
+                mask[a.student_pos] = True
                 if name in self.first_maps:
-                    stats.update(self._share_stats(name, topk, align.student_pos, trained,
-                                                   mask))
+                    stats.update(self._share_stats(name, topk, a.student_pos, trained, mask))
                 kd_mask[name] = mask
                 stats[f"kd_positions/{name}"] = float((mask[:-1] & trained).sum())
             signals[name] = SignalData(topk=topk, hidden=data.hidden, attention=data.attention)
@@ -193,6 +208,12 @@ def finish_stats(stats: dict[str, float]) -> dict[str, float]:
     positions = stats.get(STAT_PREFIX + "positions")
     if positions:
         out[STAT_PREFIX + "aligned_share"] = stats[STAT_PREFIX + "aligned"] / positions
+        for key, value in stats.items():  # per signal: aligned share and byte coverage
+            if key.startswith(STAT_PREFIX + "aligned/"):
+                name = key[len(STAT_PREFIX + "aligned/"):]
+                out[STAT_PREFIX + f"aligned_share/{name}"] = value / positions
+                out[STAT_PREFIX + f"coverage/{name}"] = \
+                    1.0 - stats.get(STAT_PREFIX + f"uncovered/{name}", 0.0) / positions
     for key, total in stats.items():
         if key.startswith(STAT_PREFIX + "topk_mass/") and total > 0:
             name = key[len(STAT_PREFIX + "topk_mass/"):]

@@ -13,6 +13,11 @@ is not the student's:
   an ordinary SparseTarget, so the fused lm_head path computes it like any top-k target);
 * `cross_loss: uld`: no map; `uld_values` computes ULD on the student logits of the aligned
   positions, chunk by chunk under checkpointing;
+* signals of the store's other tokenizations (format 2.2: a second teacher with its own
+  tokenizer) are aligned by their own tokenization's spans and mapped with their own
+  tokenizer's vocabulary map (from the files the store keeps for that tokenization); a
+  student whose tokenizer is the store's own takes this path too when it trains on such a
+  signal (every signal then goes through the cross path: its own aligns one to one);
 * the student's tokens per teacher token (`length_ratio`, measured on the first segment's
   texts) scales the stream's token budget, so a student that cuts text finer keeps its
   batches near `batch_tokens` of its own tokens.
@@ -77,12 +82,15 @@ def sampled_problem(names: list[str], url: str) -> str:
             f"the teacher's tokenizer")
 
 
-def stored_teacher_tokenizer(reader, url: str):
-    """The teacher's tokenizer from the files the store keeps, checked against its
-    fingerprint; SchemaMismatchError when the store keeps none or others."""
+def stored_teacher_tokenizer(reader, url: str, tokenization: str | None = None):
+    """The teacher's tokenizer from the files the store keeps (`tokenization`: those of
+    that extra tokenization, format 2.2), checked against its fingerprint;
+    SchemaMismatchError when the store keeps none or others."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    files = reader.tokenizer_files()
+    files = reader.tokenizer_files(tokenization)
+    expected = reader.settings.tokenizer_fingerprint if tokenization is None else \
+        reader.settings.tokenizations[tokenization].tokenizer_fingerprint
     if "tokenizer.json" not in files:
         raise SchemaMismatchError(
             f"store {url} keeps no tokenizer.json of its teacher, which cross_loss pkl needs to "
@@ -96,13 +104,24 @@ def stored_teacher_tokenizer(reader, url: str):
             teacher = AutoTokenizer.from_pretrained(folder)
         except (OSError, ValueError):  # no tokenizer_config.json: the bare tokenizer file
             teacher = PreTrainedTokenizerFast(tokenizer_file=str(Path(folder) / "tokenizer.json"))
-    if tokenizer_fingerprint(teacher) != reader.settings.tokenizer_fingerprint:
+    if tokenizer_fingerprint(teacher) != expected:
         raise SchemaMismatchError(
             f"the tokenizer files kept in store {url} have fingerprint "
             f"{tokenizer_fingerprint(teacher)}, the store's token ids were cut by "
-            f"{reader.settings.tokenizer_fingerprint}: the store is inconsistent; run "
+            f"{expected}: the store is inconsistent; run "
             f"`logitstore verify {url}` and dump it again")
     return teacher
+
+
+def _tokenizer_of(reader, signal: str) -> str | None:
+    """Fingerprint of the tokenizer whose tokens a signal's positions index (None: the
+    store lacks the signal)."""
+    spec = reader.settings.signals.get(signal)
+    if spec is None:
+        return None
+    if spec.tokenization is None:
+        return reader.settings.tokenizer_fingerprint
+    return reader.settings.tokenizations[spec.tokenization].tokenizer_fingerprint
 
 
 def length_ratio(reader, tokenizer) -> float:
@@ -117,10 +136,12 @@ def length_ratio(reader, tokenizer) -> float:
 
 
 def cross_setup(cfg, reader, eval_reader, tokenizer, plans, problems: list[str]):
-    """The run's CrossTokenizer (None when the store's tokenizer is the student's). A store
-    without text raises SchemaMismatchError (`no_text_problem`); the other refusals are
-    appended to `problems` (and None is returned)."""
-    if not is_foreign(tokenizer, reader.settings):
+    """The run's CrossTokenizer (None when the store's tokenizer is the student's and no
+    signal trained on is of another tokenization). A store without text raises
+    SchemaMismatchError (`no_text_problem`); the other refusals are appended to `problems`
+    (and None is returned)."""
+    on_tokenization = {p.name: reader.settings.signals[p.name].tokenization for p in plans}
+    if not is_foreign(tokenizer, reader.settings) and not any(on_tokenization.values()):
         return None
     for url, r in ((cfg.store, reader), (cfg.eval_store, eval_reader)):
         if r is not None and not r.has_text:
@@ -131,6 +152,12 @@ def cross_setup(cfg, reader, eval_reader, tokenizer, plans, problems: list[str])
         problems.append(f"eval_store {cfg.eval_store} was cut by another tokenizer than store "
                         f"{cfg.store}: a foreign-tokenizer student aligns with one teacher "
                         f"tokenizer per run; evaluate on a store of the same teacher tokenizer")
+    if eval_reader is not None:  # 2.2: a signal's tokenization must be the same tokenizer
+        problems += [f"eval_store {cfg.eval_store}: signal {name!r} is not on the tokenization "
+                     f"{tokenization!r} it has in store {cfg.store}; evaluate on a store whose "
+                     f"teachers cut the text the same way" for name, tokenization in
+                     on_tokenization.items() if tokenization is not None and
+                     _tokenizer_of(eval_reader, name) != _tokenizer_of(reader, name)]
     sampled = [p.name for p in plans if p.target == "sampled"]
     if sampled:
         problems.append(sampled_problem(sampled, cfg.store))
@@ -139,19 +166,25 @@ def cross_setup(cfg, reader, eval_reader, tokenizer, plans, problems: list[str])
     topk = [p.name for p in plans if p.target == "topk"]
     maps, first_maps, summary = {}, {}, {}
     if cfg.cross_loss == "pkl" and topk:
-        teacher = stored_teacher_tokenizer(reader, cfg.store)
         from logitstore.toolkit.vocab_map import vocab_map_for
 
         cache = Path(cfg.cache_dir or cfg.out) / "vocab_maps"
-        vocab_map = vocab_map_for(teacher, tokenizer, cache_dir=cache)
-        pair = (vocab_map.teacher_to_student_first, vocab_map.exact)
-        maps = {name: pair for name in topk}
-        first_maps = {name: pair[0] for name in topk}
-        summary = {"vocab_map": {**vocab_map.summary(), "key": vocab_map.key}}
+        built = {}  # per tokenization: one map per teacher tokenizer
+        for tokenization in dict.fromkeys(on_tokenization[name] for name in topk):
+            teacher = stored_teacher_tokenizer(reader, cfg.store, tokenization)
+            built[tokenization] = vocab_map_for(teacher, tokenizer, cache_dir=cache)
+        maps = {name: (built[on_tokenization[name]].teacher_to_student_first,
+                       built[on_tokenization[name]].exact) for name in topk}
+        first_maps = {name: pair[0] for name, pair in maps.items()}
+        summary = {"vocab_map": {**built[on_tokenization[topk[0]]].summary(),
+                                 "key": built[on_tokenization[topk[0]]].key},
+                   "vocab_maps": {name: {**built[on_tokenization[name]].summary(),
+                                         "key": built[on_tokenization[name]].key}
+                                  for name in topk}}
     ratio = length_ratio(reader, tokenizer)
     return CrossTokenizer(
         loss=cfg.cross_loss, collate=CrossCollate(tokenizer, topk, first_maps,
-                                                  cfg.min_mapped_share),
+                                                  cfg.min_mapped_share, on_tokenization),
         vocab_maps=maps, length_ratio=ratio,
         provenance={"cross_tokenizer": {"loss": cfg.cross_loss, "length_ratio": ratio,
                                         "min_mapped_share": cfg.min_mapped_share,

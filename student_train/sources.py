@@ -264,8 +264,10 @@ def store_sources(cfg, inputs: Inputs, tokenizer, student, accelerator) -> Sourc
         check_store(eval_reader, cfg.eval_store, cfg, tokenizer, accelerator, foreign)
     problems: list[str] = []
     plans, aligners = plan_signals(cfg, reader.settings, student, problems)
+    # a signal of another tokenization (format 2.2) goes through the cross path too
+    on_tokenization = any(reader.settings.signals[p.name].tokenization for p in plans)
     cross = cross_setup(cfg, reader, eval_reader, tokenizer, plans, problems) \
-        if foreign and not problems else None
+        if (foreign or on_tokenization) and not problems else None
     if cross is not None:
         plans = [replace(p, cross_loss=cross.loss) if p.target == "topk" else p for p in plans]
     names = [p.name for p in plans]

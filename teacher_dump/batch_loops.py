@@ -42,6 +42,8 @@ class DumpWork:
     progress: bool
     pad_id: int
     tokenizer_files: dict[str, bytes] = field(default_factory=dict)  # a new store's, by path
+    # a teacher tokenizer other than the store's (teacher_dump.foreign_tokens.ForeignTokenizer)
+    foreign: Any = None
 
     def capture(self, chosen: list) -> list[SignalData]:
         """Forward + capture one batch of samples (anything with sample_id, input_ids,
@@ -137,9 +139,10 @@ def _open_part(work: DumpWork, settings: StoreSettings, store: ExistingStore,
                        tokenizer_files=work.tokenizer_files)
 
 
-class _AppendSink:
+class AppendSink:
     """The StoreWriter interface a BackgroundWriter drives, over a SignalAppender: each item
-    is one whole segment, (job, [SignalData per sample])."""
+    is one whole segment, (job, [SignalData per sample]) or, for a signal adding its
+    tokenization, (job, [SignalData], [Tokenized])."""
 
     def __init__(self, appender):
         self.appender = appender
@@ -156,9 +159,15 @@ class _AppendSink:
 
 def add_signal(work: DumpWork, spec: SignalSpec, store: ExistingStore) -> None:
     """Add-signal mode: the segments of this rank's parts that lack the signal, each
-    computed whole (its own batch plan) from the tokens stored in it."""
+    computed whole (its own batch plan) from the tokens stored in it; a teacher with another
+    tokenizer cuts the stored text first (teacher_dump.foreign_tokens)."""
     from logitstore.reader import StoreReader
     from logitstore.signal_writer import SignalAppender
+
+    if work.foreign is not None:
+        from teacher_dump.foreign_tokens import add_foreign_signal
+
+        return add_foreign_signal(work, spec, store)
 
     url, signal, ranks = work.cfg.out, work.cfg.signal, work.ranks
     mine = [p for i, p in enumerate(sorted(store.parts)) if i % ranks.world == ranks.rank]
@@ -171,7 +180,7 @@ def add_signal(work: DumpWork, spec: SignalSpec, store: ExistingStore) -> None:
     reader = StoreReader(url)
     segment_of = {(seg.part, seg.name): n for n, seg in enumerate(reader.segments)}
     with (work.bar(sum(len(job.sample_ids) for job in jobs)) as bar,
-          writing_in_background(_AppendSink(appender), work.cfg.queue_batches) as background):
+          writing_in_background(AppendSink(appender), work.cfg.queue_batches) as background):
         for job in jobs:
             stored = reader.read_segment(segment_of[(job.part, job.segment)], signals=[])
             data: list[SignalData | None] = [None] * len(stored)

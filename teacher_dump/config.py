@@ -206,13 +206,29 @@ def resolve_config(preset: str | Path | None = None,
     return make_config(DumpConfig, resolved)
 
 
+def _holds_committed_store(url: str) -> bool:
+    """Whether `url` holds a committed store (a teacher with another tokenizer reads its
+    samples from there, teacher_dump.foreign_tokens; run_dump refuses the others without
+    data)."""
+    from logitstore.errors import LogitStoreError
+    from logitstore.format import MANIFEST
+    from logitstore.fs import StoreFS
+
+    try:
+        return StoreFS(url).exists(MANIFEST)
+    except (LogitStoreError, OSError, ValueError):
+        return False
+
+
 def _cross_field_problems(v: dict[str, Any]) -> list[str]:
     out = []
     if not v["model"]:
         out.append("model is required (--model or dump.model in the config file)")
-    if not v["data"]:
+    if not v["data"] and not (v["out"] and _holds_committed_store(v["out"])):
         out.append("data is required (--data or dump.data in the config file; an alias "
-                   "may name it as default_data in the model aliases)")
+                   "may name it as default_data in the model aliases), except to add a "
+                   "teacher of another tokenizer to an existing store (its samples are the "
+                   "store's)")
     if not v["out"]:
         out.append("out is required: the store URL (--out or dump.out in the config file)")
     if not (v["top_k"] or v["samples"] or v["hidden_layers"] or v["attention_layers"]):

@@ -10,6 +10,12 @@ Two modes, chosen from what `cfg.out` holds:
   added over the tokens already stored (`logitstore.signal_writer.SignalAppender`). The
   data must be the one the store was dumped from (same dataset fingerprint); token ids
   and loss masks are read back from the store.
+* **add-signal, another tokenizer** (format 2.2: a store with text written by a teacher of
+  another tokenizer): the data is not read; each stored sample's text is cut by this
+  teacher's tokenizer and the signal stored on those tokens, as tokenization `cfg.signal`
+  (`teacher_dump.foreign_tokens`, whose docstring and FORMAT.md section 4.2 state the
+  rules: chat turns from the stored roles, targets by bytes, samples over `max_length`
+  cut and counted, never dropped). A store without text is refused in one paragraph.
 
 Steps, top to bottom in `run_dump`:
 
@@ -69,8 +75,8 @@ from teacher_dump.config import DumpConfig
 from teacher_dump.default_data import check_dump_data_readable
 from teacher_dump.existing_store import (EXTRA_CONFIG, EXTRA_RUNS, EXTRA_SIGNAL_CONFIGS,
                                          EXTRA_SUMMARY, ExistingStore, adds_signal, data_conflicts,
-                                         early_conflicts, erase_store, inspect_store, refusal,
-                                         settings_conflicts)
+                                         early_conflicts, erase_store, inspect_store, is_foreign,
+                                         refusal, settings_conflicts)
 from teacher_dump.ranks import RankContext
 from teacher_dump.store_text import kept_store_text, new_store_text, reads_text
 
@@ -92,6 +98,9 @@ class DumpReport:
     device: str = ""
     teacher: dict[str, Any] = field(default_factory=dict)
     mode: str = "dump"  # or "add-signal"
+    # a teacher with another tokenizer than the store's: the store's samples it cut at its
+    # max_length (covering less than their text), counted over the whole store; else None
+    samples_cut: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "is_main"}
@@ -110,7 +119,10 @@ class DumpReport:
             f"  data: {d.get('records', 0)} records -> {d.get('samples', 0)} samples; skipped "
             f"{d.get('malformed', 0)} malformed, {d.get('empty', 0)} empty, "
             f"{d.get('duplicates', 0)} duplicates, {d.get('no_target', 0)} without targets; "
-            f"{d.get('truncated', 0)} truncated, {d.get('windowed', 0)} split into windows",
+            f"{d.get('truncated', 0)} truncated, {d.get('windowed', 0)} split into windows"
+            if self.samples_cut is None else
+            f"  data: the store's samples, cut by this teacher's own tokenizer (tokenization "
+            f"{self.signal!r}); {self.samples_cut} cut at its max length (none dropped)",
         ])
 
 
@@ -156,11 +168,24 @@ def run_dump(cfg: DumpConfig, *, ranks: RankContext | None = None,
 
     started = time.monotonic()
     ranks = ranks or RankContext.from_accelerate()
-    check_dump_data_readable(cfg.data, cfg.model)  # offline without the data: before any load
+    # Offline without the data: refused before any load. Into a store with text the run may
+    # add a teacher of another tokenizer, which reads no data: checked once that is known.
+    data_checked = not inspect_store(cfg.out).holds_text
+    if data_checked:
+        check_dump_data_readable(cfg.data, cfg.model)
     tokenizer = load_tokenizer(cfg.model, cfg.revision, cfg.trust_remote_code)
     fingerprint, vocab = tokenizer_fingerprint(tokenizer), vocab_size_of(tokenizer)
-    store, samples, data_summary, conflicts = _check_store_and_read_data(cfg, tokenizer,
-                                                                         fingerprint, vocab)
+    store, samples, data_summary, conflicts = _check_store_and_read_data(
+        cfg, tokenizer, fingerprint, vocab, data_checked)
+    foreign = None
+    if not conflicts and is_foreign(store, fingerprint, vocab):  # the store's text is the data
+        from teacher_dump.foreign_tokens import ForeignTokenizer
+
+        foreign = ForeignTokenizer.of(tokenizer, cfg.signal, cfg.model, fingerprint, vocab,
+                                      cfg.max_length)
+        if cfg.data:
+            log.info("--data is not read: %s's tokenizer is not the store's, so it cuts the "
+                     "store's own samples (their stored text)", cfg.model)
     quantize = None if cfg.quantize == "auto" else cfg.quantize  # None: hf decides
     model, info = load_causal_lm(cfg.model, quantize=quantize,
                                  dtype=cfg.dtype, device=_device(cfg) or ranks.device,
@@ -169,12 +194,14 @@ def run_dump(cfg: DumpConfig, *, ranks: RankContext | None = None,
     kernel = resolve_kernel(cfg.capture_kernel, next(model.parameters()).device)  # compiles
     _warm_up_pyarrow()
     plan = _plan_store(cfg, tokenizer, (fingerprint, vocab), model, info, kernel, store,
-                       conflicts)
-    adding = adds_signal(plan.store, cfg) and not plan.conflicts
+                       conflicts, foreign)
+    adding = (adds_signal(plan.store, cfg) or foreign is not None) and not plan.conflicts
     if adding:  # segments still without the signal, all parts: read before anyone writes
         from logitstore.signal_writer import SignalAppender
 
-        all_jobs = SignalAppender(cfg.out, cfg.signal, plan.spec).pending()
+        all_jobs = [] if not adds_signal(plan.store, cfg) else SignalAppender(
+            cfg.out, cfg.signal, plan.spec, tokenization=foreign and foreign.spec,
+            tokenizer_files=foreign and foreign.files).pending()
     ranks.wait()  # every rank has read the old store before it may be erased or written
     if plan.conflicts:
         _replace_store(cfg, ranks, plan)
@@ -193,31 +220,43 @@ def run_dump(cfg: DumpConfig, *, ranks: RankContext | None = None,
     progress = cfg.progress if progress is None else progress
     work = DumpWork(cfg, model, capture_spec(cfg, vocab, kernel), ranks, progress,
                     pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-                    tokenizer_files=plan.tokenizer_files)
+                    tokenizer_files=plan.tokenizer_files, foreign=foreign)
     if adding:
         report.mode = "add-signal"
         report.samples_written = sum(len(job.sample_ids) for job in all_jobs)
         report.tokens_written = sum(sum(job.lengths) for job in all_jobs)
         report.samples_resumed = len(plan.store.committed_ids) - report.samples_written
-        add_signal(work, plan.spec, plan.store)
+        if adds_signal(plan.store, cfg):  # else a foreign signal the store holds whole
+            add_signal(work, plan.spec, plan.store)
     else:
         dump_samples(work, plan.settings, samples, plan.store, running, report)
     # Complete now: the stream has been read to its end (by the dump, or by data_conflicts).
     report.data = {k: v for k, v in asdict(data_summary).items() if k != "malformed_examples"}
     ranks.wait()
     if ranks.is_main:
-        _commit(cfg, report, running, plan.store.runs, started)
+        _commit(cfg, report, running, plan.store.runs, started,
+                foreign.name if foreign is not None else None)
     report.wall_seconds = time.monotonic() - started
     return report
 
 
-def _check_store_and_read_data(cfg: DumpConfig, tokenizer, fingerprint: str, vocab: int):
+def _check_store_and_read_data(cfg: DumpConfig, tokenizer, fingerprint: str, vocab: int,
+                               data_checked: bool):
     """Steps 1-2: (store, samples, data summary, conflicts); a conflict is raised unless
-    `cfg.overwrite` (then the store will be replaced)."""
+    `cfg.overwrite` (then the store will be replaced). `data_checked`: the data sources were
+    checked readable already."""
     store = inspect_store(cfg.out)
     conflicts = early_conflicts(store, cfg, fingerprint, vocab)
     if conflicts and not cfg.overwrite:
         raise SettingsMismatchError(refusal(cfg.out, conflicts))
+    if not conflicts and is_foreign(store, fingerprint, vocab):
+        return store, None, DataSummary(), []  # the samples are the store's: no data read
+    if not cfg.data:  # config allowed it for a teacher of another tokenizer only
+        raise ConfigError([f"data is required: {cfg.out} was written by {cfg.model}'s own "
+                           f"tokenizer, so its signal is added over the store's samples "
+                           f"read again from their data (--data)"])
+    if not data_checked:
+        check_dump_data_readable(cfg.data, cfg.model)  # offline without data: before the model
     adding = not conflicts and adds_signal(store, cfg)  # the data is only compared
     samples, data_summary = read_data(cfg, tokenizer, not adding and reads_text(cfg, store))
     if adding:
@@ -230,9 +269,12 @@ def _check_store_and_read_data(cfg: DumpConfig, tokenizer, fingerprint: str, voc
 
 
 def _plan_store(cfg: DumpConfig, tokenizer, tokenizer_id: tuple[str, int], model, info,
-                kernel: str, store: ExistingStore, conflicts: list[str]) -> _Plan:
+                kernel: str, store: ExistingStore, conflicts: list[str],
+                foreign=None) -> _Plan:
     """The teacher's signal spec and the store settings of this run, checked against the
-    model and the existing store; `tokenizer_id`: (fingerprint, vocabulary size)."""
+    model and the existing store; `tokenizer_id`: (fingerprint, vocabulary size). With
+    `foreign` (a tokenizer other than the store's) the signal is on its own tokenization
+    and the store's settings are kept."""
     from logitstore.toolkit.tokenizer_identity import check_vocab_compat
 
     fingerprint, vocab = tokenizer_id
@@ -245,6 +287,9 @@ def _plan_store(cfg: DumpConfig, tokenizer, tokenizer_id: tuple[str, int], model
     # given when it is resumed (not when --overwrite replaces it for an earlier conflict).
     legacy = stored is not None and stored.depth is None and not conflicts
     spec = teacher_signal(cfg, model, info, kernel, record_depth=not legacy)
+    if foreign is not None:
+        spec = replace(spec, tokenization=foreign.name)
+        return _Plan(store, store.settings, spec, [], {})
     # Layout keys (chunk/segment sizes) of an existing store win: they do not change content.
     layout = store.settings or StoreSettings(vocab, fingerprint, chunk_tokens=cfg.chunk_tokens,
                                              segment_tokens=cfg.segment_tokens,
@@ -279,9 +324,14 @@ def _replace_store(cfg: DumpConfig, ranks: RankContext, plan: _Plan) -> None:
 
 
 def _commit(cfg: DumpConfig, report: DumpReport, running: dict[str, Any],
-            runs: list[dict[str, Any]], started: float) -> None:
-    """Step 6 (main process): commit parts, config and the run summary."""
+            runs: list[dict[str, Any]], started: float, tokenization: str | None = None) -> None:
+    """Step 6 (main process): commit parts, config and the run summary (`tokenization`: of
+    a foreign teacher's signal, whose cut samples it counts)."""
     manifest = commit_store(cfg.out, extra=running)
+    if tokenization is not None:
+        from teacher_dump.foreign_tokens import count_cut
+
+        report.samples_cut = count_cut(cfg.out, tokenization)
     counts = manifest["counts"]
     size = sum(f["size"] for f in manifest["files"].values()) + manifest["index"]["size"]
     report.store = {"samples": counts["samples"], "tokens": counts["tokens"],

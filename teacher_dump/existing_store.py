@@ -46,6 +46,11 @@ class ExistingStore:
     def empty(self) -> bool:
         return self.settings is None
 
+    @property
+    def holds_text(self) -> bool:
+        """A store keeping its samples' text: a teacher of another tokenizer may be added."""
+        return self.settings is not None and self.settings.text
+
     def saved_config(self, signal: str) -> dict[str, Any] | None:
         """The resolved config that dumped `signal`, when the store kept it."""
         if signal in self.signal_configs:
@@ -96,6 +101,32 @@ def adds_signal(store: ExistingStore, cfg: DumpConfig) -> bool:
     return not store.empty and cfg.signal not in store.settings.signals
 
 
+def is_foreign(store: ExistingStore, fingerprint: str, vocab: int) -> bool:
+    """Whether this run's tokenizer is not the one that cut the store's own tokens: its
+    signal goes on a tokenization of its own (teacher_dump.foreign_tokens)."""
+    s = store.settings
+    return not store.empty and (s.tokenizer_fingerprint != fingerprint or s.vocab_size != vocab)
+
+
+def foreign_conflicts(store: ExistingStore, cfg: DumpConfig, fingerprint: str,
+                      vocab: int) -> list[str]:
+    """Why a teacher with another tokenizer than the store's may not add its signal."""
+    from teacher_dump.foreign_tokens import no_text_refusal
+
+    s = store.settings
+    if not s.text:
+        return [no_text_refusal(cfg.out, cfg.model)]
+    signal = s.signals.get(cfg.signal)
+    tokenization = s.tokenizations.get(signal.tokenization) if signal and \
+        signal.tokenization else None
+    if signal is not None and (tokenization is None or (
+            tokenization.tokenizer_fingerprint, tokenization.vocab_size) != (fingerprint, vocab)):
+        return [f"signal {cfg.signal!r} of the store was dumped with another tokenizer than "
+                f"{cfg.model}'s (vocab {vocab}, fingerprint {fingerprint}); give this teacher "
+                f"another --signal name"]
+    return []
+
+
 def early_conflicts(store: ExistingStore, cfg: DumpConfig, fingerprint: str,
                     vocab: int) -> list[str]:
     """Why `cfg` may not write into `store`, from what is known before reading the data."""
@@ -103,11 +134,8 @@ def early_conflicts(store: ExistingStore, cfg: DumpConfig, fingerprint: str,
         return []
     out = []
     s = store.settings
-    if s.tokenizer_fingerprint != fingerprint or s.vocab_size != vocab:
-        out.append(f"the store was written with another tokenizer: store {s.tokenizer_name or '?'} "
-                   f"(vocab {s.vocab_size}, fingerprint {s.tokenizer_fingerprint}), now "
-                   f"{cfg.model} (vocab {vocab}, fingerprint {fingerprint}); a store holds "
-                   "the signals of teachers sharing one tokenizer")
+    if is_foreign(store, fingerprint, vocab):
+        out += foreign_conflicts(store, cfg, fingerprint, vocab)
     if adds_signal(store, cfg):
         if not store.committed or not all(store.parts.values()):
             out.append(f"the dump of signal(s) {sorted(s.signals)} into the store has not "

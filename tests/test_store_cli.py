@@ -34,7 +34,7 @@ def test_info_text_and_json(store):
     assert out.exit_code == 0
     assert "12 samples" in out.output and "B/entry" in out.output and "teacher" in out.output
     data = json.loads(run("info", store[0], "--json").output)
-    assert data["format_version"] == "2.1" and data["counts"]["samples"] == 12
+    assert data["format_version"] == "2.2" and data["counts"]["samples"] == 12
     topk = data["sizes"]["signals"]["teacher"]["topk"]
     assert topk["entries"] == data["counts"]["tokens"] * 4 and topk["bytes_per_entry"] > 0
     assert data["sizes"]["arrays"]["input_ids"]["bytes"] > 0

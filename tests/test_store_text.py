@@ -113,7 +113,7 @@ def test_stores_without_text_read_as_before(tmp_path):
 
 
 def test_settings_of_a_newer_release_are_refused_in_one_sentence():
-    data = {**make_settings().to_json(), "tokenizations": {}}
+    data = {**make_settings().to_json(), "a_key_of_a_later_release": {}}
     with pytest.raises(SchemaMismatchError, match="newer release.*upgrade"):
         StoreSettings.from_json(data)
 

@@ -1,0 +1,183 @@
+"""teacher-dump of a teacher whose tokenizer is not the store's: its signal on its own
+tokenization of the stored text (format 2.2, FORMAT.md section 4.2).
+
+    teacher-dump --model medgemma-4b --signal medgemma --out store/    # a store med42 wrote
+
+The samples are the store's: the data (`--data`) is not read. Each stored sample's exact
+text is cut by the teacher's tokenizer (`cut_sample`), the teacher runs on those tokens and
+its signal is stored on their positions, with the tokens, their byte spans and the
+tokenizer's files, as tokenization `<signal>` (`logitstore.signal_writer.SignalAppender`:
+segment by segment, resumable, one part per rank as any added signal). The rules:
+
+* **Plain samples** (no stored token has a role): the tokenizer's own rendering of the text,
+  `tokenizer(text)` (its BOS), plus its EOS when the store's own tokens end with a special
+  token (the EOS the store's teacher was given).
+* **Chat samples** (stored roles): the turns are rebuilt from the stored roles: a turn is a
+  run of stored tokens of one role (tokens without a role skipped), its content the text
+  from the byte where its first token sits to where the next turn's does (the first from
+  byte 0, the last to the text's end); two turns of one role in a row therefore become one.
+  They are rendered by the teacher's chat template (`token_spans.chat_with_spans`), whose
+  contents concatenate to the same text. A template that cannot render them, or renders
+  another text, stops the dump naming the sample.
+* **Targets**: a token is a target when the store's own token holding its first byte is
+  (`tokenized.loss_mask_by_bytes`).
+* **Cut**: a sample of more than `--max-length` of the teacher's tokens keeps its first
+  max-length tokens, and records `covered_bytes`, the end of the last one kept: a student
+  aligns with this teacher inside those bytes only. No sample is dropped; the cut ones are
+  counted (`DumpReport.samples_cut`, over the whole store).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from logitstore.errors import TokenSpansError
+from logitstore.format import TOKENIZER_DIR, SignalSpec, TokenizationSpec
+from logitstore.sample import Sample
+from logitstore.text_spans import ROLES
+from logitstore.tokenized import Tokenized, loss_mask_by_bytes
+from logitstore.writer import tokenizer_file_entries
+from teacher_dump.store_text import saved_tokenizer_files
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ForeignTokenizer:
+    """A dump's teacher tokenizer other than the store's, and what it stores."""
+
+    tokenizer: Any
+    name: str  # the tokenization's name in the store (the signal's)
+    spec: TokenizationSpec
+    files: dict[str, bytes] = field(default_factory=dict)  # "tokenizer/<name>/<file>" -> bytes
+    max_length: int | None = None
+
+    @classmethod
+    def of(cls, tokenizer, name: str, model: str, fingerprint: str, vocab: int,
+           max_length: int | None) -> "ForeignTokenizer":
+        by_name = saved_tokenizer_files(tokenizer)
+        folder = f"{TOKENIZER_DIR}/{name}"
+        spec = TokenizationSpec(vocab, fingerprint, model, tokenizer_file_entries(by_name, folder))
+        return cls(tokenizer, name, spec, {f"{folder}/{n}": d for n, d in by_name.items()},
+                   max_length)
+
+
+def no_text_refusal(url: str, model: str) -> str:
+    return (f"{url} was written by another tokenizer and keeps no sample text (written "
+            f"before store format 2.1, or with --no-text), so {model}'s signal cannot be added: "
+            f"a teacher with another tokenizer cuts each stored sample's exact text into its "
+            f"own tokens, expected a store whose settings say text: true. Dump the store again "
+            f"with this version's teacher-dump (it keeps the text unless --no-text), then add "
+            f"this teacher with --signal")
+
+
+def rebuilt_messages(sample: Sample) -> list[dict] | None:
+    """The chat turns of a stored sample (module docstring), None for a plain sample."""
+    t = sample.text_spans
+    roles = np.asarray(t.roles)
+    turns: list[tuple[int, int]] = []  # (role code, start byte)
+    for role, (start, _) in zip(roles.tolist(), t.spans.tolist()):
+        if role and (not turns or turns[-1][0] != role):
+            turns.append((role, start))
+    if not turns:
+        return None
+    data = t.text.encode("utf-8")
+    bounds = [0] + [start for _, start in turns[1:]] + [len(data)]
+    try:
+        return [{"role": ROLES[role], "content": data[a:b].decode("utf-8")}
+                for (role, _), a, b in zip(turns, bounds, bounds[1:])]
+    except UnicodeDecodeError:
+        raise TokenSpansError(f"sample {sample.sample_id!r}: a turn of its stored roles starts "
+                              f"inside a character; the store's spans are damaged (run "
+                              f"`logitstore verify`)") from None
+
+
+def cut_sample(foreign: ForeignTokenizer, sample: Sample) -> tuple[Tokenized, bool]:
+    """(the stored sample as the teacher's tokenizer cuts its text, whether it was cut at
+    max-length); TokenSpansError naming the sample when its chat cannot be rendered."""
+    from logitstore.toolkit.token_spans import chat_with_spans, tokenize_with_spans
+
+    t = sample.text_spans
+    messages = rebuilt_messages(sample)
+    try:
+        whole = tokenize_with_spans(foreign.tokenizer, t.text) if messages is None else \
+            chat_with_spans(foreign.tokenizer, messages)
+    except TokenSpansError as err:
+        raise TokenSpansError(f"sample {sample.sample_id!r}: {err}") from None
+    if whole.text != t.text:
+        raise TokenSpansError(f"sample {sample.sample_id!r}: {foreign.spec.tokenizer_name}'s "
+                              f"chat template renders another text than the stored one; add "
+                              f"this teacher to a store of plain (non-chat) samples")
+    ids, spans = whole.ids.astype(np.int64), whole.spans.astype(np.int32)
+    special, roles = whole.special.astype(bool), whole.role.astype(np.uint8)
+    eos = getattr(foreign.tokenizer, "eos_token_id", None)
+    if messages is None and eos is not None and bool(t.special[-1]) and \
+            (len(ids) == 0 or ids[-1] != eos):
+        end = len(t.text.encode("utf-8"))
+        ids, spans = np.append(ids, eos), np.concatenate([spans, [[end, end]]]).astype(np.int32)
+        special, roles = np.append(special, True), np.append(roles, 0).astype(np.uint8)
+    n = len(ids) if foreign.max_length is None else min(len(ids), foreign.max_length)
+    cut = n < len(ids)
+    covered = int(spans[:n, 1].max()) if cut and n else len(t.text.encode("utf-8"))
+    mask = loss_mask_by_bytes(t, sample.loss_mask, spans[:n])
+    return Tokenized(ids[:n], mask, spans[:n], special[:n], roles[:n], covered), cut
+
+
+def add_foreign_signal(work, spec: SignalSpec, store) -> None:
+    """Add-signal mode for a foreign teacher (module docstring): the segments of this rank's
+    parts without the signal, each cut, computed whole and written with its tokenization."""
+    from logitstore.reader import StoreReader
+    from logitstore.signal_writer import SignalAppender
+    from teacher_dump.background_writer import writing_in_background
+    from teacher_dump.batch_loops import AppendSink
+    from teacher_dump.ranks import plan_batches
+
+    foreign, url, ranks = work.foreign, work.cfg.out, work.ranks
+    mine = [p for i, p in enumerate(sorted(store.parts)) if i % ranks.world == ranks.rank]
+    appender = SignalAppender(url, work.cfg.signal, spec, parts=mine,
+                              commit_store=ranks.world == 1, tokenization=foreign.spec,
+                              tokenizer_files=foreign.files)
+    jobs = appender.pending()
+    if not jobs:
+        appender.close()  # a kill after the last segment may have left the heads to write
+        return
+    reader = StoreReader(url)
+    segment_of = {(seg.part, seg.name): n for n, seg in enumerate(reader.segments)}
+    with (work.bar(sum(len(job.sample_ids) for job in jobs)) as bar,
+          writing_in_background(AppendSink(appender), work.cfg.queue_batches) as background):
+        for job in jobs:
+            stored = reader.read_segment(segment_of[(job.part, job.segment)], signals=[])
+            cuts = [cut_sample(foreign, s)[0] for s in stored]
+            items = [SimpleNamespace(sample_id=s.sample_id, input_ids=c.input_ids,
+                                     loss_mask=c.loss_mask) for s, c in zip(stored, cuts)]
+            data: list = [None] * len(items)
+            for batch in plan_batches([len(c) for c in cuts], work.cfg.batch_tokens):
+                for i, sig in zip(batch, work.capture([items[i] for i in batch])):
+                    data[i] = sig
+                bar.update(len(batch))
+            background.put([(job, data, cuts)])
+
+
+def count_cut(url: str, tokenization: str) -> int:
+    """Samples of the store whose tokens on `tokenization` cover less than their text."""
+    import zarr
+
+    from logitstore.format import tokenization_array
+    from logitstore.reader import StoreReader
+    from logitstore.text_spans import TEXT_SAMPLE_BYTES
+    from logitstore.tokenized import COVERED_BYTES
+
+    reader = StoreReader(url)
+    store, cut = reader.fs.zarr_store(), 0
+    for seg in reader.segments:
+        covered, size = (zarr.open_array(store, path=f"{seg.path}/{rel}", mode="r",
+                                         zarr_format=3)[...]
+                         for rel in (tokenization_array(tokenization, COVERED_BYTES),
+                                     TEXT_SAMPLE_BYTES))
+        cut += int((covered < size).sum())
+    return cut

@@ -1,0 +1,95 @@
+"""student-train on a store holding two teachers of different tokenizers (format 2.2): each
+signal aligned by its own tokenization's spans and mapped with its own vocabulary map,
+weighted with --signals, into a student of a third tokenizer; per-signal metrics."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from logitstore.errors import ConfigError  # noqa: E402
+from logitstore.reader import StoreReader  # noqa: E402
+from teacher_dump.dump import run_dump  # noqa: E402
+from teacher_dump.ranks import RankContext  # noqa: E402
+from test_cross_tokenizer_train import make_student_tokenizer  # noqa: E402
+from test_two_tokenizations_dump import config, other_tokenizer, teachers  # noqa: E402,F401
+from tiny_hf import make_tiny_llama  # noqa: E402
+from train_helpers import read_metrics  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def world(teachers):  # noqa: F811
+    from transformers import AutoTokenizer
+
+    root = teachers["root"]
+    store = root / "two_teachers"
+    shutil.copytree(teachers["store"], store)
+    run_dump(config(teachers, store), ranks=RankContext(), progress=False)
+    third = AutoTokenizer.from_pretrained(make_student_tokenizer(root / "third_tok"))
+    return {"store": store, "root": root,
+            "student": make_tiny_llama(root / "student", third, seed=0),
+            "student_b": make_tiny_llama(root / "student_b", other_tokenizer(), seed=0)}
+
+
+def train_run(world, out, student=None, **overrides):
+    from student_train.config import resolve_config
+    from student_train.train import train
+
+    settings = {"store": str(world["store"]), "student": str(student or world["student"]),
+                "out": str(out), "batch_tokens": 256, "lr": 3e-3, "warmup_ratio": 0.0,
+                "save_every": 0, "verify_store": "none", "log_every": 1, "alpha": 0.9}
+    settings.update(overrides)
+    return train(resolve_config(None, settings))
+
+
+def test_two_teachers_of_different_tokenizers_train_a_third_tokenizer_student(world,
+                                                                              tmp_path):
+    run = tmp_path / "two"
+    train_run(world, run, max_steps=6, signals={"llama": 0.6, "other": 0.4},
+              eval_store=str(world["store"]), eval_on_start=True, eval_every=0)
+    evals = [m for m in read_metrics(run) if "eval/kd" in m]
+    assert [m["step"] for m in evals] == [0, 6]
+    assert evals[-1]["eval/kd"] < evals[0]["eval/kd"], evals  # both teachers, whole store
+    rows = [m for m in read_metrics(run) if "train/cross/positions" in m]
+    assert len(rows) == 6
+    for m in rows:
+        assert m["train/kd"] == pytest.approx(0.6 * m["train/kd/llama"]
+                                              + 0.4 * m["train/kd/other"], rel=1e-4)
+        for name in ("llama", "other"):  # aligned only inside the bytes a teacher covers
+            assert 0 <= m[f"train/cross/aligned_share/{name}"] <= \
+                m[f"train/cross/coverage/{name}"] <= 1.0
+        assert m["train/cross/coverage/llama"] == 1.0
+        assert m["train/cross/aligned_share/llama"] > 0.3
+        assert 0.5 < m["train/cross/map_coverage/llama"] <= 1.0 + 1e-6
+    aligned_other = [m for m in rows if m["train/cross/aligned_share/other"] > 0]
+    assert aligned_other  # (a batch of the chat alone: its cut covers no answer byte)
+    assert all(0.5 < m["train/cross/map_coverage/other"] <= 1.0 + 1e-6 for m in aligned_other)
+    # the second teacher cut its long samples at 24 of its tokens: less of the text is covered
+    assert min(m["train/cross/coverage/other"] for m in rows) < 1.0
+    assert all(np.isfinite(m["train/kd/other"]) for m in rows)
+    maps = json.loads((run / "training_metadata.json").read_text())["source"][
+        "cross_tokenizer"]["vocab_maps"]
+    assert maps["llama"]["key"] != maps["other"]["key"]  # one map per teacher tokenizer
+
+
+def test_a_student_of_the_second_teachers_tokenizer_aligns_with_it_wherever_covered(
+        world, tmp_path):
+    run = tmp_path / "same_as_other"
+    train_run(world, run, student=world["student_b"], max_steps=2, signals={"other": 1.0})
+    for m in (m for m in read_metrics(run) if "train/cross/positions" in m):
+        assert m["train/cross/map_coverage/other"] == pytest.approx(1.0)
+        # every covered plain-text position aligns; the chat is cut apart by its template
+        assert m["train/cross/aligned_share/other"] > 0.8 * m["train/cross/coverage/other"]
+
+
+def test_sampled_targets_of_a_foreign_tokenization_are_refused(world, tmp_path):
+    reader = StoreReader(str(world["store"]))
+    assert reader.settings.signals["other"].sampled is not None
+    with pytest.raises(ConfigError, match="sampled targets"):
+        train_run(world, tmp_path / "sampled", max_steps=1, signals={"other": 1.0},
+                  target="sampled")

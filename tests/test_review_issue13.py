@@ -66,7 +66,7 @@ def test_add_signal_rerun_after_a_kill_before_the_head_names_the_signal(tmp_path
     _add_every_segment(killed)
     assert StoreReader(store).signals == ["teacher"]
     work = SimpleNamespace(cfg=SimpleNamespace(out=store, signal="second"),
-                           ranks=SimpleNamespace(rank=0, world=1))
+                           ranks=SimpleNamespace(rank=0, world=1), foreign=None)
     add_signal(work, SPEC, SimpleNamespace(parts={"part-00000": True}))
     assert sorted(StoreReader(store).signals) == ["second", "teacher"]
     assert verify_store(store) == []

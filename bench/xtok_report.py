@@ -1,0 +1,278 @@
+"""Summary, markdown and plot of bench/cross_tokenizer_bench.py (pure Python but the plot).
+
+summarise   per student variant: held-out bits per byte, tokens per byte, step and collate
+            seconds over seeds (mean, 95 % t-interval: bench/fidelity_stats.py); the paired
+            figures behind the issue's goals, each computed from the runs, never written in:
+  gap closed    (bpb[ce-C] - bpb[xkd]) / (bpb[ce-C] - bpb[kd-A]): the share of the gap
+                between CE only (student C) and same-tokenizer KD (student A) that a
+                cross-tokenizer student closes; ratio of the mean paired differences, with the
+                per-seed shares' interval; "–" with the reason unless the gap is resolved > 0
+  own-CE gain   (bpb[ce-C] - bpb[xkd]) / (bpb[ce-A] - bpb[kd-A]): KD's gain for student C
+                from teacher A over KD's gain for student A (the tokenizers' own difference
+                left out); "–" unless student A's gain is resolved > 0
+  step cost     per seed Step.train seconds of xkd / kd-A, and with each one's batch collate
+                (the data path: tokenize, align, gather), and per student token
+  alignment     summed over seeds and steps from the batches' cross/ counts: share of trained
+                student positions aligned with a teacher position, share given a KD target
+                (aligned and mapped share >= min_mapped_share), the skip reasons, and the
+                map's coverage (teacher top-k mass at aligned positions whose token maps)
+  two teachers  not runnable (the reason), with the better single teacher when both ran
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fidelity_stats import interval
+
+GOAL_CLOSED = 0.60
+GOAL_STEP_RATIO = 1.2
+TWO_TEACHERS_REASON = (
+    "not runnable yet: student-train trains on one store per run and a store holds one "
+    "tokenization (issue 15 §2, several tokenizations in one store, is not built), so no run "
+    "can take teacher A's and teacher B's signals at once")
+CROSS = ("xkd-pkl", "xkd-uld", "xkd-B-pkl")
+
+
+def _seeds(runs, name, key="bits_per_byte"):
+    return [r["heldout"][name][key] for r in runs]
+
+
+def _resolved_positive(gap: dict) -> tuple[bool, str | None]:
+    if gap["half_width"] is None:
+        return False, "one seed: no interval"
+    if gap["low"] <= 0:
+        return False, (f"not resolved > 0 ({gap['mean']:+.4f} bits/byte, 95 % CI "
+                       f"{gap['low']:+.4f} .. {gap['high']:+.4f})")
+    return True, None
+
+
+def share_of(gain: list[float], reference: list[float], what: str) -> dict:
+    """Ratio of mean paired differences gain / reference, per-seed shares' interval; None with
+    the reason unless the reference difference is resolved > 0."""
+    ref = interval(reference)
+    ok, reason = _resolved_positive(ref)
+    if not ok:
+        return {"share": None, "reason": f"{what} {reason}", "reference": ref}
+    return {"share": sum(gain) / sum(reference), "reason": None, "reference": ref,
+            "per_seed": interval([g / r for g, r in zip(gain, reference)])}
+
+
+def method_rows(runs: list[dict]) -> dict:
+    rows = {}
+    for name in runs[0]["heldout"]:
+        kind = runs[0]["batch_kind"][name]
+        steps = [r["step_s"][name] for r in runs]
+        with_collate = [r["step_s"][name] + r["collate_s"][kind] for r in runs]
+        per_token = [r["step_s"][name] / (r["tokens"][name] / r["steps"]) * 1e6 for r in runs]
+        rows[name] = {"bits_per_byte": interval(_seeds(runs, name)),
+                      "nll_per_token": interval(_seeds(runs, name, "nll_per_token")),
+                      "tokens_per_byte": runs[0]["heldout"][name]["tokens_per_byte"],
+                      "step_s": interval(steps), "step_collate_s": interval(with_collate),
+                      "step_ms_per_1k_tokens": interval(per_token),  # 1e6: s/token -> ms/1k
+                      "tokens_per_step": runs[0]["tokens"][name] / runs[0]["steps"]}
+        if name != "ce-C":
+            rows[name]["vs_ce_c"] = interval([a - b for a, b in zip(
+                _seeds(runs, name), _seeds(runs, "ce-C"))])
+    return rows
+
+
+def alignment(runs: list[dict]) -> dict:
+    """Per cross variant: counts summed over seeds and steps, and their shares."""
+    out = {}
+    for name in runs[0]["cross_counts"]:
+        total: dict[str, float] = {}
+        for r in runs:
+            for k, v in r["cross_counts"][name].items():
+                total[k] = total.get(k, 0.0) + v
+        counts = {k.split("/", 1)[1]: v for k, v in total.items()}
+        positions = counts.get("positions", 0.0)
+        row = {"counts": counts,
+               "aligned_share": counts.get("aligned", 0.0) / positions if positions else None}
+        for key, value in counts.items():
+            if key.startswith("kd_positions/"):
+                row["kd_share"] = value / positions if positions else None
+            if key.startswith("topk_mass/") and value > 0:
+                row["map_coverage"] = counts["mapped_mass/" + key.split("/", 1)[1]] / value
+        row["skipped"] = {k[len("skipped_"):]: v / positions for k, v in counts.items()
+                          if k.startswith("skipped_") and positions}
+        out[name] = row
+    return out
+
+
+def step_cost(runs: list[dict], name: str) -> dict:
+    kinds = runs[0]["batch_kind"]
+    ratio = [r["step_s"][name] / r["step_s"]["kd-A"] for r in runs]
+    with_collate = [(r["step_s"][name] + r["collate_s"][kinds[name]])
+                    / (r["step_s"]["kd-A"] + r["collate_s"][kinds["kd-A"]]) for r in runs]
+    per_token = [(r["step_s"][name] / r["tokens"][name]) / (r["step_s"]["kd-A"]
+                                                             / r["tokens"]["kd-A"]) for r in runs]
+    vs_ce = [r["step_s"][name] / r["step_s"]["ce-C"] for r in runs]
+    return {"ratio": interval(ratio), "with_collate": interval(with_collate),
+            "per_token": interval(per_token), "vs_ce_c": interval(vs_ce),
+            "met": interval(ratio)["mean"] <= GOAL_STEP_RATIO}
+
+
+def summarise(runs: list[dict], teachers: dict) -> dict:
+    rows = method_rows(runs)
+    ce_c, kd_a = _seeds(runs, "ce-C"), _seeds(runs, "kd-A")
+    gap = [c - k for c, k in zip(ce_c, kd_a)]
+    a_gain = [c - k for c, k in zip(_seeds(runs, "ce-A"), kd_a)]
+    goals = {}
+    for name in (n for n in CROSS if n in rows):
+        gain = [c - x for c, x in zip(ce_c, _seeds(runs, name))]
+        closed = share_of(gain, gap, "the gap CE only (C) - same-tokenizer KD (A) is")
+        closed["met"] = None if closed["share"] is None else closed["share"] >= GOAL_CLOSED
+        goals[name] = {"gap_closed": closed,
+                       "own_ce_gain": share_of(gain, a_gain,
+                                               "student A's KD gain over its CE only is"),
+                       "gain_over_ce_c": interval(gain), "step": step_cost(runs, name)}
+    singles = {n: rows[n]["bits_per_byte"]["mean"] for n in ("xkd-pkl", "xkd-B-pkl")
+               if n in rows}
+    better = min(singles, key=singles.get) if len(singles) == 2 else None
+    vocab = {k: v.get("cross_tokenizer", {}).get("vocab_map")
+             for k, v in runs[0]["cross_provenance"].items()}
+    return {"methods": rows, "teachers": teachers, "goals": goals, "alignment": alignment(runs),
+            "vocab_maps": vocab, "seeds": len(runs),
+            "two_teachers": {"runnable": False, "reason": TWO_TEACHERS_REASON,
+                             "better_single": better, "single_bpb": singles}}
+
+
+# ----------------------------------------------------------------------------- markdown
+
+def _pm(stat: dict, fmt: str) -> str:
+    text = format(stat["mean"], fmt)
+    return text if stat["half_width"] is None else f"{text} ± {format(stat['half_width'], fmt)}"
+
+
+def _ci(stat: dict, fmt: str = "+.4f", scale: float = 1.0) -> str:
+    mean = format(stat["mean"] * scale, fmt)
+    if stat["half_width"] is None:
+        return f"{mean} [–]"
+    return f"{mean} [{format(stat['low'] * scale, fmt)}, {format(stat['high'] * scale, fmt)}]"
+
+
+def method_table(summary: dict) -> list[str]:
+    lines = ["| student | tokenizer | held-out bits/byte | vs ce-C (paired, 95 % CI) "
+             "| NLL/token | tokens/byte | student tokens/step | step s | step + collate s "
+             "| ms per 1k tokens |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, row in summary["methods"].items():
+        tok = "A" if name.endswith("-A") else "C"
+        vs = "reference" if name == "ce-C" else _ci(row["vs_ce_c"])
+        lines.append(f"| {name} | {tok} | {_pm(row['bits_per_byte'], '.4f')} | {vs} "
+                     f"| {_pm(row['nll_per_token'], '.4f')} | {row['tokens_per_byte']:.3f} "
+                     f"| {row['tokens_per_step']:.0f} | {_pm(row['step_s'], '.3f')} "
+                     f"| {_pm(row['step_collate_s'], '.3f')} "
+                     f"| {_pm(row['step_ms_per_1k_tokens'], '.1f')} |")
+    for name, t in summary["teachers"].items():
+        lines.append(f"| {name} | {name[-1]} | {t['bits_per_byte']:.4f} | – | "
+                     f"{t['nll_per_token']:.4f} | {t['tokens_per_byte']:.3f} | – | – | – | – |")
+    return lines
+
+
+def _share_text(share: dict) -> str:
+    if share["share"] is None:
+        return f"– ({share['reason']})"
+    return (f"{share['share'] * 100:.0f} % (per seed {_ci(share['per_seed'], '.0f', 100)} %)")
+
+
+def goal_lines(summary: dict) -> list[str]:
+    lines = []
+    for name, g in summary["goals"].items():
+        closed, step = g["gap_closed"], g["step"]
+        verdict = ("–" if closed["met"] is None else "met" if closed["met"] else "not met")
+        lines += [f"- **{name}**: closes {_share_text(closed)} of the bits-per-byte gap "
+                  f"between CE only (C) and same-tokenizer KD (A) (goal ≥ {GOAL_CLOSED:.0%}: "
+                  f"{verdict}); its gain over ce-C {_ci(g['gain_over_ce_c'])} bits/byte is "
+                  f"{_share_text(g['own_ce_gain'])} of student A's KD gain over ce-A",
+                  f"  step cost vs kd-A: {_ci(step['ratio'], '.2f')}x Step.train (goal ≤ "
+                  f"{GOAL_STEP_RATIO}x: {'met' if step['met'] else 'not met'}), "
+                  f"{_ci(step['with_collate'], '.2f')}x with each one's collate, "
+                  f"{_ci(step['per_token'], '.2f')}x per student token, "
+                  f"{_ci(step['vs_ce_c'], '.2f')}x a CE-only step of the same student C"]
+    return lines
+
+
+def alignment_lines(summary: dict) -> list[str]:
+    lines = []
+    for name, a in summary["alignment"].items():
+        skipped = ", ".join(f"{k} {v * 100:.1f} %" for k, v in a["skipped"].items() if v)
+        cover = a.get("map_coverage")
+        lines.append(f"- {name}: {a['aligned_share'] * 100:.1f} % of trained student positions "
+                     f"aligned, {a.get('kd_share', 0) * 100:.1f} % given a KD target"
+                     + (f"; map coverage {cover * 100:.1f} % of the teacher top-k mass at "
+                        f"aligned positions" if cover is not None else "")
+                     + (f"; skipped: {skipped}" if skipped else ""))
+    for name, c in summary.get("exact_coverage", {}).items():
+        lines.append(f"- {name}: over every stored position, {c['exact'] * 100:.1f} % of teacher "
+                     f"{name}'s top-k mass is on tokens the student spells with ONE token of the "
+                     f"same bytes, {c['decomposed'] * 100:.1f} % on tokens it reaches by a first "
+                     f"piece only, {max(0.0, c['unmapped']) * 100:.2f} % unmapped")
+    for name, v in summary["vocab_maps"].items():
+        if v:
+            pair = {"pkl": "teacher A -> C", "B": "teacher B -> C"}.get(name, name)
+            lines.append(f"- vocabulary map ({pair}): of {v['teacher_vocab']} teacher ids "
+                         f"{v['exact']} exact ({v['role_mapped']} special by role), "
+                         f"{v['decomposed']} by a first piece, {v['unmapped']} unmapped")
+    return lines
+
+
+def render(result: dict) -> str:
+    s, st = result["summary"], result["settings"]
+    t = result["teachers"]
+    c = result["corpus"]
+    lines = [f"teachers: " + ", ".join(f"{n} Llama {v['params'] / 1e6:.2f}M ({v['steps']} "
+                                        f"steps of {v['train']['batch_tokens']} tokens)"
+                                        for n, v in t.items())
+             + f" on {c['teacher']['records']} records ({c['teacher']['bytes']:,} bytes)",
+             f"students: {st['steps']} steps on the transfer set ({c['transfer']['records']} "
+             f"records, {c['transfer']['bytes']:,} bytes; batches of <= "
+             f"{st['train']['batch_tokens']} tokens of store A), {s['seeds']} seed(s), top-"
+             f"{st['top_k']}; held-out {c['heldout']['records']} records "
+             f"({c['heldout']['bytes']:,} bytes)", ""]
+    lines += method_table(s)
+    lines += ["", "- values: mean over seeds ± half-width of its 95 % t-interval; vs ce-C = "
+              "paired difference in bits per byte (negative = better)", "", "Goals:"]
+    lines += goal_lines(s)
+    two = s["two_teachers"]
+    lines.append(f"- **two teachers A + B into C**: – ({two['reason']})"
+                 + (f"; the better single teacher for student C: {two['better_single']}"
+                    if two["better_single"] else ""))
+    lines += ["", "Alignment and map coverage (summed over seeds and steps):"]
+    lines += alignment_lines(s)
+    return "\n".join(lines)
+
+
+def plot(result: dict, out: Path) -> Path:
+    """PNG: held-out bits per byte per student (95 % error bars), teachers as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = result["summary"]
+    names = list(s["methods"])
+    means = [s["methods"][n]["bits_per_byte"]["mean"] for n in names]
+    errs = [s["methods"][n]["bits_per_byte"]["half_width"] or 0.0 for n in names]
+    colors = ["tab:gray" if n.startswith("ce") else "tab:blue" if n == "kd-A" else "tab:red"
+              for n in names]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.bar(names, means, yerr=errs, capsize=4, color=colors)
+    for i, m in enumerate(means):
+        ax.annotate(f"{m:.3f}", (i, m), ha="center", va="bottom", fontsize=8,
+                    xytext=(0, 4), textcoords="offset points")
+    for (name, t), style in zip(s["teachers"].items(), ("--", ":")):
+        ax.axhline(t["bits_per_byte"], color="black", ls=style, lw=0.8,
+                   label=f"{name} {t['bits_per_byte']:.3f}")
+    low = min(min(means), *(t["bits_per_byte"] for t in s["teachers"].values()))
+    ax.set_ylim(low * 0.9, max(means) * 1.05)
+    ax.set_ylabel("held-out bits per byte (95 % CI)")
+    ax.set_title(f"cross-tokenizer KD, {s['seeds']} seeds, {result['settings']['steps']} steps;"
+                 f" {result['date']}", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

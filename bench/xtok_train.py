@@ -1,0 +1,252 @@
+"""The students of bench/cross_tokenizer_bench.py: every variant of one seed in one loop.
+
+Every variant reads the SAME stored samples in the same order: one StoreStream over teacher
+A's store whose collate_fn hands back the raw rows of samples, and each variant turns those
+rows into its own batch:
+  ce-A      tokenizer A, CE only            student_train.collate.collate (the stored ids)
+  kd-A      tokenizer A, KD from store A    same batch; top-k target, the existing path
+  ce-C      tokenizer C, CE only            the stored texts re-tokenized with C (the uld
+                                            batch below: same tokens, its signal unused)
+  xkd-pkl   tokenizer C, KD from store A    student_train.cross_tokenizer.cross_setup with
+  xkd-uld                                   cross_loss pkl / uld: its CrossCollate (tokenize,
+                                            align by byte spans, gather the top-k) and its
+                                            vocabulary map, as `student-train` sets them up
+  xkd-B-pkl tokenizer C, KD from store B    (with --with-b) teacher B's samples of the same
+                                            ids, through B's own cross setup
+Per seed, the variants of one tokenizer start from the same weights; the A and C students
+share every weight but the embeddings and lm_head (both drawn under torch.manual_seed(seed),
+then C's block weights copied into A). Same optimizer (AdamW), schedule, steps and alpha;
+each step is student_train.step.Step.train (the real loop). Timing: the median seconds of
+Step.train per variant and of each collate per batch (the first step left out); variants run
+interleaved, their order rotating step by step, so the machine's load falls on all alike.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import replace
+from types import SimpleNamespace
+
+A_VARIANTS = ("ce-A", "kd-A")
+C_VARIANTS = ("ce-C", "xkd-pkl", "xkd-uld")
+
+
+def train_config(plan, store: str, student_dir, name: str, seed: int, **overrides):
+    """The preset's `train:` section as student-train resolves it, for one variant."""
+    from student_train.config import resolve_config
+
+    return resolve_config(plan.preset, {"store": store, "student": str(student_dir),
+                                        "out": str(plan.work / "run" / name),
+                                        "max_steps": plan.steps, "seed": seed,
+                                        "cache_dir": str(plan.work / "cache"), **overrides})
+
+
+def initial_students(plan, seed: int) -> dict:
+    """{"A": model, "C": model}: fp32, drawn under manual_seed(seed); A gets C's weights
+    wherever the shapes agree (every block: only the vocabulary-sized matrices differ)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    models = {}
+    for name in ("C", "A"):
+        torch.manual_seed(seed)
+        config = AutoConfig.from_pretrained(plan.student_dirs[name])
+        models[name] = AutoModelForCausalLM.from_config(config).float()
+    c_state = models["C"].state_dict()
+    shared = {k: v for k, v in c_state.items()
+              if k in models["A"].state_dict() and models["A"].state_dict()[k].shape == v.shape}
+    models["A"].load_state_dict(shared, strict=False)
+    return models
+
+
+def copy_of(model):
+    import copy
+
+    return copy.deepcopy(model).train()
+
+
+def cross_parts(cfg, reader, tokenizer):
+    """(plans, CrossTokenizer) of a foreign-tokenizer variant, as student-train's sources
+    set them up (student_train/sources.py store_sources)."""
+    from logitstore.errors import ConfigError
+    from student_train.cross_tokenizer import cross_setup
+    from student_train.sources import plan_signals
+
+    problems: list[str] = []
+    plans, _ = plan_signals(cfg, reader.settings, _probe_student(cfg), problems)
+    cross = cross_setup(cfg, reader, None, tokenizer, plans, problems) if not problems else None
+    if problems or cross is None:
+        raise ConfigError(problems or [f"store {cfg.store}: the student's tokenizer is the "
+                                       f"store's, expected another one"])
+    plans = [replace(p, cross_loss=cross.loss) if p.target == "topk" else p for p in plans]
+    return plans, cross
+
+
+def _probe_student(cfg):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.student))
+
+
+class Variant:
+    """One student: its objective, AdamW, schedule, Step, and which batch it reads."""
+
+    def __init__(self, name: str, cfg, student, plans, batch_kind: str, accelerator,
+                 vocab_maps: dict | None = None):
+        from transformers import get_scheduler
+
+        from student_train.objective import DistillationObjective, LossSettings
+        from student_train.step import Step
+        from student_train.train import make_optimizer
+
+        self.name, self.cfg, self.batch_kind, self.student = name, cfg, batch_kind, student
+        settings = LossSettings(loss=cfg.loss, topk_mode=cfg.topk_mode, jsd_beta=cfg.jsd_beta,
+                                skew_alpha=cfg.skew_alpha, chunk_size=cfg.lm_head_chunk)
+        module = DistillationObjective(student, plans, settings, vocab_maps=vocab_maps)
+        optimizer = make_optimizer(cfg, module)
+        self.scheduler = get_scheduler(
+            cfg.lr_schedule, optimizer, num_training_steps=cfg.max_steps,
+            num_warmup_steps=math.ceil(cfg.warmup_ratio * cfg.max_steps))
+        self.model, self.optimizer = accelerator.prepare(module, optimizer)
+        sources = SimpleNamespace(groups=[], group_weights=[], plans=plans, group_of={})
+        self.step = Step(cfg, accelerator, self.model, sources)
+        self.times: list[float] = []
+        self.losses: list[float] = []
+        self.tokens = 0
+        # summed cross/ counts of its batches (a KD variant across tokenizers only: ce-C
+        # reads the same batches, whose counts are not its own)
+        self.cross: dict[str, float] = {}
+        self.counts_cross = any(p.cross_loss for p in plans)
+
+    def train_step(self, batch: dict) -> None:
+        t0 = time.perf_counter()
+        stats = self.step.train([batch], self.cfg.temperature, self.optimizer, self.scheduler)
+        self.times.append(time.perf_counter() - t0)
+        self.losses.append(stats["loss"])
+        self.tokens += int(batch["attention_mask"].sum())
+        for key, value in (batch.get("cross_stats", {}) if self.counts_cross else {}).items():
+            self.cross[key] = self.cross.get(key, 0.0) + value
+
+
+def raw_rows(rows, weights, signals, *, packing):
+    """collate_fn of the shared stream: the rows as read, for every variant to collate."""
+    return {"rows": rows, "weights": weights, "signals": signals, "packing": packing}
+
+
+def make_variants(plan, seed: int, accelerator) -> tuple[list, dict]:
+    """The variants of one seed and their collates {batch kind: fn(raw) -> batch}."""
+    from student_train.collate import collate
+
+    signal = plan.signal
+    students = initial_students(plan, seed)
+    a_store, b_store = plan.stores["A"]["url"], plan.stores.get("B", {}).get("url")
+    kd = {"signals": {signal: 1.0}, "target": "topk"}
+    cfg = {n: train_config(plan, a_store, plan.student_dirs["A"], n, seed, **(kd if n == "kd-A"
+                                                                               else {}))
+           for n in A_VARIANTS}
+    from student_train.sources import plan_signals
+
+    problems: list[str] = []
+    kd_plans, _ = plan_signals(cfg["kd-A"], plan.readers["A"].settings, students["A"], problems)
+    variants = [Variant("ce-A", cfg["ce-A"], copy_of(students["A"]), [], "A", accelerator),
+                Variant("kd-A", cfg["kd-A"], copy_of(students["A"]), kd_plans, "A",
+                        accelerator)]
+    collates = {"A": lambda raw: collate(raw["rows"], raw["weights"], raw["signals"],
+                                         packing=raw["packing"])}
+    crosses = {}
+    for loss in ("pkl", "uld"):
+        cfg_x = train_config(plan, a_store, plan.student_dirs["C"], f"xkd-{loss}", seed,
+                             cross_loss=loss, **kd)
+        plans, crosses[loss] = cross_parts(cfg_x, plan.readers["A"], plan.tokenizer_c)
+        variants.append(Variant(f"xkd-{loss}", cfg_x, copy_of(students["C"]), plans,
+                                f"C-{loss}", accelerator, crosses[loss].vocab_maps))
+        collates[f"C-{loss}"] = _cross_collate(crosses[loss].collate)
+    cfg_ce = train_config(plan, a_store, plan.student_dirs["C"], "ce-C", seed)
+    variants.insert(2, Variant("ce-C", cfg_ce, copy_of(students["C"]), [], "C-uld",
+                               accelerator))
+    if b_store is not None:
+        cfg_b = train_config(plan, b_store, plan.student_dirs["C"], "xkd-B-pkl", seed,
+                             cross_loss="pkl", **kd)
+        plans, crosses["B"] = cross_parts(cfg_b, plan.readers["B"], plan.tokenizer_c)
+        variants.append(Variant("xkd-B-pkl", cfg_b, copy_of(students["C"]), plans, "C-B",
+                                accelerator, crosses["B"].vocab_maps))
+        collates["C-B"] = _b_collate(crosses["B"].collate, plan.samples_b)
+    return variants, {"collates": collates, "crosses": crosses}
+
+
+def _cross_collate(fn):
+    return lambda raw: fn(raw["rows"], raw["weights"], raw["signals"], packing=raw["packing"])
+
+
+def _b_collate(fn, samples_b: dict):
+    """Teacher B's samples of the rows' sample ids (same texts, B's tokens and top-k)."""
+    def collate_b(raw):
+        rows = [[samples_b[s.sample_id] for s in row] for row in raw["rows"]]
+        return fn(rows, raw["weights"], raw["signals"], packing=raw["packing"])
+    return collate_b
+
+
+def shared_stream(plan, seed: int, batch_tokens: int, shuffle: bool):
+    from student_train.stream import StoreStream
+
+    return StoreStream(plan.stores["A"]["url"], signals=[plan.signal],
+                       batch_tokens=batch_tokens, seed=seed, shuffle=shuffle,
+                       collate_fn=raw_rows)
+
+
+def train_students(plan, seed: int) -> dict:
+    """Every variant of one seed, trained in one interleaved loop; returns them + timings.
+    plan: SimpleNamespace(preset, work, steps, signal, stores, readers, student_dirs,
+    tokenizer_c, samples_b)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    set_seed(seed)
+    variants, built = make_variants(plan, seed, Accelerator(mixed_precision="no"))
+    cfg0 = variants[0].cfg
+    stream = shared_stream(plan, seed, cfg0.batch_tokens, cfg0.shuffle)
+    per_epoch = stream.num_batches()
+    collate_s = {k: [] for k in built["collates"]}
+    print(f"seed {seed}: {len(variants)} students x {plan.steps} steps ({per_epoch} batches "
+          f"of <= {cfg0.batch_tokens} tokens of store A per epoch), interleaved", flush=True)
+    step, epoch, started = 0, 0, time.perf_counter()
+    while step < plan.steps:
+        stream.set_epoch(epoch)
+        for raw in stream:
+            if step >= plan.steps:
+                break
+            batches = {}
+            for kind, fn in built["collates"].items():
+                t0 = time.perf_counter()
+                batches[kind] = fn(raw)
+                collate_s[kind].append(time.perf_counter() - t0)
+            shift = step % len(variants)
+            for v in variants[shift:] + variants[:shift]:
+                v.train_step(batches[v.batch_kind])
+            step += 1
+            if step % max(1, plan.steps // 5) == 0 or step == plan.steps:
+                print(f"  step {step}/{plan.steps} ({time.perf_counter() - started:.0f}s) "
+                      + " ".join(f"{v.name}={v.losses[-1]:.3f}" for v in variants), flush=True)
+        epoch += 1
+    return _result(seed, plan, variants, built, collate_s, per_epoch, started)
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values[1:] or values)
+
+
+def _result(seed, plan, variants, built, collate_s, per_epoch, started) -> dict:
+    crosses = built["crosses"]
+    return {"seed": seed, "steps": plan.steps, "batches_per_epoch": per_epoch,
+            "train_s": round(time.perf_counter() - started, 1),
+            "students": {v.name: v.student.eval() for v in variants},
+            "step_s": {v.name: _median(v.times) for v in variants},
+            "batch_kind": {v.name: v.batch_kind for v in variants},
+            "collate_s": {k: _median(t) for k, t in collate_s.items()},
+            "tokens": {v.name: v.tokens for v in variants},
+            "loss_first_last": {v.name: [v.losses[0], v.losses[-1]] for v in variants},
+            "cross_counts": {v.name: v.cross for v in variants if v.cross},
+            "cross_provenance": {k: c.provenance for k, c in crosses.items()},
+            "config": variants[0].cfg.as_dict()}

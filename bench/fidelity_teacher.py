@@ -50,14 +50,16 @@ def steps_for_minutes(size: str, minutes: float) -> int:
     return max(10, math.floor(minutes * 60 / SECONDS_PER_STEP[size]))
 
 
-def save_model_dir(directory: Path, tokenizer_dir: Path, shape: dict, seed: int | None):
+def save_model_dir(directory: Path, tokenizer_dir: Path, shape: dict, seed: int | None,
+                   context: int = CONTEXT):
     """A Llama of `shape` for the corpus's tokenizer -> directory (weights from `seed`, or
-    only config + tokenizer when seed is None). Returns the model (None without weights)."""
+    only config + tokenizer when seed is None; `context` positions). Returns the model (None
+    without weights). bench/xtok_teachers.py builds its models with it too."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=CONTEXT,
+    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=context,
                          bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, **shape)

@@ -64,24 +64,11 @@ def write_yaml(path: Path, section: str, values: dict) -> Path:
 
 def save_model(directory: Path, tokenizer_dir: Path, shape: dict, seed: int | None):
     """A Llama of `shape` for the tokenizer -> directory (seeded weights, or config and
-    tokenizer only when seed is None). Returns the model (None without weights)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    tokenizer only when seed is None; this bench's context). Returns the model (None without
+    weights)."""
+    from fidelity_teacher import save_model_dir
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=CONTEXT,
-                         bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, **shape)
-    directory.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(directory)
-    if seed is None:
-        config.save_pretrained(directory)
-        return None
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(directory)
-    return model
+    return save_model_dir(directory, tokenizer_dir, shape, seed, context=CONTEXT)
 
 
 def build_teacher(cache: Path, corpus: dict, name: str, size: str, steps: int,

@@ -256,25 +256,42 @@ class DistillationObjective(nn.Module):
         w = pick(shifted(batch["token_weights"].float(), 0.0))  # [n]
         groups = (pick(shifted(batch["token_groups"], 0)) if "token_groups" in batch
                   else None)  # [n]
+        kd_masks = cross_kd_masks(self.kd_plans, batch["signals"], pick)  # [n, n_kd] or None
+        # positions no signal gives a KD target (another tokenizer's student): CE there
+        # has the whole weight (combine's "ce_free" sum), not 1 - alpha of it
+        uncovered = None if kd_masks is None else ~kd_masks.any(1)  # [n]
         expected = None
         if sum_grads is not None:  # d loss / d values[i, t] = w_i * d loss / d sums[g_i, t]
             of_group = torch.cat([sum_grads["kd"].T, sum_grads["ce"][:, None]], 1)  # [G, terms]
-            expected = w[:, None] * (of_group[0] if groups is None else of_group[groups])
+            if uncovered is not None and "ce_free" in sum_grads:
+                free = sum_grads["ce_free"]  # [G]
+                of_group = torch.cat([of_group, (of_group[:, -1] + free)[:, None]], 1)
+            expected = of_group[0].expand(w.shape[0], -1) if groups is None \
+                else of_group[groups]  # [n, terms (+1)]
+            if uncovered is not None and "ce_free" in sum_grads:  # CE column: its own or
+                expected = torch.cat([expected[:, :-2], torch.where(  # with ce_free's
+                    uncovered, expected[:, -1], expected[:, -2])[:, None]], 1)
+            expected = w[:, None] * expected
         head = self.student.get_output_embeddings()
-        kd_masks = cross_kd_masks(self.kd_plans, batch["signals"], pick)  # [n, n_kd] or None
         if kd_masks is None and len(fused_plans) == len(self.kd_plans):
             values = fused_head_loss(pick(final), head.weight, terms, bias=head.bias,
                                      expected_grad=expected, chunk_size=s.chunk_size)
         else:  # a student with another tokenizer: masked KD columns, ULD outside the fusion
             values = cross_head_values(self.kd_plans, batch["signals"], pick, pick(final), head,
                                        terms, expected, kd_masks, temperature, s.chunk_size)
+        if uncovered is not None:  # one more column: CE where no KD target exists
+            values = torch.cat([values, (values[:, -1] * uncovered)[:, None]], 1)
         weighted = values * w[:, None]
         if groups is not None:
             per_group = weighted.new_zeros(n_groups, weighted.shape[1]).index_add(0, groups,
                                                                                  weighted)
         else:
             per_group = weighted.sum(0, keepdim=True)  # [1, terms]
-        return {"kd": per_group[:, :-1].T, "ce": per_group[:, -1]}  # [n_kd, G], [G]
+        n_kd = len(self.kd_plans)
+        sums = {"kd": per_group[:, :n_kd].T, "ce": per_group[:, n_kd]}  # [n_kd, G], [G]
+        if uncovered is not None:
+            sums["ce_free"] = per_group[:, n_kd + 1]  # [G]
+        return sums
 
     def _target(self, plan: SignalPlan, signal: dict, pick, temperature: float):
         """The plan's SparseTarget at the picked positions, fields [1, n, K]."""
@@ -353,6 +370,9 @@ def combine(sums: dict[str, Tensor], dens: dict[str, Tensor], plans: Sequence[Si
     kd_plans = [p for p in plans if p.target]
     if kd_plans and any(f"kd_tokens/{p.name}" in dens for p in kd_plans):
         blend_g = _masked_kd_blend(sums, dens, kd_plans, weights, ce_g, parts)
+        if "ce_free" in sums:  # no KD target there: the CE takes the whole weight
+            a = weights.alpha if weights.alpha_on == "kd" else 1 - weights.alpha
+            blend_g = blend_g + a * sums["ce_free"] / safe
     elif kd_plans:
         kd_w = torch.tensor([p.kd_weight for p in kd_plans], device=tokens.device)
         kd_g = (kd_w[:, None] * sums["kd"]).sum(0) / safe
@@ -403,10 +423,15 @@ def token_sum_gradients(dens: dict[str, Tensor], plans: Sequence[SignalPlan],
     """
     tokens = dens["tokens"]
     n_kd = len([p for p in plans if p.target])
+    masked = any(k.startswith("kd_tokens/") for k in dens)  # a student of another tokenizer
     with torch.enable_grad():
-        kd = torch.zeros(n_kd, tokens.numel(), device=tokens.device, requires_grad=True)
-        ce = torch.zeros(tokens.numel(), device=tokens.device, requires_grad=True)
-        loss, _ = combine({"kd": kd, "ce": ce}, dens, plans, weights)
-        grad_kd, grad_ce = torch.autograd.grad(loss, [kd, ce], allow_unused=True)
-    return {"kd": torch.zeros_like(kd) if grad_kd is None else grad_kd,
-            "ce": torch.zeros_like(ce) if grad_ce is None else grad_ce}
+        sums = {"kd": torch.zeros(n_kd, tokens.numel(), device=tokens.device),
+                "ce": torch.zeros(tokens.numel(), device=tokens.device)}
+        if masked:
+            sums["ce_free"] = torch.zeros(tokens.numel(), device=tokens.device)
+        for value in sums.values():
+            value.requires_grad_(True)
+        loss, _ = combine(sums, dens, plans, weights)
+        grads = torch.autograd.grad(loss, list(sums.values()), allow_unused=True)
+    return {k: torch.zeros_like(v) if g is None else g
+            for (k, v), g in zip(sums.items(), grads)}

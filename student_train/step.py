@@ -126,7 +126,7 @@ class Step:
             dens = d if dens is None else {k: dens[k] + d[k] for k in d}
             with acc.autocast():
                 out = module(to_device(batch, acc.device), temperature=1.0, label_smoothing=0.0)
-            sums = {k: sums[k] + out[k].float() for k in sums}
+            sums = {k: sums[k] + out[k].float() if k in out else sums[k] for k in sums}
         module.train()
         if dens is None:
             dens = {"tokens": torch.zeros(1, device=acc.device),
@@ -141,7 +141,8 @@ class Step:
     def _zero_sums(self, module) -> dict[str, torch.Tensor]:
         dev = self.accelerator.device
         out = {"kd": torch.zeros(len(module.kd_plans), 1, device=dev),
-               "ce": torch.zeros(1, device=dev)}
+               "ce": torch.zeros(1, device=dev),
+               "ce_free": torch.zeros(1, device=dev)}  # another tokenizer's student only
         if len(module.aligners):
             out["hidden"] = torch.zeros(len(module.aligners), device=dev)
         if module.attention_plans:

@@ -259,8 +259,9 @@ def test_objective_matches_a_dense_reference_on_a_cross_batch(world, loss, monke
     else:
         kd_sum = uld_sum(logits[kd], ids, lps, temperature=temperature)
     labels = shifted(batch["labels"], -100)
-    ce_sum = cross_entropy_per_position(logits[trained], labels[trained]).sum()
-    expected = 0.6 * kd_sum / kd.sum() + 0.4 * ce_sum / trained.sum()
+    ce = cross_entropy_per_position(logits[trained], labels[trained])
+    free = ~kd[trained]  # trained positions without a KD target: the CE has the whole weight
+    expected = 0.6 * kd_sum / kd.sum() + (0.4 * ce.sum() + 0.6 * ce[free].sum()) / trained.sum()
     expected.backward()
     assert 0 < int(kd.sum()) < int(trained.sum())
     assert float(loss_value) == pytest.approx(float(expected), rel=1e-5)

@@ -161,7 +161,6 @@ def add_signal(work: DumpWork, spec: SignalSpec, store: ExistingStore) -> None:
     """Add-signal mode: the segments of this rank's parts that lack the signal, each
     computed whole (its own batch plan) from the tokens stored in it; a teacher with another
     tokenizer cuts the stored text first (teacher_dump.foreign_tokens)."""
-    from logitstore.reader import StoreReader
     from logitstore.signal_writer import SignalAppender
 
     if work.foreign is not None:
@@ -171,24 +170,35 @@ def add_signal(work: DumpWork, spec: SignalSpec, store: ExistingStore) -> None:
 
     url, signal, ranks = work.cfg.out, work.cfg.signal, work.ranks
     mine = [p for i, p in enumerate(sorted(store.parts)) if i % ranks.world == ranks.rank]
-    appender = SignalAppender(url, signal, spec, parts=mine, commit_store=ranks.world == 1)
+    append_jobs(work, SignalAppender(url, signal, spec, parts=mine,
+                                     commit_store=ranks.world == 1))
+
+
+def append_jobs(work: DumpWork, appender, prepare=None) -> None:
+    """Compute and append the signal of every segment `appender` has pending, each segment
+    whole (its own batch plan). prepare(stored samples) -> (the items the teacher reads, extra
+    payload for the sink); default: the stored samples themselves, nothing extra."""
+    from logitstore.reader import StoreReader
+
     jobs = appender.pending()
     if not jobs:
-        log.info("rank %d: signal %s is already in all its segments", ranks.rank, signal)
+        log.info("rank %d: signal %s is already in all its segments", work.ranks.rank,
+                 work.cfg.signal)
         appender.close()  # a kill after the last segment may have left the heads to write
         return
-    reader = StoreReader(url)
+    reader = StoreReader(work.cfg.out)
     segment_of = {(seg.part, seg.name): n for n, seg in enumerate(reader.segments)}
     with (work.bar(sum(len(job.sample_ids) for job in jobs)) as bar,
           writing_in_background(AppendSink(appender), work.cfg.queue_batches) as background):
         for job in jobs:
             stored = reader.read_segment(segment_of[(job.part, job.segment)], signals=[])
-            data: list[SignalData | None] = [None] * len(stored)
-            for batch in plan_batches([len(s.input_ids) for s in stored], work.cfg.batch_tokens):
-                for i, sig in zip(batch, work.capture([stored[i] for i in batch])):
+            items, extra = prepare(stored) if prepare else (stored, ())
+            data: list[SignalData | None] = [None] * len(items)
+            for batch in plan_batches([len(s.input_ids) for s in items], work.cfg.batch_tokens):
+                for i, sig in zip(batch, work.capture([items[i] for i in batch])):
                     data[i] = sig
                 bar.update(len(batch))
-            background.put([(job, data)])
+            background.put([(job, data, *extra)])
 
 
 def store_tags(tags: dict[str, Any]) -> dict[str, Any]:

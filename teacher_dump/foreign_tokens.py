@@ -131,36 +131,22 @@ def cut_sample(foreign: ForeignTokenizer, sample: Sample) -> tuple[Tokenized, bo
 def add_foreign_signal(work, spec: SignalSpec, store) -> None:
     """Add-signal mode for a foreign teacher (module docstring): the segments of this rank's
     parts without the signal, each cut, computed whole and written with its tokenization."""
-    from logitstore.reader import StoreReader
     from logitstore.signal_writer import SignalAppender
-    from teacher_dump.background_writer import writing_in_background
-    from teacher_dump.batch_loops import AppendSink
-    from teacher_dump.ranks import plan_batches
+    from teacher_dump.batch_loops import append_jobs
 
     foreign, url, ranks = work.foreign, work.cfg.out, work.ranks
     mine = [p for i, p in enumerate(sorted(store.parts)) if i % ranks.world == ranks.rank]
     appender = SignalAppender(url, work.cfg.signal, spec, parts=mine,
                               commit_store=ranks.world == 1, tokenization=foreign.spec,
                               tokenizer_files=foreign.files)
-    jobs = appender.pending()
-    if not jobs:
-        appender.close()  # a kill after the last segment may have left the heads to write
-        return
-    reader = StoreReader(url)
-    segment_of = {(seg.part, seg.name): n for n, seg in enumerate(reader.segments)}
-    with (work.bar(sum(len(job.sample_ids) for job in jobs)) as bar,
-          writing_in_background(AppendSink(appender), work.cfg.queue_batches) as background):
-        for job in jobs:
-            stored = reader.read_segment(segment_of[(job.part, job.segment)], signals=[])
-            cuts = [cut_sample(foreign, s)[0] for s in stored]
-            items = [SimpleNamespace(sample_id=s.sample_id, input_ids=c.input_ids,
-                                     loss_mask=c.loss_mask) for s, c in zip(stored, cuts)]
-            data: list = [None] * len(items)
-            for batch in plan_batches([len(c) for c in cuts], work.cfg.batch_tokens):
-                for i, sig in zip(batch, work.capture([items[i] for i in batch])):
-                    data[i] = sig
-                bar.update(len(batch))
-            background.put([(job, data, cuts)])
+
+    def cut(stored: list) -> tuple[list, tuple]:
+        cuts = [cut_sample(foreign, s)[0] for s in stored]
+        items = [SimpleNamespace(sample_id=s.sample_id, input_ids=c.input_ids,
+                                 loss_mask=c.loss_mask) for s, c in zip(stored, cuts)]
+        return items, (cuts,)
+
+    append_jobs(work, appender, prepare=cut)
 
 
 def count_cut(url: str, tokenization: str) -> int:

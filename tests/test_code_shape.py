@@ -25,8 +25,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PRODUCTION = ("logitstore", "teacher_dump", "student_train", "eval")
-TOOLS = ("teacher_dump", "student_train", "eval")
+PRODUCTION = ("logitstore", "teacher_dump", "student_train", "eval", "student_export",
+              "distill_serve")
+TOOLS = ("teacher_dump", "student_train", "eval", "student_export", "distill_serve")
 HEAVY = ("torch", "transformers", "datasets")
 MAX_FILE_LINES = 450
 MAX_FUNCTION_LINES = 80

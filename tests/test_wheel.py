@@ -26,7 +26,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # What the build reads: pyproject.toml names the packages, README and LICENSE its metadata.
 SOURCES = ("pyproject.toml", "README.md", "LICENSE", "logitstore", "teacher_dump",
-           "student_train", "eval", "configs")
+           "student_train", "eval", "student_export", "distill_serve", "configs")
 PRESETS = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
 
 # Run inside the installed venv, from outside the checkout: prints what it found as JSON.

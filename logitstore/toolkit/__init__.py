@@ -1,9 +1,11 @@
-"""Helpers the three tools share (teacher_dump, student_train, eval), outside the store core.
+"""Helpers the tools share (teacher_dump, student_train, eval, student_export, distill_serve),
+outside the store core.
 
 Model aliases and loading (hf, models.yaml, tokenizer_identity), raw data and its record
 formats (data_sources, record_formats, data, hub_data, hub_probe), the option tables of the
-tools' configs (options), token-budget batching (batching) and the pooling of hidden states
-and attention maps (pooling).
+tools' configs (options), token-budget batching (batching) the pooling of hidden states
+and attention maps (pooling), and running a student however it was saved (inference, onnx_lm,
+torch_int8).
 
 The boundary: torch, transformers and datasets are imported lazily, inside the functions
 that need them, so importing a module here stays light (pooling alone imports torch at the
@@ -11,3 +13,11 @@ top: it is torch math); the store core (`logitstore` itself: format, writer, rea
 verify...) never imports this package, and the tools import it and the core, never each
 other.
 """
+
+import logging
+
+# transformers imports torchao whenever it is installed (student-export's INT8 path needs it);
+# torchao then logs a warning per CUDA-only kernel library it cannot load on a CPU machine, and
+# registers enums that torch's pytree warns about. Neither is a problem of the user's run.
+for _noisy in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)

@@ -1,7 +1,7 @@
 """The shape of the production code: file and function sizes, and the package boundaries.
 
 Production = the packages a wheel installs: logitstore (the store core and logitstore.toolkit),
-teacher_dump, student_train, eval. Tests, benchmarks and the demo are not held to these rules.
+teacher_dump, student_train, eval, student_export, distill_serve. Tests, benchmarks and the demo are not held to these rules.
 
 * No file over MAX_FILE_LINES lines, no function or method over MAX_FUNCTION_LINES lines
   (from its `def`, or its first decorator, to its last line; nested functions count inside
@@ -9,8 +9,9 @@ teacher_dump, student_train, eval. Tests, benchmarks and the demo are not held t
 * The store core (logitstore.* outside logitstore.toolkit) imports neither torch, transformers
   nor datasets, checked by importing every core module in a fresh interpreter, and never
   imports logitstore.toolkit, checked on the source.
-* The three tools (teacher_dump, student_train, eval) share code only through logitstore: no
-  module of one imports another of them, function-level imports included.
+* The tools (teacher_dump, student_train, eval, student_export, distill_serve) share code only
+  through logitstore: no module of one imports another of them, function-level imports
+  included.
 """
 
 from __future__ import annotations

@@ -307,6 +307,10 @@ def load_inference_model(source: str | Path, *, threads: int | None = None) -> I
     directory = model_directory(source)
     if directory is not None and (directory / EXPORT_MANIFEST).is_file():
         manifest = read_export_manifest(directory)
+        if (manifest.get("quality") or {}).get("passed") is False:
+            # Kept for inspection by student-export; loading it is allowed, not silent.
+            log.warning("%s failed student-export's quality gate (%s); its outputs may differ "
+                        "from the source model's", directory, manifest.get("status", "failed"))
         if manifest["format"] == "onnx":
             from logitstore.toolkit.onnx_lm import OnnxLM
 

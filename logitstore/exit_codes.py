@@ -1,4 +1,5 @@
-"""Exit status of the four commands: logitstore, teacher-dump, student-train, distill-eval.
+"""Exit status of every command: logitstore, teacher-dump, student-train, distill-eval,
+student-export, distill-serve (and its container entry point `serve`).
 
     0    success
     1    user, config or data error: a LogitStoreError or an OSError on the user's paths,

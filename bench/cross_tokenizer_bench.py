@@ -18,7 +18,9 @@ students    one architecture; per seed, same steps, same stored samples in the s
             alpha 0.8, KL, T = 1 (bench/xtok_train.py): (1) ce-C CE only, (2) kd-A same
             tokenizer KD, (3) xkd-pkl / xkd-uld student C from teacher A's store, plus ce-A
             (CE only, tokenizer A) and, unless --no-b, xkd-B-pkl (student C from teacher B's
-            store); (4) two teachers A and B into C: not runnable, see the report
+            store) and (4) xkd-AB-pkl: two teachers A and B into C, `--signals
+            topk32:0.5,topk32-B:0.5` on store AB (store A plus teacher B's signal, added by
+            `teacher-dump --model B --signal topk32-B --out store-AB`)
 metric      bits per byte on the held-out records (bench/xtok_eval.py), the only loss
             comparable across tokenizers; paired per seed (bench/xtok_report.py)
 
@@ -69,10 +71,33 @@ def student_dirs(args, corpus) -> dict:
     return dirs
 
 
-def read_all(reader, signal: str) -> dict:
-    """sample id -> Sample of every sample of a store (its `signal` only)."""
+def read_all(reader, signals: list[str]) -> dict:
+    """sample id -> Sample of every sample of a store (those `signals` only)."""
     return {s.sample_id: s for seg in range(len(reader.segments))
-            for s in reader.read_segment(seg, [signal])}
+            for s in reader.read_segment(seg, signals)}
+
+
+def two_teacher_parts(args, teachers, stores, readers) -> tuple:
+    """(store AB's info, its {sample id: Sample} with both signals): teacher B's signal added
+    to a copy of store A by `teacher-dump --signal` (xtok_teachers.build_two_teacher_store),
+    its reader put in `readers["AB"]`; (None, {}) under --no-b."""
+    from fidelity import run_tool
+    from logitstore.reader import StoreReader
+    from xtok_teachers import build_two_teacher_store
+
+    if "B" not in teachers:
+        return None, {}
+    store = build_two_teacher_store(stores["A"], teachers["B"], args.work / "stores",
+                                    args.top_k, run_tool)
+    readers["AB"] = StoreReader(store["url"])
+    samples = read_all(readers["AB"], store["signals"])
+    if set(samples) != set(readers["A"].sample_ids):
+        raise SystemExit(f"store AB ({store['url']}) does not hold store A's sample ids: it "
+                         f"should be a copy of store A with teacher B's signal added; delete "
+                         f"it and its stamp file and run again")
+    print(f"store AB: {store['url']} (signals {store['signals']}, B's dump "
+          f"{store['dump_s']:.0f}s)", flush=True)
+    return store, samples
 
 
 def prepare(args) -> SimpleNamespace:
@@ -101,7 +126,7 @@ def prepare(args) -> SimpleNamespace:
                              run_tool) for n in names}
     readers = {n: StoreReader(s["url"]) for n, s in stores.items()}
     signal = f"topk{args.top_k}"
-    samples_b = read_all(readers["B"], signal) if "B" in readers else {}
+    samples_b = read_all(readers["B"], [signal]) if "B" in readers else {}
     if samples_b and set(samples_b) != set(readers["A"].sample_ids):
         raise SystemExit("stores A and B hold different sample ids: the B student could not "
                          "read the same texts; dump both from the same transfer file")
@@ -110,9 +135,11 @@ def prepare(args) -> SimpleNamespace:
                            readers=readers, student_dirs=student_dirs(args, corpus),
                            tokenizer_c=AutoTokenizer.from_pretrained(corpus["tokenizers"]["C"]),
                            samples_b=samples_b)
+    plan.two_teacher, plan.samples_ab = two_teacher_parts(args, teachers, stores, readers)
     per_epoch = shared_stream(plan, args.seed, TRAIN["batch_tokens"], True).num_batches()
     plan.steps = args.steps or max(1, round(args.epochs * per_epoch))
-    return SimpleNamespace(corpus=corpus, teachers=teachers, stores=stores, plan=plan)
+    return SimpleNamespace(corpus=corpus, teachers=teachers, stores=stores, plan=plan,
+                           two_teacher=plan.two_teacher)
 
 
 def heldout_texts(ready, limit: int | None) -> list[str]:
@@ -211,6 +238,7 @@ def run_benchmark(args, command: str) -> dict:
         "teachers": {n: {k: v for k, v in t.items()} for n, t in ready.teachers.items()},
         "stores": {n: {k: v for k, v in s.items() if k != "sizes"}
                    for n, s in ready.stores.items()},
+        "two_teacher_store": ready.two_teacher,
         "settings": {"train": TRAIN, "size": args.size, "top_k": args.top_k,
                      "steps": ready.plan.steps, "seeds": args.seeds},
         "teacher_heldout": teachers, "runs": runs,

@@ -16,7 +16,11 @@ summarise   per student variant: held-out bits per byte, tokens per byte, step a
                 student positions aligned with a teacher position, share given a KD target
                 (aligned and mapped share >= min_mapped_share), the skip reasons, and the
                 map's coverage (teacher top-k mass at aligned positions whose token maps)
-  two teachers  not runnable (the reason), with the better single teacher when both ran
+  two teachers  xkd-AB-pkl (student C from store AB: teacher A's and teacher B's signals,
+                weights 0.5 / 0.5) against the better single teacher (of xkd-pkl and
+                xkd-B-pkl, the lower mean bits per byte): paired per-seed difference AB -
+                single and its interval, and against each single teacher; "met" when the
+                interval is below 0, "not met" when above, "not resolved" otherwise
 """
 
 from __future__ import annotations
@@ -27,11 +31,11 @@ from fidelity_stats import interval
 
 GOAL_CLOSED = 0.60
 GOAL_STEP_RATIO = 1.2
-TWO_TEACHERS_REASON = (
-    "not runnable yet: student-train trains on one store per run and a store holds one "
-    "tokenization (issue 15 §2, several tokenizations in one store, is not built), so no run "
-    "can take teacher A's and teacher B's signals at once")
-CROSS = ("xkd-pkl", "xkd-uld", "xkd-B-pkl")
+NO_TWO_TEACHERS = ("this run has no xkd-AB-pkl student (run with --no-b, or before the bench "
+                   "built store AB): rerun without --no-b")
+SINGLES = ("xkd-pkl", "xkd-B-pkl")
+TWO = "xkd-AB-pkl"
+CROSS = ("xkd-pkl", "xkd-uld", "xkd-B-pkl", TWO)
 
 
 def _seeds(runs, name, key="bits_per_byte"):
@@ -96,8 +100,44 @@ def alignment(runs: list[dict]) -> dict:
                 row["map_coverage"] = counts["mapped_mass/" + key.split("/", 1)[1]] / value
         row["skipped"] = {k[len("skipped_"):]: v / positions for k, v in counts.items()
                           if k.startswith("skipped_") and positions}
+        row["per_signal"] = _per_signal(counts, positions)
+        if len(row["per_signal"]) > 1:  # several teachers: no one signal speaks for the row
+            row.pop("kd_share", None), row.pop("map_coverage", None)
         out[name] = row
     return out
+
+
+def _per_signal(counts: dict, positions: float) -> dict:
+    """signal -> shares of trained student positions aligned with its tokenization / given
+    its KD target, and its map coverage (from the `<count>/<signal>` keys)."""
+    out: dict[str, dict] = {}
+    for key, value in counts.items():
+        kind, _, signal = key.partition("/")
+        if not signal or not positions:
+            continue
+        row = out.setdefault(signal, {})
+        if kind in ("aligned", "kd_positions"):
+            row["aligned_share" if kind == "aligned" else "kd_share"] = value / positions
+        elif kind == "topk_mass" and value > 0:
+            row["map_coverage"] = counts[f"mapped_mass/{signal}"] / value
+    return out
+
+
+def two_teachers(runs: list[dict], rows: dict) -> dict:
+    """The two-teacher goal (module docstring): xkd-AB-pkl vs the better single teacher."""
+    singles = {n: rows[n]["bits_per_byte"]["mean"] for n in SINGLES if n in rows}
+    if TWO not in rows or len(singles) < len(SINGLES):
+        return {"runnable": False, "reason": NO_TWO_TEACHERS, "met": None,
+                "better_single": None, "single_bpb": singles}
+    better = min(singles, key=singles.get)
+    vs = {n: interval([ab - one for ab, one in zip(_seeds(runs, TWO), _seeds(runs, n))])
+          for n in SINGLES}
+    d = vs[better]
+    met = None if d["half_width"] is None or d["low"] <= 0 <= d["high"] else d["high"] < 0
+    verdict = {True: "met", False: "not met", None: "not resolved"}[met]
+    return {"runnable": True, "reason": None, "met": met, "verdict": verdict,
+            "better_single": better, "single_bpb": singles, "vs_single": vs,
+            "two_bpb": rows[TWO]["bits_per_byte"]}
 
 
 def step_cost(runs: list[dict], name: str) -> dict:
@@ -127,15 +167,11 @@ def summarise(runs: list[dict], teachers: dict) -> dict:
                        "own_ce_gain": share_of(gain, a_gain,
                                                "student A's KD gain over its CE only is"),
                        "gain_over_ce_c": interval(gain), "step": step_cost(runs, name)}
-    singles = {n: rows[n]["bits_per_byte"]["mean"] for n in ("xkd-pkl", "xkd-B-pkl")
-               if n in rows}
-    better = min(singles, key=singles.get) if len(singles) == 2 else None
     vocab = {k: v.get("cross_tokenizer", {}).get("vocab_map")
              for k, v in runs[0]["cross_provenance"].items()}
     return {"methods": rows, "teachers": teachers, "goals": goals, "alignment": alignment(runs),
             "vocab_maps": vocab, "seeds": len(runs),
-            "two_teachers": {"runnable": False, "reason": TWO_TEACHERS_REASON,
-                             "better_single": better, "single_bpb": singles}}
+            "two_teachers": two_teachers(runs, rows)}
 
 
 # ----------------------------------------------------------------------------- markdown
@@ -193,23 +229,43 @@ def goal_lines(summary: dict) -> list[str]:
     return lines
 
 
+def two_teacher_lines(two: dict) -> list[str]:
+    if not two["runnable"]:
+        return [f"- **two teachers A + B into C**: – ({two['reason']})"]
+    better = two["better_single"]
+    others = ", ".join(f"vs {n} {_ci(d)}" for n, d in two["vs_single"].items() if n != better)
+    return [f"- **two teachers A + B into C** ({TWO}, signals A:0.5, B:0.5): "
+            f"{_pm(two['two_bpb'], '.4f')} bits/byte; vs the better single teacher "
+            f"({better}, {two['single_bpb'][better]:.4f}) paired "
+            f"{_ci(two['vs_single'][better])} bits/byte (goal: below 0: **{two['verdict']}**); "
+            f"{others}"]
+
+
 def alignment_lines(summary: dict) -> list[str]:
     lines = []
     for name, a in summary["alignment"].items():
         skipped = ", ".join(f"{k} {v * 100:.1f} %" for k, v in a["skipped"].items() if v)
         cover = a.get("map_coverage")
+        kd = a.get("kd_share")
         lines.append(f"- {name}: {a['aligned_share'] * 100:.1f} % of trained student positions "
-                     f"aligned, {a.get('kd_share', 0) * 100:.1f} % given a KD target"
+                     f"aligned" + (f", {kd * 100:.1f} % given a KD target" if kd is not None
+                                   else " with the store's own tokenization (teacher A)")
                      + (f"; map coverage {cover * 100:.1f} % of the teacher top-k mass at "
                         f"aligned positions" if cover is not None else "")
                      + (f"; skipped: {skipped}" if skipped else ""))
+        if len(a.get("per_signal", {})) > 1:  # several teachers: each one's own alignment
+            lines += [f"  - signal {sig}: {r.get('aligned_share', 0) * 100:.1f} % aligned with "
+                      f"its tokenization, {r.get('kd_share', 0) * 100:.1f} % given its target"
+                      + (f", map coverage {r['map_coverage'] * 100:.1f} %"
+                         if "map_coverage" in r else "")
+                      for sig, r in a["per_signal"].items()]
     for name, c in summary.get("exact_coverage", {}).items():
         lines.append(f"- {name}: over every stored position, {c['exact'] * 100:.1f} % of teacher "
                      f"{name}'s top-k mass is on tokens the student spells with ONE token of the "
                      f"same bytes, {c['decomposed'] * 100:.1f} % on tokens it reaches by a first "
                      f"piece only, {max(0.0, c['unmapped']) * 100:.2f} % unmapped")
     for name, v in summary["vocab_maps"].items():
-        if v:
+        if v and name != "AB":  # store AB's maps are A's and B's, listed already
             pair = {"pkl": "teacher A -> C", "B": "teacher B -> C"}.get(name, name)
             lines.append(f"- vocabulary map ({pair}): of {v['teacher_vocab']} teacher ids "
                          f"{v['exact']} exact ({v['role_mapped']} special by role), "
@@ -234,10 +290,7 @@ def render(result: dict) -> str:
     lines += ["", "- values: mean over seeds ± half-width of its 95 % t-interval; vs ce-C = "
               "paired difference in bits per byte (negative = better)", "", "Goals:"]
     lines += goal_lines(s)
-    two = s["two_teachers"]
-    lines.append(f"- **two teachers A + B into C**: – ({two['reason']})"
-                 + (f"; the better single teacher for student C: {two['better_single']}"
-                    if two["better_single"] else ""))
+    lines += two_teacher_lines(s["two_teachers"])
     lines += ["", "Alignment and map coverage (summed over seeds and steps):"]
     lines += alignment_lines(s)
     return "\n".join(lines)
@@ -254,8 +307,8 @@ def plot(result: dict, out: Path) -> Path:
     names = list(s["methods"])
     means = [s["methods"][n]["bits_per_byte"]["mean"] for n in names]
     errs = [s["methods"][n]["bits_per_byte"]["half_width"] or 0.0 for n in names]
-    colors = ["tab:gray" if n.startswith("ce") else "tab:blue" if n == "kd-A" else "tab:red"
-              for n in names]
+    colors = ["tab:gray" if n.startswith("ce") else "tab:blue" if n == "kd-A"
+              else "tab:purple" if n == TWO else "tab:red" for n in names]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.bar(names, means, yerr=errs, capsize=4, color=colors)
     for i, m in enumerate(means):

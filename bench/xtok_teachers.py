@@ -8,6 +8,10 @@ build_store     the teacher's `teacher-dump` of the transfer set (top-k only: th
                 cross-tokenizer losses map or sort the stored top-k; sample text and token
                 spans kept, the dump's default); reused while the teacher, data and settings
                 match (a stamp file), else dumped afresh
+build_two_teacher_store   store A copied to store-AB, then teacher B's signal added to it by
+                the real `teacher-dump --model B --signal topk{k}-B --out store-AB` (no
+                --data: B cuts each stored text with its own tokenizer, format 2.2); the
+                store the two-teacher student reads; reused while store A and teacher B match
 save_model      a Llama of a shape for a tokenizer: config + tokenizer (+ seeded weights)
 """
 
@@ -133,3 +137,41 @@ def build_store(teacher: dict, transfer: Path, work: Path, top_k: int, run_tool)
             "command": saved["command"], "counts": info["counts"],
             "bytes_per_token": sizes["signals"][signal]["topk"]["bytes_per_token"],
             "sizes": sizes}
+
+
+def two_teacher_signal(top_k: int) -> str:
+    """Teacher B's signal name in the two-teacher store (A's is `topk{top_k}`)."""
+    return f"topk{top_k}-B"
+
+
+def build_two_teacher_store(store_a: dict, teacher_b: dict, work: Path, top_k: int,
+                            run_tool) -> dict:
+    """Store AB: a copy of store A plus teacher B's top-k on B's own tokenization of the
+    stored texts (module docstring); {url, signals, dump_s, command, counts, bytes_per_token}
+    (bytes_per_token: of B's signal)."""
+    work = Path(work)
+    store, signal_b = work / "store-AB", two_teacher_signal(top_k)
+    dump = {**DUMP, "top_k": top_k}
+    config = write_yaml(work / "dump-AB.yaml", "dump", dump)
+    stamp_a = json.loads((work / "store-A.stamp.json").read_text())
+    inputs = {"store_a": stamp_a["inputs"], "teacher_b": teacher_b["key"], "dump": dump}
+    stamp_file = work / "store-AB.stamp.json"
+    saved = json.loads(stamp_file.read_text()) if stamp_file.is_file() else {}
+    if saved.get("inputs") != inputs:
+        if store.exists():
+            shutil.rmtree(store)
+        shutil.copytree(store_a["url"], store)
+        argv = ["-m", "teacher_dump", "--config", str(config), "--model", teacher_b["path"],
+                "--out", str(store), "--signal", signal_b, "--no-progress"]
+        print(f"  $ teacher-dump --model teacher-B --signal {signal_b} --out store-AB "
+              f"(a copy of store A)", flush=True)
+        t0 = time.perf_counter()
+        run_tool(argv, work / "logs" / "dump-AB.log")
+        saved = {"inputs": inputs, "dump_s": round(time.perf_counter() - t0, 1),
+                 "command": "python " + shlex.join(argv)}
+        stamp_file.write_text(json.dumps(saved))
+    info = json.loads(run_tool(["-m", "logitstore.cli", "info", "--json", str(store)],
+                               work / "logs" / "info-AB.log"))
+    return {"url": str(store), "signals": [store_a["signal"], signal_b],
+            "dump_s": saved["dump_s"], "command": saved["command"], "counts": info["counts"],
+            "bytes_per_token": info["sizes"]["signals"][signal_b]["topk"]["bytes_per_token"]}

@@ -11,8 +11,12 @@ rows into its own batch:
   xkd-uld                                   cross_loss pkl / uld: its CrossCollate (tokenize,
                                             align by byte spans, gather the top-k) and its
                                             vocabulary map, as `student-train` sets them up
-  xkd-B-pkl tokenizer C, KD from store B    (with --with-b) teacher B's samples of the same
+  xkd-B-pkl tokenizer C, KD from store B    (unless --no-b) teacher B's samples of the same
                                             ids, through B's own cross setup
+  xkd-AB-pkl tokenizer C, KD from store AB  (unless --no-b) two teachers: store A plus
+                                            teacher B's signal on B's own tokenization
+                                            (format 2.2), signals A:0.5, B:0.5, pkl; store
+                                            AB's samples of the same ids, both signals
 Per seed, the variants of one tokenizer start from the same weights; the A and C students
 share every weight but the embeddings and lm_head (both drawn under torch.manual_seed(seed),
 then C's block weights copied into A). Same optimizer (AdamW), schedule, steps and alpha;
@@ -173,18 +177,42 @@ def make_variants(plan, seed: int, accelerator) -> tuple[list, dict]:
         variants.append(Variant("xkd-B-pkl", cfg_b, copy_of(students["C"]), plans, "C-B",
                                 accelerator, crosses["B"].vocab_maps))
         collates["C-B"] = _b_collate(crosses["B"].collate, plan.samples_b)
+    if getattr(plan, "two_teacher", None) is not None:
+        variants.append(_two_teacher_variant(plan, seed, students["C"], accelerator,
+                                             crosses, collates))
     return variants, {"collates": collates, "crosses": crosses}
+
+
+# Equal weights: neither teacher is known to be better for student C before the run (A's
+# single-teacher student did better, B is the stronger teacher); the objective normalises the
+# weights, so where both align the KD term weighs as much as a single teacher's.
+TWO_TEACHER_WEIGHTS = (0.5, 0.5)
+
+
+def _two_teacher_variant(plan, seed: int, student, accelerator, crosses: dict,
+                         collates: dict) -> "Variant":
+    """xkd-AB-pkl: student C from store AB with `--signals A:0.5,B:0.5` (module docstring);
+    adds its collate (kind C-AB) and cross setup (key AB)."""
+    store = plan.two_teacher
+    signals = dict(zip(store["signals"], TWO_TEACHER_WEIGHTS))
+    cfg = train_config(plan, store["url"], plan.student_dirs["C"], "xkd-AB-pkl", seed,
+                       cross_loss="pkl", signals=signals, target="topk")
+    plans, crosses["AB"] = cross_parts(cfg, plan.readers["AB"], plan.tokenizer_c)
+    collates["C-AB"] = _b_collate(crosses["AB"].collate, plan.samples_ab, store["signals"])
+    return Variant("xkd-AB-pkl", cfg, copy_of(student), plans, "C-AB", accelerator,
+                   crosses["AB"].vocab_maps)
 
 
 def _cross_collate(fn):
     return lambda raw: fn(raw["rows"], raw["weights"], raw["signals"], packing=raw["packing"])
 
 
-def _b_collate(fn, samples_b: dict):
-    """Teacher B's samples of the rows' sample ids (same texts, B's tokens and top-k)."""
+def _b_collate(fn, samples_b: dict, signals: list[str] | None = None):
+    """Another store's samples of the rows' sample ids (same texts; store B: B's tokens and
+    top-k; store AB: both teachers' signals, then `signals` names them)."""
     def collate_b(raw):
         rows = [[samples_b[s.sample_id] for s in row] for row in raw["rows"]]
-        return fn(rows, raw["weights"], raw["signals"], packing=raw["packing"])
+        return fn(rows, raw["weights"], signals or raw["signals"], packing=raw["packing"])
     return collate_b
 
 
@@ -199,7 +227,7 @@ def shared_stream(plan, seed: int, batch_tokens: int, shuffle: bool):
 def train_students(plan, seed: int) -> dict:
     """Every variant of one seed, trained in one interleaved loop; returns them + timings.
     plan: SimpleNamespace(preset, work, steps, signal, stores, readers, student_dirs,
-    tokenizer_c, samples_b)."""
+    tokenizer_c, samples_b, two_teacher, samples_ab)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 

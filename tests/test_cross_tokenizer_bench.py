@@ -121,10 +121,84 @@ def test_refuses_a_tokenizer_without_bos_and_an_inexact_one(tokenizer, tmp_path)
         bits_per_byte(MarkovLM(len(tokenizer)), lower, TEXTS, context=8)
 
 
+SINGLE_A, SINGLE_B, TWO = "xkd-pkl", "xkd-B-pkl", "xkd-AB-pkl"
+
+
+def fake_runs(bpb: dict[str, list[float]], counts: dict | None = None) -> list[dict]:
+    """Runs as train_students + run_seeds leave them, with the given held-out bits per byte
+    per student and seed (every other figure a constant)."""
+    names = list(bpb)
+    return [{"seed": seed, "steps": 10,
+             "heldout": {n: {"bits_per_byte": bpb[n][seed], "nll_per_token": 1.0,
+                             "tokens_per_byte": 0.3} for n in names},
+             "batch_kind": {n: n for n in names}, "step_s": {n: 0.1 for n in names},
+             "collate_s": {n: 0.01 for n in names}, "tokens": {n: 1000 for n in names},
+             "cross_counts": counts or {}, "cross_provenance": {}}
+            for seed in range(len(next(iter(bpb.values()))))]
+
+
+BASE = {"ce-A": [1.30, 1.28, 1.26], "kd-A": [1.10, 1.09, 1.11], "ce-C": [1.70, 1.65, 1.68],
+        SINGLE_A: [1.60, 1.62, 1.61], SINGLE_B: [1.66, 1.67, 1.68]}
+
+
+@pytest.mark.parametrize("two, met, verdict", [
+    ([1.55, 1.58, 1.56], True, "met"),              # below xkd-pkl in every seed
+    ([1.65, 1.66, 1.67], False, "not met"),         # above it in every seed
+    ([1.58, 1.66, 1.60], None, "not resolved")])    # one seed above, two below: CI holds 0
+def test_two_teachers_are_judged_against_the_better_single_one_paired(two, met, verdict):
+    from xtok_report import render, summarise
+
+    runs = fake_runs({**BASE, TWO: two})
+    summary = summarise(runs, {})
+    t = summary["two_teachers"]
+    assert t["runnable"] and t["better_single"] == SINGLE_A  # lower mean than xkd-B-pkl
+    assert t["met"] is met and t["verdict"] == verdict
+    diffs = [a - b for a, b in zip(two, BASE[SINGLE_A])]
+    assert t["vs_single"][SINGLE_A]["values"] == pytest.approx(diffs)
+    assert t["vs_single"][SINGLE_B]["mean"] == pytest.approx(
+        sum(two) / 3 - sum(BASE[SINGLE_B]) / 3)
+    assert TWO in summary["goals"]  # its gap-closed share and step cost, as any cross row
+    result = {"summary": summary, "settings": {"steps": 10, "top_k": 32,
+                                               "train": {"batch_tokens": 1024}},
+              "teachers": {}, "corpus": {k: {"records": 1, "bytes": 1}
+                                         for k in ("teacher", "transfer", "heldout")}}
+    assert f"(goal: below 0: **{verdict}**)" in render(result)
+
+
+def test_a_run_without_the_two_teacher_student_says_why():
+    """A JSON of a run before store AB existed (or --no-b) re-renders with the reason."""
+    from xtok_report import NO_TWO_TEACHERS, summarise
+
+    t = summarise(fake_runs(BASE), {})["two_teachers"]
+    assert t["runnable"] is False and t["reason"] == NO_TWO_TEACHERS and t["met"] is None
+
+
+def test_alignment_of_two_teachers_is_reported_per_signal():
+    from xtok_report import alignment_lines, summarise
+
+    counts = {TWO: {"cross/positions": 100.0, "cross/aligned": 50.0,
+                    "cross/aligned/a": 50.0, "cross/kd_positions/a": 48.0,
+                    "cross/topk_mass/a": 40.0, "cross/mapped_mass/a": 30.0,
+                    "cross/aligned/b": 40.0, "cross/kd_positions/b": 40.0,
+                    "cross/skipped_inside_teacher_token": 50.0}}
+    summary = summarise(fake_runs({**BASE, TWO: [1.6, 1.6, 1.6]}, counts), {})
+    row = summary["alignment"][TWO]
+    assert row["aligned_share"] == pytest.approx(0.5)  # summed over the 3 seeds: shares same
+    assert row["per_signal"]["a"] == pytest.approx({"aligned_share": 0.5, "kd_share": 0.48,
+                                                    "map_coverage": 0.75})
+    assert row["per_signal"]["b"] == pytest.approx({"aligned_share": 0.4, "kd_share": 0.4})
+    assert "kd_share" not in row and "map_coverage" not in row  # no one signal speaks for it
+    text = "\n".join(alignment_lines(summary))
+    assert "signal a: 50.0 % aligned with its tokenization, 48.0 % given its target, map " \
+           "coverage 75.0 %" in text
+    assert "signal b: 40.0 % aligned with its tokenization, 40.0 % given its target" in text
+
+
 @pytest.mark.slow
 def test_the_harness_runs_end_to_end_at_its_tiniest_size(tmp_path):
     """Corpus, three tokenizers, two teachers and their stores (subprocesses of the real
-    tools), six students over 2 seeds, bits per byte, summary, markdown and plot."""
+    tools), store AB (teacher B added to a copy of store A by `teacher-dump --signal`), seven
+    students over 2 seeds, bits per byte, summary, markdown and plot."""
     from cross_tokenizer_bench import main
 
     out = tmp_path / "x.json"
@@ -135,20 +209,51 @@ def test_the_harness_runs_end_to_end_at_its_tiniest_size(tmp_path):
     result = json.loads(out.read_text())
     summary = result["summary"]
     assert set(summary["methods"]) == {"ce-A", "kd-A", "ce-C", "xkd-pkl", "xkd-uld",
-                                       "xkd-B-pkl"}
+                                       "xkd-B-pkl", TWO}
     for row in summary["methods"].values():
         assert 0 < row["bits_per_byte"]["mean"] < 20 and row["bits_per_byte"]["n"] == 2
-    assert set(summary["alignment"]) == {"xkd-pkl", "xkd-uld", "xkd-B-pkl"}
+    assert set(summary["alignment"]) == {"xkd-pkl", "xkd-uld", "xkd-B-pkl", TWO}
     for row in summary["alignment"].values():
         assert 0 < row["aligned_share"] <= 1
     assert 0 < summary["alignment"]["xkd-pkl"]["map_coverage"] <= 1
     assert "map_coverage" not in summary["alignment"]["xkd-uld"]  # ULD maps nothing
-    assert summary["two_teachers"]["runnable"] is False
+    two = summary["two_teachers"]
+    assert two["runnable"] is True and two["verdict"] in ("met", "not met", "not resolved")
+    assert set(summary["alignment"][TWO]["per_signal"]) == {"topk8", "topk8-B"}
+    store_ab = result["two_teacher_store"]
+    assert store_ab["signals"] == ["topk8", "topk8-B"]
+    assert "teacher_dump" in store_ab["command"] and "--data" not in store_ab["command"]
+    assert_store_ab_holds_both_teachers(Path(store_ab["url"]), Path(result["stores"]["B"]["url"]))
     assert (tmp_path / "x.png").stat().st_size > 0
     assert set(summary["exact_coverage"]) == {"A", "B"}
     for shares in summary["exact_coverage"].values():
         assert sum(shares.values()) == pytest.approx(1.0)
     text = (tmp_path / "x.md").read_text()
-    assert "two teachers A + B into C**: – (not runnable yet" in text
+    assert "two teachers A + B into C** (xkd-AB-pkl, signals A:0.5, B:0.5)" in text
     again = main(["--from-json", str(out), "--out", str(tmp_path / "again.json")])
     assert again["table"] == result["table"]  # re-rendered from the runs alone
+
+
+def assert_store_ab_holds_both_teachers(store_ab: Path, store_b: Path) -> None:
+    """Store AB: A's ids and signal, and B's signal on B's own tokenization equal to what
+    teacher B's own store holds for the same sample where both stores keep the same text
+    (store A keeps the text its teacher saw: a record over A's max length is cut, and B
+    re-cuts that shorter text in store AB)."""
+    import numpy as np
+
+    from logitstore.reader import StoreReader
+
+    ab, b = StoreReader(str(store_ab)), StoreReader(str(store_b))
+    assert ab.settings.signals["topk8-B"].tokenization is not None
+    assert ab.settings.tokenizer_fingerprint != b.settings.tokenizer_fingerprint
+    mine = {s.sample_id: s for s in ab.read_segment(0, ["topk8", "topk8-B"])}
+    theirs = {s.sample_id: s for s in b.read_segment(0, ["topk8"])}
+    shared = sorted(i for i in set(mine) & set(theirs)
+                    if mine[i].text_spans.text == theirs[i].text_spans.text)
+    assert shared
+    for sid in shared:
+        cut = mine[sid].tokenizations[ab.settings.signals["topk8-B"].tokenization]
+        np.testing.assert_array_equal(cut.input_ids, theirs[sid].input_ids)
+        # values, not ids: other batch neighbours may swap two near-equal logits' ranks
+        np.testing.assert_allclose(mine[sid].signals["topk8-B"].topk.logprobs,
+                                   theirs[sid].signals["topk8"].topk.logprobs, atol=1e-4)

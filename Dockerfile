@@ -8,7 +8,9 @@
 # `serve` reads the model from $MODEL_DIR (else $SM_MODEL_DIR, else /opt/ml/model), listens on
 # 0.0.0.0:$SAGEMAKER_BIND_TO_PORT (else 8080) and takes any other flag as DISTILL_SERVE_<FLAG>
 # (e.g. -e DISTILL_SERVE_MAX_BATCH=16) or after `serve`. `docker stop` sends SIGTERM: the
-# server answers every request already received, then exits 0. The model directory is mounted,
+# server answers every request already received, then exits 0; Docker sends SIGKILL after 10 s
+# unless told to wait longer (`docker stop -t 120`, or the platform's grace period), and a
+# 1B model on a CPU may need that long to drain its queue. The model directory is mounted,
 # not baked in: a student-export output (ONNX or PyTorch, fp32 or INT8) or a model directory.
 FROM python:3.11-slim
 

@@ -6,9 +6,10 @@ the batcher's worker thread) in the background, so the server listens at once: `
 A load that fails calls `on_load_failure(message)` (the CLI stops the server and exits 1).
 
 Every error answer is `{"error": "<what was wrong and how to fix it>"}`: 400 for a body that
-is not JSON, 422 for a request that is JSON but not a valid invocation (unknown field, wrong
-type, empty prompt, too many tokens, chat messages for a tokenizer without a chat template),
-503 while loading or shutting down, 500 when generation itself failed. One log line per
+is not JSON, 413 for one over MAX_BODY_BYTES (read no further), 422 for a request that is
+JSON but not a valid invocation (unknown field, wrong type, empty prompt, too many tokens,
+chat messages for a tokenizer without a chat template), 503 while loading or shutting down,
+500 when generation itself failed. One log line per
 invocation: status, token counts, batch size and milliseconds, never the prompt text.
 """
 
@@ -35,6 +36,9 @@ from logitstore.errors import LogitStoreError
 
 log = logging.getLogger("distill_serve")
 ENDPOINTS = "GET /ping, POST /invocations, GET /metrics"
+# A prompt the model can take is at most max_length tokens (~4 bytes each, 128k at most);
+# a bigger body is refused before it is buffered whole.
+MAX_BODY_BYTES = 4 * 2**20
 
 
 class ApiError(Exception):
@@ -155,7 +159,7 @@ def _add_accounting(app: FastAPI, metrics: ServeMetrics) -> None:
 
 
 def _add_routes(app: FastAPI, state: ServeState) -> None:
-    errors = {code: {"model": ErrorResponse} for code in (400, 422, 500, 503)}
+    errors = {code: {"model": ErrorResponse} for code in (400, 413, 422, 500, 503)}
 
     @app.get("/ping", response_model=PingResponse, responses={503: {"model": ErrorResponse}})
     async def ping():
@@ -185,7 +189,7 @@ async def _invoke(state: ServeState, request: Request) -> InvocationResponse:
     model = state.model
     if model is None:
         raise ApiError(503, "the model is still loading; retry when GET /ping answers 200")
-    invocation = _parse(await request.body())
+    invocation = _parse(await _read_body(request))
     prompt_ids = _encode(model.tokenizer, invocation)
     settings = _settings(invocation, prompt_ids, model, state.cfg.max_new_tokens)
     try:
@@ -206,6 +210,21 @@ async def _invoke(state: ServeState, request: Request) -> InvocationResponse:
         timings=Timings(queue_ms=round(result.queue_s * 1000, 3),
                         generate_ms=round(result.generate_s * 1000, 3),
                         total_ms=round(total_ms, 3)))
+
+
+async def _read_body(request: Request) -> bytes:
+    """The request body; ApiError 413 as soon as it is known to exceed MAX_BODY_BYTES."""
+    too_big = ApiError(413, f"the body is over {MAX_BODY_BYTES // 2**20} MiB, more text than "
+                            f"any prompt the model can take; send a shorter prompt")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_big
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise too_big
+    return bytes(body)
 
 
 def _parse(body: bytes) -> InvocationRequest:

@@ -5,8 +5,11 @@ the first waiting request, then whatever else arrives within `wait_s` up to `max
 runs `model.generate(prompts, per-request settings)` on the single worker thread: PyTorch and
 onnxruntime sessions are not meant to be driven from several threads at once, and one batch at
 a time is what makes batching pay. While a batch runs, new requests queue up and form the next
-one. Each request's future gets its own Generation (a greedy row gives the tokens it gives
-alone: the base class's left-padding guarantee) plus the batch's size and timings.
+one. Each request's future gets its own Generation plus the batch's size and timings. A
+greedy request gets the tokens it would get alone (left padding, position ids from the mask)
+on every backend but ONNX INT8, whose per-tensor activation scales let batch mates move its
+logits slightly (logitstore.toolkit.inference, InferenceModel.generate). A batch's rows all
+wait for its longest generation: there is no continuous batching.
 
 The model is loaded on the same worker thread (`run_in_worker`), so every call into the model
 comes from one thread.

@@ -20,8 +20,11 @@ $SM_MODEL_DIR, else /opt/ml/model; host $DISTILL_SERVE_HOST or 0.0.0.0; port
 $SAGEMAKER_BIND_TO_PORT, else $DISTILL_SERVE_PORT, else 8080; every other flag from
 $DISTILL_SERVE_<FLAG> (e.g. DISTILL_SERVE_MAX_BATCH=16) or from arguments after `serve`.
 
-Test hook: LOGITSTORE_SERVE_LOAD_DELAY_S=SECONDS delays the start of the load, so that a test
-sees `/ping` answer 503 deterministically.
+Test hooks (environment, logged as a warning when set): LOGITSTORE_SERVE_LOAD_DELAY_S=SECONDS
+delays the start of the load, so that a test sees `/ping` answer 503;
+LOGITSTORE_SERVE_STEP_DELAY_S=SECONDS sleeps before every forward of the model (the prompt's
+and each new token's), so that a test's generation is still running when it sends SIGTERM,
+on any machine.
 
 Exit status (logitstore/exit_codes.py): 0 after a SIGTERM drain; 1 with a one-paragraph reason
 for a wrong option, a model path that does not exist, a port that cannot be bound or a model
@@ -35,10 +38,12 @@ import os
 import signal
 import socket
 import sys
+import time
 
 import click
 
-from distill_serve.config import FIELDS, SECTION, load_delay_s, resolve_config
+from distill_serve.config import (FIELDS, LOAD_DELAY_ENV, SECTION, STEP_DELAY_ENV,
+                                  delays_from_test_hooks, resolve_config)
 from logitstore import exit_codes
 from logitstore.errors import LogitStoreError
 from logitstore.toolkit.options import tool_command, verbose_option
@@ -59,7 +64,7 @@ def distill_serve(config_path: str | None, model: str, verbose: bool, **flags) -
     prog = click.get_current_context().info_name or PROG  # `serve` in a container
     try:
         cfg = resolve_config(config_path, flags, model=model)
-        delay = load_delay_s()
+        delays = delays_from_test_hooks()
     except LogitStoreError as exc:
         exit_codes.fail(prog, str(exc))
     try:
@@ -71,7 +76,7 @@ def distill_serve(config_path: str | None, model: str, verbose: bool, **flags) -
     host, port = sock.getsockname()[:2]
     log.info("listening on http://%s:%d; loading %s in the background (GET /ping answers "
              "200 once it is loaded)", host, port, cfg.model)
-    failure = run_server(cfg, sock, delay)
+    failure = run_server(cfg, sock, *delays)
     if failure:
         exit_codes.fail(prog, failure)
 
@@ -92,9 +97,10 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run_server(cfg, sock: socket.socket, load_delay: float) -> str | None:
+def run_server(cfg, sock: socket.socket, load_delay: float = 0.0,
+               step_delay: float = 0.0) -> str | None:
     """Serve on `sock` until SIGTERM/SIGINT (drained) or a failed load; the failure's
-    message, or None."""
+    message, or None. The delays are the test hooks' (module docstring)."""
     import uvicorn
 
     from distill_serve.app import create_app
@@ -106,8 +112,15 @@ def run_server(cfg, sock: socket.socket, load_delay: float) -> str | None:
         failures.append(message)
         server.should_exit = True
 
-    app = create_app(cfg, lambda: load_inference_model(cfg.model, threads=cfg.threads),
-                     load_delay_s=load_delay, on_load_failure=stop_on_failure)
+    def load():
+        model = load_inference_model(cfg.model, threads=cfg.threads)
+        return _slow_every_forward(model, step_delay) if step_delay else model
+
+    for name, seconds in ((LOAD_DELAY_ENV, load_delay), (STEP_DELAY_ENV, step_delay)):
+        if seconds:
+            log.warning("test hook %s=%g is set: this server is slowed on purpose", name,
+                        seconds)
+    app = create_app(cfg, load, load_delay_s=load_delay, on_load_failure=stop_on_failure)
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False,
                                            lifespan="on", timeout_graceful_shutdown=None))
     # uvicorn drains on SIGTERM, then restores the handler it found and raises the signal
@@ -120,6 +133,22 @@ def run_server(cfg, sock: socket.socket, load_delay: float) -> str | None:
     return failures[0] if failures else None
 
 
+def _slow_every_forward(model, seconds: float):
+    """`model` whose forward and prefill sleep `seconds` first (the STEP_DELAY_ENV test
+    hook): the decode loop calls them through self, so instance attributes take their place."""
+    for name in ("forward", "prefill"):
+        setattr(model, name, _sleeping_first(getattr(model, name), seconds))
+    return model
+
+
+def _sleeping_first(method, seconds: float):
+    def slowed(*args, **kwargs):
+        time.sleep(seconds)
+        return method(*args, **kwargs)
+
+    return slowed
+
+
 def _drained(signum: int, _frame) -> None:
     log.info("%s: every request answered, exiting", signal.Signals(signum).name)
 
@@ -129,6 +158,9 @@ def _setup_logging(verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if verbose:
         return
+    # A progress bar per model load is noise in a server log; set before transformers and
+    # huggingface_hub are imported (they read it then), without importing them here.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for noisy in ("transformers", "httpx", "urllib3", "filelock", "huggingface_hub",
                   "onnxruntime", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

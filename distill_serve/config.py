@@ -18,9 +18,12 @@ from logitstore.toolkit.options import (Field, at_least, between, config_class, 
                                         resolve_fields)
 
 SECTION = "serve"
-# Test hook, read by cli.py: seconds the background load waits before it starts, so that a
-# test sees `/ping` answer 503 deterministically. Not a flag: production never wants it.
+# Test hooks, read by cli.py; not flags: production never wants them.
+# Seconds the background load waits before it starts, so that a test sees `/ping` answer 503.
 LOAD_DELAY_ENV = "LOGITSTORE_SERVE_LOAD_DELAY_S"
+# Seconds added to every forward of the model (prefill and each decode step), so that a
+# test's request is still generating when it sends SIGTERM, however fast the machine.
+STEP_DELAY_ENV = "LOGITSTORE_SERVE_STEP_DELAY_S"
 
 FIELDS: dict[str, Field] = {
     "host": Field("str", "127.0.0.1",
@@ -52,7 +55,8 @@ def model_problem(model: str) -> str | None:
         return "the model argument is empty: give a model directory, an export directory, " \
                "an alias or a hub id"
     path = Path(model).expanduser()
-    looks_like_path = path.exists() or os.sep in model or model.startswith(".")
+    # As student-export judges MODEL: ORG/NAME is a hub id unless such a directory exists.
+    looks_like_path = path.exists() or path.is_absolute() or model.startswith((".", "~"))
     if looks_like_path and not path.is_dir():
         found = "a file" if path.exists() else "nothing"
         return (f"model {model!r}: expected a directory (a student-train run, its final/, or a "
@@ -93,17 +97,21 @@ def resolve_config(preset: str | Path | None, overrides: dict[str, Any] | None, 
     return make_config(ServeConfig, {"model": model, **resolved})
 
 
-def load_delay_s() -> float:
-    """The LOGITSTORE_SERVE_LOAD_DELAY_S test hook (0 when unset); ConfigError when it is
-    not a number >= 0."""
-    raw = os.environ.get(LOAD_DELAY_ENV, "").strip()
-    if not raw:
-        return 0.0
-    try:
-        delay = float(raw)
-    except ValueError:
-        delay = -1.0
-    if not delay >= 0:
-        raise ConfigError([f"{LOAD_DELAY_ENV} must be a number of seconds >= 0, got {raw!r}; "
-                           f"unset it (it is a test hook)"])
-    return delay
+def delays_from_test_hooks() -> tuple[float, float]:
+    """(load delay, step delay) in seconds from the LOGITSTORE_SERVE_LOAD_DELAY_S and
+    LOGITSTORE_SERVE_STEP_DELAY_S test hooks (0 when unset); ConfigError naming every one
+    that is not a number >= 0."""
+    delays, problems = [], []
+    for name in (LOAD_DELAY_ENV, STEP_DELAY_ENV):
+        raw = os.environ.get(name, "").strip()
+        try:
+            delay = float(raw) if raw else 0.0
+        except ValueError:
+            delay = -1.0
+        if not 0 <= delay < float("inf"):
+            problems.append(f"{name} must be a number of seconds >= 0, got {raw!r}; unset it "
+                            "(it is a test hook)")
+        delays.append(delay)
+    if problems:
+        raise ConfigError(problems)
+    return delays[0], delays[1]

@@ -85,6 +85,11 @@ def _setup_logging(verbose: bool) -> None:
         return
     for noisy in _NOISY:
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    # onnxruntime's quantizer logs on the root logger itself (a line per node, and a
+    # "consider pre-processing" warning), past the levels above; our modules never do.
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _NotFromRootLogger) for f in handler.filters):
+            handler.addFilter(_NotFromRootLogger())
     try:
         from transformers.utils import logging as hf_logging
 
@@ -92,6 +97,13 @@ def _setup_logging(verbose: bool) -> None:
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
+
+
+class _NotFromRootLogger(logging.Filter):
+    """Drops records logged on the root logger itself (`logging.info(...)` in a library)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name != "root"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,7 +9,7 @@ of `ExportConfig`. MODEL is the command's argument (or `export.model` in the YAM
 Resolution order, later wins: the defaults, the preset's `export:` section, the flags given;
 every problem is raised at once as one `ConfigError`. Checks that need the file system
 (the model directory, --out, --check-data) are done by student_export/export.py
-(`check_paths`) before anything is loaded.
+(`input_problems`, passed as `check`) before anything is loaded.
 
 `ExportConfig.as_dict()` is saved as the export's `export_config.yaml` and export.json's
 `settings`.

@@ -79,6 +79,22 @@ def _out_problems(cfg) -> list[str]:
     if not cfg.overwrite:
         return [f"out {cfg.out} already holds an export ({EXPORT_MANIFEST}); pass --overwrite "
                 "to replace it, or choose another directory"]
+    return _overwrite_problems(cfg, out)
+
+
+def _overwrite_problems(cfg, out: Path) -> list[str]:
+    """Why --overwrite must not delete `out` (a directory holding export.json): an export
+    never has subdirectories (but a crashed one's staging directory), and the held-out data
+    the new export reads must not be inside what is deleted."""
+    foreign = sorted(p.name for p in out.iterdir() if p.is_dir() and p.name != _FP32_TMP)
+    if foreign:
+        return [f"out {cfg.out} holds {EXPORT_MANIFEST} but also the directories "
+                f"{', '.join(foreign)}, which no export writes; --overwrite deletes the whole "
+                "directory, so it refuses: move them out, or choose another directory"]
+    data = Path(cfg.check_data).expanduser() if cfg.check_data else None
+    if data is not None and data.exists() and out.resolve() in data.resolve().parents:
+        return [f"check_data {cfg.check_data} is inside out {cfg.out}, which --overwrite "
+                "deletes first; move the held-out data elsewhere"]
     return []
 
 

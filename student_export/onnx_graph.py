@@ -16,10 +16,15 @@ torch, transformers, onnx and onnxruntime are imported inside the functions.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import logging
+import warnings
 from pathlib import Path
 
 from logitstore.errors import LogitStoreError
+
+log = logging.getLogger(__name__)
 
 ONNX_FILE = "model.onnx"
 ONNX_DATA_FILE = "model.onnx.data"
@@ -110,6 +115,27 @@ def _flat_cache_module(model):
     return FlatCacheLM().eval()
 
 
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Silence what torch.onnx says on every export of a model like ours (torchvision ops it
+    skips, a pytree deprecation, dynamic axes it renames), unless this module logs DEBUG
+    (student-export -v): none of it is about the model being exported."""
+    if log.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"# The axis name: .* will not be used")
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated",
+                                    category=FutureWarning)
+            yield
+    finally:
+        exporter_log.setLevel(level)
+
+
 def _example_inputs(config) -> tuple:
     import torch
 
@@ -151,7 +177,7 @@ def export_onnx(model, out_dir: Path, *, max_length: int, opset: int | None = No
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / ONNX_FILE
     try:
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad(), _quiet_exporter():
             program = torch.onnx.export(
                 _flat_cache_module(model), _example_inputs(model.config), dynamo=True,
                 input_names=inputs, output_names=outputs, opset_version=opset,
@@ -184,7 +210,11 @@ def quantize_onnx_int8(src: Path, dst: Path) -> dict:
     """Write dst (+ dst.data): `src` with INT8 MatMul weights; return the settings used.
 
     onnxruntime's dynamic quantisation: weights are stored as signed INT8 per output channel,
-    activations are quantised on the fly at each call (no calibration data needed). Every
+    activations are quantised on the fly at each call (no calibration data needed), with one
+    scale per activation tensor, i.e. per batch: a row's logits move slightly (~1e-2 on a
+    tiny model) with the rows batched with it, so greedy outputs may differ from a batch-1
+    run at near-ties (onnxruntime's MatMulNBits, 8 bits with accuracy_level 4, quantises
+    activations per row instead, at some cost in batched throughput). Every
     MatMul with a constant weight is quantised, the lm_head included (keeping it float32 gave
     no better perplexity on a trained demo-size Llama and cost ~20% of the tokens/s); the
     embedding table (a Gather) stays float32.

@@ -65,19 +65,21 @@ def held_out_sequences(check_data: str | None, run_store: tuple[str, str] | None
                        *, length: int, limit: int) -> tuple[dict[str, Any], list[TokenSequence]]:
     """(description of the data for export.json, at most `limit` sequences of at most
     `length` tokens); LogitStoreError when given data is unusable or empty."""
-    if check_data is not None:
-        described, sequences = _read(check_data, "auto", tokenizer, length, limit)
-    elif run_store is not None:
-        try:
-            described, sequences = _read(run_store[0], run_store[1], tokenizer, length, limit)
-        except (LogitStoreError, OSError) as exc:  # gone, cross-tokenizer, no eval split
-            log.info("quality gate: not using the run's store %s (%s); using the bundled "
-                     "texts", run_store[0], " ".join(str(exc).split())[:200])
-            described, sequences = _read(str(BUNDLED_TEXTS), "auto", tokenizer, length, limit)
-            described["kind"] = "bundled"
+    if check_data is not None and is_store(check_data):
+        described, sequences = _read_store(check_data, "auto", tokenizer, length, limit)
+    elif check_data is not None:
+        described, sequences = _read_file(check_data, tokenizer, length, limit)
     else:
-        described, sequences = _read(str(BUNDLED_TEXTS), "auto", tokenizer, length, limit)
-        described["kind"] = "bundled"
+        described, sequences = None, []
+        if run_store is not None:
+            try:  # the run's store was given to student-train, not here: a fallback is fine
+                described, sequences = _read_store(*run_store, tokenizer, length, limit)
+            except (LogitStoreError, OSError) as exc:  # gone, cross-tokenizer, no eval split
+                log.info("quality gate: not using the run's store %s (%s); using the bundled "
+                         "texts", run_store[0], " ".join(str(exc).split())[:200])
+        if described is None:
+            described, sequences = _read_file(str(BUNDLED_TEXTS), tokenizer, length, limit)
+            described["kind"] = "bundled"
     if not sequences:
         raise LogitStoreError(
             f"the quality gate's held-out data {described['path']} gives no sequence with a "
@@ -86,20 +88,23 @@ def held_out_sequences(check_data: str | None, run_store: tuple[str, str] | None
     return described, sequences
 
 
-def _read(location: str, split: str, tokenizer, length: int,
-          limit: int) -> tuple[dict[str, Any], list[TokenSequence]]:
-    if is_store(location):
-        try:
-            used, sequences = sequences_from_store(location, tokenizer, split=split,
-                                                   max_length=length, limit=limit)
-        except StoreTokenizerMismatch as exc:
-            raise LogitStoreError(f"--check-data: {exc}; pass held-out text (a .jsonl or text "
-                                  "file) instead, it is tokenized with the model's own "
-                                  "tokenizer") from None
-        except ConfigError as exc:  # no such split
-            raise LogitStoreError(f"--check-data {location}: {'; '.join(exc.problems)}") \
-                from None
-        return {"kind": "store", "path": location, "split": used}, sequences
+def _read_store(location: str, split: str, tokenizer, length: int,
+                limit: int) -> tuple[dict[str, Any], list[TokenSequence]]:
+    try:
+        used, sequences = sequences_from_store(
+            location, tokenizer, split=split, max_length=length, limit=limit,
+            hint="pass a store with an eval split, or held-out text (a .jsonl or text file)")
+    except StoreTokenizerMismatch as exc:
+        raise LogitStoreError(f"--check-data: {exc}; pass held-out text (a .jsonl or text "
+                              "file) instead, it is tokenized with the model's own "
+                              "tokenizer") from None
+    except ConfigError as exc:  # no such split
+        raise LogitStoreError(f"--check-data {location}: {'; '.join(exc.problems)}") from None
+    return {"kind": "store", "path": location, "split": used}, sequences
+
+
+def _read_file(location: str, tokenizer, length: int,
+               limit: int) -> tuple[dict[str, Any], list[TokenSequence]]:
     texts = read_texts(location, what="check_data")
     sequences = sequences_from_texts(texts, tokenizer, length)[:limit]
     return {"kind": "file", "path": str(Path(location).expanduser().resolve())}, sequences
@@ -109,7 +114,10 @@ def compare(source, export, sequences: Sequence[TokenSequence], *,
             threshold: float) -> dict[str, Any]:
     """The gate's figures (module docstring) for two InferenceModels on `sequences`, plus
     "threshold" and "passed"."""
-    vocab = max(len(source.tokenizer), 1)
+    # The model's vocabulary, which may be padded well past the tokenizer's (a 400-token
+    # tokenizer on a 32k-row head): sizing batches by len(tokenizer) could ask for GBs.
+    one = np.ones((1, 1), dtype=np.int64)
+    vocab = source.logits(one * source.pad_token_id, one).shape[-1]
     lengths = [len(s.ids) for s in sequences]
     budget = max(max(lengths), _BATCH_FLOATS // vocab)
     totals = {"nll_source": 0.0, "nll_export": 0.0, "abs_sum": 0.0, "abs_max": 0.0,
@@ -122,7 +130,8 @@ def compare(source, export, sequences: Sequence[TokenSequence], *,
         if logp_source.shape != logp_export.shape:
             raise LogitStoreError(
                 f"the export's logits have shape {logp_export.shape[1:]} per position, the "
-                f"source's {logp_source.shape[1:]}: the export is not of this model")
+                f"source's {logp_source.shape[1:]}: the export is not of this model; "
+                "export again from the same MODEL")
         targets = np.concatenate([s.ids[1:][s.targets[1:]] for s in rows])  # [N]
         picked = np.arange(len(targets))
         difference = np.abs(logp_export - logp_source)  # [N, V]

@@ -84,7 +84,9 @@ class ServeProcess:
                              f"{self.log()}")
 
     def invoke(self, body, **kwargs) -> httpx.Response:
-        if isinstance(body, (bytes, str)):
+        """POST /invocations: a dict or list as JSON; bytes, str or an iterator of bytes
+        (sent chunked) as the raw body."""
+        if not isinstance(body, (dict, list)):
             return self.client.post("/invocations", content=body, **kwargs)
         return self.client.post("/invocations", json=body, **kwargs)
 

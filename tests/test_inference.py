@@ -69,6 +69,23 @@ def test_logits_of_padded_rows_equal_unpadded(lm):
         np.testing.assert_allclose(batched[i, -len(prompt):], alone, atol=1e-4)
 
 
+def test_prefill_computes_only_the_last_positions_logits(lm, monkeypatch):
+    prompts = [_ids(lm, p) for p in PROMPTS]
+    ids, mask = left_pad(prompts, lm.pad_token_id)
+    full = lm.logits(ids, mask)  # [B, L, V]
+    calls = []
+    forward = lm.model.forward
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("logits_to_keep"))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(lm.model, "forward", spy)
+    last, _ = lm.prefill(ids, mask)  # [B, V]
+    assert calls == [1] and last.shape == (len(prompts), full.shape[-1])
+    np.testing.assert_allclose(last, full[:, -1], atol=1e-5)
+
+
 def test_eos_stops_a_row(lm):
     prompt = _ids(lm, PROMPTS[2])
     first = lm.generate([prompt], GenerationSettings(max_new_tokens=5))[0].token_ids
@@ -79,6 +96,36 @@ def test_eos_stops_a_row(lm):
         lm.eos_token_ids = saved
     assert stopped.finish_reason == "stop"
     assert stopped.token_ids == first[:first.index(first[2])]
+
+
+def test_rows_stopping_at_different_eos_tokens_equal_rows_alone(lm):
+    """An EOS list; one row stops on its first token, one later, one runs to length."""
+    prompts = [_ids(lm, p) for p in PROMPTS]
+    settings = GenerationSettings(max_new_tokens=8)
+    free = [lm.generate([p], settings)[0].token_ids for p in prompts]
+    stops = {free[0][0], free[1][3]} - set(free[2])  # row 2 must never meet them
+    assert len(stops) == 2, "pick other prompts: the tiny model's outputs collide"
+    saved, lm.eos_token_ids = lm.eos_token_ids, tuple(stops)
+    try:
+        batched = lm.generate(prompts, settings)
+        alone = [lm.generate([p], settings)[0] for p in prompts]
+    finally:
+        lm.eos_token_ids = saved
+    assert [(g.token_ids, g.finish_reason) for g in batched] == \
+        [(g.token_ids, g.finish_reason) for g in alone]
+    assert (batched[0].token_ids, batched[0].finish_reason) == ([], "stop")
+    assert batched[1].finish_reason == "stop" and len(batched[1].token_ids) <= 3
+    assert (batched[2].token_ids, batched[2].finish_reason) == (free[2], "length")
+
+
+def test_zero_new_tokens_everywhere_runs_no_forward(lm, monkeypatch):
+    def no_forward(*args):
+        raise AssertionError("forward called for max_new_tokens 0")
+
+    monkeypatch.setattr(lm, "forward", no_forward)
+    got = lm.generate([[5, 6], [7]], GenerationSettings(max_new_tokens=0))
+    assert [(g.token_ids, g.finish_reason, g.prompt_tokens) for g in got] == \
+        [([], "length", 2), ([], "length", 1)]
 
 
 def test_sampling_is_reproducible_with_a_seed_and_top_p_tiny_is_greedy(lm):
@@ -98,7 +145,9 @@ def test_sampling_is_reproducible_with_a_seed_and_top_p_tiny_is_greedy(lm):
     ([], GenerationSettings(), "is empty"),
     ([5], GenerationSettings(max_new_tokens=-1), "max_new_tokens must be >= 0"),
     ([5] * 250, GenerationSettings(max_new_tokens=10), "over the model's 256"),
-    ([5], GenerationSettings(temperature=-1.0), "temperature must be >= 0"),
+    ([5], GenerationSettings(temperature=-1.0), "temperature must be a finite number >= 0"),
+    ([5], GenerationSettings(temperature=float("nan")), "found temperature nan"),
+    ([5], GenerationSettings(temperature=float("inf")), "found temperature inf"),
     ([5], GenerationSettings(top_p=0.0), "top_p in (0, 1]"),
 ])
 def test_bad_requests_are_refused_before_any_forward(lm, prompt, settings, expected):

@@ -131,7 +131,8 @@ def test_int8_graph_is_smaller_and_its_log_probs_stay_close(exports):
         return sum(p.stat().st_size for p in directory.glob("model.onnx*"))
 
     assert size(int8_dir) < 0.7 * size(fp32_dir)
-    fp32, int8 = load_inference_model(fp32_dir, threads=1), load_inference_model(int8_dir, threads=1)
+    fp32 = load_inference_model(fp32_dir, threads=1)
+    int8 = load_inference_model(int8_dir, threads=1)
     assert int8.kind == "onnx-int8"
     ids = np.array([list(range(5, 120))], dtype=np.int64)
     mask = np.ones_like(ids)
@@ -158,6 +159,36 @@ def test_greedy_generate_equals_the_torch_models_generate(exports, arch):
             expected = expected[:-1]
         assert generation.token_ids == expected
         assert generation.prompt_tokens == len(prompt)
+
+
+def test_fp32_batched_greedy_rows_equal_rows_alone_over_many_steps(exports):
+    """Left padding of 1 to 11 positions, 24 decode steps, rows stopping at different
+    lengths: position ids and the cache stay right for every row."""
+    _, directory = exports["llama"]
+    lm = load_inference_model(directory, threads=1)
+    prompts = [[1, *range(40, 51)], [1, 60], [1, 70, 71, 72, 73, 74]]
+    per_row = [GenerationSettings(max_new_tokens=n) for n in (24, 9, 17)]
+    batched = lm.generate(prompts, per_row)
+    alone = [lm.generate([p], s)[0] for p, s in zip(prompts, per_row)]
+    assert [g.token_ids for g in batched] == [g.token_ids for g in alone]
+    assert [len(g.token_ids) for g in batched] == [24, 9, 17]
+
+
+def test_int8_rows_move_little_with_their_batch_mates(exports):
+    """onnxruntime's dynamic quantization takes one activation scale per tensor, so a row's
+    int8 logits shift a little with the rest of the batch (documented on
+    InferenceModel.generate); the shift must stay far below the int8 error itself."""
+    _, directory = exports["llama-int8"]
+    lm = load_inference_model(directory, threads=1)
+    from logitstore.toolkit.inference import left_pad
+
+    prompts = _two_prompts()
+    ids, mask = left_pad(prompts, lm.pad_token_id)
+    batched = lm.logits(ids, mask)
+    for row, prompt in enumerate(prompts):
+        alone = lm.logits(np.array([prompt]), np.ones((1, len(prompt)), np.int64))[0]
+        shift = np.abs(batched[row, ids.shape[1] - len(prompt):] - alone).max()
+        assert shift < INT8_MAX_LOGPROB_DIFF
 
 
 def test_a_one_token_prompt_alone_runs_the_smallest_shapes(exports):

@@ -28,6 +28,7 @@ PROMPTS = ["The patient reports", "A 54-year-old woman presents with", "The chil
 LONG = "The patient reports chest pain. "  # 10 tokens each; BOS + 20 of them = 201 tokens
 SERVER_LIMIT = 64  # --max-new-tokens of the shared server
 MODEL_MAX_LENGTH = 256  # the tiny Llama's max_position_embeddings
+STEP_DELAY_S = 0.1  # LOGITSTORE_SERVE_STEP_DELAY_S of the server drained by SIGTERM
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +132,7 @@ BAD_REQUESTS = [  # (body, status, words of the error)
     ({"prompt": LONG * 20, "max_new_tokens": SERVER_LIMIT}, 422,
      f"over the model's {MODEL_MAX_LENGTH}"),
     ({"prompt": LONG * 30}, 422, "no room to generate"),
+    (b'{"prompt": "' + b"a" * (4 * 2**20) + b'"}', 413, "over 4 MiB"),
     ({"prompt": "a", "temperature": -0.5}, 422, "field 'temperature'"),
     ({"prompt": "a", "top_p": 1.5}, 422, "field 'top_p'"),
     ({"prompt": "a", "seed": -1}, 422, "field 'seed'"),
@@ -151,6 +153,13 @@ def test_a_bad_request_gets_4xx_and_one_error_sentence(server, body, status, wor
     assert list(error) == ["error"] and words in error["error"], error
     assert "\n" not in error["error"] and len(error["error"]) < 300
     assert server.client.get("/ping").status_code == 200  # still serving
+
+
+def test_a_chunked_body_is_cut_off_once_over_the_limit(server):
+    chunks = (b'{"prompt": "', *[b"a" * 2**20] * 5, b'"}')  # no Content-Length: chunked
+    response = server.invoke(iter(chunks))
+    assert response.status_code == 413 and "over 4 MiB" in response.json()["error"]
+    assert server.invoke({"prompt": "The child", "max_new_tokens": 2}).status_code == 200
 
 
 def test_unknown_routes_and_methods_answer_the_error_shape_too(server):
@@ -191,11 +200,15 @@ def test_metrics_parse_and_count_the_requests(server):
 def test_sigterm_drains_the_running_and_the_queued_request_then_exits_0(model_dir):
     # Through the container entry point: `docker stop` sends SIGTERM to `serve`.
     # --max-batch 1: the second request waits in the batcher's queue behind the first.
-    with ServeProcess.start(model_dir, "--max-batch", "1", "--max-new-tokens", "100",
-                            serve_entry=True) as server:
+    # The step-delay hook makes every forward take >= STEP_DELAY_S, so the first request
+    # (the prompt's forward + 19 decode steps) needs >= 2 s however fast the machine: far
+    # more than the few /metrics polls between its start and the SIGTERM.
+    tokens = [20, 8]
+    with ServeProcess.start(model_dir, "--max-batch", "1", serve_entry=True,
+                            env={"LOGITSTORE_SERVE_STEP_DELAY_S": str(STEP_DELAY_S)}) as server:
         server.ping_statuses()
-        bodies = [{"prompt": "x", "max_new_tokens": 100}, {"prompt": "The nurse",
-                                                           "max_new_tokens": 30}]
+        bodies = [{"prompt": "x", "max_new_tokens": tokens[0]},
+                  {"prompt": "The nurse", "max_new_tokens": tokens[1]}]
         with ThreadPoolExecutor(2) as pool:
             running = pool.submit(server.invoke, bodies[0])
             _wait_for_metric(server, "distill_serve_requests_in_progress", 1)
@@ -206,9 +219,10 @@ def test_sigterm_drains_the_running_and_the_queued_request_then_exits_0(model_di
             answers = [running.result(timeout=5), queued.result(timeout=5)]
         log = server.log()
     assert [a.status_code for a in answers] == [200, 200], log
-    assert [a.json()["completion_tokens"] for a in answers] == [100, 30]
+    assert [a.json()["completion_tokens"] for a in answers] == tokens
+    assert "test hook LOGITSTORE_SERVE_STEP_DELAY_S=0.1 is set" in log
     shutdown = log.index("Shutting down")  # uvicorn stopped accepting before both answers
-    assert all(log.index(f"completion_tokens={n} ") > shutdown for n in (100, 30)), log
+    assert all(log.index(f"completion_tokens={n} ") > shutdown for n in tokens), log
 
 
 def _wait_for_metric(server, name: str, value: float, timeout: float = 60.0) -> None:
@@ -244,9 +258,18 @@ def test_bad_arguments_exit_1_before_anything_loads(tmp_path, model_dir):
     (tmp_path / "empty").mkdir()
     assert "found none of those files" in assert_one_paragraph(run_cli(str(tmp_path / "empty")))
     err = assert_one_paragraph(run_cli(str(model_dir), env={
-        "LOGITSTORE_SERVE_LOAD_DELAY_S": "soon"}))
-    assert "LOGITSTORE_SERVE_LOAD_DELAY_S" in err
+        "LOGITSTORE_SERVE_LOAD_DELAY_S": "soon", "LOGITSTORE_SERVE_STEP_DELAY_S": "-1"}))
+    assert "LOGITSTORE_SERVE_LOAD_DELAY_S" in err and "LOGITSTORE_SERVE_STEP_DELAY_S" in err
     assert run_cli(str(model_dir), "--no-such-flag").returncode == 2
+
+
+def test_a_hub_id_passes_the_path_checks_and_a_missing_path_does_not(tmp_path):
+    from distill_serve.config import model_problem
+
+    assert model_problem("some-org/some-model") is None  # ORG/NAME: fetched when loading
+    for missing in (str(tmp_path / "gone"), "./gone/export", "~/gone-export-dir"):
+        assert "found nothing there" in model_problem(missing), missing
+    assert "not a hub id" in model_problem("runs/student/final/missing")
 
 
 def test_a_port_in_use_is_reported_before_the_model_loads(model_dir):

@@ -203,6 +203,31 @@ def test_compare_figures_match_a_hand_computation():
     assert nan["passed"] is False
 
 
+def test_compare_sizes_batches_by_the_models_vocabulary_not_the_tokenizers(monkeypatch):
+    """A 64-row head behind a 3-token tokenizer: batches must be sized for 64 logits per
+    position, or a padded 32k head would get batches 10000x too large."""
+    from logitstore.toolkit.heldout import TokenSequence
+    from student_export import quality_gate
+
+    class Recording:
+        pad_token_id = 0
+        tokenizer = ["a", "b", "c"]
+
+        def __init__(self):
+            self.shapes = []
+
+        def logits(self, ids, mask):
+            self.shapes.append(ids.shape)
+            return np.zeros((*ids.shape, 64), dtype=np.float32)
+
+    monkeypatch.setattr(quality_gate, "_BATCH_FLOATS", 64 * 64)  # 64 positions a batch
+    source, export = Recording(), Recording()
+    sequences = [TokenSequence.all_targets([1] * 20) for _ in range(8)]
+    got = quality_gate.compare(source, export, sequences, threshold=1.02)
+    assert got["tokens"] == 8 * 19 and got["passed"] is True
+    assert max(b * t for b, t in source.shapes) <= 64 and len(source.shapes) >= 4
+
+
 # ----------------------------------------------------------------------------- held-out data
 
 
@@ -262,8 +287,12 @@ def test_gate_falls_back_to_bundled_texts_and_reads_check_data(tiny, tmp_path):
     data, sequences = held_out_sequences(str(texts), gone, tokenizer, length=64, limit=9)
     assert (data["kind"], data["sequences"]) == ("file", 2)
     write_store(tmp_path / "trainonly", tiny, "train")
-    with pytest.raises(Exception, match="no eval split"):
+    from logitstore.errors import LogitStoreError
+
+    with pytest.raises(LogitStoreError, match="no eval split") as caught:
         held_out_sequences(str(tmp_path / "trainonly"), None, tokenizer, length=64, limit=9)
+    assert "pass a store with an eval split, or held-out text" in str(caught.value)
+    assert "pass a split name" not in str(caught.value)  # student-export has no split flag
 
 
 # ----------------------------------------------------------------------------- bad inputs
@@ -274,6 +303,11 @@ def _bad_cases(tiny: Path, tmp: Path) -> list[tuple[list, int, list[str]]]:
     (tmp / "full" / "notes.txt").write_text("mine")
     (tmp / "run").mkdir()
     (tmp / "run" / "config.yaml").write_text("train: {store: s}\n")
+    for previous in ("prev-with-dir", "prev-with-data"):  # earlier exports, by export.json
+        (tmp / previous).mkdir()
+        (tmp / previous / "export.json").write_text("{}")
+    (tmp / "prev-with-dir" / "mine").mkdir()
+    (tmp / "prev-with-data" / "held.jsonl").write_text('{"text": "The nurse reports"}\n')
     bad_jsonl = tmp / "bad.jsonl"
     bad_jsonl.write_text('{"question": 1}\n')
     out = tmp / "new"
@@ -287,6 +321,10 @@ def _bad_cases(tiny: Path, tmp: Path) -> list[tuple[list, int, list[str]]]:
         ([tmp / "run", "--out", out], 1, ["without a finished final/"]),
         ([tiny, "--out", tmp / "full", "--overwrite"], 1, ["not a previous export"]),
         ([tiny, "--out", tiny], 1, ["holds the model being exported"]),
+        ([tiny, "--out", tmp / "prev-with-dir", "--overwrite"], 1, ["directories mine",
+                                                                    "no export writes"]),
+        ([tiny, "--out", tmp / "prev-with-data", "--overwrite", "--check-data",
+          tmp / "prev-with-data" / "held.jsonl"], 1, ["is inside out", "deletes first"]),
         ([tiny, "--out", out, "--check-data", tmp / "nope.jsonl"], 1, ["check_data",
                                                                         "no such file"]),
         ([tiny, "--out", out, "--check-data", bad_jsonl], 1, ["bad.jsonl:1", "`text`"]),
@@ -306,6 +344,8 @@ def test_bad_inputs_exit_with_one_paragraph_and_write_nothing(tiny, tmp_path):
         assert "Traceback" not in result.output
         assert not (tmp_path / "new").exists(), args
     assert (tmp_path / "full" / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "prev-with-dir" / "mine").is_dir()
+    assert (tmp_path / "prev-with-data" / "held.jsonl").is_file()
     assert sorted(p.name for p in tiny.iterdir()) == before
 
 

@@ -101,8 +101,10 @@ def sequences_from_texts(texts: Iterable[str], tokenizer, max_length: int) -> li
     return out
 
 
-def pick_split(available: Iterable[str], split: str) -> str:
-    """`split`, or with "auto" the first of EVAL_SPLITS the store has."""
+def pick_split(available: Iterable[str], split: str, *,
+               hint: str = "pass a split name") -> str:
+    """`split`, or with "auto" the first of EVAL_SPLITS the store has; ConfigError ending
+    with `hint` (what the caller's user can do) when there is none."""
     available = sorted({s for s in available if s is not None})
     if split != "auto":
         if split not in available:
@@ -112,13 +114,15 @@ def pick_split(available: Iterable[str], split: str) -> str:
         if name in available:
             return name
     raise ConfigError([f"the store has no eval split: looked for {', '.join(EVAL_SPLITS)}, it "
-                       f"has {available}; pass a split name"])
+                       f"has {available}; {hint}"])
 
 
 def sequences_from_store(url: str, tokenizer, *, split: str = "auto", max_length: int,
-                         limit: int | None = None) -> tuple[str, list[TokenSequence]]:
+                         limit: int | None = None,
+                         hint: str = "pass a split name") -> tuple[str, list[TokenSequence]]:
     """(split used, sequences) of a store's eval split; StoreTokenizerMismatch when the
-    model's tokenizer is not the one the store was written with."""
+    model's tokenizer is not the one the store was written with; ConfigError ending with
+    `hint` when the store has no such split (`pick_split`)."""
     from logitstore.reader import StoreReader
     from logitstore.toolkit.tokenizer_identity import tokenizer_fingerprint
 
@@ -130,7 +134,7 @@ def sequences_from_store(url: str, tokenizer, *, split: str = "auto", max_length
             f"tokenizer (fingerprint {expected[:12]}...), not this model's: its token ids "
             "would mean other text")
     splits = reader.index.column("split").to_pylist()
-    split = pick_split(splits, split)
+    split = pick_split(splits, split, hint=hint)
     rows = [i for i, s in enumerate(splits) if s == split]
     out = []
     for row in rows[:limit]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +72,14 @@ class InferenceModel(ABC):
         gets the logits it would get alone.
         """
 
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, Any]:
+        """Logits [B, V] of the last position of whole prompts, and the cache after them:
+        the first step of `generate`. Backends that can skip the output head on the other
+        positions override it (with a 128k vocabulary that head costs more than the rest of
+        a 1B model's prefill)."""
+        logits, past = self.forward(input_ids, attention_mask, None)
+        return logits[:, -1, :], past
+
     def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """Logits [B, T, V] of whole sequences in one forward (no cache kept)."""
         return self.forward(_int64(input_ids), _int64(attention_mask), None)[0]
@@ -78,24 +87,26 @@ class InferenceModel(ABC):
     def close(self) -> None:
         """Release the model's memory (a no-op where the garbage collector does it)."""
 
-    def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "source": self.source, "max_length": self.max_length}
-
     def generate(self, prompts: Sequence[Sequence[int]],
                  settings: GenerationSettings | Sequence[GenerationSettings]) -> list[Generation]:
         """Continue every prompt (token ids) in one left-padded batch.
 
-        `settings` is one for all rows or one per row. A greedy row gives the tokens it gives
-        when generated alone. Generation stops per row at an EOS token or max_new_tokens.
+        `settings` is one for all rows or one per row. Generation stops per row at an EOS
+        token (not returned; finish_reason "stop") or after max_new_tokens ("length"; when
+        every row asks for 0, no forward runs). A greedy row gives the tokens it gives when generated
+        alone wherever the backend computes each row independently of the others: torch fp32,
+        torch int8 (torchao quantizes activations per token) and ONNX fp32. ONNX int8 does
+        not: onnxruntime's dynamic quantization picks one activation scale per tensor, i.e.
+        per batch, so a row's logits move slightly (~1e-2) with its batch mates and a near-tie
+        argmax may flip.
         """
         rows = list(prompts)
         per_row = _per_row_settings(settings, len(rows))
         self.check_request(rows, per_row)
-        if not rows:
-            return []
+        if all(s.max_new_tokens == 0 for s in per_row):
+            return [Generation([], "length", len(prompt)) for prompt in rows]
         ids, mask = left_pad(rows, self.pad_token_id)  # [B, L] each
-        logits, past = self.forward(ids, mask, None)
-        last = logits[:, -1, :]  # [B, V]
+        last, past = self.prefill(ids, mask)  # [B, V]
         samplers = [_Sampler(s) for s in per_row]
         out: list[list[int]] = [[] for _ in rows]
         reasons: list[str | None] = [None if s.max_new_tokens > 0 else "length" for s in per_row]
@@ -142,9 +153,10 @@ class InferenceModel(ABC):
                     f"{where} has {len(prompt)} tokens and asks for {s.max_new_tokens} new ones: "
                     f"{len(prompt) + s.max_new_tokens} positions, over the model's "
                     f"{self.max_length}; shorten the prompt or lower max_new_tokens.")
-            if s.temperature < 0 or not 0 < s.top_p <= 1:
+            if not (math.isfinite(s.temperature) and s.temperature >= 0 and 0 < s.top_p <= 1):
                 raise InferenceInputError(
-                    f"temperature must be >= 0 and top_p in (0, 1], found temperature "
+                    f"temperature must be a finite number >= 0 and top_p in (0, 1], found "
+                    f"temperature "
                     f"{s.temperature}, top_p {s.top_p}.")
 
 
@@ -220,8 +232,18 @@ class TorchLM(InferenceModel):
         # transformers 5.x names the cache argument `cache`; 4.x `past_key_values`.
         parameters = inspect.signature(model.forward).parameters
         self._cache_name = "cache" if "cache" in parameters else "past_key_values"
+        self._keeps_last_logits = "logits_to_keep" in parameters
 
     def forward(self, input_ids, attention_mask, past):
+        return self._run(input_ids, attention_mask, past, {})
+
+    def prefill(self, input_ids, attention_mask):
+        if not self._keeps_last_logits:
+            return super().prefill(input_ids, attention_mask)
+        logits, past = self._run(input_ids, attention_mask, None, {"logits_to_keep": 1})
+        return logits[:, -1, :], past  # [B, V]
+
+    def _run(self, input_ids, attention_mask, past, extra: dict[str, Any]):
         import torch
 
         if past is None:
@@ -233,7 +255,7 @@ class TorchLM(InferenceModel):
         positions = torch.from_numpy(position_ids(attention_mask, ids.shape[1]))
         with torch.inference_mode():
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                             use_cache=True, **{self._cache_name: past})
+                             use_cache=True, **{self._cache_name: past}, **extra)
         return out.logits.float().numpy(), getattr(out, self._cache_name)
 
     def close(self) -> None:

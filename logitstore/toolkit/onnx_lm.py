@@ -140,9 +140,6 @@ class OnnxLM(InferenceModel):
     def close(self) -> None:
         self.session = None
 
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "providers": ["CPUExecutionProvider"]}
-
 
 def open_session(graph: Path, threads: int | None):
     """An onnxruntime CPU session on `graph`: all graph optimisations, `threads` intra-op."""

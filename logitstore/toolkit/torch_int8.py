@@ -76,8 +76,12 @@ def save_int8(source_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dict
             is_int8 = type(module.weight) is not torch.nn.Parameter
             (quantized if is_int8 else kept).append(name)
     if not quantized:
-        raise RuntimeError(f"torchao quantized no layer of {source_dir}: the int8 export "
-                           "would be the fp32 model")
+        from logitstore.errors import LogitStoreError
+
+        raise LogitStoreError(
+            f"torchao quantized no nn.Linear layer of {source_dir} (expected every Linear but "
+            f"the input embedding, found none of {len(kept)} layers): the int8 export would be "
+            "the fp32 model. Export with --format onnx --quantize int8, or --quantize none")
     model.save_pretrained(out_dir, safe_serialization=True)
     log.info("int8 (torchao): %d layers quantized, kept in fp32: %s", len(quantized),
              ", ".join(kept) or "none")

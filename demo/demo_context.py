@@ -28,6 +28,7 @@ TOOLS = {
     "teacher-dump": ("teacher_dump.cli", "teacher_dump"),
     "logitstore": ("logitstore.cli", "main"),
     "distill-eval": ("eval.cli", "distill_eval"),
+    "student-export": ("student_export.cli", "student_export"),
 }
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>",
                   "unk_token": "<unk>"}
@@ -186,7 +187,7 @@ def make_paths(out: Path) -> dict[str, Path]:
          "student_init": out / "init" / "student", "teacher_run": out / "runs" / "teacher",
          "store": out / "store", "inspect": out / "inspect",
          "student_run": out / "runs" / "student", "baseline_run": out / "runs" / "baseline",
-         "report": out / "report"}
+         "report": out / "report", "export": out / "export", "serve": out / "serve"}
     p.update(documents=p["corpus"] / "documents.jsonl", distill=p["corpus"] / "distill.jsonl",
              split_sizes=p["corpus"] / "split_sizes.json",
              teacher=p["teacher_run"] / "final", student=p["student_run"] / "final",

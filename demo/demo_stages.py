@@ -1,8 +1,10 @@
 """The demo's stages in order: what each runs (the tools' commands here, the first three in
-demo_prepare.py), what it writes and which settings and code its reuse key hashes."""
+demo_prepare.py, the server of the last in demo_serve.py), what it writes and which settings
+and code its reuse key hashes."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -11,6 +13,8 @@ from demo_context import (DEMO_DIR, SPECIAL_TOKENS, Context, DemoError, file_has
                           heldout_kd)
 from demo_prepare import (init_models, make_corpus, make_documents, read_texts,
                           train_tokenizer)
+from demo_serve import MAX_NEW_TOKENS as SERVE_MAX_NEW_TOKENS
+from demo_serve import demo_question, serve_one_answer
 
 def train_teacher(ctx: Context) -> None:
     p = ctx.paths
@@ -71,6 +75,23 @@ def evaluate(ctx: Context) -> None:
         "--no-progress"])
 
 
+def export_and_serve(ctx: Context) -> None:
+    p = ctx.paths
+    ctx.runner.run("export", "student-export", [
+        str(p["student_run"]), "--out", str(p["export"]), "--format", "onnx",
+        "--quantize", "int8"])
+    quality = json.loads((p["export"] / "export.json").read_text())["quality"]
+    print(f"    quality gate: perplexity ratio {quality['perplexity_ratio']:.4f} "
+          f"(threshold {quality['threshold']})", flush=True)
+    served = serve_one_answer(ctx, p["export"], demo_question(p["corpus"]))
+    p["serve"].mkdir(parents=True, exist_ok=True)
+    (p["serve"] / "answer.json").write_text(json.dumps(served, indent=1), encoding="utf-8")
+    answer = served["response"]
+    print(f"    {served['request']['prompt']!r} -> {answer['text'].strip()!r} "
+          f"({answer['completion_tokens']} tokens, {answer['timings']['total_ms']:.0f} ms)",
+          flush=True)
+
+
 @dataclass
 class Stage:
     name: str
@@ -111,6 +132,9 @@ STAGES = [
           ("baseline_run",), lambda c: c.settings["train"]),
     Stage("eval", "evaluate (distill-eval)", evaluate, ("report",),
           lambda c: c.settings["eval"]),
+    Stage("serve", "export the student to INT8 ONNX and serve one answer (student-export, "
+          "distill-serve)", export_and_serve, ("export", "serve"),
+          lambda c: (SERVE_MAX_NEW_TOKENS, file_hash(DEMO_DIR / "demo_serve.py"))),
 ]
 
 

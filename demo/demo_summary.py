@@ -28,7 +28,8 @@ def build_summary(ctx: Context, timings: dict, total: float) -> dict[str, Any]:
         "student": p["student"], "student run": p["student_run"],
         "baseline": p["baseline"], "baseline run": p["baseline_run"],
         "report.md": p["report"] / "report.md", "report.json": p["report"] / "report.json",
-        "report.png": p["report"] / "report.png", "logs": out / "logs",
+        "report.png": p["report"] / "report.png", "export": p["export"] / "export.json",
+        "served answer": p["serve"] / "answer.json", "logs": out / "logs",
         "commands": out / "commands.sh"}
     summary: dict[str, Any] = {
         "scale": ctx.settings["scale"], "out": str(out),
@@ -45,6 +46,15 @@ def build_summary(ctx: Context, timings: dict, total: float) -> dict[str, Any]:
         summary["findings"] = report.get("findings", [])
         summary["ratios"] = report["ratios"]
         summary["skipped"] = report.get("skipped", [])
+    served = p["serve"] / "answer.json"
+    if served.is_file():
+        record = json.loads(served.read_text(encoding="utf-8"))
+        export = json.loads((p["export"] / "export.json").read_text(encoding="utf-8"))
+        summary["served"] = {"prompt": record["request"]["prompt"],
+                             "answer": record["response"]["text"],
+                             "tokens": record["response"]["completion_tokens"],
+                             "total_ms": record["response"]["timings"]["total_ms"],
+                             "perplexity_ratio": export["quality"]["perplexity_ratio"]}
     verify = p["verify"]
     summary["verify"] = verify.read_text(encoding="utf-8").strip().splitlines()[-1] \
         if verify.is_file() else None
@@ -120,6 +130,12 @@ def render_summary(s: dict[str, Any]) -> str:
         lines += ["", f"teacher/student ratios: {shown}"]
     for skip in s.get("skipped") or []:
         lines.append(f"skipped {skip['task']}: {skip['reason'][:100]}")
+    if s.get("served"):
+        served = s["served"]
+        lines += ["", f"served by distill-serve (INT8 ONNX, perplexity ratio "
+                      f"{served['perplexity_ratio']:.4f} vs the student):",
+                  f"  {served['prompt']!r}", f"  -> {served['answer'].strip()!r} "
+                  f"({served['tokens']} tokens, {served['total_ms']:.0f} ms)"]
     lines.append("=" * 78)
     return "\n".join(lines)
 

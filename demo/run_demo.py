@@ -24,6 +24,10 @@ saved in OUT/commands.sh so any stage can be rerun by hand):
   eval       distill-eval teacher/student/baseline on the bundled tasks, medmcq_kb and
              the held-out documents -> OUT/report/report.{md,json,png} (values with
              standard errors; which student-baseline differences are resolved)
+  serve      student-export of the KD student to INT8 ONNX (quality gate included)
+             -> OUT/export; distill-serve on it (a free 127.0.0.1 port), one POST
+             /invocations with a knowledge-base question, the answer printed, the server
+             stopped with SIGTERM -> OUT/serve/answer.json
 
 Settings come from demo/configs/SCALE.yaml (`demo:`, `dump:` and `train:` sections) and
 demo/configs/SCALE-teacher.yaml. Everything is seeded, so a run is reproducible.

@@ -3,7 +3,11 @@
     distill-eval --model STUDENT --teacher TEACHER --baseline BASE \\
                  --tasks medical,local --ppl-data heldout.jsonl --out reports/run1
 
-Models are aliases from logitstore/toolkit/models.yaml, local directories or hub ids. `--tasks`
+Models are aliases from logitstore/toolkit/models.yaml, local directories, hub ids or
+`student-export` directories (ONNX or PyTorch, fp32 or INT8: run as exported, on the CPU;
+eval/export_model.py). To see the INT8 student beside the fp32 one and the teacher:
+`--model EXPORT_DIR --baseline RUN/final --teacher TEACHER` (the baseline role then holds the
+fp32 student; "student − baseline" is the export's loss). `--tasks`
 takes `medical` (MultiMedQA via lm-eval), `local` (the sets shipped in
 logitstore/toolkit/tasks/), task names, or paths to lm-eval task YAMLs / JSONL files (see
 eval/tasks.py).

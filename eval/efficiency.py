@@ -22,6 +22,9 @@
   (EOS suppressed, so a model that stops early does not look faster); `latency_p50_s` /
   `latency_p95_s`: percentiles of the `generate` wall time over prompts x repetitions,
   after `warmup` discarded runs. CUDA work is synchronised before each clock read.
+  `benchmark_inference_speed` measures an InferenceModel (an export) the same way, through
+  its `logits` (prefill) and `generate` (EOS ids cleared for the run, so every prompt gets
+  exactly `max_new_tokens`).
 """
 
 from __future__ import annotations
@@ -219,6 +222,48 @@ def benchmark_speed(model, tokenizer, prompts: Sequence[str], *, max_new_tokens:
                 new_tokens += output.shape[1] - n_prompt
                 generate_s += generation[0]
                 latencies.append(generation[0])
+    return {
+        "prompt_tokens_per_s": prompt_tokens / prefill_s,
+        "generation_tokens_per_s": new_tokens / generate_s,
+        "latency_p50_s": float(np.percentile(latencies, 50)),
+        "latency_p95_s": float(np.percentile(latencies, 95)),
+        "speed_samples": len(latencies),
+    }
+
+
+def benchmark_inference_speed(model, prompts: Sequence[str], *, max_new_tokens: int = 32,
+                              warmup: int = 1, repetitions: int = 3) -> dict[str, Any]:
+    """`benchmark_speed`'s figures for an InferenceModel (batch 1, greedy, CPU)."""
+    import numpy as np
+
+    from logitstore.toolkit.inference import GenerationSettings
+
+    if not prompts:
+        raise ValueError("no prompts to benchmark")
+    room = model.max_length - max_new_tokens
+    encoded = [model.tokenizer(p)["input_ids"][-room:] for p in prompts]  # list[int] each
+    settings = GenerationSettings(max_new_tokens=max_new_tokens)
+    prompt_tokens = prefill_s = new_tokens = generate_s = 0.0
+    latencies = []
+    saved_eos = model.eos_token_ids
+    model.eos_token_ids = ()  # no early stop: a model that ends sooner must not look faster
+    try:
+        for _ in range(warmup):
+            model.logits(np.asarray([encoded[0]]), np.ones((1, len(encoded[0]))))
+            model.generate([encoded[0]], settings)
+        for _ in range(repetitions):
+            for ids in encoded:
+                start = time.perf_counter()
+                model.logits(np.asarray([ids]), np.ones((1, len(ids))))
+                prefill_s += time.perf_counter() - start
+                start = time.perf_counter()
+                generation = model.generate([ids], settings)[0]
+                latencies.append(time.perf_counter() - start)
+                generate_s += latencies[-1]
+                prompt_tokens += len(ids)
+                new_tokens += len(generation.token_ids)
+    finally:
+        model.eos_token_ids = saved_eos
     return {
         "prompt_tokens_per_s": prompt_tokens / prefill_s,
         "generation_tokens_per_s": new_tokens / generate_s,

@@ -45,8 +45,12 @@ def check_config(cfg: EvalConfig) -> list:
         requests = []
     if problems:
         raise ConfigError(problems)
-    for name in cfg.roles().values():
-        resolve_model(name)  # ModelLoadError names the alias file and the options
+    from eval.export_model import check_export, export_directory
+
+    for role, name in cfg.roles().items():
+        export = export_directory(resolve_model(name))  # ModelLoadError: alias file, options
+        if export is not None:
+            check_export(export, role, getattr(cfg, f"{role}_quantize"))
     if cfg.ppl_store:
         _check_store(cfg.ppl_store, cfg.ppl_split)
     return requests
@@ -136,35 +140,14 @@ def run(cfg: EvalConfig) -> tuple[dict[str, Any], dict[str, Path]]:
 
 
 def _run_role(cfg, role, name, loaded, manager, prompts, texts) -> RoleRun:
-    from eval.efficiency import (PeakMemory, benchmark_speed, count_parameters, disk_bytes,
-                                 release_memory, weights_bytes, weights_dir)
+    from eval.efficiency import release_memory
     from eval.tasks import evaluate_tasks
-    from logitstore.toolkit.hf import load_causal_lm, load_tokenizer, resolve_model
 
-    spec = resolve_model(name)
     results: dict[str, dict] = {}
     skipped: list[dict] = []
-    tokenizer = load_tokenizer(spec, trust_remote_code=cfg.trust_remote_code)
-    meter = PeakMemory(_device(cfg.device)).start()
-    try:
-        model, loaded_info = load_causal_lm(spec, quantize=cfg.quantize_for(role),
-                                            dtype=cfg.dtype, device=cfg.device,
-                                            trust_remote_code=cfg.trust_remote_code)
-        speed = {}
-        if prompts:
-            log.info("[%s] speed benchmark", role)
-            speed = benchmark_speed(model, tokenizer, prompts,
-                                    max_new_tokens=cfg.efficiency_new_tokens,
-                                    warmup=cfg.warmup, repetitions=cfg.efficiency_repeats)
-    finally:
-        peak = meter.stop()
-    info = loaded_info.as_dict()
-    if prompts:
-        info["memory_method"] = meter.method
-        results["efficiency"] = {"parameters": count_parameters(model),
-                                 "weights_bytes": weights_bytes(model),
-                                 "disk_bytes": disk_bytes(weights_dir(spec)),
-                                 "peak_memory_bytes": peak, **speed}
+    model, tokenizer, info, efficiency = _load_and_time(cfg, role, name, prompts)
+    if efficiency:
+        results["efficiency"] = efficiency
     log.info("[%s] %d task(s)", role, len(loaded.tasks))
     scores = evaluate_tasks(model, tokenizer, loaded, manager, num_fewshot=cfg.num_fewshot,
                             limit=cfg.limit, batch_size=cfg.batch_size,
@@ -174,9 +157,51 @@ def _run_role(cfg, role, name, loaded, manager, prompts, texts) -> RoleRun:
     skipped += [{"task": t, "role": role, "reason": r} for t, r in scores.errors.items()]
     items = dict(scores.items)
     results.update(_perplexities(cfg, role, model, tokenizer, texts, skipped, items))
+    if hasattr(model, "close"):  # an export's runtime session
+        model.close()
     del model, tokenizer
     release_memory()
     return RoleRun(info, _order(results), scores.stderr, scores.samples, skipped, items)
+
+
+def _load_and_time(cfg, role, name, prompts) -> tuple[Any, Any, dict, dict]:
+    """(model, tokenizer, models[role] entry, efficiency results or {}): the model loaded
+    under the memory meter and, with prompts, its speed benchmarked. An export directory
+    loads as an InferenceModel (eval/export_model.py), anything else as a transformers model."""
+    from eval.efficiency import (PeakMemory, benchmark_inference_speed, benchmark_speed,
+                                 count_parameters, disk_bytes, weights_bytes, weights_dir)
+    from eval.export_model import export_directory, export_sizes, load_export
+    from logitstore.toolkit.hf import load_causal_lm, load_tokenizer, resolve_model
+
+    spec = resolve_model(name)
+    export = export_directory(spec)
+    tokenizer = None if export else load_tokenizer(spec, trust_remote_code=cfg.trust_remote_code)
+    meter = PeakMemory("cpu" if export else _device(cfg.device)).start()
+    try:
+        if export:
+            model, info = load_export(export, name)
+            tokenizer = model.tokenizer
+        else:
+            model, loaded_info = load_causal_lm(spec, quantize=cfg.quantize_for(role),
+                                                dtype=cfg.dtype, device=cfg.device,
+                                                trust_remote_code=cfg.trust_remote_code)
+            info = loaded_info.as_dict()
+        speed = {}
+        if prompts:
+            log.info("[%s] speed benchmark", role)
+            timing = dict(max_new_tokens=cfg.efficiency_new_tokens, warmup=cfg.warmup,
+                          repetitions=cfg.efficiency_repeats)
+            speed = benchmark_inference_speed(model, prompts, **timing) if export else \
+                benchmark_speed(model, tokenizer, prompts, **timing)
+    finally:
+        peak = meter.stop()
+    if not prompts:
+        return model, tokenizer, info, {}
+    info["memory_method"] = meter.method
+    sizes = export_sizes(export) if export else {
+        "parameters": count_parameters(model), "weights_bytes": weights_bytes(model),
+        "disk_bytes": disk_bytes(weights_dir(spec))}
+    return model, tokenizer, info, {**sizes, "peak_memory_bytes": peak, **speed}
 
 
 def _order(results: dict) -> dict:
@@ -223,6 +248,10 @@ def _perplexities(cfg, role, model, tokenizer, texts, skips, items) -> dict[str,
 
 
 def _context_length(model) -> int:
+    from logitstore.toolkit.inference import InferenceModel
+
+    if isinstance(model, InferenceModel):
+        return model.max_length
     config = model.config
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
         value = getattr(config, key, None)
@@ -239,7 +268,8 @@ def _efficiency_notes(runs: dict[str, RoleRun], cfg: EvalConfig) -> dict[str, st
         "speed": (f"batch 1, greedy, {cfg.efficiency_new_tokens} new tokens (EOS suppressed), "
                   f"{cfg.efficiency_samples} prompts x {cfg.efficiency_repeats} repetitions "
                   f"after {cfg.warmup} warm-up run(s); generation tokens/s includes prefill"),
-        "disk": "sum of the checkpoint's weight files as stored (before load-time quantization)",
+        "disk": "sum of the checkpoint's weight files as stored (before load-time "
+                "quantization); for an export, its model.onnx (+ external data) or safetensors",
     }
 
 

@@ -23,7 +23,7 @@ so a missing dataset fails in milliseconds instead of minutes of retries, and
 Loading one task's data is also time-boxed (`timeout_s`).
 
 Every task runs through `lm_eval.simple_evaluate` with the already-loaded model wrapped in
-`HFLM(pretrained=model, tokenizer=...)`, so quantised models work. Generation tasks are
+`HFLM(pretrained=model, ...)` (quantised models work), an export in eval/export_lm.py's ExportLM. Generation tasks are
 scored by eval/generation.py from lm-eval's logged answers. Each document's own scores
 (lm-eval's per-document metrics, ROUGE per answer) are kept too, by document id, for the
 report's paired standard errors (eval/report.py).
@@ -375,11 +375,11 @@ def evaluate_tasks(model, tokenizer, loaded: LoadedTasks, manager, *, num_fewsho
     """Run every loaded task on one model, one task at a time (a failing task does not
     take the others down); generation tasks get ROUGE/BLEU from their logged answers."""
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
 
+    from eval.export_lm import lm_eval_model
     from eval.generation import generation_scores, pairs_from_lm_eval_samples
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = lm_eval_model(model, tokenizer, batch_size)
     out = RoleScores()
     for name, task in loaded.tasks.items():
         try:

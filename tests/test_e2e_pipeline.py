@@ -26,7 +26,7 @@ from click.testing import CliRunner
 REPO = Path(__file__).resolve().parents[1]
 ROLES = ("teacher", "student", "baseline")
 STAGES = ("corpus", "tokenizer", "init", "teacher", "dump", "inspect", "student", "baseline",
-          "eval")
+          "eval", "serve")
 
 
 def run_demo(out: Path) -> subprocess.CompletedProcess:
@@ -63,8 +63,14 @@ def test_every_artifact_exists(demo):
                  "runs/student/training_metadata.json", "runs/student/alignment.safetensors",
                  "runs/baseline/final/model.safetensors", "runs/baseline/metrics.jsonl",
                  "report/report.json", "report/report.md", "report/report.png",
-                 "report/config.yaml", "commands.sh", "SUMMARY.txt"):
+                 "report/config.yaml", "export/export.json", "export/model.onnx",
+                 "serve/answer.json", "commands.sh", "SUMMARY.txt"):
         assert (out / path).is_file(), path
+    # The last stage served one answer from the INT8 export and stopped the server cleanly.
+    served = json.loads((out / "serve" / "answer.json").read_text())
+    assert served["exit_code"] == 0 and served["response"]["completion_tokens"] > 0
+    assert summary["served"]["answer"] == served["response"]["text"]
+    assert "served by distill-serve" in result.stdout
     assert (out / "report" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The printed summary names where every artifact is.
     for name in ("tokenizer", "teacher", "store", "store info", "store verify", "student",
@@ -85,7 +91,8 @@ def test_every_artifact_exists(demo):
     commands = (out / "commands.sh").read_text().splitlines()
     assert [c.split()[0] for c in commands if not c.startswith(("#", "set ", "python "))] == [
         "student-train", "teacher-dump", "logitstore", "logitstore", "student-train",
-        "student-train", "distill-eval"]
+        "student-train", "distill-eval", "student-export", "distill-serve", "until", "curl",
+        "kill"]
 
 
 def test_store_holds_every_capture_and_verifies(demo):

@@ -64,24 +64,14 @@ def distill_eval(config_path: str | None, verbose: bool, **flags) -> None:
     _setup_logging(verbose)
     from eval.config import resolve_config
     from eval.runner import run
-    from logitstore.errors import LogitStoreError
 
-    try:
+    with exit_codes.errors_reported(PROG, verbose=verbose):
         cfg = resolve_config(config_path, flags)
         if not cfg.progress:
             import os
 
             os.environ["TQDM_DISABLE"] = "1"  # lm-eval's and datasets' bars too
         report, paths = run(cfg)
-    except LogitStoreError as exc:  # ConfigError, ModelLoadError, store errors
-        exit_codes.fail(PROG, str(exc))
-    except OSError as exc:  # e.g. the report directory is not writable
-        exit_codes.fail(PROG, f"{type(exc).__name__}: {exc}")
-    except Exception as exc:  # a bug or an unexpected library failure: still one paragraph
-        if verbose:
-            raise
-        exit_codes.fail(PROG, f"unexpected {type(exc).__name__}: "
-                        f"{' '.join(str(exc).split())[:500]} (rerun with -v for the traceback)")
     click.echo(_summary(report, paths))
 
 

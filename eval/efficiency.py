@@ -222,13 +222,7 @@ def benchmark_speed(model, tokenizer, prompts: Sequence[str], *, max_new_tokens:
                 new_tokens += output.shape[1] - n_prompt
                 generate_s += generation[0]
                 latencies.append(generation[0])
-    return {
-        "prompt_tokens_per_s": prompt_tokens / prefill_s,
-        "generation_tokens_per_s": new_tokens / generate_s,
-        "latency_p50_s": float(np.percentile(latencies, 50)),
-        "latency_p95_s": float(np.percentile(latencies, 95)),
-        "speed_samples": len(latencies),
-    }
+    return _speed_figures(prompt_tokens, prefill_s, new_tokens, generate_s, latencies)
 
 
 def benchmark_inference_speed(model, prompts: Sequence[str], *, max_new_tokens: int = 32,
@@ -264,6 +258,13 @@ def benchmark_inference_speed(model, prompts: Sequence[str], *, max_new_tokens: 
                 new_tokens += len(generation.token_ids)
     finally:
         model.eos_token_ids = saved_eos
+    return _speed_figures(prompt_tokens, prefill_s, new_tokens, generate_s, latencies)
+
+
+def _speed_figures(prompt_tokens: int, prefill_s: float, new_tokens: int, generate_s: float,
+                   latencies: list[float]) -> dict[str, float]:
+    import numpy as np
+
     return {
         "prompt_tokens_per_s": prompt_tokens / prefill_s,
         "generation_tokens_per_s": new_tokens / generate_s,

@@ -15,10 +15,13 @@ The commands build on `Command`/`Group` below, so an interrupt exits 130 everywh
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import NoReturn
+from typing import Iterator, NoReturn
 
 import click
+
+from logitstore.errors import LogitStoreError
 
 OK = 0
 USER_ERROR = 1
@@ -33,6 +36,28 @@ def fail(prog: str, message: str, *, code: int = USER_ERROR, prefix: str = "") -
     """
     click.echo(f"{prefix}{prog}: error: {message}", err=True)
     sys.exit(code)
+
+
+@contextlib.contextmanager
+def errors_reported(prog: str, *, verbose: bool = False) -> Iterator[None]:
+    """Exit 1 with one paragraph for what goes wrong inside the block.
+
+    A LogitStoreError (config, model loading, store, data) prints its message; an OSError
+    (the output is not writable, the disk is full) its type and message; any other exception
+    (a bug, an unexpected library failure) its type and first 500 characters, or its
+    traceback when `verbose`.
+    """
+    try:
+        yield
+    except LogitStoreError as exc:
+        fail(prog, str(exc))
+    except OSError as exc:
+        fail(prog, f"{type(exc).__name__}: {exc}")
+    except Exception as exc:
+        if verbose:
+            raise
+        fail(prog, f"unexpected {type(exc).__name__}: {' '.join(str(exc).split())[:500]} "
+                   "(rerun with -v for the traceback)")
 
 
 def interrupted(prog: str, hint: str = "") -> NoReturn:

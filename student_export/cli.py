@@ -48,22 +48,12 @@ _NOISY = ("transformers", "torchao", "torch", "onnxscript", "onnx_ir", "onnxrunt
 def student_export(config_path: str | None, verbose: bool, model: str | None, **flags) -> None:
     """Export a trained student (ONNX or PyTorch, fp32 or int8) and check its quality."""
     _setup_logging(verbose)
-    from logitstore.errors import LogitStoreError
     from student_export.config import resolve_config
     from student_export.export import input_problems, run_export
 
-    try:
+    with exit_codes.errors_reported(PROG, verbose=verbose):  # a failed gate is one too
         cfg = resolve_config(config_path, {**flags, "model": model}, check=input_problems)
         manifest, out = run_export(cfg)
-    except LogitStoreError as exc:  # ConfigError, ModelLoadError, a failed gate, store errors
-        exit_codes.fail(PROG, str(exc))
-    except OSError as exc:  # e.g. the export directory is not writable, the disk is full
-        exit_codes.fail(PROG, f"{type(exc).__name__}: {exc}")
-    except Exception as exc:  # a bug or an unexpected library failure: still one paragraph
-        if verbose:
-            raise
-        exit_codes.fail(PROG, f"unexpected {type(exc).__name__}: "
-                        f"{' '.join(str(exc).split())[:500]} (rerun with -v for the traceback)")
     click.echo(_summary(manifest, out))
 
 

@@ -1,8 +1,8 @@
 """Dynamic batching: concurrent requests share one `generate` call, on one model thread.
 
 Requests are queued (an asyncio.Queue, on the server's event loop). One collector task takes
-the first waiting request, then whatever else arrives within `wait_s` up to `max_batch`, and
-runs `model.generate(prompts, per-request settings)` on the single worker thread: PyTorch and
+the first waiting request, then keeps taking arrivals until `max_batch`, until no request has
+arrived for `wait_s`, or until MAX_WAIT_GAPS x `wait_s` after the first, and runs `model.generate(prompts, per-request settings)` on the single worker thread: PyTorch and
 onnxruntime sessions are not meant to be driven from several threads at once, and one batch at
 a time is what makes batching pay. While a batch runs, new requests queue up and form the next
 one. Each request's future gets its own Generation plus the batch's size and timings. A
@@ -27,6 +27,13 @@ from typing import Any, Callable
 from distill_serve.metrics import ServeMetrics
 
 log = logging.getLogger(__name__)
+
+# A batch closes after a quiet gap of wait_s, not a fixed wait_s after its first request:
+# clients answered together resubmit together, but their requests reach the server spread over
+# a few milliseconds (the event loop is sending the previous batch's answers meanwhile), and a
+# fixed window cut such a burst into a big batch and a small one that costs nearly as much.
+# The cap keeps a steady trickle of requests from holding a batch open indefinitely.
+MAX_WAIT_GAPS = 8
 
 
 class ServerClosing(RuntimeError):
@@ -98,14 +105,15 @@ class Batcher:
                 self._running = 0
 
     async def _collect(self) -> list[_Job]:
-        """The first queued request, and those queued within wait_s after it (max_batch)."""
+        """The first queued request and those that follow it (see the module docstring)."""
+        loop = asyncio.get_running_loop()
         batch = [await self._queue.get()]
-        deadline = asyncio.get_running_loop().time() + self.wait_s
+        closes = loop.time() + MAX_WAIT_GAPS * self.wait_s
         while len(batch) < self.max_batch:
             if not self._queue.empty():
                 batch.append(self._queue.get_nowait())
                 continue
-            remaining = deadline - asyncio.get_running_loop().time()
+            remaining = min(self.wait_s, closes - loop.time())
             if remaining <= 0:
                 break
             try:

@@ -32,8 +32,8 @@ FIELDS: dict[str, Field] = {
     "max_batch": Field("int", 8, at_least(1),
                        help="Most requests generated together in one batch."),
     "batch_wait_ms": Field("float", 5.0, between(0.0, 10_000.0),
-                           help="Once a request waits, how long to wait for more to batch "
-                                "with it (ms)."),
+                           help="A batch closes once no request has arrived for this long "
+                                "(ms), or at --max-batch, or 8x this after its first request."),
     "max_new_tokens": Field("int", 256, at_least(1),
                             help="Most new tokens one request may ask for; a request that "
                                  "does not say gets this many, or what fits the model."),

@@ -410,3 +410,58 @@ def test_a_load_failure_is_reported_and_ping_stays_503(tmp_path):
         assert client.failures == ["no weights in the directory; export the model again"]
         assert client.get("/ping").status_code == 503
         assert client.post("/invocations", json={"prompt": "a"}).status_code == 503
+
+
+@pytest.mark.parametrize("gap_s, burst, expected", [
+    (0.02, 6, [6]),  # arrivals 20 ms apart, 100 ms in all: one batch (quiet gap 50 ms)
+    (0.09, 3, [1, 1, 1]),  # arrivals further apart than the quiet gap: one batch each
+])
+def test_a_batch_closes_after_a_quiet_gap_not_a_fixed_window(gap_s, burst, expected):
+    import asyncio
+
+    from distill_serve.batcher import Batcher, _Job
+    from distill_serve.metrics import ServeMetrics
+
+    async def scenario() -> list[int]:
+        batcher = Batcher(max_batch=16, wait_s=0.05, metrics=ServeMetrics())
+        loop = asyncio.get_running_loop()
+
+        async def arrive():
+            for i in range(burst):
+                batcher._queue.put_nowait(_Job([i], None, loop.create_future()))
+                await asyncio.sleep(gap_s)
+
+        arrivals = asyncio.create_task(arrive())
+        sizes = []
+        while sum(sizes) < burst:
+            sizes.append(len(await batcher._collect()))
+        await arrivals
+        return sizes
+
+    assert asyncio.run(scenario()) == expected
+
+
+def test_a_steady_trickle_cannot_hold_a_batch_open_forever():
+    import asyncio
+
+    from distill_serve.batcher import MAX_WAIT_GAPS, Batcher, _Job
+    from distill_serve.metrics import ServeMetrics
+
+    async def scenario() -> tuple[int, float]:
+        batcher = Batcher(max_batch=100, wait_s=0.05, metrics=ServeMetrics())
+        loop = asyncio.get_running_loop()
+
+        async def trickle():
+            for i in range(40):  # one every 20 ms for 800 ms
+                batcher._queue.put_nowait(_Job([i], None, loop.create_future()))
+                await asyncio.sleep(0.02)
+
+        arrivals = asyncio.create_task(trickle())
+        started = loop.time()
+        first = await batcher._collect()
+        took = loop.time() - started
+        arrivals.cancel()
+        return len(first), took
+
+    size, took = asyncio.run(scenario())
+    assert took < MAX_WAIT_GAPS * 0.05 + 0.1 and 10 < size < 40, (size, took)

@@ -5,11 +5,13 @@ Model aliases and loading (hf, models.yaml, tokenizer_identity), raw data and it
 formats (data_sources, record_formats, data, hub_data, hub_probe), the option tables of the
 tools' configs (options), token-budget batching (batching) the pooling of hidden states
 and attention maps (pooling), and running a student however it was saved (inference, onnx_lm,
-torch_int8).
+torch_int8), image+text classifiers and the adapters that read their logits and features
+(classifier_models, classifier_adapter).
 
 The boundary: torch, transformers and datasets are imported lazily, inside the functions
-that need them, so importing a module here stays light (pooling alone imports torch at the
-top: it is torch math); the store core (`logitstore` itself: format, writer, reader,
+that need them, so importing a module here stays light (pooling imports torch at the top: it
+is torch math; classifier_models too: it defines an nn.Module and registers it with
+transformers' Auto classes); the store core (`logitstore` itself: format, writer, reader,
 verify...) never imports this package, and the tools import it and the core, never each
 other.
 """

@@ -11,6 +11,9 @@ student_train/config.py's FIELDS, and a flag given overrides the preset (`--conf
 or a bundled preset's name). Values are read as text and validated by the config, so all
 problems are reported together.
 
+`student-train sweep ...` runs an Optuna study of trainings from one store
+(student_train/sweep_cli.py; `student-train sweep --help`).
+
 `--plan` prints the memory plan per device (student_train/memory_plan.py: from the student's
 config.json and the store's manifest, no weights) and exits, 1 when it does not fit
 `--gpu-memory`.
@@ -68,8 +71,10 @@ def print_plan(cfg) -> None:
 
 @tool_command(PROG, FIELDS, SECTION,
               interrupted_hint="rerun with --resume to continue from the last checkpoint")
-def main(config_path: str | None, **flags) -> None:
+def train_command(config_path: str | None, **flags) -> None:
     """Train a student from a store of teacher signals (or from --data, hard labels only)."""
+    if click.get_current_context().invoked_subcommand is not None:
+        return  # `student-train sweep ...`: the subcommand does the work
     _setup_logging()
     overrides = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flags.items()}
     try:
@@ -88,3 +93,18 @@ def main(config_path: str | None, **flags) -> None:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
                           if isinstance(v, float) and not k.endswith("target_tokens"))
         click.echo(f"done: {cfg.out}/final" + (f" ({shown})" if shown else ""))
+
+
+def _with_subcommands(command: click.Command) -> click.Group:
+    """`command` as a group that runs it when no subcommand is named, so that both
+    `student-train --store ...` and `student-train sweep ...` work; same flags and help."""
+    from student_train.sweep_cli import sweep
+
+    return exit_codes.Group(
+        name=command.name, params=command.params, callback=command.callback, help=command.help,
+        context_settings=command.context_settings, invoke_without_command=True,
+        interrupted_hint=command.interrupted_hint, commands={"sweep": sweep},
+        subcommand_metavar="[sweep ...]")
+
+
+main = _with_subcommands(train_command)

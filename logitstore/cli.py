@@ -18,6 +18,7 @@ import numpy as np
 
 from logitstore import __version__, exit_codes
 from logitstore.errors import LogitStoreError
+from logitstore.format import CLASSIFIER
 
 PROG = "logitstore"
 
@@ -49,7 +50,7 @@ def main() -> None:
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Print manifest + counts + sizes as JSON.")
 def info(store: str, as_json: bool) -> None:
-    """Summary of STORE: signals, counts, bytes per token and per entry, compression."""
+    """Summary of STORE: kind, signals (or heads and features), counts, sizes, compression."""
     from logitstore.info import size_report
     from logitstore.reader import StoreReader
 
@@ -68,6 +69,10 @@ def info(store: str, as_json: bool) -> None:
     click.echo(f"format       {manifest['format']} {manifest['format_version']} "
                f"(written by logitstore {manifest['tool_version']}, committed "
                f"{manifest['committed']})")
+    click.echo(f"kind         {reader.kind}")
+    if reader.kind == CLASSIFIER:
+        _info_classifier(reader, sizes)
+        return
     click.echo(f"tokenizer    {settings['tokenizer_name'] or '-'}  vocab {settings['vocab_size']}  "
                f"fingerprint {settings['tokenizer_fingerprint'][:16]}")
     click.echo(f"dataset      fingerprint {manifest['dataset_fingerprint'][:16]}")
@@ -96,6 +101,20 @@ def info(store: str, as_json: bool) -> None:
     for name, a in sizes["arrays"].items():
         click.echo(f"  {name:40s} {a['bytes'] / 1e6:9.3f} MB  {a['bytes_per_token']:7.3f} B/token  "
                    f"{a['bytes_per_entry']:6.3f} B/entry  {a['compression_ratio']:5.1f}x")
+
+
+def _info_classifier(reader, sizes: dict[str, Any]) -> None:
+    """`info` of a classifier store (2.3): counts, heads, feature parts, splits, arrays."""
+    from logitstore.classifier_reader import ClassifierReader, classifier_info_lines
+
+    counts = reader.manifest["counts"]
+    click.echo(f"dataset      fingerprint {reader.manifest['dataset_fingerprint'][:16]}")
+    click.echo(f"counts       {counts['samples']} samples, {counts['parts']} part(s), "
+               f"{counts['segments']} segment(s)")
+    click.echo(f"size         {sizes['total_bytes'] / 1e6:.2f} MB, "
+               f"{sizes['total_bytes'] / max(1, counts['samples']):.1f} B/sample")
+    for line in classifier_info_lines(ClassifierReader(reader), sizes):
+        click.echo(line)
 
 
 @main.command()
@@ -162,10 +181,18 @@ def show(store: str, sample_id: str | None, position: int | None, tokenizer: str
     decode = _decoder(tokenizer) if tokenizer else None
     try:
         reader = StoreReader(store)
-        sample = reader.sample(sample_id if position is None else position)
-        decode = decode or _stored_decoder(reader)
+        key = sample_id if position is None else position
+        if reader.kind == CLASSIFIER:
+            from logitstore.classifier_reader import ClassifierReader
+            sample = ClassifierReader(reader).sample(key)
+        else:
+            sample = reader.sample(key)
+            decode = decode or _stored_decoder(reader)
     except LogitStoreError as err:
         _fail(err)
+    if reader.kind == CLASSIFIER:  # 2.3: heads, features and labels of one input
+        click.echo(_classifier_show(sample, reader.settings, as_json, top))
+        return
     if as_json:
         click.echo(json.dumps(_sample_json(sample, decode, reader.settings), indent=1))
         return
@@ -189,6 +216,33 @@ def show(store: str, sample_id: str | None, position: int | None, tokenizer: str
         signals = {n: s for n, s in sample.signals.items()
                    if reader.settings.signals[n].tokenization == tokenization}
         _echo_tokens(cut.input_ids, cut.loss_mask, cut, signals, cut_decode, top)
+
+
+def _classifier_show(sample, settings, as_json: bool, top: int) -> str:
+    """One classifier sample (2.3) as JSON, or as text: its input, and per head the label
+    and the `top` most likely classes under the stored logits; features summarised."""
+    if as_json:
+        return json.dumps({
+            "sample_id": sample.sample_id, "image": sample.image, "text": sample.text,
+            "source": sample.source, "split": sample.split, "tags": sample.tags,
+            "labels": {h: sample.label(h) for h in settings.heads},
+            "logits": {h: np.asarray(v, np.float64).round(5).tolist()
+                       for h, v in sample.logits.items()},
+            "features": {p: np.asarray(v, np.float64).round(5).tolist()
+                         for p, v in sample.features.items()}}, indent=1)
+    lines = [f"sample {sample.sample_id}  source={sample.source} split={sample.split} "
+             f"tags={sample.tags}", f"image {sample.image!r}", f"text {sample.text!r}"]
+    for head, logits in sample.logits.items():
+        z = np.asarray(logits, np.float64)
+        probs = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+        best = np.argsort(-probs, kind="stable")[:top]
+        lines.append(f"head {head}: label {sample.label(head)}  top: " +
+                     " ".join(f"{int(c)}:{probs[c]:.3f}" for c in best))
+    for part, values in sample.features.items():
+        v = np.asarray(values, np.float64)
+        lines.append(f"feature {part}: dim {len(v)}  mean {v.mean():.4f}  "
+                     f"norm {np.linalg.norm(v):.4f}")
+    return "\n".join(lines)
 
 
 def _echo_tokens(ids, loss_mask, text, signals, decode, top: int) -> None:

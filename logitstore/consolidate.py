@@ -40,7 +40,7 @@ from logitstore.commit import (dataset_fingerprint, dump_json, load_json, now_is
 from logitstore.errors import (ChecksumError, LogitStoreError, ManifestMissingError,
                                SchemaMismatchError)
 from logitstore.format import (FORMAT_NAME, FORMAT_VERSION, INDEX_DIR, MANIFEST, PART_HEAD,
-                               PARTS_DIR, StoreSettings, settings_differences)
+                               PARTS_DIR, StoreSettings, settings_differences, written_version)
 from logitstore.fs import StoreFS, sha256_hex
 from logitstore.parquet_io import table_from_bytes, table_to_bytes
 from logitstore.records import Sealed, add_signals, missing, read_heads
@@ -82,7 +82,8 @@ def _root(settings: dict, parts: list[dict], index: pa.Table | None, created: st
             entries[sig] = entries.get(sig, 0) + n
     tokens = int(index.column("length").to_numpy().sum()) if index is not None else 0
     return {
-        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "tool_version": __version__,
+        "format": FORMAT_NAME, "format_version": written_version(settings.get("kind")),
+        "tool_version": __version__,
         "created": created or now_iso(), "committed": now_iso(), "settings": settings,
         "counts": {"samples": len(ids), "tokens": tokens,
                    "target_tokens": sum(s["target_tokens"] for s in segments),
@@ -231,7 +232,7 @@ def commit_store(url: str | StoreFS, *, storage_options: dict | None = None,
     check_unique_ids(fs, index)
     metas = (_write_content_addressed(fs, table_to_bytes(index), "parquet"),
              _write_content_addressed(fs, dump_json({
-                 "format": CATALOG_FORMAT, "format_version": FORMAT_VERSION,
+                 "format": CATALOG_FORMAT, "format_version": written_version(settings.kind),
                  "parts": catalog_parts}), "catalog.json"))
     extra = extra if extra is not None else (previous or {}).get("extra", {})
     manifest = _root(settings.to_json(), parts, index, (previous or {}).get("created"), extra,

@@ -49,6 +49,11 @@ class SettingsMismatchError(SchemaMismatchError):
     """Writing into a store that was created with different settings."""
 
 
+class StoreKindError(SchemaMismatchError):
+    """An API of one kind of store (causal-lm: tokens; classifier: per-sample heads, 2.3)
+    used on a store, writer or sample of the other kind."""
+
+
 class UnknownSampleError(LogitStoreError, KeyError):
     """A sample id (or index) that the store does not hold."""
 

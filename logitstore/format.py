@@ -16,8 +16,12 @@ from logitstore.errors import FormatVersionError, SchemaMismatchError, SettingsM
 FORMAT_NAME = "logitstore"
 # major.minor: readers refuse another major, accept any minor. 2.1 added the optional
 # sample text, token spans and tokenizer files (settings `text`, `tokenizer_files`); 2.2 the
-# extra tokenizations of a teacher with another tokenizer (settings `tokenizations`).
-FORMAT_VERSION = "2.2"
+# extra tokenizations of a teacher with another tokenizer (settings `tokenizations`); 2.3
+# the kind `classifier` (FORMAT.md 4.3), which only classifier stores say: a causal-lm
+# store says FORMAT_VERSION, its content is exactly a 2.2 store's (`written_version`).
+FORMAT_VERSION, CLASSIFIER_VERSION = "2.2", "2.3"
+LATEST_VERSION = CLASSIFIER_VERSION  # the newest format this release reads and writes
+CAUSAL_LM, CLASSIFIER = STORE_KINDS = ("causal-lm", "classifier")
 LEGACY_VERSIONS = ("1.0", "1.1")  # one store manifest listing every file (FORMAT.md section 9)
 MANIFEST = "manifest.json"  # the store manifest, written last; its presence = a committed store
 PARTS_DIR = "parts"
@@ -34,9 +38,20 @@ INDEX_COLUMNS = ("sample_id", "source", "split", "offset", "length", "part", "se
 
 LOGPROB_ENCODINGS = ("q8", "f16", "f32")
 OPTIONAL_SETTINGS = ("text", "tokenizer_files", "tokenizations")  # 2.1/2.2; absent while unused
+# 2.3: the keys only classifier stores hold, and those only causal-lm stores hold
+CLASSIFIER_SETTINGS = ("kind", "heads", "features", "logits_encoding", "features_encoding",
+                       "segment_samples")
+# (a classifier store keeps `signals`, empty: the code shared by both kinds reads it)
+TOKEN_SETTINGS = ("vocab_size", "tokenizer_fingerprint", "tokenizer_name", "chunk_tokens",
+                  "segment_tokens") + OPTIONAL_SETTINGS
 TOKENIZER_DIR = "tokenizer"  # ROOT/tokenizer/<file>: the tokenizer's files (2.1)
 HIDDEN_POOLINGS = ("mean", "mean-all", "last")
 ATTENTION_HEADS = ("mean", "all")
+
+
+def written_version(kind: str | None) -> str:
+    """The format_version a store of `kind` is written with (None or absent: causal-lm)."""
+    return CLASSIFIER_VERSION if kind == CLASSIFIER else FORMAT_VERSION
 
 
 def major(version: str) -> int:
@@ -159,10 +174,12 @@ class TokenizationSpec:
 
 @dataclass(frozen=True)
 class StoreSettings:
-    """Everything a part is written with; all parts of one store must agree on it."""
+    """Everything a part is written with; all parts of one store must agree on it. A
+    classifier store (2.3, `kind`) leaves the token keys at their defaults and sets the
+    classifier keys; a causal-lm store the other way round."""
 
-    vocab_size: int
-    tokenizer_fingerprint: str
+    vocab_size: int = 0
+    tokenizer_fingerprint: str = ""
     signals: dict[str, SignalSpec] = field(default_factory=dict)
     tokenizer_name: str = ""
     chunk_tokens: int = 4096  # positions per zarr chunk (unit of random reads)
@@ -174,6 +191,13 @@ class StoreSettings:
     tokenizer_files: dict[str, dict[str, Any]] = field(default_factory=dict)
     # 2.2: {name: TokenizationSpec}, the other tokenizations signals may index
     tokenizations: dict[str, TokenizationSpec] = field(default_factory=dict)
+    # 2.3: `classifier`: per-sample signals of a classification teacher (FORMAT.md 4.3)
+    kind: str = CAUSAL_LM
+    heads: dict[str, int] = field(default_factory=dict)  # head name -> classes C
+    features: dict[str, int] = field(default_factory=dict)  # feature part -> width D
+    logits_encoding: str = "f32"  # f16 / f32: dtype of heads/<name>/logits
+    features_encoding: str = "f16"  # f16 / f32: dtype of features/<part>
+    segment_samples: int = 4096  # samples per segment of a classifier store
 
     @property
     def token_dtype(self) -> str:
@@ -194,7 +218,14 @@ class StoreSettings:
             self.tokenizations[tokenization].vocab_size
 
     def validate(self) -> None:
-        problems = []
+        if self.kind != CAUSAL_LM:
+            from logitstore.classifier_sample import settings_problems  # imports this module
+            problems = settings_problems(self)
+            if problems:
+                raise SettingsMismatchError("invalid store settings: " + "; ".join(problems))
+            return
+        problems = [f"{key} is a key of classifier stores; this store's kind is {CAUSAL_LM}"
+                    for key in CLASSIFIER_SETTINGS[1:] if getattr(self, key) != _DEFAULTS[key]]
         if self.vocab_size < 1:
             problems.append(f"vocab_size must be >= 1, found {self.vocab_size}")
         if self.vocab_size > 2**31:
@@ -215,6 +246,11 @@ class StoreSettings:
 
     def to_json(self) -> dict[str, Any]:
         data = json.loads(json.dumps(dataclasses.asdict(self)))
+        # 2.3: each kind's settings carry its own keys only (a causal-lm store's: 2.2's)
+        for key in (TOKEN_SETTINGS if self.kind == CLASSIFIER else CLASSIFIER_SETTINGS):
+            del data[key]
+        if self.kind == CLASSIFIER:
+            return data
         # The 2.1 keys are left out while unused, so such settings read as 2.0 settings
         # (a 2.0 reader refuses any key it does not know).
         for key in OPTIONAL_SETTINGS:
@@ -231,13 +267,18 @@ class StoreSettings:
         if unknown:
             raise SchemaMismatchError(
                 f"store settings hold {unknown}, which this logitstore does not know (it reads "
-                f"format {FORMAT_VERSION} and older); the store was written by a newer release: "
+                f"format {LATEST_VERSION} and older); the store was written by a newer release: "
                 f"upgrade logitstore to read it")
         signals = {name: _signal_from_json(s) for name, s in data.get("signals", {}).items()}
         tokenizations = {name: TokenizationSpec(**t)
                          for name, t in (data.get("tokenizations") or {}).items()}
         plain = {k: v for k, v in data.items() if k not in ("signals", "tokenizations")}
         return cls(signals=signals, tokenizations=tokenizations, **plain)
+
+
+# every settings key's default: a key set to another value is in use
+_DEFAULTS = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+             for f in dataclasses.fields(StoreSettings)}
 
 
 def _tokenization_problems(settings: "StoreSettings") -> list[str]:

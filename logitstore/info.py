@@ -11,6 +11,8 @@ _RAW_BYTES = {"input_ids": 4, "loss_mask": 1, "topk_ids": 4, "topk_logprobs": 2,
               "sampled_nuniq": 2, "sampled_nmulti": 0, "sampled_ids": 4, "sampled_counts": 2,
               "sampled_logprobs": 2, "hidden": 2, "attention": 2,
               "sample_bytes": 4, "gap": 4, "length": 4, "kind": 1}
+# 2.3: the per-sample arrays of a classifier store (raw baseline: 4 bytes per value)
+CLASSIFIER_ARRAYS = ("heads/", "features/", "labels/")
 
 
 def array_name(rel: str) -> str | None:
@@ -21,6 +23,11 @@ def array_name(rel: str) -> str | None:
     inner = pieces[3:]
     if inner[0] == "signals" and len(inner) >= 3:
         return "/".join(inner[:3])
+    # 2.3: heads/H/logits/<file>, features/P/<file>, labels/H/<file> (not their groups')
+    if inner[0] == "heads" and len(inner) >= 4:
+        return "/".join(inner[:3])
+    if inner[0] in ("features", "labels") and len(inner) >= 3:
+        return "/".join(inner[:2])
     if inner[0] in ("input_ids", "loss_mask"):
         return inner[0]
     if inner[0] in ("text", "spans") and len(inner) >= 2:  # 2.1: text/utf8, spans/gap, ...
@@ -44,10 +51,11 @@ def size_report(manifest: dict[str, Any]) -> dict[str, Any]:
     for name, size in sorted(stored.items()):
         leaf = name.rsplit("/", 1)[-1]
         elements = _elements(settings, counts, name)
+        unit = 4 if name.startswith(CLASSIFIER_ARRAYS) else _RAW_BYTES.get(leaf, 4)
         arrays[name] = {"bytes": size, "bytes_per_token": size / tokens,
                         "bytes_per_entry": size / max(1, elements),
-                        "raw_bytes": elements * _RAW_BYTES.get(leaf, 4),
-                        "compression_ratio": elements * _RAW_BYTES.get(leaf, 4) / max(1, size)}
+                        "raw_bytes": elements * unit,
+                        "compression_ratio": elements * unit / max(1, size)}
     signals = {}
     for sig, spec in settings.signals.items():
         entry = {}
@@ -75,6 +83,10 @@ def size_report(manifest: dict[str, Any]) -> dict[str, Any]:
 def _elements(settings: StoreSettings, counts: dict, name: str) -> int:
     tokens, samples = counts["tokens"], counts["samples"]
     leaf = name.rsplit("/", 1)[-1]
+    if name.startswith(CLASSIFIER_ARRAYS):  # 2.3: [samples, C], [samples, D], [samples]
+        sizes = settings.heads if name.startswith("heads/") else \
+            settings.features if name.startswith("features/") else {}
+        return samples * sizes.get(name.split("/")[1], 1)
     if leaf in ("input_ids", "loss_mask", "topk_tail", "sampled_nuniq", "sampled_nmulti"):
         return tokens
     if name.startswith(("text/", "spans/")):  # 2.1; text/utf8: raw ~4 B of text per token

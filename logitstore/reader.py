@@ -21,12 +21,13 @@ import pyarrow as pa
 import zarr
 from zarr.storage import WrapperStore
 
+from logitstore.classifier_sample import require_kind
 from logitstore.commit import require_committed
 from logitstore.encoding import decode_logprobs, decode_sampled, decode_topk_ids
 from logitstore.errors import (ChecksumError, LogitStoreError, UnknownSampleError,
                                UnknownSignalError)
-from logitstore.format import (PARTS_DIR, TOKENIZER_DIR, StoreSettings, signal_array,
-                               tokenization_array)
+from logitstore.format import (CAUSAL_LM, PARTS_DIR, TOKENIZER_DIR, StoreSettings,
+                               signal_array, tokenization_array)
 from logitstore.fs import StoreFS, sha256_hex, storage_error
 from logitstore.records import missing
 from logitstore.sample import Sample, Sampled, SignalData, TopK
@@ -84,6 +85,12 @@ class StoreReader:
         self._token_offsets: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()
 
     # -- metadata -------------------------------------------------------------------------
+
+    @property
+    def kind(self) -> str:
+        """`causal-lm` (tokens and per-token signals) or (2.3) `classifier` (per-sample
+        heads and features: read those with logitstore.classifier_reader.ClassifierReader)."""
+        return self.settings.kind
 
     @property
     def signals(self) -> list[str]:
@@ -323,6 +330,7 @@ class StoreReader:
 
     def sample(self, key: str | int, signals: list[str] | None = None) -> Sample:
         """One sample by id or by position in store order (reads only the chunks it spans)."""
+        require_kind(self.settings, CAUSAL_LM, "StoreReader.sample", self.fs.url)
         row = self.row(key)
         signals = self._check_signals(signals)
         seg_no = int(self._seg_of_row[row])
@@ -355,6 +363,7 @@ class StoreReader:
 
     def read_segment(self, seg_no: int, signals: list[str] | None = None) -> list[Sample]:
         """Every sample of one segment, decoded from whole shards (sequential streaming)."""
+        require_kind(self.settings, CAUSAL_LM, "StoreReader.read_segment", self.fs.url)
         signals = self._check_signals(signals)
         seg = self.segments[seg_no]
         ids = self._read(seg, "input_ids")

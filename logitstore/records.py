@@ -24,7 +24,7 @@ from logitstore import __version__
 from logitstore.commit import now_iso, parse_manifest, sealed_json
 from logitstore.errors import ChecksumError, MissingFileError
 from logitstore.format import (FORMAT_VERSION, PART_HEAD, PARTS_DIR, RECORDS_DIR, TMP_MARK,
-                               segment_name)
+                               segment_name, written_version)
 from logitstore.fs import StoreFS, sha256_hex
 
 HEAD_FORMAT = "logitstore-part-head"
@@ -99,9 +99,9 @@ def read_heads(fs: StoreFS) -> dict[str, Sealed]:
 def new_head(part: str, settings: dict[str, Any]) -> dict[str, Any]:
     """The head of a part that has committed nothing yet (unsealed)."""
     now = now_iso()
-    return {"format": HEAD_FORMAT, "format_version": FORMAT_VERSION, "tool_version": __version__,
-            "part": part, "created": now, "updated": now, "complete": False,
-            "settings": settings, "segments": 0, "samples": 0, "tokens": 0,
+    return {"format": HEAD_FORMAT, "format_version": written_version(settings.get("kind")),
+            "tool_version": __version__, "part": part, "created": now, "updated": now,
+            "complete": False, "settings": settings, "segments": 0, "samples": 0, "tokens": 0,
             "last_record": None}
 
 
@@ -113,9 +113,10 @@ def head_after(head: dict[str, Any], record: dict[str, Any], record_sha: str) ->
 
 
 def new_record(part: str, number: int, counts: dict[str, Any], files: dict[str, dict],
-               previous: str | None) -> dict[str, Any]:
-    """The record of segment `number` of `part` (unsealed): `counts` holds SEGMENT_KEYS."""
-    return {"format": RECORD_FORMAT, "format_version": FORMAT_VERSION,
+               previous: str | None, format_version: str = FORMAT_VERSION) -> dict[str, Any]:
+    """The record of segment `number` of `part` (unsealed): `counts` holds SEGMENT_KEYS;
+    `format_version`: the store's (format.written_version of its kind)."""
+    return {"format": RECORD_FORMAT, "format_version": format_version,
             "tool_version": __version__, "part": part, "segment": segment_name(number),
             "number": number, **{k: counts[k] for k in SEGMENT_KEYS}, "files": files,
             "previous": previous, "committed": now_iso()}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -82,14 +83,7 @@ def validate_sample(sample: Sample, settings: StoreSettings) -> None:
     if np.asarray(sample.loss_mask).shape != ids.shape:
         raise SchemaMismatchError(f"{where}: loss_mask shape {np.asarray(sample.loss_mask).shape} "
                                   f"!= input_ids shape {ids.shape}")
-    bad_tags = sorted(set(sample.tags) & set(INDEX_COLUMNS))
-    if bad_tags:
-        raise SchemaMismatchError(f"{where}: tag names {bad_tags} are reserved index columns; "
-                                  f"rename them")
-    for tag, value in sample.tags.items():
-        if value is not None and not isinstance(value, (str, int, float, bool, np.generic)):
-            raise SchemaMismatchError(f"{where}: tag {tag!r} must be str/int/float/bool/None, "
-                                      f"found {type(value).__name__}")
+    check_tags(sample.tags, INDEX_COLUMNS, where)
     if settings.text:
         _check_text(sample, len(ids))
     _check_tokenizations(sample, settings)
@@ -145,6 +139,18 @@ def validate_sample(sample: Sample, settings: StoreSettings) -> None:
             if np.shape(data.attention) != expected:
                 raise SchemaMismatchError(f"{where}: signal {name!r} attention shape "
                                           f"{np.shape(data.attention)}, expected {expected}")
+
+
+def check_tags(tags: dict[str, Any], reserved, where: str) -> None:
+    """Tags are plain values (str/int/float/bool/None) under names no index column has."""
+    bad_tags = sorted(set(tags) & set(reserved))
+    if bad_tags:
+        raise SchemaMismatchError(f"{where}: tag names {bad_tags} are reserved index columns; "
+                                  f"rename them")
+    for tag, value in tags.items():
+        if value is not None and not isinstance(value, (str, int, float, bool, np.generic)):
+            raise SchemaMismatchError(f"{where}: tag {tag!r} must be str/int/float/bool/None, "
+                                      f"found {type(value).__name__}")
 
 
 def _check_text(sample: Sample, length: int) -> None:
@@ -302,14 +308,21 @@ def _index_bytes(samples: list[Sample], offsets: np.ndarray, lengths: np.ndarray
         "length": pa.array(lengths, pa.int64()),
         "digest": pa.array([sample_digest(s.sample_id, s.input_ids) for s in samples], pa.string()),
     }
-    tag_names = sorted({t for s in samples for t in s.tags})
-    for tag in tag_names:
+    columns.update(tag_columns(samples))
+    return table_to_bytes(pa.table(columns))
+
+
+def tag_columns(samples) -> dict[str, pa.Array]:
+    """{tag: column} of the free tags of `samples` (anything with a `tags` dict; classifier
+    samples too), in name order; null where a sample lacks the tag."""
+    columns = {}
+    for tag in sorted({t for s in samples for t in s.tags}):
         values = [_plain(s.tags.get(tag)) for s in samples]
         try:
             columns[tag] = pa.array(values)
         except (pa.ArrowInvalid, pa.ArrowTypeError):
             columns[tag] = pa.array([None if v is None else str(v) for v in values], pa.string())
-    return table_to_bytes(pa.table(columns))
+    return columns
 
 
 def _plain(value):

@@ -30,10 +30,11 @@ from typing import Any
 import numpy as np
 
 from logitstore import __version__
+from logitstore.classifier_sample import require_kind
 from logitstore.commit import commit_store, now_iso, sealed_json
 from logitstore.consolidate import previous_manifest
 from logitstore.errors import LogitStoreError, ManifestMissingError, SchemaMismatchError
-from logitstore.format import (FORMAT_VERSION, PARTS_DIR, RECORDS_DIR, SEGMENT_INDEX,
+from logitstore.format import (CAUSAL_LM, FORMAT_VERSION, PARTS_DIR, RECORDS_DIR, SEGMENT_INDEX,
                                SignalSpec, StoreSettings, TokenizationSpec, tokenization_array)
 from logitstore.fs import StoreFS, sha256_hex
 from logitstore.parquet_io import table_from_bytes
@@ -72,6 +73,7 @@ class SignalAppender:
         heads = {part: head.doc for part, head in read_heads(self.fs).items()
                  if parts is None or part in parts}
         store = StoreSettings.from_json(manifest["settings"])
+        require_kind(store, CAUSAL_LM, f"adding a per-token signal ({name!r})", url)
         self.new_tokenization = _new_tokenization(url, store, name, spec, tokenization)
         self.settings = replace(store, signals={**store.signals, name: spec},
                                 tokenizations={**store.tokenizations, **(

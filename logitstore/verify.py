@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import numpy as np
 import zarr
 
+from logitstore.classifier_sample import classifier_segment_problems, expected_classifier_arrays
 from logitstore.commit import (dataset_fingerprint, parse_manifest, part_manifest_path,
                                require_committed)
 from logitstore.consolidate import copy_problems
@@ -25,8 +26,8 @@ from logitstore.errors import (ChecksumError, FormatVersionError, SchemaMismatch
                                StoreIOError)
 from logitstore.snapshot import read_snapshot
 from logitstore.verify_records import check_records
-from logitstore.format import (MANIFEST, PARTS_DIR, StoreSettings, int_dtype_for, signal_array,
-                               tokenization_array)
+from logitstore.format import (CLASSIFIER, MANIFEST, PARTS_DIR, StoreSettings, int_dtype_for,
+                               signal_array, tokenization_array)
 from logitstore.fs import StoreFS, sha256_hex, storage_error
 from logitstore.text_spans import (SPAN_GAP, SPAN_LENGTH, TEXT_ARRAYS, TEXT_SAMPLE_BYTES, TEXT_UTF8,
                                    TOKEN_KIND, segment_text_problems)
@@ -44,7 +45,10 @@ def expected_arrays(settings: StoreSettings, tokens: int, samples: int, entries:
                     multi: dict[str, int], tokenization_tokens: dict[str, int] | None = None
                     ) -> dict[str, tuple[tuple[int, ...], str]]:
     """Array path inside a segment -> (shape, dtype) that the format prescribes.
-    `tokenization_tokens`: the segment's tokens on each extra tokenization's axis (2.2)."""
+    `tokenization_tokens`: the segment's tokens on each extra tokenization's axis (2.2).
+    A classifier store's segment (2.3) holds its per-sample arrays only."""
+    if settings.kind == CLASSIFIER:
+        return expected_classifier_arrays(settings, samples)
     axis = dict(tokenization_tokens or {})
     out = {"input_ids": ((tokens,), settings.token_dtype), "loss_mask": ((tokens,), "bool")}
     for name, spec in settings.tokenizations.items():
@@ -245,15 +249,17 @@ def _check_structure(fs: StoreFS, manifest: dict, settings: StoreSettings, index
                 problems.append(f"{where}: rows of {seg_dir} are out of place")
             if int(rows.column("length").to_numpy().sum()) != seg["tokens"]:
                 problems.append(f"{where}: lengths of {seg_dir} do not sum to {seg['tokens']}")
-            segments.append((seg_dir, seg, rows.column("length").to_numpy()))
+            segments.append((seg_dir, seg, rows.column("length").to_numpy(), rows))
     listed = set(manifest["files"])
     # every folder above a damaged file: an array is skipped when any file under it is
     damaged_dirs = {rel.rsplit("/", depth)[0] for rel in damaged
                     for depth in range(1, rel.count("/") + 1)}
 
-    def check_segment(item: tuple[str, dict, np.ndarray]) -> list[str]:
-        seg_dir, seg, lengths = item
+    def check_segment(item: tuple[str, dict, np.ndarray, Any]) -> list[str]:
+        seg_dir, seg, lengths, rows = item
         problems = _check_segment_arrays(fs, settings, seg_dir, seg, listed, damaged_dirs)
+        if settings.kind == CLASSIFIER and not problems:
+            problems += _check_classifier(fs, settings, seg_dir, rows, damaged_dirs)
         if settings.text and not problems:
             problems += _check_text(fs, seg_dir, lengths, damaged_dirs)
         if settings.tokenizations and not problems:
@@ -263,6 +269,21 @@ def _check_structure(fs: StoreFS, manifest: dict, settings: StoreSettings, index
     for found in _in_order(pool, check_segment, segments):
         problems += found
     return problems
+
+
+def _check_classifier(fs: StoreFS, settings: StoreSettings, seg_dir: str, rows,
+                      damaged_dirs: set[str]) -> list[str]:
+    """A classifier segment's values (2.3): labels in range, finite logits and features,
+    index digests matching the labels (arrays with a damaged file: reported already)."""
+    if seg_dir in damaged_dirs:  # a file under it is damaged
+        return []
+    try:
+        return classifier_segment_problems(
+            lambda name: _open(fs, f"{seg_dir}/{name}")[...], settings, fs.path(seg_dir),
+            rows.column("sample_id").to_pylist(), rows.column("digest").to_pylist())
+    except Exception as err:
+        _raise_storage_failure(err, fs.url_of(seg_dir))
+        return [f"{fs.path(seg_dir)}: cannot read the classifier arrays ({err})"]
 
 
 def _check_segment_arrays(fs: StoreFS, settings: StoreSettings, seg_dir: str, seg: dict,

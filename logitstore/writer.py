@@ -21,18 +21,35 @@ import logging
 import re
 from typing import Any, Iterable
 
+from logitstore.classifier_sample import encode_classifier_segment, validate_classifier_sample
 from logitstore.commit import commit_store, now_iso, part_manifest_path, sealed_json
 from logitstore.consolidate import previous_manifest, register_part
-from logitstore.errors import LogitStoreError, SchemaMismatchError, SettingsMismatchError
-from logitstore.format import (FORMAT_VERSION, MANIFEST, PART_HEAD, PARTS_DIR, RECORDS_DIR,
-                               SEGMENT_INDEX, TOKENIZER_DIR, StoreSettings, segment_name,
-                               settings_differences)
+from logitstore.errors import (LogitStoreError, SchemaMismatchError, SettingsMismatchError,
+                               StoreKindError)
+from logitstore.format import (CLASSIFIER, FORMAT_VERSION, MANIFEST, PART_HEAD, PARTS_DIR,
+                               RECORDS_DIR, SEGMENT_INDEX, TOKENIZER_DIR, StoreSettings,
+                               segment_name, settings_differences, written_version)
 from logitstore.fs import StoreFS, sha256_hex
 from logitstore.parquet_io import table_from_bytes
 from logitstore.records import (head_after, head_path, new_head, new_record, read_head,
                                 read_heads, record_path, seal)
 from logitstore.sample import Sample
 from logitstore.segment import encode_segment, validate_sample
+
+
+
+def _validate_token_sample(sample, settings: StoreSettings) -> None:
+    if not isinstance(sample, Sample):
+        raise StoreKindError(f"this store is a causal-lm store: it takes tokenised samples "
+                             f"(logitstore.sample.Sample), found {type(sample).__name__}; a "
+                             f"ClassifierSample belongs in a store of kind classifier")
+    validate_sample(sample, settings)
+
+
+# per kind of store (2.3): the check of a sample, the encoder of a segment, and the size of
+# a sample towards the segment's target (a classifier segment counts samples, not tokens)
+_CLASSIFIER_CODEC = (validate_classifier_sample, encode_classifier_segment, lambda s: 1)
+_CAUSAL_LM_CODEC = (_validate_token_sample, encode_segment, lambda s: len(s.input_ids))
 
 log = logging.getLogger(__name__)
 _SEGMENT = re.compile(r"seg-(\d{6,})")
@@ -82,7 +99,9 @@ def write_tokenizer_files(fs: StoreFS, settings: StoreSettings, files: dict[str,
 
 
 class StoreWriter:
-    """Writes one part. Several writers (one per part) may write one store at the same time."""
+    """Writes one part. Several writers (one per part) may write one store at the same time.
+    A classifier store's writer (settings kind `classifier`, 2.3) takes ClassifierSample
+    (logitstore/classifier_sample.py) and closes a segment every `segment_samples`."""
 
     def __init__(self, url: str, settings: StoreSettings, *, part: str = "part-00000",
                  storage_options: dict | None = None, commit_store: bool = True,
@@ -94,6 +113,10 @@ class StoreWriter:
                                   f"start with '.'")
         self.fs = StoreFS(url, storage_options)
         self.settings = settings
+        self._validate, self._encode, self._size = \
+            _CLASSIFIER_CODEC if settings.kind == CLASSIFIER else _CAUSAL_LM_CODEC
+        self._segment_size = settings.segment_samples if settings.kind == CLASSIFIER else \
+            settings.segment_tokens
         self.part = part
         self.commit_each_segment = commit_store
         self.extra = extra
@@ -190,14 +213,14 @@ class StoreWriter:
     def add(self, sample: Sample) -> None:
         if self.closed:
             raise LogitStoreError(f"writer for part {self.part!r} is closed")
-        validate_sample(sample, self.settings)
+        self._validate(sample, self.settings)
         if sample.sample_id in self.committed_ids or sample.sample_id in self._buffered_ids:
             raise SchemaMismatchError(f"sample id {sample.sample_id!r} was already written to part "
                                       f"{self.part!r}; sample ids must be unique")
         self._buffered_ids.add(sample.sample_id)
         self._buffer.append(sample)
-        self._buffer_tokens += len(sample.input_ids)
-        if self._buffer_tokens >= self.settings.segment_tokens:
+        self._buffer_tokens += self._size(sample)
+        if self._buffer_tokens >= self._segment_size:
             self.flush()
 
     def add_many(self, samples: Iterable[Sample]) -> None:
@@ -211,7 +234,7 @@ class StoreWriter:
         number = self._head["segments"]
         name = segment_name(number)
         seg_dir = f"{self._prefix}/{name}"
-        encoded = encode_segment(self._buffer, self.settings)
+        encoded = self._encode(self._buffer, self.settings)
         files = {}
         # Index last within the segment, so a present index implies the arrays were written.
         for rel in sorted(encoded.files, key=lambda r: r == SEGMENT_INDEX):
@@ -223,7 +246,8 @@ class StoreWriter:
                   "target_tokens": encoded.target_tokens,
                   "sampled_entries": encoded.sampled_entries,
                   "sampled_multi": encoded.sampled_multi, "signals": sorted(self.settings.signals)}
-        record = new_record(self.part, number, counts, files, self._head["last_record"])
+        record = new_record(self.part, number, counts, files, self._head["last_record"],
+                            written_version(self.settings.kind))
         raw, sha = seal(record)
         self.fs.write_bytes(record_path(self.part, name), raw)
         self._write_head(head_after(self._head, record, sha))  # the commit

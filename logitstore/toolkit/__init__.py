@@ -6,7 +6,8 @@ formats (data_sources, record_formats, data, hub_data, hub_probe), the option ta
 tools' configs (options), token-budget batching (batching) the pooling of hidden states
 and attention maps (pooling), and running a student however it was saved (inference, onnx_lm,
 torch_int8), image+text classifiers and the adapters that read their logits and features
-(classifier_models, classifier_adapter).
+(classifier_models, classifier_adapter), their records and synthetic data (classify_records,
+synthetic_classify) and metrics (classify_metrics).
 
 The boundary: torch, transformers and datasets are imported lazily, inside the functions
 that need them, so importing a module here stays light (pooling imports torch at the top: it

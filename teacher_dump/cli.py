@@ -5,7 +5,8 @@ of a preset's `dump:` section: `--top-k 8` is `top_k: 8`, a flag given overrides
 preset (`--config`: a path or a bundled preset's name, e.g. `--config tiny-cpu`). Only
 `--config` and `-v` are not settings: `-v` changes what this invocation logs, never what is
 stored. A second teacher (same tokenizer) is added to a finished store by
-rerunning with its --model and a new --signal. Multi-process (one part per process;
+rerunning with its --model and a new --signal. `--task classify` dumps an image and/or
+text classifier into a store of kind classifier instead (teacher_dump/classify_dump.py). Multi-process (one part per process;
 without a GPU add `--multi_gpu`: accelerate's `--cpu` starts a single process):
 
     accelerate launch --num_processes 8 -m teacher_dump --config C.yaml --data D --out S
@@ -44,7 +45,12 @@ def teacher_dump(config_path, verbose, **flags) -> None:
         _setup_logging(verbose, ranks.is_main)
         if ranks.is_main:
             click.echo(_echo_config(cfg), err=True)
-        report = run_dump(cfg, ranks=ranks)
+        if cfg.task == "classify":
+            from teacher_dump.classify_dump import run_classify_dump
+
+            report = run_classify_dump(cfg, world=ranks.world)
+        else:
+            report = run_dump(cfg, ranks=ranks)
     except LogitStoreError as exc:
         exit_codes.fail(PROG, str(exc))
     except OSError as exc:  # e.g. the store location is not writable
@@ -53,7 +59,8 @@ def teacher_dump(config_path, verbose, **flags) -> None:
         if not _is_out_of_memory(exc):
             raise
         exit_codes.fail(PROG, f"out of accelerator memory ({' '.join(str(exc).split())[:200]}). "
-                        "Lower --batch-tokens, then rerun the same command with it: committed "
+                        f"Lower --batch-{'samples' if cfg.task == 'classify' else 'tokens'}, "
+                        "then rerun the same command with it: committed "
                         "samples are kept and the dump resumes after them (a new store can "
                         "also take a smaller --logits-chunk)")
     if report.is_main:

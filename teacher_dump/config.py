@@ -10,8 +10,12 @@ Every value goes through the same coercion and checks whatever its origin, and e
 problem is raised at once as one `ConfigError`. A preset file may hold other sections
 (`train:`, `eval:`) for the other tools; only `dump:` is read here.
 
-`DumpConfig.as_dict()` is what teacher-dump echoes and saves into the store manifest
-(`extra["teacher_dump_config"]`); a resume compares the saved one with the new one with
+`task` picks the kind of teacher: `causal-lm` (the default) or `classify` (an image and/or
+text classifier, teacher_dump/classify_dump.py). Each task reads its own settings
+(`task_fields`): one of the other task's given in the preset or as a flag is refused.
+
+`DumpConfig.as_dict()` (the settings of its task) is what teacher-dump echoes and saves
+into the store manifest (`extra["teacher_dump_config"]`); a resume compares the saved one with the new one with
 `options.config_differences` on the fields that are not `resumable` (those that change
 what is stored).
 """
@@ -37,6 +41,10 @@ DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 CAPTURE_KERNELS = ("auto", "compiled", "eager")
 STORED_FLOAT_DTYPES = ("float16", "float32")
 SECTION = "dump"
+# --task: a causal language model (per-token signals, the default) or an image and/or text
+# classifier (per-sample head logits and pooled features, FORMAT.md 4.3; classify_dump.py).
+TASKS = ("causal-lm", "classify")
+CLASSIFIER_ENCODINGS = ("f16", "f32")  # logitstore.classifier_sample.ENCODING_DTYPES
 _SIGNAL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 
 
@@ -48,6 +56,10 @@ def _signal_name(v):
 
 FIELDS: dict[str, Field] = {
     # what to run
+    "task": Field("str", "causal-lm", choices=TASKS,
+                  help="causal-lm: a language model, per-token signals; classify: an image "
+                       "and/or text classifier, per-sample head logits and pooled features. "
+                       "A setting of the other task only is refused (see teacher_dump/config.py)."),
     "model": Field("optional_str", None,
                    help="Teacher: alias (logitstore/toolkit/models.yaml), local directory or "
                         "hub id."),
@@ -163,10 +175,56 @@ FIELDS: dict[str, Field] = {
                            help="Captured batches waiting for the writer thread at most."),
     # what is shown only
     "progress": Field("bool", True, resumable=True, help="Progress bar."),
+    # --task classify only (teacher_dump/classify_dump.py)
+    "features": Field("list_str", [],
+                      help="classify: feature parts to store (e.g. image_cls,fused); empty = "
+                           "every part the model outputs."),
+    "split": Field("optional_str", None, _signal_name,
+                   help="classify: the split of every record (default: from each data file's "
+                        "name, train/val/test.jsonl, or an imagefolder directory named so)."),
+    "head_name": Field("str", "label", _signal_name,
+                       help="classify: the name of a single-tower classifier's one head (an "
+                            "image+text classifier names its heads itself)."),
+    # f32 by default: a head's logits are a few numbers per sample (f32 costs 2 bytes more
+    # per class than f16), while f16 would round the KL targets (relative error 2**-11).
+    "logits_encoding": Field("str", "f32", choices=CLASSIFIER_ENCODINGS,
+                             help="classify: stored dtype of the heads' logits."),
+    # f16 by default: the features are the bulk of a classifier store (hundreds of values
+    # per part per sample) and feature losses (MSE, cosine, CRD) tolerate its rounding.
+    "features_encoding": Field("str", "f16", choices=CLASSIFIER_ENCODINGS,
+                               help="classify: stored dtype of the pooled features."),
+    "batch_samples": Field("int", 32, at_least(1), resumable=True,
+                           help="classify: samples per forward pass."),
+    "segment_samples": Field("int", 4096, at_least(1), resumable=True,
+                             help="classify: samples per segment (one commit each)."),
 }
 
+# Which settings each task reads. A setting of the other task given in the preset or on the
+# command line is refused (it would silently do nothing); its default is ignored and not
+# saved with the store (`DumpConfig.as_dict` holds the task's settings only).
+CLASSIFY_ONLY = ("features", "split", "head_name", "logits_encoding", "features_encoding",
+                 "batch_samples", "segment_samples")
+SHARED = ("task", "model", "revision", "trust_remote_code", "dtype", "device", "data",
+          "max_length", "limit", "out", "chunk_samples", "overwrite", "progress")
+
+
+def task_fields(task: str) -> tuple[str, ...]:
+    """The settings `task` reads, in FIELDS order."""
+    if task == "classify":
+        return tuple(k for k in FIELDS if k in SHARED or k in CLASSIFY_ONLY)
+    return tuple(k for k in FIELDS if k not in CLASSIFY_ONLY)
+
+
+def _task_as_dict(self) -> dict[str, Any]:
+    """JSON/YAML-able form of the settings of this config's task (tuples as lists), as
+    echoed and saved with the store."""
+    return {k: list(v) if isinstance(v, tuple) else v
+            for k in task_fields(self.task) for v in [getattr(self, k)]}
+
+
 DumpConfig = config_class("DumpConfig", FIELDS, module=__name__,
-                          doc="A resolved teacher-dump config: one attribute per FIELDS entry.")
+                          doc="A resolved teacher-dump config: one attribute per FIELDS entry.",
+                          methods={"as_dict": _task_as_dict})
 
 
 def load_preset(path: str | Path) -> tuple[dict[str, Any], list[str]]:
@@ -190,7 +248,15 @@ def resolve_config(preset: str | Path | None = None,
 
     `preset` is a YAML path or a bundled preset's name.
     """
-    resolved, _, problems = resolve_fields(FIELDS, SECTION, preset, overrides)
+    resolved, origin, problems = resolve_fields(FIELDS, SECTION, preset, overrides)
+    if resolved["task"] == "classify":
+        problems += _other_task_problems(resolved["task"], origin)
+        problems += _classify_problems(resolved)
+        if problems:
+            raise ConfigError(problems)
+        return make_config(DumpConfig, {**resolved, "data": [
+            str(Path(d).expanduser().resolve()) for d in resolved["data"]]})
+    problems += _other_task_problems(resolved["task"], origin)
     if isinstance(resolved["format"], str):
         resolved["format"] = normalize_format_name(resolved["format"])
     if not resolved["data"] and isinstance(resolved["model"], str):  # e.g. --model med42
@@ -234,4 +300,32 @@ def _cross_field_problems(v: dict[str, Any]) -> list[str]:
     if not (v["top_k"] or v["samples"] or v["hidden_layers"] or v["attention_layers"]):
         out.append("nothing to capture: set top_k > 0, samples > 0, hidden_layers or "
                    "attention_layers")
+    return out
+
+
+def _other_task_problems(task: str, origin: dict[str, str]) -> list[str]:
+    """Settings given (preset or command line) that `task` does not read."""
+    used = set(task_fields(task))
+    other = next(t for t in TASKS if t != task)
+    return [f"{key} ({origin[key]}): a setting of --task {other} only, which --task {task} "
+            f"does not read; remove it (or run with --task {other})"
+            for key in FIELDS if key in origin and key not in used]
+
+
+def _classify_problems(v: dict[str, Any]) -> list[str]:
+    """--task classify: model, data (local paths: files or imagefolder directories) and out."""
+    out = []
+    if not v["model"]:
+        out.append("model is required (--model or dump.model in the config file): the "
+                   "classifier's directory or hub id")
+    if not v["data"]:
+        out.append("data is required (--data or dump.data in the config file): JSONL files "
+                   "of image+text records or imagefolder directories")
+    out += [f"data {d}: no such file or directory; --task classify reads local JSONL files "
+            f"of image+text records or imagefolder directories"
+            for d in v["data"] if not Path(d).expanduser().exists()]
+    if not v["out"]:
+        out.append("out is required: the store URL (--out or dump.out in the config file)")
+    if len(set(v["features"])) != len(v["features"]):
+        out.append(f"features lists a part twice: {v['features']}")
     return out

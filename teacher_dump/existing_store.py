@@ -15,8 +15,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from logitstore.commit import load_json, read_part_manifests
-from logitstore.format import (MANIFEST, PARTS_DIR, SEGMENT_INDEX, TOKENIZER_DIR, StoreSettings,
-                               canonical_layers, settings_differences)
+from logitstore.format import (CAUSAL_LM, MANIFEST, PARTS_DIR, SEGMENT_INDEX, TOKENIZER_DIR,
+                               StoreSettings, canonical_layers, settings_differences)
 from logitstore.fs import StoreFS
 from logitstore.parquet_io import table_from_bytes
 from logitstore.segment import sample_digest
@@ -134,6 +134,9 @@ def early_conflicts(store: ExistingStore, cfg: DumpConfig, fingerprint: str,
         return []
     out = []
     s = store.settings
+    if s.kind != CAUSAL_LM:  # e.g. written by teacher-dump --task classify
+        return [f"it is a store of kind {s.kind} (heads {sorted(s.heads)}), and --task "
+                f"causal-lm writes a causal-lm store"]
     if is_foreign(store, fingerprint, vocab):
         out += foreign_conflicts(store, cfg, fingerprint, vocab)
     if adds_signal(store, cfg):

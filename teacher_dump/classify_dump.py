@@ -157,7 +157,6 @@ def read_items(cfg: DumpConfig, sources: list[_Source],
                teacher: ClassifierTeacher) -> tuple[list[_Item], list[str], dict[str, Any]]:
     """(usable records in data order, every skipped record as "FILE:LINE: reason", counts
     per source). ClassifyDataError when one source holds no usable record."""
-    from logitstore.classifier_sample import classifier_sample_id
     from logitstore.toolkit.classify_records import read_classify_records
 
     items: list[_Item] = []
@@ -172,8 +171,7 @@ def read_items(cfg: DumpConfig, sources: list[_Source],
             if teacher.needs_image and record.image_path is None:
                 problems.append(f"{record.location}: no image, which {cfg.model} reads")
                 continue
-            image = record.image_path.read_bytes() if record.image_path is not None else None
-            sample_id = classifier_sample_id(image, record.text)
+            sample_id = record.sample_id  # the store's id (classifier_sample_id)
             if sample_id in seen:
                 problems.append(f"{record.location}: same image and text as {seen[sample_id]}")
                 continue

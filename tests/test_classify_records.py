@@ -5,6 +5,7 @@ one-paragraph errors when nothing usable remains."""
 from __future__ import annotations
 
 import hashlib
+import struct
 import json
 import re
 import shutil
@@ -55,7 +56,9 @@ def test_generated_set_round_trip(dataset):
         assert record.labels == line["labels"]
         assert record.image_path == (dataset / line["image"]).resolve()
         assert record.location == f"{dataset / 'train.jsonl'}:{number}"
-        digest = hashlib.sha256(record.image_path.read_bytes() + line["text"].encode("utf-8"))
+        image_bytes = record.image_path.read_bytes()  # FORMAT.md §4.3's id, computed by hand
+        digest = hashlib.sha256(struct.pack("<Q", len(image_bytes)) + image_bytes
+                                + line["text"].encode("utf-8"))
         assert record.sample_id == digest.hexdigest()
         image = load_rgb(record.image_path)
         assert (image.mode, image.size) == ("RGB", (24, 24))

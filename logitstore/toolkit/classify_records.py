@@ -33,9 +33,10 @@ JSONL file / in the imagefolder, ``{"heads": {head: [name, ...]}}`` (what
 size they must agree. Without ``heads``: the heads of classes.json, else (JSONL) the label keys
 of the first record, each head sized 1 + its largest integer label in the file.
 
-**sample id**: ``sha256(image file bytes + text UTF-8 bytes)`` as 64 hex digits (no
-separator; a text-only record hashes its text alone), so the same input gets the same id in
-any file, order or layout. A record with the id of an earlier one is reported and skipped.
+**sample id**: `logitstore.classifier_sample.classifier_sample_id(image bytes, text)`, the id a
+classifier store keeps (sha256 over the image's byte count, its bytes and the text's UTF-8; a
+text-only record has 0 image bytes), so the same input gets the same id in any file, order or
+layout, and in the store. A record with the id of an earlier one is reported and skipped.
 
 Bad records (bad JSON, not an object, a missing field, a URL, a missing, unreadable or corrupt
 image, an unknown label name, a label out of range or of the wrong type, a duplicate) are
@@ -49,7 +50,6 @@ is applied anywhere: `load_rgb` returns the canonical view.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -57,6 +57,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from logitstore.classifier_sample import classifier_sample_id
 from logitstore.errors import LogitStoreError
 
 CLASSES_FILE = "classes.json"
@@ -78,7 +79,7 @@ class _BadRecord(Exception):
 
 @dataclass(frozen=True)
 class ClassifyRecord:
-    sample_id: str  # sha256(image bytes + text UTF-8), hex
+    sample_id: str  # classifier_sample_id(image bytes, text): the store's id, hex
     image_path: Path | None  # absolute; None for a text-only record
     text: str
     labels: dict[str, int]  # head -> class index, one per head read
@@ -107,8 +108,8 @@ class ClassifyData:
         return "\n".join(lines)
 
 
-def sample_id_of(image_bytes: bytes, text: str) -> str:
-    return hashlib.sha256(image_bytes + text.encode("utf-8")).hexdigest()
+def sample_id_of(image_bytes: bytes | None, text: str) -> str:
+    return classifier_sample_id(image_bytes, text)
 
 
 def load_rgb(image_path: str | os.PathLike | None):

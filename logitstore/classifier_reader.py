@@ -38,6 +38,7 @@ class ClassifierArrays:
     images: list[str]
     texts: list[str]
     splits: list[str]
+    sources: list[str]  # the data source each was read from (teacher-dump: its absolute path)
     logits: dict[str, np.ndarray]  # head -> [N, C] float32
     features: dict[str, np.ndarray]  # part -> [N, D] float32
     labels: dict[str, np.ndarray]  # head -> [N] int32, -1 = unlabelled
@@ -151,12 +152,13 @@ class ClassifierReader:
                                             else np.int32) for n in names}
 
         settings = self.settings
-        column = {c: self.index.column(c).to_pylist() for c in REFERENCE_COLUMNS}
+        column = {c: self.index.column(c).to_pylist() for c in (*REFERENCE_COLUMNS, "source")}
         return ClassifierArrays(
             sample_ids=[self.sample_ids[r] for r in rows_all],
             images=[column["image"][r] for r in rows_all],
             texts=[column["text"][r] for r in rows_all],
             splits=[self._splits[r] for r in rows_all],
+            sources=[column["source"][r] for r in rows_all],
             logits=gather(0, settings.heads, lambda h: (settings.heads[h],)),
             features=gather(1, settings.features, lambda p: (settings.features[p],)),
             labels=gather(2, settings.heads, lambda h: ()))

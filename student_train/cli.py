@@ -11,6 +11,9 @@ student_train/config.py's FIELDS, and a flag given overrides the preset (`--conf
 or a bundled preset's name). Values are read as text and validated by the config, so all
 problems are reported together.
 
+`student-train --task classify --store S --student CONFIG_OR_DIR --out run/` trains an
+image+text classifier from a classifier store (student_train/classify_train.py).
+
 `student-train sweep ...` runs an Optuna study of trainings from one store
 (student_train/sweep_cli.py; `student-train sweep --help`).
 
@@ -82,9 +85,14 @@ def train_command(config_path: str | None, **flags) -> None:
         if cfg.plan:
             print_plan(cfg)
             return
-        from student_train.train import train
+        if cfg.task == "classify":
+            from student_train.classify_train import train_classifier
 
-        metrics = train(cfg)
+            metrics = train_classifier(cfg)
+        else:
+            from student_train.train import train
+
+            metrics = train(cfg)
     except LogitStoreError as exc:  # ConfigError, hf.ModelLoadError, store errors: all of them
         exit_codes.fail(PROG, str(exc), prefix=_rank_prefix())
     except OSError as exc:  # e.g. the run directory is not writable

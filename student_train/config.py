@@ -48,6 +48,10 @@ STUDENT_DTYPES = ("float32", "bfloat16", "float16")
 VERIFY = ("full", "none")
 # student_train/optimizers.py builds them; their state: 8, ~2, ~2 B/param, factored.
 OPTIMIZERS = ("adamw", "adamw-8bit", "paged-adamw-8bit", "adafactor")
+TASKS = ("causal-lm", "classify")
+# Settings of the causal-LM loop that --task classify refuses when set (it has no use for them).
+CLASSIFY_REFUSES = ("data", "eval_store", "eval_fraction", "lora_r", "qlora", "fsdp", "packing",
+                    "plan", "curriculum", "signals", "hidden_weight", "attention_weight")
 
 
 _at_least, _between, _positive = at_least, between, positive
@@ -62,6 +66,10 @@ def _memory_size(value: str | None) -> str | None:
 
 FIELDS: dict[str, Field] = {
     # what to train, from what
+    "task": Field("str", "causal-lm", choices=TASKS,
+                  help="causal-lm: a language model from a causal-lm store (or --data); "
+                       "classify: an image+text classifier from a classifier store "
+                       "(student_train/classify_train.py)."),
     "store": Field("optional_str", None, help="Store URL of the teacher signals (or --data)."),
     "data": Field("list_str", [], help="Raw data for hard-label training, no teacher (or "
                                        "--store)."),
@@ -191,6 +199,34 @@ FIELDS: dict[str, Field] = {
     "save_every": Field("int", 1000, _at_least(0), resumable=True, help="0 = no checkpoints."),
     "keep_checkpoints": Field("int", 3, _at_least(1), resumable=True),
     "log_every": Field("int", 10, _at_least(1), resumable=True),
+    # --task classify only (student_train/classify_train.py)
+    "data_root": Field("optional_str", None,
+                       help="classify: directory the store's relative image paths are read "
+                            "from (default: the data_root the store records, else the current "
+                            "directory)."),
+    "batch_size": Field("int", 32, _at_least(1), help="classify: samples per batch."),
+    "ce_weight": Field("float", 1.0, _at_least(0),
+                       help="classify: weight of the cross-entropy on the labels, per head."),
+    "kl_weight": Field("float", 0.0, _at_least(0),
+                       help="classify: weight of the KL to the teacher's logits at "
+                            "--temperature, per head."),
+    "mse_weight": Field("float", 0.0, _at_least(0),
+                        help="classify: weight of the feature MSE (feature_parts)."),
+    "cos_weight": Field("float", 0.0, _at_least(0),
+                        help="classify: weight of the feature cosine distance (feature_parts)."),
+    "crd_weight": Field("float", 0.0, _at_least(0),
+                        help="classify: weight of contrastive representation distillation."),
+    "feature_parts": Field("list_str", [], help="classify: the stored feature parts the MSE "
+                                                "and cosine terms match (default: image_cls, "
+                                                "text_cls where both sides have them)."),
+    "crd_part": Field("str", "fused", help="classify: the feature part CRD contrasts."),
+    "crd_k": Field("int", 4096, _at_least(1),
+                   help="classify: CRD negatives per sample (at most training samples - 1)."),
+    "crd_embed_dim": Field("int", 128, _at_least(1), help="classify: CRD embedding width."),
+    "crd_fill_bank": Field("bool", True,
+                           help="classify: fill CRD's teacher memory bank from every stored "
+                                "training feature before the first step (else random rows "
+                                "that the momentum updates fill)."),
     "resume": Field("optional_str", None, resumable=True, bare_value="latest",
                     metavar="[DIR|latest]",
                     help="Resume from this checkpoint directory, or the run's latest "
@@ -234,6 +270,8 @@ def resolve_config(preset: str | Path | None = None,
 def _cross_field_problems(v: dict[str, Any]) -> list[str]:
     from student_train.alignment import parse_layer_map
 
+    if v["task"] == "classify":
+        return _classify_problems(v)
     out = []
     if bool(v["store"]) == bool(v["data"]):
         out.append("give exactly one of store (--store: distil from teacher signals) and data "
@@ -268,6 +306,35 @@ def _cross_field_problems(v: dict[str, Any]) -> list[str]:
                    "(e.g. --specialty-weights cardiology:1.2,radiology:1.0)")
     if v["signals"] and sum(v["signals"].values()) <= 0:
         out.append(f"signals: the weights must have a positive sum, got {v['signals']}")
+    return out
+
+
+def _classify_problems(v: dict[str, Any]) -> list[str]:
+    """--task classify: a classifier store, a student and a run directory; none of the
+    causal-LM loop's settings it does not use (an early stop on an eval split that the store
+    may hold is checked once the store is open, by classify_train.py)."""
+    out = []
+    if not v["store"]:
+        out.append("task classify trains from a classifier store: give --store (a store written "
+                   "by teacher-dump --task classify)")
+    if not v["student"]:
+        out.append("student is required: a student config (YAML/JSON of "
+                   "ImageTextClassifierConfig fields) or a saved classifier directory")
+    if not v["out"]:
+        out.append("out is required: the run directory (--out or train.out in the config file)")
+    for key in CLASSIFY_REFUSES:
+        if v[key]:
+            out.append(f"{key} is a setting of the causal-LM loop that --task classify does not "
+                       f"use: remove it")
+    if v["grad_accum"] != 1:
+        out.append("grad_accum is not used by --task classify: raise batch_size instead")
+    if v["temperature_schedule"] != "constant":
+        out.append("--task classify keeps the temperature constant: remove temperature_schedule")
+    if v["optimizer"] != "adamw":
+        out.append(f"--task classify trains with adamw, found optimizer {v['optimizer']}")
+    if not any(v[f"{t}_weight"] for t in ("ce", "kl", "mse", "cos", "crd")):
+        out.append("every classify loss weight is 0: set at least one of ce_weight, kl_weight, "
+                   "mse_weight, cos_weight, crd_weight above 0")
     return out
 
 

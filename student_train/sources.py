@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from logitstore.commit import SEAL_KEY
-from logitstore.errors import ChecksumError, ConfigError, SchemaMismatchError
+from logitstore.errors import ChecksumError, ConfigError, LogitStoreError, SchemaMismatchError
 from logitstore.reader import StoreReader
 from logitstore.verify import verify_store
 from student_train.alignment import HiddenStateAligner, parse_layer_map, stored_teacher_layer
@@ -99,6 +99,10 @@ def check_inputs(cfg) -> Inputs:
         check_hub_data_readable(cfg.data)
         return Inputs()
     store = StoreReader(cfg.store, cache_dir=cfg.cache_dir)
+    if store.settings.kind == "classifier":
+        raise LogitStoreError(f"store {cfg.store} is a classifier store (per-sample head logits, "
+                              f"no tokens), which the causal-LM loop cannot train from; train a "
+                              f"classifier student from it with --task classify")
     eval_store = StoreReader(cfg.eval_store, cache_dir=cfg.cache_dir) if cfg.eval_store \
         else None
     problem = _unknown_signals(cfg, store.settings)

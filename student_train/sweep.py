@@ -117,6 +117,11 @@ def check_sweep(settings: SweepSettings) -> tuple[SearchSpace, dict[str, Any]]:
         problems.append(f"direction must be minimize or maximize, got {settings.direction!r}")
     if problems:
         raise ConfigError(problems)
+    if cfg.task == "classify":  # a classifier store (student_train/classify_train.py)
+        from student_train.classify_train import open_classifier_store
+
+        open_classifier_store(cfg.store)  # a wrong --store fails here, once
+        return space, base
     from student_train.sources import check_inputs
 
     check_inputs(cfg)  # a wrong --store fails here, once, not in every trial

@@ -34,6 +34,15 @@ resolved). report.json:
     ratios                       compression, memory and speed-up, teacher vs student
     efficiency_notes, environment, config
 
+`--task classify` compares image and/or text classifiers instead (eval/classify_runner.py):
+
+    distill-eval --task classify --model RUN/final --teacher TEACHER --baseline BASE \\
+                 --data test.jsonl --out reports/cls        # or --store S --split test
+
+per head accuracy, macro-F1, ECE and NLL with standard errors for each role, the mean
+macro-F1, and paired differences student − baseline and student − teacher
+(eval/classify_report.py documents its report.json). Settings of the other task are refused.
+
 Every option is a key of a preset's `eval:` section too: the flags are generated from
 eval/config.py's FIELDS, and a flag given overrides `--config` (a path or a bundled preset's
 name, e.g. `--config med42-to-llama3.2-1b` names the teacher, the baseline and the tasks).
@@ -63,7 +72,6 @@ def distill_eval(config_path: str | None, verbose: bool, **flags) -> None:
     """Compare a distilled student with its teacher and a baseline: quality kept, cost saved."""
     _setup_logging(verbose)
     from eval.config import resolve_config
-    from eval.runner import run
 
     with exit_codes.errors_reported(PROG, verbose=verbose):
         cfg = resolve_config(config_path, flags)
@@ -71,8 +79,27 @@ def distill_eval(config_path: str | None, verbose: bool, **flags) -> None:
             import os
 
             os.environ["TQDM_DISABLE"] = "1"  # lm-eval's and datasets' bars too
+        if cfg.task == "classify":
+            from eval.classify_runner import run_classify
+
+            report, paths = run_classify(cfg)
+            click.echo(_classify_summary(report, paths))
+            return
+        from eval.runner import run
+
         report, paths = run(cfg)
     click.echo(_summary(report, paths))
+
+
+def _classify_summary(report: dict, paths: dict) -> str:
+    data = report["data"]
+    lines = [f"report: {paths['report.md']}",
+             f"samples: {data['samples']} scored, {data['records_skipped']} records skipped"]
+    for role, result in report["results"].items():
+        value = result["mean_macro_f1"]
+        lines.append(f"{role}: mean macro-F1 {'–' if value is None else f'{value:.4f}'}")
+    lines += report["findings"]
+    return "\n".join(lines)
 
 
 def _summary(report: dict, paths: dict) -> str:

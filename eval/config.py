@@ -9,7 +9,14 @@ preset's `eval:` section, the flags given; every problem is raised at once as on
 `ConfigError`. Checks that need files, task definitions or models are done by
 eval/runner.py (`check_config`) before any model loads.
 
-`EvalConfig.as_dict()` is saved as report/config.yaml and report.json's `config`.
+`task` picks what is evaluated: `causal-lm` (the default: language models on lm-eval tasks,
+perplexity and efficiency, eval/runner.py) or `classify` (image and/or text classifiers on
+labelled records or a classifier store's split, eval/classify_runner.py). Each task reads its
+own settings (`task_fields`): one of the other task's given in the preset or as a flag is
+refused in one paragraph, as teacher-dump does.
+
+`EvalConfig.as_dict()` (the settings of its task) is saved as report/config.yaml and
+report.json's `config`.
 """
 
 from __future__ import annotations
@@ -25,9 +32,14 @@ from logitstore.toolkit.options import (Field, at_least, config_class, make_conf
 SECTION = "eval"
 QUANTIZE_CHOICES = ("auto", "4bit", "8bit", "none")
 NETWORK_MODES = ("auto", "online", "offline")
+TASKS = ("causal-lm", "classify")
 _ROLE_QUANTIZE = "Overrides quantize for the {}."
 
 FIELDS: dict[str, Field] = {
+    "task": Field("str", "causal-lm", choices=TASKS,
+                  help="causal-lm: language models (lm-eval tasks, perplexity, efficiency); "
+                       "classify: image and/or text classifiers (accuracy, macro-F1, ECE, NLL "
+                       "per head). A setting of the other task only is refused."),
     # what to compare
     "model": Field("optional_str", None, help="Student: alias (logitstore/toolkit/models.yaml),"
                                               " local directory or hub id."),
@@ -90,7 +102,35 @@ FIELDS: dict[str, Field] = {
                                    help="Tokens generated per prompt in the speed benchmark."),
     "warmup": Field("int", 1, at_least(0), help="Discarded warm-up runs before timing."),
     "progress": Field("bool", True, help="Progress bars (lm-eval's and datasets' too)."),
+    # --task classify only (eval/classify_runner.py)
+    "data": Field("list_str", [], help="classify: labelled records, JSONL files or imagefolder "
+                                       "directories (or use --store)."),
+    "store": Field("optional_str", None, help="classify: a classifier store whose --split "
+                                              "samples (labels, images, texts) are scored."),
+    "split": Field("str", "auto", help="classify: the store split for --store (auto: test, "
+                                       "val, validation, eval, dev, the first present)."),
+    "head_name": Field("str", "label", help="classify: the one head of a single-tower "
+                                            "classifier (ViT/BERT *ForImageClassification...)."),
+    "bootstrap": Field("int", 200, at_least(0),
+                       help="classify: bootstrap resamples for the macro-F1/ECE standard errors "
+                            "(0: none)."),
+    "ece_bins": Field("int", 15, at_least(1), help="classify: equal-width confidence bins of "
+                                                   "the ECE."),
+    "seed": Field("int", 0, help="classify: seed of the bootstrap resamples."),
 }
+
+# Which settings each task reads; a setting of the other task given is refused (it would
+# silently do nothing) and `as_dict` (config.yaml) holds the task's settings only.
+CLASSIFY_ONLY = ("data", "store", "split", "head_name", "bootstrap", "ece_bins", "seed")
+SHARED = ("task", "model", "teacher", "baseline", "out", "dtype", "device", "trust_remote_code",
+          "batch_size", "progress")
+
+
+def task_fields(task: str) -> tuple[str, ...]:
+    """The settings `task` reads, in FIELDS order."""
+    if task == "classify":
+        return tuple(k for k in FIELDS if k in SHARED or k in CLASSIFY_ONLY)
+    return tuple(k for k in FIELDS if k not in CLASSIFY_ONLY)
 
 
 def _roles(self) -> dict[str, str]:
@@ -104,9 +144,16 @@ def _quantize_for(self, role: str) -> str | None:
     return None if value == "auto" else value
 
 
+def _task_as_dict(self) -> dict[str, Any]:
+    """JSON/YAML-able form of the settings of this config's task (tuples as lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v
+            for k in task_fields(self.task) for v in [getattr(self, k)]}
+
+
 EvalConfig = config_class(
     "EvalConfig", FIELDS, module=__name__, methods={"roles": _roles,
-                                                    "quantize_for": _quantize_for},
+                                                    "quantize_for": _quantize_for,
+                                                    "as_dict": _task_as_dict},
     doc="A resolved distill-eval config: one attribute per FIELDS entry; `roles()` and "
         "`quantize_for(role)` say which models run and how they load.")
 
@@ -117,7 +164,10 @@ def resolve_config(preset: str | Path | None = None,
 
     `preset` is a YAML path or a bundled preset's name.
     """
-    resolved, _, problems = resolve_fields(FIELDS, SECTION, preset, overrides)
+    resolved, origin, problems = resolve_fields(FIELDS, SECTION, preset, overrides)
+    problems += _other_task_problems(resolved["task"], origin)
+    if resolved["task"] == "classify":
+        problems += _classify_problems(resolved)
     if not resolved["model"]:
         problems.append("model is required: the student (--model or eval.model in the config "
                         "file)")
@@ -130,3 +180,21 @@ def resolve_config(preset: str | Path | None = None,
     if limit is not None and float(limit).is_integer():
         resolved["limit"] = int(limit)  # lm-eval: int = a count, float < 1 = a share
     return make_config(EvalConfig, resolved)
+
+
+def _other_task_problems(task: str, origin: dict[str, str]) -> list[str]:
+    """Settings given (preset or command line) that `task` does not read."""
+    used = set(task_fields(task))
+    other = next(t for t in TASKS if t != task)
+    return [f"{key} ({origin[key]}): a setting of --task {other} only, which --task {task} "
+            f"does not read; remove it (or run with --task {other})"
+            for key in FIELDS if key in origin and key not in used]
+
+
+def _classify_problems(v: dict[str, Any]) -> list[str]:
+    """--task classify: exactly one source of labelled samples, --data or --store."""
+    if bool(v["data"]) == bool(v["store"]):
+        return [f"--task classify scores labelled samples from --data (JSONL files or "
+                f"imagefolder directories) or --store (a classifier store and its --split), "
+                f"exactly one of them; found {'both' if v['data'] else 'neither'}"]
+    return []

@@ -26,8 +26,8 @@ from typing import Any
 
 from logitstore.errors import ConfigError
 from logitstore.toolkit.hf import DTYPE_CHOICES
-from logitstore.toolkit.options import (Field, at_least, config_class, make_config, positive,
-                                        resolve_fields)
+from logitstore.toolkit.options import (Field, at_least, config_class, make_config,
+                                        other_task_problems, positive, resolve_fields)
 
 SECTION = "eval"
 QUANTIZE_CHOICES = ("auto", "4bit", "8bit", "none")
@@ -165,7 +165,7 @@ def resolve_config(preset: str | Path | None = None,
     `preset` is a YAML path or a bundled preset's name.
     """
     resolved, origin, problems = resolve_fields(FIELDS, SECTION, preset, overrides)
-    problems += _other_task_problems(resolved["task"], origin)
+    problems += other_task_problems(resolved["task"], origin, FIELDS, task_fields, TASKS)
     if resolved["task"] == "classify":
         problems += _classify_problems(resolved)
     if not resolved["model"]:
@@ -180,15 +180,6 @@ def resolve_config(preset: str | Path | None = None,
     if limit is not None and float(limit).is_integer():
         resolved["limit"] = int(limit)  # lm-eval: int = a count, float < 1 = a share
     return make_config(EvalConfig, resolved)
-
-
-def _other_task_problems(task: str, origin: dict[str, str]) -> list[str]:
-    """Settings given (preset or command line) that `task` does not read."""
-    used = set(task_fields(task))
-    other = next(t for t in TASKS if t != task)
-    return [f"{key} ({origin[key]}): a setting of --task {other} only, which --task {task} "
-            f"does not read; remove it (or run with --task {other})"
-            for key in FIELDS if key in origin and key not in used]
 
 
 def _classify_problems(v: dict[str, Any]) -> list[str]:

@@ -14,88 +14,34 @@ AutoModel once that module has registered it) or a plain transformers single-tow
 classifier whose config names a `*ForImageClassification` (AutoModelForImageClassification)
 or `*ForSequenceClassification` (AutoModelForSequenceClassification) architecture. Anything
 else (a causal LM, a base encoder) is refused in one paragraph before its weights load.
+Reading and loading are logitstore.toolkit.classifier_loading's, worded for teacher-dump
+here; this module adds the check of `--features` against the parts the teacher outputs.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 from logitstore.errors import ConfigError
-from logitstore.toolkit.hf import ModelLoadError, hub_offline, resolve_model
+from logitstore.toolkit import classifier_loading
+from logitstore.toolkit.classifier_loading import Classifier, Wording, network_facts
 from teacher_dump.config import DumpConfig
 
 log = logging.getLogger(__name__)
 
-IMAGE_ARCHITECTURE = "ForImageClassification"
-TEXT_ARCHITECTURE = "ForSequenceClassification"
-
-
-@dataclass(frozen=True)
-class ClassifierTeacher:
-    """What a classifier is, read from its config: how to load it and what it reads."""
-
-    spec: Any  # logitstore.toolkit.hf.ModelSpec
-    kind: str  # "composite" (ImageTextClassifier), "image" or "text" (single tower)
-    heads: dict[str, int]  # head -> classes
-    part_names: tuple[str, ...]  # the feature parts the model outputs
-    needs_image: bool
-    needs_text: bool
-    text_positions: int | None  # the text tower's max_position_embeddings (None: no text)
-
-
-def _load_kwargs(cfg: DumpConfig, spec) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code,
-                              "local_files_only": hub_offline()}
-    if spec.revision and not spec.is_local:
-        kwargs["revision"] = spec.revision
-    return kwargs
-
-
-def _load_failure(spec, what: str, exc: BaseException) -> ModelLoadError:
-    where = f"the directory {spec.path_or_id}" if spec.is_local else f"hub id {spec.path_or_id}"
-    return ModelLoadError(
-        f"could not load the {what} of classifier {spec.name!r} from {where}: "
-        f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}. --task classify needs "
-        f"config.json, the weights (*.safetensors), and the preprocessors its towers use "
-        f"(preprocessor_config.json for images, the tokenizer files for text) as "
-        f"save_pretrained writes them; offline, a hub id must be in the Hugging Face cache")
+WORDING = Wording(tool="--task classify", named="classifier", given="model",
+                  causal_hint="A causal language model is dumped with --task causal-lm "
+                  "(the default)")
+ClassifierTeacher = Classifier  # what the teacher is, read from its config
 
 
 def inspect_classifier(cfg: DumpConfig) -> ClassifierTeacher:
     """The classifier `cfg.model` is, from its config alone; its feature parts checked
     against `cfg.features`. ModelLoadError / ConfigError in one paragraph otherwise."""
-    import logitstore.toolkit.classifier_models as classifier_models  # registers AutoModel
-    from transformers import AutoConfig
-
-    spec = resolve_model(cfg.model, cfg.revision)
-    try:
-        config = AutoConfig.from_pretrained(spec.path_or_id, **_load_kwargs(cfg, spec))
-    except (OSError, ValueError) as exc:
-        raise _load_failure(spec, "config", exc) from exc
-    architectures = list(getattr(config, "architectures", None) or [])
-    if config.model_type == classifier_models.MODEL_TYPE:
-        text = config.text_config
-        teacher = ClassifierTeacher(
-            spec, "composite", dict(config.heads), tuple(config.part_widths),
-            needs_image=config.vision_config is not None, needs_text=text is not None,
-            text_positions=getattr(text, "max_position_embeddings", None))
-    elif any(a.endswith(IMAGE_ARCHITECTURE) for a in architectures):
-        teacher = ClassifierTeacher(spec, "image", {cfg.head_name: int(config.num_labels)},
-                                    ("image_cls", "fused"), True, False, None)
-    elif any(a.endswith(TEXT_ARCHITECTURE) for a in architectures):
-        teacher = ClassifierTeacher(spec, "text", {cfg.head_name: int(config.num_labels)},
-                                    ("text_cls", "fused"), False, True,
-                                    getattr(config, "max_position_embeddings", None))
-    else:
-        raise ConfigError([
-            f"model {cfg.model} is not a classifier --task classify can run: its config says "
-            f"model_type {config.model_type!r}, architectures {architectures or 'none'}; "
-            f"expected an image+text classifier (model_type {classifier_models.MODEL_TYPE!r}, "
-            f"logitstore.toolkit.classifier_models) or a transformers *{IMAGE_ARCHITECTURE} / "
-            f"*{TEXT_ARCHITECTURE} model. A causal language model is dumped with --task "
-            f"causal-lm (the default)"])
+    teacher = classifier_loading.inspect_classifier(
+        cfg.model, WORDING, role="teacher", head_name=cfg.head_name,
+        trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
     unknown = [part for part in cfg.features if part not in teacher.part_names]
     if unknown:
         raise ConfigError([
@@ -108,47 +54,18 @@ def inspect_classifier(cfg: DumpConfig) -> ClassifierTeacher:
 def load_preprocessors(cfg: DumpConfig, teacher: ClassifierTeacher) -> tuple[Any, Any]:
     """(image processor or None, tokenizer or None): those of the towers the model has,
     saved next to it. No augmentation: the stored view is the canonical one."""
-    from logitstore.toolkit.classifier_adapter import load_image_processor
-    from logitstore.toolkit.hf import load_tokenizer
-
-    image_processor = tokenizer = None
-    if teacher.needs_image:
-        if teacher.spec.is_local:
-            image_processor = load_image_processor(teacher.spec.path_or_id)
-        else:
-            from transformers import AutoImageProcessor
-
-            try:
-                image_processor = AutoImageProcessor.from_pretrained(
-                    teacher.spec.path_or_id, **_load_kwargs(cfg, teacher.spec))
-            except (OSError, ValueError) as exc:
-                raise _load_failure(teacher.spec, "image processor", exc) from exc
-    if teacher.needs_text:
-        tokenizer = load_tokenizer(teacher.spec, cfg.revision, cfg.trust_remote_code)
-    return image_processor, tokenizer
+    return classifier_loading.load_preprocessors(teacher,
+                                                 trust_remote_code=cfg.trust_remote_code)
 
 
 def load_classifier(cfg: DumpConfig, teacher: ClassifierTeacher) -> tuple[Any, dict[str, Any]]:
     """(the model in eval mode on cfg.device, what was loaded: for the store's provenance)."""
-    import torch
-    from transformers import (AutoModel, AutoModelForImageClassification,
-                              AutoModelForSequenceClassification)
-
-    loader = {"composite": AutoModel, "image": AutoModelForImageClassification,
-              "text": AutoModelForSequenceClassification}[teacher.kind]
-    device = cfg.device if cfg.device != "auto" else (
-        "cuda" if torch.cuda.is_available() else "cpu")
-    dtype = "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
-    try:
-        model = loader.from_pretrained(teacher.spec.path_or_id, dtype=dtype,
-                                       **_load_kwargs(cfg, teacher.spec))
-    except (OSError, ValueError) as exc:
-        raise _load_failure(teacher.spec, "weights", exc) from exc
-    model.to(device).eval()
+    model = classifier_loading.load_classifier(teacher, dtype=cfg.dtype, device=cfg.device,
+                                               trust_remote_code=cfg.trust_remote_code)
+    facts = network_facts(model)
     info = {"model_id": teacher.spec.name, "path_or_id": teacher.spec.path_or_id,
-            "revision": teacher.spec.revision, "model_class": type(model).__name__,
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-            "device": str(next(model.parameters()).device), "kind": teacher.kind}
+            "revision": teacher.spec.revision, "model_class": facts["model_class"],
+            "dtype": facts["dtype"], "device": facts["device"], "kind": teacher.kind}
     log.info("loaded classifier %s", info)
     return model, info
 

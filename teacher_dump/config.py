@@ -29,7 +29,8 @@ from typing import Any
 from logitstore.errors import ConfigError
 from logitstore.format import ATTENTION_HEADS, HIDDEN_POOLINGS, LOGPROB_ENCODINGS
 from logitstore.toolkit.options import (Field, at_least, config_class, load_section,
-                                        make_config, positive, resolve_fields)
+                                        make_config, other_task_problems, positive,
+                                        resolve_fields)
 from logitstore.toolkit.record_formats import (DATA_FORMAT_METAVAR, data_format_problem,
                                                normalize_format_name)
 from teacher_dump.default_data import alias_default_data
@@ -249,14 +250,13 @@ def resolve_config(preset: str | Path | None = None,
     `preset` is a YAML path or a bundled preset's name.
     """
     resolved, origin, problems = resolve_fields(FIELDS, SECTION, preset, overrides)
+    problems += other_task_problems(resolved["task"], origin, FIELDS, task_fields, TASKS)
     if resolved["task"] == "classify":
-        problems += _other_task_problems(resolved["task"], origin)
         problems += _classify_problems(resolved)
         if problems:
             raise ConfigError(problems)
         return make_config(DumpConfig, {**resolved, "data": [
             str(Path(d).expanduser().resolve()) for d in resolved["data"]]})
-    problems += _other_task_problems(resolved["task"], origin)
     if isinstance(resolved["format"], str):
         resolved["format"] = normalize_format_name(resolved["format"])
     if not resolved["data"] and isinstance(resolved["model"], str):  # e.g. --model med42
@@ -301,15 +301,6 @@ def _cross_field_problems(v: dict[str, Any]) -> list[str]:
         out.append("nothing to capture: set top_k > 0, samples > 0, hidden_layers or "
                    "attention_layers")
     return out
-
-
-def _other_task_problems(task: str, origin: dict[str, str]) -> list[str]:
-    """Settings given (preset or command line) that `task` does not read."""
-    used = set(task_fields(task))
-    other = next(t for t in TASKS if t != task)
-    return [f"{key} ({origin[key]}): a setting of --task {other} only, which --task {task} "
-            f"does not read; remove it (or run with --task {other})"
-            for key in FIELDS if key in origin and key not in used]
 
 
 def _classify_problems(v: dict[str, Any]) -> list[str]:

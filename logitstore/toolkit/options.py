@@ -14,7 +14,9 @@ A tool (teacher_dump/config.py, student_train/config.py, eval/config.py) holds o
   returns ALL problems; `preset` is a path or the name of a bundled preset (`find_preset`);
 - `config_differences(saved, new, fields)`: the settings that differ between two resolved
   configs (a saved run and its resume), `resumable` fields excepted;
-- `verbose_option()`: the one flag that is not a field (`-v`: logging of this invocation).
+- `verbose_option()`: the one flag that is not a field (`-v`: logging of this invocation);
+- `other_task_problems(task, origin, fields, task_fields, tasks)`: the settings given that a
+  tool's `--task` does not read (a tool with two tasks, each refusing the other's settings).
 
 No torch here.
 """
@@ -423,3 +425,15 @@ def resolve_fields(fields: dict[str, Field], section: str, preset: str | Path | 
             if problem:
                 problems.append(f"{key} ({origin[key]}): {problem}")
     return resolved, origin, problems
+
+
+def other_task_problems(task: str, origin: dict[str, str], fields: dict[str, Field],
+                        task_fields: Callable[[str], tuple[str, ...]],
+                        tasks: tuple[str, ...]) -> list[str]:
+    """Settings given (`origin`: preset or command line) that `task` does not read
+    (`task_fields(task)`), each named as a setting of the other of the two `tasks`."""
+    used = set(task_fields(task))
+    other = next(t for t in tasks if t != task)
+    return [f"{key} ({origin[key]}): a setting of --task {other} only, which --task {task} "
+            f"does not read; remove it (or run with --task {other})"
+            for key in fields if key in origin and key not in used]

@@ -33,7 +33,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from eval.report import ROLES, _bars, _finite, _table, _with_se
+from eval.report import ROLES, _bars, _finite, _table, _with_se, write_report_files
 
 PAIRS = (("student_vs_baseline", "baseline"), ("student_vs_teacher", "teacher"))
 METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "ece": "ECE", "nll": "NLL",
@@ -106,20 +106,9 @@ def _environment() -> dict[str, Any]:
 
 def write_classify_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     """report.json, report.md, report.png and config.yaml in out_dir; their paths."""
-    import yaml
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {name: out / name for name in ("report.json", "report.md", "report.png",
-                                           "config.yaml")}
-    paths["report.json"].write_text(json.dumps(report, indent=2, allow_nan=False) + "\n",
-                                    encoding="utf-8")
-    paths["config.yaml"].write_text(
-        "# distill-eval resolved configuration (every option of --task classify, defaults "
-        "included)\n" + yaml.safe_dump(report["config"], sort_keys=False), encoding="utf-8")
-    write_classify_chart(report, paths["report.png"])
-    paths["report.md"].write_text(render_classify_markdown(report), encoding="utf-8")
-    return paths
+    return write_report_files(report, out_dir, chart=write_classify_chart,
+                              markdown=render_classify_markdown,
+                              config_note="every option of --task classify, defaults included")
 
 
 def _difference_cell(diff: dict | None) -> str:

@@ -253,6 +253,13 @@ def _finite(value: Any) -> Any:
 
 def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     """report.json, report.md, report.png and config.yaml in out_dir; their paths."""
+    return write_report_files(report, out_dir, chart=write_chart, markdown=render_markdown,
+                              config_note="every option, defaults included")
+
+
+def write_report_files(report: dict[str, Any], out_dir: str | Path, *, chart, markdown,
+                       config_note: str) -> dict[str, Path]:
+    """The four files of a report (either task): JSON, resolved config, chart, markdown."""
     import yaml
 
     out = Path(out_dir)
@@ -262,10 +269,10 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]
     paths["report.json"].write_text(json.dumps(report, indent=2, allow_nan=False) + "\n",
                                     encoding="utf-8")
     paths["config.yaml"].write_text(
-        "# distill-eval resolved configuration (every option, defaults included)\n"
+        f"# distill-eval resolved configuration ({config_note})\n"
         + yaml.safe_dump(report["config"], sort_keys=False), encoding="utf-8")
-    write_chart(report, paths["report.png"])
-    paths["report.md"].write_text(render_markdown(report), encoding="utf-8")
+    chart(report, paths["report.png"])
+    paths["report.md"].write_text(markdown(report), encoding="utf-8")
     return paths
 
 

@@ -28,7 +28,6 @@ ROLE: teacher, student, baseline (those given). Every number is finite or null.
 
 from __future__ import annotations
 
-import json
 import platform
 from pathlib import Path
 from typing import Any

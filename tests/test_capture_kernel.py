@@ -82,6 +82,9 @@ def _float64_groups(x: torch.Tensor, temperature: float):
     return torch.stack(maxima, 1), torch.stack(sums, 1), torch.stack(sums_t, 1)
 
 
+RTOL_F32_SUMS = 1e-4
+
+
 @pytest.mark.parametrize("rows,vocab", [(7, 5000), (1, 640), (3, 40), (5, 32003)])
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 def test_eager_group_statistics_equal_a_float64_recomputation(rows, vocab, temperature):
@@ -95,12 +98,17 @@ def test_eager_group_statistics_equal_a_float64_recomputation(rows, vocab, tempe
     assert torch.equal(stats.maxima.double(), maxima)  # a max is exact in any precision
     masked = torch.isneginf(maxima)
     assert masked.sum() == 1
-    assert torch.allclose(stats.sums.double()[~masked], sums[~masked], rtol=1e-5)
+    # float32 exp + sum of 64 columns against float64: torch's vectorised exp is not always
+    # correctly rounded, and in full-suite runs (2 of 3 CI runs on 2026-12-06, not in any
+    # subset) sums differed from float64 by just over 1e-5 relative. 1e-4 is still far below
+    # what a wrong shift or a dropped column of the group would do to a sum.
+    assert torch.allclose(stats.sums.double()[~masked], sums[~masked], rtol=RTOL_F32_SUMS)
     assert (stats.sums[masked] == 0).all()
     if temperature == 1.0:
         assert stats.sums_t is None
     else:
-        assert torch.allclose(stats.sums_t.double()[~masked], sums_t[~masked], rtol=1e-5)
+        assert torch.allclose(stats.sums_t.double()[~masked], sums_t[~masked],
+                              rtol=RTOL_F32_SUMS)
         assert (stats.sums_t[masked] == 0).all()
 
 

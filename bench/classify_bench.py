@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -72,21 +73,40 @@ def make_teacher(work: Path, settings: dict, configs: dict) -> dict:
     from classify_teacher import tokenizer_dir, train_teacher
 
     tokenizer = tokenizer_dir(work / "data", work / "tokenizer")
-    return train_teacher(work / "data", work / "teacher", configs["teacher"], tokenizer,
-                         steps=settings["teacher_steps"], batch_size=settings["batch_size"],
-                         lr=TEACHER_LR, seed=0)
+    # A finished teacher of the same settings is reused: a rerun (e.g. after a student-side
+    # change) does not pay its training again.
+    record = work / "teacher.json"
+    wanted = {"config": configs["teacher"], "steps": settings["teacher_steps"],
+              "batch_size": settings["batch_size"], "lr": TEACHER_LR}
+    if record.is_file():
+        saved = json.loads(record.read_text(encoding="utf-8"))
+        if saved.get("wanted") == wanted and (work / "teacher" / "config.json").is_file():
+            return saved["teacher"]
+    shutil.rmtree(work / "store", ignore_errors=True)  # the old teacher's store
+    teacher = train_teacher(work / "data", work / "teacher", configs["teacher"], tokenizer,
+                            steps=settings["teacher_steps"], batch_size=settings["batch_size"],
+                            lr=TEACHER_LR, seed=0)
+    record.write_text(json.dumps({"wanted": wanted, "teacher": teacher}, indent=1),
+                      encoding="utf-8")
+    return teacher
 
 
 def make_store(work: Path) -> dict:
     """`teacher-dump --task classify` of the three splits, then `logitstore verify`."""
     store = work / "store"
+    if (store / "manifest.json").is_file():  # this teacher's finished store (make_teacher)
+        run_tool(["-c", "from logitstore.cli import main; main()", "verify", str(store)],
+                 work / "verify.log")
+        return json.loads((work / "dump.json").read_text(encoding="utf-8"))
     data = ",".join(str(work / "data" / f"{s}.jsonl") for s in ("train", "val", "test"))
     seconds = run_tool(["-m", "teacher_dump", "--task", "classify", "--device", "cpu",
                         "--no-progress", "--model", str(work / "teacher"), "--data", data,
                         "--out", str(store)], work / "dump.log")
     run_tool(["-c", "from logitstore.cli import main; main()", "verify", str(store)],
              work / "verify.log")
-    return {"url": str(store), "seconds": seconds, "verify": "ok"}
+    dump = {"url": str(store), "seconds": seconds, "verify": "ok"}
+    (work / "dump.json").write_text(json.dumps(dump), encoding="utf-8")
+    return dump
 
 
 def student_yaml(work: Path, configs: dict) -> Path:

@@ -2,7 +2,9 @@
 
 Both stream between any fsspec URLs (credentials and endpoints the usual way, e.g.
 AWS_ENDPOINT_URL for s3://), resume when rerun after a kill, verify the new store, and
-record their provenance in its manifest `extra["operation"]`. Exit status as for every
+record their provenance in its manifest `extra["operation"]`. They take causal-lm and
+(format 2.3) classifier stores alike; the progress bar counts tokens, or samples for a
+classifier store (which holds no tokens). Exit status as for every
 `logitstore` command (logitstore/exit_codes.py): a refused input is one paragraph and
 status 1; a new store that fails verification prints one `DAMAGED` line per problem and
 exits 1.
@@ -32,10 +34,22 @@ def _report(result, what: str) -> None:
     click.echo(what + "; verified")
 
 
-def _progress_bar():
+def _execute(plan, dst: str, overwrite: bool):
+    """Write `plan` to `dst` with a progress bar in the plan's unit (tokens, or samples)."""
     from tqdm import tqdm
 
-    return tqdm( unit="tok", unit_scale=True, desc="copy", disable=None)
+    from logitstore.copy_samples import execute_plan
+
+    bar = tqdm(unit=plan.progress_unit, unit_scale=True, desc="copy", disable=None)
+    try:
+        return execute_plan(plan, dst, overwrite=overwrite, progress=bar.update)
+    finally:
+        bar.close()
+
+
+def _tokens(plan, counts) -> str:
+    """', N tokens' for a causal-lm store; nothing for a classifier store (no tokens)."""
+    return "" if plan.progress_unit == "sample" else f", {counts['tokens_out']} tokens"
 
 
 @click.command()
@@ -49,22 +63,21 @@ def _progress_bar():
 def merge(sources: tuple[str, ...], dst: str, common_signals: bool, overwrite: bool) -> None:
     """Merge the stores SOURCES... into a new store DST.
 
-    The sources must share tokenizer and settings. Samples with the same id and tokens
-    (same digest) are kept once, from the first source; an id naming different tokens in
-    two sources is refused. Rerun after an interruption to resume.
+    The sources must be of one kind and share tokenizer and settings (classifier stores:
+    heads, features, encodings). Samples with the same id and tokens or labels (same
+    digest) are kept once, from the first source; an id naming different tokens or labels
+    in two sources is refused. Rerun after an interruption to resume.
     """
-    from logitstore.merge import merge_stores
+    from logitstore.copy_samples import open_sources
+    from logitstore.merge import plan_merge
 
-    bar = _progress_bar()
-    try:
-        result = merge_stores(list(sources), dst, common_signals=common_signals,
-                              overwrite=overwrite, progress=bar.update)
-    finally:
-        bar.close()
+    plan = plan_merge(list(sources), open_sources(list(sources), None),
+                      common_signals=common_signals)
+    result = _execute(plan, dst, overwrite)
     counts = result.counts
     _report(result, f"merged {len(sources)} store(s) -> {dst}: {counts['samples_out']} samples "
                     f"of {counts['samples_in']} ({counts['duplicates']} duplicate(s) kept "
-                    f"once), {counts['tokens_out']} tokens")
+                    f"once){_tokens(plan, counts)}")
 
 
 @click.command()
@@ -85,8 +98,10 @@ def subset(src: str, dst: str, split: str | None, where: tuple[str, ...],
            ids_file: str | None, fraction: float | None, seed: int | None,
            overwrite: bool) -> None:
     """Write the samples of SRC that the filters select (all of them, AND) to a new store
-    DST, with every signal; verified at the end. Rerun after an interruption to resume."""
-    from logitstore.subset import read_id_file, subset_store
+    DST, with every signal (classifier store: heads, features, labels); verified at the
+    end. Rerun after an interruption to resume."""
+    from logitstore.copy_samples import open_sources
+    from logitstore.subset import plan_subset, read_id_file
 
     pairs = []
     for item in where:
@@ -100,13 +115,10 @@ def subset(src: str, dst: str, split: str | None, where: tuple[str, ...],
         raise click.BadParameter("only --fraction uses a seed; give --fraction F too",
                                  param_hint="--seed")
     ids = read_id_file(ids_file) if ids_file else None
-    bar = _progress_bar()
-    try:
-        result = subset_store(src, dst, split=split, where=pairs, ids=ids, ids_label=ids_file,
-                              fraction=fraction, seed=seed or 0, overwrite=overwrite,
-                              progress=bar.update)
-    finally:
-        bar.close()
+    (reader,) = open_sources([src], None)
+    plan = plan_subset(src, reader, split=split, where=pairs, ids=ids, ids_label=ids_file,
+                       fraction=fraction, seed=seed or 0)
+    result = _execute(plan, dst, overwrite)
     counts = result.counts
     _report(result, f"subset {src} -> {dst}: {counts['samples_out']} of "
-                    f"{counts['samples_in']} samples, {counts['tokens_out']} tokens")
+                    f"{counts['samples_in']} samples{_tokens(plan, counts)}")

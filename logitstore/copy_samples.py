@@ -3,8 +3,12 @@
 A `CopyPlan` says which samples of which source stores go into a new store, in which order
 (sources in the order given, each in its store order), with which settings and signals.
 `execute_plan` writes them through one `StoreWriter` part, reading the sources one segment
-at a time (`StoreReader.read_segment`), so memory holds one source segment and one output
-segment, whatever the size of the stores. Segments holding no selected sample are not read.
+at a time (`StoreReader.read_segment`; for a classifier store, format 2.3,
+`ClassifierReader.read_segment`: every head's logits, the features, labels, input reference,
+split and tags), so memory holds one source segment and one output segment, whatever the
+size of the stores. Segments holding no selected sample are not read. A classifier store
+holds no tokens: its token counts (`tokens_out`, each source's `tokens`) are 0 and progress
+counts samples (`CopyPlan.progress_unit`).
 
 Provenance goes into the new store's manifest `extra` under `"operation"`: the command, the
 sources (URL, manifest sha256, `state_sha256`, dataset fingerprint, counts, their own
@@ -36,9 +40,10 @@ from typing import Any, Callable
 import numpy as np
 
 from logitstore import __version__
+from logitstore.classifier_reader import ClassifierReader
 from logitstore.errors import (LogitStoreError, ManifestMissingError, SettingsMismatchError,
                                StoreIOError, StoreNotFoundError)
-from logitstore.format import TOKENIZER_DIR, StoreSettings
+from logitstore.format import CLASSIFIER, TOKENIZER_DIR, StoreSettings
 from logitstore.fs import StoreFS, sha256_hex
 from logitstore.reader import StoreReader
 from logitstore.verify import verify_store
@@ -95,6 +100,16 @@ class CopyPlan:
     def signals(self) -> list[str]:
         return list(self.settings.signals)
 
+    @property
+    def kind(self) -> str:
+        return self.settings.kind
+
+    @property
+    def progress_unit(self) -> str:
+        """What each `progress(n)` of `execute_plan` counts: tokens ("tok"), or samples
+        ("sample") for a classifier store, which holds no tokens."""
+        return "sample" if self.kind == CLASSIFIER else "tok"
+
     def output_ids(self) -> list[str]:
         return [sid for source in self.sources for sid in source.sample_ids()]
 
@@ -124,9 +139,10 @@ class CopyResult:
     url: str
     provenance: dict[str, Any]
     resumed_after: int  # samples already in the destination when this run started
-    tokens_written: int  # by this run
+    tokens_written: int  # by this run (0 for a classifier store)
     seconds: float
     problems: list[str]  # from verify_store of the new store; [] when clean
+    samples_written: int = 0  # by this run
 
     @property
     def counts(self) -> dict[str, int]:
@@ -135,7 +151,7 @@ class CopyResult:
     @property
     def already_complete(self) -> bool:
         """The destination held the finished output before this run: nothing was written."""
-        return self.resumed_after == self.counts["samples_out"] and self.tokens_written == 0
+        return self.resumed_after == self.counts["samples_out"] and self.samples_written == 0
 
 
 def stored_tokenizer_files(reader: StoreReader) -> dict[str, bytes]:
@@ -156,7 +172,8 @@ def execute_plan(plan: CopyPlan, dst: str, *, dst_options: dict | None = None,
                  overwrite: bool = False,
                  progress: Callable[[int], None] | None = None) -> CopyResult:
     """Write the plan's samples to `dst`, then verify it (see the module docstring).
-    `progress(tokens)` is called after each sample handed to the writer."""
+    `progress(n)` is called after each sample handed to the writer: n = its tokens, or 1
+    where the plan's `progress_unit` is "sample" (a classifier store)."""
     if plan.counts["samples_out"] == 0:
         raise LogitStoreError(f"nothing to write to {dst}: the {plan.command} selects no sample "
                               f"of {', '.join(s.url for s in plan.sources)}; a store holds at "
@@ -167,39 +184,51 @@ def execute_plan(plan: CopyPlan, dst: str, *, dst_options: dict | None = None,
     output_ids = plan.output_ids()
     writer = _open_destination(plan, dst, dst_options, overwrite, provenance, output_ids)
     resumed_after = len(output_ids) if writer is None else writer.committed_count
-    written = 0
+    samples, tokens = 0, 0
     if writer is not None:
         try:
-            written = _copy_samples(plan, writer, progress)
+            samples, tokens = _copy_samples(plan, writer, progress)
         except BaseException:
             writer.abort()
             raise
         writer.close()
     problems = verify_store(dst, storage_options=dst_options)
-    return CopyResult(dst, provenance, resumed_after, written, time.perf_counter() - start,
-                      problems)
+    return CopyResult(dst, provenance, resumed_after, tokens, time.perf_counter() - start,
+                      problems, samples_written=samples)
 
 
 def _copy_samples(plan: CopyPlan, writer: StoreWriter,
-                  progress: Callable[[int], None] | None) -> int:
+                  progress: Callable[[int], None] | None) -> tuple[int, int]:
     """Stream the selected samples into `writer`, skipping those it already committed;
-    returns the tokens added."""
+    returns the (samples, tokens) added."""
     committed = writer.committed_ids
-    tokens = 0
+    samples, tokens = 0, 0
     for source in plan.sources:
         ids = source.reader.sample_ids
+        read_segment, tokens_of = _segment_source(source.reader, plan.signals)
         for seg_no, rows in source.segment_rows():
             first = source.reader.segments[seg_no].first_sample
             todo = [int(r) for r in rows if ids[first + int(r)] not in committed]
             if not todo:
                 continue  # resumed past this segment: not even read
-            samples = source.reader.read_segment(seg_no, plan.signals)
+            segment = read_segment(seg_no)
             for row in todo:
-                writer.add(samples[row])
-                tokens += len(samples[row].input_ids)
+                writer.add(segment[row])
+                count = tokens_of(segment[row])
+                samples, tokens = samples + 1, tokens + count
                 if progress:
-                    progress(len(samples[row].input_ids))
-    return tokens
+                    progress(1 if plan.progress_unit == "sample" else count)
+    return samples, tokens
+
+
+def _segment_source(reader: StoreReader, signals: list[str]
+                    ) -> tuple[Callable[[int], list], Callable[[Any], int]]:
+    """How a source's segments are read (segment number -> its samples, every signal
+    kept), and each sample's tokens: a classifier sample (2.3) has none."""
+    if reader.kind == CLASSIFIER:
+        return ClassifierReader(reader).read_segment, lambda sample: 0
+    return (lambda seg_no: reader.read_segment(seg_no, signals)), \
+        lambda sample: len(sample.input_ids)
 
 
 def _open_destination(plan: CopyPlan, dst: str, dst_options: dict | None, overwrite: bool,

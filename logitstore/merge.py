@@ -4,11 +4,18 @@
 
 Rules (checked before anything is written):
 
+- **Kind.** Every source must be of one kind (FORMAT.md section 2, `kind`): causal-lm
+  stores (tokens, per-token signals) or classifier stores (2.3: per-sample head logits,
+  features and labels, section 4.3). Mixed kinds are refused, naming each source's kind.
 - **Settings.** Every source must have the same store settings: `vocab_size`,
   `tokenizer_fingerprint`, `chunk_tokens`, `segment_tokens`, `chunk_samples`, and for each
   signal kept its whole capture spec (top-k, sampled, hidden, attention, depth, teacher).
   Conflicts are refused in one paragraph naming each key and its value in each source.
   `tokenizer_name` is informative (FORMAT.md section 2) and taken from the first source.
+  Classifier stores must agree on their whole settings the same way: `heads` with their
+  class counts, `features` with their widths, `logits_encoding`, `features_encoding`,
+  `segment_samples`, `chunk_samples`. They hold no signals, text or tokenizer, so the
+  rules below on those do not apply, and `common_signals` is refused for them.
 - **Signals.** Every source must hold every signal; with `common_signals` only the signals
   all sources hold are kept (the others are left out of the new store).
 - **Text.** The samples' text and token spans (format 2.1 settings `text`) are kept when
@@ -22,12 +29,14 @@ Rules (checked before anything is written):
   hold it with the same tokenizer (a differing fingerprint or vocabulary is refused, naming
   the key); a tokenization no kept signal indexes is left out.
 - **Duplicates.** A sample whose index `digest` (sha256 of its id and tokens, FORMAT.md
-  section 3) equals one already taken from an earlier source is kept once: the copy from
-  the first source in argument order, with that source's split, tags and signals. Their
-  number is reported (`counts.duplicates`).
-- **Id collisions.** A sample id held by two sources with different tokens (different
-  digests) is refused, naming the ids and sources: ids are what other tools refer to
-  (id lists, evaluation splits, decontamination reports), so they are never rewritten.
+  section 3; of a classifier sample, of its id and labels, section 4.3) equals one already
+  taken from an earlier source is kept once: the copy from the first source in argument
+  order, with that source's split, tags and signals (or heads and features). Their number
+  is reported (`counts.duplicates`).
+- **Id collisions.** A sample id held by two sources with different tokens (classifier
+  stores: labels), i.e. different digests, is refused, naming the ids and sources: ids are
+  what other tools refer to (id lists, evaluation splits, decontamination reports), so they
+  are never rewritten.
   Subset the sources to leave one of them out (`logitstore subset --ids`), then merge.
 
 The output is written and resumed as `logitstore.copy_samples` describes: sources in
@@ -43,8 +52,9 @@ import numpy as np
 
 from logitstore.copy_samples import (CopyPlan, CopyResult, SourceSelection, execute_plan,
                                      open_sources, stored_tokenizer_files)
-from logitstore.errors import LogitStoreError, SchemaMismatchError, SettingsMismatchError
-from logitstore.format import flatten_settings
+from logitstore.errors import (LogitStoreError, SchemaMismatchError, SettingsMismatchError,
+                               StoreKindError)
+from logitstore.format import CLASSIFIER, flatten_settings
 from logitstore.reader import StoreReader
 
 INFORMATIVE_SETTINGS = ("tokenizer_name", "tokenizer_files")  # may differ between sources
@@ -57,8 +67,6 @@ def merge_stores(sources: list[str], dst: str, *, common_signals: bool = False,
                  progress: Callable[[int], None] | None = None) -> CopyResult:
     """Merge the stores at `sources` into a new store at `dst` (see the module docstring);
     returns what was written, with `problems` from verifying it."""
-    if len(sources) < 1:
-        raise LogitStoreError("merge needs at least one source store")
     readers = open_sources(list(sources), src_options)
     plan = plan_merge(list(sources), readers, common_signals=common_signals)
     return execute_plan(plan, dst, dst_options=dst_options, overwrite=overwrite,
@@ -67,6 +75,11 @@ def merge_stores(sources: list[str], dst: str, *, common_signals: bool = False,
 
 def plan_merge(urls: list[str], readers: list[StoreReader], *,
                common_signals: bool) -> CopyPlan:
+    """What the merge of `readers` (opened from `urls`) writes; refuses what the module
+    docstring's rules refuse."""
+    if len(readers) < 1:
+        raise LogitStoreError("merge needs at least one source store")
+    check_one_kind(urls, readers, common_signals)
     signals = kept_signals(urls, readers, common_signals)
     check_settings_agree(urls, readers, signals)
     text = kept_text(urls, readers, common_signals)
@@ -89,6 +102,25 @@ def plan_merge(urls: list[str], readers: list[StoreReader], *,
         counts={"samples_in": samples_in, "samples_out": samples_in - duplicates,
                 "duplicates": duplicates, "tokens_out": tokens},
         per_source=per_source, tokenizer_files=stored_tokenizer_files(tokenizer_source))
+
+
+def check_one_kind(urls: list[str], readers: list[StoreReader], common_signals: bool) -> None:
+    """StoreKindError when the sources are not all of one kind; LogitStoreError for
+    `common_signals` on classifier stores (they hold no signals to choose from)."""
+    kinds = {reader.settings.kind for reader in readers}
+    if len(kinds) > 1:
+        held = ", ".join(f"{url} is a {reader.settings.kind} store"
+                         for url, reader in zip(urls, readers))
+        raise StoreKindError(
+            f"cannot merge stores of different kinds: {held}. A causal-lm store holds tokens "
+            f"and per-token signals, a classifier store per-sample head logits, features and "
+            f"labels; a merged store is of one kind: merge the stores of each kind apart "
+            f"(`logitstore info` shows a store's kind)")
+    if common_signals and kinds == {CLASSIFIER}:
+        raise LogitStoreError(
+            f"--common-signals keeps the signals every source holds, but {', '.join(urls)} "
+            f"are classifier stores, which hold heads and features instead of signals and "
+            f"must hold the same ones; merge them without --common-signals")
 
 
 def kept_text(urls: list[str], readers: list[StoreReader], common_signals: bool) -> bool:
@@ -143,14 +175,14 @@ def check_settings_agree(urls: list[str], readers: list[StoreReader],
         flat.append(flatten_settings({**plain, "signals": kept,
                                       **({"tokenizations": tokenizations} if tokenizations
                                          else {})}))
-    conflicts = []
-    for key in sorted(set().union(*flat)):
-        values: dict[str, list[str]] = {}
-        for url, entries in zip(urls, flat):
-            values.setdefault(repr(entries.get(key)), []).append(url)
-        if len(values) > 1:
-            conflicts.append(f"{key} is " + ", ".join(f"{value} in {' and '.join(where)}"
-                                                      for value, where in values.items()))
+    conflicts = settings_conflicts(urls, flat)
+    if conflicts and readers[0].settings.kind == CLASSIFIER:
+        raise SettingsMismatchError(
+            f"cannot merge: the classifier stores were written with different settings: "
+            f"{'; '.join(conflicts)}. A merged store has one set of settings: merge classifier "
+            f"stores with the same heads and class counts, feature parts and widths, "
+            f"encodings and segment layout (`logitstore info --json` shows them), e.g. dumps "
+            f"of the same teacher written with the same teacher-dump options")
     if conflicts:
         raise SettingsMismatchError(
             f"cannot merge: the sources were written with different settings: "
@@ -158,6 +190,22 @@ def check_settings_agree(urls: list[str], readers: list[StoreReader],
             f"written with the same tokenizer, store and signal settings (`logitstore info "
             f"--json` shows them), or drop a differing signal with --common-signals when "
             f"another source lacks it")
+
+
+def settings_conflicts(urls: list[str], flat: list[dict[str, Any]]) -> list[str]:
+    """'KEY is VALUE in URL, VALUE in URL' for each flattened settings key whose value
+    differs between sources (`flat`: one flattened settings dict per source); a key a
+    source lacks reads `absent`."""
+    conflicts = []
+    for key in sorted(set().union(*flat)):
+        values: dict[str, list[str]] = {}
+        for url, entries in zip(urls, flat):
+            value = repr(entries[key]) if key in entries else "absent"
+            values.setdefault(value, []).append(url)
+        if len(values) > 1:
+            conflicts.append(f"{key} is " + ", ".join(f"{value} in {' and '.join(where)}"
+                                                      for value, where in values.items()))
+    return conflicts
 
 
 def select_unique(urls: list[str], readers: list[StoreReader]
@@ -184,9 +232,10 @@ def select_unique(urls: list[str], readers: list[StoreReader]
         selections.append(SourceSelection(url, reader, rows))
         per_source.append({"selected": int(len(rows)), "duplicates": int(dropped)})
     if collisions:
+        other = "labels" if readers[0].settings.kind == CLASSIFIER else "tokens"
         raise SchemaMismatchError(
             f"cannot merge: {len(collisions)} sample id(s) name different samples (other "
-            f"tokens) in different sources: {', '.join(collisions[:5])}"
+            f"{other}) in different sources: {', '.join(collisions[:5])}"
             f"{' ...' if len(collisions) > 5 else ''}. Ids must name one sample; merge "
             f"refuses rather than renaming them. Leave one of each out first (`logitstore "
             f"subset SRC OUT --ids KEEP`), or dump the sources with distinct ids")

@@ -1,5 +1,6 @@
 """`logitstore subset SRC DST`: a new store holding the samples of SRC that a filter selects,
-with every signal (top-k, sampled, hidden, attention).
+with every signal (top-k, sampled, hidden, attention); from a classifier store (format 2.3)
+with every head's logits, the features, labels and input reference (`image`, `text`).
 
     result = subset_store("store/", "val/", split="validation", where=[("lang", "en")])
 
@@ -8,8 +9,9 @@ Filters, all optional and combined with AND:
 - `split`: the sample's split equals it.
 - `where`: (tag, value) pairs; the value text is read as the tag column's type in the
   sample index (integer, float, boolean: true/false/1/0/yes/no, or string) and compared
-  for equality; a sample without the tag does not match. `source` and `split` may be used
-  as tags too. An unknown tag, or a value that is not of the tag's type, is refused.
+  for equality; a sample without the tag does not match. `source` and `split` (and a
+  classifier store's `image` and `text`) may be used as tags too. An unknown tag, or a
+  value that is not of the tag's type, is refused.
 - `ids`: the sample ids to keep (`read_id_file` reads one per line). Ids the store does
   not hold are refused, naming some.
 - `fraction` with `seed`: a sample is kept when the first 8 bytes of
@@ -32,10 +34,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from logitstore.classifier_sample import REFERENCE_COLUMNS
 from logitstore.copy_samples import (CopyPlan, CopyResult, SourceSelection, canonical_digest,
                                      execute_plan, open_sources, stored_tokenizer_files)
 from logitstore.errors import LogitStoreError, UnknownSampleError
-from logitstore.format import INDEX_COLUMNS
+from logitstore.format import CLASSIFIER, INDEX_COLUMNS
 from logitstore.reader import StoreReader
 
 FILTERABLE = ("source", "split")  # index columns usable as --where tags besides the tags
@@ -96,10 +99,12 @@ def _equal_mask(column: pa.ChunkedArray, value: Any) -> np.ndarray:
 
 def _tag_column(reader: StoreReader, url: str, tag: str) -> pa.ChunkedArray:
     names = reader.index.column_names
-    tags = [c for c in names if c not in INDEX_COLUMNS]
+    # a classifier store's input reference columns are filterable, not tags
+    reference = REFERENCE_COLUMNS if reader.settings.kind == CLASSIFIER else ()
+    tags = [c for c in names if c not in INDEX_COLUMNS + reference]
     if tag not in names or (tag in INDEX_COLUMNS and tag not in FILTERABLE):
         raise LogitStoreError(f"--where {tag}=...: {url} has no tag {tag!r}; its tags are "
-                              f"{tags or 'none'} (and {', '.join(FILTERABLE)})")
+                              f"{tags or 'none'} (and {', '.join(FILTERABLE + reference)})")
     return reader.index.column(tag)
 
 

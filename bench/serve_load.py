@@ -1,5 +1,5 @@
 """The serving half of bench/serve_bench.py: a real `distill-serve` process on a free loopback
-port, driven by concurrent HTTP clients (httpx, asyncio).
+port (logitstore.toolkit.local_server), driven by concurrent HTTP clients (httpx, asyncio).
 
 A load phase at concurrency c sends `requests` POST /invocations (greedy, `max_new_tokens`
 each), c at a time: c client coroutines take the next prompt as soon as their previous answer
@@ -12,96 +12,43 @@ The server's peak RSS is the kernel's high-water mark of its resident set (VmHWM
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
+
+from logitstore.toolkit.local_server import LocalServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 120.0
 
 
-def free_port() -> int:
-    """A loopback port nothing listens on now (the server binds it a moment later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def serve_process(model: str, *, max_batch: int, threads: int | None,
+                  max_new_tokens: int) -> tuple[LocalServer, str]:
+    """(server, its URL): `python -m distill_serve MODEL --port P ...` on a free loopback
+    port, started by entering it as a context manager (killed on exit if still running)."""
+    port = free_port()
+    args = [sys.executable, "-m", "distill_serve", model, "--port", str(port),
+            "--max-batch", str(max_batch), "--max-new-tokens", str(max_new_tokens)]
+    if threads:
+        args += ["--threads", str(threads)]
+    server = LocalServer(args, health_url=f"http://127.0.0.1:{port}/ping", cwd=ROOT,
+                         env={"TQDM_DISABLE": "1"}, name="distill-serve")
+    return server, f"http://127.0.0.1:{port}"
 
 
-class ServerProcess:
-    """`python -m distill_serve MODEL --port P ...`; use as a context manager (killed on exit
-    if still running)."""
-
-    def __init__(self, model: str, *, max_batch: int, threads: int | None,
-                 max_new_tokens: int):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        args = [sys.executable, "-m", "distill_serve", model, "--port", str(self.port),
-                "--max-batch", str(max_batch), "--max-new-tokens", str(max_new_tokens)]
-        if threads:
-            args += ["--threads", str(threads)]
-        self.log_file = tempfile.NamedTemporaryFile("wb", prefix="serve-bench-", suffix=".log",
-                                                    delete=False)
-        env = {**os.environ, "TQDM_DISABLE": "1"}
-        self.process = subprocess.Popen(args, cwd=ROOT, stdout=self.log_file,
-                                        stderr=subprocess.STDOUT, env=env)
-        self.started = time.perf_counter()
-        self.ready_s: float | None = None
-
-    def __enter__(self) -> "ServerProcess":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(30)
-        self.log_file.close()
-        Path(self.log_file.name).unlink(missing_ok=True)
-
-    def log_tail(self, chars: int = 3000) -> str:
-        return Path(self.log_file.name).read_text(errors="replace")[-chars:]
-
-    def wait_ready(self) -> float:
-        """Seconds from start until GET /ping answers 200 (RuntimeError with the log when
-        the process exits or READY_TIMEOUT_S passes)."""
-        deadline = self.started + READY_TIMEOUT_S
-        with httpx.Client(base_url=self.url, timeout=5) as client:
-            while time.perf_counter() < deadline:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"distill-serve exited {self.process.returncode}:\n"
-                                       f"{self.log_tail()}")
-                try:
-                    if client.get("/ping").status_code == 200:
-                        self.ready_s = time.perf_counter() - self.started
-                        return self.ready_s
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.1)
-        raise RuntimeError(f"distill-serve not ready after {READY_TIMEOUT_S:g} s:\n"
-                           f"{self.log_tail()}")
-
-    def peak_rss_bytes(self) -> int | None:
-        """The process's peak resident set so far (VmHWM), None when it cannot be read."""
-        try:
-            status = Path(f"/proc/{self.process.pid}/status").read_text()
-        except OSError:
-            return None
-        for line in status.splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
+def peak_rss_bytes(pid: int) -> int | None:
+    """The process's peak resident set so far (VmHWM), None when it cannot be read."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
         return None
-
-    def stop(self) -> int:
-        """SIGTERM (the server drains, then exits); its exit code."""
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(STOP_TIMEOUT_S)
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return None
 
 
 async def _phase(url: str, prompts: list[str], concurrency: int, requests: int,
@@ -146,19 +93,20 @@ def measure_server(model: str, prompts: list[str], *, concurrencies: list[int], 
                    threads: int | None) -> dict:
     """Start the server, warm it up, then `repeats` rounds of one phase per concurrency (in
     order within a round, so the concurrencies of a round are paired); SIGTERM at the end."""
-    with ServerProcess(model, max_batch=max_batch, threads=threads,
-                       max_new_tokens=max_new_tokens) as server:
-        ready_s = server.wait_ready()
+    server, url = serve_process(model, max_batch=max_batch, threads=threads,
+                                max_new_tokens=max_new_tokens)
+    with server:
+        ready_s = server.wait_ready(READY_TIMEOUT_S)
         # Warm-up: the first calls at each batch shape pay for allocations and kernel choice.
-        run_phase(server.url, prompts, max(concurrencies), max(concurrencies), max_new_tokens)
-        run_phase(server.url, prompts, 1, 1, max_new_tokens)
+        run_phase(url, prompts, max(concurrencies), max(concurrencies), max_new_tokens)
+        run_phase(url, prompts, 1, 1, max_new_tokens)
         rounds = []
         for _ in range(repeats):
-            rounds.append({str(c): run_phase(server.url, prompts, c,
+            rounds.append({str(c): run_phase(url, prompts, c,
                                              max(c * requests_per_client, 2), max_new_tokens)
                            for c in concurrencies})
-        peak = server.peak_rss_bytes()
-        code = server.stop()
+        peak = peak_rss_bytes(server.process.pid)
+        code = server.stop(STOP_TIMEOUT_S)
     if code != 0:
         raise RuntimeError(f"distill-serve exited {code} after SIGTERM (expected 0)")
     return {"ready_s": ready_s, "peak_rss_bytes": peak, "exit_code": code, "rounds": rounds}

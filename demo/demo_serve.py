@@ -2,36 +2,27 @@
 process on a free loopback port, asked one question over HTTP, then stopped with SIGTERM.
 
 The server runs as its own process (its console script, else `python -m distill_serve`) with
-its log in OUT/logs/serve.log; every wait is bounded and the process is killed if anything
-goes wrong, so the demo never leaves a server behind. OUT/serve/answer.json keeps the request,
-the response and the server's exit status.
+its log in OUT/logs/serve.log, through logitstore.toolkit.local_server.LocalServer: every
+wait is bounded and the process is killed if anything goes wrong, so the demo never leaves a
+server behind. OUT/serve/answer.json keeps the request, the response and the server's exit
+status.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from demo_context import REPO, Context, DemoError
 
+from logitstore.toolkit.local_server import LocalServer, LocalServerError, free_port
+
 READY_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 60.0
 MAX_NEW_TOKENS = 32
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on now (the server binds it a moment later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def demo_question(corpus: Path) -> str:
@@ -63,44 +54,20 @@ def serve_one_answer(ctx: Context, export_dir: Path, prompt: str) -> dict[str, A
         f"curl -s http://127.0.0.1:{port}/invocations -H 'Content-Type: application/json' "
         f"-d {shlex.quote(json.dumps(body))}", "kill -TERM $SERVER; wait $SERVER"]
     log = ctx.out / "logs" / "serve.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "wb") as fh:
-        process = subprocess.Popen(_serve_command() + argv, stdout=fh, stderr=subprocess.STDOUT,
-                                   cwd=REPO, env={**os.environ, "TQDM_DISABLE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    with LocalServer(_serve_command() + argv, health_url=f"{url}/ping", cwd=REPO,
+                     env={"TQDM_DISABLE": "1"}, log_path=log, name="distill-serve") as server:
         try:
-            url = f"http://127.0.0.1:{port}"
-            ready = _wait_ready(process, url, log)
+            ready = server.wait_ready(READY_TIMEOUT_S, interval_s=0.2)
             response = httpx.post(f"{url}/invocations", json=body, timeout=120)
             if response.status_code != 200:
                 raise DemoError(f"stage serve: POST /invocations answered "
                                 f"{response.status_code}: {response.text[:300]}; log: {log}")
-            process.send_signal(signal.SIGTERM)
-            code = process.wait(STOP_TIMEOUT_S)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+            code = server.stop(STOP_TIMEOUT_S)
+        except LocalServerError as exc:
+            raise DemoError(f"stage serve: {exc}") from None
     if code != 0:
         raise DemoError(f"stage serve: distill-serve exited {code} after SIGTERM (expected 0 "
                         f"once drained); log: {log}")
     return {"command": shown, "ready_seconds": ready, "request": body,
             "response": response.json(), "exit_code": code}
-
-
-def _wait_ready(process: subprocess.Popen, url: str, log: Path) -> float:
-    """Seconds until GET /ping answers 200; DemoError if the server exits or time runs out."""
-    import httpx
-
-    started = time.perf_counter()
-    while time.perf_counter() - started < READY_TIMEOUT_S:
-        if process.poll() is not None:
-            raise DemoError(f"stage serve: distill-serve exited {process.returncode} before it "
-                            f"was ready; log: {log}")
-        try:
-            if httpx.get(f"{url}/ping", timeout=5).status_code == 200:
-                return time.perf_counter() - started
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise DemoError(f"stage serve: distill-serve not ready after {READY_TIMEOUT_S:g} s; "
-                    f"log: {log}")

@@ -32,7 +32,8 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from eval.report import ROLES, _bars, _finite, _table, _with_se, write_report_files
+from eval.report import ROLES, _bars, _table, _with_se, write_report_files
+from logitstore.toolkit.json_values import nonfinite_to_none
 
 PAIRS = (("student_vs_baseline", "baseline"), ("student_vs_teacher", "teacher"))
 METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "ece": "ECE", "nll": "NLL",
@@ -87,7 +88,7 @@ def build_classify_report(logits: dict[str, dict[str, Any]], labels: dict[str, A
               "results": results, "comparison": comparison, "findings": findings(comparison),
               "uncertainty": _uncertainty(options), "config": config,
               "environment": _environment()}
-    return _finite(report)
+    return nonfinite_to_none(report)
 
 
 def _environment() -> dict[str, Any]:

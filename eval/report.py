@@ -37,6 +37,7 @@ from typing import Any, Iterable
 
 from eval.uncertainty import (RESOLVED_AT, Estimate, estimate, is_resolved, paired_difference,
                               unpaired_difference)
+from logitstore.toolkit.json_values import nonfinite_to_none
 
 ROLES = ("teacher", "student", "baseline")
 EFFICIENCY = "efficiency"
@@ -220,7 +221,7 @@ def build_report(*, results: dict, stderr: dict, models: dict, tasks: dict, skip
     """The report.json document (layout: eval/cli.py's docstring). `items`: per-item
     scores, items[role][task][metric][item id] (eval/uncertainty.py); not stored."""
     rows = comparison_rows(results, stderr, items)
-    return _finite({
+    return nonfinite_to_none({
         "schema": "distill-eval/1",
         "models": models,
         "tasks": tasks,
@@ -235,17 +236,6 @@ def build_report(*, results: dict, stderr: dict, models: dict, tasks: dict, skip
         "environment": environment,
         "config": config,
     })
-
-
-def _finite(value: Any) -> Any:
-    """NaN/inf -> None everywhere: JSON has no such numbers and tools choke on them."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 # ----------------------------------------------------------------------------- writing

@@ -1,4 +1,4 @@
-"""student-export's steps: check, export, gate.
+"""student-export's steps: check, export beside --out, gate, swap into place.
 
     manifest, out_dir = run_export(cfg)
 
@@ -7,13 +7,19 @@
    exporter handles) at once, as one ConfigError, before anything is loaded or written;
 2. MODEL resolved to a local directory (student_export/source.py), the held-out data read
    and tokenized (student_export/quality_gate.py), so bad data fails before the export;
-3. the export directory: export.json (status "exporting"), export_config.yaml, tokenizer,
-   config.json, generation_config.json and the weights: model.onnx (+ model.onnx.data) from
+3. the export, written into a staging directory beside --out (student_export/staging.py):
+   export.json (status "exporting"), export_config.yaml, tokenizer, config.json,
+   generation_config.json and the weights: model.onnx (+ model.onnx.data) from
    student_export/onnx_graph.py, int8 through onnxruntime's dynamic quantization; or
    model.safetensors, int8 through logitstore.toolkit.torch_int8;
-4. the quality gate on the source and the export, both opened with `load_inference_model`;
-   export.json gets the figures and status "complete" or "failed quality gate". A failed
-   gate raises QualityGateFailed after writing it: the files stay for inspection.
+4. the quality gate on the source and the staged export, both opened with
+   `load_inference_model`; export.json gets the figures and status "complete" or "failed
+   quality gate";
+5. a complete export is swapped into --out (a previous export there, which --overwrite
+   allowed, is deleted only then). A failed gate raises QualityGateFailed: into a new or
+   empty --out the failed export is still moved, for inspection; over a previous export it
+   is removed and the previous one stays as it was. Any other failure or an interrupt
+   removes the staging directory and leaves --out untouched.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from student_export.config import CONFIG_FILE, save_config
 from student_export.quality_gate import (QualityGateFailed, check_data_problem, compare,
                                          failure_message, held_out_sequences)
 from student_export.source import Source, local_problem, resolve_source, run_eval_store
+from student_export.staging import discard, new_staging_dir, publish, swap_target
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +90,10 @@ def _out_problems(cfg) -> list[str]:
 
 
 def _overwrite_problems(cfg, out: Path) -> list[str]:
-    """Why --overwrite must not delete `out` (a directory holding export.json): an export
-    never has subdirectories (but a crashed one's staging directory), and the held-out data
-    the new export reads must not be inside what is deleted."""
+    """Why --overwrite must not replace `out` (a directory holding export.json), which
+    deletes it: an export never has subdirectories (but the fp32 staging directory an
+    export of an earlier version left when it crashed), and the held-out data the new
+    export reads must not be inside what is deleted."""
     foreign = sorted(p.name for p in out.iterdir() if p.is_dir() and p.name != _FP32_TMP)
     if foreign:
         return [f"out {cfg.out} holds {EXPORT_MANIFEST} but also the directories "
@@ -94,7 +102,7 @@ def _overwrite_problems(cfg, out: Path) -> list[str]:
     data = Path(cfg.check_data).expanduser() if cfg.check_data else None
     if data is not None and data.exists() and out.resolve() in data.resolve().parents:
         return [f"check_data {cfg.check_data} is inside out {cfg.out}, which --overwrite "
-                "deletes first; move the held-out data elsewhere"]
+                "deletes once the new export replaces it; move the held-out data elsewhere"]
     return []
 
 
@@ -156,39 +164,55 @@ def run_export(cfg) -> tuple[dict[str, Any], Path]:
         length=min(cfg.check_length, max_length), limit=cfg.check_limit)
     log.info("quality gate data: %s %s (%d sequences)", data["kind"], data["path"],
              len(sequences))
-    out = _prepare_out(Path(cfg.out).expanduser())
+    out = swap_target(Path(cfg.out).expanduser())
+    replacing = (out / EXPORT_MANIFEST).is_file()  # check_inputs allowed it: --overwrite
+    staging = new_staging_dir(out)
+    try:
+        manifest = _export_into(staging, cfg, source, tokenizer, max_length, data, sequences)
+        passed = manifest["quality"]["passed"]
+        if passed or not replacing:  # a failed export replaces nothing, but is kept if new
+            _publish(staging, out, cfg, replacing)
+    except BaseException:
+        discard(staging)
+        raise
+    if not passed:
+        if replacing:
+            discard(staging)
+        raise QualityGateFailed(failure_message(manifest["quality"], out, cfg.quantize,
+                                                kept=not replacing))
+    return manifest, out
+
+
+def _export_into(staging: Path, cfg, source: Source, tokenizer, max_length: int,
+                 data: dict[str, Any], sequences) -> dict[str, Any]:
+    """Write the export into `staging` and run the gate on it; its export.json (written)."""
     manifest = manifests.new_manifest(cfg, source, max_length=max_length)
-    manifests.write_manifest(out, manifest)
-    save_config(cfg, out / CONFIG_FILE)
+    manifests.write_manifest(staging, manifest)
+    save_config(cfg, staging / CONFIG_FILE)
     started = time.perf_counter()
     manifest["source"]["sha256"], manifest["source"]["weights"] = source.weights_sha256()
-    section = _write_model(cfg, source, out, tokenizer, max_length)
+    section = _write_model(cfg, source, staging, tokenizer, max_length)
     manifest[cfg.format] = section
-    manifest["files"] = manifests.file_digests(out)
+    manifest["files"] = manifests.file_digests(staging)
     manifest["status"] = "checking"
-    manifests.write_manifest(out, manifest)
-    log.info("exported to %s in %.1f s; running the quality gate", out,
+    manifests.write_manifest(staging, manifest)
+    log.info("exported to %s in %.1f s; running the quality gate", staging,
              time.perf_counter() - started)
-    quality = run_gate(source, out, sequences, threshold=cfg.ppl_threshold(),
+    quality = run_gate(source, staging, sequences, threshold=cfg.ppl_threshold(),
                        threads=cfg.threads)
     quality["data"] = data
     manifest["quality"] = quality
     manifest["status"] = "complete" if quality["passed"] else "failed quality gate"
-    manifests.write_manifest(out, manifest)
-    if not quality["passed"]:
-        raise QualityGateFailed(failure_message(quality, out, cfg.quantize))
-    return manifest, out
+    manifests.write_manifest(staging, manifest)
+    return manifest
 
 
-def _prepare_out(out: Path) -> Path:
-    """Create `out`; a previous export there (check_inputs allowed it) is removed first."""
-    if out.is_dir() and any(out.iterdir()):
+def _publish(staging: Path, out: Path, cfg, replacing: bool) -> None:
+    if replacing:
         previous = manifests.read_manifest(out) or {}
         log.info("--overwrite: replacing the export in %s (created %s)", out,
                  previous.get("created", "?"))
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    publish(staging, out, replace=cfg.overwrite)
 
 
 def _write_model(cfg, source: Source, out: Path, tokenizer, max_length: int) -> dict[str, Any]:

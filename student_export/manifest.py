@@ -22,15 +22,14 @@
       "created": UTC time, "logitstore_version", "versions": {library: version}
     }
 
-It is written first (status "exporting", so a directory a crash left is recognisable as an
-export and --overwrite may replace it), again before the gate loads the export (the loaders
+It is written first (status "exporting", so a staging directory a crash left is
+recognisable as an unfinished export), again before the gate loads the export (the loaders
 read it), and last with the gate's result. Each write replaces the file atomically.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from datetime import datetime, timezone
 from importlib import metadata
@@ -39,6 +38,7 @@ from typing import Any
 
 from logitstore import __version__
 from logitstore.toolkit.inference import EXPORT_FORMAT_VERSION, EXPORT_MANIFEST
+from logitstore.toolkit.json_values import nonfinite_to_none
 
 _LIBRARIES = ("torch", "transformers", "onnx", "onnxruntime", "torchao")
 
@@ -78,22 +78,10 @@ def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> Path:
     """Write out_dir/export.json atomically (a reader sees the old or the new file)."""
     path = Path(out_dir) / EXPORT_MANIFEST
     tmp = path.with_name(path.name + ".tmp")
-    text = json.dumps(_json_safe(manifest), indent=2, allow_nan=False)
+    text = json.dumps(nonfinite_to_none(manifest), indent=2, allow_nan=False)
     tmp.write_text(text + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path
-
-
-def _json_safe(value: Any) -> Any:
-    """`value` with NaN and infinities as null: JSON has no such numbers, and a broken
-    export's gate figures may be exactly those."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
-    return value
 
 
 def read_manifest(out_dir: Path) -> dict[str, Any] | None:

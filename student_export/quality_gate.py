@@ -179,13 +179,19 @@ def _figures(totals: dict[str, float], threshold: float) -> dict[str, Any]:
     }
 
 
-def failure_message(quality: dict[str, Any], out_dir: Path, quantize: str) -> str:
-    """One paragraph: why the gate failed, where the files are, what to do."""
+def failure_message(quality: dict[str, Any], out_dir: Path, quantize: str, *,
+                    kept: bool = True) -> str:
+    """One paragraph: why the gate failed, where the files are (`kept` in out_dir; else
+    removed, and the previous export in out_dir left as it was), what to do."""
     data = quality.get("data", {})
     hint = ("export with --quantize none (fp32), or accept the loss with a higher "
             "--max-ppl-ratio" if quantize == "int8" else
             "an fp32 export should match its source almost exactly, so this points to an "
             "exporter problem: try --format torch, or rerun with -v and report it")
+    where = (f"The files are kept in {out_dir} for inspection (export.json \"quality\" has "
+             f"\"passed\": false)." if kept else
+             f"The previous export in {out_dir} is left as it was and the failed one was "
+             "removed (export to a new directory to inspect its files).")
     return (
         f"quality gate failed: the export's perplexity is {quality['perplexity_ratio']:.6g} "
         f"times the source model's (ratio {quality['perplexity_ratio']:.6g} > threshold "
@@ -193,5 +199,4 @@ def failure_message(quality: dict[str, Any], out_dir: Path, quantize: str) -> st
         f"{quality['source_perplexity']:.6g} on {quality['tokens']} tokens of "
         f"{data.get('path', 'the held-out data')}; largest log-prob difference "
         f"{quality['max_abs_logprob_diff']:.4g}, mean {quality['mean_abs_logprob_diff']:.4g}). "
-        f"The files are kept in {out_dir} for inspection (export.json \"quality\" has "
-        f"\"passed\": false). To fix: {hint}.")
+        f"{where} To fix: {hint}.")

@@ -31,10 +31,10 @@ stay whole on every process (see `config_problems`).
 from __future__ import annotations
 
 import os
-import socket
 from typing import TYPE_CHECKING, Any
 
 from logitstore.errors import ConfigError, LogitStoreError
+from logitstore.toolkit.local_server import free_port
 
 if TYPE_CHECKING:  # torch is imported where it is used: config.py imports this module
     import torch
@@ -51,13 +51,6 @@ def config_problems(values: dict[str, Any]) -> list[str]:
                 "would not survive sharding). Use --fsdp with --lora-r (LoRA on a sharded "
                 "full-precision base), or --qlora without --fsdp"]
     return []
-
-
-def free_port() -> int:
-    """A TCP port free on this machine now (for a process group's rendezvous)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def join_process_group() -> None:

@@ -255,7 +255,7 @@ def launch_two(world, out: Path, *flags: str, wait: bool = True, **settings):
     """`accelerate launch` of 2 gloo processes training with --fsdp. accelerate's `--cpu
     --num_processes 2` starts one process without MPI; `--multi_gpu` with ACCELERATE_USE_CPU=1
     starts two gloo processes through torchrun (tests/test_train.py's DDP test does the same)."""
-    from student_train.sharding import free_port
+    from logitstore.toolkit.local_server import free_port
 
     args = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu",

@@ -165,6 +165,7 @@ def test_a_corrupt_export_fails_the_gate_and_keeps_its_files(tiny, tmp_path, mon
     assert f"ratio {quality['perplexity_ratio']:.6g} > threshold 1.001" in message
     assert f"kept in {out}" in message and "--format torch" in message
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]  # no staging left
 
 
 def test_gate_thresholds_default_by_quantize_and_can_be_set():
@@ -324,7 +325,7 @@ def _bad_cases(tiny: Path, tmp: Path) -> list[tuple[list, int, list[str]]]:
         ([tiny, "--out", tmp / "prev-with-dir", "--overwrite"], 1, ["directories mine",
                                                                     "no export writes"]),
         ([tiny, "--out", tmp / "prev-with-data", "--overwrite", "--check-data",
-          tmp / "prev-with-data" / "held.jsonl"], 1, ["is inside out", "deletes first"]),
+          tmp / "prev-with-data" / "held.jsonl"], 1, ["is inside out", "deletes once"]),
         ([tiny, "--out", out, "--check-data", tmp / "nope.jsonl"], 1, ["check_data",
                                                                         "no such file"]),
         ([tiny, "--out", out, "--check-data", bad_jsonl], 1, ["bad.jsonl:1", "`text`"]),
@@ -373,6 +374,7 @@ def test_overwrite_replaces_a_previous_export_only(exports, tiny, tmp_path):
     manifest = json.loads((out / "export.json").read_text())
     assert (manifest["quantize"], manifest["settings"]["model"]) == ("int8", str(tiny))
     assert manifest["quality"]["data"]["sequences"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "export.yaml"]
 
 
 def test_a_hub_id_not_in_the_cache_is_one_paragraph(tmp_path, monkeypatch):

@@ -7,7 +7,8 @@ tools' configs (options), token-budget batching (batching) the pooling of hidden
 and attention maps (pooling), and running a student however it was saved (inference, onnx_lm,
 torch_int8), image+text classifiers and the adapters that read their logits and features
 (classifier_models, classifier_adapter), their records and synthetic data (classify_records,
-synthetic_classify) and metrics (classify_metrics).
+synthetic_classify) and metrics (classify_metrics), a local server process for tests,
+benchmarks and the demo (local_server) and JSON-safe values (json_values).
 
 The boundary: torch, transformers and datasets are imported lazily, inside the functions
 that need them, so importing a module here stays light (pooling imports torch at the top: it

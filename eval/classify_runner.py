@@ -14,7 +14,7 @@ Order, chosen so that every problem surfaces before a weight loads (`check_class
    counted in the report; a record without an image for a model with a vision tower too; an
    input already read from another file is skipped as a duplicate), or the `--split` of the
    classifier store `--store` (labels, texts, images found beside each sample's recorded data
-   source, every image checked to exist);
+   source by logitstore.toolkit.classify_store_images, every image checked to exist);
 4. the preprocessors each model saved (image processor, tokenizer);
 then, one model in memory at a time: load, score every sample (logits per head), free.
 
@@ -113,21 +113,11 @@ def _pick_split(counts: dict[str, int], split: str, url: str) -> str:
                        f"with --split"])
 
 
-def _image_path(image: str, source: str) -> Path | None:
-    """A stored image path: absolute as is, else beside its data source (teacher-dump)."""
-    if not image:
-        return None
-    path = Path(image)
-    if path.is_absolute() or not source:
-        return path
-    origin = Path(source)
-    return (origin if origin.is_dir() else origin.parent) / path
-
-
 def _read_store(cfg: EvalConfig, heads: dict[str, int], needs_image: str | None
                 ) -> tuple[list[Sample], dict[str, Any]]:
     """Samples of the store split, images checked to exist."""
     from logitstore.classifier_reader import ClassifierReader
+    from logitstore.toolkit.classify_store_images import resolve_store_images
 
     reader = ClassifierReader(cfg.store)  # StoreNotFoundError, StoreKindError...
     if dict(reader.heads) != heads:
@@ -135,16 +125,9 @@ def _read_store(cfg: EvalConfig, heads: dict[str, int], needs_image: str | None
                            f"models classify {heads}; evaluate on a store dumped for them"])
     split = _pick_split(reader.split_counts(), cfg.split, cfg.store)
     arrays = reader.arrays(split)
-    paths = [_image_path(i, s) for i, s in zip(arrays.images, arrays.sources)]
-    if needs_image:
-        missing = [str(p) if p else f"(sample {arrays.sample_ids[i][:12]} has no image)"
-                   for i, p in enumerate(paths) if p is None or not p.is_file()]
-        if missing:
-            raise LogitStoreError(
-                f"store {cfg.store} split {split!r}: {len(missing)} of {len(paths)} images are "
-                f"missing, e.g. {', '.join(missing[:MISSING_SHOWN])}; the {needs_image} reads "
-                f"images, found beside the data source teacher-dump recorded: put the records "
-                f"back where they were dumped from")
+    paths = resolve_store_images(
+        arrays, needed_by=needs_image, where=f"store {cfg.store} split {split!r}",
+        fix="put the records back where teacher-dump read them from (the data sources named)")
     samples = [Sample(p, t or "", {h: int(arrays.labels[h][i]) for h in heads})
                for i, (p, t) in enumerate(zip(paths, arrays.texts))]
     return samples, {"store": cfg.store, "split": split, "samples": len(samples),

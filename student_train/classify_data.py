@@ -12,11 +12,12 @@
 sample's image path resolved to a file. Its samples are numbered 0..N-1 in store order; that
 number is `sample_index`, the row of CRD's memory banks.
 
-Image paths: an absolute path is read as is; a relative one from the data root when there is
-one (`--data-root`, else a `data_root` the store records in its manifest's `extra`), else from
-the sample's data source as teacher-dump records it (the JSONL file's directory, or the
-imagefolder itself), else from the current directory. Every image file of the split
-is checked to exist before training (one paragraph naming the first missing ones and the data
+Image paths (logitstore.toolkit.classify_store_images.store_image_path): an absolute path is
+read as is; a relative one from the data root when there is one (`--data-root`, else a
+`data_root` the store records in its manifest's `extra`), else from the sample's data source
+as teacher-dump records it (the JSONL file's directory, or the imagefolder itself), else from
+the current directory. Every image file of the split is checked to exist before training (one
+paragraph naming the first missing ones, with their sample ids and data sources, and the data
 root used). Images are loaded and preprocessed per batch through the student's own image
 processor and texts through its tokenizer (no augmentation: the stored teacher signals are
 those of this canonical view). The order of an epoch is a permutation drawn from
@@ -35,7 +36,6 @@ import torch
 from logitstore.errors import LogitStoreError
 
 UNLABELLED_IN_LOSS = -100  # classify_losses' ignore index; the store writes -1
-MISSING_SHOWN = 5
 
 
 @dataclass
@@ -62,40 +62,22 @@ def resolve_data_root(data_root: str | None, reader) -> Path | None:
     return Path(recorded) if recorded else None
 
 
-def _resolved(image: str | None, source: str | None, data_root: Path | None) -> Path | None:
-    if not image:
-        return None
-    path = Path(image)
-    if path.is_absolute():
-        return path
-    if data_root is not None:
-        return data_root / path
-    if source:  # teacher-dump: relative to the JSONL file's directory or the imagefolder
-        origin = Path(source)
-        return (origin if origin.is_dir() else origin.parent) / path
-    return Path.cwd() / path
+def load_split(reader, split: str, data_root: Path | None,
+               needs_images: bool = True) -> ClassifySplit:
+    """The samples of `split` with their image files resolved (classify_store_images) and,
+    when the student has a vision tower (`needs_images`), checked to exist."""
+    from logitstore.toolkit.classify_store_images import resolve_store_images
 
-
-def load_split(reader, split: str, data_root: Path, needs_images: bool = True) -> ClassifySplit:
-    """The samples of `split` with their image files checked (when the student has a vision
-    tower: `needs_images`)."""
     counts = reader.split_counts()
     if not counts.get(split):
         raise LogitStoreError(f"store {reader.store.fs.url}: expected samples in split {split!r}, "
                               f"found the splits {counts}; choose one with --train-split / "
                               f"--eval-split")
     arrays = reader.arrays(split)
-    paths = [_resolved(image, source, data_root)
-             for image, source in zip(arrays.images, arrays.sources)]
-    if needs_images:
-        missing = [str(p) if p else f"(sample {arrays.sample_ids[i][:12]} has no image)"
-                   for i, p in enumerate(paths) if p is None or not p.is_file()]
-        if missing:
-            raise LogitStoreError(
-                f"split {split!r}: {len(missing)} of {len(paths)} images are missing, e.g. "
-                f"{', '.join(missing[:MISSING_SHOWN])} (relative paths are read from "
-                f"{data_root or 'each sample data source directory'}); expected every image of the store's records to exist: "
-                f"give --data-root, the directory teacher-dump read the records from")
+    paths = resolve_store_images(
+        arrays, data_root=data_root, needed_by="student's vision tower" if needs_images else None,
+        where=f"store {reader.store.fs.url} split {split!r}",
+        fix="give --data-root, the directory teacher-dump read the records from")
     return ClassifySplit(
         name=split, sample_ids=list(arrays.sample_ids), image_paths=paths,
         texts=list(arrays.texts),

@@ -10,10 +10,12 @@ The teacher is never loaded: its logits and features are read from the store
      else no evaluation), load the student (classify_student.py: its heads must be the
      store's) and the split data (classify_data.py: every image checked to exist);
   2. seed everything (`seed`), build the ClassifyObjective (weights ce/kl/mse/cos/crd_weight,
-     `temperature`, `feature_parts`, `crd_part`, `crd_k`, `crd_embed_dim`), materialize it on
-     the first training batch BEFORE the optimizer, fill CRD's teacher bank from every stored
-     training feature (`crd_fill_bank`), then AdamW over the student's and the objective's
-     parameters and the `lr_schedule`;
+     `class_weights` of the CE resolved by classify_class_weights.py (checked against the
+     store's heads before the student loads), `temperature`, `feature_parts`, `crd_part`,
+     `crd_k`, `crd_embed_dim`), materialize it on the first training batch BEFORE the
+     optimizer, fill CRD's teacher bank from every stored training feature
+     (`crd_fill_bank`), then AdamW over the student's and the objective's parameters and the
+     `lr_schedule`;
   3. resume (`--resume`): restore student, objective (projections, CRD banks), optimizer,
      scheduler, RNGs and data position (classify_checkpoint.py), so the run continues exactly;
   4. steps until max_steps (else `epochs` of full batches of `batch_size`), logging every
@@ -22,15 +24,16 @@ The teacher is never loaded: its logits and features are read from the store
   5. the final evaluation, run/best/ (the best evaluation's student) and run/final/ (the last
      student; with patience > 0 the best one, as the causal loop restores it), both
      save_pretrained directories with tokenizer and image processor, loadable by
-     AutoModel.from_pretrained; run/training_metadata.json with `final_metrics`.
+     AutoModel.from_pretrained; run/training_metadata.json with `final_metrics` and the
+     `class_weights` the CE used ({head: [C] weights}, "balanced" resolved to numbers).
 
 run/metrics.jsonl, one JSON object per line with "step" (also in run/tensorboard/):
   train/loss (the weighted total), train/ce, train/kl, train/mse, train/cos, train/crd (each
   active term unweighted), train/ce/<head>, train/mse/<part>..., train/lr, train/epoch,
   train/samples_seen;
-  eval/loss (summed per-head mean CE on the eval split), eval/macro_f1 (mean macro-F1 over the
-  heads: early stopping's metric, and `student-train sweep --metric eval_macro_f1
-  --direction maximize`'s), eval/accuracy (mean over heads), eval/<head>/accuracy,
+  eval/loss (summed per-head mean CE on the eval split, without class_weights), eval/macro_f1
+  (mean macro-F1 over the heads: early stopping's metric, and `student-train sweep --metric
+  eval_macro_f1 --direction maximize`'s), eval/accuracy (mean over heads), eval/<head>/accuracy,
   eval/<head>/macro_f1, eval/<head>/ece.
 Runs on CUDA when available, else on the CPU, in fp32 (mixed_precision, student_dtype and
 gradient_checkpointing are settings of the causal loop; the store is checked by its reads'
@@ -108,7 +111,8 @@ def feature_parts(cfg: TrainConfig, reader, student: ClassifyStudent) -> list[st
     return parts
 
 
-def build_objective(cfg: TrainConfig, heads: list[str], parts: list[str], n_samples: int):
+def build_objective(cfg: TrainConfig, heads: list[str], parts: list[str], n_samples: int,
+                    class_weights: dict[str, list[float]] | None = None):
     from student_train.classify_objective import ClassifyLossWeights, ClassifyObjective
     from student_train.crd import CRDConfig
 
@@ -116,7 +120,8 @@ def build_objective(cfg: TrainConfig, heads: list[str], parts: list[str], n_samp
         return ClassifyObjective(
             ClassifyLossWeights(ce=cfg.ce_weight, kl=cfg.kl_weight, mse=cfg.mse_weight,
                                 cos=cfg.cos_weight, crd=cfg.crd_weight),
-            heads=heads, temperature=cfg.temperature, feature_parts=parts,
+            heads=heads, temperature=cfg.temperature, class_weights=class_weights,
+            feature_parts=parts,
             crd_part=cfg.crd_part if cfg.crd_weight > 0 else None,
             crd_config=CRDConfig(embed_dim=cfg.crd_embed_dim, k_negatives=cfg.crd_k),
             n_samples=n_samples)
@@ -165,8 +170,12 @@ def prepare_classify_run(cfg: TrainConfig, out: Path) -> ClassifyRun:
     """Store, splits, student, data, objective (materialized), optimizer and schedule."""
     from transformers import get_scheduler, set_seed
 
+    from student_train.classify_class_weights import (check_class_weights,
+                                                      resolve_class_weights)
+
     reader = open_classifier_store(cfg.store)
     train_split, eval_split = choose_splits(cfg, reader)
+    check_class_weights(cfg.class_weights, reader.heads)  # before the student loads
     set_seed(cfg.seed)  # python, numpy, torch: a saved student's projections start the same too
     student = load_classify_student(cfg.student, reader.heads, cfg.seed)  # heads checked
     parts = feature_parts(cfg, reader, student)
@@ -178,7 +187,10 @@ def prepare_classify_run(cfg: TrainConfig, out: Path) -> ClassifyRun:
     if per_epoch < 1:
         raise LogitStoreError(f"split {train_split!r} holds {len(train)} samples, fewer than "
                               f"one batch of batch_size={cfg.batch_size}; lower --batch-size")
-    objective = build_objective(cfg, sorted(reader.heads), parts, len(train))
+    class_weights = resolve_class_weights(cfg.class_weights,
+                                          {h: y.numpy() for h, y in train.labels.items()},
+                                          reader.heads)
+    objective = build_objective(cfg, sorted(reader.heads), parts, len(train), class_weights)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     student.model.to(device)
     generator = torch.Generator().manual_seed(cfg.seed)  # CRD's banks and negatives
@@ -405,6 +417,7 @@ def _write_metadata(run: ClassifyRun, progress: ClassifyProgress, final: dict) -
     metadata = {
         "tool": "student-train", "tool_version": __version__, "task": "classify",
         "student": run.student.source, "store": run.store_url, "config": run.cfg.as_dict(),
+        "class_weights": {h: w.tolist() for h, w in run.parts.objective.class_weights.items()},
         "train_split": run.train.name, "train_samples": len(run.train),
         "eval_split": run.eval.name if run.eval else None,
         "eval_samples": len(run.eval) if run.eval else 0,

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from logitstore.errors import ConfigError
-from logitstore.toolkit.options import Field, coerce
+from logitstore.toolkit.options import Field
 from student_train.config import FIELDS
 
 # Settings each trial gets from the sweep itself, never from the space.
@@ -221,7 +221,7 @@ def _is_number(value: Any, *, integer: bool) -> bool:
 def _value_problem(field: Field, value: Any) -> str | None:
     """Why `value` is not a valid value of the setting (coercion, choices, check), or None."""
     try:
-        coerced = coerce(field.kind, value)
+        coerced = field.coerce(value)
     except ValueError as exc:
         return str(exc)
     return field.problem(coerced)

@@ -282,20 +282,6 @@ def test_relative_images_are_read_from_the_data_root(tmp_path, monkeypatch):
     assert resolve_data_root(None, reader(None)) is None
 
 
-def test_relative_images_are_read_beside_their_data_source(tmp_path, monkeypatch):
-    from student_train.classify_data import _resolved
-
-    (tmp_path / "folder").mkdir()
-    jsonl = tmp_path / "data" / "train.jsonl"
-    assert _resolved("images/a.png", str(jsonl), None) == tmp_path / "data" / "images/a.png"
-    assert _resolved("cls/a.png", str(tmp_path / "folder"), None) == tmp_path / "folder/cls/a.png"
-    assert _resolved("images/a.png", str(jsonl), Path("/root")) == Path("/root/images/a.png")
-    assert _resolved("/abs/a.png", str(jsonl), Path("/root")) == Path("/abs/a.png")
-    monkeypatch.chdir(tmp_path)
-    assert _resolved("a.png", "", None) == tmp_path / "a.png"
-    assert _resolved("", str(jsonl), None) is None
-
-
 def test_the_causal_loop_refuses_a_classifier_store(setup, tmp_path):
     from student_train.config import resolve_config
     from student_train.sources import check_inputs

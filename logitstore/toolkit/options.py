@@ -35,7 +35,7 @@ PRESETS_PACKAGE = "logitstore.presets"
 _CHECKOUT_PRESETS = Path(__file__).resolve().parents[2] / "configs"
 
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool, "list_str": tuple[str, ...],
-          "list_int": tuple[int, ...], "weights": dict[str, float]}
+          "list_int": tuple[int, ...], "weights": dict[str, float], "custom": Any}
 _METAVARS = {"int": "N", "float": "X", "list_int": "I,J", "weights": "NAME:W,...", "str": "TEXT"}
 
 
@@ -44,6 +44,7 @@ class Field:
     """One setting: its type, default, check and help; the flag and YAML key share its name."""
 
     kind: str  # str | int | float | bool | list_str | list_int | weights | optional_<scalar>
+    #            | custom (coerced by `parse`)
     default: Any
     check: Callable[[Any], str | None] | None = None  # -> problem text, or None when fine
     help: str = ""
@@ -53,10 +54,15 @@ class Field:
     bare_value: Any = None  # value of the flag given alone (`--resume` = "latest"); None: none
     yaml_only: str = ""  # why this setting has no flag (shown in --config's help); "" = it has
     resumable: bool = False  # may differ between a run and its resume (no effect on results)
+    parse: Callable[[Any], Any] | None = None  # kind custom: value -> its form (ValueError)
 
     @property
     def flag(self) -> bool:
         return not self.yaml_only
+
+    def coerce(self, value: Any) -> Any:
+        """value (from YAML or a flag) -> this setting's type; ValueError with a short reason."""
+        return self.parse(value) if self.kind == "custom" else coerce(self.kind, value)
 
     def problem(self, value: Any) -> str | None:
         """What is wrong with a coerced value (choices, then the check), or None."""
@@ -412,7 +418,7 @@ def resolve_fields(fields: dict[str, Field], section: str, preset: str | Path | 
                 problems.append(f"{where}: unknown setting '{key}'{hint}")
                 continue
             try:
-                values[norm] = coerce(field.kind, raw)
+                values[norm] = field.coerce(raw)
                 origin[norm] = where
             except ValueError as exc:
                 problems.append(f"{norm} ({where}): {exc}")

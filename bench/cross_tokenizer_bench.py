@@ -20,7 +20,9 @@ students    one architecture; per seed, same steps, same stored samples in the s
             (CE only, tokenizer A) and, unless --no-b, xkd-B-pkl (student C from teacher B's
             store) and (4) xkd-AB-pkl: two teachers A and B into C, `--signals
             topk32:0.5,topk32-B:0.5` on store AB (store A plus teacher B's signal, added by
-            `teacher-dump --model B --signal topk32-B --out store-AB`)
+            `teacher-dump --model B --signal topk32-B --out store-AB`); --variants picks
+            some, e.g. xkd-pkl-aligned (xkd-pkl with inside_token_targets false: positions
+            inside a teacher token skipped, as before those targets) for a paired comparison
 metric      bits per byte on the held-out records (bench/xtok_eval.py), the only loss
             comparable across tokenizers; paired per seed (bench/xtok_report.py)
 
@@ -100,6 +102,12 @@ def two_teacher_parts(args, teachers, stores, readers) -> tuple:
     return store, samples
 
 
+def train_keys(args) -> dict:
+    """The students' shared student-train keys: TRAIN with the run's --min-mapped-share."""
+    share = getattr(args, "min_mapped_share", None)
+    return TRAIN if share is None else {**TRAIN, "min_mapped_share": share}
+
+
 def prepare(args) -> SimpleNamespace:
     """Corpus, teachers, stores and the students' plan: built, or reused from the cache."""
     from transformers import AutoTokenizer
@@ -130,11 +138,12 @@ def prepare(args) -> SimpleNamespace:
     if samples_b and set(samples_b) != set(readers["A"].sample_ids):
         raise SystemExit("stores A and B hold different sample ids: the B student could not "
                          "read the same texts; dump both from the same transfer file")
-    plan = SimpleNamespace(preset=write_yaml(args.work / "train.yaml", "train", TRAIN),
+    preset = write_yaml(args.work / "train.yaml", "train", train_keys(args))
+    plan = SimpleNamespace(preset=preset,
                            work=args.work, steps=args.steps, signal=signal, stores=stores,
                            readers=readers, student_dirs=student_dirs(args, corpus),
                            tokenizer_c=AutoTokenizer.from_pretrained(corpus["tokenizers"]["C"]),
-                           samples_b=samples_b)
+                           samples_b=samples_b, variants=args.variants)
     plan.two_teacher, plan.samples_ab = two_teacher_parts(args, teachers, stores, readers)
     per_epoch = shared_stream(plan, args.seed, TRAIN["batch_tokens"], True).num_batches()
     plan.steps = args.steps or max(1, round(args.epochs * per_epoch))
@@ -239,7 +248,7 @@ def run_benchmark(args, command: str) -> dict:
         "stores": {n: {k: v for k, v in s.items() if k != "sizes"}
                    for n, s in ready.stores.items()},
         "two_teacher_store": ready.two_teacher,
-        "settings": {"train": TRAIN, "size": args.size, "top_k": args.top_k,
+        "settings": {"train": train_keys(args), "size": args.size, "top_k": args.top_k,
                      "steps": ready.plan.steps, "seeds": args.seeds},
         "teacher_heldout": teachers, "runs": runs,
         "summary": summarise(runs, teachers)}
@@ -266,6 +275,13 @@ def parse_args(argv=None):
                    "transfer set")
     p.add_argument("--steps", type=int, help="student steps (overrides --epochs)")
     p.add_argument("--no-b", action="store_true", help="no teacher B (nor its student)")
+    p.add_argument("--variants", help="comma-separated students to train (default: all but "
+                   "xkd-pkl-aligned; ce-C and kd-A always, the report's references), of: "
+                   "ce-A, kd-A, ce-C, xkd-pkl, xkd-pkl-aligned (inside-token targets off), "
+                   "xkd-uld, xkd-B-pkl, xkd-AB-pkl")
+    p.add_argument("--min-mapped-share", type=float, help="the students' min_mapped_share "
+                   f"(default {TRAIN['min_mapped_share']}): aligned positions' mapped share "
+                   "and inside-token positions' conditioned share")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--cache", type=Path, default=OUT / "cache" / "xtok",
                    help="corpus, tokenizers, teachers, student configs (reused across runs)")
@@ -278,6 +294,15 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.out = args.out or args.from_json or OUT / "xtok.json"
     args.png = args.png or args.out.with_suffix(".png")
+    from xtok_train import ALL_VARIANTS, DEFAULT_VARIANTS
+
+    chosen = DEFAULT_VARIANTS if not args.variants else \
+        tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    unknown = sorted(set(chosen) - set(ALL_VARIANTS))
+    if unknown or not {"ce-C", "kd-A"} <= set(chosen):
+        p.error(f"--variants takes names of {', '.join(ALL_VARIANTS)} and must hold ce-C and "
+                f"kd-A (the report's references), found {args.variants!r}")
+    args.variants = chosen
     if args.seeds < 1 or args.epochs <= 0 or args.top_k < 1:
         p.error(f"expected --seeds >= 1, --epochs > 0 and --top-k >= 1, found {args.seeds}, "
                 f"{args.epochs} and {args.top_k}")

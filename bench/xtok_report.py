@@ -14,8 +14,11 @@ summarise   per student variant: held-out bits per byte, tokens per byte, step a
                 (the data path: tokenize, align, gather), and per student token
   alignment     summed over seeds and steps from the batches' cross/ counts: share of trained
                 student positions aligned with a teacher position, share given a KD target
-                (aligned and mapped share >= min_mapped_share), the skip reasons, and the
-                map's coverage (teacher top-k mass at aligned positions whose token maps)
+                (aligned and mapped share >= min_mapped_share, or inside a teacher token and
+                conditioned: student_train/cross_inside.py), the skip reasons, the map's
+                coverage (teacher top-k mass at aligned positions whose token maps), and the
+                share of positions given a conditioned inside-token target with the top-k mass
+                the conditioning keeps there (conditioned coverage)
   two teachers  xkd-AB-pkl (student C from store AB: teacher A's and teacher B's signals,
                 weights 0.5 / 0.5) against the better single teacher (of xkd-pkl and
                 xkd-B-pkl, the lower mean bits per byte): paired per-seed difference AB -
@@ -35,7 +38,7 @@ NO_TWO_TEACHERS = ("this run has no xkd-AB-pkl student (run with --no-b, or befo
                    "built store AB): rerun without --no-b")
 SINGLES = ("xkd-pkl", "xkd-B-pkl")
 TWO = "xkd-AB-pkl"
-CROSS = ("xkd-pkl", "xkd-uld", "xkd-B-pkl", TWO)
+CROSS = ("xkd-pkl", "xkd-pkl-aligned", "xkd-uld", "xkd-B-pkl", TWO)
 
 
 def _seeds(runs, name, key="bits_per_byte"):
@@ -98,11 +101,17 @@ def alignment(runs: list[dict]) -> dict:
                 row["kd_share"] = value / positions if positions else None
             if key.startswith("topk_mass/") and value > 0:
                 row["map_coverage"] = counts["mapped_mass/" + key.split("/", 1)[1]] / value
+            if key.startswith("inside/"):
+                row["inside_share"] = value / positions if positions else None
+            if key.startswith("inside_topk_mass/") and value > 0:
+                row["conditioned_coverage"] = \
+                    counts["conditioned_mass/" + key.split("/", 1)[1]] / value
         row["skipped"] = {k[len("skipped_"):]: v / positions for k, v in counts.items()
                           if k.startswith("skipped_") and positions}
         row["per_signal"] = _per_signal(counts, positions)
         if len(row["per_signal"]) > 1:  # several teachers: no one signal speaks for the row
-            row.pop("kd_share", None), row.pop("map_coverage", None)
+            for key in ("kd_share", "map_coverage", "inside_share", "conditioned_coverage"):
+                row.pop(key, None)
         out[name] = row
     return out
 
@@ -157,7 +166,9 @@ def summarise(runs: list[dict], teachers: dict) -> dict:
     rows = method_rows(runs)
     ce_c, kd_a = _seeds(runs, "ce-C"), _seeds(runs, "kd-A")
     gap = [c - k for c, k in zip(ce_c, kd_a)]
-    a_gain = [c - k for c, k in zip(_seeds(runs, "ce-A"), kd_a)]
+    # a run of selected variants (--variants) may leave ce-A out: no own-CE gain then
+    a_gain = [c - k for c, k in zip(_seeds(runs, "ce-A"), kd_a)] if "ce-A" in rows else \
+        [0.0] * len(runs)
     goals = {}
     for name in (n for n in CROSS if n in rows):
         gain = [c - x for c, x in zip(ce_c, _seeds(runs, name))]
@@ -252,6 +263,10 @@ def alignment_lines(summary: dict) -> list[str]:
                                    else " with the store's own tokenization (teacher A)")
                      + (f"; map coverage {cover * 100:.1f} % of the teacher top-k mass at "
                         f"aligned positions" if cover is not None else "")
+                     + (f"; {a['inside_share'] * 100:.1f} % inside a teacher token with a "
+                        f"conditioned target (conditioned coverage "
+                        f"{a.get('conditioned_coverage', 0) * 100:.1f} % of the top-k mass)"
+                        if a.get("inside_share") else "")
                      + (f"; skipped: {skipped}" if skipped else ""))
         if len(a.get("per_signal", {})) > 1:  # several teachers: each one's own alignment
             lines += [f"  - signal {sig}: {r.get('aligned_share', 0) * 100:.1f} % aligned with "

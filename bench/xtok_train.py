@@ -11,6 +11,9 @@ rows into its own batch:
   xkd-uld                                   cross_loss pkl / uld: its CrossCollate (tokenize,
                                             align by byte spans, gather the top-k) and its
                                             vocabulary map, as `student-train` sets them up
+  xkd-pkl-aligned                           (only when --variants names it) xkd-pkl with
+                                            inside_token_targets false: aligned positions
+                                            only, the behaviour before inside-token targets
   xkd-B-pkl tokenizer C, KD from store B    (unless --no-b) teacher B's samples of the same
                                             ids, through B's own cross setup
   xkd-AB-pkl tokenizer C, KD from store AB  (unless --no-b) two teachers: store A plus
@@ -35,6 +38,9 @@ from types import SimpleNamespace
 
 A_VARIANTS = ("ce-A", "kd-A")
 C_VARIANTS = ("ce-C", "xkd-pkl", "xkd-uld")
+ALL_VARIANTS = (*A_VARIANTS, "ce-C", "xkd-pkl", "xkd-pkl-aligned", "xkd-uld", "xkd-B-pkl",
+                "xkd-AB-pkl")
+DEFAULT_VARIANTS = tuple(v for v in ALL_VARIANTS if v != "xkd-pkl-aligned")
 
 
 def train_config(plan, store: str, student_dir, name: str, seed: int, **overrides):
@@ -144,6 +150,7 @@ def make_variants(plan, seed: int, accelerator) -> tuple[list, dict]:
     from student_train.collate import collate
 
     signal = plan.signal
+    chosen = getattr(plan, "variants", DEFAULT_VARIANTS)  # bench --variants
     students = initial_students(plan, seed)
     a_store, b_store = plan.stores["A"]["url"], plan.stores.get("B", {}).get("url")
     kd = {"signals": {signal: 1.0}, "target": "topk"}
@@ -160,24 +167,31 @@ def make_variants(plan, seed: int, accelerator) -> tuple[list, dict]:
     collates = {"A": lambda raw: collate(raw["rows"], raw["weights"], raw["signals"],
                                          packing=raw["packing"])}
     crosses = {}
-    for loss in ("pkl", "uld"):
-        cfg_x = train_config(plan, a_store, plan.student_dirs["C"], f"xkd-{loss}", seed,
-                             cross_loss=loss, **kd)
-        plans, crosses[loss] = cross_parts(cfg_x, plan.readers["A"], plan.tokenizer_c)
-        variants.append(Variant(f"xkd-{loss}", cfg_x, copy_of(students["C"]), plans,
-                                f"C-{loss}", accelerator, crosses[loss].vocab_maps))
-        collates[f"C-{loss}"] = _cross_collate(crosses[loss].collate)
-    cfg_ce = train_config(plan, a_store, plan.student_dirs["C"], "ce-C", seed)
-    variants.insert(2, Variant("ce-C", cfg_ce, copy_of(students["C"]), [], "C-uld",
-                               accelerator))
-    if b_store is not None:
+    for name, loss, inside in (("xkd-pkl", "pkl", True), ("xkd-pkl-aligned", "pkl", False),
+                               ("xkd-uld", "uld", True)):
+        kind = "C-" + name[len("xkd-"):]
+        if name not in chosen and not (name == "xkd-uld" and "ce-C" in chosen):
+            continue  # ce-C reads the uld batch (the student's tokens, its signal unused)
+        cfg_x = train_config(plan, a_store, plan.student_dirs["C"], name, seed,
+                             cross_loss=loss, inside_token_targets=inside, **kd)
+        plans, crosses[kind[2:]] = cross_parts(cfg_x, plan.readers["A"], plan.tokenizer_c)
+        if name in chosen:
+            variants.append(Variant(name, cfg_x, copy_of(students["C"]), plans, kind,
+                                    accelerator, crosses[kind[2:]].vocab_maps))
+        collates[kind] = _cross_collate(crosses[kind[2:]].collate)
+    if "ce-C" in chosen:
+        cfg_ce = train_config(plan, a_store, plan.student_dirs["C"], "ce-C", seed)
+        variants.insert(2, Variant("ce-C", cfg_ce, copy_of(students["C"]), [], "C-uld",
+                                   accelerator))
+    variants = [v for v in variants if v.name in chosen]
+    if b_store is not None and "xkd-B-pkl" in chosen:
         cfg_b = train_config(plan, b_store, plan.student_dirs["C"], "xkd-B-pkl", seed,
                              cross_loss="pkl", **kd)
         plans, crosses["B"] = cross_parts(cfg_b, plan.readers["B"], plan.tokenizer_c)
         variants.append(Variant("xkd-B-pkl", cfg_b, copy_of(students["C"]), plans, "C-B",
                                 accelerator, crosses["B"].vocab_maps))
         collates["C-B"] = _b_collate(crosses["B"].collate, plan.samples_b)
-    if getattr(plan, "two_teacher", None) is not None:
+    if getattr(plan, "two_teacher", None) is not None and "xkd-AB-pkl" in chosen:
         variants.append(_two_teacher_variant(plan, seed, students["C"], accelerator,
                                              crosses, collates))
     return variants, {"collates": collates, "crosses": crosses}

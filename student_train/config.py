@@ -28,6 +28,7 @@ from logitstore.toolkit.options import (Field, at_least, between, config_class, 
                                         make_config, positive, resolve_fields)
 from logitstore.toolkit.record_formats import (DATA_FORMAT_METAVAR, data_format_problem,
                                                normalize_format_name)
+from student_train.classify_class_weights import parse_class_weights
 from student_train.sharding import config_problems as sharding_problems
 
 SECTION = "train"
@@ -117,7 +118,12 @@ FIELDS: dict[str, Field] = {
                              "uld = sorted-probability distance (no map)."),
     "min_mapped_share": Field("float", 0.5, _between(0, 1),
                               help="pkl: skip (and count) positions whose teacher top-k mass "
-                                   "maps onto the student's vocabulary less than this."),
+                                   "maps onto the student's vocabulary less than this (inside "
+                                   "a teacher token: whose conditioned share is less)."),
+    "inside_token_targets": Field("bool", True,
+                                  help="pkl: student positions inside a teacher token get the "
+                                       "teacher's top-k at that token's start conditioned on "
+                                       "the student's pieces since (false: skipped)."),
     "objective": Field("str", "blend", choices=OBJECTIVES,
                        help="blend: alpha*KD + (1-alpha)*CE over tokens; distillm-med: the "
                             "blend per specialty, weighted by specialty_weights."),
@@ -207,6 +213,14 @@ FIELDS: dict[str, Field] = {
     "batch_size": Field("int", 32, _at_least(1), help="classify: samples per batch."),
     "ce_weight": Field("float", 1.0, _at_least(0),
                        help="classify: weight of the cross-entropy on the labels, per head."),
+    "class_weights": Field("custom", {}, parse=parse_class_weights,
+                           metavar="HEAD=balanced|W:W:...,...",
+                           help="classify: class weights of a head's cross-entropy: balanced "
+                                "(n / (C * n_c) over the train split's labels; 0 for a class "
+                                "without any) or one weight >= 0 per class, e.g. "
+                                "modality=balanced,location=1:1:2 (YAML: {location: [1, 1, 2]})"
+                                "; heads not named are unweighted "
+                                "(student_train/classify_class_weights.py)."),
     "kl_weight": Field("float", 0.0, _at_least(0),
                        help="classify: weight of the KL to the teacher's logits at "
                             "--temperature, per head."),
@@ -304,6 +318,9 @@ def _cross_field_problems(v: dict[str, Any]) -> list[str]:
     if v["objective"] == "distillm-med" and not v["specialty_weights"]:
         out.append("objective distillm-med weights specialties: set specialty_weights "
                    "(e.g. --specialty-weights cardiology:1.2,radiology:1.0)")
+    if v["class_weights"]:
+        out.append("class_weights is a setting of --task classify (the CE of a classifier's "
+                   "heads): remove it, or add --task classify")
     if v["signals"] and sum(v["signals"].values()) <= 0:
         out.append(f"signals: the weights must have a positive sum, got {v['signals']}")
     return out
@@ -335,6 +352,9 @@ def _classify_problems(v: dict[str, Any]) -> list[str]:
     if not any(v[f"{t}_weight"] for t in ("ce", "kl", "mse", "cos", "crd")):
         out.append("every classify loss weight is 0: set at least one of ce_weight, kl_weight, "
                    "mse_weight, cos_weight, crd_weight above 0")
+    if v["class_weights"] and not v["ce_weight"]:
+        out.append(f"class_weights weight the cross-entropy, which ce_weight 0 switches off: "
+                   f"set ce_weight above 0, or remove class_weights {v['class_weights']}")
     return out
 
 

@@ -17,6 +17,16 @@ Python):
      top-k signal, `kd_mask` [B, S] bool (student position t has a teacher target: aligned and,
      for the vocabulary-mapped loss, a mapped share of its top-k mass >= min_mapped_share),
      and `cross_stats` (counts over the batch's trained positions, see `sample_stats`).
+Positions whose next token starts inside a teacher token: for a signal given its map's
+decompositions (`piece_maps`, the pkl loss's switch `inside_token_targets`), those whose
+student pieces since the teacher token's start agree with the map get the teacher's top-k at
+that start conditioned on those pieces (student_train/cross_inside.py): `kd_mask` True, the
+top-k gathered from that teacher position, and per entry `inside_ids` [B, S, k] (the student
+piece it continues with, -1: none) under `inside_mask` [B, S]; the rest stay skipped, counted
+per reason and signal (`skipped_inside_<why>/<signal>`); `inside/<signal>` counts the
+targets, `inside_topk_mass` / `conditioned_mass` their masses. The global
+`skipped_inside_teacher_token` then counts the inside positions that no signal on the store's
+own tokenization conditions, `inside_conditioned` the others.
 A signal on another tokenization of the store (format 2.2: a second teacher with its own
 tokenizer) is aligned by THAT tokenization's spans, with its own vocabulary map; student
 positions past the bytes that tokenization covers (a sample it cut at its max length) have
@@ -37,9 +47,10 @@ import torch
 
 from logitstore.sample import Sample, SignalData, TopK
 from logitstore.tokenized import loss_mask_by_bytes
-from logitstore.toolkit.token_alignment import SkipReason, align_positions
+from logitstore.toolkit.token_alignment import SkipReason, align_positions, inside_anchors
 from logitstore.toolkit.token_spans import tokenize_with_spans
 from student_train.collate import collate
+from student_train.cross_inside import INSIDE_REASONS, InsideTargets, condition_inside
 
 STAT_PREFIX = "cross/"
 REASONS = [r.name.lower() for r in SkipReason if r != SkipReason.ALIGNED]
@@ -52,6 +63,8 @@ class StudentSample:
     sample: Sample
     kd_mask: dict[str, np.ndarray]  # signal -> [Ls] bool
     stats: dict[str, float]
+    # signal -> (inside_ids [Ls, k] int64, inside_mask [Ls] bool): conditioned targets
+    inside: dict[str, tuple[np.ndarray, np.ndarray]]
 
 
 def student_loss_mask(teacher: Sample, student_spans: np.ndarray) -> np.ndarray:
@@ -98,32 +111,58 @@ def mapped_share(ids: np.ndarray, logprobs: np.ndarray,
     return (p * mapped).sum(-1), p.sum(-1)
 
 
+def _inside_stats(name: str, cond: InsideTargets, trained: np.ndarray) -> dict[str, float]:
+    """Counts and masses of one signal's inside positions, over the trained ones."""
+    counted = trained[cond.student_pos]
+    out = {f"inside/{name}": float(counted.sum()),
+           f"inside_topk_mass/{name}": float(cond.topk_mass[counted].sum()),
+           f"conditioned_mass/{name}": float(cond.conditioned_mass[counted].sum())}
+    out.update({f"skipped_{why}/{name}": float(trained[cond.skipped[why]].sum())
+                for why in INSIDE_REASONS})
+    return out
+
+
+def _inside_arrays(cond: InsideTargets, length: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(inside_ids [length, k] int64, -1 where no piece; inside_mask [length] bool)."""
+    piece = np.full((length, k), -1, np.int64)
+    piece[cond.student_pos] = cond.piece_ids
+    mask = np.zeros(length, bool)
+    mask[cond.student_pos] = True
+    return piece, mask
+
+
 class CrossCollate:
     """collate_fn of a StoreStream for a foreign-tokenizer student (module docstring).
 
     tokenizer: the student's (fast) tokenizer; topk_signals: the signals whose top-k is a KD
     target; first_maps: signal -> teacher_to_student_first [Vt] for the vocabulary-mapped
-    loss (absent: ULD, no share threshold); min_mapped_share: see `kd_mask`.
+    loss (absent: ULD, no share threshold); min_mapped_share: see `kd_mask`;
+    piece_maps: signal -> (piece_offsets [Vt + 1], piece_ids) of its vocabulary map, for the
+    signals whose inside-token positions get conditioned targets (absent: skipped).
     Picklable (DataLoader workers get a copy).
     """
 
     def __init__(self, tokenizer, topk_signals: list[str], first_maps: dict[str, np.ndarray],
-                 min_mapped_share: float, tokenizations: dict[str, str | None] | None = None):
+                 min_mapped_share: float, tokenizations: dict[str, str | None] | None = None,
+                 piece_maps: dict[str, tuple[np.ndarray, np.ndarray]] | None = None):
         self.tokenizer = tokenizer
         self.topk_signals = list(topk_signals)
         self.first_maps = {k: np.asarray(v) for k, v in first_maps.items()}
+        self.piece_maps = {k: (np.asarray(o, np.int64), np.asarray(p, np.int64))
+                           for k, (o, p) in (piece_maps or {}).items()}
         self.min_mapped_share = float(min_mapped_share)
         # signal -> the store tokenization its positions index (None: the store's own)
         self.tokenizations = dict(tokenizations or {})
 
     @staticmethod
     def _teacher_side(teacher: Sample, tokenization: str | None):
-        """(spans, special, covered bytes) of the teacher tokens a signal's positions index."""
+        """(spans, special, covered bytes, ids) of the teacher tokens a signal's positions
+        index."""
         if tokenization is None:
             t = teacher.text_spans
-            return t.spans, t.special, len(t.text.encode("utf-8"))
+            return t.spans, t.special, len(t.text.encode("utf-8")), teacher.input_ids
         cut = teacher.tokenizations[tokenization]
-        return cut.spans, cut.special, cut.covered_bytes
+        return cut.spans, cut.special, cut.covered_bytes, cut.input_ids
 
     def student_sample(self, teacher: Sample) -> StudentSample:
         t = teacher.text_spans
@@ -136,31 +175,52 @@ class CrossCollate:
         counts = np.bincount(align.student_reason[trained], minlength=len(SkipReason))
         stats.update({f"skipped_{r.name.lower()}": float(counts[r]) for r in SkipReason
                       if r != SkipReason.ALIGNED})
-        signals, kd_mask, aligned = {}, {}, {None: align}
+        signals, kd_mask, inside, aligned = {}, {}, {}, {None: align}
+        conditioned_here = np.zeros(len(ids), bool)  # by a signal on the store's tokenization
         length = len(ids)
         for name, data in teacher.signals.items():
             topk = None
             if name in self.topk_signals and data.topk is not None:
                 tokenization = self.tokenizations.get(name)
-                t_spans, t_special, covered = self._teacher_side(teacher, tokenization)
+                t_spans, t_special, covered, t_ids = self._teacher_side(teacher, tokenization)
                 if tokenization not in aligned:
                     aligned[tokenization] = align_positions(t_spans, t_special, spans, special)
                 a = aligned[tokenization]
                 uncovered = np.append(spans[1:, 0] >= covered, False)  # next token past them
                 stats[f"aligned/{name}"] = float(trained[a.student_pos].sum())
                 stats[f"uncovered/{name}"] = float((uncovered[:-1] & trained).sum())
-                topk = _gathered_topk(data.topk, a.teacher_pos, a.student_pos, length)
+                cond = None
+                if name in self.piece_maps:
+                    anchors = inside_anchors(a, t_spans, t_special, spans, special)
+                    cond = condition_inside(anchors, t_ids, ids, data.topk.ids,
+                                            data.topk.logprobs, *self.piece_maps[name],
+                                            self.min_mapped_share)
+                    stats.update(_inside_stats(name, cond, trained))
+                    inside[name] = _inside_arrays(cond, length, data.topk.ids.shape[1])
+                    if tokenization is None:
+                        conditioned_here[cond.student_pos] = True
+                t_pos = a.teacher_pos if cond is None else \
+                    np.concatenate([a.teacher_pos, cond.teacher_pos])
+                s_pos = a.student_pos if cond is None else \
+                    np.concatenate([a.student_pos, cond.student_pos])
+                topk = _gathered_topk(data.topk, t_pos, s_pos, length)
                 mask = np.zeros(length, bool)
                 mask[a.student_pos] = True
                 if name in self.first_maps:
                     stats.update(self._share_stats(name, topk, a.student_pos, trained, mask))
+                if cond is not None:
+                    mask[cond.student_pos] = True
                 kd_mask[name] = mask
                 stats[f"kd_positions/{name}"] = float((mask[:-1] & trained).sum())
             signals[name] = SignalData(topk=topk, hidden=data.hidden, attention=data.attention)
+        if self.piece_maps:  # inside positions with a target are not skipped ones
+            done = float((conditioned_here[:-1] & trained).sum())
+            stats["inside_conditioned"] = done
+            stats["skipped_inside_teacher_token"] -= done
         sample = Sample(sample_id=teacher.sample_id, input_ids=ids, loss_mask=loss_mask,
                         source=teacher.source, split=teacher.split, tags=teacher.tags,
                         signals=signals)
-        return StudentSample(sample, kd_mask, stats)
+        return StudentSample(sample, kd_mask, stats, inside)
 
     def _share_stats(self, name: str, topk: TopK, aligned: np.ndarray, trained: np.ndarray,
                      mask: np.ndarray) -> dict[str, float]:
@@ -193,6 +253,8 @@ class CrossCollate:
                 mask[b, a:a + len(c.sample)] = c.kd_mask[name]
                 start[b] = a + len(c.sample)
             batch["signals"][name]["kd_mask"] = torch.from_numpy(mask)
+            if name in self.piece_maps:
+                batch["signals"][name].update(_laid_out_inside(flat, name, B, S))
         totals: dict[str, float] = {}
         for _, c in flat:
             for key, value in c.stats.items():
@@ -201,9 +263,24 @@ class CrossCollate:
         return batch
 
 
+def _laid_out_inside(flat: list, name: str, B: int, S: int) -> dict[str, torch.Tensor]:
+    """The samples' inside arrays of one signal placed like kd_mask: inside_ids [B, S, k],
+    inside_mask [B, S]."""
+    k = next(c.inside[name][0].shape[1] for _, c in flat)
+    ids, mask = np.full((B, S, k), -1, np.int64), np.zeros((B, S), bool)
+    start = {}
+    for b, c in flat:
+        a = start.get(b, 0)
+        piece, inside = c.inside[name]
+        ids[b, a:a + len(c.sample)], mask[b, a:a + len(c.sample)] = piece, inside
+        start[b] = a + len(c.sample)
+    return {"inside_ids": torch.from_numpy(ids), "inside_mask": torch.from_numpy(mask)}
+
+
 def finish_stats(stats: dict[str, float]) -> dict[str, float]:
     """Adds the ratios of summed counts: the share of trained positions aligned, and per
-    signal the map's coverage (mapped / stored top-k mass at the aligned positions)."""
+    signal the map's coverage (mapped / stored top-k mass at the aligned positions) and the
+    conditioned coverage (conditioned / stored top-k mass at the inside targets)."""
     out = dict(stats)
     positions = stats.get(STAT_PREFIX + "positions")
     if positions:
@@ -215,6 +292,10 @@ def finish_stats(stats: dict[str, float]) -> dict[str, float]:
                 out[STAT_PREFIX + f"coverage/{name}"] = \
                     1.0 - stats.get(STAT_PREFIX + f"uncovered/{name}", 0.0) / positions
     for key, total in stats.items():
+        if key.startswith(STAT_PREFIX + "inside_topk_mass/") and total > 0:
+            name = key[len(STAT_PREFIX + "inside_topk_mass/"):]
+            out[STAT_PREFIX + f"conditioned_coverage/{name}"] = \
+                stats[STAT_PREFIX + f"conditioned_mass/{name}"] / total
         if key.startswith(STAT_PREFIX + "topk_mass/") and total > 0:
             name = key[len(STAT_PREFIX + "topk_mass/"):]
             out[STAT_PREFIX + f"map_coverage/{name}"] = \

@@ -27,6 +27,12 @@ student's mass on texts that start with that piece.
   losses.sparse_kd_per_position and fused_head_loss (via HeadLossTerms.targets) take it as it
   is, so the lm_head path needs nothing new. With the identity map (same tokenizer) it is bit
   for bit the target build_topk_target makes from the same tensors.
+* Conditioned rows (`conditioned_ids`, a student position inside a teacher token; see
+  student_train/cross_inside.py): the entries' student ids are given (the piece each entry
+  continues the student's bytes with, -1: the entry does not contribute) instead of read from
+  the map, and the target is the contributing mass renormalised: no "other" bin (its teacher
+  mass is 0, the tail and the other entries being outside the condition), so the student is
+  pulled onto the pieces the teacher's conditional holds.
 * `mapped_share` [n] = the share of the stored top-k mass whose tokens map (at T=1). A position
   whose mass is mostly unmapped gives a finite, small loss (most of the mass sits in "other",
   which the student matches cheaply; all unmapped gives exactly 0 and no gradient), never
@@ -169,12 +175,16 @@ def _check_map(first: Tensor, exact: Tensor | None, exact_only: bool) -> None:
 
 def project_topk_target(teacher_ids: Tensor, teacher_logprobs: Tensor,
                         teacher_to_student_first: Tensor, exact: Tensor | None = None, *,
-                        temperature: float = 1.0, exact_only: bool = False) -> MappedTarget:
+                        temperature: float = 1.0, exact_only: bool = False,
+                        conditioned_ids: Tensor | None = None,
+                        conditioned: Tensor | None = None) -> MappedTarget:
     """The teacher's stored top-k as a target over the student vocabulary (module docstring).
 
     teacher_ids [..., k] int (teacher vocab; < 0 = padding), teacher_logprobs [..., k] at T=1
     (-inf = padding); teacher_to_student_first [Vt] int (-1 = unmapped); exact [Vt] bool or
-    None; exact_only: count teacher tokens without an exact student twin as unmapped.
+    None; exact_only: count teacher tokens without an exact student twin as unmapped;
+    conditioned [...] bool and conditioned_ids [..., k] int (both or neither): rows given
+    their entries' student ids (-1: not contributing), renormalised (module docstring).
     """
     _check_temperature(temperature)
     _check_map(teacher_to_student_first, exact, exact_only)
@@ -184,12 +194,25 @@ def project_topk_target(teacher_ids: Tensor, teacher_logprobs: Tensor,
     usable = valid & (student_ids >= 0)
     if exact_only:
         usable &= exact.to(lp.device)[safe_ids]
+    if (conditioned is None) != (conditioned_ids is None):
+        raise ValueError("conditioned and conditioned_ids go together: pass both or neither")
+    if conditioned is not None:
+        if conditioned_ids.shape != teacher_ids.shape or conditioned.shape != lp.shape[:-1]:
+            raise ValueError(f"conditioned_ids must be shaped like the top-k "
+                             f"{tuple(teacher_ids.shape)} and conditioned like its rows "
+                             f"{tuple(lp.shape[:-1])}, found {tuple(conditioned_ids.shape)} "
+                             f"and {tuple(conditioned.shape)}")
+        row = conditioned.bool()[..., None]
+        student_ids = torch.where(row, conditioned_ids.long(), student_ids)
+        usable = torch.where(row, valid & (conditioned_ids >= 0), usable)
     group_lp, leader = _group_by_student_id(student_ids, usable, lp)
     tail = _tail_logprob(lp)
     unmapped = valid & ~usable
     unmapped_lp = torch.logsumexp(torch.where(unmapped, lp, LOG_ZERO), -1)
     # only where something is unmapped, so an identity map reproduces build_topk_target's bits
     other = torch.where(unmapped.any(-1), torch.logaddexp(unmapped_lp, tail), tail)
+    if conditioned is not None:  # renormalised over the contributing entries: no "other"
+        other = torch.where(conditioned.bool(), torch.full_like(other, LOG_ZERO), other)
     bins = F.log_softmax(torch.cat([group_lp, other[..., None]], -1) / temperature, -1)
     first_leader = leader.long().argmax(-1, keepdim=True)  # fill: a valid id of the row
     fill = student_ids.gather(-1, first_leader)

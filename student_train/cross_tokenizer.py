@@ -11,6 +11,8 @@ is not the student's:
   tokenizer pair and cached under `cache_dir/vocab_maps` (else `out/vocab_maps`);
   the objective projects the stored top-k through it (`cross_token_losses.project_topk_target`,
   an ordinary SparseTarget, so the fused lm_head path computes it like any top-k target);
+  with `inside_token_targets` (default) the map's decompositions also give the positions
+  inside a teacher token a conditioned target (student_train/cross_inside.py);
 * `cross_loss: uld`: no map; `uld_values` computes ULD on the student logits of the aligned
   positions, chunk by chunk under checkpointing;
 * signals of the store's other tokenizations (format 2.2: a second teacher with its own
@@ -164,7 +166,7 @@ def cross_setup(cfg, reader, eval_reader, tokenizer, plans, problems: list[str])
     if len(problems) > start:
         return None
     topk = [p.name for p in plans if p.target == "topk"]
-    maps, first_maps, summary = {}, {}, {}
+    maps, first_maps, piece_maps, summary = {}, {}, {}, {}
     if cfg.cross_loss == "pkl" and topk:
         from logitstore.toolkit.vocab_map import vocab_map_for
 
@@ -176,6 +178,9 @@ def cross_setup(cfg, reader, eval_reader, tokenizer, plans, problems: list[str])
         maps = {name: (built[on_tokenization[name]].teacher_to_student_first,
                        built[on_tokenization[name]].exact) for name in topk}
         first_maps = {name: pair[0] for name, pair in maps.items()}
+        if cfg.inside_token_targets:
+            piece_maps = {name: (built[on_tokenization[name]].piece_offsets,
+                                 built[on_tokenization[name]].piece_ids) for name in topk}
         summary = {"vocab_map": {**built[on_tokenization[topk[0]]].summary(),
                                  "key": built[on_tokenization[topk[0]]].key},
                    "vocab_maps": {name: {**built[on_tokenization[name]].summary(),
@@ -184,10 +189,12 @@ def cross_setup(cfg, reader, eval_reader, tokenizer, plans, problems: list[str])
     ratio = length_ratio(reader, tokenizer)
     return CrossTokenizer(
         loss=cfg.cross_loss, collate=CrossCollate(tokenizer, topk, first_maps,
-                                                  cfg.min_mapped_share, on_tokenization),
+                                                  cfg.min_mapped_share, on_tokenization,
+                                                  piece_maps),
         vocab_maps=maps, length_ratio=ratio,
         provenance={"cross_tokenizer": {"loss": cfg.cross_loss, "length_ratio": ratio,
                                         "min_mapped_share": cfg.min_mapped_share,
+                                        "inside_token_targets": bool(piece_maps),
                                         "teacher_tokenizer": reader.settings.tokenizer_name,
                                         **summary}})
 

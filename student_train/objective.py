@@ -25,8 +25,10 @@ not start a new packed sample (position_ids[t+1] == 0).
 
 A student with another tokenizer (student_train/cross_batch.py builds its batches): a signal
 whose plan has `cross_loss` carries `kd_mask` [B, S], the positions aligned with a teacher
-position; its KD is computed there only (student_train/cross_terms.py: "pkl" through the
-vocabulary map as an ordinary sparse target of the fused lm_head, "uld" apart) and averaged
+position (or, with `inside_ids` / `inside_mask`, inside a teacher token: a conditioned
+target, student_train/cross_inside.py); its KD is computed there only
+(student_train/cross_terms.py: "pkl" through the vocabulary map as an ordinary sparse target
+of the fused lm_head, "uld" apart) and averaged
 over them (`denominators`' `kd_tokens/<name>`), while CE covers every trained position.
 """
 
@@ -297,11 +299,14 @@ class DistillationObjective(nn.Module):
         """The plan's SparseTarget at the picked positions, fields [1, n, K]."""
         if plan.cross_loss == "pkl":
             i = self.map_index[plan.name]
+            inside = {"conditioned_ids": pick(signal["inside_ids"]),  # cross_batch.py
+                      "conditioned": pick(signal["inside_mask"])} if "inside_ids" in signal \
+                else {}
             return project_topk_target(pick(signal["topk_ids"]).long(),
                                        pick(signal["topk_logprobs"]).float(),
                                        getattr(self, f"vocab_map_{i}_first"),
                                        getattr(self, f"vocab_map_{i}_exact"),
-                                       temperature=temperature).target
+                                       temperature=temperature, **inside).target
         if plan.target == "topk":
             return build_topk_target(pick(signal["topk_ids"]).long(),
                                      pick(signal["topk_logprobs"]).float(),

@@ -197,24 +197,32 @@ def test_alignment_of_two_teachers_is_reported_per_signal():
 @pytest.mark.slow
 def test_the_harness_runs_end_to_end_at_its_tiniest_size(tmp_path):
     """Corpus, three tokenizers, two teachers and their stores (subprocesses of the real
-    tools), store AB (teacher B added to a copy of store A by `teacher-dump --signal`), seven
-    students over 2 seeds, bits per byte, summary, markdown and plot."""
+    tools), store AB (teacher B added to a copy of store A by `teacher-dump --signal`), eight
+    students (every variant, xkd-pkl-aligned included) over 2 seeds, bits per byte, summary,
+    markdown and plot."""
+    from xtok_train import ALL_VARIANTS
     from cross_tokenizer_bench import main
 
     out = tmp_path / "x.json"
     main(["--size", "tiny", "--seeds", "2", "--steps", "2", "--teacher-steps", "2",
           "--transfer-records", "12", "--heldout-records", "4", "--top-k", "8",
           "--cache", str(tmp_path / "cache"), "--work", str(tmp_path / "work"),
-          "--out", str(out), "--markdown", str(tmp_path / "x.md")])
+          "--out", str(out), "--markdown", str(tmp_path / "x.md"),
+          "--variants", ",".join(ALL_VARIANTS)])
     result = json.loads(out.read_text())
     summary = result["summary"]
-    assert set(summary["methods"]) == {"ce-A", "kd-A", "ce-C", "xkd-pkl", "xkd-uld",
-                                       "xkd-B-pkl", TWO}
+    assert set(summary["methods"]) == {"ce-A", "kd-A", "ce-C", "xkd-pkl", "xkd-pkl-aligned",
+                                       "xkd-uld", "xkd-B-pkl", TWO}
     for row in summary["methods"].values():
         assert 0 < row["bits_per_byte"]["mean"] < 20 and row["bits_per_byte"]["n"] == 2
-    assert set(summary["alignment"]) == {"xkd-pkl", "xkd-uld", "xkd-B-pkl", TWO}
+    assert set(summary["alignment"]) == {"xkd-pkl", "xkd-pkl-aligned", "xkd-uld", "xkd-B-pkl",
+                                         TWO}
     for row in summary["alignment"].values():
         assert 0 < row["aligned_share"] <= 1
+    inside, aligned_only = summary["alignment"]["xkd-pkl"], summary["alignment"]["xkd-pkl-aligned"]
+    assert inside["kd_share"] == pytest.approx(aligned_only["kd_share"]
+                                               + inside.get("inside_share", 0.0))
+    assert "inside_share" not in aligned_only
     assert 0 < summary["alignment"]["xkd-pkl"]["map_coverage"] <= 1
     assert "map_coverage" not in summary["alignment"]["xkd-uld"]  # ULD maps nothing
     two = summary["two_teachers"]
@@ -257,3 +265,16 @@ def assert_store_ab_holds_both_teachers(store_ab: Path, store_b: Path) -> None:
         # values, not ids: other batch neighbours may swap two near-equal logits' ranks
         np.testing.assert_allclose(mine[sid].signals["topk8-B"].topk.logprobs,
                                    theirs[sid].signals["topk8"].topk.logprobs, atol=1e-4)
+
+
+def test_variants_are_chosen_by_name_and_the_references_are_required():
+    from cross_tokenizer_bench import parse_args
+    from xtok_train import DEFAULT_VARIANTS
+
+    assert parse_args([]).variants == DEFAULT_VARIANTS
+    assert "xkd-pkl-aligned" not in DEFAULT_VARIANTS
+    picked = parse_args(["--variants", "ce-C, kd-A,xkd-pkl-aligned"]).variants
+    assert picked == ("ce-C", "kd-A", "xkd-pkl-aligned")
+    for bad in ("ce-C,kd-A,xkd-nope", "xkd-pkl,kd-A"):
+        with pytest.raises(SystemExit):
+            parse_args(["--variants", bad])

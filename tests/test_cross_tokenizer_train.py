@@ -25,6 +25,7 @@ from logitstore.toolkit.token_alignment import align_positions
 from logitstore.toolkit.token_spans import tokenize_with_spans
 from logitstore.toolkit.tokenizer_identity import tokenizer_fingerprint
 from logitstore.writer import StoreWriter, tokenizer_file_entries
+from student_train.cross_inside import INSIDE_REASONS
 from tiny_hf import corpus, make_tiny_llama, make_tokenizer
 from train_helpers import read_metrics
 
@@ -220,7 +221,10 @@ def test_objective_matches_a_dense_reference_on_a_cross_batch(world, loss, monke
     teacher_tok = stored_teacher_tokenizer(reader, str(world["store"]))
     vmap = vocab_map_for(teacher_tok, world["student_tok"], cache_dir=world["root"] / "maps")
     first = vmap.teacher_to_student_first
-    collate = CrossCollate(world["student_tok"], ["teacher"], {"teacher": first}, 0.5)
+    # pkl: with conditioned targets inside teacher tokens (share 0: this flat teacher has some)
+    pieces = {"teacher": (vmap.piece_offsets, vmap.piece_ids)} if loss == "pkl" else None
+    collate = CrossCollate(world["student_tok"], ["teacher"], {"teacher": first},
+                           0.0 if pieces else 0.5, piece_maps=pieces)
     batch = collate([[s] for s in reader.read_segment(0)[:4]], [[1.0]] * 4, ["teacher"],
                     packing=False)
     plans = [SignalPlan("teacher", kd_weight=1.0, target="topk", cross_loss=loss)]
@@ -253,8 +257,12 @@ def test_objective_matches_a_dense_reference_on_a_cross_batch(world, loss, monke
     ids = batch["signals"]["teacher"]["topk_ids"][kd]
     lps = batch["signals"]["teacher"]["topk_logprobs"][kd]
     if loss == "pkl":
+        signal = batch["signals"]["teacher"]
+        assert signal["inside_mask"][kd].any()
         mapped = project_topk_target(ids, lps, torch.from_numpy(first).long(),
-                                     torch.from_numpy(vmap.exact), temperature=temperature)
+                                     torch.from_numpy(vmap.exact), temperature=temperature,
+                                     conditioned_ids=signal["inside_ids"][kd],
+                                     conditioned=signal["inside_mask"][kd])
         kd_sum = mapped_kd_sum(logits[kd], mapped)
     else:
         kd_sum = uld_sum(logits[kd], ids, lps, temperature=temperature)
@@ -303,9 +311,11 @@ def test_foreign_student_trains_end_to_end(world, tmp_path, loss):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run = tmp_path / loss
+    # min_mapped_share 0: this random teacher's flat top-8 leaves every inside position
+    # under a conditioned share of 0.5, and the run should train on some of them
     final = train_run(world, run, cross_loss=loss, max_steps=16, alpha=0.9,
                       eval_fraction=0.25, eval_on_start=True, eval_every=0,
-                      signals={"teacher": 1.0})
+                      signals={"teacher": 1.0}, min_mapped_share=0.0)
     evals = [m for m in read_metrics(run) if "eval/kd" in m]
     assert [m["step"] for m in evals] == [0, 16]
     assert evals[-1]["eval/kd"] < evals[0]["eval/kd"] - 0.05, evals
@@ -322,10 +332,21 @@ def test_foreign_student_trains_end_to_end(world, tmp_path, loss):
         coverage = [m["train/cross/map_coverage/teacher"] for m in rows]
         assert all(0.5 < c <= 1.0 + 1e-6 for c in coverage)
         assert list((run / "vocab_maps").glob("*.npz"))  # built once, cached in the run
+        for m in rows:  # inside-token targets (default on): every inside position accounted
+            inside = m["train/cross/inside/teacher"] + sum(
+                m[f"train/cross/skipped_{why}/teacher"] for why in INSIDE_REASONS)
+            assert inside == m["train/cross/skipped_inside_teacher_token"] \
+                + m["train/cross/inside_conditioned"]
+            assert m["train/cross/kd_positions/teacher"] == m["train/cross/aligned"] \
+                - m["train/cross/skipped_low_mapped_share/teacher"] \
+                + m["train/cross/inside/teacher"]
+        assert sum(m["train/cross/inside/teacher"] for m in rows) > 0  # share 0: some
     else:
         assert "train/cross/map_coverage/teacher" not in rows[0]
+        assert "train/cross/inside/teacher" not in rows[0]  # ULD maps nothing: skipped
     meta = json.loads((run / "training_metadata.json").read_text())
     assert meta["source"]["cross_tokenizer"]["loss"] == loss
+    assert meta["source"]["cross_tokenizer"]["inside_token_targets"] is (loss == "pkl")
     model = AutoModelForCausalLM.from_pretrained(run / "final")
     saved = AutoTokenizer.from_pretrained(run / "final")
     assert tokenizer_fingerprint(saved) == tokenizer_fingerprint(world["student_tok"])

@@ -135,13 +135,20 @@ def _checked(spans, special, who: str) -> tuple[np.ndarray, np.ndarray]:
     return spans.astype(np.int64, copy=False), special
 
 
-def _targets(spans: np.ndarray, special: np.ndarray) -> _Targets:
+def _clean_text(spans: np.ndarray, special: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(text, clean) [T] bool: not special and at least one byte wide; and also starting at or
+    after the end of every earlier text token (module docstring)."""
     starts, ends = spans[:, 0], spans[:, 1]
     text = ~special & (ends > starts)
     # End of the text read so far, just before each token: a token starting earlier overlaps.
     text_end_so_far = np.maximum.accumulate(np.where(text, ends, -1)) if len(ends) else ends
     prior_text_end = np.concatenate([[-1], text_end_so_far[:-1]]) if len(ends) else ends
-    clean = text & (starts >= prior_text_end)
+    return text, text & (starts >= prior_text_end)
+
+
+def _targets(spans: np.ndarray, special: np.ndarray) -> _Targets:
+    starts, ends = spans[:, 0], spans[:, 1]
+    text, clean = _clean_text(spans, special)
     # The token before, skipping zero-width text (a dummy-prefix "▁" adds no text nor turn).
     substantive = special | (ends > starts)
     last_substantive = np.maximum.accumulate(np.where(substantive, np.arange(len(ends)), -1))
@@ -228,3 +235,63 @@ def _first_clean_text_start(spans: np.ndarray, special: np.ndarray) -> int | Non
     if len(spans) == 0 or special[0] or spans[0, 1] <= spans[0, 0]:
         return None
     return int(spans[0, 0])
+
+
+@dataclass(frozen=True)
+class InsideAnchors:
+    """The student positions whose next token starts strictly inside a teacher text token
+    (`SkipReason.INSIDE_TEACHER_TOKEN`), split by whether the student's tokens since that
+    teacher token's start can condition the teacher's prediction of it.
+
+    Anchored position `student_pos[m]`: teacher text token `teacher_token[m]` (index into the
+    teacher's tokens; clean, starting at byte b0) holds the start of the student's next token;
+    the student's tokens `first_piece[m]` .. `student_pos[m] + 1` are clean text, each starting
+    where the one before ends, the first at b0; and the student position before b0
+    (`first_piece[m] - 1`) is aligned with teacher position `teacher_token[m] - 1`, whose
+    prediction of the token at b0 is the one to condition. `unanchored` holds the other
+    inside positions: a student token crosses b0, a special / zero-width / overlapping token
+    sits among the pieces, or the position before b0 is not aligned (turn boundary, b0 is
+    the teacher's first token).
+    """
+
+    student_pos: np.ndarray  # int64 [M]
+    teacher_token: np.ndarray  # int64 [M]
+    first_piece: np.ndarray  # int64 [M]
+    unanchored: np.ndarray  # int64 [U]
+
+    @property
+    def depth(self) -> np.ndarray:
+        """[M] student pieces emitted since b0 (>= 1); the next token is piece depth + 1."""
+        return self.student_pos - self.first_piece + 1
+
+
+def inside_anchors(alignment: PositionAlignment, teacher_spans, teacher_special,
+                   student_spans, student_special) -> InsideAnchors:
+    """Split `alignment`'s inside-teacher-token positions into anchored and unanchored ones
+    (`InsideAnchors`); the spans are those `align_positions` aligned. Vectorised numpy."""
+    t_spans, t_special = _checked(teacher_spans, teacher_special, "teacher")
+    s_spans, s_special = _checked(student_spans, student_special, "student")
+    pos = np.flatnonzero(alignment.student_reason == SkipReason.INSIDE_TEACHER_TOKEN)
+    _, t_clean = _clean_text(t_spans, t_special)
+    t_clean_idx = np.flatnonzero(t_clean)
+    nxt = pos + 1  # the student's next token, inside a teacher text token (so one covers it)
+    u = t_clean_idx[np.searchsorted(t_spans[t_clean_idx, 0], s_spans[nxt, 0], "right") - 1]
+    b0 = t_spans[u, 0]
+    _, s_clean = _clean_text(s_spans, s_special)
+    s_clean_idx = np.flatnonzero(s_clean)
+    at = np.searchsorted(s_spans[s_clean_idx, 0], b0)
+    found = at < len(s_clean_idx)
+    v = np.where(found, s_clean_idx[np.minimum(at, max(len(s_clean_idx) - 1, 0))], -1) \
+        if len(s_clean_idx) else np.full_like(pos, -1)
+    found &= (v >= 1) & (s_spans[np.maximum(v, 0), 0] == b0) & (v <= pos)
+    # contiguous clean text from v to the next token: no break between v and nxt
+    follows = np.zeros(len(s_spans), bool)
+    follows[1:] = s_clean[1:] & (s_spans[1:, 0] == s_spans[:-1, 1])
+    breaks = np.cumsum(~follows)
+    safe_v = np.maximum(v, 0)
+    found &= breaks[nxt] == breaks[safe_v]
+    found &= alignment.student_reason[np.maximum(safe_v - 1, 0)] == SkipReason.ALIGNED
+    return InsideAnchors(student_pos=pos[found].astype(np.int64),
+                         teacher_token=u[found].astype(np.int64),
+                         first_piece=v[found].astype(np.int64),
+                         unanchored=pos[~found].astype(np.int64))

@@ -20,7 +20,9 @@ the command runs (student_train.classify_train.train_classifier).
 The product distils offline only; the online trial exists here to measure what the store
 saves. It wraps `train_step`: before each step the teacher (loaded once per trial, eval mode,
 no grad) scores the batch's images and captions through its own image processor and tokenizer
-and its head logits and features replace the stored rows of that batch. Everything else
+(its preprocessed inputs kept per sample within the `input_cache_mb` budget, as the
+student's are: an online distiller could keep them too) and its head logits and features
+replace the stored rows of that batch. Everything else
 (student, objective, CRD bank initialised from the stored features, batches) is the store
 trial's, so the difference in time is the teacher's per-batch forward (plus its loading).
 """
@@ -120,19 +122,27 @@ def online_teacher(teacher_dir: Path):
     from logitstore.toolkit.classifier_models import ImageTextClassifier
     from logitstore.toolkit.classify_records import load_rgb
     from student_train import classify_train
+    from student_train.classify_inputs import InputCache, text_pad
 
     teacher = ImageTextClassifier.from_pretrained(teacher_dir).eval()
     adapter = adapter_for(teacher)
     image_processor = load_image_processor(teacher_dir)
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     stored_step = classify_train.train_step
+    kept: dict[str, InputCache] = {}  # the teacher's inputs, kept as the student's are
 
-    def step_with_teacher(run, index: torch.Tensor) -> dict[str, float]:
-        rows = index.tolist()
-        inputs = preprocess_batch(
+    def preprocess(run, rows) -> dict[str, torch.Tensor]:
+        return preprocess_batch(
             images=[load_rgb(run.train.image_paths[i]) for i in rows],
             texts=[run.train.texts[i] for i in rows], image_processor=image_processor,
             tokenizer=tokenizer, max_length=64)
+
+    def step_with_teacher(run, index: torch.Tensor) -> dict[str, float]:
+        if "train" not in kept:
+            kept["train"] = InputCache(run.cfg.input_cache_mb, len(run.train))
+        inputs = kept["train"].batch(
+            index.tolist(), lambda row: {n: t[0] for n, t in preprocess(run, [row]).items()},
+            lambda rows: preprocess(run, rows), text_pad(tokenizer))
         with torch.no_grad():
             signals = adapter(inputs)
         for head, logits in signals["logits"].items():                     # [B, C]

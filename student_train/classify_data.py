@@ -18,10 +18,11 @@ read as is; a relative one from the data root when there is one (`--data-root`, 
 as teacher-dump records it (the JSONL file's directory, or the imagefolder itself), else from
 the current directory. Every image file of the split is checked to exist before training (one
 paragraph naming the first missing ones, with their sample ids and data sources, and the data
-root used). Images are loaded and preprocessed per batch through the student's own image
-processor and texts through its tokenizer (no augmentation: the stored teacher signals are
-those of this canonical view). The order of an epoch is a permutation drawn from
-(seed, epoch) alone, so a resumed run finds it again from the epoch number.
+root used). Images are loaded and preprocessed through the student's own image processor
+and texts through its tokenizer (no augmentation: the stored teacher signals are those of
+this canonical view), per batch, or once per sample when the split has an `inputs` cache
+(classify_inputs.InputCache, `input_cache_mb`). The order of an epoch is a permutation
+drawn from (seed, epoch) alone, so a resumed run finds it again from the epoch number.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 
 from logitstore.errors import LogitStoreError
+from student_train.classify_inputs import InputCache, text_pad
 
 UNLABELLED_IN_LOSS = -100  # classify_losses' ignore index; the store writes -1
 
@@ -49,6 +51,8 @@ class ClassifySplit:
     logits: dict[str, torch.Tensor]  # head -> [N, C] float32
     features: dict[str, torch.Tensor]  # part -> [N, D] float32
     labels: dict[str, torch.Tensor]  # head -> [N] long, -1 = unlabelled
+    # the student's preprocessed inputs, kept per sample (classify_inputs); None: per batch
+    inputs: InputCache | None = None
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -104,16 +108,25 @@ def _model_inputs(split: ClassifySplit, index: torch.Tensor, student) -> dict[st
     from logitstore.toolkit.classifier_adapter import preprocess_batch
     from logitstore.toolkit.classify_records import load_rgb
 
-    rows = index.tolist()
-    images = texts = None
-    if student.image_processor is not None:
-        images = [load_rgb(split.image_paths[i]) for i in rows]
-    if student.tokenizer is not None:
-        texts = [split.texts[i] or "" for i in rows]
     text_config = student.model.config.text_config
     max_length = getattr(text_config, "max_position_embeddings", 128) if text_config else 128
-    return preprocess_batch(images=images, texts=texts, image_processor=student.image_processor,
-                            tokenizer=student.tokenizer, max_length=min(max_length, 512))
+
+    def preprocess(rows) -> dict[str, Any]:
+        images = texts = None
+        if student.image_processor is not None:
+            images = [load_rgb(split.image_paths[i]) for i in rows]
+        if student.tokenizer is not None:
+            texts = [split.texts[i] or "" for i in rows]
+        return preprocess_batch(images=images, texts=texts,
+                                image_processor=student.image_processor,
+                                tokenizer=student.tokenizer, max_length=min(max_length, 512))
+
+    rows = index.tolist()
+    if split.inputs is None:
+        return preprocess(rows)
+    pad = text_pad(student.tokenizer) if student.tokenizer is not None else None
+    return split.inputs.batch(rows, lambda row: {n: t[0] for n, t in preprocess([row]).items()},
+                              preprocess, pad)
 
 
 def make_batch(split: ClassifySplit, index: torch.Tensor, student,

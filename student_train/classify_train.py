@@ -60,6 +60,7 @@ from student_train.classify_checkpoint import (ClassifyProgress, TrainingParts,
                                                load_classify_checkpoint, save_classify_checkpoint)
 from student_train.classify_data import (ClassifySplit, batches_per_epoch, epoch_order,
                                          load_split, make_batch, resolve_data_root)
+from student_train.classify_inputs import InputCache
 from student_train.classify_student import (ClassifyStudent, load_classify_student,
                                             save_classify_student)
 from student_train.config import TrainConfig, save_config
@@ -183,6 +184,9 @@ def prepare_classify_run(cfg: TrainConfig, out: Path) -> ClassifyRun:
     needs_images = student.image_processor is not None
     train = load_split(reader, train_split, data_root, needs_images)
     evaluation = load_split(reader, eval_split, data_root, needs_images) if eval_split else None
+    for split in (train, evaluation) if cfg.input_cache_mb else ():
+        if split is not None:
+            split.inputs = InputCache(cfg.input_cache_mb, len(split), log=log.warning)
     per_epoch = batches_per_epoch(len(train), cfg.batch_size)
     if per_epoch < 1:
         raise LogitStoreError(f"split {train_split!r} holds {len(train)} samples, fewer than "

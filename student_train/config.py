@@ -211,6 +211,12 @@ FIELDS: dict[str, Field] = {
                             "from (default: the data_root the store records, else the current "
                             "directory)."),
     "batch_size": Field("int", 32, _at_least(1), help="classify: samples per batch."),
+    "input_cache_mb": Field("int", 2048, _at_least(0), resumable=True,
+                            help="classify: memory for the student's preprocessed inputs of "
+                                 "each split, kept per sample from its first batch on so later "
+                                 "epochs skip image decoding and tokenising; a split that "
+                                 "would not fit is preprocessed per batch; 0 = never kept "
+                                 "(student_train/classify_inputs.py)."),
     "ce_weight": Field("float", 1.0, _at_least(0),
                        help="classify: weight of the cross-entropy on the labels, per head."),
     "class_weights": Field("custom", {}, parse=parse_class_weights,

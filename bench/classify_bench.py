@@ -76,13 +76,18 @@ def make_teacher(work: Path, settings: dict, configs: dict) -> dict:
     # A finished teacher of the same settings is reused: a rerun (e.g. after a student-side
     # change) does not pay its training again.
     record = work / "teacher.json"
+    dataset = json.loads((work / "data" / "dataset.json").read_text(encoding="utf-8"))
     wanted = {"config": configs["teacher"], "steps": settings["teacher_steps"],
-              "batch_size": settings["batch_size"], "lr": TEACHER_LR}
+              "batch_size": settings["batch_size"], "lr": TEACHER_LR, "dataset": dataset}
     if record.is_file():
         saved = json.loads(record.read_text(encoding="utf-8"))
         if saved.get("wanted") == wanted and (work / "teacher" / "config.json").is_file():
             return saved["teacher"]
-    shutil.rmtree(work / "store", ignore_errors=True)  # the old teacher's store
+    # the record goes first, so a retraining killed half-way is never taken as finished
+    record.unlink(missing_ok=True)
+    for stale in ("teacher", "store"):  # the old teacher and its store
+        shutil.rmtree(work / stale, ignore_errors=True)
+    (work / "dump.json").unlink(missing_ok=True)
     teacher = train_teacher(work / "data", work / "teacher", configs["teacher"], tokenizer,
                             steps=settings["teacher_steps"], batch_size=settings["batch_size"],
                             lr=TEACHER_LR, seed=0)
@@ -94,10 +99,12 @@ def make_teacher(work: Path, settings: dict, configs: dict) -> dict:
 def make_store(work: Path) -> dict:
     """`teacher-dump --task classify` of the three splits, then `logitstore verify`."""
     store = work / "store"
-    if (store / "manifest.json").is_file():  # this teacher's finished store (make_teacher)
+    if (store / "manifest.json").is_file() and (work / "dump.json").is_file():
+        # this teacher's finished store (make_teacher removes the store of another teacher)
         run_tool(["-c", "from logitstore.cli import main; main()", "verify", str(store)],
                  work / "verify.log")
         return json.loads((work / "dump.json").read_text(encoding="utf-8"))
+    shutil.rmtree(store, ignore_errors=True)  # a dump killed before it was recorded
     data = ",".join(str(work / "data" / f"{s}.jsonl") for s in ("train", "val", "test"))
     seconds = run_tool(["-m", "teacher_dump", "--task", "classify", "--device", "cpu",
                         "--no-progress", "--model", str(work / "teacher"), "--data", data,

@@ -140,9 +140,8 @@ def online_teacher(teacher_dir: Path):
     def step_with_teacher(run, index: torch.Tensor) -> dict[str, float]:
         if "train" not in kept:
             kept["train"] = InputCache(run.cfg.input_cache_mb, len(run.train))
-        inputs = kept["train"].batch(
-            index.tolist(), lambda row: {n: t[0] for n, t in preprocess(run, [row]).items()},
-            lambda rows: preprocess(run, rows), text_pad(tokenizer))
+        inputs = kept["train"].batch(index.tolist(), lambda rows: preprocess(run, rows),
+                                     text_pad(tokenizer))
         with torch.no_grad():
             signals = adapter(inputs)
         for head, logits in signals["logits"].items():                     # [B, C]

@@ -117,7 +117,7 @@ def _read_store(cfg: EvalConfig, heads: dict[str, int], needs_image: str | None
                 ) -> tuple[list[Sample], dict[str, Any]]:
     """Samples of the store split, images checked to exist."""
     from logitstore.classifier_reader import ClassifierReader
-    from logitstore.toolkit.classify_store_images import resolve_store_images
+    from logitstore.toolkit.classify_store_images import resolve_data_root, resolve_store_images
 
     reader = ClassifierReader(cfg.store)  # StoreNotFoundError, StoreKindError...
     if dict(reader.heads) != heads:
@@ -126,7 +126,7 @@ def _read_store(cfg: EvalConfig, heads: dict[str, int], needs_image: str | None
     split = _pick_split(reader.split_counts(), cfg.split, cfg.store)
     arrays = reader.arrays(split)
     paths = resolve_store_images(
-        arrays, needed_by=needs_image, where=f"store {cfg.store} split {split!r}",
+        arrays, data_root=resolve_data_root(None, reader), needed_by=needs_image, where=f"store {cfg.store} split {split!r}",
         fix="put the records back where teacher-dump read them from (the data sources named)")
     samples = [Sample(p, t or "", {h: int(arrays.labels[h][i]) for h in heads})
                for i, (p, t) in enumerate(zip(paths, arrays.texts))]

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from logitstore.errors import LogitStoreError
+from logitstore.toolkit.classify_store_images import resolve_data_root  # noqa: F401 (re-export)
 from student_train.classify_inputs import InputCache, text_pad
 
 UNLABELLED_IN_LOSS = -100  # classify_losses' ignore index; the store writes -1
@@ -56,14 +57,6 @@ class ClassifySplit:
 
     def __len__(self) -> int:
         return len(self.sample_ids)
-
-
-def resolve_data_root(data_root: str | None, reader) -> Path | None:
-    """--data-root, else the store's recorded data_root, else None (each sample's source)."""
-    if data_root:
-        return Path(data_root)
-    recorded = (reader.store.manifest.get("extra") or {}).get("data_root")
-    return Path(recorded) if recorded else None
 
 
 def load_split(reader, split: str, data_root: Path | None,
@@ -125,8 +118,7 @@ def _model_inputs(split: ClassifySplit, index: torch.Tensor, student) -> dict[st
     if split.inputs is None:
         return preprocess(rows)
     pad = text_pad(student.tokenizer) if student.tokenizer is not None else None
-    return split.inputs.batch(rows, lambda row: {n: t[0] for n, t in preprocess([row]).items()},
-                              preprocess, pad)
+    return split.inputs.batch(rows, preprocess, pad)
 
 
 def make_batch(split: ClassifySplit, index: torch.Tensor, student,

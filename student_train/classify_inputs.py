@@ -1,7 +1,8 @@
 """The student's model inputs of a classifier store's samples, preprocessed once per run.
 
     cache = InputCache(budget_mb=2048, samples=len(split))
-    inputs = cache.batch(rows, split, student, max_length)  # pixel_values [B,3,H,W], input_ids..
+    inputs = cache.batch(rows, preprocess, text_pad(tokenizer))  # preprocess(rows) -> a batch
+    # -> pixel_values [B,3,H,W], input_ids / attention_mask (/ token_type_ids) [B,L]
 
 Decoding PNG/JPEG files and running the image processor is a large share of a small
 student's step (about 30 % for bench/classify_bench.py's student on 48x48 images). The
@@ -17,9 +18,12 @@ them with the tokenizer's own `pad` to the longest text of the batch, as tokenis
 batch's texts together does. tests/test_classify_inputs.py checks both against
 `preprocess_batch` of the same batch.
 
-The budget bounds the memory: the first sample's size times the split's samples is compared
-with `budget_mb`; a split that would not fit is not cached at all (every batch is
-preprocessed as before; the run's log says so once), so memory never grows past the budget.
+The budget bounds the memory of one split's cache: the first sample's size times the split's
+samples is compared with `budget_mb`, and a split that would not fit is not cached at all
+(every batch is preprocessed together as before; the run's log says so once). As texts
+differ in length, the kept bytes are also counted: once they reach the budget no further
+sample is kept (those are preprocessed one by one, the same values), so the cache never
+holds more than `budget_mb`.
 """
 
 from __future__ import annotations
@@ -42,23 +46,29 @@ class InputCache:
         self.samples = samples
         self.enabled = budget_mb > 0
         self._kept: dict[int, dict[str, torch.Tensor]] = {}
+        self._kept_bytes = 0
         self._log = log
 
-    def batch(self, rows: Sequence[int], preprocess_one: Callable[[int], dict[str, Any]],
-              preprocess_batch: Callable[[Sequence[int]], dict[str, Any]],
+    def batch(self, rows: Sequence[int],
+              preprocess: Callable[[Sequence[int]], dict[str, torch.Tensor]],
               pad: Callable[[list[dict]], dict[str, torch.Tensor]] | None) -> dict[str, Any]:
-        """The model inputs of the samples `rows`: from the kept tensors (preprocessing the
-        samples not kept yet with `preprocess_one(row)` -> {name: [..] tensor, unbatched}),
-        or `preprocess_batch(rows)` when caching is off or the split does not fit."""
+        """The model inputs of the samples `rows`: from the kept tensors (a sample not kept
+        yet is preprocessed alone, `preprocess([row])`, and kept unbatched), or
+        `preprocess(rows)` when caching is off or the split does not fit."""
         if not self.enabled:
-            return preprocess_batch(rows)
+            return preprocess(rows)
+        kept = []
         for row in rows:
-            if row not in self._kept:
-                self._kept[row] = preprocess_one(row)
-                if len(self._kept) == 1 and not self._fits(self._kept[row]):
-                    self._kept.clear()
-                    return preprocess_batch(rows)
-        kept = [self._kept[row] for row in rows]
+            one = self._kept.get(row)
+            if one is None:
+                one = {name: value[0] for name, value in preprocess([row]).items()}
+                if not self._kept and not self._fits(one):
+                    return preprocess(rows)
+                size = _nbytes(one)
+                if self._kept_bytes + size <= self.budget_bytes:
+                    self._kept[row] = one
+                    self._kept_bytes += size
+            kept.append(one)
         batch: dict[str, Any] = {}
         if "pixel_values" in kept[0]:
             batch["pixel_values"] = torch.stack([k["pixel_values"] for k in kept])
@@ -68,7 +78,7 @@ class InputCache:
         return batch
 
     def _fits(self, first: dict[str, torch.Tensor]) -> bool:
-        per_sample = sum(t.numel() * t.element_size() for t in first.values())
+        per_sample = _nbytes(first)
         needed = per_sample * self.samples
         if needed <= self.budget_bytes:
             return True
@@ -78,6 +88,10 @@ class InputCache:
                       f"= {needed / MB:.0f} MB > input_cache_mb={self.budget_bytes // MB}; "
                       f"every batch is preprocessed (raise --input-cache-mb to cache them)")
         return False
+
+
+def _nbytes(inputs: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in inputs.values())
 
 
 def text_pad(tokenizer) -> Callable[[list[dict]], dict[str, torch.Tensor]]:

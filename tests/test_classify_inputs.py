@@ -70,3 +70,15 @@ def test_training_with_and_without_the_cache_is_identical(setup, tmp_path):  # n
     a, b = _student_tensors(with_cache / "final"), _student_tensors(without / "final")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
+
+
+def test_kept_bytes_never_pass_the_budget():
+    # 2 samples estimated from the first (0.4 MB each) fit 1 MB; the second is larger
+    # (a longer text) and would pass it: it is used but not kept; a small third is kept.
+    sizes = {0: 100_000, 1: 200_000, 2: 10}  # float32 elements
+    one = lambda rows: {"pixel_values": torch.full((1, sizes[rows[0]]), float(rows[0]))}  # noqa: E731
+    cache = InputCache(1, 2)
+    for row in (0, 1, 2, 1):
+        batch = cache.batch([row], one, None)["pixel_values"]
+        assert batch.shape == (1, sizes[row]) and bool((batch == row).all())
+    assert sorted(cache._kept) == [0, 2] and cache._kept_bytes == 4 * (100_000 + 10)

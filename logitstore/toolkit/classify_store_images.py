@@ -43,6 +43,16 @@ def store_image_path(image: str | None, source: str | None,
     return Path.cwd() / path
 
 
+def resolve_data_root(data_root: str | os.PathLike | None, reader) -> Path | None:
+    """Where relative image references start: `data_root` when given (--data-root), else
+    the `data_root` the store records in its manifest's `extra` (a writer may record it),
+    else None (each sample's data source: store_image_path). `reader`: a ClassifierReader."""
+    if data_root:
+        return Path(data_root)
+    recorded = (reader.store.manifest.get("extra") or {}).get("data_root")
+    return Path(recorded) if recorded else None
+
+
 def resolve_store_images(arrays, *, data_root: str | os.PathLike | None = None,
                          needed_by: str | None = None, where: str = "the store",
                          fix: str = "") -> list[Path | None]:

@@ -19,9 +19,10 @@ than --max-ppl-ratio times the source's (default 1.02 for int8, 1.001 for none).
 Every option is a key of a preset's `export:` section too (student_export/config.py's FIELDS);
 a flag given overrides `--config`.
 
-The export is written beside OUT (OUT.tmp-XXXXXXXX) and swapped in once it is complete, so
-a failed or interrupted export, --overwrite or not, leaves a previous export as it was
-(student_export/staging.py).
+The export is written into a staging directory (OUT.tmp-XXXXXXXX beside a missing OUT,
+OUT/.tmp-XXXXXXXX inside an existing one, which is never renamed: a mount point works) and
+swapped in once it is complete, so a failed or interrupted export, --overwrite or not, leaves
+a previous export as it was (student_export/staging.py).
 
 Exit status (logitstore/exit_codes.py): 0 on success; 1 with a one-paragraph reason for a
 wrong option, model, output directory or held-out data (nothing written), or a failed

@@ -1,4 +1,4 @@
-"""student-export's steps: check, export beside --out, gate, swap into place.
+"""student-export's steps: check, export into a staging directory, gate, swap into place.
 
     manifest, out_dir = run_export(cfg)
 
@@ -7,7 +7,8 @@
    exporter handles) at once, as one ConfigError, before anything is loaded or written;
 2. MODEL resolved to a local directory (student_export/source.py), the held-out data read
    and tokenized (student_export/quality_gate.py), so bad data fails before the export;
-3. the export, written into a staging directory beside --out (student_export/staging.py):
+3. the export, written into a staging directory (student_export/staging.py: beside a
+   missing --out, inside an existing one, which is never renamed, so it may be a mount point):
    export.json (status "exporting"), export_config.yaml, tokenizer, config.json,
    generation_config.json and the weights: model.onnx (+ model.onnx.data) from
    student_export/onnx_graph.py, int8 through onnxruntime's dynamic quantization; or
@@ -19,7 +20,9 @@
    allowed, is deleted only then). A failed gate raises QualityGateFailed: into a new or
    empty --out the failed export is still moved, for inspection; over a previous export it
    is removed and the previous one stays as it was. Any other failure or an interrupt
-   removes the staging directory and leaves --out untouched.
+   removes the staging directory and leaves --out untouched; only when a failed swap could
+   not be undone either (SwapRestoreFailed) is the staging directory kept, as its message
+   says.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ from student_export.config import CONFIG_FILE, save_config
 from student_export.quality_gate import (QualityGateFailed, check_data_problem, compare,
                                          failure_message, held_out_sequences)
 from student_export.source import Source, local_problem, resolve_source, run_eval_store
-from student_export.staging import discard, new_staging_dir, publish, swap_target
+from student_export.staging import (SwapRestoreFailed, discard, is_leftover, new_staging_dir,
+                                    publish, swap_target)
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +84,12 @@ def _out_problems(cfg) -> list[str]:
     if not out.is_dir() or not any(out.iterdir()):
         return []
     if not (out / EXPORT_MANIFEST).is_file():
+        leftovers = sorted(p.name for p in out.iterdir() if is_leftover(p.name))
+        hint = (f" (it holds {', '.join(leftovers)}, left by an export that was killed: "
+                "delete them)" if leftovers else "")
         return [f"out {cfg.out} is not empty and holds no {EXPORT_MANIFEST}, so it is not a "
-                "previous export; it is left alone even with --overwrite: choose a new or "
-                "empty directory"]
+                f"previous export{hint}; it is left alone even with --overwrite: choose a new "
+                "or empty directory"]
     if not cfg.overwrite:
         return [f"out {cfg.out} already holds an export ({EXPORT_MANIFEST}); pass --overwrite "
                 "to replace it, or choose another directory"]
@@ -93,8 +100,10 @@ def _overwrite_problems(cfg, out: Path) -> list[str]:
     """Why --overwrite must not replace `out` (a directory holding export.json), which
     deletes it: an export never has subdirectories (but the fp32 staging directory an
     export of an earlier version left when it crashed), and the held-out data the new
-    export reads must not be inside what is deleted."""
-    foreign = sorted(p.name for p in out.iterdir() if p.is_dir() and p.name != _FP32_TMP)
+    export reads must not be inside what is deleted. Staging directories a killed export
+    left (staging.is_leftover) are not foreign: the swap deletes them with the export."""
+    foreign = sorted(p.name for p in out.iterdir()
+                     if p.is_dir() and p.name != _FP32_TMP and not is_leftover(p.name))
     if foreign:
         return [f"out {cfg.out} holds {EXPORT_MANIFEST} but also the directories "
                 f"{', '.join(foreign)}, which no export writes; --overwrite deletes the whole "
@@ -171,7 +180,9 @@ def run_export(cfg) -> tuple[dict[str, Any], Path]:
         manifest = _export_into(staging, cfg, source, tokenizer, max_length, data, sequences)
         passed = manifest["quality"]["passed"]
         if passed or not replacing:  # a failed export replaces nothing, but is kept if new
-            _publish(staging, out, cfg, replacing)
+            _publish(staging, out, replacing)
+    except SwapRestoreFailed:
+        raise  # staging holds the only complete copy of the new export: kept
     except BaseException:
         discard(staging)
         raise
@@ -207,12 +218,15 @@ def _export_into(staging: Path, cfg, source: Source, tokenizer, max_length: int,
     return manifest
 
 
-def _publish(staging: Path, out: Path, cfg, replacing: bool) -> None:
+def _publish(staging: Path, out: Path, replacing: bool) -> None:
+    """Swap `staging` in: over the previous export only when `out` held one at the check
+    (publish re-checks it still does); into a missing or empty `out` otherwise, so files
+    that appeared there meanwhile are refused, never deleted."""
     if replacing:
         previous = manifests.read_manifest(out) or {}
         log.info("--overwrite: replacing the export in %s (created %s)", out,
                  previous.get("created", "?"))
-    publish(staging, out, replace=cfg.overwrite)
+    publish(staging, out, replace=replacing)
 
 
 def _write_model(cfg, source: Source, out: Path, tokenizer, max_length: int) -> dict[str, Any]:

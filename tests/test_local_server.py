@@ -1,7 +1,8 @@
 """logitstore.toolkit.local_server against tiny stdlib HTTP servers run as real processes:
 readiness after a few 503s, a server that exits or never answers (LocalServerError with its
 log tail, bounded time), SIGTERM's exit code, the process always gone after the `with`
-block, the temporary log removed and a given log kept."""
+block, the temporary log removed and a given log kept; a server used before it was started
+fails with LocalServerError saying how to start it."""
 
 from __future__ import annotations
 
@@ -98,3 +99,14 @@ def test_an_exception_in_the_block_still_kills_the_server():
             1 / 0
     assert process.poll() is not None
     assert http_status(f"http://127.0.0.1:{port}/ping", timeout_s=1) is None
+
+
+@pytest.mark.parametrize("call", [lambda s: s.wait_ready(1), lambda s: s.terminate(),
+                                  lambda s: s.wait(1), lambda s: s.stop(1)],
+                         ids=["wait_ready", "terminate", "wait", "stop"])
+def test_a_server_never_started_says_so(call):
+    never = server(free_port())
+    with pytest.raises(LocalServerError, match=r"^tiny-http was not started; use it as a "
+                                               r"context manager .* or call start\(\)"):
+        call(never)
+    never.close()  # closing one never started is fine

@@ -113,15 +113,24 @@ class LocalServer:
         return LocalServerError(f"{self.name} {what}{where}; last lines of its log:\n"
                                 f"{self.log_tail()}")
 
+    def _running(self) -> subprocess.Popen:
+        """The started process; LocalServerError before `start` (a call outside the `with`)."""
+        if self.process is None:
+            raise LocalServerError(f"{self.name} was not started; use it as a context manager "
+                                   "(with LocalServer(...) as server:) or call start()")
+        return self.process
+
     def wait_ready(self, timeout_s: float, *, interval_s: float = 0.1,
                    on_answer: Callable[[int, bytes], None] | None = None) -> float:
         """Seconds from the start until GET health_url answers 200, polled every
         `interval_s`; `on_answer(status, body)` sees every answer (the 200 included).
-        LocalServerError when the process exits first or `timeout_s` passes."""
+        LocalServerError when the process exits first or `timeout_s` passes, or was
+        never started."""
+        process = self._running()
         deadline = time.monotonic() + timeout_s
         while True:
-            if self.process.poll() is not None:
-                raise self._failure(f"exited {self.process.returncode} before it was ready")
+            if process.poll() is not None:
+                raise self._failure(f"exited {process.returncode} before it was ready")
             left = deadline - time.monotonic()
             if left <= 0:
                 raise self._failure(f"did not answer 200 at {self.health_url} within "
@@ -135,13 +144,14 @@ class LocalServer:
             time.sleep(min(interval_s, max(deadline - time.monotonic(), 0)))
 
     def terminate(self) -> None:
-        """SIGTERM (a server drains its work, then exits)."""
-        self.process.send_signal(signal.SIGTERM)
+        """SIGTERM (a server drains its work, then exits); LocalServerError if never
+        started."""
+        self._running().send_signal(signal.SIGTERM)
 
     def wait(self, timeout_s: float) -> int:
         """The exit code, once the process has exited (subprocess.TimeoutExpired after
-        `timeout_s`)."""
-        return self.process.wait(timeout=timeout_s)
+        `timeout_s`); LocalServerError if never started."""
+        return self._running().wait(timeout=timeout_s)
 
     def stop(self, timeout_s: float) -> int:
         """SIGTERM, then the exit code; LocalServerError (the process killed) when it has

@@ -162,21 +162,26 @@ def step_cost(runs: list[dict], name: str) -> dict:
             "met": interval(ratio)["mean"] <= GOAL_STEP_RATIO}
 
 
+def own_ce_share(runs: list[dict], rows: dict, gain: list[float]) -> dict:
+    """`gain` (a cross student's over ce-C, per seed) as a share of student A's KD gain over
+    its CE only (ce-A - kd-A); a run of selected variants (--variants) may leave ce-A out,
+    and then there is no such gain to share: None with that reason."""
+    if "ce-A" not in rows:
+        return {"share": None, "reason": "ce-A not run", "reference": None}
+    a_gain = [c - k for c, k in zip(_seeds(runs, "ce-A"), _seeds(runs, "kd-A"))]
+    return share_of(gain, a_gain, "student A's KD gain over its CE only is")
+
+
 def summarise(runs: list[dict], teachers: dict) -> dict:
     rows = method_rows(runs)
     ce_c, kd_a = _seeds(runs, "ce-C"), _seeds(runs, "kd-A")
     gap = [c - k for c, k in zip(ce_c, kd_a)]
-    # a run of selected variants (--variants) may leave ce-A out: no own-CE gain then
-    a_gain = [c - k for c, k in zip(_seeds(runs, "ce-A"), kd_a)] if "ce-A" in rows else \
-        [0.0] * len(runs)
     goals = {}
     for name in (n for n in CROSS if n in rows):
         gain = [c - x for c, x in zip(ce_c, _seeds(runs, name))]
         closed = share_of(gain, gap, "the gap CE only (C) - same-tokenizer KD (A) is")
         closed["met"] = None if closed["share"] is None else closed["share"] >= GOAL_CLOSED
-        goals[name] = {"gap_closed": closed,
-                       "own_ce_gain": share_of(gain, a_gain,
-                                               "student A's KD gain over its CE only is"),
+        goals[name] = {"gap_closed": closed, "own_ce_gain": own_ce_share(runs, rows, gain),
                        "gain_over_ce_c": interval(gain), "step": step_cost(runs, name)}
     vocab = {k: v.get("cross_tokenizer", {}).get("vocab_map")
              for k, v in runs[0]["cross_provenance"].items()}

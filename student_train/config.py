@@ -120,7 +120,7 @@ FIELDS: dict[str, Field] = {
                               help="pkl: skip (and count) positions whose teacher top-k mass "
                                    "maps onto the student's vocabulary less than this (inside "
                                    "a teacher token: whose conditioned share is less)."),
-    "inside_token_targets": Field("bool", True,
+    "inside_token_targets": Field("bool", True, absent=False,  # runs saved before: skipped
                                   help="pkl: student positions inside a teacher token get the "
                                        "teacher's top-k at that token's start conditioned on "
                                        "the student's pieces since (false: skipped)."),
@@ -213,8 +213,9 @@ FIELDS: dict[str, Field] = {
     "batch_size": Field("int", 32, _at_least(1), help="classify: samples per batch."),
     "input_cache_mb": Field("int", 2048, _at_least(0), resumable=True,
                             help="classify: memory for the student's preprocessed inputs of "
-                                 "each split, kept per sample from its first batch on so later "
-                                 "epochs skip image decoding and tokenising; a split that "
+                                 "each split (train and eval each), kept per sample from its "
+                                 "first batch on so later epochs skip image decoding and "
+                                 "tokenising; a split that "
                                  "would not fit is preprocessed per batch; 0 = never kept "
                                  "(student_train/classify_inputs.py)."),
     "ce_weight": Field("float", 1.0, _at_least(0),

@@ -242,38 +242,43 @@ class CrossCollate:
         batch = collate([[c.sample for c in row] for row in converted], weights, signals,
                         packing=packing)
         B, S = batch["input_ids"].shape
-        flat = [(b, c) for b, row in enumerate(converted) for c in row]
+        placed = placements(converted)
         for name in self.topk_signals:
             if name not in batch["signals"]:
                 continue
             mask = np.zeros((B, S), bool)
-            start = {}
-            for b, c in flat:
-                a = start.get(b, 0)
-                mask[b, a:a + len(c.sample)] = c.kd_mask[name]
-                start[b] = a + len(c.sample)
+            for b, at, c in placed:
+                mask[b, at] = c.kd_mask[name]
             batch["signals"][name]["kd_mask"] = torch.from_numpy(mask)
             if name in self.piece_maps:
-                batch["signals"][name].update(_laid_out_inside(flat, name, B, S))
+                batch["signals"][name].update(_laid_out_inside(placed, name, B, S))
         totals: dict[str, float] = {}
-        for _, c in flat:
+        for _, _, c in placed:
             for key, value in c.stats.items():
                 totals[STAT_PREFIX + key] = totals.get(STAT_PREFIX + key, 0.0) + value
         batch["cross_stats"] = totals
         return batch
 
 
-def _laid_out_inside(flat: list, name: str, B: int, S: int) -> dict[str, torch.Tensor]:
+def placements(rows: list[list[StudentSample]]) -> list[tuple[int, slice, StudentSample]]:
+    """(batch row, its positions, sample) of each sample, as `collate` lays them out: a row's
+    samples one after the other from position 0 (one per row without packing)."""
+    out = []
+    for b, row in enumerate(rows):
+        start = 0
+        for c in row:
+            out.append((b, slice(start, start + len(c.sample)), c))
+            start += len(c.sample)
+    return out
+
+
+def _laid_out_inside(placed: list, name: str, B: int, S: int) -> dict[str, torch.Tensor]:
     """The samples' inside arrays of one signal placed like kd_mask: inside_ids [B, S, k],
     inside_mask [B, S]."""
-    k = next(c.inside[name][0].shape[1] for _, c in flat)
+    k = next(c.inside[name][0].shape[1] for _, _, c in placed)
     ids, mask = np.full((B, S, k), -1, np.int64), np.zeros((B, S), bool)
-    start = {}
-    for b, c in flat:
-        a = start.get(b, 0)
-        piece, inside = c.inside[name]
-        ids[b, a:a + len(c.sample)], mask[b, a:a + len(c.sample)] = piece, inside
-        start[b] = a + len(c.sample)
+    for b, at, c in placed:
+        ids[b, at], mask[b, at] = c.inside[name]
     return {"inside_ids": torch.from_numpy(ids), "inside_mask": torch.from_numpy(mask)}
 
 

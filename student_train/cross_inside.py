@@ -19,11 +19,16 @@ bytes the student has emitted since b0. With the vocabulary map's decompositions
   mass C (the loss merges entries of one piece: cross_token_losses.project_topk_target with
   `conditioned_ids`); C = 0 (nothing survives the conditioning) -> `inside_no_mass`;
 * the share C / (C + E + tail) must reach `min_share`, else `inside_low_share`. E is the mass
-  of entries that spell exactly a_1..a_d (their continuation is the NEXT teacher token's, not
-  known here), the tail the stored top-k's missing mass (not known one by one). Both are
-  consistent with the bytes so far and absent from the target, so the target differs from the
-  teacher's conditional (over tokens whose decomposition extends the student's pieces) by at
-  most 1 - share in total variation: the threshold bounds its error.
+  of entries whose pieces are exactly a_1..a_d (their continuation is the NEXT teacher
+  token's, not known here), the tail the stored top-k's missing mass (not known one by one,
+  so all of it counts). C and E make up the piece-consistent set: the stored entries whose
+  pieces start with a_1..a_d. Entries outside it are in neither the target nor the share,
+  even where their bytes agree with the bytes so far: a strict prefix of a_1..a_d (the
+  teacher would end its token inside the student's pieces), or the same bytes split into
+  other pieces. So the target is the teacher's distribution over the piece-consistent set
+  (plus the part of the tail in it) with E and that tail part left out; it differs from the
+  teacher's conditional on that set by at most 1 - share in total variation: the threshold
+  bounds its error there, not against the conditional on the bytes so far.
 All work is vectorised numpy over the inside positions (a loop over piece depth only).
 """
 

@@ -173,6 +173,22 @@ def test_a_run_without_the_two_teacher_student_says_why():
     assert t["runnable"] is False and t["reason"] == NO_TWO_TEACHERS and t["met"] is None
 
 
+def test_without_ce_a_the_share_of_student_as_kd_gain_is_a_dash_with_the_reason():
+    from xtok_report import goal_lines, summarise
+
+    with_a = summarise(fake_runs(BASE), {})["goals"][SINGLE_A]["own_ce_gain"]
+    gains = [c - x for c, x in zip(BASE["ce-C"], BASE[SINGLE_A])]
+    a_gains = [c - k for c, k in zip(BASE["ce-A"], BASE["kd-A"])]
+    assert with_a["share"] == pytest.approx(sum(gains) / sum(a_gains))
+    without = summarise(fake_runs({k: v for k, v in BASE.items() if k != "ce-A"}), {})
+    share = without["goals"][SINGLE_A]["own_ce_gain"]
+    assert share["share"] is None and share["reason"] == "ce-A not run"
+    assert without["goals"][SINGLE_A]["gap_closed"]["share"] is not None  # kd-A, ce-C ran
+    line = goal_lines(without)[0]
+    assert "is – (ce-A not run) of student A's KD gain over ce-A" in line
+    assert "not resolved" not in line
+
+
 def test_alignment_of_two_teachers_is_reported_per_signal():
     from xtok_report import alignment_lines, summarise
 

@@ -356,14 +356,28 @@ def test_foreign_student_trains_end_to_end(world, tmp_path, loss):
 def test_a_resumed_cross_run_continues_the_same_loss_curve(world, tmp_path):
     import shutil
 
-    settings = dict(max_steps=4, save_every=2, signals={"teacher": 1.0})
+    import yaml
+
+    # a run saved before inside_token_targets existed (its config lacks the key) skipped the
+    # inside positions: resuming with the default (on) is refused, naming the flag that
+    # continues as saved, and with that flag the curve continues bit for bit
+    settings = dict(max_steps=4, save_every=2, signals={"teacher": 1.0},
+                    min_mapped_share=0.0, inside_token_targets=False)
     full = tmp_path / "full"
     train_run(world, full, **settings)
+    assert sum(m["train/cross/skipped_inside_teacher_token"] for m in cross_metrics(full)) > 0
     part = tmp_path / "part"
     (part / "checkpoints").mkdir(parents=True)
     shutil.copytree(full / "checkpoints" / "step-00000002",
                     part / "checkpoints" / "step-00000002")
-    shutil.copy(full / "config.yaml", part / "config.yaml")
+    saved = yaml.safe_load((full / "config.yaml").read_text(encoding="utf-8"))
+    assert saved["train"].pop("inside_token_targets") is False
+    (part / "config.yaml").write_text(yaml.safe_dump(saved), encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        train_run(world, part, resume="latest", **{**settings, "inside_token_targets": None})
+    assert "resume: inside_token_targets: run has False, now True (run saved before the " \
+        "setting existed; --no-inside-token-targets continues as saved)" in str(err.value)
+    assert not (part / "metrics.jsonl").exists()  # refused before any step
     train_run(world, part, resume="latest", **settings)
     curve = [(m["step"], m["train/loss"], m["train/cross/aligned"]) for m in cross_metrics(full)]
     resumed = [(m["step"], m["train/loss"], m["train/cross/aligned"])

@@ -111,6 +111,31 @@ def test_config_differences():
         "size: run has 4, now 5", "layers: run has [-2], now [-1]"]
 
 
+def test_a_setting_a_saved_config_predates_compares_as_its_absent_value():
+    # Each new setting declares what configs saved before it did; a saved config lacking the
+    # key holds that value: a difference like any other, with the flag that continues as saved.
+    table = {"size": Field("int", 4, absent=3), "mode": TABLE["mode"],
+             "dedup": Field("bool", True, absent=False),
+             "split_long": dataclasses.replace(TABLE["split_long"], absent=True),
+             "layers": Field("list_int", [-1], absent=[]),
+             "secret": dataclasses.replace(TABLE["secret"], absent="old")}
+    cls = config_class("ToolConfig", table, module=__name__, doc="")
+    values, _, _ = resolve_fields(table, "tool", None, {"size": "3"})
+    cfg = make_config(cls, values)
+    assert config_differences({}, cfg, table, saved_as="run") == [
+        "dedup: run has False, now True (run saved before the setting existed; --no-dedup "
+        "continues as saved)",
+        "split_long: run has True, now False (run saved before the setting existed; "
+        "--split-long continues as saved)",
+        "layers: run has [], now [-1] (run saved before the setting existed; --layers '' "
+        "continues as saved)",
+        "secret: run has 'old', now 'x' (run saved before the setting existed; `secret: "
+        "'old'` in the config continues as saved)"]  # size: absent 3 = now; mode: no absent
+    saved = {"dedup": True, "split_long": False, "layers": [-1], "secret": "x"}
+    assert config_differences(saved, cfg, table) == []  # saved keys: compared as saved
+    assert config_differences({**saved, "size": 5}, cfg, table) == ["size: saved has 5, now 3"]
+
+
 def test_config_accepts_a_bundled_preset_name(tmp_path, monkeypatch):
     path, problems = find_preset("tiny-cpu")  # the checkout's configs/ or logitstore.presets
     assert not problems and path.name == "tiny-cpu.yaml"

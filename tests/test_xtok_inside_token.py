@@ -3,6 +3,7 @@ hand-made cases, and the whole data path + loss against a dense reference writte
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -17,7 +18,7 @@ from logitstore.toolkit.token_alignment import (InsideAnchors, SkipReason, align
                                                 inside_anchors)
 from logitstore.toolkit.token_spans import tokenize_with_spans
 from logitstore.toolkit.vocab_map import build_vocab_map
-from student_train.cross_batch import REASONS, CrossCollate, finish_stats
+from student_train.cross_batch import REASONS, CrossCollate, finish_stats, placements
 from student_train.cross_inside import INSIDE_REASONS, condition_inside
 from student_train.cross_token_losses import project_topk_target
 from student_train.losses import sparse_kd_per_position
@@ -111,6 +112,28 @@ def test_anchors_need_a_student_boundary_at_the_teacher_tokens_start():
     anchors = inside_anchors(align, *teacher, *student)
     assert anchors.student_pos.tolist() == [1, 2] and anchors.depth.tolist() == [1, 2]
     assert anchors.teacher_token.tolist() == [1, 1] and anchors.first_piece.tolist() == [1, 1]
+
+
+def test_an_inside_position_needs_a_teacher_token_that_covers_its_next_token():
+    # teacher "x" [0,1), "ab" [1,3), "cd" [4,6) (byte 3 dropped); student x, a, b, " ", cd:
+    # student position 2 predicts " " [3,4), in the teacher's gap. An alignment that calls it
+    # inside (made from other spans) must not anchor it on "ab", which ends at byte 3.
+    teacher = np.array([[0, 1], [1, 3], [4, 6]]), np.zeros(3, bool)
+    student = np.array([[0, 1], [1, 2], [2, 3], [3, 4], [4, 6]]), np.zeros(5, bool)
+    align = align_positions(*teacher, *student)
+    assert align.student_reason.tolist() == [SkipReason.ALIGNED, SkipReason.INSIDE_TEACHER_TOKEN,
+                                             SkipReason.TEACHER_GAP, SkipReason.ALIGNED]
+    reasons = align.student_reason.copy()
+    reasons[2] = SkipReason.INSIDE_TEACHER_TOKEN
+    anchors = inside_anchors(dataclasses.replace(align, student_reason=reasons),
+                             *teacher, *student)
+    assert anchors.student_pos.tolist() == [1] and anchors.depth.tolist() == [1]
+    assert anchors.unanchored.tolist() == [2]
+    # no clean teacher token at or before the next token's start at all: unanchored too
+    late = np.array([[2, 3], [3, 6]]), np.zeros(2, bool)
+    reasons = np.array([SkipReason.INSIDE_TEACHER_TOKEN] + [SkipReason.TEACHER_GAP] * 3, np.int8)
+    anchors = inside_anchors(dataclasses.replace(align, student_reason=reasons), *late, *student)
+    assert anchors.student_pos.tolist() == [] and anchors.unanchored.tolist() == [0]
 
 
 # ----------------------------------------------------------------------------- data path
@@ -260,6 +283,28 @@ def test_counts_add_up_per_reason_and_the_switch_keeps_the_old_behaviour(pair):
                        new["signals"]["t"]["kd_mask"] & ~new["signals"]["t"]["inside_mask"])
     coverage = finish_stats(n)["cross/conditioned_coverage/t"]
     assert 0 < coverage <= 1
+
+
+def test_packed_rows_hold_each_samples_masks_and_inside_targets_where_it_sits(pair):
+    teacher, student, vocab_map = pair
+    rows = [[make_sample(teacher, TEXTS[0], 0, k=8), make_sample(teacher, TEXTS[1], 1, k=8)],
+            [make_sample(teacher, TEXTS[2], 2, k=8)]]
+    collate = CrossCollate(student, ["t"], {"t": vocab_map.teacher_to_student_first}, 0.0,
+                           piece_maps={"t": (vocab_map.piece_offsets, vocab_map.piece_ids)})
+    batch = collate(rows, [[1.0, 1.0], [1.0]], ["t"], packing=True)
+    converted = [[collate.student_sample(s) for s in row] for row in rows]
+    placed = placements(converted)
+    lengths = [len(c.sample) for row in converted for c in row]
+    assert [(b, at.start, at.stop) for b, at, _ in placed] == [
+        (0, 0, lengths[0]), (0, lengths[0], lengths[0] + lengths[1]), (1, 0, lengths[2])]
+    signal = batch["signals"]["t"]
+    for b, at, c in placed:
+        assert np.array_equal(signal["kd_mask"][b, at].numpy(), c.kd_mask["t"])
+        assert np.array_equal(signal["inside_ids"][b, at].numpy(), c.inside["t"][0])
+        assert np.array_equal(signal["inside_mask"][b, at].numpy(), c.inside["t"][1])
+    assert signal["inside_mask"].sum() == sum(c.inside["t"][1].sum() for _, _, c in placed) > 0
+    assert not signal["kd_mask"][1, lengths[2]:].any()  # the padding holds nothing
+    assert (signal["inside_ids"][1, lengths[2]:] == -1).all()
 
 
 def test_all_masked_and_single_token_samples(pair):

@@ -10,10 +10,12 @@ A tool (teacher_dump/config.py, student_train/config.py, eval/config.py) holds o
 - `config_class(name, fields)`: the config object, a frozen dataclass with one attribute
   per field (lists as tuples) and `as_dict()`;
 - `resolve_fields(fields, section, preset, overrides)`: defaults <- the preset's section
-  (`dump:`, `train:`, `eval:`) <- the flags; coerces every value, runs every check and
-  returns ALL problems; `preset` is a path or the name of a bundled preset (`find_preset`);
+  (`dump:`, `train:`, `eval:`) <- the flags; coerces every value (option_values.py), runs
+  every check and returns ALL problems; `preset` is a path or the name of a bundled
+  preset (`find_preset`);
 - `config_differences(saved, new, fields)`: the settings that differ between two resolved
-  configs (a saved run and its resume), `resumable` fields excepted;
+  configs (a saved run and its resume), `resumable` fields excepted; a key the saved config
+  lacks holds its field's `absent` value (the setting's behaviour before it existed);
 - `verbose_option()`: the one flag that is not a field (`-v`: logging of this invocation);
 - `other_task_problems(task, origin, fields, task_fields, tasks)`: the settings given that a
   tool's `--task` does not read (a tool with two tasks, each refusing the other's settings).
@@ -30,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from logitstore.toolkit.option_values import coerce
+
 # Bundled presets: the checkout's configs/, installed as this package (pyproject.toml).
 PRESETS_PACKAGE = "logitstore.presets"
 _CHECKOUT_PRESETS = Path(__file__).resolve().parents[2] / "configs"
@@ -37,6 +41,14 @@ _CHECKOUT_PRESETS = Path(__file__).resolve().parents[2] / "configs"
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool, "list_str": tuple[str, ...],
           "list_int": tuple[int, ...], "weights": dict[str, float], "custom": Any}
 _METAVARS = {"int": "N", "float": "X", "list_int": "I,J", "weights": "NAME:W,...", "str": "TEXT"}
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET = _Unset()  # Field.absent not declared
 
 
 @dataclass(frozen=True)
@@ -55,6 +67,9 @@ class Field:
     yaml_only: str = ""  # why this setting has no flag (shown in --config's help); "" = it has
     resumable: bool = False  # may differ between a run and its resume (no effect on results)
     parse: Callable[[Any], Any] | None = None  # kind custom: value -> its form (ValueError)
+    # What a config saved before this setting existed did (config_differences compares it);
+    # UNSET: the same as its default, so a saved config's lacking it is no difference.
+    absent: Any = UNSET
 
     @property
     def flag(self) -> bool:
@@ -96,98 +111,6 @@ def one_of(choices):
 
 def positive(v):
     return None if v is None or v > 0 else f"must be > 0, got {v}"
-
-
-# -- coercion
-
-
-def split_list(value: str) -> list[str]:
-    return [part.strip() for part in value.split(",") if part.strip()]
-
-
-def _number(value: Any, cast, what: str):
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ValueError(f"must be {what}, got {value!r}")
-    try:
-        return cast(value)
-    except ValueError:
-        raise ValueError(f"must be {what}, got {value!r}") from None
-
-
-def _weights(value: Any) -> dict[str, float]:
-    """{"a": 0.6} or "a:0.6,b:0.4" or ["a", "b"] (weight 1) -> {name: weight >= 0}."""
-    if isinstance(value, str):
-        value = split_list(value)
-    if isinstance(value, (list, tuple)):
-        out: dict[str, Any] = {}
-        for item in value:
-            name, _, weight = str(item).partition(":")
-            if not name.strip():
-                raise ValueError(f"entries must look like name or name:weight, got {item!r}")
-            out[name.strip()] = weight.strip() or 1.0
-        value = out
-    if not isinstance(value, dict):
-        raise ValueError(f"must be a mapping name: weight, got {value!r}")
-    parsed = {}
-    for name, weight in value.items():
-        w = _number(weight, float, "a number")
-        if w < 0:
-            raise ValueError(f"weight of {name!r} must be >= 0, got {w}")
-        parsed[str(name)] = w
-    return parsed
-
-
-def _int_list(value: Any) -> list[int]:
-    if value is None:
-        return []
-    items = split_list(value) if isinstance(value, str) else value
-    items = items if isinstance(items, (list, tuple)) else [items]
-    out = []
-    for item in items:
-        if isinstance(item, bool):
-            raise ValueError(f"must be integers, got {item!r}")
-        try:
-            out.append(int(item))
-        except (TypeError, ValueError):
-            raise ValueError(f"must be integers like -1,-4, got {item!r}") from None
-    if len(set(out)) != len(out):
-        raise ValueError(f"lists a layer twice: {out}")
-    return out
-
-
-def coerce(kind: str, value: Any) -> Any:
-    """value (from YAML or a flag) -> the field's type; ValueError with a short reason."""
-    if kind.startswith("optional_"):
-        if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
-            return None
-        kind = kind.removeprefix("optional_")
-    if kind == "str":
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ValueError(f"must be a string, got {type(value).__name__}")
-        return str(value)
-    if kind == "int":
-        return _number(value, int, "an integer")
-    if kind == "float":
-        return _number(value, float, "a number")
-    if kind == "bool":
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise ValueError(f"must be true or false, got {value!r}")
-    if kind == "list_str":
-        items = value if isinstance(value, (list, tuple)) else [value]
-        out = []
-        for item in items:
-            if not isinstance(item, str):
-                raise ValueError(f"must be strings, got {item!r}")
-            out += split_list(item)  # "a,b" and repeated flags both work
-        return out
-    if kind == "list_int":
-        return _int_list(value)
-    if kind == "weights":
-        return _weights(value)
-    raise AssertionError(f"unknown field kind {kind}")
 
 
 # -- the command line
@@ -248,10 +171,9 @@ def _click_option(name: str, field: Field):
     dashed = "--" + name.replace("_", "-")
     help_text = field.help
     if field.kind == "bool":
-        names = field.flag_names or f"{dashed}/--no-{dashed[2:]}"
-        default = names.split("/")[0 if field.default else 1].strip()
-        return click.option(names, name, default=None,
-                            help=f"{help_text} [default: {default}]".strip())
+        return click.option(field.flag_names or f"{dashed}/--no-{dashed[2:]}", name,
+                            default=None, help=f"{help_text} [default: "
+                                               f"{flag_setting(name, field, field.default)}]")
     if field.default not in (None, [], {}):
         shown = ",".join(map(str, field.default)) if isinstance(field.default, list) \
             else field.default
@@ -267,6 +189,17 @@ def _click_option(name: str, field: Field):
         {"is_flag": False, "flag_value": field.bare_value}
     return click.option(*names, name, type=str, default=None, metavar=metavar,
                         help=help_text.strip(), **optional_value)
+
+
+def flag_setting(name: str, field: Field, value: Any) -> str:
+    """What sets `name` to `value`: `--x`/`--no-x` (bool), `--x VALUE`, or the YAML key."""
+    dashed = "--" + name.replace("_", "-")
+    if not field.flag:
+        return f"`{name}: {_plain(value)!r}` in the config"
+    if field.kind == "bool":
+        return (field.flag_names or f"{dashed}/--no-{dashed[2:]}").split("/")[not value].strip()
+    shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+    return f"{(field.flag_names or dashed)} {shown if shown != '' else repr('')}"
 
 
 def yaml_only_note(fields: dict[str, Field], section: str) -> str:
@@ -311,20 +244,24 @@ def config_differences(saved: dict[str, Any], new: Any, fields: dict[str, Field]
                        saved_as: str = "saved") -> list[str]:
     """`key: <saved_as> has X, now Y` for each non-resumable key that differs.
 
-    `new` is a config object or its `as_dict()`. Keys missing from `saved` (settings added
-    since it was written) are not differences; a list equals the tuple of the same items,
-    and None equals the empty list.
+    `new` is a config object or its `as_dict()`. A key missing from `saved` (a setting added
+    since it was written) holds its field's `absent` value, reported with the flag that
+    continues as saved; without one it is no difference. A list equals the tuple of the same
+    items, and None equals the empty list.
     """
     now = new if isinstance(new, dict) else new.as_dict()
     out = []
     for key, field in fields.items():
-        if field.resumable or key not in saved:
+        lacks = key not in saved
+        if field.resumable or (lacks and field.absent is UNSET):
             continue
-        before, after = saved[key], _plain(now[key])
+        before, after = field.absent if lacks else saved[key], _plain(now[key])
         if isinstance(before, (list, tuple)) or isinstance(after, list):
             before, after = list(before or []), list(after or [])
         if before != after:
-            out.append(f"{key}: {saved_as} has {before!r}, now {after!r}")
+            out.append(f"{key}: {saved_as} has {before!r}, now {after!r}" + (
+                f" ({saved_as} saved before the setting existed; "
+                f"{flag_setting(key, field, before)} continues as saved)" if lacks else ""))
     return out
 
 

@@ -250,8 +250,9 @@ class InsideAnchors:
     (`first_piece[m] - 1`) is aligned with teacher position `teacher_token[m] - 1`, whose
     prediction of the token at b0 is the one to condition. `unanchored` holds the other
     inside positions: a student token crosses b0, a special / zero-width / overlapping token
-    sits among the pieces, or the position before b0 is not aligned (turn boundary, b0 is
-    the teacher's first token).
+    sits among the pieces, the position before b0 is not aligned (turn boundary, b0 is
+    the teacher's first token), or no clean teacher token covers the next token's start (an
+    alignment made from other spans than those given).
     """
 
     student_pos: np.ndarray  # int64 [M]
@@ -274,8 +275,13 @@ def inside_anchors(alignment: PositionAlignment, teacher_spans, teacher_special,
     pos = np.flatnonzero(alignment.student_reason == SkipReason.INSIDE_TEACHER_TOKEN)
     _, t_clean = _clean_text(t_spans, t_special)
     t_clean_idx = np.flatnonzero(t_clean)
-    nxt = pos + 1  # the student's next token, inside a teacher text token (so one covers it)
-    u = t_clean_idx[np.searchsorted(t_spans[t_clean_idx, 0], s_spans[nxt, 0], "right") - 1]
+    nxt = pos + 1  # the student's next token, inside a teacher text token
+    # u: the last clean teacher token starting at or before it; it must also cover it (not so
+    # when `alignment` came from other spans than these): else no anchor
+    before = np.searchsorted(t_spans[t_clean_idx, 0], s_spans[nxt, 0], "right") - 1
+    u = t_clean_idx[np.maximum(before, 0)] if len(t_clean_idx) else np.zeros_like(pos)
+    covers = (before >= 0) & (t_spans[u, 1] > s_spans[nxt, 0]) if len(t_clean_idx) else \
+        np.zeros(len(pos), bool)
     b0 = t_spans[u, 0]
     _, s_clean = _clean_text(s_spans, s_special)
     s_clean_idx = np.flatnonzero(s_clean)
@@ -283,7 +289,7 @@ def inside_anchors(alignment: PositionAlignment, teacher_spans, teacher_special,
     found = at < len(s_clean_idx)
     v = np.where(found, s_clean_idx[np.minimum(at, max(len(s_clean_idx) - 1, 0))], -1) \
         if len(s_clean_idx) else np.full_like(pos, -1)
-    found &= (v >= 1) & (s_spans[np.maximum(v, 0), 0] == b0) & (v <= pos)
+    found &= covers & (v >= 1) & (s_spans[np.maximum(v, 0), 0] == b0) & (v <= pos)
     # contiguous clean text from v to the next token: no break between v and nxt
     follows = np.zeros(len(s_spans), bool)
     follows[1:] = s_clean[1:] & (s_spans[1:, 0] == s_spans[:-1, 1])

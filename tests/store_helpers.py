@@ -295,3 +295,23 @@ def settings_from_json(text: str) -> StoreSettings:
     import json
 
     return StoreSettings.from_json(json.loads(text))
+
+
+def cli(*args):
+    """Run `logitstore ARGS` in process; an exception other than the exit itself fails the test."""
+    from click.testing import CliRunner
+
+    from logitstore.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exception is None or isinstance(result.exception, SystemExit), \
+        result.exc_info
+    return result
+
+
+def one_paragraph_error(result) -> str:
+    """The one line `logitstore: error: ...` of a command that failed with exit status 1."""
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("logitstore: error: "), result.output
+    return lines[0]

@@ -15,14 +15,12 @@ import time
 from dataclasses import replace
 
 import pytest
-from click.testing import CliRunner
 
-from store_helpers import make_samples, make_settings
+from store_helpers import cli, make_samples, make_settings, one_paragraph_error
 from test_store_classifier import (FEATURES, assert_same, classifier_settings,
                                    make_classifier_samples, write)
 
 from logitstore.classifier_reader import ClassifierReader
-from logitstore.cli import main
 from logitstore.copy_samples import OPERATION_KEY
 from logitstore.errors import SettingsMismatchError, StoreKindError
 from logitstore.merge import merge_stores
@@ -32,20 +30,6 @@ from logitstore.verify import verify_store
 from logitstore.writer import StoreWriter
 
 TIMEOUT = 120  # seconds a child may take (never reached)
-
-
-def cli(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    assert result.exception is None or isinstance(result.exception, SystemExit), \
-        result.exc_info
-    return result
-
-
-def one_paragraph_error(result) -> str:
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("logitstore: error: "), result.output
-    return lines[0]
 
 
 def assert_holds(url: str, expected: list) -> ClassifierReader:

@@ -26,12 +26,10 @@ from typing import Callable
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from store_helpers import (content_differences, content_of, make_samples, make_settings,
-                           make_signal)
+from store_helpers import (cli, content_differences, content_of, make_samples, make_settings,
+                           make_signal, one_paragraph_error)
 
-from logitstore.cli import main
 from logitstore.copy_samples import OPERATION_KEY
 from logitstore.errors import ManifestMissingError
 from logitstore.merge import merge_stores
@@ -48,21 +46,6 @@ def write_store(path: Path, samples, settings=SETTINGS) -> str:
     with StoreWriter(str(path), settings) as writer:
         writer.add_many(samples)
     return str(path)
-
-
-def cli(*args: str):
-    """Run `logitstore ARGS`; an exception other than the exit itself fails the test."""
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    assert result.exception is None or isinstance(result.exception, SystemExit), \
-        result.exc_info
-    return result
-
-
-def one_paragraph_error(result) -> str:
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("logitstore: error: "), result.output
-    return lines[0]
 
 
 def expected_content(*urls: str) -> dict:

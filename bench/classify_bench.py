@@ -250,8 +250,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
-    # Waiting OpenMP threads sleep instead of spinning (a shared machine); subprocesses inherit.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # OpenMP's default wait policy, as a user's run has: OMP_WAIT_POLICY=PASSIVE (sleeping
+    # workers) made a 0.35M-parameter student's 600-step trial 46 s instead of 26 s (many
+    # tiny parallel regions), far more than the teacher's larger ones, and so skewed the ratio.
     args = parse_args(argv)
     if args.from_json:  # the summary is recomputed: the report's code may be newer
         from classify_report import summarise

@@ -32,7 +32,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from eval.report import ROLES, _bars, _table, _with_se, write_report_files
+from eval.report import ROLES, _bars, _difference_cell, _table, _with_se, write_report_files
 from logitstore.toolkit.json_values import nonfinite_to_none
 
 PAIRS = (("student_vs_baseline", "baseline"), ("student_vs_teacher", "teacher"))
@@ -111,15 +111,6 @@ def write_classify_report(report: dict[str, Any], out_dir: str | Path) -> dict[s
                               config_note="every option of --task classify, defaults included")
 
 
-def _difference_cell(diff: dict | None) -> str:
-    if not diff:
-        return "–"
-    if diff["stderr"] is None:
-        return f"{diff['value']:+.4g}"
-    mark = " **✓**" if diff["resolved"] else ""
-    return f"{diff['value']:+.3g} ± {diff['stderr']:.2g}{mark}"
-
-
 def _result_rows(report: dict[str, Any]) -> list[list[Any]]:
     roles = [r for r in ROLES if r in report["results"]]
     comparison = report["comparison"]
@@ -130,13 +121,13 @@ def _result_rows(report: dict[str, Any]) -> list[list[Any]]:
                                report["results"][r]["heads"][head][f"{metric}_se"])
                       for r in roles]
             diffs = [_difference_cell((comparison[pair] or {}).get("heads", {}).get(head, {})
-                                      .get(metric)) for pair, _ in PAIRS]
+                                      .get(metric), "value") for pair, _ in PAIRS]
             rows.append([head, METRIC_NAMES[metric], "↓" if metric in LOWER_IS_BETTER else "↑",
                          *values, *diffs])
     means = [_with_se(report["results"][r]["mean_macro_f1"],
                       report["results"][r]["mean_macro_f1_se"]) for r in roles]
     rows.append(["all heads", "mean macro-F1", "↑", *means,
-                 *(_difference_cell((comparison[pair] or {}).get("mean_macro_f1"))
+                 *(_difference_cell((comparison[pair] or {}).get("mean_macro_f1"), "value")
                    for pair, _ in PAIRS)])
     return rows
 

@@ -290,13 +290,14 @@ def _with_se(value: Any, stderr: Any) -> str:
         f"{_fmt(value)} ± {stderr:.2g}"
 
 
-def _difference_cell(diff: dict | None) -> str:
+def _difference_cell(diff: dict | None, key: str = "difference") -> str:
+    """A paired difference `diff[key]` ± its standard error, ✓ when resolved; – when absent."""
     if not diff:
         return "–"
     if diff["stderr"] is None:
-        return f"{diff['difference']:+.4g}"
+        return f"{diff[key]:+.4g}"
     mark = " **✓**" if diff["resolved"] else ""
-    return f"{diff['difference']:+.3g} ± {diff['stderr']:.2g}{mark}"
+    return f"{diff[key]:+.3g} ± {diff['stderr']:.2g}{mark}"
 
 
 def _row_cells(r: dict[str, Any]) -> list[Any]:

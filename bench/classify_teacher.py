@@ -64,24 +64,20 @@ def _bert(hidden: int, layers: int, heads: int) -> dict:
                 intermediate_size=4 * hidden, max_position_embeddings=64)
 
 
+def _composite(image_size: int, width: int, vit_layers: int, bert_layers: int,
+               fusion_layers: int, heads: int) -> dict:
+    return dict(vision_config=_vit(image_size, 8, width, vit_layers, heads),
+                text_config=_bert(width, bert_layers, heads), fusion_dim=width,
+                fusion_layers=fusion_layers, fusion_heads=heads, dropout=0.1)
+
+
 def model_configs(image_size: int, quick: bool) -> dict[str, dict]:
     """ImageTextClassifierConfig settings: a ViT-Base-shaped (narrowed) teacher of a few million
     parameters and a DeiT/ViT-tiny + MiniLM-ish student several times smaller; tiny in quick."""
-    patch = 8
-    if quick:
-        teacher = dict(vision_config=_vit(image_size, patch, 48, 2, 2),
-                       text_config=_bert(48, 2, 2), fusion_dim=48, fusion_layers=1,
-                       fusion_heads=2, dropout=0.1)
-        student = dict(vision_config=_vit(image_size, patch, 32, 1, 2),
-                       text_config=_bert(32, 1, 2), fusion_dim=32, fusion_layers=1,
-                       fusion_heads=2, dropout=0.1)
-    else:
-        teacher = dict(vision_config=_vit(image_size, patch, 192, 6, 4),
-                       text_config=_bert(192, 4, 4), fusion_dim=192, fusion_layers=2,
-                       fusion_heads=4, dropout=0.1)
-        student = dict(vision_config=_vit(image_size, patch, 64, 3, 2),
-                       text_config=_bert(64, 2, 2), fusion_dim=64, fusion_layers=1,
-                       fusion_heads=2, dropout=0.1)
+    # (width, ViT layers, BERT layers, fusion layers, attention heads)
+    sizes = {"teacher": (48, 2, 2, 1, 2), "student": (32, 1, 1, 1, 2)} if quick else \
+        {"teacher": (192, 6, 4, 2, 4), "student": (64, 3, 2, 1, 2)}
+    teacher, student = (_composite(image_size, *sizes[role]) for role in ("teacher", "student"))
     return {"teacher": {**teacher, "heads": HEADS}, "student": {**student, "heads": HEADS}}
 
 

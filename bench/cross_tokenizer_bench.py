@@ -9,8 +9,9 @@ corpus      the bundled medical corpus (demo/make_corpus.py): teachers train on 
             train records, the students on a 900-record transfer set of them, every model is
             measured on its 400 held-out records (bench/xtok_corpus.py)
 tokenizers  three, trained locally on DIFFERENT text: A byte-level BPE (4k) and B
-            metaspace + byte-fallback BPE (6k) on the even / odd train records, C byte-level
-            BPE (3k) on Python's language reference (other text) for the student
+            metaspace + byte-fallback BPE (6k) on the first / second third of the train
+            records, C byte-level BPE (5k) for the student on Python's language reference
+            (general text) plus the last third (--c-text other: general text only)
 teachers    a Llama per tokenizer A and B trained by `student-train --data` on the train
             records, and its `teacher-dump` (top-k) of the transfer set, with sample text and
             token spans; cached under --cache (bench/xtok_teachers.py)
@@ -120,6 +121,8 @@ def prepare(args) -> SimpleNamespace:
 
     corpus = build_corpus(args.cache, {"transfer_records": args.transfer_records,
                                        "heldout_records": args.heldout_records,
+                                       "c_text": args.c_text,
+                                       **({"vocab_c": 3072} if args.c_text == "other" else {}),
                                        **({"vocab_a": 400, "vocab_b": 640, "vocab_c": 320}
                                           if args.size == "tiny" else {})})
     print(f"corpus {corpus['dir']}: {json.dumps({k: corpus['sizes'][k] for k in ('teacher', 'transfer', 'heldout')})}",
@@ -282,6 +285,10 @@ def parse_args(argv=None):
     p.add_argument("--min-mapped-share", type=float, help="the students' min_mapped_share "
                    f"(default {TRAIN['min_mapped_share']}): aligned positions' mapped share "
                    "and inside-token positions' conditioned share")
+    p.add_argument("--c-text", choices=("mixed", "other"), default="mixed",
+                   help="tokenizer C's text: general text plus a third of the domain records "
+                   "(mixed, 5,120 tokens), or general text only (other, 3,072 tokens: the first "
+                   "runs' stress case, C needs 1.9x A's tokens)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--cache", type=Path, default=OUT / "cache" / "xtok",
                    help="corpus, tokenizers, teachers, student configs (reused across runs)")

@@ -1,7 +1,9 @@
 """Where a cross-tokenizer student's bits go: held-out bits per byte of student C split by
-whether its next token starts where one of teacher A's tokens starts (an ALIGNED position,
-where the cross-tokenizer loss gives a teacher target) or inside one of A's tokens (no
-target: those positions learn from the CE term only).
+how its next token meets teacher A's tokens: ALIGNED (it starts where one of A's tokens
+starts: the cross-tokenizer loss gives a teacher target there), split again by whether it
+ends where that A token ends ("same"), after it ("coarser": C spells in one token what A
+spells in several, so the mapped target holds A's first token's piece, not C's token) or
+before it ("finer"); or INSIDE one of A's tokens (a conditioned target or none).
 
     python bench/xtok_split.py [--seed 0] [--variants ce-C,xkd-pkl]
 
@@ -9,7 +11,7 @@ Trains the chosen student-C variants of one seed exactly as bench/cross_tokenize
 does (same cache, teachers, stores, batches, steps; bench/xtok_train.py), then, per held-out
 record, tokenizes the text with A and C (`token_spans.tokenize_with_spans`), aligns their
 positions (`token_alignment.align_positions`) and sums the student's NLL of each text token
-into "aligned" or "inside"; each part is divided by the held-out bytes, so the two parts add
+into those parts; each part is divided by the held-out bytes, so the two parts add
 up to the student's bits per byte (one window per record: every record fits the context).
 """
 
@@ -21,10 +23,12 @@ import sys
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+PARTS = ("aligned, same end", "aligned, coarser", "aligned, finer", "inside")
 
 
 def split_bits(model, tok_a, tok_c, texts: list[str]) -> dict:
-    """{"aligned"|"inside": {"bits_per_byte", "tokens", "bits_per_token"}} of model (C)."""
+    """{part: {"bits_per_byte", "tokens", "bits_per_token"}} of model (C), part one of
+    PARTS (module docstring)."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -32,8 +36,8 @@ def split_bits(model, tok_a, tok_c, texts: list[str]) -> dict:
     from logitstore.toolkit.token_alignment import align_positions
     from logitstore.toolkit.token_spans import tokenize_with_spans
 
-    nll = {"aligned": 0.0, "inside": 0.0}
-    count = {"aligned": 0, "inside": 0}
+    nll = dict.fromkeys(PARTS, 0.0)
+    count = dict.fromkeys(PARTS, 0)
     n_bytes = 0
     model.eval()
     with torch.no_grad():
@@ -43,10 +47,15 @@ def split_bits(model, tok_a, tok_c, texts: list[str]) -> dict:
             ids = torch.as_tensor(c.ids)[None]
             logp = F.log_softmax(model(input_ids=ids).logits.float()[0, :-1], -1)
             per_token = -logp.gather(-1, ids[0, 1:, None])[:, 0].double()  # [T-1]
-            aligned = np.zeros(len(c.ids) - 1, bool)
-            aligned[alignment.student_pos] = True
+            part = np.full(len(c.ids) - 1, PARTS.index("inside"))
+            longer = alignment.student_next_bytes - alignment.teacher_next_bytes  # [A]
+            part[alignment.student_pos] = np.select(
+                [longer == 0, longer > 0], [PARTS.index("aligned, same end"),
+                                            PARTS.index("aligned, coarser")],
+                PARTS.index("aligned, finer"))
             text_next = ~c.special[1:]  # special next tokens hold no byte: not counted
-            for key, mask in (("aligned", aligned & text_next), ("inside", ~aligned & text_next)):
+            for i, key in enumerate(PARTS):
+                mask = (part == i) & text_next
                 nll[key] += float(per_token[torch.as_tensor(mask)].sum())
                 count[key] += int(mask.sum())
             n_bytes += len(text.encode("utf-8"))

@@ -15,8 +15,16 @@ Python):
      or sorts them); hidden states and attention grids (per-sequence pools) unchanged;
   4. `collate.collate` lays the student samples out as for any store, and the batch gets, per
      top-k signal, `kd_mask` [B, S] bool (student position t has a teacher target: aligned and,
-     for the vocabulary-mapped loss, a mapped share of its top-k mass >= min_mapped_share),
+     for the vocabulary-mapped loss, no one-sided dummy prefix (below) and a mapped share of
+     its top-k mass >= min_mapped_share),
      and `cross_stats` (counts over the batch's trained positions, see `sample_stats`).
+An aligned pair where exactly one of the two next tokens carries a prefix space the text lacks
+(a SentencePiece dummy "▁" at the text's or a section's start facing a tokenizer without one:
+its own bytes, `byte_lengths` from the vocabulary map, are longer than its span) covers the
+same text, but the map spells teacher tokens by their own bytes, so its first piece is not the
+token the student writes there: for a signal given byte lengths (the pkl loss) the pair gets
+no target, counted as `skipped_dummy_prefix/<signal>` (the inside positions after it are
+anchored as before and fail the piece check: `skipped_inside_mismatch/<signal>`).
 Positions whose next token starts inside a teacher token: for a signal given its map's
 decompositions (`piece_maps`, the pkl loss's switch `inside_token_targets`), those whose
 student pieces since the teacher token's start agree with the map get the teacher's top-k at
@@ -47,7 +55,8 @@ import torch
 
 from logitstore.sample import Sample, SignalData, TopK
 from logitstore.tokenized import loss_mask_by_bytes
-from logitstore.toolkit.token_alignment import SkipReason, align_positions, inside_anchors
+from logitstore.toolkit.token_alignment import (PositionAlignment, SkipReason, align_positions,
+                                                inside_anchors)
 from logitstore.toolkit.token_spans import tokenize_with_spans
 from student_train.collate import collate
 from student_train.cross_inside import INSIDE_REASONS, InsideTargets, condition_inside
@@ -111,6 +120,25 @@ def mapped_share(ids: np.ndarray, logprobs: np.ndarray,
     return (p * mapped).sum(-1), p.sum(-1)
 
 
+def dummy_prefix_pairs(a: PositionAlignment, teacher_ids: np.ndarray, student_ids: np.ndarray,
+                       teacher_byte_lengths: np.ndarray,
+                       student_byte_lengths: np.ndarray) -> np.ndarray:
+    """[A] bool: the aligned pairs where exactly one of the two next tokens carries a prefix
+    space the text lacks (a dummy prefix: its own bytes, per `*_byte_lengths` [V] by id, are
+    longer than its span; ids outside them count as 0 bytes). The map spells the teacher's
+    token by its own bytes, so there its first piece is not the token the student writes."""
+    def prefixed(lengths, token_ids, span_bytes):
+        token_ids = np.asarray(token_ids, np.int64)
+        known = (token_ids >= 0) & (token_ids < len(lengths))
+        own = np.where(known, np.asarray(lengths)[np.where(known, token_ids, 0)], 0)
+        return own > span_bytes
+
+    return prefixed(teacher_byte_lengths, np.asarray(teacher_ids)[a.teacher_pos + 1],
+                    a.teacher_next_bytes) != \
+        prefixed(student_byte_lengths, np.asarray(student_ids)[a.student_pos + 1],
+                 a.student_next_bytes)
+
+
 def _inside_stats(name: str, cond: InsideTargets, trained: np.ndarray) -> dict[str, float]:
     """Counts and masses of one signal's inside positions, over the trained ones."""
     counted = trained[cond.student_pos]
@@ -138,18 +166,25 @@ class CrossCollate:
     target; first_maps: signal -> teacher_to_student_first [Vt] for the vocabulary-mapped
     loss (absent: ULD, no share threshold); min_mapped_share: see `kd_mask`;
     piece_maps: signal -> (piece_offsets [Vt + 1], piece_ids) of its vocabulary map, for the
-    signals whose inside-token positions get conditioned targets (absent: skipped).
+    signals whose inside-token positions get conditioned targets (absent: skipped);
+    byte_lengths: signal -> (teacher_byte_lengths [Vt], student_byte_lengths [Vs]) of its
+    vocabulary map, for the signals whose aligned pairs with a one-sided dummy prefix are
+    skipped (`dummy_prefix_pairs`; absent: kept; ULD, which compares sorted probabilities
+    rather than ids, passes none).
     Picklable (DataLoader workers get a copy).
     """
 
     def __init__(self, tokenizer, topk_signals: list[str], first_maps: dict[str, np.ndarray],
                  min_mapped_share: float, tokenizations: dict[str, str | None] | None = None,
-                 piece_maps: dict[str, tuple[np.ndarray, np.ndarray]] | None = None):
+                 piece_maps: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+                 byte_lengths: dict[str, tuple[np.ndarray, np.ndarray]] | None = None):
         self.tokenizer = tokenizer
         self.topk_signals = list(topk_signals)
         self.first_maps = {k: np.asarray(v) for k, v in first_maps.items()}
         self.piece_maps = {k: (np.asarray(o, np.int64), np.asarray(p, np.int64))
                            for k, (o, p) in (piece_maps or {}).items()}
+        self.byte_lengths = {k: (np.asarray(t, np.int32), np.asarray(s, np.int32))
+                             for k, (t, s) in (byte_lengths or {}).items()}
         self.min_mapped_share = float(min_mapped_share)
         # signal -> the store tokenization its positions index (None: the store's own)
         self.tokenizations = dict(tokenizations or {})
@@ -177,41 +212,18 @@ class CrossCollate:
                       if r != SkipReason.ALIGNED})
         signals, kd_mask, inside, aligned = {}, {}, {}, {None: align}
         conditioned_here = np.zeros(len(ids), bool)  # by a signal on the store's tokenization
-        length = len(ids)
         for name, data in teacher.signals.items():
             topk = None
             if name in self.topk_signals and data.topk is not None:
                 tokenization = self.tokenizations.get(name)
-                t_spans, t_special, covered, t_ids = self._teacher_side(teacher, tokenization)
+                side = self._teacher_side(teacher, tokenization)
                 if tokenization not in aligned:
-                    aligned[tokenization] = align_positions(t_spans, t_special, spans, special)
-                a = aligned[tokenization]
-                uncovered = np.append(spans[1:, 0] >= covered, False)  # next token past them
-                stats[f"aligned/{name}"] = float(trained[a.student_pos].sum())
-                stats[f"uncovered/{name}"] = float((uncovered[:-1] & trained).sum())
-                cond = None
-                if name in self.piece_maps:
-                    anchors = inside_anchors(a, t_spans, t_special, spans, special)
-                    cond = condition_inside(anchors, t_ids, ids, data.topk.ids,
-                                            data.topk.logprobs, *self.piece_maps[name],
-                                            self.min_mapped_share)
-                    stats.update(_inside_stats(name, cond, trained))
-                    inside[name] = _inside_arrays(cond, length, data.topk.ids.shape[1])
-                    if tokenization is None:
-                        conditioned_here[cond.student_pos] = True
-                t_pos = a.teacher_pos if cond is None else \
-                    np.concatenate([a.teacher_pos, cond.teacher_pos])
-                s_pos = a.student_pos if cond is None else \
-                    np.concatenate([a.student_pos, cond.student_pos])
-                topk = _gathered_topk(data.topk, t_pos, s_pos, length)
-                mask = np.zeros(length, bool)
-                mask[a.student_pos] = True
-                if name in self.first_maps:
-                    stats.update(self._share_stats(name, topk, a.student_pos, trained, mask))
-                if cond is not None:
-                    mask[cond.student_pos] = True
-                kd_mask[name] = mask
-                stats[f"kd_positions/{name}"] = float((mask[:-1] & trained).sum())
+                    aligned[tokenization] = align_positions(side[0], side[1], spans, special)
+                topk, kd_mask[name], cond = self._signal_target(
+                    name, data.topk, side, aligned[tokenization], ids, spans, special, trained,
+                    stats, inside)
+                if cond is not None and tokenization is None:
+                    conditioned_here[cond.student_pos] = True
             signals[name] = SignalData(topk=topk, hidden=data.hidden, attention=data.attention)
         if self.piece_maps:  # inside positions with a target are not skipped ones
             done = float((conditioned_here[:-1] & trained).sum())
@@ -221,6 +233,42 @@ class CrossCollate:
                         source=teacher.source, split=teacher.split, tags=teacher.tags,
                         signals=signals)
         return StudentSample(sample, kd_mask, stats, inside)
+
+    def _signal_target(self, name: str, topk: TopK, side: tuple, a: PositionAlignment,
+                       ids: np.ndarray, spans: np.ndarray, special: np.ndarray,
+                       trained: np.ndarray, stats: dict[str, float],
+                       inside: dict) -> tuple[TopK, np.ndarray, InsideTargets | None]:
+        """(gathered top-k, kd_mask [Ls], inside targets or None) of one top-k signal whose
+        teacher side (`_teacher_side`) `a` aligns with the student's tokens; adds the signal's
+        counts to `stats` and its inside arrays to `inside`."""
+        t_spans, t_special, covered, t_ids = side
+        length = len(ids)
+        uncovered = np.append(spans[1:, 0] >= covered, False)  # next token past them
+        stats[f"aligned/{name}"] = float(trained[a.student_pos].sum())
+        stats[f"uncovered/{name}"] = float((uncovered[:-1] & trained).sum())
+        t_pos, s_pos = a.teacher_pos, a.student_pos
+        if name in self.byte_lengths:
+            dummy = dummy_prefix_pairs(a, t_ids, ids, *self.byte_lengths[name])
+            stats[f"skipped_dummy_prefix/{name}"] = float(trained[s_pos[dummy]].sum())
+            t_pos, s_pos = t_pos[~dummy], s_pos[~dummy]
+        cond = None
+        if name in self.piece_maps:  # anchored on the whole alignment, skipped pairs included
+            anchors = inside_anchors(a, t_spans, t_special, spans, special)
+            cond = condition_inside(anchors, t_ids, ids, topk.ids, topk.logprobs,
+                                    *self.piece_maps[name], self.min_mapped_share)
+            stats.update(_inside_stats(name, cond, trained))
+            inside[name] = _inside_arrays(cond, length, topk.ids.shape[1])
+        gathered = _gathered_topk(
+            topk, t_pos if cond is None else np.concatenate([t_pos, cond.teacher_pos]),
+            s_pos if cond is None else np.concatenate([s_pos, cond.student_pos]), length)
+        mask = np.zeros(length, bool)
+        mask[s_pos] = True
+        if name in self.first_maps:
+            stats.update(self._share_stats(name, gathered, s_pos, trained, mask))
+        if cond is not None:
+            mask[cond.student_pos] = True
+        stats[f"kd_positions/{name}"] = float((mask[:-1] & trained).sum())
+        return gathered, mask, cond
 
     def _share_stats(self, name: str, topk: TopK, aligned: np.ndarray, trained: np.ndarray,
                      mask: np.ndarray) -> dict[str, float]:

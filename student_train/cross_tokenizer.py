@@ -12,9 +12,14 @@ is not the student's:
   the objective projects the stored top-k through it (`cross_token_losses.project_topk_target`,
   an ordinary SparseTarget, so the fused lm_head path computes it like any top-k target);
   with `inside_token_targets` (default) the map's decompositions also give the positions
-  inside a teacher token a conditioned target (student_train/cross_inside.py);
+  inside a teacher token a conditioned target (student_train/cross_inside.py); the map's
+  per-id byte lengths skip the aligned pairs where only one tokenizer wrote a dummy prefix
+  space (`cross_batch.dummy_prefix_pairs`: there the map's first piece is not the student's
+  token);
 * `cross_loss: uld`: no map; `uld_values` computes ULD on the student logits of the aligned
-  positions, chunk by chunk under checkpointing;
+  positions, chunk by chunk under checkpointing. ULD compares sorted probabilities, never
+  ids, and a dummy-prefix pair still predicts the same text on both sides, so it keeps those
+  pairs (and loads no teacher tokenizer to find them);
 * signals of the store's other tokenizations (format 2.2: a second teacher with its own
   tokenizer) are aligned by their own tokenization's spans and mapped with their own
   tokenizer's vocabulary map (from the files the store keeps for that tokenization); a
@@ -166,7 +171,7 @@ def cross_setup(cfg, reader, eval_reader, tokenizer, plans, problems: list[str])
     if len(problems) > start:
         return None
     topk = [p.name for p in plans if p.target == "topk"]
-    maps, first_maps, piece_maps, summary = {}, {}, {}, {}
+    maps, first_maps, piece_maps, byte_lengths, summary = {}, {}, {}, {}, {}
     if cfg.cross_loss == "pkl" and topk:
         from logitstore.toolkit.vocab_map import vocab_map_for
 
@@ -178,6 +183,9 @@ def cross_setup(cfg, reader, eval_reader, tokenizer, plans, problems: list[str])
         maps = {name: (built[on_tokenization[name]].teacher_to_student_first,
                        built[on_tokenization[name]].exact) for name in topk}
         first_maps = {name: pair[0] for name, pair in maps.items()}
+        byte_lengths = {name: (built[on_tokenization[name]].teacher_byte_lengths,
+                               built[on_tokenization[name]].student_byte_lengths)
+                        for name in topk}
         if cfg.inside_token_targets:
             piece_maps = {name: (built[on_tokenization[name]].piece_offsets,
                                  built[on_tokenization[name]].piece_ids) for name in topk}
@@ -190,7 +198,7 @@ def cross_setup(cfg, reader, eval_reader, tokenizer, plans, problems: list[str])
     return CrossTokenizer(
         loss=cfg.cross_loss, collate=CrossCollate(tokenizer, topk, first_maps,
                                                   cfg.min_mapped_share, on_tokenization,
-                                                  piece_maps),
+                                                  piece_maps, byte_lengths),
         vocab_maps=maps, length_ratio=ratio,
         provenance={"cross_tokenizer": {"loss": cfg.cross_loss, "length_ratio": ratio,
                                         "min_mapped_share": cfg.min_mapped_share,

@@ -337,6 +337,9 @@ def test_foreign_student_trains_end_to_end(world, tmp_path, loss):
                 m[f"train/cross/skipped_{why}/teacher"] for why in INSIDE_REASONS)
             assert inside == m["train/cross/skipped_inside_teacher_token"] \
                 + m["train/cross/inside_conditioned"]
+            # a world without dummy prefixes (the student's metaspace prepends none): the
+            # reason is reported, and skips nothing
+            assert m["train/cross/skipped_dummy_prefix/teacher"] == 0
             assert m["train/cross/kd_positions/teacher"] == m["train/cross/aligned"] \
                 - m["train/cross/skipped_low_mapped_share/teacher"] \
                 + m["train/cross/inside/teacher"]
@@ -344,6 +347,7 @@ def test_foreign_student_trains_end_to_end(world, tmp_path, loss):
     else:
         assert "train/cross/map_coverage/teacher" not in rows[0]
         assert "train/cross/inside/teacher" not in rows[0]  # ULD maps nothing: skipped
+        assert "train/cross/skipped_dummy_prefix/teacher" not in rows[0]  # ULD keeps them
     meta = json.loads((run / "training_metadata.json").read_text())
     assert meta["source"]["cross_tokenizer"]["loss"] == loss
     assert meta["source"]["cross_tokenizer"]["inside_token_targets"] is (loss == "pkl")

@@ -227,6 +227,8 @@ def hand_map() -> VocabMap:
         piece_ids=np.array([5, 7, 8, 9, 6], np.int32),
         student_vocab_size=10,
         key="k",
+        teacher_byte_lengths=np.array([1, 2, 1, 0, 1], np.int32),
+        student_byte_lengths=np.ones(10, np.int32),
     )
 
 

@@ -25,6 +25,11 @@ Contract of a `VocabMap` (what the cross-tokenizer losses may rely on), for teac
 * Bytes are the token's own bytes, spaces included: SentencePiece's "▁Hello" is b" Hello" even
   where it stands at a section start for "Hello" alone (a dummy prefix: its span, hence the
   alignment's `teacher_next_bytes`, is then one byte shorter than its bytes).
+* `teacher_byte_lengths[t]` (int32 [Vt]) and `student_byte_lengths[s]` (int32
+  [student_vocab_size]): the length of each id's own bytes, 0 for an id with none (special,
+  unknown, unused). A token whose span is shorter than its own bytes carries a prefix space the
+  text lacks; where exactly one of two aligned next tokens does, the map's first piece is not
+  the token the student writes there (the cross-tokenizer data path skips that pair).
 * The map is NOT injective: several teacher tokens can share a student first piece (" Hello"
   and " Help" both start with " Hel"; byte-fallback duplicates even share exact matches), so a
   loss that projects student probabilities onto teacher tokens must merge teacher mass per
@@ -55,7 +60,7 @@ from logitstore.errors import LogitStoreError
 from logitstore.toolkit.token_bytes import TokenBytes, bytes_to_unicode, backend_of
 from logitstore.toolkit.tokenizer_identity import tokenizer_fingerprint
 
-MAP_FORMAT = 1  # bump when the map's construction changes: old cache entries are not reused
+MAP_FORMAT = 2  # bump when the map's construction changes: old cache entries are not reused
 DEFAULT_ROLES = ("bos", "eos", "pad")
 _BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 _BYTE_LEVEL_ALPHABET = bytes_to_unicode()  # byte -> the character a byte-level BPE spells it with
@@ -77,6 +82,8 @@ class VocabMap:
     piece_ids: np.ndarray  # int32 [total pieces]
     student_vocab_size: int
     key: str  # the cache key (sha256 hex) of the tokenizer pair
+    teacher_byte_lengths: np.ndarray  # int32 [Vt]: own bytes per teacher id, 0 = none
+    student_byte_lengths: np.ndarray  # int32 [student_vocab_size]: the same per student id
 
     @property
     def teacher_vocab_size(self) -> int:
@@ -104,6 +111,8 @@ class VocabMap:
             "role_mapped": self.role_mapped,
             "piece_offsets": self.piece_offsets,
             "piece_ids": self.piece_ids,
+            "teacher_byte_lengths": self.teacher_byte_lengths,
+            "student_byte_lengths": self.student_byte_lengths,
             "student_vocab_size": np.array(self.student_vocab_size, dtype=np.int64),
             "key": np.array(self.key),
             "format": np.array(MAP_FORMAT, dtype=np.int64),
@@ -181,6 +190,11 @@ class _Side:
         unk = model.get("unk_token")
         self.unk_id = vocab.get(unk) if isinstance(unk, str) else model.get("unk_id")
         self.token_bytes = [self._bytes(i) for i in range(self.size)]
+
+    def byte_lengths(self) -> np.ndarray:
+        """int32 [size]: each id's own byte length (0: no bytes)."""
+        return np.fromiter((len(data) if data else 0 for data in self.token_bytes),
+                           dtype=np.int32, count=self.size)
 
     def _bytes(self, token_id: int) -> bytes | None:
         token = self.tokens[token_id]
@@ -298,7 +312,8 @@ def _build(t_side: _Side, s_side: _Side, key: str) -> VocabMap:
     first = np.full(t_side.size, -1, dtype=np.int32)
     has = counts > 0
     first[has] = flat[offsets[:-1][has]]
-    return VocabMap(first, exact, role_mapped, offsets, flat, s_side.size, key)
+    return VocabMap(first, exact, role_mapped, offsets, flat, s_side.size, key,
+                    t_side.byte_lengths(), s_side.byte_lengths())
 
 
 def _cache_key(teacher, student, t_side: _Side, s_side: _Side) -> str:
@@ -353,7 +368,8 @@ def save_vocab_map(vocab_map: VocabMap, path: str | Path) -> None:
 
 def load_vocab_map(path: str | Path, key: str | None = None) -> VocabMap | None:
     """The map saved at `path`, or None when it is missing, unreadable, of another format,
-    of another key than `key` (when given), or inconsistent (offsets vs pieces)."""
+    of another key than `key` (when given), or inconsistent (offsets vs pieces,
+    byte lengths vs vocabulary sizes)."""
     try:
         with np.load(Path(path), allow_pickle=False) as saved:
             arrays = {name: saved[name] for name in saved.files}
@@ -365,6 +381,8 @@ def load_vocab_map(path: str | Path, key: str | None = None) -> VocabMap | None:
             piece_ids=arrays["piece_ids"].astype(np.int32),
             student_vocab_size=int(arrays["student_vocab_size"]),
             key=str(arrays["key"]),
+            teacher_byte_lengths=arrays["teacher_byte_lengths"].astype(np.int32),
+            student_byte_lengths=arrays["student_byte_lengths"].astype(np.int32),
         )
         stale = int(arrays["format"]) != MAP_FORMAT or (key is not None and vocab_map.key != key)
     except (OSError, ValueError, KeyError, EOFError):
@@ -374,5 +392,7 @@ def load_vocab_map(path: str | Path, key: str | None = None) -> VocabMap | None:
         vocab_map.exact.shape == vocab_map.role_mapped.shape == (size,)
         and vocab_map.piece_offsets.shape == (size + 1,)
         and int(vocab_map.piece_offsets[-1]) == vocab_map.piece_ids.shape[0]
+        and vocab_map.teacher_byte_lengths.shape == (size,)
+        and vocab_map.student_byte_lengths.shape == (vocab_map.student_vocab_size,)
     )
     return None if stale or not consistent else vocab_map

@@ -22,8 +22,9 @@ students    one architecture; per seed, same steps, same stored samples in the s
             store) and (4) xkd-AB-pkl: two teachers A and B into C, `--signals
             topk32:0.5,topk32-B:0.5` on store AB (store A plus teacher B's signal, added by
             `teacher-dump --model B --signal topk32-B --out store-AB`); --variants picks
-            some, e.g. xkd-pkl-aligned (xkd-pkl with inside_token_targets false: positions
-            inside a teacher token skipped, as before those targets) for a paired comparison
+            some, e.g. the ablations xkd-pkl-aligned (xkd-pkl with inside-token targets and
+            chains off: the plain mapped target at aligned positions only) and
+            xkd-pkl-unchained (chains off) for paired comparisons
 metric      bits per byte on the held-out records (bench/xtok_eval.py), the only loss
             comparable across tokenizers; paired per seed (bench/xtok_report.py)
 
@@ -279,8 +280,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, help="student steps (overrides --epochs)")
     p.add_argument("--no-b", action="store_true", help="no teacher B (nor its student)")
     p.add_argument("--variants", help="comma-separated students to train (default: all but "
-                   "xkd-pkl-aligned; ce-C and kd-A always, the report's references), of: "
-                   "ce-A, kd-A, ce-C, xkd-pkl, xkd-pkl-aligned (inside-token targets off), "
+                   "the ablations xkd-pkl-aligned and xkd-pkl-unchained; ce-C and kd-A always, the report's references), of: "
+                   "ce-A, kd-A, ce-C, xkd-pkl, xkd-pkl-aligned (inside-token targets and chains "
+                   "off), xkd-pkl-unchained (chains off), "
                    "xkd-uld, xkd-B-pkl, xkd-AB-pkl")
     p.add_argument("--min-mapped-share", type=float, help="the students' min_mapped_share "
                    f"(default {TRAIN['min_mapped_share']}): aligned positions' mapped share "

@@ -38,7 +38,7 @@ NO_TWO_TEACHERS = ("this run has no xkd-AB-pkl student (run with --no-b, or befo
                    "built store AB): rerun without --no-b")
 SINGLES = ("xkd-pkl", "xkd-B-pkl")
 TWO = "xkd-AB-pkl"
-CROSS = ("xkd-pkl", "xkd-pkl-aligned", "xkd-uld", "xkd-B-pkl", TWO)
+CROSS = ("xkd-pkl", "xkd-pkl-aligned", "xkd-pkl-unchained", "xkd-uld", "xkd-B-pkl", TWO)
 
 
 def _seeds(runs, name, key="bits_per_byte"):
@@ -103,6 +103,8 @@ def alignment(runs: list[dict]) -> dict:
                 row["map_coverage"] = counts["mapped_mass/" + key.split("/", 1)[1]] / value
             if key.startswith("inside/"):
                 row["inside_share"] = value / positions if positions else None
+            if key.startswith(("chained/", "unchain_unended/", "unchain_unranked/")):
+                row[key.split("/", 1)[0] + "_share"] = value / positions if positions else None
             if key.startswith("inside_topk_mass/") and value > 0:
                 row["conditioned_coverage"] = \
                     counts["conditioned_mass/" + key.split("/", 1)[1]] / value
@@ -110,7 +112,8 @@ def alignment(runs: list[dict]) -> dict:
                           if k.startswith("skipped_") and positions}
         row["per_signal"] = _per_signal(counts, positions)
         if len(row["per_signal"]) > 1:  # several teachers: no one signal speaks for the row
-            for key in ("kd_share", "map_coverage", "inside_share", "conditioned_coverage"):
+            for key in ("kd_share", "map_coverage", "inside_share", "conditioned_coverage",
+                        "chained_share", "unchain_unended_share", "unchain_unranked_share"):
                 row.pop(key, None)
         out[name] = row
     return out
@@ -272,6 +275,12 @@ def alignment_lines(summary: dict) -> list[str]:
                         f"conditioned target (conditioned coverage "
                         f"{a.get('conditioned_coverage', 0) * 100:.1f} % of the top-k mass)"
                         if a.get("inside_share") else "")
+                     + (f"; {a['chained_share'] * 100:.1f} % spanning several teacher tokens "
+                        f"with a chained target (without: "
+                        f"{a.get('unchain_unended_share', 0) * 100:.1f} % ending inside a "
+                        f"teacher token, {a.get('unchain_unranked_share', 0) * 100:.1f} % "
+                        f"with a chain token outside the top-k)"
+                        if a.get("chained_share") else "")
                      + (f"; skipped: {skipped}" if skipped else ""))
         if len(a.get("per_signal", {})) > 1:  # several teachers: each one's own alignment
             lines += [f"  - signal {sig}: {r.get('aligned_share', 0) * 100:.1f} % aligned with "

@@ -12,8 +12,13 @@ rows into its own batch:
                                             align by byte spans, gather the top-k) and its
                                             vocabulary map, as `student-train` sets them up
   xkd-pkl-aligned                           (only when --variants names it) xkd-pkl with
-                                            inside_token_targets false: aligned positions
-                                            only, the behaviour before inside-token targets
+                                            inside_token_targets and chained_token_targets
+                                            false: aligned positions only, the plain mapped
+                                            target (the behaviour before both)
+  xkd-pkl-unchained                         (only when --variants names it) xkd-pkl with
+                                            chained_token_targets false: a student token
+                                            spanning several teacher tokens gets the first
+                                            one's piece (the behaviour before chains)
   xkd-B-pkl tokenizer C, KD from store B    (unless --no-b) teacher B's samples of the same
                                             ids, through B's own cross setup
   xkd-AB-pkl tokenizer C, KD from store AB  (unless --no-b) two teachers: store A plus
@@ -38,9 +43,10 @@ from types import SimpleNamespace
 
 A_VARIANTS = ("ce-A", "kd-A")
 C_VARIANTS = ("ce-C", "xkd-pkl", "xkd-uld")
-ALL_VARIANTS = (*A_VARIANTS, "ce-C", "xkd-pkl", "xkd-pkl-aligned", "xkd-uld", "xkd-B-pkl",
-                "xkd-AB-pkl")
-DEFAULT_VARIANTS = tuple(v for v in ALL_VARIANTS if v != "xkd-pkl-aligned")
+ALL_VARIANTS = (*A_VARIANTS, "ce-C", "xkd-pkl", "xkd-pkl-aligned", "xkd-pkl-unchained",
+                "xkd-uld", "xkd-B-pkl", "xkd-AB-pkl")
+ABLATIONS = ("xkd-pkl-aligned", "xkd-pkl-unchained")  # run only when --variants names them
+DEFAULT_VARIANTS = tuple(v for v in ALL_VARIANTS if v not in ABLATIONS)
 
 
 def train_config(plan, store: str, student_dir, name: str, seed: int, **overrides):
@@ -167,13 +173,15 @@ def make_variants(plan, seed: int, accelerator) -> tuple[list, dict]:
     collates = {"A": lambda raw: collate(raw["rows"], raw["weights"], raw["signals"],
                                          packing=raw["packing"])}
     crosses = {}
-    for name, loss, inside in (("xkd-pkl", "pkl", True), ("xkd-pkl-aligned", "pkl", False),
-                               ("xkd-uld", "uld", True)):
+    for name, loss, inside, chained in (
+            ("xkd-pkl", "pkl", True, True), ("xkd-pkl-aligned", "pkl", False, False),
+            ("xkd-pkl-unchained", "pkl", True, False), ("xkd-uld", "uld", True, True)):
         kind = "C-" + name[len("xkd-"):]
         if name not in chosen and not (name == "xkd-uld" and "ce-C" in chosen):
             continue  # ce-C reads the uld batch (the student's tokens, its signal unused)
         cfg_x = train_config(plan, a_store, plan.student_dirs["C"], name, seed,
-                             cross_loss=loss, inside_token_targets=inside, **kd)
+                             cross_loss=loss, inside_token_targets=inside,
+                             chained_token_targets=chained, **kd)
         plans, crosses[kind[2:]] = cross_parts(cfg_x, plan.readers["A"], plan.tokenizer_c)
         if name in chosen:
             variants.append(Variant(name, cfg_x, copy_of(students["C"]), plans, kind,

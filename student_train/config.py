@@ -124,6 +124,11 @@ FIELDS: dict[str, Field] = {
                                   help="pkl: student positions inside a teacher token get the "
                                        "teacher's top-k at that token's start conditioned on "
                                        "the student's pieces since (false: skipped)."),
+    "chained_token_targets": Field("bool", True, absent=False,  # runs saved before: off
+                                   help="pkl: an aligned student token that spans several "
+                                        "teacher tokens gets the teacher's probability of "
+                                        "them in a row (their stored log-probs) instead of "
+                                        "none (false: the first teacher token's piece only)."),
     "objective": Field("str", "blend", choices=OBJECTIVES,
                        help="blend: alpha*KD + (1-alpha)*CE over tokens; distillm-med: the "
                             "blend per specialty, weighted by specialty_weights."),

@@ -59,6 +59,7 @@ from logitstore.toolkit.token_alignment import (PositionAlignment, SkipReason, a
                                                 inside_anchors)
 from logitstore.toolkit.token_spans import tokenize_with_spans
 from student_train.collate import collate
+from student_train.cross_chain import ChainTargets, chain_targets
 from student_train.cross_inside import INSIDE_REASONS, InsideTargets, condition_inside
 
 STAT_PREFIX = "cross/"
@@ -74,6 +75,8 @@ class StudentSample:
     stats: dict[str, float]
     # signal -> (inside_ids [Ls, k] int64, inside_mask [Ls] bool): conditioned targets
     inside: dict[str, tuple[np.ndarray, np.ndarray]]
+    # signal -> (chain_entry [Ls] int64, chain_ids [Ls] int64, chain_logc [Ls] float32)
+    chain: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
 def student_loss_mask(teacher: Sample, student_spans: np.ndarray) -> np.ndarray:
@@ -159,6 +162,17 @@ def _inside_arrays(cond: InsideTargets, length: int, k: int) -> tuple[np.ndarray
     return piece, mask
 
 
+def _chain_arrays(chain: ChainTargets, a: PositionAlignment, ids: np.ndarray,
+                  length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(chain_entry [length] int64, -1 where none; chain_ids [length]: the student's next
+    token there; chain_logc [length] float32)."""
+    entry, cid = np.full(length, -1, np.int64), np.full(length, -1, np.int64)
+    log_c = np.zeros(length, np.float32)
+    pos = a.student_pos[chain.pair]
+    entry[pos], cid[pos], log_c[pos] = chain.entry, ids[pos + 1], chain.log_c
+    return entry, cid, log_c
+
+
 class CrossCollate:
     """collate_fn of a StoreStream for a foreign-tokenizer student (module docstring).
 
@@ -170,14 +184,17 @@ class CrossCollate:
     byte_lengths: signal -> (teacher_byte_lengths [Vt], student_byte_lengths [Vs]) of its
     vocabulary map, for the signals whose aligned pairs with a one-sided dummy prefix are
     skipped (`dummy_prefix_pairs`; absent: kept; ULD, which compares sorted probabilities
-    rather than ids, passes none).
+    rather than ids, passes none); chain_signals: the signals whose aligned pairs with a
+    coarser student token get a chain (student_train/cross_chain.py; absent: the plain
+    mapped target).
     Picklable (DataLoader workers get a copy).
     """
 
     def __init__(self, tokenizer, topk_signals: list[str], first_maps: dict[str, np.ndarray],
                  min_mapped_share: float, tokenizations: dict[str, str | None] | None = None,
                  piece_maps: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
-                 byte_lengths: dict[str, tuple[np.ndarray, np.ndarray]] | None = None):
+                 byte_lengths: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+                 chain_signals: list[str] | None = None):
         self.tokenizer = tokenizer
         self.topk_signals = list(topk_signals)
         self.first_maps = {k: np.asarray(v) for k, v in first_maps.items()}
@@ -185,6 +202,7 @@ class CrossCollate:
                            for k, (o, p) in (piece_maps or {}).items()}
         self.byte_lengths = {k: (np.asarray(t, np.int32), np.asarray(s, np.int32))
                              for k, (t, s) in (byte_lengths or {}).items()}
+        self.chain_signals = set(chain_signals or ())
         self.min_mapped_share = float(min_mapped_share)
         # signal -> the store tokenization its positions index (None: the store's own)
         self.tokenizations = dict(tokenizations or {})
@@ -210,7 +228,7 @@ class CrossCollate:
         counts = np.bincount(align.student_reason[trained], minlength=len(SkipReason))
         stats.update({f"skipped_{r.name.lower()}": float(counts[r]) for r in SkipReason
                       if r != SkipReason.ALIGNED})
-        signals, kd_mask, inside, aligned = {}, {}, {}, {None: align}
+        signals, kd_mask, inside, chain, aligned = {}, {}, {}, {}, {None: align}
         conditioned_here = np.zeros(len(ids), bool)  # by a signal on the store's tokenization
         for name, data in teacher.signals.items():
             topk = None
@@ -221,7 +239,7 @@ class CrossCollate:
                     aligned[tokenization] = align_positions(side[0], side[1], spans, special)
                 topk, kd_mask[name], cond = self._signal_target(
                     name, data.topk, side, aligned[tokenization], ids, spans, special, trained,
-                    stats, inside)
+                    stats, inside, chain)
                 if cond is not None and tokenization is None:
                     conditioned_here[cond.student_pos] = True
             signals[name] = SignalData(topk=topk, hidden=data.hidden, attention=data.attention)
@@ -232,15 +250,15 @@ class CrossCollate:
         sample = Sample(sample_id=teacher.sample_id, input_ids=ids, loss_mask=loss_mask,
                         source=teacher.source, split=teacher.split, tags=teacher.tags,
                         signals=signals)
-        return StudentSample(sample, kd_mask, stats, inside)
+        return StudentSample(sample, kd_mask, stats, inside, chain)
 
     def _signal_target(self, name: str, topk: TopK, side: tuple, a: PositionAlignment,
                        ids: np.ndarray, spans: np.ndarray, special: np.ndarray,
-                       trained: np.ndarray, stats: dict[str, float],
-                       inside: dict) -> tuple[TopK, np.ndarray, InsideTargets | None]:
+                       trained: np.ndarray, stats: dict[str, float], inside: dict,
+                       chain: dict) -> tuple[TopK, np.ndarray, InsideTargets | None]:
         """(gathered top-k, kd_mask [Ls], inside targets or None) of one top-k signal whose
         teacher side (`_teacher_side`) `a` aligns with the student's tokens; adds the signal's
-        counts to `stats` and its inside arrays to `inside`."""
+        counts to `stats`, its inside arrays to `inside` and its chain arrays to `chain`."""
         t_spans, t_special, covered, t_ids = side
         length = len(ids)
         uncovered = np.append(spans[1:, 0] >= covered, False)  # next token past them
@@ -258,6 +276,12 @@ class CrossCollate:
                                     *self.piece_maps[name], self.min_mapped_share)
             stats.update(_inside_stats(name, cond, trained))
             inside[name] = _inside_arrays(cond, length, topk.ids.shape[1])
+        if name in self.chain_signals:
+            chained = chain_targets(a, t_spans, t_special, t_ids, topk.ids, topk.logprobs)
+            chain[name] = _chain_arrays(chained, a, ids, length)
+            stats[f"chained/{name}"] = float(trained[a.student_pos[chained.pair]].sum())
+            stats.update({f"un{why}/{name}": float(trained[a.student_pos[p]].sum())
+                          for why, p in chained.skipped.items()})
         gathered = _gathered_topk(
             topk, t_pos if cond is None else np.concatenate([t_pos, cond.teacher_pos]),
             s_pos if cond is None else np.concatenate([s_pos, cond.student_pos]), length)
@@ -300,6 +324,8 @@ class CrossCollate:
             batch["signals"][name]["kd_mask"] = torch.from_numpy(mask)
             if name in self.piece_maps:
                 batch["signals"][name].update(_laid_out_inside(placed, name, B, S))
+            if name in self.chain_signals:
+                batch["signals"][name].update(_laid_out_chain(placed, name, B, S))
         totals: dict[str, float] = {}
         for _, _, c in placed:
             for key, value in c.stats.items():
@@ -328,6 +354,16 @@ def _laid_out_inside(placed: list, name: str, B: int, S: int) -> dict[str, torch
     for b, at, c in placed:
         ids[b, at], mask[b, at] = c.inside[name]
     return {"inside_ids": torch.from_numpy(ids), "inside_mask": torch.from_numpy(mask)}
+
+
+def _laid_out_chain(placed: list, name: str, B: int, S: int) -> dict[str, torch.Tensor]:
+    """The samples' chain arrays of one signal placed like kd_mask, each [B, S]."""
+    entry, ids = np.full((B, S), -1, np.int64), np.full((B, S), -1, np.int64)
+    log_c = np.zeros((B, S), np.float32)
+    for b, at, c in placed:
+        entry[b, at], ids[b, at], log_c[b, at] = c.chain[name]
+    return {"chain_entry": torch.from_numpy(entry), "chain_ids": torch.from_numpy(ids),
+            "chain_logc": torch.from_numpy(log_c)}
 
 
 def finish_stats(stats: dict[str, float]) -> dict[str, float]:

@@ -33,6 +33,10 @@ student's mass on texts that start with that piece.
   the map, and the target is the contributing mass renormalised: no "other" bin (its teacher
   mass is 0, the tail and the other entries being outside the condition), so the student is
   pulled onto the pieces the teacher's conditional holds.
+* Chain rows (`chain_*`, an aligned position whose student token spans several teacher
+  tokens; see student_train/cross_chain.py): the top-k entry of the teacher's first token t1
+  is split, exp(chain_logc) of its mass going to the student's token (appended as entry k + 1)
+  and the rest staying on t1's mapped piece; the row's tail is unchanged.
 * `mapped_share` [n] = the share of the stored top-k mass whose tokens map (at T=1). A position
   whose mass is mostly unmapped gives a finite, small loss (most of the mass sits in "other",
   which the student matches cheaply; all unmapped gives exactly 0 and no gradient), never
@@ -173,18 +177,46 @@ def _check_map(first: Tensor, exact: Tensor | None, exact_only: bool) -> None:
         raise ValueError("exact_only=True needs the map's `exact` tensor, found None")
 
 
+def _split_chain(lp: Tensor, valid: Tensor, student_ids: Tensor, usable: Tensor,
+                 entry: Tensor, chain_ids: Tensor, log_c: Tensor):
+    """Each row's entry `entry` (t1; -1: none) split in two (student_train/cross_chain.py):
+    exp(log_c) of its mass onto student id `chain_ids`, the rest kept where it was. Returns
+    (lp, valid, student_ids, usable), each [..., k + 1] (the moved part last)."""
+    if not (entry.shape == chain_ids.shape == log_c.shape == lp.shape[:-1]):
+        raise ValueError(f"chain_entry, chain_ids and chain_logc must be shaped like the top-k's "
+                         f"rows {tuple(lp.shape[:-1])}, found {tuple(entry.shape)}, "
+                         f"{tuple(chain_ids.shape)} and {tuple(log_c.shape)}")
+    column = entry.long().clamp_min(0)[..., None]  # [..., 1]
+    has = (entry >= 0) & (chain_ids >= 0) & valid.gather(-1, column)[..., 0]  # [...]
+    first = lp.gather(-1, column)  # [..., 1]: P(t1)
+    c = log_c.to(lp.dtype).clamp_max(0.0)[..., None]
+    kept = (first + torch.log(-torch.expm1(c))).clamp_min(LOG_ZERO)  # P(t1) (1 - C)
+    at = has[..., None] & (torch.arange(lp.shape[-1], device=lp.device) == column)
+    lp = torch.cat([torch.where(at, kept, lp),
+                    torch.where(has[..., None], first + c, LOG_ZERO)], -1)
+    student_ids = torch.cat([student_ids, torch.where(has, chain_ids.long(), 0)[..., None]], -1)
+    return (lp, torch.cat([valid, has[..., None]], -1), student_ids,
+            torch.cat([usable, has[..., None]], -1))
+
+
 def project_topk_target(teacher_ids: Tensor, teacher_logprobs: Tensor,
                         teacher_to_student_first: Tensor, exact: Tensor | None = None, *,
                         temperature: float = 1.0, exact_only: bool = False,
                         conditioned_ids: Tensor | None = None,
-                        conditioned: Tensor | None = None) -> MappedTarget:
+                        conditioned: Tensor | None = None,
+                        chain_entry: Tensor | None = None, chain_ids: Tensor | None = None,
+                        chain_logc: Tensor | None = None) -> MappedTarget:
     """The teacher's stored top-k as a target over the student vocabulary (module docstring).
 
     teacher_ids [..., k] int (teacher vocab; < 0 = padding), teacher_logprobs [..., k] at T=1
     (-inf = padding); teacher_to_student_first [Vt] int (-1 = unmapped); exact [Vt] bool or
     None; exact_only: count teacher tokens without an exact student twin as unmapped;
     conditioned [...] bool and conditioned_ids [..., k] int (both or neither): rows given
-    their entries' student ids (-1: not contributing), renormalised (module docstring).
+    their entries' student ids (-1: not contributing), renormalised (module docstring);
+    chain_entry [...] int (-1: none), chain_ids [...] int, chain_logc [...] float (all or
+    none): rows whose top-k column chain_entry gives exp(chain_logc) of its mass to student
+    id chain_ids (a student token spanning several teacher tokens, cross_chain.py); the
+    target then has k + 1 entries per row.
     """
     _check_temperature(temperature)
     _check_map(teacher_to_student_first, exact, exact_only)
@@ -205,8 +237,14 @@ def project_topk_target(teacher_ids: Tensor, teacher_logprobs: Tensor,
         row = conditioned.bool()[..., None]
         student_ids = torch.where(row, conditioned_ids.long(), student_ids)
         usable = torch.where(row, valid & (conditioned_ids >= 0), usable)
+    tail = _tail_logprob(lp)  # before a split, which keeps each row's stored mass
+    chain = (chain_entry, chain_ids, chain_logc)
+    if any(x is not None for x in chain):
+        if any(x is None for x in chain):
+            raise ValueError("chain_entry, chain_ids and chain_logc go together: pass all "
+                             "three or none")
+        lp, valid, student_ids, usable = _split_chain(lp, valid, student_ids, usable, *chain)
     group_lp, leader = _group_by_student_id(student_ids, usable, lp)
-    tail = _tail_logprob(lp)
     unmapped = valid & ~usable
     unmapped_lp = torch.logsumexp(torch.where(unmapped, lp, LOG_ZERO), -1)
     # only where something is unmapped, so an identity map reproduces build_topk_target's bits

@@ -12,7 +12,9 @@ is not the student's:
   the objective projects the stored top-k through it (`cross_token_losses.project_topk_target`,
   an ordinary SparseTarget, so the fused lm_head path computes it like any top-k target);
   with `inside_token_targets` (default) the map's decompositions also give the positions
-  inside a teacher token a conditioned target (student_train/cross_inside.py); the map's
+  inside a teacher token a conditioned target (student_train/cross_inside.py), and with
+  `chained_token_targets` (default) an aligned student token spanning several teacher tokens
+  gets their chained probability (student_train/cross_chain.py); the map's
   per-id byte lengths skip the aligned pairs where only one tokenizer wrote a dummy prefix
   space (`cross_batch.dummy_prefix_pairs`: there the map's first piece is not the student's
   token);
@@ -198,11 +200,15 @@ def cross_setup(cfg, reader, eval_reader, tokenizer, plans, problems: list[str])
     return CrossTokenizer(
         loss=cfg.cross_loss, collate=CrossCollate(tokenizer, topk, first_maps,
                                                   cfg.min_mapped_share, on_tokenization,
-                                                  piece_maps, byte_lengths),
+                                                  piece_maps, byte_lengths,
+                                                  topk if cfg.chained_token_targets and maps
+                                                  else None),
         vocab_maps=maps, length_ratio=ratio,
         provenance={"cross_tokenizer": {"loss": cfg.cross_loss, "length_ratio": ratio,
                                         "min_mapped_share": cfg.min_mapped_share,
                                         "inside_token_targets": bool(piece_maps),
+                                        "chained_token_targets":
+                                            bool(maps and cfg.chained_token_targets),
                                         "teacher_tokenizer": reader.settings.tokenizer_name,
                                         **summary}})
 

@@ -302,11 +302,13 @@ class DistillationObjective(nn.Module):
             inside = {"conditioned_ids": pick(signal["inside_ids"]),  # cross_batch.py
                       "conditioned": pick(signal["inside_mask"])} if "inside_ids" in signal \
                 else {}
+            chain = {key: pick(signal[key]) for key in ("chain_entry", "chain_ids", "chain_logc")
+                     if key in signal}
             return project_topk_target(pick(signal["topk_ids"]).long(),
                                        pick(signal["topk_logprobs"]).float(),
                                        getattr(self, f"vocab_map_{i}_first"),
                                        getattr(self, f"vocab_map_{i}_exact"),
-                                       temperature=temperature, **inside).target
+                                       temperature=temperature, **inside, **chain).target
         if plan.target == "topk":
             return build_topk_target(pick(signal["topk_ids"]).long(),
                                      pick(signal["topk_logprobs"]).float(),

@@ -351,6 +351,7 @@ def test_foreign_student_trains_end_to_end(world, tmp_path, loss):
     meta = json.loads((run / "training_metadata.json").read_text())
     assert meta["source"]["cross_tokenizer"]["loss"] == loss
     assert meta["source"]["cross_tokenizer"]["inside_token_targets"] is (loss == "pkl")
+    assert meta["source"]["cross_tokenizer"]["chained_token_targets"] is (loss == "pkl")
     model = AutoModelForCausalLM.from_pretrained(run / "final")
     saved = AutoTokenizer.from_pretrained(run / "final")
     assert tokenizer_fingerprint(saved) == tokenizer_fingerprint(world["student_tok"])
@@ -366,7 +367,8 @@ def test_a_resumed_cross_run_continues_the_same_loss_curve(world, tmp_path):
     # inside positions: resuming with the default (on) is refused, naming the flag that
     # continues as saved, and with that flag the curve continues bit for bit
     settings = dict(max_steps=4, save_every=2, signals={"teacher": 1.0},
-                    min_mapped_share=0.0, inside_token_targets=False)
+                    min_mapped_share=0.0, inside_token_targets=False,
+                    chained_token_targets=False)
     full = tmp_path / "full"
     train_run(world, full, **settings)
     assert sum(m["train/cross/skipped_inside_teacher_token"] for m in cross_metrics(full)) > 0
@@ -376,6 +378,7 @@ def test_a_resumed_cross_run_continues_the_same_loss_curve(world, tmp_path):
                     part / "checkpoints" / "step-00000002")
     saved = yaml.safe_load((full / "config.yaml").read_text(encoding="utf-8"))
     assert saved["train"].pop("inside_token_targets") is False
+    assert saved["train"].pop("chained_token_targets") is False
     (part / "config.yaml").write_text(yaml.safe_dump(saved), encoding="utf-8")
     with pytest.raises(ConfigError) as err:
         train_run(world, part, resume="latest", **{**settings, "inside_token_targets": None})

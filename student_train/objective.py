@@ -12,7 +12,7 @@ of an optimizer step and over every process *before* the forward passes, and div
 micro-batch's sums by those totals: gradient accumulation and data parallelism then give exactly
 the gradient of one large batch (a per-micro-batch mean would weight short batches too much).
 
-The loss `combine` builds is linear in those sums, with coefficients fixed by the denominators
+The loss `loss_combine.combine` builds is linear in those sums, with coefficients fixed by the denominators
 and weights: `token_sum_gradients` gives them once per optimizer step, and forward(...,
 sum_grads=...) hands them to the fused lm_head loss, which then builds the lm_head and hidden
 gradients while the logits exist instead of recomputing the chunks in backward. Backward
@@ -30,6 +30,10 @@ target, student_train/cross_inside.py); its KD is computed there only
 (student_train/cross_terms.py: "pkl" through the vocabulary map as an ordinary sparse target
 of the fused lm_head, "uld" apart) and averaged
 over them (`denominators`' `kd_tokens/<name>`), while CE covers every trained position.
+With several such signals (teachers of other tokenizers cover different positions) a
+position's KD is the weighted mean over the signals that give it a target, and the KD term
+averages that over the positions any signal covers (`kd_tokens_any`): where one teacher has
+no target the others' count fully, instead of that position getting only their share.
 """
 
 from __future__ import annotations
@@ -138,9 +142,13 @@ def denominators(batch: dict, n_groups: int = 1) -> dict[str, Tensor]:
     row, start, length = segments(batch)
     sample_w = batch["token_weights"].float()[row, start] * (length > 0)
     out = {"tokens": per_group(w), "samples": sample_w.sum().reshape(1)}
-    for name, signal in batch.get("signals", {}).items():
-        if "kd_mask" in signal:
-            out[f"kd_tokens/{name}"] = per_group(w * signal["kd_mask"].float())
+    masks = [(name, signal["kd_mask"]) for name, signal in batch.get("signals", {}).items()
+             if "kd_mask" in signal]
+    for name, kd_mask in masks:
+        out[f"kd_tokens/{name}"] = per_group(w * kd_mask.float())
+    if len(masks) > 1:  # several signals' positions: the KD term's mean is over their union
+        covered = torch.stack([m for _, m in masks]).any(0)
+        out["kd_tokens_any"] = per_group(w * covered.float())
     return out
 
 
@@ -274,6 +282,10 @@ class DistillationObjective(nn.Module):
                 expected = torch.cat([expected[:, :-2], torch.where(  # with ce_free's
                     uncovered, expected[:, -1], expected[:, -2])[:, None]], 1)
             expected = w[:, None] * expected
+        mix = self._mixture_scale(kd_masks)  # [n] or None
+        if expected is not None and mix is not None:
+            expected = torch.cat([expected[:, :len(self.kd_plans)] * mix[:, None],
+                                  expected[:, len(self.kd_plans):]], 1)
         head = self.student.get_output_embeddings()
         if kd_masks is None and len(fused_plans) == len(self.kd_plans):
             values = fused_head_loss(pick(final), head.weight, terms, bias=head.bias,
@@ -281,6 +293,9 @@ class DistillationObjective(nn.Module):
         else:  # a student with another tokenizer: masked KD columns, ULD outside the fusion
             values = cross_head_values(self.kd_plans, batch["signals"], pick, pick(final), head,
                                        terms, expected, kd_masks, temperature, s.chunk_size)
+        if mix is not None:
+            values = torch.cat([values[:, :len(self.kd_plans)] * mix[:, None],
+                                values[:, len(self.kd_plans):]], 1)
         if uncovered is not None:  # one more column: CE where no KD target exists
             values = torch.cat([values, (values[:, -1] * uncovered)[:, None]], 1)
         weighted = values * w[:, None]
@@ -294,6 +309,15 @@ class DistillationObjective(nn.Module):
         if uncovered is not None:
             sums["ce_free"] = per_group[:, n_kd + 1]  # [G]
         return sums
+
+    def _mixture_scale(self, kd_masks: Tensor | None) -> Tensor | None:
+        """[n] total KD weight / the weight of the signals giving each position a target
+        (1 where all do; module docstring), or None with fewer than two masked signals."""
+        if kd_masks is None or len(self.kd_plans) < 2:
+            return None
+        w = torch.tensor([p.kd_weight for p in self.kd_plans], device=kd_masks.device)
+        cover = (kd_masks.float() * w).sum(1)  # [n]
+        return torch.where(cover > 0, w.sum() / cover.clamp_min(1e-12), torch.ones_like(cover))
 
     def _target(self, plan: SignalPlan, signal: dict, pick, temperature: float):
         """The plan's SparseTarget at the picked positions, fields [1, n, K]."""
@@ -347,98 +371,3 @@ class DistillationObjective(nn.Module):
                                          sample_weights=sample_w) * den
                 for p in self.attention_plans])
         return sums
-
-
-# ----------------------------------------------------------------------------- combination
-
-@dataclass(frozen=True)
-class Weights:
-    alpha: float = 0.5
-    alpha_on: str = "kd"  # alpha multiplies KD (default) or CE (seed 003's literal formula)
-    hidden: float = 0.0
-    attention: float = 0.0
-    group_weights: tuple[float, ...] = (1.0,)  # distillm-med: specialty weights, not normalised
-
-
-def combine(sums: dict[str, Tensor], dens: dict[str, Tensor], plans: Sequence[SignalPlan],
-            weights: Weights) -> tuple[Tensor, dict[str, Tensor]]:
-    """(loss, parts): sums divided by (global) denominators, blended and weighted.
-
-    Per group g: blend_g = alpha*KD_g + (1-alpha)*CE_g (token means over g; KD_g the signals'
-    weighted sum); main = sum_g c_g * blend_g over groups with tokens (one group, c = 1, for the
-    plain blend). Without KD signals (--data) main is the CE. Then
-    loss = main + hidden * H + attention * A (sample means, signals weighted).
-    """
-    tokens = dens["tokens"]
-    safe = torch.where(tokens > 0, tokens, torch.ones_like(tokens))
-    ce_g = sums["ce"] / safe
-    parts = {"ce": sums["ce"].sum() / safe.sum().clamp_min(1) if tokens.numel() > 1
-             else ce_g.sum()}
-    kd_plans = [p for p in plans if p.target]
-    if kd_plans and any(f"kd_tokens/{p.name}" in dens for p in kd_plans):
-        blend_g = _masked_kd_blend(sums, dens, kd_plans, weights, ce_g, parts)
-        if "ce_free" in sums:  # no KD target there: the CE takes the whole weight
-            a = weights.alpha if weights.alpha_on == "kd" else 1 - weights.alpha
-            blend_g = blend_g + a * sums["ce_free"] / safe
-    elif kd_plans:
-        kd_w = torch.tensor([p.kd_weight for p in kd_plans], device=tokens.device)
-        kd_g = (kd_w[:, None] * sums["kd"]).sum(0) / safe
-        a = weights.alpha if weights.alpha_on == "kd" else 1 - weights.alpha
-        blend_g = a * kd_g + (1 - a) * ce_g
-        total_tokens = tokens.sum().clamp_min(1)
-        parts["kd"] = (kd_w[:, None] * sums["kd"]).sum() / total_tokens
-        for p, kd in zip(kd_plans, sums["kd"]):
-            parts[f"kd/{p.name}"] = kd.sum() / total_tokens
-    else:
-        blend_g = ce_g
-    c = torch.tensor(weights.group_weights, device=tokens.device)
-    loss = (c * blend_g * (tokens > 0)).sum()
-    samples = dens["samples"].sum().clamp_min(1e-12)
-    for kind, weight in (("hidden", weights.hidden), ("attention", weights.attention)):
-        if kind in sums:
-            share = torch.tensor([getattr(p, f"{kind}_weight") for p in plans
-                                  if getattr(p, f"{kind}_weight") > 0], device=tokens.device)
-            parts[kind] = (share * sums[kind]).sum() / samples
-            loss = loss + weight * parts[kind]
-    parts["loss"] = loss
-    return loss, parts
-
-
-def _masked_kd_blend(sums, dens, kd_plans, weights: Weights, ce_g: Tensor,
-                     parts: dict[str, Tensor]) -> Tensor:
-    """combine's blend per group when signals train only some positions (`kd_tokens/<name>`,
-    a student with another tokenizer): each signal's KD is its mean over its own positions."""
-    tokens = dens["tokens"]
-    kd_w = torch.tensor([p.kd_weight for p in kd_plans], device=tokens.device)
-    kd_den = torch.stack([dens.get(f"kd_tokens/{p.name}", tokens) for p in kd_plans])  # [n_kd, G]
-    kd_g = (kd_w[:, None] * sums["kd"] / torch.where(kd_den > 0, kd_den, 1.0)).sum(0)
-    a = weights.alpha if weights.alpha_on == "kd" else 1 - weights.alpha
-    per_signal = sums["kd"].sum(1) / kd_den.sum(1).clamp_min(1)  # [n_kd]
-    parts["kd"] = (kd_w * per_signal).sum()
-    for p, kd in zip(kd_plans, per_signal):
-        parts[f"kd/{p.name}"] = kd
-    return a * kd_g + (1 - a) * ce_g
-
-
-def token_sum_gradients(dens: dict[str, Tensor], plans: Sequence[SignalPlan],
-                        weights: Weights) -> dict[str, Tensor]:
-    """d loss / d (sums["kd"] [n_kd, G], sums["ce"] [G]) for combine(sums, dens, ...).
-
-    combine is linear in the token sums, so this depends on the denominators and weights
-    only: one value per optimizer step. Taken by autograd through combine itself, so it is the
-    gradient the backward will really send (up to the trainer's scale), never a re-derivation.
-    """
-    tokens = dens["tokens"]
-    n_kd = len([p for p in plans if p.target])
-    masked = any(k.startswith("kd_tokens/") for k in dens)  # a student of another tokenizer
-    with torch.enable_grad():
-        sums = {"kd": torch.zeros(n_kd, tokens.numel(), device=tokens.device),
-                "ce": torch.zeros(tokens.numel(), device=tokens.device)}
-        if masked:
-            sums["ce_free"] = torch.zeros(tokens.numel(), device=tokens.device)
-        for value in sums.values():
-            value.requires_grad_(True)
-        loss, _ = combine(sums, dens, plans, weights)
-        grads = torch.autograd.grad(loss, list(sums.values()), allow_unused=True)
-    return {k: torch.zeros_like(v) if g is None else g
-            for (k, v), g in zip(sums.items(), grads)}

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from student_train.cross_batch import finish_stats
-from student_train.objective import (DistillationObjective, Weights, combine, denominators,
-                                     sample_groups, token_sum_gradients)
+from student_train.loss_combine import Weights, combine, token_sum_gradients
+from student_train.objective import DistillationObjective, denominators, sample_groups
 from student_train.sources import Sources
 
 

@@ -121,7 +121,7 @@ def distillm_med_loss(kd_per_position: Tensor, ce_per_position: Tensor, mask: Te
                       beta: float = 0.2) -> Tensor:
     """Seed 003 (DistilLLM-Med) objective: L_total = sum_s w_s * L_KD^(s) + beta * L_att.
 
-    The reference for student_train.objective.combine with specialty groups.
+    The reference for student_train.loss_combine.combine with specialty groups.
     kd_per_position, ce_per_position, mask: [B, S]; specialty_ids: [B] long in
     [0, n_specialties); specialty_weights: [n_specialties] (e.g. cardiology 1.2, radiology 1.0).
     L_KD^(s) is the masked token mean, over the samples of specialty s, of the per-token blend

@@ -213,9 +213,9 @@ def test_objective_matches_a_dense_reference_on_a_cross_batch(world, loss, monke
     from student_train.cross_token_losses import mapped_kd_sum, project_topk_target, uld_sum
     from student_train.cross_tokenizer import stored_teacher_tokenizer
     from student_train.losses import cross_entropy_per_position
+    from student_train.loss_combine import Weights, combine, token_sum_gradients
     from student_train.objective import (DistillationObjective, LossSettings, SignalPlan,
-                                         Weights, combine, denominators, shifted,
-                                         target_positions, token_sum_gradients)
+                                         denominators, shifted, target_positions)
 
     reader = StoreReader(str(world["store"]))
     teacher_tok = stored_teacher_tokenizer(reader, str(world["store"]))
@@ -461,3 +461,76 @@ def test_sampled_only_signals_are_refused_for_a_foreign_student(world, tmp_path)
     message = str(err.value)
     assert "sampled targets" in message and "top-k only" in message
     assert "'teacher'" in message and "'sharp'" in message
+
+
+def test_two_signals_mix_per_position_over_the_teachers_that_cover_it(world, monkeypatch):
+    """Two cross signals covering different positions: each position's KD is the weighted
+    mean over the signals there, averaged over the positions any covers (objective module
+    docstring); loss and lm_head gradient equal that textbook computation, and the fused
+    lm_head still uses the gradient its forward built."""
+    from transformers import AutoModelForCausalLM
+
+    import student_train.fused_head_loss as fused
+
+    from logitstore.reader import StoreReader
+    from logitstore.toolkit.vocab_map import vocab_map_for
+    from student_train.cross_batch import CrossCollate
+    from student_train.cross_token_losses import project_topk_target
+    from student_train.cross_tokenizer import stored_teacher_tokenizer
+    from student_train.losses import cross_entropy_per_position, sparse_kd_per_position
+    from student_train.loss_combine import Weights, combine, token_sum_gradients
+    from student_train.objective import (DistillationObjective, LossSettings, SignalPlan,
+                                         denominators, shifted, target_positions)
+
+    reader = StoreReader(str(world["store"]))
+    vmap = vocab_map_for(stored_teacher_tokenizer(reader, str(world["store"])),
+                         world["student_tok"], cache_dir=world["root"] / "maps")
+    first = vmap.teacher_to_student_first
+    names = ["teacher", "sharp"]
+    collate = CrossCollate(world["student_tok"], names, {n: first for n in names}, 0.0)
+    batch = collate([[s] for s in reader.read_segment(0)[:4]], [[1.0]] * 4, names,
+                    packing=False)
+    kd_a = batch["signals"]["teacher"]["kd_mask"]
+    stripes = torch.arange(kd_a.shape[1]) % 3  # A misses every third position, B two in three
+    batch["signals"]["teacher"]["kd_mask"] = kd_a & (stripes != 0)
+    batch["signals"]["sharp"]["kd_mask"] = kd_a & (stripes != 1)
+    plans = [SignalPlan(n, kd_weight=w, target="topk", cross_loss="pkl")
+             for n, w in zip(names, (0.7, 0.3))]
+    weights = Weights(alpha=0.6)
+    torch.manual_seed(0)
+    student = AutoModelForCausalLM.from_pretrained(world["student"]).float()
+    objective = DistillationObjective(student, plans, LossSettings(chunk_size=7),
+                                      vocab_maps={n: (first, vmap.exact) for n in names})
+    dens = denominators(batch)
+    sums = objective(batch, temperature=1.0, sum_grads=token_sum_gradients(dens, plans, weights))
+    loss_value, _ = combine(sums, dens, plans, weights)
+    factors = []
+    common_factor = fused._common_factor
+    monkeypatch.setattr(fused, "_common_factor",
+                        lambda *a: factors.append(common_factor(*a)) or factors[-1])
+    loss_value.backward()
+    assert factors and None not in factors
+    got = student.lm_head.weight.grad.clone()
+
+    reference = AutoModelForCausalLM.from_pretrained(world["student"]).float()
+    logits = reference(input_ids=batch["input_ids"],
+                       attention_mask=batch["attention_mask"]).logits
+    trained = target_positions(batch)
+    weighted, cover = torch.zeros(trained.shape), torch.zeros(trained.shape)
+    for name, w in zip(names, (0.7, 0.3)):
+        signal = batch["signals"][name]
+        mapped = project_topk_target(signal["topk_ids"].long(), signal["topk_logprobs"].float(),
+                                     torch.from_numpy(first).long(), torch.from_numpy(vmap.exact))
+        mask = (trained & signal["kd_mask"]).float()
+        weighted = weighted + w * mask * sparse_kd_per_position(logits, mapped.target)
+        cover = cover + w * mask
+    covered = cover > 0
+    assert (covered & (cover < 1 - 1e-6)).any() and covered.sum() < trained.sum()
+    kd = (weighted[covered] / cover[covered]).sum() / covered.sum()
+    labels = shifted(batch["labels"], -100)
+    ce = cross_entropy_per_position(logits[trained], labels[trained])
+    free = ~covered[trained]
+    expected = 0.6 * kd + (0.4 * ce.sum() + 0.6 * ce[free].sum()) / trained.sum()
+    expected.backward()
+    assert float(loss_value) == pytest.approx(float(expected), rel=1e-5)
+    torch.testing.assert_close(got, reference.lm_head.weight.grad, rtol=1e-4, atol=1e-6)

@@ -277,7 +277,8 @@ def test_alignment_layer_map_problems_are_listed_together(world, tmp_path):
 @pytest.mark.parametrize("alpha_on", ["kd", "ce"])
 def test_group_combination_matches_the_seed_003_reference(alpha_on):
     from reference_losses import distillm_med_loss
-    from student_train.objective import SignalPlan, Weights, combine
+    from student_train.loss_combine import Weights, combine
+    from student_train.objective import SignalPlan
 
     g = torch.Generator().manual_seed(0)
     kd, ce = torch.rand(4, 6, generator=g), torch.rand(4, 6, generator=g)
@@ -334,8 +335,9 @@ def test_micro_batches_with_global_denominators_give_the_full_batch_gradient(wor
 
     from logitstore.reader import StoreReader
     from student_train.collate import collate
+    from student_train.loss_combine import Weights, combine
     from student_train.objective import (DistillationObjective, LossSettings, SignalPlan,
-                                         Weights, combine, denominators)
+                                         denominators)
 
     reader = StoreReader(str(world.store))
     samples = [reader.sample(i) for i in range(4)]
@@ -376,9 +378,9 @@ def test_sum_gradients_hint_gives_the_same_gradients_without_a_backward_pass(wor
     import student_train.fused_head_loss as fused
     from logitstore.reader import StoreReader
     from student_train.collate import collate
+    from student_train.loss_combine import Weights, combine, token_sum_gradients
     from student_train.objective import (DistillationObjective, LossSettings, SignalPlan,
-                                         Weights, combine, denominators, sample_groups,
-                                         token_sum_gradients)
+                                         denominators, sample_groups)
 
     reader = StoreReader(str(world.store))
     samples = [reader.sample(i) for i in range(4)]

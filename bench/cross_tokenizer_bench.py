@@ -280,17 +280,17 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, help="student steps (overrides --epochs)")
     p.add_argument("--no-b", action="store_true", help="no teacher B (nor its student)")
     p.add_argument("--variants", help="comma-separated students to train (default: all but "
-                   "the ablations xkd-pkl-aligned and xkd-pkl-unchained; ce-C and kd-A always, the report's references), of: "
-                   "ce-A, kd-A, ce-C, xkd-pkl, xkd-pkl-aligned (inside-token targets and chains "
-                   "off), xkd-pkl-unchained (chains off), "
+                   "the ablations xkd-pkl-aligned and xkd-pkl-unchained; ce-C and kd-A always, "
+                   "the report's references), of: ce-A, kd-A, ce-C, xkd-pkl, xkd-pkl-aligned "
+                   "(inside-token targets and chains off), xkd-pkl-unchained (chains off), "
                    "xkd-uld, xkd-B-pkl, xkd-AB-pkl")
     p.add_argument("--min-mapped-share", type=float, help="the students' min_mapped_share "
                    f"(default {TRAIN['min_mapped_share']}): aligned positions' mapped share "
                    "and inside-token positions' conditioned share")
     p.add_argument("--c-text", choices=("mixed", "other"), default="mixed",
                    help="tokenizer C's text: general text plus a third of the domain records "
-                   "(mixed, 5,120 tokens), or general text only (other, 3,072 tokens: the first "
-                   "runs' stress case, C needs 1.9x A's tokens)")
+                   "(mixed, 5,120 tokens), or general text only (other, 3,072 tokens: C as the "
+                   "first runs built it, a stress case)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--cache", type=Path, default=OUT / "cache" / "xtok",
                    help="corpus, tokenizers, teachers, student configs (reused across runs)")

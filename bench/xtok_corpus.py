@@ -15,11 +15,10 @@ records are dealt into thirds by position; no two tokenizers see the same record
   C  byte-level BPE (its own specials), vocab_c, on general text (the Python language
      reference: pydoc topics, and the toolkit's two mini medical task files) plus, with
      c_text "mixed" (the default), the last third: a general tokenizer that has seen some of
-     the domain, as Llama 3's, Gemma's and Qwen's have. It spells the held-out text in about
-     as many tokens as A does (0.22 vs 0.21 per byte), as real tokenizers of these sizes do
-     medical text (Llama 3, Qwen 2 and Gemma 3 differ by ~10 %). c_text "other" (general
-     text only) is the stress case of the first runs: C then needs 1.9x A's tokens and
-     costs its student 0.40 bits/byte before any distillation.
+     the domain, as Llama 3's, Gemma's and Qwen's have: it spells the held-out text in
+     about as many tokens as A does, as real general tokenizers do medical text.
+     c_text "other" (general text only) builds C as the first runs did, a stress case: it
+     spells the domain in far more tokens than A (figures in BENCHMARKS.md).
 Every tokenizer adds its BOS when encoding (the bits-per-byte evaluator predicts a text's
 first token from it). The directory is named by the SHA-256 of the settings and of the
 knowledge base and generator sources, so it is rebuilt only when they change.

@@ -64,22 +64,22 @@ def render_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _dummy_share(collate: dict) -> str:
-    share = collate.get("dummy_prefix_skipped_share")
+def _share(collate: dict, key: str) -> str:
+    share = collate.get(key)
     return "– (result written before this count)" if share is None else f"{share:.2%}"
 
 
 def _collate_lines(pairs: list[dict]) -> list[str]:
     lines = ["", "CrossCollate re-cutting the transfer texts (synthetic top-k, mapped loss, "
-             "inside-token targets; one process; median [min, max] over passes):", "",
+             "inside-token and chained targets; one process; median [min, max] over passes):", "",
              "| teacher -> student | samples/s | student tokens/s | aligned share |"
-             " skipped: dummy prefix on one side | inside conditioned |",
-             "|---|---|---|---|---|---|"]
+             " skipped: dummy prefix on one side | inside conditioned | chained |",
+             "|---|---|---|---|---|---|---|"]
     for p in pairs:
         c = p["collate"]
         per_sample = c["student_tokens"] / c["samples"]
         lines.append(f"| {p['teacher']} -> {p['student']} | {_range(c['samples_per_s'], '.0f')}"
                      f" | {_range([r * per_sample for r in c['samples_per_s']], ',.0f')} | "
-                     f"{c['aligned_share']:.1%} | {_dummy_share(c)} | "
-                     f"{c['inside_conditioned_share']:.1%} |")
+                     f"{c['aligned_share']:.1%} | {_share(c, 'dummy_prefix_skipped_share')} | "
+                     f"{c['inside_conditioned_share']:.1%} | {_share(c, 'chained_share')} |")
     return lines

@@ -334,7 +334,8 @@ def collate_figures(teacher, student, vocab_map, texts: list[str], *, k: int, ba
                               0.5, piece_maps={"topk": (vocab_map.piece_offsets,
                                                         vocab_map.piece_ids)},
                               byte_lengths={"topk": (vocab_map.teacher_byte_lengths,
-                                                     vocab_map.student_byte_lengths)})
+                                                     vocab_map.student_byte_lengths)},
+                              chain_signals=["topk"])  # student-train's default pkl path
     rates, totals, tokens = [], {}, 0
     for _ in range(repeats):
         totals, tokens = {}, 0
@@ -356,6 +357,9 @@ def collate_figures(teacher, student, vocab_map, texts: list[str], *, k: int, ba
             "dummy_prefix_skipped_share": totals.get("cross/skipped_dummy_prefix/topk", 0.0)
             / max(totals.get("cross/positions", 0.0), 1.0),
             "inside_conditioned_share": totals.get("cross/inside_conditioned", 0.0)
+            / max(totals.get("cross/positions", 0.0), 1.0),
+            # student tokens spanning several teacher tokens given a chained target
+            "chained_share": totals.get("cross/chained/topk", 0.0)
             / max(totals.get("cross/positions", 0.0), 1.0)}
 
 

@@ -103,7 +103,7 @@ def alignment(runs: list[dict]) -> dict:
                 row["map_coverage"] = counts["mapped_mass/" + key.split("/", 1)[1]] / value
             if key.startswith("inside/"):
                 row["inside_share"] = value / positions if positions else None
-            if key.startswith(("chained/", "unchain_unended/", "unchain_unranked/")):
+            if key.startswith(("chained/", "chain_skipped_")):
                 row[key.split("/", 1)[0] + "_share"] = value / positions if positions else None
             if key.startswith("inside_topk_mass/") and value > 0:
                 row["conditioned_coverage"] = \
@@ -113,7 +113,8 @@ def alignment(runs: list[dict]) -> dict:
         row["per_signal"] = _per_signal(counts, positions)
         if len(row["per_signal"]) > 1:  # several teachers: no one signal speaks for the row
             for key in ("kd_share", "map_coverage", "inside_share", "conditioned_coverage",
-                        "chained_share", "unchain_unended_share", "unchain_unranked_share"):
+                        "chained_share", "chain_skipped_unended_share",
+                        "chain_skipped_unranked_share"):
                 row.pop(key, None)
         out[name] = row
     return out
@@ -277,8 +278,8 @@ def alignment_lines(summary: dict) -> list[str]:
                         if a.get("inside_share") else "")
                      + (f"; {a['chained_share'] * 100:.1f} % spanning several teacher tokens "
                         f"with a chained target (without: "
-                        f"{a.get('unchain_unended_share', 0) * 100:.1f} % ending inside a "
-                        f"teacher token, {a.get('unchain_unranked_share', 0) * 100:.1f} % "
+                        f"{a.get('chain_skipped_unended_share', 0) * 100:.1f} % ending inside a "
+                        f"teacher token, {a.get('chain_skipped_unranked_share', 0) * 100:.1f} % "
                         f"with a chain token outside the top-k)"
                         if a.get("chained_share") else "")
                      + (f"; skipped: {skipped}" if skipped else ""))

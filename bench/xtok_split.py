@@ -11,8 +11,8 @@ Trains the chosen student-C variants of one seed exactly as bench/cross_tokenize
 does (same cache, teachers, stores, batches, steps; bench/xtok_train.py), then, per held-out
 record, tokenizes the text with A and C (`token_spans.tokenize_with_spans`), aligns their
 positions (`token_alignment.align_positions`) and sums the student's NLL of each text token
-into those parts; each part is divided by the held-out bytes, so the two parts add
-up to the student's bits per byte (one window per record: every record fits the context).
+into those parts; each part is divided by the held-out bytes, so the parts add up
+to the student's bits per byte (one window per record: every record fits the context).
 """
 
 from __future__ import annotations

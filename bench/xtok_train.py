@@ -119,7 +119,8 @@ class Variant:
 
         self.name, self.cfg, self.batch_kind, self.student = name, cfg, batch_kind, student
         settings = LossSettings(loss=cfg.loss, topk_mode=cfg.topk_mode, jsd_beta=cfg.jsd_beta,
-                                skew_alpha=cfg.skew_alpha, chunk_size=cfg.lm_head_chunk)
+                                skew_alpha=cfg.skew_alpha, chunk_size=cfg.lm_head_chunk,
+                                mix_per_position=cfg.mix_signals_per_position)
         module = DistillationObjective(student, plans, settings, vocab_maps=vocab_maps)
         optimizer = make_optimizer(cfg, module)
         self.scheduler = get_scheduler(

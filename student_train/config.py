@@ -129,6 +129,16 @@ FIELDS: dict[str, Field] = {
                                         "teacher tokens gets the teacher's probability of "
                                         "them in a row (their stored log-probs) instead of "
                                         "none (false: the first teacher token's piece only)."),
+    "skip_dummy_prefix_pairs": Field("bool", True, absent=False,  # runs saved before: kept
+                                     help="pkl: skip (and count) an aligned pair where one "
+                                          "side's next token carries a prefix space the text "
+                                          "lacks (SentencePiece's dummy '▁'): the map's target "
+                                          "there is another spelling (false: kept)."),
+    "mix_signals_per_position": Field("bool", True, absent=False,  # runs saved before: off
+                                      help="Several signals of other tokenizers: a position's "
+                                           "KD is the weighted mean over the signals that "
+                                           "give it a target (false: each signal's mean over "
+                                           "its own positions, weighted)."),
     "objective": Field("str", "blend", choices=OBJECTIVES,
                        help="blend: alpha*KD + (1-alpha)*CE over tokens; distillm-med: the "
                             "blend per specialty, weighted by specialty_weights."),

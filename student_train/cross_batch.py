@@ -35,6 +35,12 @@ per reason and signal (`skipped_inside_<why>/<signal>`); `inside/<signal>` count
 targets, `inside_topk_mass` / `conditioned_mass` their masses. The global
 `skipped_inside_teacher_token` then counts the inside positions that no signal on the store's
 own tokenization conditions, `inside_conditioned` the others.
+An aligned pair whose student token ends after the teacher's next token (it spans teacher
+tokens t1 .. tm; for a signal in `chain_signals`, the pkl loss's switch
+`chained_token_targets`) gets the chain of their stored log-probs (student_train/
+cross_chain.py): per signal `chain_entry` / `chain_ids` / `chain_logc` [B, S] (-1 / -1 / 0
+where none) for the loss to split t1's entry, `chained/<signal>` counting them and
+`chain_skipped_<why>/<signal>` the pairs that keep the plain target.
 A signal on another tokenization of the store (format 2.2: a second teacher with its own
 tokenizer) is aligned by THAT tokenization's spans, with its own vocabulary map; student
 positions past the bytes that tokenization covers (a sample it cut at its max length) have
@@ -276,12 +282,6 @@ class CrossCollate:
                                     *self.piece_maps[name], self.min_mapped_share)
             stats.update(_inside_stats(name, cond, trained))
             inside[name] = _inside_arrays(cond, length, topk.ids.shape[1])
-        if name in self.chain_signals:
-            chained = chain_targets(a, t_spans, t_special, t_ids, topk.ids, topk.logprobs)
-            chain[name] = _chain_arrays(chained, a, ids, length)
-            stats[f"chained/{name}"] = float(trained[a.student_pos[chained.pair]].sum())
-            stats.update({f"un{why}/{name}": float(trained[a.student_pos[p]].sum())
-                          for why, p in chained.skipped.items()})
         gathered = _gathered_topk(
             topk, t_pos if cond is None else np.concatenate([t_pos, cond.teacher_pos]),
             s_pos if cond is None else np.concatenate([s_pos, cond.student_pos]), length)
@@ -289,6 +289,13 @@ class CrossCollate:
         mask[s_pos] = True
         if name in self.first_maps:
             stats.update(self._share_stats(name, gathered, s_pos, trained, mask))
+        if name in self.chain_signals:  # on the pairs that keep their target
+            chained = chain_targets(a, t_spans, t_special, t_ids, topk.ids, topk.logprobs)
+            chained = chained.kept(mask[a.student_pos])
+            chain[name] = _chain_arrays(chained, a, ids, length)
+            stats[f"chained/{name}"] = float(trained[a.student_pos[chained.pair]].sum())
+            stats.update({f"chain_skipped_{why}/{name}": float(trained[a.student_pos[p]].sum())
+                          for why, p in chained.skipped.items()})
         if cond is not None:
             mask[cond.student_pos] = True
         stats[f"kd_positions/{name}"] = float((mask[:-1] & trained).sum())

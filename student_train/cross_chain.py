@@ -13,10 +13,10 @@ there. The target then splits t1's entry (cross_token_losses.project_topk_target
 P(t1) C goes to s*, P(t1) (1 - C) stays on t1's first piece (the teacher continuing t1 some
 other way). It is exact up to other teacher tokenizations of s*'s bytes (not stored; the
 teacher was run on its own). Pairs where the chain cannot be read keep the plain mapped target
-and are counted:
-* `chain_unended`: s* ends inside a teacher token, or a special / zero-width token or a gap
+and are counted (`chain_skipped_<reason>/<signal>` in cross_batch's stats):
+* `unended`: s* ends inside a teacher token, or a special / zero-width token or a gap
   sits among t1 .. tm;
-* `chain_unranked`: t1 is not in the top-k at i, or some tj is not in its position's top-k.
+* `unranked`: t1 is not in the top-k at i, or some tj is not in its position's top-k.
 All vectorised numpy over the sample's pairs.
 """
 
@@ -28,7 +28,7 @@ import numpy as np
 
 from logitstore.toolkit.token_alignment import PositionAlignment
 
-CHAIN_REASONS = ("chain_unended", "chain_unranked")
+CHAIN_REASONS = ("unended", "unranked")
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,12 @@ class ChainTargets:
     entry: np.ndarray  # int64 [M]
     log_c: np.ndarray  # float32 [M], <= 0
     skipped: dict[str, np.ndarray]
+
+    def kept(self, pair_keeps: np.ndarray) -> "ChainTargets":
+        """Only the pairs whose `pair_keeps` [A] is True (those with a target at all)."""
+        return ChainTargets(self.pair[pair_keeps[self.pair]], self.entry[pair_keeps[self.pair]],
+                            self.log_c[pair_keeps[self.pair]],
+                            {why: p[pair_keeps[p]] for why, p in self.skipped.items()})
 
 
 def actual_logprobs(teacher_ids: np.ndarray, topk_ids: np.ndarray,
@@ -83,9 +89,13 @@ def chain_targets(a: PositionAlignment, teacher_spans: np.ndarray, teacher_speci
     i = a.teacher_pos[pair]
     end = spans[i + 1, 0] + a.student_next_bytes[pair]  # where the student's token ends
     # the last teacher token of the chain: the first whose end reaches the student's end
+    # (span ends never decrease in a tokenization that tiles its text; a check below)
     q = np.minimum(np.searchsorted(spans[:, 1], end, side="left"), len(spans) - 1)
     breaks = np.cumsum(~_joined(spans, special))  # breaks[q] - breaks[i + 1]: gaps in t2..tm
-    ended = (spans[q, 1] == end) & (q > i + 1) & (breaks[q] - breaks[i + 1] == 0)
+    # ... and the last of the tokens with that span (a normaliser can give several one span)
+    after = np.minimum(q + 1, len(spans) - 1)
+    last = (q + 1 == len(spans)) | (spans[after, 0] >= end)
+    ended = (spans[q, 1] == end) & (q > i + 1) & (breaks[q] - breaks[i + 1] == 0) & last
     column, value = actual_logprobs(teacher_ids, topk_ids, topk_logprobs)
     missing = np.concatenate([[0], np.cumsum(column < 0)])  # over positions 0 .. p-1
     total = np.concatenate([[0.0], np.cumsum(np.nan_to_num(value, nan=0.0))])
@@ -95,5 +105,4 @@ def chain_targets(a: PositionAlignment, teacher_spans: np.ndarray, teacher_speci
     log_c = np.minimum(total[q] - total[np.minimum(i + 1, q)], 0.0)
     return ChainTargets(pair=pair[keep], entry=column[i][keep],
                         log_c=log_c[keep].astype(np.float32),
-                        skipped={"chain_unended": pair[~ended],
-                                 "chain_unranked": pair[ended & ~ranked]})
+                        skipped={"unended": pair[~ended], "unranked": pair[ended & ~ranked]})

@@ -200,7 +200,9 @@ def cross_setup(cfg, reader, eval_reader, tokenizer, plans, problems: list[str])
     return CrossTokenizer(
         loss=cfg.cross_loss, collate=CrossCollate(tokenizer, topk, first_maps,
                                                   cfg.min_mapped_share, on_tokenization,
-                                                  piece_maps, byte_lengths,
+                                                  piece_maps,
+                                                  byte_lengths if cfg.skip_dummy_prefix_pairs
+                                                  else None,
                                                   topk if cfg.chained_token_targets and maps
                                                   else None),
         vocab_maps=maps, length_ratio=ratio,
@@ -209,6 +211,8 @@ def cross_setup(cfg, reader, eval_reader, tokenizer, plans, problems: list[str])
                                         "inside_token_targets": bool(piece_maps),
                                         "chained_token_targets":
                                             bool(maps and cfg.chained_token_targets),
+                                        "skip_dummy_prefix_pairs":
+                                            bool(maps and cfg.skip_dummy_prefix_pairs),
                                         "teacher_tokenizer": reader.settings.tokenizer_name,
                                         **summary}})
 

@@ -25,6 +25,9 @@ class Weights:
     hidden: float = 0.0
     attention: float = 0.0
     group_weights: tuple[float, ...] = (1.0,)  # distillm-med: specialty weights, not normalised
+    # several cross-tokenizer signals: KD averaged over the positions any covers (the
+    # objective's mixture scale); False: each signal's mean over its own positions
+    mix_per_position: bool = True
 
 
 def combine(sums: dict[str, Tensor], dens: dict[str, Tensor], plans: Sequence[SignalPlan],
@@ -74,17 +77,19 @@ def combine(sums: dict[str, Tensor], dens: dict[str, Tensor], plans: Sequence[Si
 def _masked_kd_blend(sums, dens, kd_plans, weights: Weights, ce_g: Tensor,
                      parts: dict[str, Tensor]) -> Tensor:
     """combine's blend per group when signals train only some positions (`kd_tokens/<name>`,
-    a student with another tokenizer): one signal's KD is its mean over its own positions;
-    several signals' KD is the mean over the positions any covers of each position's
-    weighted mean over the signals there (module docstring). `kd/<name>` logs a signal's sum
-    over its own positions (share-scaled with several) divided by their count."""
+    a student with another tokenizer): one signal's KD is its mean over its own positions.
+    Several signals with `weights.mix_per_position`: the sums hold each position's KD
+    rescaled by W / (weight of the signals covering it), W the total weight (the objective's
+    mixture scale), divided by the positions any signal covers (`kd_tokens_any`): with the
+    weights summing to 1 (plan_signals normalises them), the mean over those positions of
+    each one's weighted mean over its signals. `kd/<name>` logs a signal's part of that
+    (`kd` = their weighted sum)."""
     tokens = dens["tokens"]
     kd_w = torch.tensor([p.kd_weight for p in kd_plans], device=tokens.device)
     kd_den = torch.stack([dens.get(f"kd_tokens/{p.name}", tokens) for p in kd_plans])  # [n_kd, G]
-    # several signals: the sums hold each position's share-weighted KD (_token_sums' mixture
-    # scale), so every signal divides by the positions any signal covers
-    mean_den = dens["kd_tokens_any"].expand_as(kd_den) if "kd_tokens_any" in dens else kd_den
-    kd_g = (kd_w[:, None] * sums["kd"] / torch.where(mean_den > 0, mean_den, 1.0)).sum(0)
+    if weights.mix_per_position and "kd_tokens_any" in dens:
+        kd_den = dens["kd_tokens_any"].expand_as(kd_den)
+    kd_g = (kd_w[:, None] * sums["kd"] / torch.where(kd_den > 0, kd_den, 1.0)).sum(0)
     a = weights.alpha if weights.alpha_on == "kd" else 1 - weights.alpha
     per_signal = sums["kd"].sum(1) / kd_den.sum(1).clamp_min(1)  # [n_kd]
     parts["kd"] = (kd_w * per_signal).sum()

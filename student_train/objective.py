@@ -12,8 +12,8 @@ of an optimizer step and over every process *before* the forward passes, and div
 micro-batch's sums by those totals: gradient accumulation and data parallelism then give exactly
 the gradient of one large batch (a per-micro-batch mean would weight short batches too much).
 
-The loss `loss_combine.combine` builds is linear in those sums, with coefficients fixed by the denominators
-and weights: `token_sum_gradients` gives them once per optimizer step, and forward(...,
+The loss `loss_combine.combine` builds is linear in those sums, with coefficients fixed by the
+denominators and weights: `token_sum_gradients` gives them once per optimizer step, and forward(...,
 sum_grads=...) hands them to the fused lm_head loss, which then builds the lm_head and hidden
 gradients while the logits exist instead of recomputing the chunks in backward. Backward
 checks that the gradient arriving is that one (times the scale accelerate and the trainer
@@ -30,10 +30,12 @@ target, student_train/cross_inside.py); its KD is computed there only
 (student_train/cross_terms.py: "pkl" through the vocabulary map as an ordinary sparse target
 of the fused lm_head, "uld" apart) and averaged
 over them (`denominators`' `kd_tokens/<name>`), while CE covers every trained position.
-With several such signals (teachers of other tokenizers cover different positions) a
-position's KD is the weighted mean over the signals that give it a target, and the KD term
-averages that over the positions any signal covers (`kd_tokens_any`): where one teacher has
-no target the others' count fully, instead of that position getting only their share.
+With several such signals (teachers of other tokenizers cover different positions) and
+`mix_per_position`, a position's KD is the weighted mean over the signals that give it a
+target (their weighted sum times W / the weight of those signals, W the total: plan_signals
+makes W 1), and the KD term averages that over the positions any signal covers
+(`kd_tokens_any`, loss_combine.py): where one teacher has no target the others' count fully,
+instead of that position getting only their share.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ class LossSettings:
     skew_alpha: float = 0.1
     attention_loss: str = "mse"
     chunk_size: int = DEFAULT_CHUNK_SIZE
+    mix_per_position: bool = True  # several cross-tokenizer signals (module docstring)
 
 
 # ----------------------------------------------------------------------------- batch geometry
@@ -312,8 +315,9 @@ class DistillationObjective(nn.Module):
 
     def _mixture_scale(self, kd_masks: Tensor | None) -> Tensor | None:
         """[n] total KD weight / the weight of the signals giving each position a target
-        (1 where all do; module docstring), or None with fewer than two masked signals."""
-        if kd_masks is None or len(self.kd_plans) < 2:
+        (1 where all do; module docstring), or None with fewer than two masked signals or
+        the mixture off."""
+        if kd_masks is None or len(self.kd_plans) < 2 or not self.settings.mix_per_position:
             return None
         w = torch.tensor([p.kd_weight for p in self.kd_plans], device=kd_masks.device)
         cover = (kd_masks.float() * w).sum(1)  # [n]

@@ -48,8 +48,10 @@ class Step:
         self.n_groups = max(1, len(sources.groups))
         self.weights = Weights(alpha=cfg.alpha, alpha_on=cfg.alpha_on, hidden=cfg.hidden_weight,
                                attention=cfg.attention_weight,
-                               group_weights=tuple(sources.group_weights) or (1.0,))
-        self.eval_weights = Weights(alpha=cfg.alpha, alpha_on=cfg.alpha_on)
+                               group_weights=tuple(sources.group_weights) or (1.0,),
+                               mix_per_position=cfg.mix_signals_per_position)
+        self.eval_weights = Weights(alpha=cfg.alpha, alpha_on=cfg.alpha_on,
+                                    mix_per_position=cfg.mix_signals_per_position)
 
     def add_groups(self, batch: dict) -> dict:
         if self.sources.group_of:

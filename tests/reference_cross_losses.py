@@ -136,24 +136,12 @@ def chained_kd_reference(student_logits: torch.Tensor, teacher_probs: Mapping[in
                          tail_mass: float, teacher_to_student_first: Sequence[int],
                          t1: int, student_token: int, chain: float, *,
                          temperature: float = 1.0) -> float:
-    """mapped_kd_reference's KL with teacher token t1's probability split: `chain` of it on
-    `student_token` (a student token spanning t1 and the teacher tokens after it), the rest
-    on t1's first piece as usual."""
-    teacher_bins: dict[int, float] = {}
-    teacher_other = tail_mass
-    for t, p in teacher_probs.items():
-        s = teacher_to_student_first[t]
-        if t == t1:
-            teacher_bins[student_token] = teacher_bins.get(student_token, 0.0) + p * chain
-            p *= 1.0 - chain
-        if s >= 0:
-            teacher_bins[s] = teacher_bins.get(s, 0.0) + p
-        else:
-            teacher_other += p
-    student = softmax([float(x) for x in student_logits])
-    order = sorted(teacher_bins)
-    p = [teacher_bins[s] for s in order] + [teacher_other]
-    q = [student[s] for s in order]
-    q.append(max(0.0, 1.0 - sum(q)))
-    return temperature ** 2 * textbook_divergence("kl", temper(p, temperature),
-                                                  temper(q, temperature))
+    """mapped_kd_reference with teacher token t1's probability split: `chain` of it on
+    `student_token` (a student token spanning t1 and the teacher tokens after it: a pseudo
+    teacher id mapped to it), the rest on t1's first piece as usual."""
+    pseudo = len(teacher_to_student_first)
+    probs = {**teacher_probs, t1: teacher_probs[t1] * (1.0 - chain),
+             pseudo: teacher_probs[t1] * chain}
+    return mapped_kd_reference(student_logits, probs, tail_mass,
+                               [*teacher_to_student_first, student_token],
+                               temperature=temperature)

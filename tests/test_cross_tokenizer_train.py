@@ -27,7 +27,7 @@ from logitstore.toolkit.tokenizer_identity import tokenizer_fingerprint
 from logitstore.writer import StoreWriter, tokenizer_file_entries
 from student_train.cross_inside import INSIDE_REASONS
 from tiny_hf import corpus, make_tiny_llama, make_tokenizer
-from train_helpers import read_metrics
+from train_helpers import backward_on_forward_grads, read_metrics
 
 K = 8
 N_SAMPLES = 32
@@ -205,8 +205,6 @@ def test_objective_matches_a_dense_reference_on_a_cross_batch(world, loss, monke
     uses the gradient its forward built (the masked expected gradient was the right one)."""
     from transformers import AutoModelForCausalLM
 
-    import student_train.fused_head_loss as fused
-
     from logitstore.reader import StoreReader
     from logitstore.toolkit.vocab_map import vocab_map_for
     from student_train.cross_batch import CrossCollate
@@ -241,12 +239,7 @@ def test_objective_matches_a_dense_reference_on_a_cross_batch(world, loss, monke
     sums = objective(batch, temperature=temperature,
                      sum_grads=token_sum_gradients(dens, plans, weights))
     loss_value, _ = combine(sums, dens, plans, weights)
-    factors = []
-    common_factor = fused._common_factor
-    monkeypatch.setattr(fused, "_common_factor",
-                        lambda *a: factors.append(common_factor(*a)) or factors[-1])
-    loss_value.backward()
-    assert factors and None not in factors  # no recompute: the forward's gradients were used
+    backward_on_forward_grads(loss_value, monkeypatch)
     got = grads(student)
 
     reference = AutoModelForCausalLM.from_pretrained(world["student"]).float()
@@ -358,17 +351,21 @@ def test_foreign_student_trains_end_to_end(world, tmp_path, loss):
     assert model.config.vocab_size == len(world["student_tok"])
 
 
+# cross-tokenizer behaviours added after runs were saved: a saved config lacking one had it off
+SWITCHES = ("inside_token_targets", "chained_token_targets", "skip_dummy_prefix_pairs",
+            "mix_signals_per_position")
+
+
 def test_a_resumed_cross_run_continues_the_same_loss_curve(world, tmp_path):
     import shutil
 
     import yaml
 
-    # a run saved before inside_token_targets existed (its config lacks the key) skipped the
-    # inside positions: resuming with the default (on) is refused, naming the flag that
-    # continues as saved, and with that flag the curve continues bit for bit
+    # a run saved before the SWITCHES existed (its config lacks their keys) had them off:
+    # resuming with the defaults (on) is refused, naming the flags that continue as saved,
+    # and with those flags the curve continues bit for bit
     settings = dict(max_steps=4, save_every=2, signals={"teacher": 1.0},
-                    min_mapped_share=0.0, inside_token_targets=False,
-                    chained_token_targets=False)
+                    min_mapped_share=0.0, **dict.fromkeys(SWITCHES, False))
     full = tmp_path / "full"
     train_run(world, full, **settings)
     assert sum(m["train/cross/skipped_inside_teacher_token"] for m in cross_metrics(full)) > 0
@@ -377,13 +374,14 @@ def test_a_resumed_cross_run_continues_the_same_loss_curve(world, tmp_path):
     shutil.copytree(full / "checkpoints" / "step-00000002",
                     part / "checkpoints" / "step-00000002")
     saved = yaml.safe_load((full / "config.yaml").read_text(encoding="utf-8"))
-    assert saved["train"].pop("inside_token_targets") is False
-    assert saved["train"].pop("chained_token_targets") is False
+    for key in SWITCHES:
+        assert saved["train"].pop(key) is False
     (part / "config.yaml").write_text(yaml.safe_dump(saved), encoding="utf-8")
     with pytest.raises(ConfigError) as err:
-        train_run(world, part, resume="latest", **{**settings, "inside_token_targets": None})
-    assert "resume: inside_token_targets: run has False, now True (run saved before the " \
-        "setting existed; --no-inside-token-targets continues as saved)" in str(err.value)
+        train_run(world, part, resume="latest", **{**settings, **dict.fromkeys(SWITCHES)})
+    for key in SWITCHES:  # each reported, with the flag that continues as saved
+        assert f"resume: {key}: run has False, now True (run saved before the setting " \
+            f"existed; --no-{key.replace('_', '-')} continues as saved)" in str(err.value)
     assert not (part / "metrics.jsonl").exists()  # refused before any step
     train_run(world, part, resume="latest", **settings)
     curve = [(m["step"], m["train/loss"], m["train/cross/aligned"]) for m in cross_metrics(full)]
@@ -462,75 +460,3 @@ def test_sampled_only_signals_are_refused_for_a_foreign_student(world, tmp_path)
     assert "sampled targets" in message and "top-k only" in message
     assert "'teacher'" in message and "'sharp'" in message
 
-
-def test_two_signals_mix_per_position_over_the_teachers_that_cover_it(world, monkeypatch):
-    """Two cross signals covering different positions: each position's KD is the weighted
-    mean over the signals there, averaged over the positions any covers (objective module
-    docstring); loss and lm_head gradient equal that textbook computation, and the fused
-    lm_head still uses the gradient its forward built."""
-    from transformers import AutoModelForCausalLM
-
-    import student_train.fused_head_loss as fused
-
-    from logitstore.reader import StoreReader
-    from logitstore.toolkit.vocab_map import vocab_map_for
-    from student_train.cross_batch import CrossCollate
-    from student_train.cross_token_losses import project_topk_target
-    from student_train.cross_tokenizer import stored_teacher_tokenizer
-    from student_train.losses import cross_entropy_per_position, sparse_kd_per_position
-    from student_train.loss_combine import Weights, combine, token_sum_gradients
-    from student_train.objective import (DistillationObjective, LossSettings, SignalPlan,
-                                         denominators, shifted, target_positions)
-
-    reader = StoreReader(str(world["store"]))
-    vmap = vocab_map_for(stored_teacher_tokenizer(reader, str(world["store"])),
-                         world["student_tok"], cache_dir=world["root"] / "maps")
-    first = vmap.teacher_to_student_first
-    names = ["teacher", "sharp"]
-    collate = CrossCollate(world["student_tok"], names, {n: first for n in names}, 0.0)
-    batch = collate([[s] for s in reader.read_segment(0)[:4]], [[1.0]] * 4, names,
-                    packing=False)
-    kd_a = batch["signals"]["teacher"]["kd_mask"]
-    stripes = torch.arange(kd_a.shape[1]) % 3  # A misses every third position, B two in three
-    batch["signals"]["teacher"]["kd_mask"] = kd_a & (stripes != 0)
-    batch["signals"]["sharp"]["kd_mask"] = kd_a & (stripes != 1)
-    plans = [SignalPlan(n, kd_weight=w, target="topk", cross_loss="pkl")
-             for n, w in zip(names, (0.7, 0.3))]
-    weights = Weights(alpha=0.6)
-    torch.manual_seed(0)
-    student = AutoModelForCausalLM.from_pretrained(world["student"]).float()
-    objective = DistillationObjective(student, plans, LossSettings(chunk_size=7),
-                                      vocab_maps={n: (first, vmap.exact) for n in names})
-    dens = denominators(batch)
-    sums = objective(batch, temperature=1.0, sum_grads=token_sum_gradients(dens, plans, weights))
-    loss_value, _ = combine(sums, dens, plans, weights)
-    factors = []
-    common_factor = fused._common_factor
-    monkeypatch.setattr(fused, "_common_factor",
-                        lambda *a: factors.append(common_factor(*a)) or factors[-1])
-    loss_value.backward()
-    assert factors and None not in factors
-    got = student.lm_head.weight.grad.clone()
-
-    reference = AutoModelForCausalLM.from_pretrained(world["student"]).float()
-    logits = reference(input_ids=batch["input_ids"],
-                       attention_mask=batch["attention_mask"]).logits
-    trained = target_positions(batch)
-    weighted, cover = torch.zeros(trained.shape), torch.zeros(trained.shape)
-    for name, w in zip(names, (0.7, 0.3)):
-        signal = batch["signals"][name]
-        mapped = project_topk_target(signal["topk_ids"].long(), signal["topk_logprobs"].float(),
-                                     torch.from_numpy(first).long(), torch.from_numpy(vmap.exact))
-        mask = (trained & signal["kd_mask"]).float()
-        weighted = weighted + w * mask * sparse_kd_per_position(logits, mapped.target)
-        cover = cover + w * mask
-    covered = cover > 0
-    assert (covered & (cover < 1 - 1e-6)).any() and covered.sum() < trained.sum()
-    kd = (weighted[covered] / cover[covered]).sum() / covered.sum()
-    labels = shifted(batch["labels"], -100)
-    ce = cross_entropy_per_position(logits[trained], labels[trained])
-    free = ~covered[trained]
-    expected = 0.6 * kd + (0.4 * ce.sum() + 0.6 * ce[free].sum()) / trained.sum()
-    expected.backward()
-    assert float(loss_value) == pytest.approx(float(expected), rel=1e-5)
-    torch.testing.assert_close(got, reference.lm_head.weight.grad, rtol=1e-4, atol=1e-6)

@@ -64,20 +64,26 @@ def test_a_student_token_spanning_two_teacher_tokens_gets_their_chained_probabil
 def test_chains_that_cannot_be_read_are_counted_not_guessed():
     # the student's token ends inside "tension": no teacher boundary there
     a, got = chains([[0, 0], [0, 3], [3, 12], [12, 16], [16, 19]])
-    assert got.pair.size == 0 and a.student_pos[got.skipped["chain_unended"]].tolist() == [1]
+    assert got.pair.size == 0 and a.student_pos[got.skipped["unended"]].tolist() == [1]
     # "tension" not in teacher position 2's top-k
     rows = [ROWS[0], ROWS[1], [(13, 0.1)], ROWS[3], ROWS[4]]
     a, got = chains([[0, 0], [0, 3], [3, 16], [16, 19]], rows)
-    assert a.student_pos[got.skipped["chain_unranked"]].tolist() == [1]
+    assert a.student_pos[got.skipped["unranked"]].tolist() == [1]
     # " hyper" (t1) not in teacher position 1's top-k
     rows = [ROWS[0], [(13, 0.2)], ROWS[2], ROWS[3], ROWS[4]]
     a, got = chains([[0, 0], [0, 3], [3, 16], [16, 19]], rows)
-    assert a.student_pos[got.skipped["chain_unranked"]].tolist() == [1]
+    assert a.student_pos[got.skipped["unranked"]].tolist() == [1]
     # a special token between " hyper" and "tension" breaks the chain
     t_spans = np.array([[0, 0], [0, 3], [3, 9], [9, 9], [9, 16]])
     t_special = np.array([True, False, False, True, False])
     a, got = chains([[0, 0], [0, 3], [3, 16]], ROWS, t_spans, t_special)
-    assert got.pair.size == 0
+    assert got.pair.size == 0 and a.student_pos[got.skipped["unended"]].tolist() == [1]
+    # two teacher tokens with one span (a normaliser's expansion): not read as a chain that
+    # stops at the first of them (its factors would miss the second's)
+    t_spans = np.array([[0, 0], [0, 3], [3, 9], [9, 16], [9, 16]])
+    a, got = chains([[0, 0], [0, 3], [3, 16]], ROWS, t_spans,
+                    np.array([True, False, False, False, False]))
+    assert got.pair.size == 0 and a.student_pos[got.skipped["unended"]].tolist() == [1]
     # same-end and finer pairs are no chains at all
     a, got = chains([[0, 0], [0, 3], [3, 9], [9, 16], [16, 19]])
     assert got.pair.size == 0 and not any(v.size for v in got.skipped.values())

@@ -166,3 +166,16 @@ def run_training(world: World, out: Path, **overrides):
                 "verify_store": "none"}
     settings.update(overrides)
     return train(resolve_config(None, settings))
+
+
+def backward_on_forward_grads(loss, monkeypatch) -> None:
+    """loss.backward(), asserting the fused lm_head used the gradients its forward built
+    (every backward found grad_output a multiple of the expected gradient: no recompute)."""
+    import student_train.fused_head_loss as fused
+
+    factors = []
+    common_factor = fused._common_factor
+    monkeypatch.setattr(fused, "_common_factor",
+                        lambda *a: factors.append(common_factor(*a)) or factors[-1])
+    loss.backward()
+    assert factors and None not in factors

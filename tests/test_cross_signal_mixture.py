@@ -1,0 +1,85 @@
+"""Several cross-tokenizer signals covering different positions: the objective's per-position
+mixture (student_train/objective.py module docstring, loss_combine.combine) against a
+textbook computation on full logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_cross_tokenizer_train import world  # noqa: F401  (the module-scoped fixture)
+from train_helpers import backward_on_forward_grads
+
+WEIGHTS = (1.4, 0.6)  # not summing to 1: the reference carries the total W
+
+
+@pytest.mark.parametrize("mix", [True, False])
+def test_two_signals_mix_per_position_over_the_teachers_that_cover_it(world, monkeypatch, mix):
+    """Two cross signals covering different positions: each position's KD is the weighted
+    mean over the signals there, averaged over the positions any covers (objective module
+    docstring; mix off: each signal's mean over its own positions, weighted); loss and
+    lm_head gradient equal that textbook computation, and the fused lm_head still uses the
+    gradient its forward built."""
+    from transformers import AutoModelForCausalLM
+
+    from logitstore.reader import StoreReader
+    from logitstore.toolkit.vocab_map import vocab_map_for
+    from student_train.cross_batch import CrossCollate
+    from student_train.cross_token_losses import project_topk_target
+    from student_train.cross_tokenizer import stored_teacher_tokenizer
+    from student_train.losses import cross_entropy_per_position, sparse_kd_per_position
+    from student_train.loss_combine import Weights, combine, token_sum_gradients
+    from student_train.objective import (DistillationObjective, LossSettings, SignalPlan,
+                                         denominators, shifted, target_positions)
+
+    reader = StoreReader(str(world["store"]))
+    vmap = vocab_map_for(stored_teacher_tokenizer(reader, str(world["store"])),
+                         world["student_tok"], cache_dir=world["root"] / "maps")
+    first = vmap.teacher_to_student_first
+    names = ["teacher", "sharp"]
+    collate = CrossCollate(world["student_tok"], names, {n: first for n in names}, 0.0)
+    batch = collate([[s] for s in reader.read_segment(0)[:4]], [[1.0]] * 4, names,
+                    packing=False)
+    kd_a = batch["signals"]["teacher"]["kd_mask"]
+    stripes = torch.arange(kd_a.shape[1]) % 3  # A misses every third position, B two in three
+    batch["signals"]["teacher"]["kd_mask"] = kd_a & (stripes != 0)
+    batch["signals"]["sharp"]["kd_mask"] = kd_a & (stripes != 1)
+    plans = [SignalPlan(n, kd_weight=w, target="topk", cross_loss="pkl")
+             for n, w in zip(names, WEIGHTS)]
+    weights = Weights(alpha=0.6, mix_per_position=mix)
+    torch.manual_seed(0)
+    student = AutoModelForCausalLM.from_pretrained(world["student"]).float()
+    objective = DistillationObjective(student, plans, LossSettings(chunk_size=7, mix_per_position=mix),
+                                      vocab_maps={n: (first, vmap.exact) for n in names})
+    dens = denominators(batch)
+    sums = objective(batch, temperature=1.0, sum_grads=token_sum_gradients(dens, plans, weights))
+    loss_value, _ = combine(sums, dens, plans, weights)
+    backward_on_forward_grads(loss_value, monkeypatch)
+    got = student.lm_head.weight.grad.clone()
+
+    reference = AutoModelForCausalLM.from_pretrained(world["student"]).float()
+    logits = reference(input_ids=batch["input_ids"],
+                       attention_mask=batch["attention_mask"]).logits
+    trained = target_positions(batch)
+    kl, masks = [], []  # per signal: [B, S] KD values and trained positions it covers
+    for name in names:
+        signal = batch["signals"][name]
+        mapped = project_topk_target(signal["topk_ids"].long(), signal["topk_logprobs"].float(),
+                                     torch.from_numpy(first).long(), torch.from_numpy(vmap.exact))
+        kl.append(sparse_kd_per_position(logits, mapped.target))
+        masks.append((trained & signal["kd_mask"]).float())
+    cover = sum(w * m for w, m in zip(WEIGHTS, masks))
+    covered = cover > 0
+    total = sum(WEIGHTS)  # W: the mixture scale is W / cover (1 for weights that sum to 1)
+    assert (covered & (cover < total - 1e-6)).any() and covered.sum() < trained.sum()
+    if mix:  # the weighted mean over the signals at each position, over the covered ones
+        weighted = sum(w * m * k for w, m, k in zip(WEIGHTS, masks, kl))
+        kd = (total * weighted[covered] / cover[covered]).sum() / covered.sum()
+    else:  # each signal's mean over its own positions, weighted
+        kd = sum(w * (m * k).sum() / m.sum() for w, m, k in zip(WEIGHTS, masks, kl))
+    labels = shifted(batch["labels"], -100)
+    ce = cross_entropy_per_position(logits[trained], labels[trained])
+    free = ~covered[trained]
+    expected = 0.6 * kd + (0.4 * ce.sum() + 0.6 * ce[free].sum()) / trained.sum()
+    expected.backward()
+    assert float(loss_value) == pytest.approx(float(expected), rel=1e-5)
+    torch.testing.assert_close(got, reference.lm_head.weight.grad, rtol=1e-4, atol=1e-6)

@@ -38,7 +38,9 @@ NO_TWO_TEACHERS = ("this run has no xkd-AB-pkl student (run with --no-b, or befo
                    "built store AB): rerun without --no-b")
 SINGLES = ("xkd-pkl", "xkd-B-pkl")
 TWO = "xkd-AB-pkl"
-CROSS = ("xkd-pkl", "xkd-pkl-aligned", "xkd-pkl-unchained", "xkd-uld", "xkd-B-pkl", TWO)
+MEANS = "xkd-AB-pkl-means"  # the ablation: each teacher's mean over its own positions
+CROSS = ("xkd-pkl", "xkd-pkl-aligned", "xkd-pkl-unchained", "xkd-uld", "xkd-B-pkl", TWO,
+         MEANS)
 
 
 def _seeds(runs, name, key="bits_per_byte"):
@@ -144,7 +146,7 @@ def two_teachers(runs: list[dict], rows: dict) -> dict:
                 "better_single": None, "single_bpb": singles}
     better = min(singles, key=singles.get)
     vs = {n: interval([ab - one for ab, one in zip(_seeds(runs, TWO), _seeds(runs, n))])
-          for n in SINGLES}
+          for n in (*SINGLES, MEANS) if n in rows}
     d = vs[better]
     met = None if d["half_width"] is None or d["low"] <= 0 <= d["high"] else d["high"] < 0
     verdict = {True: "met", False: "not met", None: "not resolved"}[met]

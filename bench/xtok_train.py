@@ -25,6 +25,9 @@ rows into its own batch:
                                             teacher B's signal on B's own tokenization
                                             (format 2.2), signals A:0.5, B:0.5, pkl; store
                                             AB's samples of the same ids, both signals
+  xkd-AB-pkl-means                          (only when --variants names it) xkd-AB-pkl with
+                                            mix_signals_per_position false: each teacher's
+                                            mean over its own positions, weighted
 Per seed, the variants of one tokenizer start from the same weights; the A and C students
 share every weight but the embeddings and lm_head (both drawn under torch.manual_seed(seed),
 then C's block weights copied into A). Same optimizer (AdamW), schedule, steps and alpha;
@@ -44,8 +47,9 @@ from types import SimpleNamespace
 A_VARIANTS = ("ce-A", "kd-A")
 C_VARIANTS = ("ce-C", "xkd-pkl", "xkd-uld")
 ALL_VARIANTS = (*A_VARIANTS, "ce-C", "xkd-pkl", "xkd-pkl-aligned", "xkd-pkl-unchained",
-                "xkd-uld", "xkd-B-pkl", "xkd-AB-pkl")
-ABLATIONS = ("xkd-pkl-aligned", "xkd-pkl-unchained")  # run only when --variants names them
+                "xkd-uld", "xkd-B-pkl", "xkd-AB-pkl", "xkd-AB-pkl-means")
+# run only when --variants names them
+ABLATIONS = ("xkd-pkl-aligned", "xkd-pkl-unchained", "xkd-AB-pkl-means")
 DEFAULT_VARIANTS = tuple(v for v in ALL_VARIANTS if v not in ABLATIONS)
 
 
@@ -200,9 +204,10 @@ def make_variants(plan, seed: int, accelerator) -> tuple[list, dict]:
         variants.append(Variant("xkd-B-pkl", cfg_b, copy_of(students["C"]), plans, "C-B",
                                 accelerator, crosses["B"].vocab_maps))
         collates["C-B"] = _b_collate(crosses["B"].collate, plan.samples_b)
-    if getattr(plan, "two_teacher", None) is not None and "xkd-AB-pkl" in chosen:
-        variants.append(_two_teacher_variant(plan, seed, students["C"], accelerator,
-                                             crosses, collates))
+    for name in ("xkd-AB-pkl", "xkd-AB-pkl-means"):
+        if getattr(plan, "two_teacher", None) is not None and name in chosen:
+            variants.append(_two_teacher_variant(plan, seed, students["C"], accelerator,
+                                                 crosses, collates, name))
     return variants, {"collates": collates, "crosses": crosses}
 
 
@@ -213,16 +218,21 @@ TWO_TEACHER_WEIGHTS = (0.5, 0.5)
 
 
 def _two_teacher_variant(plan, seed: int, student, accelerator, crosses: dict,
-                         collates: dict) -> "Variant":
+                         collates: dict, name: str) -> "Variant":
     """xkd-AB-pkl: student C from store AB with `--signals A:0.5,B:0.5` (module docstring);
-    adds its collate (kind C-AB) and cross setup (key AB)."""
+    xkd-AB-pkl-means: the same with mix_signals_per_position false. Adds their collate
+    (kind C-AB) and cross setup (key AB)."""
     store = plan.two_teacher
     signals = dict(zip(store["signals"], TWO_TEACHER_WEIGHTS))
-    cfg = train_config(plan, store["url"], plan.student_dirs["C"], "xkd-AB-pkl", seed,
-                       cross_loss="pkl", signals=signals, target="topk")
-    plans, crosses["AB"] = cross_parts(cfg, plan.readers["AB"], plan.tokenizer_c)
-    collates["C-AB"] = _b_collate(crosses["AB"].collate, plan.samples_ab, store["signals"])
-    return Variant("xkd-AB-pkl", cfg, copy_of(student), plans, "C-AB", accelerator,
+    cfg = train_config(plan, store["url"], plan.student_dirs["C"], name, seed,
+                       cross_loss="pkl", signals=signals, target="topk",
+                       mix_signals_per_position=name == "xkd-AB-pkl")
+    if "C-AB" not in collates:
+        plans, crosses["AB"] = cross_parts(cfg, plan.readers["AB"], plan.tokenizer_c)
+        collates["C-AB"] = _b_collate(crosses["AB"].collate, plan.samples_ab, store["signals"])
+    else:
+        plans, _ = cross_parts(cfg, plan.readers["AB"], plan.tokenizer_c)
+    return Variant(name, cfg, copy_of(student), plans, "C-AB", accelerator,
                    crosses["AB"].vocab_maps)
 
 

@@ -213,9 +213,9 @@ def test_alignment_of_two_teachers_is_reported_per_signal():
 @pytest.mark.slow
 def test_the_harness_runs_end_to_end_at_its_tiniest_size(tmp_path):
     """Corpus, three tokenizers, two teachers and their stores (subprocesses of the real
-    tools), store AB (teacher B added to a copy of store A by `teacher-dump --signal`), eight
-    students (every variant, xkd-pkl-aligned included) over 2 seeds, bits per byte, summary,
-    markdown and plot."""
+    tools), store AB (teacher B added to a copy of store A by `teacher-dump --signal`), every
+    student variant (the ablations included) over 2 seeds, bits per byte, summary, markdown
+    and plot."""
     from xtok_train import ALL_VARIANTS
     from cross_tokenizer_bench import main
 
@@ -228,11 +228,12 @@ def test_the_harness_runs_end_to_end_at_its_tiniest_size(tmp_path):
     result = json.loads(out.read_text())
     summary = result["summary"]
     assert set(summary["methods"]) == {"ce-A", "kd-A", "ce-C", "xkd-pkl", "xkd-pkl-aligned",
-                                       "xkd-uld", "xkd-B-pkl", TWO}
+                                       "xkd-pkl-unchained", "xkd-uld", "xkd-B-pkl", TWO,
+                                       "xkd-AB-pkl-means"}
     for row in summary["methods"].values():
         assert 0 < row["bits_per_byte"]["mean"] < 20 and row["bits_per_byte"]["n"] == 2
-    assert set(summary["alignment"]) == {"xkd-pkl", "xkd-pkl-aligned", "xkd-uld", "xkd-B-pkl",
-                                         TWO}
+    assert set(summary["alignment"]) == {"xkd-pkl", "xkd-pkl-aligned", "xkd-pkl-unchained",
+                                         "xkd-uld", "xkd-B-pkl", TWO, "xkd-AB-pkl-means"}
     for row in summary["alignment"].values():
         assert 0 < row["aligned_share"] <= 1
     inside, aligned_only = summary["alignment"]["xkd-pkl"], summary["alignment"]["xkd-pkl-aligned"]
@@ -241,6 +242,9 @@ def test_the_harness_runs_end_to_end_at_its_tiniest_size(tmp_path):
     assert "inside_share" not in aligned_only
     assert 0 < summary["alignment"]["xkd-pkl"]["map_coverage"] <= 1
     assert "map_coverage" not in summary["alignment"]["xkd-uld"]  # ULD maps nothing
+    assert "chained_share" not in summary["alignment"]["xkd-pkl-unchained"]
+    assert two_signal_counts(result, "xkd-AB-pkl") == \
+        two_signal_counts(result, "xkd-AB-pkl-means")
     two = summary["two_teachers"]
     assert two["runnable"] is True and two["verdict"] in ("met", "not met", "not resolved")
     assert set(summary["alignment"][TWO]["per_signal"]) == {"topk8", "topk8-B"}
@@ -256,6 +260,11 @@ def test_the_harness_runs_end_to_end_at_its_tiniest_size(tmp_path):
     assert "two teachers A + B into C** (xkd-AB-pkl, signals A:0.5, B:0.5)" in text
     again = main(["--from-json", str(out), "--out", str(tmp_path / "again.json")])
     assert again["table"] == result["table"]  # re-rendered from the runs alone
+
+
+def two_signal_counts(result: dict, name: str) -> list[dict]:
+    """A variant's alignment counts per seed (the mixture changes the loss, not the data)."""
+    return [run["cross_counts"][name] for run in result["runs"]]
 
 
 def assert_store_ab_holds_both_teachers(store_ab: Path, store_b: Path) -> None:

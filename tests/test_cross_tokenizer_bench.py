@@ -303,3 +303,34 @@ def test_variants_are_chosen_by_name_and_the_references_are_required():
     for bad in ("ce-C,kd-A,xkd-nope", "xkd-pkl,kd-A"):
         with pytest.raises(SystemExit):
             parse_args(["--variants", bad])
+
+
+def _fake_result(seeds: list[int], students: list[str], teacher_steps: int = 400) -> dict:
+    """A cross_tokenizer_bench result's skeleton: what bench/xtok_merge.py reads."""
+    def run(seed):
+        per = {s: float(seed) for s in students}
+        return {"seed": seed, "step_s": per, "batch_kind": {s: f"K-{s}" for s in students},
+                "tokens": per, "loss_first_last": per, "heldout": per,
+                "cross_counts": {s: {} for s in students if s.startswith("x")},
+                "collate_s": {f"K-{s}": 0.1 for s in students}}
+    return {"corpus": {"dir": "/a", "key": "k"}, "teachers": {"A": {"steps": teacher_steps,
+                                                                   "path": "/p"}},
+            "settings": {"top_k": 32, "seeds": len(seeds)}, "command": f"run {seeds}",
+            "wall_s": 1.0, "runs": [run(s) for s in seeds]}
+
+
+def test_merge_keeps_every_seed_of_the_students_all_runs_trained():
+    from xtok_merge import merge
+
+    merged = merge([_fake_result([0, 1], ["ce-C", "kd-A", "xkd-pkl", "xkd-uld"]),
+                    _fake_result([5], ["ce-C", "kd-A", "xkd-pkl"])])
+    assert [r["seed"] for r in merged["runs"]] == [0, 1, 5]
+    assert merged["settings"]["seeds"] == 3
+    for run in merged["runs"]:
+        assert set(run["heldout"]) == {"ce-C", "kd-A", "xkd-pkl"} == set(run["step_s"])
+        assert set(run["collate_s"]) == {"K-ce-C", "K-kd-A", "K-xkd-pkl"}
+        assert set(run["cross_counts"]) == {"xkd-pkl"}
+    with pytest.raises(ValueError, match="repeat seeds"):
+        merge([_fake_result([0, 1], ["ce-C"]), _fake_result([1], ["ce-C"])])
+    with pytest.raises(ValueError, match="another setup"):
+        merge([_fake_result([0], ["ce-C"]), _fake_result([1], ["ce-C"], teacher_steps=2)])

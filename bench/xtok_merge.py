@@ -1,0 +1,75 @@
+"""Merge the seeds of several cross-tokenizer benchmark runs into one result.
+
+    python bench/xtok_merge.py A.json B.json --out merged.json
+    python bench/cross_tokenizer_bench.py --from-json merged.json --markdown merged.md
+
+Each input is a bench/cross_tokenizer_bench.py JSON of the SAME setup (corpus, teachers, top-k,
+steps and training settings: checked) on other seeds (`--seed` gives a run's first seed;
+repeated seeds are refused). The merged JSON keeps the first input's setup and every run,
+each cut to the students all inputs trained; `--from-json` then recomputes the summary, the
+table and the plot from those runs alone, as for any finished run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+SAME = ("corpus", "teachers", "settings")  # what must agree, besides the seeds' steps
+
+
+def _setup(result: dict) -> dict:
+    out = {k: result[k] for k in SAME}
+    out["settings"] = {k: v for k, v in out["settings"].items() if k != "seeds"}
+    out["corpus"] = {k: v for k, v in out["corpus"].items() if k != "dir"}
+    out["teachers"] = {n: {k: v for k, v in t.items() if k not in ("built", "path", "command")}
+                       for n, t in out["teachers"].items()}
+    return out
+
+
+def _cut(run: dict, students: set[str]) -> dict:
+    """A run restricted to `students` (per-student dicts, and the batch kinds they use)."""
+    kinds = {run["batch_kind"][s] for s in students}
+    out = dict(run)
+    for key in ("step_s", "batch_kind", "tokens", "loss_first_last", "heldout"):
+        out[key] = {k: v for k, v in run[key].items() if k in students}
+    out["cross_counts"] = {k: v for k, v in run["cross_counts"].items() if k in students}
+    out["collate_s"] = {k: v for k, v in run["collate_s"].items() if k in kinds}
+    return out
+
+
+def merge(results: list[dict]) -> dict:
+    """The merged result (module docstring); ValueError on another setup or a repeated seed."""
+    first = _setup(results[0])
+    for i, r in enumerate(results[1:], 1):
+        if _setup(r) != first:
+            raise ValueError(f"input {i} is another setup than input 0 (corpus, teachers or "
+                             f"training settings differ): only runs of one setup merge")
+    students = set.intersection(*(set(run["heldout"]) for r in results for run in r["runs"]))
+    runs = [_cut(run, students) for r in results for run in r["runs"]]
+    seeds = [run["seed"] for run in runs]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"the inputs repeat seeds {sorted(seeds)}: merge runs of other seeds "
+                         f"(cross_tokenizer_bench.py --seed FIRST --seeds N)")
+    merged = dict(results[0])
+    merged["runs"] = sorted(runs, key=lambda run: run["seed"])
+    merged["settings"] = {**merged["settings"], "seeds": len(runs)}
+    merged["command"] = " + ".join(r["command"] for r in results)
+    merged["wall_s"] = sum(r["wall_s"] for r in results)
+    return merged
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("inputs", nargs="+", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    merged = merge([json.loads(path.read_text(encoding="utf-8")) for path in args.inputs])
+    args.out.write_text(json.dumps(merged, indent=1) + "\n", encoding="utf-8")
+    print(f"wrote {args.out}: {len(merged['runs'])} seeds of {sorted(merged['runs'][0]['heldout'])}")
+    return merged
+
+
+if __name__ == "__main__":
+    main()

@@ -5,7 +5,9 @@
 
 Each input is a bench/cross_tokenizer_bench.py JSON of the SAME setup (corpus, teachers, top-k,
 steps and training settings: checked) on other seeds (`--seed` gives a run's first seed;
-repeated seeds are refused). The merged JSON keeps the first input's setup and every run,
+repeated seeds are refused). Give the runs the same `--steps`: with `--epochs` the step count
+follows the first seed's batches, so runs of other first seeds differ in steps and are
+refused as another setup. The merged JSON keeps the first input's setup and every run,
 each cut to the students all inputs trained; `--from-json` then recomputes the summary, the
 table and the plot from those runs alone, as for any finished run.
 """

@@ -247,13 +247,15 @@ def map_figures(teacher, student, cache_dir: Path, repeats: int) -> tuple[object
                        "summary": vocab_map.summary()}
 
 
-def reach(vocab_map, ids: np.ndarray) -> np.ndarray:
-    """[3] counts of teacher ids the map reaches exactly / by first piece only / not at all."""
-    valid = (ids >= 0) & (ids < vocab_map.teacher_vocab_size)
-    safe = np.where(valid, ids, 0)
-    exact = valid & vocab_map.exact[safe]
-    mapped = valid & (vocab_map.teacher_to_student_first[safe] >= 0)
-    return np.array([exact.sum(), (mapped & ~exact).sum(), (~mapped).sum()], np.int64)
+def reach(vocab_map, ids: np.ndarray) -> dict:
+    """Shares of teacher ids `ids` the map reaches exactly / by first piece only / not at all
+    (`vocab_map.coverage` with every id weighing 1), and their count."""
+    from logitstore.toolkit.vocab_map import coverage
+
+    ids = np.asarray(ids, np.int64)
+    share = coverage(vocab_map, ids, np.ones(ids.shape))
+    return {"tokens": int(ids.size), "exact": share.exact, "first_piece": share.decomposed,
+            "unmapped": share.unmapped}
 
 
 def pair_figures(teacher, student, vocab_map, texts: list[str]) -> dict:
@@ -264,7 +266,7 @@ def pair_figures(teacher, student, vocab_map, texts: list[str]) -> dict:
 
     reasons = np.zeros(len(SkipReason), np.int64)
     anchored = same_end = disagree = disagree_first = 0
-    proxy_all, proxy_aligned = np.zeros(3, np.int64), np.zeros(3, np.int64)
+    proxy_all, proxy_aligned = [], []  # the teacher's actual next ids: all / at aligned pairs
     tokenize_s = align_s = 0.0
     for text in texts:
         start = time.perf_counter()
@@ -277,8 +279,8 @@ def pair_figures(teacher, student, vocab_map, texts: list[str]) -> dict:
         reasons += np.bincount(a.student_reason, minlength=len(SkipReason))
         anchored += len(anchors.student_pos)
         next_ids = t.ids[1:]
-        proxy_all += reach(vocab_map, next_ids)
-        proxy_aligned += reach(vocab_map, next_ids[a.teacher_pos])
+        proxy_all.append(next_ids)
+        proxy_aligned.append(next_ids[a.teacher_pos])
         # Where both next tokens cover the same bytes, the map's first piece should be the
         # token the student itself writes there; count where it is not (and at the sample's
         # first aligned pair, where a SentencePiece dummy prefix sits).
@@ -291,17 +293,11 @@ def pair_figures(teacher, student, vocab_map, texts: list[str]) -> dict:
     shares = {r.name.lower(): float(reasons[r]) / positions for r in SkipReason}
     return {"samples": len(texts), "student_positions": positions, "reason_shares": shares,
             "inside_anchored_share": anchored / positions,
-            "proxy_all_next_tokens": _shares(proxy_all),
-            "proxy_aligned_next_tokens": _shares(proxy_aligned),
+            "proxy_all_next_tokens": reach(vocab_map, np.concatenate(proxy_all)),
+            "proxy_aligned_next_tokens": reach(vocab_map, np.concatenate(proxy_aligned)),
             "same_end_pairs": same_end, "map_first_not_student_token": disagree,
             "map_first_not_student_token_at_first_pair": disagree_first,
             "tokenize_s": tokenize_s, "align_s": align_s}
-
-
-def _shares(counts: np.ndarray) -> dict:
-    total = int(counts.sum())
-    return {"tokens": total, **{k: float(c) / total if total else 0.0
-                                for k, c in zip(("exact", "first_piece", "unmapped"), counts)}}
 
 
 def teacher_sample(teacher, text: str, k: int, index: int):

@@ -185,9 +185,10 @@ def cross_setup(cfg, reader, eval_reader, tokenizer, plans, problems: list[str])
         maps = {name: (built[on_tokenization[name]].teacher_to_student_first,
                        built[on_tokenization[name]].exact) for name in topk}
         first_maps = {name: pair[0] for name, pair in maps.items()}
-        byte_lengths = {name: (built[on_tokenization[name]].teacher_byte_lengths,
-                               built[on_tokenization[name]].student_byte_lengths)
-                        for name in topk}
+        if cfg.skip_dummy_prefix_pairs:
+            byte_lengths = {name: (built[on_tokenization[name]].teacher_byte_lengths,
+                                   built[on_tokenization[name]].student_byte_lengths)
+                            for name in topk}
         if cfg.inside_token_targets:
             piece_maps = {name: (built[on_tokenization[name]].piece_offsets,
                                  built[on_tokenization[name]].piece_ids) for name in topk}
@@ -196,23 +197,18 @@ def cross_setup(cfg, reader, eval_reader, tokenizer, plans, problems: list[str])
                    "vocab_maps": {name: {**built[on_tokenization[name]].summary(),
                                          "key": built[on_tokenization[name]].key}
                                   for name in topk}}
+    chain_signals = topk if maps and cfg.chained_token_targets else []
     ratio = length_ratio(reader, tokenizer)
     return CrossTokenizer(
         loss=cfg.cross_loss, collate=CrossCollate(tokenizer, topk, first_maps,
                                                   cfg.min_mapped_share, on_tokenization,
-                                                  piece_maps,
-                                                  byte_lengths if cfg.skip_dummy_prefix_pairs
-                                                  else None,
-                                                  topk if cfg.chained_token_targets and maps
-                                                  else None),
+                                                  piece_maps, byte_lengths, chain_signals),
         vocab_maps=maps, length_ratio=ratio,
         provenance={"cross_tokenizer": {"loss": cfg.cross_loss, "length_ratio": ratio,
                                         "min_mapped_share": cfg.min_mapped_share,
                                         "inside_token_targets": bool(piece_maps),
-                                        "chained_token_targets":
-                                            bool(maps and cfg.chained_token_targets),
-                                        "skip_dummy_prefix_pairs":
-                                            bool(maps and cfg.skip_dummy_prefix_pairs),
+                                        "chained_token_targets": bool(chain_signals),
+                                        "skip_dummy_prefix_pairs": bool(byte_lengths),
                                         "teacher_tokenizer": reader.settings.tokenizer_name,
                                         **summary}})
 

@@ -138,7 +138,9 @@ def test_pair_figures_shares_and_reach(tokenizers, tmp_path):
     assert proxy["first_piece"] > 0.0  # "▁pa" is two byte-level tokens
     bos = spm.bos_token_id  # mapped by role
     reached = real.reach(vocab_map, np.array([-1, vocab_map.teacher_vocab_size, bos]))
-    assert reached.tolist() == [1, 0, 2]
+    assert reached["tokens"] == 3 and [reached[k] * 3 for k in ("exact", "first_piece",
+                                                                "unmapped")] == \
+        pytest.approx([1, 0, 2])
 
 
 def test_collate_figures_and_markdown(tokenizers, tmp_path):

@@ -227,11 +227,10 @@ def _two_teacher_variant(plan, seed: int, student, accelerator, crosses: dict,
     cfg = train_config(plan, store["url"], plan.student_dirs["C"], name, seed,
                        cross_loss="pkl", signals=signals, target="topk",
                        mix_signals_per_position=name == "xkd-AB-pkl")
-    if "C-AB" not in collates:
-        plans, crosses["AB"] = cross_parts(cfg, plan.readers["AB"], plan.tokenizer_c)
-        collates["C-AB"] = _b_collate(crosses["AB"].collate, plan.samples_ab, store["signals"])
-    else:
-        plans, _ = cross_parts(cfg, plan.readers["AB"], plan.tokenizer_c)
+    plans, cross = cross_parts(cfg, plan.readers["AB"], plan.tokenizer_c)
+    if "C-AB" not in collates:  # both variants read the same batches: the first one's collate
+        crosses["AB"] = cross
+        collates["C-AB"] = _b_collate(cross.collate, plan.samples_ab, store["signals"])
     return Variant(name, cfg, copy_of(student), plans, "C-AB", accelerator,
                    crosses["AB"].vocab_maps)
 

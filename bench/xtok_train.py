@@ -28,6 +28,10 @@ rows into its own batch:
   xkd-AB-pkl-means                          (only when --variants names it) xkd-AB-pkl with
                                             mix_signals_per_position false: each teacher's
                                             mean over its own positions, weighted
+  xkd-AB-pkl-conf                           (only when --variants names it) xkd-AB-pkl with
+                                            signal_mixture confidence: where both teachers
+                                            give a target, each weighs 0.5 times the
+                                            probability its target gives the next token
 Per seed, the variants of one tokenizer start from the same weights; the A and C students
 share every weight but the embeddings and lm_head (both drawn under torch.manual_seed(seed),
 then C's block weights copied into A). Same optimizer (AdamW), schedule, steps and alpha;
@@ -47,9 +51,10 @@ from types import SimpleNamespace
 A_VARIANTS = ("ce-A", "kd-A")
 C_VARIANTS = ("ce-C", "xkd-pkl", "xkd-uld")
 ALL_VARIANTS = (*A_VARIANTS, "ce-C", "xkd-pkl", "xkd-pkl-aligned", "xkd-pkl-unchained",
-                "xkd-uld", "xkd-B-pkl", "xkd-AB-pkl", "xkd-AB-pkl-means")
+                "xkd-uld", "xkd-B-pkl", "xkd-AB-pkl", "xkd-AB-pkl-means", "xkd-AB-pkl-conf")
+TWO_TEACHER_VARIANTS = ("xkd-AB-pkl", "xkd-AB-pkl-means", "xkd-AB-pkl-conf")
 # run only when --variants names them
-ABLATIONS = ("xkd-pkl-aligned", "xkd-pkl-unchained", "xkd-AB-pkl-means")
+ABLATIONS = ("xkd-pkl-aligned", "xkd-pkl-unchained", "xkd-AB-pkl-means", "xkd-AB-pkl-conf")
 DEFAULT_VARIANTS = tuple(v for v in ALL_VARIANTS if v not in ABLATIONS)
 
 
@@ -124,7 +129,8 @@ class Variant:
         self.name, self.cfg, self.batch_kind, self.student = name, cfg, batch_kind, student
         settings = LossSettings(loss=cfg.loss, topk_mode=cfg.topk_mode, jsd_beta=cfg.jsd_beta,
                                 skew_alpha=cfg.skew_alpha, chunk_size=cfg.lm_head_chunk,
-                                mix_per_position=cfg.mix_signals_per_position)
+                                mix_per_position=cfg.mix_signals_per_position,
+                                signal_mixture=cfg.signal_mixture)
         module = DistillationObjective(student, plans, settings, vocab_maps=vocab_maps)
         optimizer = make_optimizer(cfg, module)
         self.scheduler = get_scheduler(
@@ -204,7 +210,7 @@ def make_variants(plan, seed: int, accelerator) -> tuple[list, dict]:
         variants.append(Variant("xkd-B-pkl", cfg_b, copy_of(students["C"]), plans, "C-B",
                                 accelerator, crosses["B"].vocab_maps))
         collates["C-B"] = _b_collate(crosses["B"].collate, plan.samples_b)
-    for name in ("xkd-AB-pkl", "xkd-AB-pkl-means"):
+    for name in TWO_TEACHER_VARIANTS:
         if getattr(plan, "two_teacher", None) is not None and name in chosen:
             variants.append(_two_teacher_variant(plan, seed, students["C"], accelerator,
                                                  crosses, collates, name))
@@ -220,13 +226,14 @@ TWO_TEACHER_WEIGHTS = (0.5, 0.5)
 def _two_teacher_variant(plan, seed: int, student, accelerator, crosses: dict,
                          collates: dict, name: str) -> "Variant":
     """xkd-AB-pkl: student C from store AB with `--signals A:0.5,B:0.5` (module docstring);
-    xkd-AB-pkl-means: the same with mix_signals_per_position false. Adds their collate
-    (kind C-AB) and cross setup (key AB)."""
+    xkd-AB-pkl-means: the same with mix_signals_per_position false; xkd-AB-pkl-conf: with
+    signal_mixture confidence. Adds their collate (kind C-AB) and cross setup (key AB)."""
     store = plan.two_teacher
     signals = dict(zip(store["signals"], TWO_TEACHER_WEIGHTS))
     cfg = train_config(plan, store["url"], plan.student_dirs["C"], name, seed,
                        cross_loss="pkl", signals=signals, target="topk",
-                       mix_signals_per_position=name == "xkd-AB-pkl")
+                       mix_signals_per_position=name != "xkd-AB-pkl-means",
+                       signal_mixture="confidence" if name.endswith("-conf") else "weights")
     plans, cross = cross_parts(cfg, plan.readers["AB"], plan.tokenizer_c)
     if "C-AB" not in collates:  # both variants read the same batches: the first one's collate
         crosses["AB"] = cross

@@ -36,6 +36,7 @@ TARGETS = ("auto", "topk", "sampled")  # auto: top-k where captured, else sample
 TOPK_MODES = ("tail", "renormalised")
 KD_LOSSES = ("kl", "rkl", "jsd", "skl", "srkl", "tvd")
 CROSS_LOSSES = ("pkl", "uld")  # a student with another tokenizer (cross_tokenizer.py)
+SIGNAL_MIXTURES = ("weights", "confidence")  # objective.DistillationObjective._mixture_scale
 TEMPERATURE_SCHEDULES = ("constant", "linear", "exp", "exponential")
 # blend: alpha*KD + (1-alpha)*CE, token mean (specialty weights weight samples).
 # distillm-med: seed 003, sum over specialties s of w_s * (token mean of the blend over s).
@@ -139,6 +140,11 @@ FIELDS: dict[str, Field] = {
                                            "KD is the weighted mean over the signals that "
                                            "give it a target (false: each signal's mean over "
                                            "its own positions, weighted)."),
+    "signal_mixture": Field("str", "weights", choices=SIGNAL_MIXTURES, absent="weights",
+                            help="Several KD signals mixed per position: weights = by the "
+                                 "signals' weights; confidence = each weight times the "
+                                 "probability the signal's target gives the actual next token "
+                                 "there (the teacher that saw it coming counts more)."),
     "objective": Field("str", "blend", choices=OBJECTIVES,
                        help="blend: alpha*KD + (1-alpha)*CE over tokens; distillm-med: the "
                             "blend per specialty, weighted by specialty_weights."),
@@ -343,6 +349,13 @@ def _cross_field_problems(v: dict[str, Any]) -> list[str]:
     if v["class_weights"]:
         out.append("class_weights is a setting of --task classify (the CE of a classifier's "
                    "heads): remove it, or add --task classify")
+    if v["signal_mixture"] == "confidence" and (v["cross_loss"] == "uld"
+                                                or not v["mix_signals_per_position"]):
+        out.append("signal_mixture confidence weighs each position's signals by the probability "
+                   "their targets give the next token: it needs mix_signals_per_position true "
+                   "and, for a student of another tokenizer, cross_loss pkl (ULD has no target "
+                   f"over the student's vocabulary); found mix_signals_per_position "
+                   f"{v['mix_signals_per_position']}, cross_loss {v['cross_loss']}")
     if v["signals"] and sum(v["signals"].values()) <= 0:
         out.append(f"signals: the weights must have a positive sum, got {v['signals']}")
     return out

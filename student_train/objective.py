@@ -35,7 +35,9 @@ With several such signals (teachers of other tokenizers cover different position
 target (their weighted sum times W / the weight of those signals, W the total: plan_signals
 makes W 1), and the KD term averages that over the positions any signal covers
 (`kd_tokens_any`, loss_combine.py): where one teacher has no target the others' count fully,
-instead of that position getting only their share.
+instead of that position getting only their share. `signal_mixture` "confidence" weighs
+each signal there also by the probability its target gives the actual next token (for a
+student of the stores' tokenizer too: there every signal covers every position).
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ class LossSettings:
     attention_loss: str = "mse"
     chunk_size: int = DEFAULT_CHUNK_SIZE
     mix_per_position: bool = True  # several cross-tokenizer signals (module docstring)
+    signal_mixture: str = "weights"  # "confidence": times each target's P(next token)
 
 
 # ----------------------------------------------------------------------------- batch geometry
@@ -93,6 +96,12 @@ def target_positions(batch: dict) -> Tensor:
     real = batch["attention_mask"][:, 1:].bool()
     nxt = (labels[:, 1:] != IGNORE) & (positions[:, 1:] != 0) & real
     return torch.cat([nxt, torch.zeros_like(nxt[:, :1])], 1)
+
+
+def label_probability(target, labels: Tensor) -> Tensor:
+    """[n]: the probability a SparseTarget [n, K] gives labels [n] (0 off its support)."""
+    hit = (target.ids == labels[:, None]) & target.valid
+    return (target.logprobs.float().exp() * hit).sum(-1)
 
 
 def shifted(x: Tensor, fill) -> Tensor:
@@ -285,9 +294,9 @@ class DistillationObjective(nn.Module):
                 expected = torch.cat([expected[:, :-2], torch.where(  # with ce_free's
                     uncovered, expected[:, -1], expected[:, -2])[:, None]], 1)
             expected = w[:, None] * expected
-        mix = self._mixture_scale(kd_masks)  # [n] or None
+        mix = self._mixture_scale(kd_masks, targets, terms.labels)  # [n, n_kd] or None
         if expected is not None and mix is not None:
-            expected = torch.cat([expected[:, :len(self.kd_plans)] * mix[:, None],
+            expected = torch.cat([expected[:, :len(self.kd_plans)] * mix,
                                   expected[:, len(self.kd_plans):]], 1)
         head = self.student.get_output_embeddings()
         if kd_masks is None and len(fused_plans) == len(self.kd_plans):
@@ -297,7 +306,7 @@ class DistillationObjective(nn.Module):
             values = cross_head_values(self.kd_plans, batch["signals"], pick, pick(final), head,
                                        terms, expected, kd_masks, temperature, s.chunk_size)
         if mix is not None:
-            values = torch.cat([values[:, :len(self.kd_plans)] * mix[:, None],
+            values = torch.cat([values[:, :len(self.kd_plans)] * mix,
                                 values[:, len(self.kd_plans):]], 1)
         if uncovered is not None:  # one more column: CE where no KD target exists
             values = torch.cat([values, (values[:, -1] * uncovered)[:, None]], 1)
@@ -313,15 +322,35 @@ class DistillationObjective(nn.Module):
             sums["ce_free"] = per_group[:, n_kd + 1]  # [G]
         return sums
 
-    def _mixture_scale(self, kd_masks: Tensor | None) -> Tensor | None:
-        """[n] total KD weight / the weight of the signals giving each position a target
-        (1 where all do; module docstring), or None with fewer than two masked signals or
-        the mixture off."""
-        if kd_masks is None or len(self.kd_plans) < 2 or not self.settings.mix_per_position:
+    def _mixture_scale(self, kd_masks: Tensor | None, targets, labels: Tensor) -> Tensor | None:
+        """[n, n_kd] factors on the KD columns so that each position's KD is the mean over the
+        signals giving it a target, weighted by w_s (signal_mixture "weights") or by
+        w_s * c_s, c_s the probability signal s's target gives the position's next token
+        ("confidence": the teacher that saw it coming counts more, as in Zhang et al.'s
+        confidence-aware multi-teacher KD, with the training label as the ground truth):
+        factor_s = W * c_s / sum over covering s' of w_s' * c_s' (c = 1 for "weights"; W the
+        total weight), so the factors times the weights sum to W at every covered position.
+        None with fewer than two KD signals, or with the mixture off, or (weights) for a
+        student of the stores' tokenizer, where every signal covers every position."""
+        s = self.settings
+        confidence = s.signal_mixture == "confidence"
+        if len(self.kd_plans) < 2 or not s.mix_per_position or (kd_masks is None
+                                                                 and not confidence):
             return None
-        w = torch.tensor([p.kd_weight for p in self.kd_plans], device=kd_masks.device)
-        cover = (kd_masks.float() * w).sum(1)  # [n]
-        return torch.where(cover > 0, w.sum() / cover.clamp_min(1e-12), torch.ones_like(cover))
+        device = labels.device
+        w = torch.tensor([p.kd_weight for p in self.kd_plans], device=device)
+        covers = (kd_masks.float() if kd_masks is not None
+                  else torch.ones(labels.shape[0], len(w), device=device))  # [n, n_kd]
+        c = torch.ones_like(covers)
+        if confidence:
+            if len(targets) != len(self.kd_plans):
+                raise ValueError("signal_mixture confidence needs a target for every KD signal "
+                                 "(cross_loss pkl, not uld)")
+            # the floor keeps a position where no target saw the token at the plain weights
+            c = torch.stack([label_probability(t, labels) for t in targets], 1) + 1e-6
+        cover = (covers * w * c).sum(1, keepdim=True)  # [n, 1]
+        return torch.where(cover > 0, w.sum() * c / cover.clamp_min(1e-30),
+                           torch.ones_like(c))
 
     def _target(self, plan: SignalPlan, signal: dict, pick, temperature: float):
         """The plan's SparseTarget at the picked positions, fields [1, n, K]."""

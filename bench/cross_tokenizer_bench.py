@@ -280,11 +280,12 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, help="student steps (overrides --epochs)")
     p.add_argument("--no-b", action="store_true", help="no teacher B (nor its student)")
     p.add_argument("--variants", help="comma-separated students to train (default: all but "
-                   "the ablations xkd-pkl-aligned, xkd-pkl-unchained and xkd-AB-pkl-means; ce-C and "
-                   "kd-A always, "
-                   "the report's references), of: ce-A, kd-A, ce-C, xkd-pkl, xkd-pkl-aligned "
-                   "(inside-token targets and chains off), xkd-pkl-unchained (chains off), "
-                   "xkd-uld, xkd-B-pkl, xkd-AB-pkl, xkd-AB-pkl-means (per-teacher means)")
+                   "the ablations xkd-pkl-aligned, xkd-pkl-unchained, xkd-AB-pkl-means and "
+                   "xkd-AB-pkl-conf; ce-C and kd-A always, the report's references), of: "
+                   "ce-A, kd-A, ce-C, xkd-pkl, xkd-pkl-aligned (inside-token targets and "
+                   "chains off), xkd-pkl-unchained (chains off), xkd-uld, xkd-B-pkl, "
+                   "xkd-AB-pkl, xkd-AB-pkl-means (per-teacher means), xkd-AB-pkl-conf "
+                   "(signal_mixture confidence)")
     p.add_argument("--min-mapped-share", type=float, help="the students' min_mapped_share "
                    f"(default {TRAIN['min_mapped_share']}): aligned positions' mapped share "
                    "and inside-token positions' conditioned share")

@@ -39,8 +39,11 @@ NO_TWO_TEACHERS = ("this run has no xkd-AB-pkl student (run with --no-b, or befo
 SINGLES = ("xkd-pkl", "xkd-B-pkl")
 TWO = "xkd-AB-pkl"
 MEANS = "xkd-AB-pkl-means"  # the ablation: each teacher's mean over its own positions
+CONF = "xkd-AB-pkl-conf"  # signal_mixture confidence: weights x P(next token) per position
 CROSS = ("xkd-pkl", "xkd-pkl-aligned", "xkd-pkl-unchained", "xkd-uld", "xkd-B-pkl", TWO,
-         MEANS)
+         MEANS, CONF)
+MIXTURES = {TWO: "signals A:0.5, B:0.5", CONF: "signals A:0.5, B:0.5, each times its "
+            "probability of the next token"}
 
 
 def _seeds(runs, name, key="bits_per_byte"):
@@ -138,21 +141,22 @@ def _per_signal(counts: dict, positions: float) -> dict:
     return out
 
 
-def two_teachers(runs: list[dict], rows: dict) -> dict:
-    """The two-teacher goal (module docstring): xkd-AB-pkl vs the better single teacher."""
+def two_teachers(runs: list[dict], rows: dict, name: str = TWO) -> dict:
+    """The two-teacher goal (module docstring) for student `name` (xkd-AB-pkl, or
+    xkd-AB-pkl-conf) vs the better single teacher, and vs the other two-teacher students."""
     singles = {n: rows[n]["bits_per_byte"]["mean"] for n in SINGLES if n in rows}
-    if TWO not in rows or len(singles) < len(SINGLES):
+    if name not in rows or len(singles) < len(SINGLES):
         return {"runnable": False, "reason": NO_TWO_TEACHERS, "met": None,
                 "better_single": None, "single_bpb": singles}
     better = min(singles, key=singles.get)
-    vs = {n: interval([ab - one for ab, one in zip(_seeds(runs, TWO), _seeds(runs, n))])
-          for n in (*SINGLES, MEANS) if n in rows}
+    vs = {n: interval([ab - one for ab, one in zip(_seeds(runs, name), _seeds(runs, n))])
+          for n in (*SINGLES, TWO, MEANS, CONF) if n in rows and n != name}
     d = vs[better]
     met = None if d["half_width"] is None or d["low"] <= 0 <= d["high"] else d["high"] < 0
     verdict = {True: "met", False: "not met", None: "not resolved"}[met]
-    return {"runnable": True, "reason": None, "met": met, "verdict": verdict,
+    return {"runnable": True, "reason": None, "met": met, "verdict": verdict, "name": name,
             "better_single": better, "single_bpb": singles, "vs_single": vs,
-            "two_bpb": rows[TWO]["bits_per_byte"]}
+            "two_bpb": rows[name]["bits_per_byte"]}
 
 
 def step_cost(runs: list[dict], name: str) -> dict:
@@ -193,7 +197,8 @@ def summarise(runs: list[dict], teachers: dict) -> dict:
              for k, v in runs[0]["cross_provenance"].items()}
     return {"methods": rows, "teachers": teachers, "goals": goals, "alignment": alignment(runs),
             "vocab_maps": vocab, "seeds": len(runs),
-            "two_teachers": two_teachers(runs, rows)}
+            "two_teachers": two_teachers(runs, rows),
+            **({"two_teachers_conf": two_teachers(runs, rows, CONF)} if CONF in rows else {})}
 
 
 # ----------------------------------------------------------------------------- markdown
@@ -254,9 +259,9 @@ def goal_lines(summary: dict) -> list[str]:
 def two_teacher_lines(two: dict) -> list[str]:
     if not two["runnable"]:
         return [f"- **two teachers A + B into C**: – ({two['reason']})"]
-    better = two["better_single"]
+    better, name = two["better_single"], two.get("name", TWO)
     others = ", ".join(f"vs {n} {_ci(d)}" for n, d in two["vs_single"].items() if n != better)
-    return [f"- **two teachers A + B into C** ({TWO}, signals A:0.5, B:0.5): "
+    return [f"- **two teachers A + B into C** ({name}, {MIXTURES[name]}): "
             f"{_pm(two['two_bpb'], '.4f')} bits/byte; vs the better single teacher "
             f"({better}, {two['single_bpb'][better]:.4f}) paired "
             f"{_ci(two['vs_single'][better])} bits/byte (goal: below 0: **{two['verdict']}**); "
@@ -323,6 +328,8 @@ def render(result: dict) -> str:
               "paired difference in bits per byte (negative = better)", "", "Goals:"]
     lines += goal_lines(s)
     lines += two_teacher_lines(s["two_teachers"])
+    if "two_teachers_conf" in s:
+        lines += two_teacher_lines(s["two_teachers_conf"])
     lines += ["", "Alignment and map coverage (summed over seeds and steps):"]
     lines += alignment_lines(s)
     return "\n".join(lines)

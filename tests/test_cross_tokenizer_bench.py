@@ -165,6 +165,24 @@ def test_two_teachers_are_judged_against_the_better_single_one_paired(two, met, 
     assert f"(goal: below 0: **{verdict}**)" in render(result)
 
 
+def test_the_confidence_mixture_student_is_judged_on_its_own_and_against_equal_weights():
+    from xtok_report import CONF, render, summarise
+
+    conf = [1.55, 1.58, 1.56]
+    summary = summarise(fake_runs({**BASE, TWO: [1.65, 1.66, 1.67], CONF: conf}), {})
+    assert summary["two_teachers"]["verdict"] == "not met"
+    t = summary["two_teachers_conf"]
+    assert t["name"] == CONF and t["verdict"] == "met" and t["better_single"] == SINGLE_A
+    assert t["vs_single"][TWO]["values"] == pytest.approx([-0.10, -0.08, -0.11])
+    result = {"summary": summary, "settings": {"steps": 10, "top_k": 32,
+                                               "train": {"batch_tokens": 1024}},
+              "teachers": {}, "corpus": {k: {"records": 1, "bytes": 1}
+                                         for k in ("teacher", "transfer", "heldout")}}
+    text = render(result)
+    assert f"({CONF}, signals A:0.5, B:0.5, each times its probability" in text
+    assert "(goal: below 0: **met**)" in text and "(goal: below 0: **not met**)" in text
+
+
 def test_a_run_without_the_two_teacher_student_says_why():
     """A JSON of a run before store AB existed (or --no-b) re-renders with the reason."""
     from xtok_report import NO_TWO_TEACHERS, summarise
@@ -229,11 +247,12 @@ def test_the_harness_runs_end_to_end_at_its_tiniest_size(tmp_path):
     summary = result["summary"]
     assert set(summary["methods"]) == {"ce-A", "kd-A", "ce-C", "xkd-pkl", "xkd-pkl-aligned",
                                        "xkd-pkl-unchained", "xkd-uld", "xkd-B-pkl", TWO,
-                                       "xkd-AB-pkl-means"}
+                                       "xkd-AB-pkl-means", "xkd-AB-pkl-conf"}
     for row in summary["methods"].values():
         assert 0 < row["bits_per_byte"]["mean"] < 20 and row["bits_per_byte"]["n"] == 2
     assert set(summary["alignment"]) == {"xkd-pkl", "xkd-pkl-aligned", "xkd-pkl-unchained",
-                                         "xkd-uld", "xkd-B-pkl", TWO, "xkd-AB-pkl-means"}
+                                         "xkd-uld", "xkd-B-pkl", TWO, "xkd-AB-pkl-means",
+                                         "xkd-AB-pkl-conf"}
     for row in summary["alignment"].values():
         assert 0 < row["aligned_share"] <= 1
     inside, aligned_only = summary["alignment"]["xkd-pkl"], summary["alignment"]["xkd-pkl-aligned"]
@@ -244,7 +263,9 @@ def test_the_harness_runs_end_to_end_at_its_tiniest_size(tmp_path):
     assert "map_coverage" not in summary["alignment"]["xkd-uld"]  # ULD maps nothing
     assert "chained_share" not in summary["alignment"]["xkd-pkl-unchained"]
     assert two_signal_counts(result, "xkd-AB-pkl") == \
-        two_signal_counts(result, "xkd-AB-pkl-means")
+        two_signal_counts(result, "xkd-AB-pkl-means") == \
+        two_signal_counts(result, "xkd-AB-pkl-conf")
+    assert summary["two_teachers_conf"]["name"] == "xkd-AB-pkl-conf"
     two = summary["two_teachers"]
     assert two["runnable"] is True and two["verdict"] in ("met", "not met", "not resolved")
     assert set(summary["alignment"][TWO]["per_signal"]) == {"topk8", "topk8-B"}

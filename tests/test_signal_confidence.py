@@ -1,0 +1,94 @@
+"""signal_mixture "confidence" for a student of the store's own tokenizer: two KD signals
+(top-k and sampled) mixed per position by weight x the probability each target gives the next
+token, against a textbook computation on full logits (the cross-tokenizer case:
+tests/test_cross_signal_mixture.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from train_helpers import backward_on_forward_grads, shared_world
+
+WEIGHTS = (0.6, 0.4)
+ALPHA = 0.7
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return shared_world(tmp_path_factory)
+
+
+def _objective_loss(world, batch, plans, mixture, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from student_train.loss_combine import Weights, combine, token_sum_gradients
+    from student_train.objective import DistillationObjective, LossSettings, denominators
+
+    student = AutoModelForCausalLM.from_pretrained(world.student).float()
+    objective = DistillationObjective(student, plans,
+                                      LossSettings(chunk_size=5, signal_mixture=mixture))
+    weights = Weights(alpha=ALPHA)
+    dens = denominators(batch)
+    sums = objective(batch, sum_grads=token_sum_gradients(dens, plans, weights))
+    loss, _ = combine(sums, dens, plans, weights)
+    backward_on_forward_grads(loss, monkeypatch)
+    return float(loss.detach()), student.lm_head.weight.grad.clone()
+
+
+def test_confidence_mixture_weighs_each_position_by_the_targets_probability_of_the_label(
+        world, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from logitstore.reader import StoreReader
+    from student_train.collate import collate
+    from student_train.losses import (build_sampled_target, build_topk_target,
+                                      cross_entropy_per_position, sparse_kd_per_position)
+    from student_train.objective import SignalPlan, shifted, target_positions
+
+    reader = StoreReader(str(world.store))
+    batch = collate([[reader.sample(i)] for i in range(3)], [[1.0]] * 3, ["teacher"],
+                    packing=False)
+    plans = [SignalPlan("teacher", kd_weight=WEIGHTS[0], target="topk"),
+             SignalPlan("teacher", kd_weight=WEIGHTS[1], target="sampled", n_draws=16)]
+    got_loss, got_grad = _objective_loss(world, batch, plans, "confidence", monkeypatch)
+    plain_loss, _ = _objective_loss(world, batch, plans, "weights", monkeypatch)
+
+    reference = AutoModelForCausalLM.from_pretrained(world.student).float()
+    logits = reference(input_ids=batch["input_ids"],
+                       attention_mask=batch["attention_mask"]).logits  # [B, S, V]
+    signal = batch["signals"]["teacher"]
+    targets = [build_topk_target(signal["topk_ids"].long(), signal["topk_logprobs"].float()),
+               build_sampled_target(signal["sampled_ids"].long(), signal["sampled_counts"],
+                                    signal.get("sampled_logprobs"), n_draws=16)]
+    trained = target_positions(batch)
+    labels = shifted(batch["labels"], -100)
+    kd, seen = [], []
+    for t in targets:
+        kd.append(sparse_kd_per_position(logits, t)[trained])  # [n]
+        probability = []
+        for ids, logprobs, valid, label in zip(t.ids[trained], t.logprobs[trained],
+                                               t.valid[trained], labels[trained]):
+            probability.append(sum(float(lp.exp()) for i, lp, v in zip(ids, logprobs, valid)
+                                   if v and int(i) == int(label)))
+        seen.append(torch.tensor(probability) + 1e-6)
+    share = WEIGHTS[0] * seen[0] / (WEIGHTS[0] * seen[0] + WEIGHTS[1] * seen[1])
+    assert share.max() - share.min() > 0.1  # the weights move from position to position
+    mixed = sum(w * c * k for w, c, k in zip(WEIGHTS, seen, kd)) / sum(
+        w * c for w, c in zip(WEIGHTS, seen))
+    ce = cross_entropy_per_position(logits[trained], labels[trained])
+    expected = ALPHA * mixed.mean() + (1 - ALPHA) * ce.mean()
+    expected.backward()
+    assert got_loss == pytest.approx(float(expected), rel=1e-5)
+    assert abs(got_loss - plain_loss) > 1e-4  # and it is not the plain weighted sum
+    torch.testing.assert_close(got_grad, reference.lm_head.weight.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_confidence_mixture_needs_the_per_position_mixture_and_a_mapped_target(tmp_path):
+    from logitstore.errors import ConfigError
+    from student_train.config import resolve_config
+
+    base = {"store": "s", "student": "m", "out": str(tmp_path), "signal_mixture": "confidence"}
+    with pytest.raises(ConfigError) as err:
+        resolve_config(None, {**base, "cross_loss": "uld", "mix_signals_per_position": False})
+    assert "found mix_signals_per_position False, cross_loss uld" in str(err.value)
+    assert resolve_config(None, base).signal_mixture == "confidence"

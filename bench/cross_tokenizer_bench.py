@@ -147,7 +147,8 @@ def prepare(args) -> SimpleNamespace:
                            work=args.work, steps=args.steps, signal=signal, stores=stores,
                            readers=readers, student_dirs=student_dirs(args, corpus),
                            tokenizer_c=AutoTokenizer.from_pretrained(corpus["tokenizers"]["C"]),
-                           samples_b=samples_b, variants=args.variants)
+                           samples_b=samples_b, variants=args.variants,
+                           two_teacher_weights=args.two_teacher_weights)
     plan.two_teacher, plan.samples_ab = two_teacher_parts(args, teachers, stores, readers)
     per_epoch = shared_stream(plan, args.seed, TRAIN["batch_tokens"], True).num_batches()
     plan.steps = args.steps or max(1, round(args.epochs * per_epoch))
@@ -253,6 +254,7 @@ def run_benchmark(args, command: str) -> dict:
                    for n, s in ready.stores.items()},
         "two_teacher_store": ready.two_teacher,
         "settings": {"train": train_keys(args), "size": args.size, "top_k": args.top_k,
+                     "two_teacher_weights": list(args.two_teacher_weights or (0.5, 0.5)),
                      "steps": ready.plan.steps, "seeds": args.seeds},
         "teacher_heldout": teachers, "runs": runs,
         "summary": summarise(runs, teachers)}
@@ -260,6 +262,17 @@ def run_benchmark(args, command: str) -> dict:
         ready.stores, ready.corpus["tokenizers"], ready.plan.signal)
     write_outputs(result, args)
     return result
+
+
+def _two_weights(text: str) -> tuple[float, float]:
+    try:
+        weights = tuple(float(w) for w in text.split(","))
+    except ValueError:
+        weights = ()
+    if len(weights) != 2 or min(weights) <= 0:
+        raise argparse.ArgumentTypeError(f"expected two positive weights WA,WB (e.g. 0.8,0.2), "
+                                         f"found {text!r}")
+    return weights
 
 
 def parse_args(argv=None):
@@ -289,6 +302,9 @@ def parse_args(argv=None):
     p.add_argument("--min-mapped-share", type=float, help="the students' min_mapped_share "
                    f"(default {TRAIN['min_mapped_share']}): aligned positions' mapped share "
                    "and inside-token positions' conditioned share")
+    p.add_argument("--two-teacher-weights", type=_two_weights, metavar="WA,WB",
+                   help="the two-teacher students' signal weights of teachers A and B "
+                        "(default 0.5,0.5)")
     p.add_argument("--c-text", choices=("mixed", "other"), default="mixed",
                    help="tokenizer C's text: general text plus a third of the domain records "
                    "(mixed, 5,120 tokens), or general text only (other, 3,072 tokens: C as the "

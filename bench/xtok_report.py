@@ -42,7 +42,7 @@ MEANS = "xkd-AB-pkl-means"  # the ablation: each teacher's mean over its own pos
 CONF = "xkd-AB-pkl-conf"  # signal_mixture confidence: weights x P(next token) per position
 CROSS = ("xkd-pkl", "xkd-pkl-aligned", "xkd-pkl-unchained", "xkd-uld", "xkd-B-pkl", TWO,
          MEANS, CONF)
-MIXTURES = {TWO: "signals A:0.5, B:0.5", CONF: "signals A:0.5, B:0.5, each times its "
+MIXTURES = {TWO: "signals A:{a}, B:{b}", CONF: "signals A:{a}, B:{b}, each times its "
             "probability of the next token"}
 
 
@@ -256,12 +256,13 @@ def goal_lines(summary: dict) -> list[str]:
     return lines
 
 
-def two_teacher_lines(two: dict) -> list[str]:
+def two_teacher_lines(two: dict, weights=(0.5, 0.5)) -> list[str]:
     if not two["runnable"]:
         return [f"- **two teachers A + B into C**: – ({two['reason']})"]
     better, name = two["better_single"], two.get("name", TWO)
     others = ", ".join(f"vs {n} {_ci(d)}" for n, d in two["vs_single"].items() if n != better)
-    return [f"- **two teachers A + B into C** ({name}, {MIXTURES[name]}): "
+    mixture = MIXTURES[name].format(a=f"{weights[0]:g}", b=f"{weights[1]:g}")
+    return [f"- **two teachers A + B into C** ({name}, {mixture}): "
             f"{_pm(two['two_bpb'], '.4f')} bits/byte; vs the better single teacher "
             f"({better}, {two['single_bpb'][better]:.4f}) paired "
             f"{_ci(two['vs_single'][better])} bits/byte (goal: below 0: **{two['verdict']}**); "
@@ -327,9 +328,10 @@ def render(result: dict) -> str:
     lines += ["", "- values: mean over seeds ± half-width of its 95 % t-interval; vs ce-C = "
               "paired difference in bits per byte (negative = better)", "", "Goals:"]
     lines += goal_lines(s)
-    lines += two_teacher_lines(s["two_teachers"])
+    weights = st.get("two_teacher_weights", (0.5, 0.5))  # runs before the option: equal
+    lines += two_teacher_lines(s["two_teachers"], weights)
     if "two_teachers_conf" in s:
-        lines += two_teacher_lines(s["two_teachers_conf"])
+        lines += two_teacher_lines(s["two_teachers_conf"], weights)
     lines += ["", "Alignment and map coverage (summed over seeds and steps):"]
     lines += alignment_lines(s)
     return "\n".join(lines)

@@ -1,6 +1,7 @@
-"""Merge the seeds of several cross-tokenizer benchmark runs into one result.
+"""Merge the seeds (or, with --join, the students) of cross-tokenizer benchmark runs into one.
 
     python bench/xtok_merge.py A.json B.json --out merged.json
+    python bench/xtok_merge.py --join A.json B.json --out joined.json
     python bench/cross_tokenizer_bench.py --from-json merged.json --markdown merged.md
 
 Each input is a bench/cross_tokenizer_bench.py JSON of the SAME setup (corpus, teachers, top-k,
@@ -10,6 +11,14 @@ follows the first seed's batches, so runs of other first seeds differ in steps a
 refused as another setup. The merged JSON keeps the first input's setup and every run,
 each cut to the students all inputs trained; `--from-json` then recomputes the summary, the
 table and the plot from those runs alone, as for any finished run.
+
+--join: the inputs ran the SAME seeds (same setup) with other students, e.g. a new ablation
+run beside ce-C and kd-A only: each seed's run gets every input's students. Training is
+deterministic per seed (same initial weights, same batches), so a student both inputs
+trained must have the same held-out bits per byte to the last digit, else the join is
+refused (the inputs are not the same runs). Paired figures across inputs are then exact;
+step timings of students from different inputs were measured in different runs (other load)
+and compare less well than within one run.
 """
 
 from __future__ import annotations
@@ -23,7 +32,8 @@ SAME = ("corpus", "teachers", "settings")  # what must agree, besides the seeds'
 
 def _setup(result: dict) -> dict:
     out = {k: result[k] for k in SAME}
-    out["settings"] = {k: v for k, v in out["settings"].items() if k != "seeds"}
+    out["settings"] = {"two_teacher_weights": [0.5, 0.5],  # runs before the option: equal
+                       **{k: v for k, v in out["settings"].items() if k != "seeds"}}
     out["corpus"] = {k: v for k, v in out["corpus"].items() if k != "dir"}
     out["teachers"] = {n: {k: v for k, v in t.items() if k not in ("built", "path", "command")}
                        for n, t in out["teachers"].items()}
@@ -62,12 +72,55 @@ def merge(results: list[dict]) -> dict:
     return merged
 
 
+def join(results: list[dict]) -> dict:
+    """The joined result (module docstring); ValueError on another setup, other seeds, or a
+    shared student whose bits per byte differ."""
+    first = _setup(results[0])
+    seeds = [run["seed"] for run in results[0]["runs"]]
+    for i, r in enumerate(results[1:], 1):
+        if _setup(r) != first:
+            raise ValueError(f"input {i} is another setup than input 0 (corpus, teachers or "
+                             f"training settings differ): only runs of one setup join")
+        if [run["seed"] for run in r["runs"]] != seeds:
+            raise ValueError(f"input {i} ran seeds {[run['seed'] for run in r['runs']]}, input "
+                             f"0 ran {seeds}: --join needs the same seeds (merge other seeds "
+                             f"without --join)")
+    runs = []
+    for per_seed in zip(*(r["runs"] for r in results)):
+        joined = {k: (dict(v) if isinstance(v, dict) else v) for k, v in per_seed[0].items()}
+        for run in per_seed[1:]:
+            for name, row in run["heldout"].items():
+                if name in joined["heldout"]:
+                    if joined["heldout"][name]["bits_per_byte"] != row["bits_per_byte"]:
+                        raise ValueError(
+                            f"seed {run['seed']}: student {name} has held-out bits per byte "
+                            f"{joined['heldout'][name]['bits_per_byte']!r} in one input and "
+                            f"{row['bits_per_byte']!r} in another: not the same runs (other "
+                            f"code or settings); join runs of one code version")
+                    continue
+                for key in ("step_s", "batch_kind", "tokens", "loss_first_last", "heldout",
+                            "cross_counts", "cross_provenance"):
+                    if name in run.get(key, {}):
+                        joined[key][name] = run[key][name]
+                kind = run["batch_kind"][name]
+                joined["collate_s"].setdefault(kind, run["collate_s"][kind])
+        runs.append(joined)
+    merged = dict(results[0])
+    merged["runs"] = runs
+    merged["command"] = " + ".join(r["command"] for r in results)
+    merged["wall_s"] = sum(r["wall_s"] for r in results)
+    return merged
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("inputs", nargs="+", type=Path)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--join", action="store_true", help="the inputs ran the same seeds: join "
+                   "their students (module docstring)")
     args = p.parse_args(argv)
-    merged = merge([json.loads(path.read_text(encoding="utf-8")) for path in args.inputs])
+    results = [json.loads(path.read_text(encoding="utf-8")) for path in args.inputs]
+    merged = (join if args.join else merge)(results)
     args.out.write_text(json.dumps(merged, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {args.out}: {len(merged['runs'])} seeds of {sorted(merged['runs'][0]['heldout'])}")
     return merged

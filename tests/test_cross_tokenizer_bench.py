@@ -326,12 +326,16 @@ def test_variants_are_chosen_by_name_and_the_references_are_required():
             parse_args(["--variants", bad])
 
 
-def _fake_result(seeds: list[int], students: list[str], teacher_steps: int = 400) -> dict:
-    """A cross_tokenizer_bench result's skeleton: what bench/xtok_merge.py reads."""
+def _fake_result(seeds: list[int], students: list[str], teacher_steps: int = 400,
+                 shift: float = 0.0) -> dict:
+    """A cross_tokenizer_bench result's skeleton: what bench/xtok_merge.py reads (held-out
+    bits per byte: the seed + shift + the student's place in `students` / 10)."""
     def run(seed):
         per = {s: float(seed) for s in students}
+        heldout = {s: {"bits_per_byte": seed + shift + i / 10} for i, s in enumerate(students)}
         return {"seed": seed, "step_s": per, "batch_kind": {s: f"K-{s}" for s in students},
-                "tokens": per, "loss_first_last": per, "heldout": per,
+                "tokens": per, "loss_first_last": per, "heldout": heldout,
+                "cross_provenance": {s: {"loss": "pkl"} for s in students if s.startswith("x")},
                 "cross_counts": {s: {} for s in students if s.startswith("x")},
                 "collate_s": {f"K-{s}": 0.1 for s in students}}
     return {"corpus": {"dir": "/a", "key": "k"}, "teachers": {"A": {"steps": teacher_steps,
@@ -355,3 +359,25 @@ def test_merge_keeps_every_seed_of_the_students_all_runs_trained():
         merge([_fake_result([0, 1], ["ce-C"]), _fake_result([1], ["ce-C"])])
     with pytest.raises(ValueError, match="another setup"):
         merge([_fake_result([0], ["ce-C"]), _fake_result([1], ["ce-C"], teacher_steps=2)])
+
+
+def test_join_gives_each_seed_the_students_of_every_run_of_those_seeds():
+    from xtok_merge import join
+
+    base = _fake_result([0, 1], ["ce-C", "kd-A", "xkd-pkl"])
+    extra = _fake_result([0, 1], ["ce-C", "kd-A", "xkd-AB-pkl-conf"])
+    extra["settings"]["two_teacher_weights"] = [0.5, 0.5]  # the default, written out
+    joined = join([base, extra])
+    assert [r["seed"] for r in joined["runs"]] == [0, 1]
+    for seed, run in zip((0, 1), joined["runs"]):
+        assert set(run["heldout"]) == {"ce-C", "kd-A", "xkd-pkl", "xkd-AB-pkl-conf"}
+        assert run["heldout"]["xkd-AB-pkl-conf"]["bits_per_byte"] == seed + 0.2
+        assert set(run["collate_s"]) == {"K-ce-C", "K-kd-A", "K-xkd-pkl", "K-xkd-AB-pkl-conf"}
+        assert set(run["cross_provenance"]) == {"xkd-pkl", "xkd-AB-pkl-conf"}
+    assert set(base["runs"][0]["heldout"]) == {"ce-C", "kd-A", "xkd-pkl"}  # inputs untouched
+    with pytest.raises(ValueError, match="student ce-C has held-out bits per byte"):
+        join([base, _fake_result([0, 1], ["ce-C", "xkd-uld"], shift=0.5)])
+    with pytest.raises(ValueError, match="needs the same seeds"):
+        join([base, _fake_result([0, 2], ["ce-C", "xkd-uld"])])
+    with pytest.raises(ValueError, match="another setup"):
+        join([base, _fake_result([0, 1], ["ce-C"], teacher_steps=2)])

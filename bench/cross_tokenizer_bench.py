@@ -20,11 +20,12 @@ students    one architecture; per seed, same steps, same stored samples in the s
             tokenizer KD, (3) xkd-pkl / xkd-uld student C from teacher A's store, plus ce-A
             (CE only, tokenizer A) and, unless --no-b, xkd-B-pkl (student C from teacher B's
             store) and (4) xkd-AB-pkl: two teachers A and B into C, `--signals
-            topk32:0.5,topk32-B:0.5` on store AB (store A plus teacher B's signal, added by
-            `teacher-dump --model B --signal topk32-B --out store-AB`); --variants picks
-            some, e.g. the ablations xkd-pkl-aligned (xkd-pkl with inside-token targets and
-            chains off: the plain mapped target at aligned positions only) and
-            xkd-pkl-unchained (chains off) for paired comparisons
+            topk32:0.5,topk32-B:0.5` (--two-teacher-weights sets others) on store AB (store
+            A plus teacher B's signal, added by `teacher-dump --model B --signal topk32-B
+            --out store-AB`); --variants picks some, e.g. the ablations xkd-pkl-aligned
+            (xkd-pkl with inside-token targets and chains off: the plain mapped target at
+            aligned positions only), xkd-pkl-unchained (chains off) and xkd-AB-pkl-conf
+            (two teachers, signal_mixture confidence) for paired comparisons
 metric      bits per byte on the held-out records (bench/xtok_eval.py), the only loss
             comparable across tokenizers; paired per seed (bench/xtok_report.py)
 
@@ -35,6 +36,7 @@ Outputs: --out JSON (every figure, the commands, the machine), its PNG, --markdo
 from __future__ import annotations
 
 import argparse
+import math
 import json
 import os
 import platform
@@ -269,7 +271,7 @@ def _two_weights(text: str) -> tuple[float, float]:
         weights = tuple(float(w) for w in text.split(","))
     except ValueError:
         weights = ()
-    if len(weights) != 2 or min(weights) <= 0:
+    if len(weights) != 2 or not all(math.isfinite(w) and w > 0 for w in weights):
         raise argparse.ArgumentTypeError(f"expected two positive weights WA,WB (e.g. 0.8,0.2), "
                                          f"found {text!r}")
     return weights

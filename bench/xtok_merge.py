@@ -72,6 +72,17 @@ def merge(results: list[dict]) -> dict:
     return merged
 
 
+def _join_provenance(joined: dict, run: dict) -> None:
+    """Add `run`'s cross setups (keyed by setup: pkl, uld, B, AB) to `joined`'s; a setup
+    both hold must be the same."""
+    ours = joined.setdefault("cross_provenance", {})
+    for setup, provenance in run.get("cross_provenance", {}).items():
+        if ours.setdefault(setup, provenance) != provenance:
+            raise ValueError(f"seed {run['seed']}: cross setup {setup!r} differs between the "
+                             f"inputs (vocabulary map or alignment settings): not the same "
+                             f"runs; join runs of one code version")
+
+
 def join(results: list[dict]) -> dict:
     """The joined result (module docstring); ValueError on another setup, other seeds, or a
     shared student whose bits per byte differ."""
@@ -96,14 +107,17 @@ def join(results: list[dict]) -> dict:
                             f"seed {run['seed']}: student {name} has held-out bits per byte "
                             f"{joined['heldout'][name]['bits_per_byte']!r} in one input and "
                             f"{row['bits_per_byte']!r} in another: not the same runs (other "
-                            f"code or settings); join runs of one code version")
+                            f"code or settings, or another machine, thread count or GPU, "
+                            f"whose arithmetic differs); join runs of one code version "
+                            f"on one machine")
                     continue
                 for key in ("step_s", "batch_kind", "tokens", "loss_first_last", "heldout",
-                            "cross_counts", "cross_provenance"):
+                            "cross_counts"):
                     if name in run.get(key, {}):
-                        joined[key][name] = run[key][name]
+                        joined.setdefault(key, {})[name] = run[key][name]
                 kind = run["batch_kind"][name]
                 joined["collate_s"].setdefault(kind, run["collate_s"][kind])
+            _join_provenance(joined, run)
         runs.append(joined)
     merged = dict(results[0])
     merged["runs"] = runs

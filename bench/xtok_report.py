@@ -20,10 +20,12 @@ summarise   per student variant: held-out bits per byte, tokens per byte, step a
                 share of positions given a conditioned inside-token target with the top-k mass
                 the conditioning keeps there (conditioned coverage)
   two teachers  xkd-AB-pkl (student C from store AB: teacher A's and teacher B's signals,
-                weights 0.5 / 0.5) against the better single teacher (of xkd-pkl and
-                xkd-B-pkl, the lower mean bits per byte): paired per-seed difference AB -
-                single and its interval, and against each single teacher; "met" when the
-                interval is below 0, "not met" when above, "not resolved" otherwise
+                weights --two-teacher-weights, default 0.5 / 0.5), and xkd-AB-pkl-conf (the
+                same with signal_mixture confidence) where run, each against the better
+                single teacher (of xkd-pkl and xkd-B-pkl, the lower mean bits per byte):
+                paired per-seed difference AB - single and its interval, and against each
+                single teacher and the other two-teacher students; "met" when the interval
+                is below 0, "not met" when above, "not resolved" otherwise
 """
 
 from __future__ import annotations
@@ -146,7 +148,7 @@ def two_teachers(runs: list[dict], rows: dict, name: str = TWO) -> dict:
     xkd-AB-pkl-conf) vs the better single teacher, and vs the other two-teacher students."""
     singles = {n: rows[n]["bits_per_byte"]["mean"] for n in SINGLES if n in rows}
     if name not in rows or len(singles) < len(SINGLES):
-        return {"runnable": False, "reason": NO_TWO_TEACHERS, "met": None,
+        return {"runnable": False, "reason": NO_TWO_TEACHERS, "met": None, "name": name,
                 "better_single": None, "single_bpb": singles}
     better = min(singles, key=singles.get)
     vs = {n: interval([ab - one for ab, one in zip(_seeds(runs, name), _seeds(runs, n))])
@@ -258,7 +260,7 @@ def goal_lines(summary: dict) -> list[str]:
 
 def two_teacher_lines(two: dict, weights=(0.5, 0.5)) -> list[str]:
     if not two["runnable"]:
-        return [f"- **two teachers A + B into C**: – ({two['reason']})"]
+        return [f"- **two teachers A + B into C** ({two.get('name', TWO)}): – ({two['reason']})"]
     better, name = two["better_single"], two.get("name", TWO)
     others = ", ".join(f"vs {n} {_ci(d)}" for n, d in two["vs_single"].items() if n != better)
     mixture = MIXTURES[name].format(a=f"{weights[0]:g}", b=f"{weights[1]:g}")

@@ -23,15 +23,16 @@ rows into its own batch:
                                             ids, through B's own cross setup
   xkd-AB-pkl tokenizer C, KD from store AB  (unless --no-b) two teachers: store A plus
                                             teacher B's signal on B's own tokenization
-                                            (format 2.2), signals A:0.5, B:0.5, pkl; store
+                                            (format 2.2), signals A:0.5, B:0.5 (bench
+                                            --two-teacher-weights: others), pkl; store
                                             AB's samples of the same ids, both signals
   xkd-AB-pkl-means                          (only when --variants names it) xkd-AB-pkl with
                                             mix_signals_per_position false: each teacher's
                                             mean over its own positions, weighted
   xkd-AB-pkl-conf                           (only when --variants names it) xkd-AB-pkl with
                                             signal_mixture confidence: where both teachers
-                                            give a target, each weighs 0.5 times the
-                                            probability its target gives the next token
+                                            give a target, each weighs its weight times
+                                            the probability its target gives the next token
 Per seed, the variants of one tokenizer start from the same weights; the A and C students
 share every weight but the embeddings and lm_head (both drawn under torch.manual_seed(seed),
 then C's block weights copied into A). Same optimizer (AdamW), schedule, steps and alpha;

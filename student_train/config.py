@@ -140,11 +140,13 @@ FIELDS: dict[str, Field] = {
                                            "KD is the weighted mean over the signals that "
                                            "give it a target (false: each signal's mean over "
                                            "its own positions, weighted)."),
-    "signal_mixture": Field("str", "weights", choices=SIGNAL_MIXTURES, absent="weights",
+    "signal_mixture": Field("str", "weights", choices=SIGNAL_MIXTURES,
+                            absent="weights",  # runs saved before: the weights alone
                             help="Several KD signals mixed per position: weights = by the "
                                  "signals' weights; confidence = each weight times the "
                                  "probability the signal's target gives the actual next token "
-                                 "there (the teacher that saw it coming counts more)."),
+                                 "there, at T = 1 (the teacher that saw it coming counts "
+                                 "more; with one KD signal nothing changes)."),
     "objective": Field("str", "blend", choices=OBJECTIVES,
                        help="blend: alpha*KD + (1-alpha)*CE over tokens; distillm-med: the "
                             "blend per specialty, weighted by specialty_weights."),
@@ -349,15 +351,27 @@ def _cross_field_problems(v: dict[str, Any]) -> list[str]:
     if v["class_weights"]:
         out.append("class_weights is a setting of --task classify (the CE of a classifier's "
                    "heads): remove it, or add --task classify")
-    if v["signal_mixture"] == "confidence" and (v["cross_loss"] == "uld"
-                                                or not v["mix_signals_per_position"]):
-        out.append("signal_mixture confidence weighs each position's signals by the probability "
-                   "their targets give the next token: it needs mix_signals_per_position true "
-                   "and, for a student of another tokenizer, cross_loss pkl (ULD has no target "
-                   f"over the student's vocabulary); found mix_signals_per_position "
-                   f"{v['mix_signals_per_position']}, cross_loss {v['cross_loss']}")
+    if v["signal_mixture"] == "confidence":
+        out += _confidence_problems(v)
     if v["signals"] and sum(v["signals"].values()) <= 0:
         out.append(f"signals: the weights must have a positive sum, got {v['signals']}")
+    return out
+
+
+def _confidence_problems(v: dict[str, Any]) -> list[str]:
+    why = ("signal_mixture confidence weighs each position's KD signals by the probability "
+           "their targets give the next token: ")
+    out = []
+    if v["data"]:
+        out.append(why + "--data trains on hard labels, with no signal to weigh; use --store "
+                   "or --signal-mixture weights")
+    if not v["mix_signals_per_position"]:
+        out.append(why + "it needs mix_signals_per_position true, found false; drop "
+                   "--no-mix-signals-per-position or use --signal-mixture weights")
+    if v["cross_loss"] == "uld":
+        out.append(why + "it needs cross_loss pkl (ULD has no target over the student's "
+                   "vocabulary; cross_loss is read only for a student of another tokenizer), "
+                   "found uld; use --cross-loss pkl or --signal-mixture weights")
     return out
 
 

@@ -294,7 +294,12 @@ class DistillationObjective(nn.Module):
                 expected = torch.cat([expected[:, :-2], torch.where(  # with ce_free's
                     uncovered, expected[:, -1], expected[:, -2])[:, None]], 1)
             expected = w[:, None] * expected
-        mix = self._mixture_scale(kd_masks, targets, terms.labels)  # [n, n_kd] or None
+        def unit_targets():  # confidence reads the teacher's own (T = 1) probabilities
+            return targets if temperature == 1.0 else HeadLossTerms(targets=tuple(
+                self._target(p, batch["signals"][p.name], lambda x: pick(x)[None], 1.0)
+                for p in fused_plans)).rows(0).targets
+
+        mix = self._mixture_scale(kd_masks, unit_targets, terms.labels)  # [n, n_kd] or None
         if expected is not None and mix is not None:
             expected = torch.cat([expected[:, :len(self.kd_plans)] * mix,
                                   expected[:, len(self.kd_plans):]], 1)
@@ -322,16 +327,21 @@ class DistillationObjective(nn.Module):
             sums["ce_free"] = per_group[:, n_kd + 1]  # [G]
         return sums
 
-    def _mixture_scale(self, kd_masks: Tensor | None, targets, labels: Tensor) -> Tensor | None:
+    def _mixture_scale(self, kd_masks: Tensor | None, unit_targets, labels: Tensor
+                       ) -> Tensor | None:
         """[n, n_kd] factors on the KD columns so that each position's KD is the mean over the
         signals giving it a target, weighted by w_s (signal_mixture "weights") or by
-        w_s * c_s, c_s the probability signal s's target gives the position's next token
-        ("confidence": the teacher that saw it coming counts more, as in Zhang et al.'s
-        confidence-aware multi-teacher KD, with the training label as the ground truth):
-        factor_s = W * c_s / sum over covering s' of w_s' * c_s' (c = 1 for "weights"; W the
-        total weight), so the factors times the weights sum to W at every covered position.
-        None with fewer than two KD signals, or with the mixture off, or (weights) for a
-        student of the stores' tokenizer, where every signal covers every position."""
+        w_s * c_s, c_s the probability signal s's target at T = 1 (`unit_targets()`) gives the
+        position's next token ("confidence": the teacher that saw it coming counts more, as in
+        Zhang et al.'s confidence-aware multi-teacher KD, with the training label as the
+        ground truth): factor_s = W * c_s / sum over covering s' of w_s' * c_s' (c = 1 for
+        "weights"; W the total weight), so the factors times the weights sum to W at every
+        covered position. c_s is what the target holds: 0 for a label in its tail (outside
+        the top-k or the mapped bins), the conditional probability at a position inside a
+        teacher token (cross_inside.py); a floor of 1e-6 keeps a position no target saw
+        coming at the plain weights. None with fewer than two KD signals, or with the mixture
+        off, or (weights) for a student of the stores' tokenizer, where every signal covers
+        every position."""
         s = self.settings
         confidence = s.signal_mixture == "confidence"
         if len(self.kd_plans) < 2 or not s.mix_per_position or (kd_masks is None
@@ -343,10 +353,12 @@ class DistillationObjective(nn.Module):
                   else torch.ones(labels.shape[0], len(w), device=device))  # [n, n_kd]
         c = torch.ones_like(covers)
         if confidence:
+            targets = unit_targets()
             if len(targets) != len(self.kd_plans):
-                raise ValueError("signal_mixture confidence needs a target for every KD signal "
-                                 "(cross_loss pkl, not uld)")
-            # the floor keeps a position where no target saw the token at the plain weights
+                raise ValueError(f"signal_mixture confidence needs a target over the student's "
+                                 f"vocabulary for every KD signal (cross_loss pkl): found "
+                                 f"{len(targets)} for {len(self.kd_plans)} signals (ULD has "
+                                 f"none); use --cross-loss pkl or --signal-mixture weights")
             c = torch.stack([label_probability(t, labels) for t in targets], 1) + 1e-6
         cover = (covers * w * c).sum(1, keepdim=True)  # [n, 1]
         return torch.where(cover > 0, w.sum() * c / cover.clamp_min(1e-30),

@@ -335,7 +335,8 @@ def _fake_result(seeds: list[int], students: list[str], teacher_steps: int = 400
         heldout = {s: {"bits_per_byte": seed + shift + i / 10} for i, s in enumerate(students)}
         return {"seed": seed, "step_s": per, "batch_kind": {s: f"K-{s}" for s in students},
                 "tokens": per, "loss_first_last": per, "heldout": heldout,
-                "cross_provenance": {s: {"loss": "pkl"} for s in students if s.startswith("x")},
+                "cross_provenance": {s[len("xkd-"):]: {"loss": "pkl"} for s in students
+                                     if s.startswith("x")},  # keyed by cross setup
                 "cross_counts": {s: {} for s in students if s.startswith("x")},
                 "collate_s": {f"K-{s}": 0.1 for s in students}}
     return {"corpus": {"dir": "/a", "key": "k"}, "teachers": {"A": {"steps": teacher_steps,
@@ -373,10 +374,14 @@ def test_join_gives_each_seed_the_students_of_every_run_of_those_seeds():
         assert set(run["heldout"]) == {"ce-C", "kd-A", "xkd-pkl", "xkd-AB-pkl-conf"}
         assert run["heldout"]["xkd-AB-pkl-conf"]["bits_per_byte"] == seed + 0.2
         assert set(run["collate_s"]) == {"K-ce-C", "K-kd-A", "K-xkd-pkl", "K-xkd-AB-pkl-conf"}
-        assert set(run["cross_provenance"]) == {"xkd-pkl", "xkd-AB-pkl-conf"}
+        assert set(run["cross_provenance"]) == {"pkl", "AB-pkl-conf"}
     assert set(base["runs"][0]["heldout"]) == {"ce-C", "kd-A", "xkd-pkl"}  # inputs untouched
     with pytest.raises(ValueError, match="student ce-C has held-out bits per byte"):
         join([base, _fake_result([0, 1], ["ce-C", "xkd-uld"], shift=0.5)])
+    other = _fake_result([0, 1], ["ce-C", "kd-A", "xkd-pkl"])
+    other["runs"][1]["cross_provenance"]["pkl"] = {"loss": "uld"}
+    with pytest.raises(ValueError, match="seed 1: cross setup 'pkl' differs"):
+        join([base, other])
     with pytest.raises(ValueError, match="needs the same seeds"):
         join([base, _fake_result([0, 2], ["ce-C", "xkd-uld"])])
     with pytest.raises(ValueError, match="another setup"):

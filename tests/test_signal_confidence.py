@@ -18,7 +18,7 @@ def world(tmp_path_factory):
     return shared_world(tmp_path_factory)
 
 
-def _objective_loss(world, batch, plans, mixture, monkeypatch):
+def _objective_loss(world, batch, plans, mixture, monkeypatch, temperature):
     from transformers import AutoModelForCausalLM
 
     from student_train.loss_combine import Weights, combine, token_sum_gradients
@@ -29,14 +29,18 @@ def _objective_loss(world, batch, plans, mixture, monkeypatch):
                                       LossSettings(chunk_size=5, signal_mixture=mixture))
     weights = Weights(alpha=ALPHA)
     dens = denominators(batch)
-    sums = objective(batch, sum_grads=token_sum_gradients(dens, plans, weights))
+    sums = objective(batch, temperature=temperature,
+                     sum_grads=token_sum_gradients(dens, plans, weights))
     loss, _ = combine(sums, dens, plans, weights)
     backward_on_forward_grads(loss, monkeypatch)
     return float(loss.detach()), student.lm_head.weight.grad.clone()
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_confidence_mixture_weighs_each_position_by_the_targets_probability_of_the_label(
-        world, monkeypatch):
+        world, monkeypatch, temperature):
+    """At T = 2 the KD compares tempered targets, but the weights read the teacher's own
+    (T = 1) probability of the label."""
     from transformers import AutoModelForCausalLM
 
     from logitstore.reader import StoreReader
@@ -50,24 +54,30 @@ def test_confidence_mixture_weighs_each_position_by_the_targets_probability_of_t
                     packing=False)
     plans = [SignalPlan("teacher", kd_weight=WEIGHTS[0], target="topk"),
              SignalPlan("teacher", kd_weight=WEIGHTS[1], target="sampled", n_draws=16)]
-    got_loss, got_grad = _objective_loss(world, batch, plans, "confidence", monkeypatch)
-    plain_loss, _ = _objective_loss(world, batch, plans, "weights", monkeypatch)
+    got_loss, got_grad = _objective_loss(world, batch, plans, "confidence", monkeypatch,
+                                         temperature)
+    plain_loss, _ = _objective_loss(world, batch, plans, "weights", monkeypatch, temperature)
 
     reference = AutoModelForCausalLM.from_pretrained(world.student).float()
     logits = reference(input_ids=batch["input_ids"],
                        attention_mask=batch["attention_mask"]).logits  # [B, S, V]
     signal = batch["signals"]["teacher"]
-    targets = [build_topk_target(signal["topk_ids"].long(), signal["topk_logprobs"].float()),
-               build_sampled_target(signal["sampled_ids"].long(), signal["sampled_counts"],
-                                    signal.get("sampled_logprobs"), n_draws=16)]
+
+    def targets_at(t: float):
+        return [build_topk_target(signal["topk_ids"].long(), signal["topk_logprobs"].float(),
+                                  temperature=t),
+                build_sampled_target(signal["sampled_ids"].long(), signal["sampled_counts"],
+                                     signal.get("sampled_logprobs"), n_draws=16,
+                                     temperature=t)]
+
     trained = target_positions(batch)
     labels = shifted(batch["labels"], -100)
     kd, seen = [], []
-    for t in targets:
+    for t, unit in zip(targets_at(temperature), targets_at(1.0)):
         kd.append(sparse_kd_per_position(logits, t)[trained])  # [n]
-        probability = []
-        for ids, logprobs, valid, label in zip(t.ids[trained], t.logprobs[trained],
-                                               t.valid[trained], labels[trained]):
+        probability = []  # the T = 1 target's probability of the label
+        for ids, logprobs, valid, label in zip(unit.ids[trained], unit.logprobs[trained],
+                                               unit.valid[trained], labels[trained]):
             probability.append(sum(float(lp.exp()) for i, lp, v in zip(ids, logprobs, valid)
                                    if v and int(i) == int(label)))
         seen.append(torch.tensor(probability) + 1e-6)
@@ -83,12 +93,16 @@ def test_confidence_mixture_weighs_each_position_by_the_targets_probability_of_t
     torch.testing.assert_close(got_grad, reference.lm_head.weight.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_confidence_mixture_needs_the_per_position_mixture_and_a_mapped_target(tmp_path):
+@pytest.mark.parametrize("bad, found", [
+    ({"cross_loss": "uld"}, "found uld"),
+    ({"mix_signals_per_position": False}, "mix_signals_per_position true, found false"),
+    ({"store": None, "data": "d.jsonl"}, "--data trains on hard labels")])
+def test_confidence_mixture_refuses_settings_it_cannot_work_with(tmp_path, bad, found):
     from logitstore.errors import ConfigError
     from student_train.config import resolve_config
 
     base = {"store": "s", "student": "m", "out": str(tmp_path), "signal_mixture": "confidence"}
     with pytest.raises(ConfigError) as err:
-        resolve_config(None, {**base, "cross_loss": "uld", "mix_signals_per_position": False})
-    assert "found mix_signals_per_position False, cross_loss uld" in str(err.value)
+        resolve_config(None, {**base, **bad})
+    assert found in str(err.value) and str(err.value).count("signal_mixture confidence") == 1
     assert resolve_config(None, base).signal_mixture == "confidence"

@@ -386,3 +386,24 @@ def test_join_gives_each_seed_the_students_of_every_run_of_those_seeds():
         join([base, _fake_result([0, 2], ["ce-C", "xkd-uld"])])
     with pytest.raises(ValueError, match="another setup"):
         join([base, _fake_result([0, 1], ["ce-C"], teacher_steps=2)])
+
+
+def test_weight_choice_takes_the_lowest_mean_validation_ce_and_says_when_it_is_noise(
+        tmp_path, monkeypatch):
+    import xtok_weights
+
+    ce = {(0.5, 0): 4.30, (0.5, 1): 4.40, (0.8, 0): 4.20, (0.8, 1): 4.35}
+    monkeypatch.setattr(xtok_weights, "initial_student", lambda cfg, seed, out: out)
+    monkeypatch.setattr(xtok_weights, "train", lambda args, w, seed, student: {
+        "weight_a": w, "seed": seed, "eval_ce": ce[(w, seed)]})
+    out = tmp_path / "w.json"
+    result = xtok_weights.main(["--store", "s", "--student-config", "c", "--preset", "p",
+                                "--weights", "0.5,0.8", "--work", str(tmp_path / "work"),
+                                "--out", str(out)])
+    assert result["best_weight_a"] == 0.8
+    assert result["mean_eval_ce"] == pytest.approx({"0.5": 4.35, "0.8": 4.275})
+    assert result["within_noise"] is True  # 0.075 apart, seeds 0.125 apart: not resolved
+    assert json.loads(out.read_text())["best_weight_a"] == 0.8
+    with pytest.raises(SystemExit):
+        xtok_weights.main(["--store", "s", "--student-config", "c", "--preset", "p",
+                           "--weights", "0.5,1", "--out", str(out)])

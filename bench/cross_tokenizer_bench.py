@@ -256,7 +256,7 @@ def run_benchmark(args, command: str) -> dict:
                    for n, s in ready.stores.items()},
         "two_teacher_store": ready.two_teacher,
         "settings": {"train": train_keys(args), "size": args.size, "top_k": args.top_k,
-                     "two_teacher_weights": list(args.two_teacher_weights or (0.5, 0.5)),
+                     "two_teacher_weights": list(args.two_teacher_weights),
                      "steps": ready.plan.steps, "seeds": args.seeds},
         "teacher_heldout": teachers, "runs": runs,
         "summary": summarise(runs, teachers)}
@@ -323,7 +323,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.out = args.out or args.from_json or OUT / "xtok.json"
     args.png = args.png or args.out.with_suffix(".png")
-    from xtok_train import ALL_VARIANTS, DEFAULT_VARIANTS
+    from xtok_train import ALL_VARIANTS, DEFAULT_VARIANTS, TWO_TEACHER_WEIGHTS
 
     chosen = DEFAULT_VARIANTS if not args.variants else \
         tuple(v.strip() for v in args.variants.split(",") if v.strip())
@@ -332,6 +332,7 @@ def parse_args(argv=None):
         p.error(f"--variants takes names of {', '.join(ALL_VARIANTS)} and must hold ce-C and "
                 f"kd-A (the report's references), found {args.variants!r}")
     args.variants = chosen
+    args.two_teacher_weights = args.two_teacher_weights or TWO_TEACHER_WEIGHTS
     if args.seeds < 1 or args.epochs <= 0 or args.top_k < 1:
         p.error(f"expected --seeds >= 1, --epochs > 0 and --top-k >= 1, found {args.seeds}, "
                 f"{args.epochs} and {args.top_k}")

@@ -27,12 +27,14 @@ import argparse
 import json
 from pathlib import Path
 
+from xtok_report import WEIGHTS_BEFORE_OPTION
+
 SAME = ("corpus", "teachers", "settings")  # what must agree, besides the seeds' steps
 
 
 def _setup(result: dict) -> dict:
     out = {k: result[k] for k in SAME}
-    out["settings"] = {"two_teacher_weights": [0.5, 0.5],  # runs before the option: equal
+    out["settings"] = {"two_teacher_weights": list(WEIGHTS_BEFORE_OPTION),
                        **{k: v for k, v in out["settings"].items() if k != "seeds"}}
     out["corpus"] = {k: v for k, v in out["corpus"].items() if k != "dir"}
     out["teachers"] = {n: {k: v for k, v in t.items() if k not in ("built", "path", "command")}
@@ -51,25 +53,34 @@ def _cut(run: dict, students: set[str]) -> dict:
     return out
 
 
-def merge(results: list[dict]) -> dict:
-    """The merged result (module docstring); ValueError on another setup or a repeated seed."""
+def _check_one_setup(results: list[dict], verb: str) -> None:
     first = _setup(results[0])
     for i, r in enumerate(results[1:], 1):
         if _setup(r) != first:
             raise ValueError(f"input {i} is another setup than input 0 (corpus, teachers or "
-                             f"training settings differ): only runs of one setup merge")
+                             f"training settings differ): only runs of one setup {verb}")
+
+
+def _combined(results: list[dict], runs: list[dict]) -> dict:
+    """The first input's result with `runs`, every input's command and their wall time."""
+    out = dict(results[0])
+    out["runs"] = runs
+    out["settings"] = {**out["settings"], "seeds": len(runs)}
+    out["command"] = " + ".join(r["command"] for r in results)
+    out["wall_s"] = sum(r["wall_s"] for r in results)
+    return out
+
+
+def merge(results: list[dict]) -> dict:
+    """The merged result (module docstring); ValueError on another setup or a repeated seed."""
+    _check_one_setup(results, "merge")
     students = set.intersection(*(set(run["heldout"]) for r in results for run in r["runs"]))
     runs = [_cut(run, students) for r in results for run in r["runs"]]
     seeds = [run["seed"] for run in runs]
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"the inputs repeat seeds {sorted(seeds)}: merge runs of other seeds "
                          f"(cross_tokenizer_bench.py --seed FIRST --seeds N)")
-    merged = dict(results[0])
-    merged["runs"] = sorted(runs, key=lambda run: run["seed"])
-    merged["settings"] = {**merged["settings"], "seeds": len(runs)}
-    merged["command"] = " + ".join(r["command"] for r in results)
-    merged["wall_s"] = sum(r["wall_s"] for r in results)
-    return merged
+    return _combined(results, sorted(runs, key=lambda run: run["seed"]))
 
 
 def _join_provenance(joined: dict, run: dict) -> None:
@@ -86,12 +97,9 @@ def _join_provenance(joined: dict, run: dict) -> None:
 def join(results: list[dict]) -> dict:
     """The joined result (module docstring); ValueError on another setup, other seeds, or a
     shared student whose bits per byte differ."""
-    first = _setup(results[0])
+    _check_one_setup(results, "join")
     seeds = [run["seed"] for run in results[0]["runs"]]
     for i, r in enumerate(results[1:], 1):
-        if _setup(r) != first:
-            raise ValueError(f"input {i} is another setup than input 0 (corpus, teachers or "
-                             f"training settings differ): only runs of one setup join")
         if [run["seed"] for run in r["runs"]] != seeds:
             raise ValueError(f"input {i} ran seeds {[run['seed'] for run in r['runs']]}, input "
                              f"0 ran {seeds}: --join needs the same seeds (merge other seeds "
@@ -119,11 +127,7 @@ def join(results: list[dict]) -> dict:
                 joined["collate_s"].setdefault(kind, run["collate_s"][kind])
             _join_provenance(joined, run)
         runs.append(joined)
-    merged = dict(results[0])
-    merged["runs"] = runs
-    merged["command"] = " + ".join(r["command"] for r in results)
-    merged["wall_s"] = sum(r["wall_s"] for r in results)
-    return merged
+    return _combined(results, runs)
 
 
 def main(argv=None) -> dict:

@@ -44,6 +44,7 @@ MEANS = "xkd-AB-pkl-means"  # the ablation: each teacher's mean over its own pos
 CONF = "xkd-AB-pkl-conf"  # signal_mixture confidence: weights x P(next token) per position
 CROSS = ("xkd-pkl", "xkd-pkl-aligned", "xkd-pkl-unchained", "xkd-uld", "xkd-B-pkl", TWO,
          MEANS, CONF)
+WEIGHTS_BEFORE_OPTION = (0.5, 0.5)  # runs before --two-teacher-weights: equal weights
 MIXTURES = {TWO: "signals A:{a}, B:{b}", CONF: "signals A:{a}, B:{b}, each times its "
             "probability of the next token"}
 
@@ -258,7 +259,7 @@ def goal_lines(summary: dict) -> list[str]:
     return lines
 
 
-def two_teacher_lines(two: dict, weights=(0.5, 0.5)) -> list[str]:
+def two_teacher_lines(two: dict, weights) -> list[str]:
     if not two["runnable"]:
         return [f"- **two teachers A + B into C** ({two.get('name', TWO)}): – ({two['reason']})"]
     better, name = two["better_single"], two.get("name", TWO)
@@ -330,7 +331,7 @@ def render(result: dict) -> str:
     lines += ["", "- values: mean over seeds ± half-width of its 95 % t-interval; vs ce-C = "
               "paired difference in bits per byte (negative = better)", "", "Goals:"]
     lines += goal_lines(s)
-    weights = st.get("two_teacher_weights", (0.5, 0.5))  # runs before the option: equal
+    weights = st.get("two_teacher_weights", WEIGHTS_BEFORE_OPTION)
     lines += two_teacher_lines(s["two_teachers"], weights)
     if "two_teachers_conf" in s:
         lines += two_teacher_lines(s["two_teachers_conf"], weights)

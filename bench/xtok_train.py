@@ -231,8 +231,8 @@ def _two_teacher_variant(plan, seed: int, student, accelerator, crosses: dict,
     xkd-AB-pkl-means: the same with mix_signals_per_position false; xkd-AB-pkl-conf: with
     signal_mixture confidence. Adds their collate (kind C-AB) and cross setup (key AB)."""
     store = plan.two_teacher
-    signals = dict(zip(store["signals"], getattr(plan, "two_teacher_weights", None)
-                       or TWO_TEACHER_WEIGHTS))
+    signals = dict(zip(store["signals"], getattr(plan, "two_teacher_weights",
+                                                 TWO_TEACHER_WEIGHTS)))
     cfg = train_config(plan, store["url"], plan.student_dirs["C"], name, seed,
                        cross_loss="pkl", signals=signals, target="topk",
                        mix_signals_per_position=name != "xkd-AB-pkl-means",

@@ -107,9 +107,10 @@ def two_teacher_parts(args, teachers, stores, readers) -> tuple:
 
 
 def train_keys(args) -> dict:
-    """The students' shared student-train keys: TRAIN with the run's --min-mapped-share."""
-    share = getattr(args, "min_mapped_share", None)
-    return TRAIN if share is None else {**TRAIN, "min_mapped_share": share}
+    """The students' shared student-train keys: TRAIN with the run's --min-mapped-share and
+    --alpha where given."""
+    given = {key: getattr(args, key, None) for key in ("min_mapped_share", "alpha")}
+    return {**TRAIN, **{key: value for key, value in given.items() if value is not None}}
 
 
 def prepare(args) -> SimpleNamespace:
@@ -304,6 +305,8 @@ def parse_args(argv=None):
     p.add_argument("--min-mapped-share", type=float, help="the students' min_mapped_share "
                    f"(default {TRAIN['min_mapped_share']}): aligned positions' mapped share "
                    "and inside-token positions' conditioned share")
+    p.add_argument("--alpha", type=float, help=f"every student's KD weight alpha (default "
+                   f"{TRAIN['alpha']}; CE students ignore it): loss = alpha KD + (1 - alpha) CE")
     p.add_argument("--two-teacher-weights", type=_two_weights, metavar="WA,WB",
                    help="the two-teacher students' signal weights of teachers A and B "
                         "(default 0.5,0.5)")

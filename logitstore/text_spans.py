@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from logitstore.errors import TokenSpansError
+
 # Role codes of spans/kind (bits 0-6): code = position. The same table as
 # logitstore.toolkit.token_spans.ROLE_NAMES (which maps role names and aliases to codes);
 # a code's meaning never changes, new roles get new codes.
@@ -53,6 +55,33 @@ class SampleText:
     spans: np.ndarray  # [L, 2] int32, byte [start, end) in text.encode("utf-8")
     special: np.ndarray  # [L] bool
     roles: np.ndarray | None  # [L] role codes (ROLES); None: 0 ("none") everywhere
+
+
+def stored_messages(t: SampleText, sample_id: str) -> list[dict] | None:
+    """The chat turns of a stored sample, None for a plain one (no token has a role).
+
+    A turn is a run of tokens of one role (tokens without a role skipped), its content the
+    text from the byte where its first token sits to where the next turn's does (the first
+    from byte 0, the last to the text's end): two turns of one role in a row become one. The
+    contents concatenate to the stored text, so any tokenizer's chat template can render
+    them again (teacher_dump/foreign_tokens.py, student_train/cross_batch.py)."""
+    if t.roles is None:
+        return None
+    turns: list[tuple[int, int]] = []  # (role code, start byte)
+    for role, (start, _) in zip(np.asarray(t.roles).tolist(), t.spans.tolist()):
+        if role and (not turns or turns[-1][0] != role):
+            turns.append((role, start))
+    if not turns:
+        return None
+    data = t.text.encode("utf-8")
+    bounds = [0] + [start for _, start in turns[1:]] + [len(data)]
+    try:
+        return [{"role": ROLES[role], "content": data[a:b].decode("utf-8")}
+                for (role, _), a, b in zip(turns, bounds, bounds[1:])]
+    except UnicodeDecodeError:
+        raise TokenSpansError(f"sample {sample_id!r}: a turn of its stored roles starts "
+                              f"inside a character; the store's spans are damaged (run "
+                              f"`logitstore verify`)") from None
 
 
 def span_problem(utf8_length: int, spans: np.ndarray, special: np.ndarray) -> str | None:

@@ -5,6 +5,12 @@ stored (teacher) sample, in the data path and vectorised with numpy (nothing per
 Python):
   1. the sample's stored text is tokenized with the student's tokenizer
      (`token_spans.tokenize_with_spans`: the student's own BOS/EOS, byte spans of every token);
+     a chat sample (stored roles) is rendered by the student's chat template when it has one
+     (`token_spans.chat_with_spans` on the turns `text_spans.stored_messages` rebuilds, as
+     teacher-dump renders chats): the student trains on its own turn markers, special and
+     zero-width, never aligned. Without a template, or when the template cannot render
+     those turns or renders another text, the sample is tokenized as plain text; the stats
+     count `chat_samples` and `chat_templated` (samples);
   2. student and teacher positions are aligned by byte spans (`token_alignment.align_positions`:
      position j of the student and i of the teacher both predict a token starting at the same
      byte after the same text; every other position is skipped with its reason, never guessed);
@@ -59,11 +65,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from logitstore.errors import TokenSpansError
 from logitstore.sample import Sample, SignalData, TopK
+from logitstore.text_spans import stored_messages
 from logitstore.tokenized import loss_mask_by_bytes
 from logitstore.toolkit.token_alignment import (PositionAlignment, SkipReason, align_positions,
                                                 inside_anchors)
-from logitstore.toolkit.token_spans import tokenize_with_spans
+from logitstore.toolkit.token_spans import (Tokenization, chat_with_spans,
+                                            tokenize_with_spans)
 from student_train.collate import collate
 from student_train.cross_chain import ChainTargets, chain_targets
 from student_train.cross_inside import INSIDE_REASONS, InsideTargets, condition_inside
@@ -89,6 +98,23 @@ def student_loss_mask(teacher: Sample, student_spans: np.ndarray) -> np.ndarray:
     """[Ls] bool: a student token is a target when the teacher text token holding its
     first byte (a zero-width token: the byte before it) is one (tokenized.loss_mask_by_bytes)."""
     return loss_mask_by_bytes(teacher.text_spans, teacher.loss_mask, student_spans)
+
+
+def student_tokens(tokenizer, teacher: Sample) -> tuple[Tokenization, dict[str, float]]:
+    """(the student's tokenization of a stored sample's text, its chat counts): a chat sample
+    rendered by the student's chat template where it can be (module docstring, step 1)."""
+    t = teacher.text_spans
+    messages = stored_messages(t, teacher.sample_id)
+    if messages is None:
+        return tokenize_with_spans(tokenizer, t.text), {}
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            whole = chat_with_spans(tokenizer, messages)
+        except TokenSpansError:
+            whole = None
+        if whole is not None and whole.text == t.text:
+            return whole, {"chat_samples": 1.0, "chat_templated": 1.0}
+    return tokenize_with_spans(tokenizer, t.text), {"chat_samples": 1.0, "chat_templated": 0.0}
 
 
 def cut_to_teacher(tok, teacher_text) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -225,12 +251,13 @@ class CrossCollate:
 
     def student_sample(self, teacher: Sample) -> StudentSample:
         t = teacher.text_spans
-        ids, spans, special = cut_to_teacher(tokenize_with_spans(self.tokenizer, t.text), t)
+        whole, chat = student_tokens(self.tokenizer, teacher)
+        ids, spans, special = cut_to_teacher(whole, t)
         align = align_positions(t.spans, t.special, spans, special)
         loss_mask = student_loss_mask(teacher, spans)
         trained = loss_mask[1:]  # [Ls-1]: position j trains on token j+1
         stats = {"positions": float(trained.sum()),
-                 "aligned": float(trained[align.student_pos].sum())}
+                 "aligned": float(trained[align.student_pos].sum()), **chat}
         counts = np.bincount(align.student_reason[trained], minlength=len(SkipReason))
         stats.update({f"skipped_{r.name.lower()}": float(counts[r]) for r in SkipReason
                       if r != SkipReason.ALIGNED})

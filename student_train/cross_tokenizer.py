@@ -46,9 +46,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from logitstore.errors import SchemaMismatchError
-from logitstore.toolkit.token_spans import tokenize_with_spans
 from logitstore.toolkit.tokenizer_identity import tokenizer_fingerprint, vocab_size_of
-from student_train.cross_batch import CrossCollate
+from student_train.cross_batch import CrossCollate, student_tokens
 from student_train.cross_token_losses import uld_per_position
 
 RATIO_SAMPLES = 64  # texts of the first segment tokenized to estimate the length ratio
@@ -140,7 +139,7 @@ def length_ratio(reader, tokenizer) -> float:
         return 1.0
     samples = reader.read_segment(0, [])[:RATIO_SAMPLES]
     teacher = sum(len(s) for s in samples)
-    student = sum(len(tokenize_with_spans(tokenizer, s.text_spans.text).ids) for s in samples)
+    student = sum(len(student_tokens(tokenizer, s)[0].ids) for s in samples)
     return student / teacher if teacher else 1.0
 
 

@@ -12,12 +12,10 @@ segment by segment, resumable, one part per rank as any added signal). The rules
 * **Plain samples** (no stored token has a role): the tokenizer's own rendering of the text,
   `tokenizer(text)` (its BOS), plus its EOS when the store's own tokens end with a special
   token (the EOS the store's teacher was given).
-* **Chat samples** (stored roles): the turns are rebuilt from the stored roles: a turn is a
-  run of stored tokens of one role (tokens without a role skipped), its content the text
-  from the byte where its first token sits to where the next turn's does (the first from
-  byte 0, the last to the text's end); two turns of one role in a row therefore become one.
-  They are rendered by the teacher's chat template (`token_spans.chat_with_spans`), whose
-  contents concatenate to the same text. A template that cannot render them, or renders
+* **Chat samples** (stored roles): the turns are rebuilt from the stored roles
+  (`text_spans.stored_messages`: a turn is a run of stored tokens of one role, so two turns
+  of one role in a row become one). They are rendered by the teacher's chat template
+  (`token_spans.chat_with_spans`), whose contents concatenate to the same text. A template that cannot render them, or renders
   another text, stops the dump naming the sample.
 * **Targets**: a token is a target when the store's own token holding its first byte is
   (`tokenized.loss_mask_by_bytes`).
@@ -39,7 +37,7 @@ import numpy as np
 from logitstore.errors import TokenSpansError
 from logitstore.format import TOKENIZER_DIR, SignalSpec, TokenizationSpec
 from logitstore.sample import Sample
-from logitstore.text_spans import ROLES
+from logitstore.text_spans import stored_messages
 from logitstore.tokenized import Tokenized, loss_mask_by_bytes
 from logitstore.writer import tokenizer_file_entries
 from teacher_dump.store_text import saved_tokenizer_files
@@ -76,34 +74,13 @@ def no_text_refusal(url: str, model: str) -> str:
             f"this teacher with --signal")
 
 
-def rebuilt_messages(sample: Sample) -> list[dict] | None:
-    """The chat turns of a stored sample (module docstring), None for a plain sample."""
-    t = sample.text_spans
-    roles = np.asarray(t.roles)
-    turns: list[tuple[int, int]] = []  # (role code, start byte)
-    for role, (start, _) in zip(roles.tolist(), t.spans.tolist()):
-        if role and (not turns or turns[-1][0] != role):
-            turns.append((role, start))
-    if not turns:
-        return None
-    data = t.text.encode("utf-8")
-    bounds = [0] + [start for _, start in turns[1:]] + [len(data)]
-    try:
-        return [{"role": ROLES[role], "content": data[a:b].decode("utf-8")}
-                for (role, _), a, b in zip(turns, bounds, bounds[1:])]
-    except UnicodeDecodeError:
-        raise TokenSpansError(f"sample {sample.sample_id!r}: a turn of its stored roles starts "
-                              f"inside a character; the store's spans are damaged (run "
-                              f"`logitstore verify`)") from None
-
-
 def cut_sample(foreign: ForeignTokenizer, sample: Sample) -> tuple[Tokenized, bool]:
     """(the stored sample as the teacher's tokenizer cuts its text, whether it was cut at
     max-length); TokenSpansError naming the sample when its chat cannot be rendered."""
     from logitstore.toolkit.token_spans import chat_with_spans, tokenize_with_spans
 
     t = sample.text_spans
-    messages = rebuilt_messages(sample)
+    messages = stored_messages(t, sample.sample_id)
     try:
         whole = tokenize_with_spans(foreign.tokenizer, t.text) if messages is None else \
             chat_with_spans(foreign.tokenizer, messages)

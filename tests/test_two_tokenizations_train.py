@@ -83,8 +83,9 @@ def test_a_student_of_the_second_teachers_tokenizer_aligns_with_it_wherever_cove
     train_run(world, run, student=world["student_b"], max_steps=2, signals={"other": 1.0})
     for m in (m for m in read_metrics(run) if "train/cross/positions" in m):
         assert m["train/cross/map_coverage/other"] == pytest.approx(1.0)
-        # every covered plain-text position aligns; the chat is cut apart by its template
-        assert m["train/cross/aligned_share/other"] > 0.8 * m["train/cross/coverage/other"]
+        # the same tokenizer (a chat rendered by the same template): every covered position
+        assert m["train/cross/aligned_share/other"] == \
+            pytest.approx(m["train/cross/coverage/other"])
 
 
 def test_sampled_targets_of_a_foreign_tokenization_are_refused(world, tmp_path):
@@ -93,3 +94,50 @@ def test_sampled_targets_of_a_foreign_tokenization_are_refused(world, tmp_path):
     with pytest.raises(ConfigError, match="sampled targets"):
         train_run(world, tmp_path / "sampled", max_steps=1, signals={"other": 1.0},
                   target="sampled")
+
+
+def _chat_sample(world):
+    chats = [s for s in StoreReader(str(world["store"])).iter_samples()
+             if s.text_spans.roles.any()]
+    assert len(chats) == 1
+    return chats[0]
+
+
+
+def _student_batch(tokenizer, sample):
+    from student_train.cross_batch import CrossCollate
+
+    collate = CrossCollate(tokenizer, ["other"], {}, 0.5, tokenizations={"other": "other"})
+    batch = collate([[sample]], [[1.0]], ["llama", "other"], packing=False)
+    return batch["input_ids"][0].tolist(), batch["cross_stats"]
+
+
+def test_a_chat_sample_is_rendered_by_the_students_own_chat_template(world):
+    from logitstore.text_spans import stored_messages
+
+    sample = _chat_sample(world)
+    messages = stored_messages(sample.text_spans, sample.sample_id)
+    assert [m["role"] for m in messages] == ["system", "user", "assistant"]
+    assert "".join(m["content"] for m in messages) == sample.text_spans.text
+    tokenizer = other_tokenizer()  # Gemma-like turn markers, not the store's template
+    ids, stats = _student_batch(tokenizer, sample)
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert ids == tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert "<start_of_turn>" in tokenizer.decode(ids)
+    # the second teacher has this tokenizer and template: the same tokens where it is not cut
+    stored = sample.tokenizations["other"].input_ids.tolist()
+    assert ids[:len(stored)] == stored
+    assert stats["cross/chat_samples"] == stats["cross/chat_templated"] == 1.0
+
+
+@pytest.mark.parametrize("template", [None, "{{ raise_exception('no system turns') }}"])
+def test_a_chat_the_students_template_cannot_render_is_trained_as_plain_text(world,
+                                                                              template):
+    from logitstore.toolkit.token_spans import tokenize_with_spans
+
+    sample = _chat_sample(world)
+    tokenizer = other_tokenizer()
+    tokenizer.chat_template = template
+    ids, stats = _student_batch(tokenizer, sample)
+    assert ids == tokenize_with_spans(tokenizer, sample.text_spans.text).ids.tolist()
+    assert stats["cross/chat_samples"] == 1.0 and stats["cross/chat_templated"] == 0.0

@@ -89,7 +89,10 @@ FIELDS: dict[str, Field] = {
     "eval_split": Field("optional_str", None,
                         help="Evaluate on this split (of eval_store, else of the store)."),
     "cache_dir": Field("optional_str", None, resumable=True,
-                       help="Local read cache of the store."),
+                       help="Local read cache of the store, and of the vocabulary maps of a "
+                            "student of another tokenizer (default for those: "
+                            "$LOGITSTORE_CACHE/vocab_maps, else "
+                            "$XDG_CACHE_HOME/logitstore/vocab_maps)."),
     "verify_store": Field("str", "full", choices=VERIFY, resumable=True,
                           help="full: check every checksum before training."),
     # --data only

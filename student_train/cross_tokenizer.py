@@ -8,7 +8,9 @@ is not the student's:
   teacher tokenizer than the store;
 * `cross_loss: pkl` (default): the teacher's tokenizer is loaded from the files the store keeps
   and the teacher -> student vocabulary map (`vocab_map.vocab_map_for`) is built once per
-  tokenizer pair and cached under `cache_dir/vocab_maps` (else `out/vocab_maps`);
+  tokenizer pair and cached under `cache_dir/vocab_maps` (else the user cache,
+  `vocab_map.default_cache_dir()`: $LOGITSTORE_CACHE/vocab_maps or
+  $XDG_CACHE_HOME/logitstore/vocab_maps);
   the objective projects the stored top-k through it (`cross_token_losses.project_topk_target`,
   an ordinary SparseTarget, so the fused lm_head path computes it like any top-k target);
   with `inside_token_targets` (default) the map's decompositions also give the positions
@@ -176,7 +178,8 @@ def cross_setup(cfg, reader, eval_reader, tokenizer, plans, problems: list[str])
     if cfg.cross_loss == "pkl" and topk:
         from logitstore.toolkit.vocab_map import vocab_map_for
 
-        cache = Path(cfg.cache_dir or cfg.out) / "vocab_maps"
+        # shared by every run of the pair (the key hashes both tokenizers)
+        cache = Path(cfg.cache_dir) / "vocab_maps" if cfg.cache_dir else None
         built = {}  # per tokenization: one map per teacher tokenizer
         for tokenization in dict.fromkeys(on_tokenization[name] for name in topk):
             teacher = stored_teacher_tokenizer(reader, cfg.store, tokenization)

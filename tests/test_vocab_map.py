@@ -211,9 +211,12 @@ def test_cache_round_trip_and_rebuild(tmp_path, byte_level, metaspace, monkeypat
     assert load_vocab_map(files[0], "0" * 64) is None  # another key: stale
 
 
-def test_default_cache_dir_follows_xdg(monkeypatch, tmp_path):
+def test_default_cache_dir_follows_logitstore_cache_then_xdg(monkeypatch, tmp_path):
+    monkeypatch.delenv("LOGITSTORE_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert vm.default_cache_dir() == tmp_path / "logitstore" / "vocab_maps"
+    monkeypatch.setenv("LOGITSTORE_CACHE", str(tmp_path / "own"))
+    assert vm.default_cache_dir() == tmp_path / "own" / "vocab_maps"
 
 
 def hand_map() -> VocabMap:

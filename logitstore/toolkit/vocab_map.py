@@ -332,7 +332,10 @@ def _cache_key(teacher, student, t_side: _Side, s_side: _Side) -> str:
 
 
 def default_cache_dir() -> Path:
-    """$XDG_CACHE_HOME/logitstore/vocab_maps (~/.cache when XDG_CACHE_HOME is unset)."""
+    """$LOGITSTORE_CACHE/vocab_maps, else $XDG_CACHE_HOME/logitstore/vocab_maps (~/.cache
+    when XDG_CACHE_HOME is unset)."""
+    if os.environ.get("LOGITSTORE_CACHE"):
+        return Path(os.environ["LOGITSTORE_CACHE"]) / "vocab_maps"
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "logitstore" / "vocab_maps"
 

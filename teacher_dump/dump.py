@@ -186,6 +186,7 @@ def run_dump(cfg: DumpConfig, *, ranks: RankContext | None = None,
         if cfg.data:
             log.info("--data is not read: %s's tokenizer is not the store's, so it cuts the "
                      "store's own samples (their stored text)", cfg.model)
+        _warn_foreign_choices(cfg)
     quantize = None if cfg.quantize == "auto" else cfg.quantize  # None: hf decides
     model, info = load_causal_lm(cfg.model, quantize=quantize,
                                  dtype=cfg.dtype, device=_device(cfg) or ranks.device,
@@ -399,6 +400,22 @@ def _warm_up_pyarrow() -> None:
     import pyarrow as pa
 
     pa.array([0])
+
+
+def _warn_foreign_choices(cfg: DumpConfig) -> None:
+    """Choices that a teacher of another tokenizer than the store's makes useless, said
+    before its weights load (the run goes on: they are not errors)."""
+    if not cfg.top_k:
+        log.warning("signal %r stores no top-k (top_k 0): a student of another tokenizer than "
+                    "%s's can learn from top-k targets only (the sampled draws name this "
+                    "tokenizer's ids at its own positions); students of that tokenizer can use "
+                    "the sampled targets. Set --top-k (e.g. 32) for cross-tokenizer students",
+                    cfg.signal, cfg.model)
+    if cfg.split_long:
+        log.warning("--split-long does not apply to a teacher of another tokenizer: it cuts "
+                    "the store's own samples, each one whole up to its --max-length of %s "
+                    "tokens (the rest of a longer one is not covered by this signal)",
+                    cfg.max_length)
 
 
 def _device(cfg: DumpConfig) -> str | None:

@@ -181,3 +181,17 @@ def test_two_ranks_add_the_foreign_signal_part_by_part(teachers, added, tmp_path
                                       want.tokenizations["other"].input_ids)
         np.testing.assert_array_equal(sample.signals["other"].topk.ids,
                                       want.signals["other"].topk.ids)
+
+
+def test_choices_useless_for_another_tokenizer_are_warned_and_the_dump_goes_on(
+        teachers, tmp_path, caplog):
+    store = tmp_path / "sampled_only"
+    shutil.copytree(teachers["store"], store)
+    with caplog.at_level("WARNING", logger="teacher_dump.dump"):
+        run_dump(config(teachers, store, top_k=0, split_long=True), ranks=RankContext(),
+                 progress=False)
+    said = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert "stores no top-k" in said and "--top-k" in said
+    assert "--split-long does not apply" in said
+    spec = StoreReader(str(store)).settings.signals["other"]
+    assert spec.topk is None and spec.sampled is not None

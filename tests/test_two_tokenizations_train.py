@@ -141,3 +141,22 @@ def test_a_chat_the_students_template_cannot_render_is_trained_as_plain_text(wor
     ids, stats = _student_batch(tokenizer, sample)
     assert ids == tokenize_with_spans(tokenizer, sample.text_spans.text).ids.tolist()
     assert stats["cross/chat_samples"] == 1.0 and stats["cross/chat_templated"] == 0.0
+
+
+def test_hidden_pools_of_the_second_tokenization_align_a_third_tokenizer_student(
+        world, teachers, tmp_path):  # noqa: F811
+    store = tmp_path / "hidden_other"
+    shutil.copytree(teachers["store"], store)
+    run_dump(config(teachers, store, hidden_layers=[-1]), ranks=RankContext(), progress=False)
+    assert StoreReader(str(store)).settings.signals["other"].hidden is not None
+    assert StoreReader(str(store)).settings.signals["llama"].hidden is None
+    run = tmp_path / "hidden_run"
+    # the hidden term comes from the second teacher alone: per-sequence pools need no
+    # token alignment, so they train a student of a third tokenizer as they are
+    train_run({**world, "store": store}, run, max_steps=8, signals={"other": 1.0},
+              hidden_weight=1.0, eval_store=str(store), eval_on_start=True, eval_every=0)
+    rows = [m for m in read_metrics(run) if "train/hidden" in m]
+    assert len(rows) == 8 and all(np.isfinite(m["train/hidden"]) for m in rows)
+    evals = [m for m in read_metrics(run) if "eval/hidden" in m]  # the whole store, twice
+    assert [m["step"] for m in evals] == [0, 8]
+    assert evals[-1]["eval/hidden"] < 0.5 * evals[0]["eval/hidden"], evals

@@ -194,7 +194,12 @@ def show(store: str, sample_id: str | None, position: int | None, tokenizer: str
         click.echo(_classifier_show(sample, reader.settings, as_json, top))
         return
     if as_json:
-        click.echo(json.dumps(_sample_json(sample, decode, reader.settings), indent=1))
+        try:  # 2.2: each extra tokenization decoded by its own stored tokenizer
+            cut_decoders = {name: _stored_decoder(reader, name) for name in sample.tokenizations}
+        except LogitStoreError as err:
+            _fail(err)
+        click.echo(json.dumps(_sample_json(sample, decode, reader.settings, cut_decoders),
+                              indent=1))
         return
     decode = decode or _decoder(None)
     click.echo(f"sample {sample.sample_id}  source={sample.source} split={sample.split} "
@@ -306,7 +311,7 @@ def _stored_decoder(reader, tokenization: str | None = None):
     return lambda ids: tok.decode(list(ids), skip_special_tokens=False)
 
 
-def _sample_json(sample, decode, settings) -> dict[str, Any]:
+def _sample_json(sample, decode, settings, cut_decoders: dict | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"sample_id": sample.sample_id, "source": sample.source,
                            "split": sample.split, "input_ids": sample.input_ids.tolist(),
                            "loss_mask": sample.loss_mask.astype(int).tolist(),
@@ -323,6 +328,10 @@ def _sample_json(sample, decode, settings) -> dict[str, Any]:
             "spans": cut.spans.tolist(), "special": cut.special.astype(int).tolist(),
             "roles": cut.roles.tolist(), "covered_bytes": cut.covered_bytes}
             for name, cut in sample.tokenizations.items()}
+        for name, cut_decode in (cut_decoders or {}).items():
+            if cut_decode is not None:
+                out["tokenizations"][name]["tokens"] = [
+                    cut_decode([t]) for t in sample.tokenizations[name].input_ids.tolist()]
     for name, sig in sample.signals.items():
         entry: dict[str, Any] = {}
         if sig.topk is not None:

@@ -209,6 +209,11 @@ def test_show_prints_the_second_tokenization_with_its_signal(two, tmp_path):
                                                 str(tmp_path / "tokenizer.json")]).output)
     assert data["tokenizations"]["second"]["input_ids"] == \
         written[sid][0].input_ids.tolist()
+    from tokenizers import Tokenizer  # the second tokenization decoded by its stored files
+
+    second = Tokenizer.from_str(SECOND_FILES["tokenizer.json"].decode("utf-8"))
+    assert data["tokenizations"]["second"]["tokens"] == \
+        [second.decode([t]) for t in written[sid][0].input_ids.tolist()]
     info = CliRunner().invoke(main, ["info", url, "--json"])
     assert info.exit_code == 0, info.output
     arrays = json.loads(info.output)["sizes"]["arrays"]

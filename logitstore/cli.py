@@ -194,10 +194,7 @@ def show(store: str, sample_id: str | None, position: int | None, tokenizer: str
         click.echo(_classifier_show(sample, reader.settings, as_json, top))
         return
     if as_json:
-        try:  # 2.2: each extra tokenization decoded by its own stored tokenizer
-            cut_decoders = {name: _stored_decoder(reader, name) for name in sample.tokenizations}
-        except LogitStoreError as err:
-            _fail(err)
+        cut_decoders = {name: _extra_decoder(reader, name) for name in sample.tokenizations}
         click.echo(json.dumps(_sample_json(sample, decode, reader.settings, cut_decoders),
                               indent=1))
         return
@@ -214,10 +211,7 @@ def show(store: str, sample_id: str | None, position: int | None, tokenizer: str
     for tokenization, cut in sample.tokenizations.items():  # 2.2: another tokenizer's tokens
         click.echo(f"tokenization {tokenization}: tokens={len(cut)} covers bytes "
                    f"[0:{cut.covered_bytes}]")
-        try:
-            cut_decode = _stored_decoder(reader, tokenization) or _decoder(None)
-        except LogitStoreError as err:
-            _fail(err)
+        cut_decode = _extra_decoder(reader, tokenization) or _decoder(None)
         signals = {n: s for n, s in sample.signals.items()
                    if reader.settings.signals[n].tokenization == tokenization}
         _echo_tokens(cut.input_ids, cut.loss_mask, cut, signals, cut_decode, top)
@@ -309,6 +303,16 @@ def _stored_decoder(reader, tokenization: str | None = None):
         raise LogitStoreError(f"the tokenizer.json stored in {reader.fs.url} cannot be read "
                               f"({err}); pass --tokenizer to decode with another copy") from None
     return lambda ids: tok.decode(list(ids), skip_special_tokens=False)
+
+
+def _extra_decoder(reader, tokenization: str):
+    """The decoder of an extra tokenization's stored tokenizer (2.2), None when it has none
+    or it cannot be read (its tokens are shown as ids: --tokenizer decodes the store's own)."""
+    try:
+        return _stored_decoder(reader, tokenization)
+    except LogitStoreError as err:
+        click.echo(f"tokenization {tokenization}: tokens shown as ids ({err})", err=True)
+        return None
 
 
 def _sample_json(sample, decode, settings, cut_decoders: dict | None = None) -> dict[str, Any]:

@@ -115,11 +115,15 @@ def segment_tokenized_problems(arrays: dict[str, np.ndarray], sample_bytes: np.n
     return problems
 
 
-def loss_mask_by_bytes(own: SampleText, own_mask: np.ndarray, spans: np.ndarray) -> np.ndarray:
+def loss_mask_by_bytes(own: SampleText, own_mask: np.ndarray, spans: np.ndarray,
+                       roles: np.ndarray | None = None) -> np.ndarray:
     """[L'] bool: the targets of another tokenization of a sample, read from the store's own
     tokens: a token is a target when the store's text token (non-special, non-empty) holding
     its first byte is one; a zero-width token (BOS, EOS, template markup) looks at the byte
-    before it, so an EOS after a target is one too."""
+    before it, so an EOS after a target is one too. Given the tokens' `roles` (a chat
+    rendered by another template), a zero-width token of a turn is a target only when that
+    text token is of the same turn's role: the end-of-turn markup after an answer is, the
+    next user turn's header is not."""
     text = ~own.special & (own.spans[:, 1] > own.spans[:, 0])
     spans = np.asarray(spans).reshape(-1, 2)
     if not text.any():
@@ -129,4 +133,9 @@ def loss_mask_by_bytes(own: SampleText, own_mask: np.ndarray, spans: np.ndarray)
     width = spans[:, 1] - spans[:, 0]
     anchor = np.maximum(spans[:, 0].astype(np.int64) - (width == 0), 0)
     owner = np.clip(np.searchsorted(starts, anchor, side="right") - 1, 0, len(starts) - 1)
-    return masks[owner]
+    mask = masks[owner]
+    if roles is not None and own.roles is not None:
+        roles = np.asarray(roles)
+        markup = (width == 0) & (roles != 0)
+        mask &= ~markup | (roles == np.asarray(own.roles)[text][owner])
+    return mask

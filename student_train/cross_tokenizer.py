@@ -30,13 +30,15 @@ is not the student's:
   student whose tokenizer is the store's own takes this path too when it trains on such a
   signal (every signal then goes through the cross path: its own aligns one to one);
 * the student's tokens per teacher token (`length_ratio`, measured on the first segment's
-  texts) scales the stream's token budget, so a student that cuts text finer keeps its
-  batches near `batch_tokens` of its own tokens.
+  texts by `probe_first_segment`, which also warns when chats there cannot be rendered by
+  the student's chat template) scales the stream's token budget, so a student that cuts
+  text finer keeps its batches near `batch_tokens` of its own tokens.
 The data path (tokenize, align, gather) is `cross_batch.CrossCollate`.
 """
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,10 +51,11 @@ from torch.utils.checkpoint import checkpoint
 
 from logitstore.errors import SchemaMismatchError
 from logitstore.toolkit.tokenizer_identity import tokenizer_fingerprint, vocab_size_of
-from student_train.cross_batch import CrossCollate, student_tokens
+from student_train.cross_batch import CrossCollate, rendered_for_student
 from student_train.cross_token_losses import uld_per_position
 
 RATIO_SAMPLES = 64  # texts of the first segment tokenized to estimate the length ratio
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -134,15 +137,27 @@ def _tokenizer_of(reader, signal: str) -> str | None:
     return reader.settings.tokenizations[spec.tokenization].tokenizer_fingerprint
 
 
-def length_ratio(reader, tokenizer) -> float:
-    """Student tokens per teacher token over the first segment's texts (at most
-    RATIO_SAMPLES of them); 1.0 for an empty store."""
+def probe_first_segment(reader, tokenizer) -> tuple[float, dict[str, Any]]:
+    """(student tokens per teacher token, chat rendering counts) over the first segment's
+    samples (at most RATIO_SAMPLES of them; 1.0 and no chats for an empty store). Chats the
+    student's tokenizer cannot render with its template are said once, here, before any
+    step: they train as plain text (cross_batch.rendered_for_student)."""
     if not reader.segments:
-        return 1.0
+        return 1.0, {}
     samples = reader.read_segment(0, [])[:RATIO_SAMPLES]
+    rendered = [rendered_for_student(tokenizer, s) for s in samples]
     teacher = sum(len(s) for s in samples)
-    student = sum(len(student_tokens(tokenizer, s)[0].ids) for s in samples)
-    return student / teacher if teacher else 1.0
+    student = sum(len(whole.ids) for whole, _, _ in rendered)
+    plain = [why for _, chat, why in rendered if chat and why]
+    chats = {"chat_samples": sum(chat for _, chat, _ in rendered),
+             "chat_templated": sum(chat and not why for _, chat, why in rendered)}
+    if plain:
+        log.warning("%d of the %d chat samples read from the store's first segment are "
+                    "trained as plain text, without the student's turn markers: %s. Give the "
+                    "student's tokenizer a chat template that renders these turns, or ignore "
+                    "this for a base (non-chat) student", len(plain), chats["chat_samples"],
+                    plain[0])
+    return (student / teacher if teacher else 1.0), chats
 
 
 def cross_setup(cfg, reader, eval_reader, tokenizer, plans, problems: list[str]):
@@ -200,13 +215,14 @@ def cross_setup(cfg, reader, eval_reader, tokenizer, plans, problems: list[str])
                                          "key": built[on_tokenization[name]].key}
                                   for name in topk}}
     chain_signals = topk if maps and cfg.chained_token_targets else []
-    ratio = length_ratio(reader, tokenizer)
+    ratio, chats = probe_first_segment(reader, tokenizer)
     return CrossTokenizer(
         loss=cfg.cross_loss, collate=CrossCollate(tokenizer, topk, first_maps,
                                                   cfg.min_mapped_share, on_tokenization,
                                                   piece_maps, byte_lengths, chain_signals),
         vocab_maps=maps, length_ratio=ratio,
         provenance={"cross_tokenizer": {"loss": cfg.cross_loss, "length_ratio": ratio,
+                                        "first_segment_chats": chats,
                                         "min_mapped_share": cfg.min_mapped_share,
                                         "inside_token_targets": bool(piece_maps),
                                         "chained_token_targets": bool(chain_signals),

@@ -98,8 +98,9 @@ class Step:
         if not acc.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped the step
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        stats = finish_stats({k: float(v) for k, v in acc.reduce(logged,
-                                                                 reduction="sum").items()})
+        # sorted: every rank reduces the same keys in the same order
+        reduced = acc.reduce(dict(sorted(logged.items())), reduction="sum")
+        stats = finish_stats({k: float(v) for k, v in reduced.items()})
         stats["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         stats["tokens"] = float(dens["real_tokens"])
         return stats

@@ -405,12 +405,12 @@ def _warm_up_pyarrow() -> None:
 def _warn_foreign_choices(cfg: DumpConfig) -> None:
     """Choices that a teacher of another tokenizer than the store's makes useless, said
     before its weights load (the run goes on: they are not errors)."""
-    if not cfg.top_k:
-        log.warning("signal %r stores no top-k (top_k 0): a student of another tokenizer than "
-                    "%s's can learn from top-k targets only (the sampled draws name this "
-                    "tokenizer's ids at its own positions); students of that tokenizer can use "
-                    "the sampled targets. Set --top-k (e.g. 32) for cross-tokenizer students",
-                    cfg.signal, cfg.model)
+    if cfg.samples and not cfg.top_k:
+        log.warning("signal %r stores sampled draws but no top-k (top_k 0): a student of "
+                    "another tokenizer than %s's takes top-k targets only (the draws name this "
+                    "tokenizer's ids at its own positions; hidden pools work for any student); "
+                    "students of that tokenizer can use the sampled targets. Set --top-k (e.g. "
+                    "32) for cross-tokenizer students", cfg.signal, cfg.model)
     if cfg.split_long:
         log.warning("--split-long does not apply to a teacher of another tokenizer: it cuts "
                     "the store's own samples, each one whole up to its --max-length of %s "

@@ -14,11 +14,12 @@ segment by segment, resumable, one part per rank as any added signal). The rules
   token (the EOS the store's teacher was given).
 * **Chat samples** (stored roles): the turns are rebuilt from the stored roles
   (`text_spans.stored_messages`: a turn is a run of stored tokens of one role, so two turns
-  of one role in a row become one). They are rendered by the teacher's chat template
-  (`token_spans.chat_with_spans`), whose contents concatenate to the same text. A template that cannot render them, or renders
-  another text, stops the dump naming the sample.
+  of one role in a row become one; their contents concatenate to the stored text). They
+  are rendered by the teacher's chat template (`token_spans.chat_with_spans`); a template
+  that cannot render them stops the dump naming the sample.
 * **Targets**: a token is a target when the store's own token holding its first byte is
-  (`tokenized.loss_mask_by_bytes`).
+  (`tokenized.loss_mask_by_bytes`; a turn's template markup only after text of its
+  role).
 * **Cut**: a sample of more than `--max-length` of the teacher's tokens keeps its first
   max-length tokens, and records `covered_bytes`, the end of the last one kept: a student
   aligns with this teacher inside those bytes only. No sample is dropped; the cut ones are
@@ -86,10 +87,6 @@ def cut_sample(foreign: ForeignTokenizer, sample: Sample) -> tuple[Tokenized, bo
             chat_with_spans(foreign.tokenizer, messages)
     except TokenSpansError as err:
         raise TokenSpansError(f"sample {sample.sample_id!r}: {err}") from None
-    if whole.text != t.text:
-        raise TokenSpansError(f"sample {sample.sample_id!r}: {foreign.spec.tokenizer_name}'s "
-                              f"chat template renders another text than the stored one; add "
-                              f"this teacher to a store of plain (non-chat) samples")
     ids, spans = whole.ids.astype(np.int64), whole.spans.astype(np.int32)
     special, roles = whole.special.astype(bool), whole.role.astype(np.uint8)
     eos = getattr(foreign.tokenizer, "eos_token_id", None)
@@ -101,7 +98,7 @@ def cut_sample(foreign: ForeignTokenizer, sample: Sample) -> tuple[Tokenized, bo
     n = len(ids) if foreign.max_length is None else min(len(ids), foreign.max_length)
     cut = n < len(ids)
     covered = int(spans[:n, 1].max()) if cut and n else len(t.text.encode("utf-8"))
-    mask = loss_mask_by_bytes(t, sample.loss_mask, spans[:n])
+    mask = loss_mask_by_bytes(t, sample.loss_mask, spans[:n], roles[:n])
     return Tokenized(ids[:n], mask, spans[:n], special[:n], roles[:n], covered), cut
 
 

@@ -330,6 +330,7 @@ def test_foreign_student_trains_end_to_end(world, tmp_path, loss):
         key = json.loads((run / "training_metadata.json").read_text())["source"][
             "cross_tokenizer"]["vocab_map"]["key"]
         assert (default_cache_dir() / f"{key}.npz").is_file()
+        assert not (run / "vocab_maps").exists()
         for m in rows:  # inside-token targets (default on): every inside position accounted
             inside = m["train/cross/inside/teacher"] + sum(
                 m[f"train/cross/skipped_{why}/teacher"] for why in INSIDE_REASONS)

@@ -191,7 +191,7 @@ def test_choices_useless_for_another_tokenizer_are_warned_and_the_dump_goes_on(
         run_dump(config(teachers, store, top_k=0, split_long=True), ranks=RankContext(),
                  progress=False)
     said = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
-    assert "stores no top-k" in said and "--top-k" in said
+    assert "no top-k" in said and "--top-k" in said
     assert "--split-long does not apply" in said
     spec = StoreReader(str(store)).settings.signals["other"]
     assert spec.topk is None and spec.sampled is not None

@@ -103,7 +103,6 @@ def _chat_sample(world):
     return chats[0]
 
 
-
 def _student_batch(tokenizer, sample):
     from student_train.cross_batch import CrossCollate
 
@@ -160,3 +159,63 @@ def test_hidden_pools_of_the_second_tokenization_align_a_third_tokenizer_student
     evals = [m for m in read_metrics(run) if "eval/hidden" in m]  # the whole store, twice
     assert [m["step"] for m in evals] == [0, 8]
     assert evals[-1]["eval/hidden"] < 0.5 * evals[0]["eval/hidden"], evals
+
+
+def test_plain_and_chat_batches_report_the_same_stat_keys_in_the_same_order(world):
+    # ranks reduce the summed stats key by key: a key only chat batches had would hang them
+    chat = _chat_sample(world)
+    plain = next(s for s in StoreReader(str(world["store"])).iter_samples()
+                 if not s.text_spans.roles.any())
+    keys = [list(_student_batch(other_tokenizer(), s)[1]) for s in (plain, chat)]
+    assert keys[0] == keys[1] and "cross/chat_samples" in keys[0]
+
+
+def test_the_students_template_markup_is_a_target_only_after_text_of_its_turn(
+        teachers):  # noqa: F811
+    """A two-round chat cut by the store's template and by another one: the other's markup
+    after an answer (end of turn) is a target, the next user turn's header is not."""
+    from transformers import AutoTokenizer
+
+    from logitstore.text_spans import SampleText
+    from logitstore.tokenized import loss_mask_by_bytes
+    from logitstore.toolkit.token_spans import chat_with_spans
+
+    messages = [{"role": "user", "content": "Fever?"}, {"role": "assistant", "content": "Rest."},
+                {"role": "user", "content": "And pain?"},
+                {"role": "assistant", "content": "Ibuprofen."}]
+    own = chat_with_spans(AutoTokenizer.from_pretrained(teachers["llama"]), messages)
+    stored = SampleText(own.text, own.spans, own.special, own.role)
+    own_mask = (own.role == 3) & ~own.special  # the answers' text (roles: 2 user, 3 assistant)
+    other = chat_with_spans(other_tokenizer(), messages)
+    mask = loss_mask_by_bytes(stored, own_mask, other.spans, other.role)
+    assistant, user = other.role == 3, other.role == 2
+    assert mask[~other.special & assistant].all() and not mask[~other.special & user].any()
+    # markup sits zero-width at a text byte: after the first answer come its end of turn
+    # (assistant's) and the next user header (user's)
+    after_answer = other.special & (other.spans[:, 0] == len(b"Fever?Rest."))
+    end_of_turn, next_header = after_answer & assistant, after_answer & user
+    assert end_of_turn.any() and mask[end_of_turn].all()
+    assert next_header.any() and not mask[next_header].any()
+    answer_header = other.special & assistant & (
+        other.spans[:, 0] == len(b"Fever?Rest.And pain?"))  # after a user text: not a target
+    assert answer_header.any() and not mask[answer_header].any()
+    # without the roles (the rule before): the header after the answer was a target
+    assert loss_mask_by_bytes(stored, own_mask, other.spans)[next_header].all()
+
+
+def test_chats_the_students_template_cannot_render_are_warned_before_training(world, caplog):
+    from types import SimpleNamespace
+
+    from student_train.cross_tokenizer import probe_first_segment
+
+    chat = _chat_sample(world)
+    first_segment = SimpleNamespace(segments=[0], read_segment=lambda i, signals: [chat, chat])
+    templated = probe_first_segment(first_segment, other_tokenizer())[1]
+    assert templated == {"chat_samples": 2, "chat_templated": 2} and not caplog.records
+    bare = other_tokenizer()
+    bare.chat_template = None
+    with caplog.at_level("WARNING", logger="student_train.cross_tokenizer"):
+        ratio, chats = probe_first_segment(first_segment, bare)
+    assert chats == {"chat_samples": 2, "chat_templated": 0} and ratio > 0
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "2 of the 2 chat samples" in said and "has no chat template" in said

@@ -1,4 +1,4 @@
-"""`logitstore` command line: info, verify, cp, show, commit; merge and subset (cli_ops.py);
+"""`logitstore` command line: info, verify, cp, show, commit; merge, subset, add-text (cli_ops.py);
 decontaminate (cli_decontaminate.py).
 
 Exit status (logitstore/exit_codes.py): 0 success / clean store; 1 a store error, one
@@ -371,11 +371,13 @@ def commit(store: str) -> None:
                f"{manifest['counts']['samples']} samples")
 
 
-# merge and subset (store operations for sharing) live in cli_ops.py
-from logitstore.cli_ops import merge as _merge, subset as _subset  # noqa: E402
+# merge, subset and add-text (store operations for sharing) live in cli_ops.py
+from logitstore.cli_ops import add_text as _add_text, merge as _merge  # noqa: E402
+from logitstore.cli_ops import subset as _subset  # noqa: E402
 
 main.add_command(_merge)
 main.add_command(_subset)
+main.add_command(_add_text)
 
 # decontaminate (finds evaluation data in a store) lives in cli_decontaminate.py
 from logitstore.cli_decontaminate import decontaminate as _decontaminate  # noqa: E402

@@ -1,6 +1,6 @@
-"""`logitstore merge` and `logitstore subset` (registered on the `logitstore` group in cli.py).
+"""`logitstore merge`, `subset` and `add-text` (registered on the `logitstore` group in cli.py).
 
-Both stream between any fsspec URLs (credentials and endpoints the usual way, e.g.
+They stream between any fsspec URLs (credentials and endpoints the usual way, e.g.
 AWS_ENDPOINT_URL for s3://), resume when rerun after a kill, verify the new store, and
 record their provenance in its manifest `extra["operation"]`. They take causal-lm and
 (format 2.3) classifier stores alike; the progress bar counts tokens, or samples for a
@@ -122,3 +122,27 @@ def subset(src: str, dst: str, split: str | None, where: tuple[str, ...],
     counts = result.counts
     _report(result, f"subset {src} -> {dst}: {counts['samples_out']} of "
                     f"{counts['samples_in']} samples{_tokens(plan, counts)}")
+
+
+@click.command("add-text")
+@click.argument("src")
+@click.argument("dst")
+@click.option("--tokenizer", "tokenizer_path", required=True, metavar="PATH_OR_ID",
+              help="The store's own tokenizer (the teacher's model directory or hub id).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace what DST holds (a rerun of the same copy resumes without it).")
+def add_text(src: str, dst: str, tokenizer_path: str, overwrite: bool) -> None:
+    """Copy SRC, a store written without sample text and token spans (before format 2.1,
+    or dumped with --no-text), to a new store DST with them, recovered from the stored ids
+    with the store's tokenizer where that is exact (logitstore/add_text.py); every id,
+    target and signal unchanged. Students of other tokenizers and second teachers need
+    them. Verified at the end; rerun after an interruption to resume."""
+    from logitstore.add_text import plan_add_text
+    from logitstore.copy_samples import open_sources
+
+    (reader,) = open_sources([src], None)
+    plan = plan_add_text(src, reader, tokenizer_path)
+    result = _execute(plan, dst, overwrite)
+    counts = result.counts
+    _report(result, f"add-text {src} -> {dst}: {counts['samples_out']} samples with their "
+                    f"text{_tokens(plan, counts)}")

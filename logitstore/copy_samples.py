@@ -1,4 +1,4 @@
-"""The streaming copy shared by `logitstore merge` and `logitstore subset`.
+"""The streaming copy shared by `logitstore merge`, `subset` and `add-text`.
 
 A `CopyPlan` says which samples of which source stores go into a new store, in which order
 (sources in the order given, each in its store order), with which settings and signals.
@@ -95,6 +95,8 @@ class CopyPlan:
     # The tokenizer files the new store keeps ({"tokenizer/<name>": bytes}; the paths the
     # settings' `tokenizer_files` list), read from a source.
     tokenizer_files: dict[str, bytes] = field(default_factory=dict)
+    # add-text: each sample as it is written (its text attached); None: copied as read
+    transform: Callable[[Any], Any] | None = None
 
     @property
     def signals(self) -> list[str]:
@@ -213,7 +215,8 @@ def _copy_samples(plan: CopyPlan, writer: StoreWriter,
                 continue  # resumed past this segment: not even read
             segment = read_segment(seg_no)
             for row in todo:
-                writer.add(segment[row])
+                writer.add(segment[row] if plan.transform is None
+                           else plan.transform(segment[row]))
                 count = tokens_of(segment[row])
                 samples, tokens = samples + 1, tokens + count
                 if progress:

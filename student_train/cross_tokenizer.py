@@ -82,9 +82,11 @@ def no_text_problem(url: str, settings, tokenizer) -> str:
             f"and the store holds no sample text nor token byte spans (written before store "
             f"format 2.1, or dumped without text). A student with another tokenizer "
             f"re-tokenizes each sample's stored text and aligns its positions with the "
-            f"teacher's by byte spans, so it needs both: dump the store again with this "
-            f"version's teacher-dump, which keeps text and spans (no command adds spans to an "
-            f"existing store yet), or train a student that shares the teacher's tokenizer")
+            f"teacher's by byte spans, so it needs both: add them with `logitstore add-text "
+            f"{url} NEW_STORE --tokenizer <the teacher's tokenizer>` (recovered from the "
+            f"stored ids where that is exact; not for chats whose template markup is special "
+            f"tokens), or dump the store again with this version's teacher-dump, or train a "
+            f"student that shares the teacher's tokenizer")
 
 
 def sampled_problem(names: list[str], url: str) -> str:

@@ -40,8 +40,8 @@ from logitstore.format import TOKENIZER_DIR, SignalSpec, TokenizationSpec
 from logitstore.sample import Sample
 from logitstore.text_spans import stored_messages
 from logitstore.tokenized import Tokenized, loss_mask_by_bytes
+from logitstore.toolkit.tokenizer_files import saved_tokenizer_files
 from logitstore.writer import tokenizer_file_entries
-from teacher_dump.store_text import saved_tokenizer_files
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +70,11 @@ def no_text_refusal(url: str, model: str) -> str:
     return (f"{url} was written by another tokenizer and keeps no sample text (written "
             f"before store format 2.1, or with --no-text), so {model}'s signal cannot be added: "
             f"a teacher with another tokenizer cuts each stored sample's exact text into its "
-            f"own tokens, expected a store whose settings say text: true. Dump the store again "
-            f"with this version's teacher-dump (it keeps the text unless --no-text), then add "
-            f"this teacher with --signal")
+            f"own tokens, expected a store whose settings say text: true. Add them with "
+            f"`logitstore add-text {url} NEW_STORE --tokenizer <the store's tokenizer>` "
+            f"(where the stored ids give them back exactly), or dump the store again with "
+            f"this version's teacher-dump (it keeps the text unless --no-text), then add this "
+            f"teacher with --signal to the new store")
 
 
 def cut_sample(foreign: ForeignTokenizer, sample: Sample) -> tuple[Tokenized, bool]:

@@ -17,20 +17,14 @@ list their sha256, so they must be the same bytes each time: checked by saving t
 from __future__ import annotations
 
 import logging
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from logitstore.errors import LogitStoreError
 from logitstore.format import TOKENIZER_DIR, StoreSettings
+from logitstore.toolkit.tokenizer_files import saved_tokenizer_files
 from logitstore.writer import tokenizer_file_entries
 
 log = logging.getLogger(__name__)
-
-# Suffixes of the tokenizer files a store keeps: data formats only (no pickles, no code).
-TOKENIZER_FILE_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".tiktoken")
-
 
 @dataclass(frozen=True)
 class StoreText:
@@ -73,30 +67,3 @@ def kept_store_text(wanted: bool, settings: StoreSettings) -> StoreText:
                  "keeps its own choice, like its layout; --overwrite replaces it)",
                  "holds" if settings.text else "was written without")
     return StoreText.of_store(settings)
-
-
-def saved_tokenizer_files(tokenizer) -> dict[str, bytes]:
-    """{file name: bytes} of the data files `tokenizer.save_pretrained` writes; the same
-    bytes every call (LogitStoreError otherwise: the store settings list their sha256)."""
-    first, second = _save(tokenizer), _save(tokenizer)
-    if first != second:
-        changed = sorted(name for name in first.keys() | second.keys()
-                         if first.get(name) != second.get(name))
-        raise LogitStoreError(
-            f"the tokenizer writes different bytes each time it is saved ({', '.join(changed)}), "
-            f"so a resumed or multi-process dump could not match the files the store lists; "
-            f"dump without text (teacher-dump --no-text)")
-    if "tokenizer.json" not in first:
-        raise LogitStoreError(
-            f"the tokenizer ({type(tokenizer).__name__}) saves no tokenizer.json (found "
-            f"{sorted(first) or 'no data files'}), so the store could not be read without it; "
-            f"load a fast tokenizer, or dump without text (teacher-dump --no-text)")
-    return first
-
-
-def _save(tokenizer) -> dict[str, bytes]:
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save_pretrained(tmp)
-        return {path.name: path.read_bytes() for path in sorted(Path(tmp).iterdir())
-                if path.is_file() and path.suffix in TOKENIZER_FILE_SUFFIXES
-                and not path.name.startswith(".")}

@@ -437,7 +437,7 @@ def test_a_store_without_text_is_refused_in_one_paragraph(world, tmp_path):
     message = str(err.value)
     assert "\n" not in message
     assert "holds no sample text nor token byte spans" in message
-    assert "dump the store again" in message and "no command adds spans" in message
+    assert "dump the store again" in message and "logitstore add-text" in message
     assert tokenizer_fingerprint(world["student_tok"]) in message
     assert not (tmp_path / "run" / "final").exists()
 
@@ -454,7 +454,7 @@ def test_a_store_without_text_exits_1_on_the_command_line(world, tmp_path):
                                        "--out", str(tmp_path / "run"), "--max-steps", "1",
                                        "--verify-store", "none"])
     assert result.exit_code == 1, result.output
-    assert "no command adds spans" in result.output
+    assert "logitstore add-text" in result.output
 
 
 def test_sampled_only_signals_are_refused_for_a_foreign_student(world, tmp_path):

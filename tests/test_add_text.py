@@ -1,0 +1,109 @@
+"""`logitstore add-text`: a store dumped without text gets each sample's text and token spans
+recovered from its ids with the store's tokenizer, exactly the ones a dump with text writes;
+refusals (another tokenizer, a store with text, chat markup, ids that do not come back)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+pytest.importorskip("torch")
+
+from logitstore.cli import main as logitstore_cli  # noqa: E402
+from logitstore.errors import TokenSpansError  # noqa: E402
+from logitstore.reader import StoreReader  # noqa: E402
+from logitstore.verify import verify_store  # noqa: E402
+from test_dump_text import (ACCENTED, FAST, _cli, _hf, _metaspace_tokenizer,  # noqa: E402
+                            _write_jsonl, stores, tiny)  # noqa: F401
+from tiny_hf import corpus  # noqa: E402
+
+
+def _add_text(*args, expect: int = 0):
+    result = CliRunner().invoke(logitstore_cli, ["add-text", *[str(a) for a in args]])
+    assert result.exit_code == expect, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def plain_dumps(tiny):  # noqa: F811
+    """Plain-text and prompt/completion records dumped with text and with --no-text."""
+    data = tiny["root"] / "no_chat"
+    data.mkdir()
+    _write_jsonl(data / "a_text.jsonl", [{"text": ACCENTED + s} for s in corpus()[:4]])
+    _write_jsonl(data / "b_pc.jsonl", [{"prompt": "Question: what does the patient report?",
+                                        "completion": f" {s}"} for s in corpus()[10:12]])
+    base = ["--model", tiny["llama"], "--data", data, *FAST]
+    text, plain = tiny["root"] / "nc_text", tiny["root"] / "nc_plain"
+    _cli(*base, "--out", text)
+    _cli(*base, "--out", plain, "--no-text")
+    return text, plain
+
+
+def test_the_recovered_text_and_spans_are_those_a_dump_with_text_writes(tiny, plain_dumps,
+                                                                         tmp_path):  # noqa: F811
+    text_store, plain_store = plain_dumps
+    out = tmp_path / "added"
+    result = _add_text(plain_store, out, "--tokenizer", tiny["tok"])
+    assert "6 samples with their text" in result.output and "verified" in result.output
+    added, plain = StoreReader(str(out)), StoreReader(str(plain_store))
+    assert added.has_text and verify_store(str(out)) == []
+    assert added.tokenizer_files()["tokenizer.json"] == \
+        StoreReader(str(text_store)).tokenizer_files()["tokenizer.json"]
+    dumped = {s.sample_id: s for s in StoreReader(str(text_store)).iter_samples()}
+    before = {s.sample_id: s for s in plain.iter_samples()}
+    for sample in added.iter_samples():
+        want, old = dumped[sample.sample_id].text_spans, before.pop(sample.sample_id)
+        assert sample.text_spans.text == want.text
+        np.testing.assert_array_equal(sample.text_spans.spans, want.spans)
+        np.testing.assert_array_equal(sample.text_spans.special, want.special)
+        np.testing.assert_array_equal(sample.input_ids, old.input_ids)  # nothing else moves
+        np.testing.assert_array_equal(sample.loss_mask, old.loss_mask)
+        np.testing.assert_array_equal(sample.signals["llama"].topk.logprobs,
+                                      old.signals["llama"].topk.logprobs)
+    assert not before
+    operation = added.manifest["extra"]["operation"]
+    assert operation["command"] == "add-text" and operation["counts"]["samples_out"] == 6
+    again = _add_text(plain_store, out, "--tokenizer", tiny["tok"])  # a rerun: nothing to do
+    assert "already held this output" in again.output
+
+
+def test_another_tokenizer_and_a_store_with_text_are_refused_before_anything_is_written(
+        tiny, plain_dumps, tmp_path):  # noqa: F811
+    text_store, plain_store = plain_dumps
+    other = tmp_path / "other_tok"
+    _metaspace_tokenizer().save_pretrained(other)
+    refused = _add_text(plain_store, tmp_path / "a", "--tokenizer", other, expect=1)
+    message = refused.output.strip()
+    assert "is not the tokenizer" in message and "expected fingerprint" in message
+    assert "\n" not in message and not (tmp_path / "a").exists()
+    refused = _add_text(text_store, tmp_path / "b", "--tokenizer", tiny["tok"], expect=1)
+    assert "already holds" in refused.output and not (tmp_path / "b").exists()
+
+
+def test_a_chat_sample_stops_the_copy_naming_it_and_leaves_the_source_as_it_was(
+        tiny, stores, tmp_path):  # noqa: F811
+    _, plain_store = stores  # its data holds a chat rendered by the tokenizer's template
+    manifest = (plain_store / "manifest.json").read_bytes()
+    refused = _add_text(plain_store, tmp_path / "c", "--tokenizer", tiny["tok"], expect=1)
+    assert "sits inside the text" in refused.output and "teacher-dump" in refused.output
+    chat = next(s for s in StoreReader(str(plain_store)).iter_samples()
+                if s.source == "c_chat.jsonl")
+    assert repr(chat.sample_id) in refused.output
+    assert (plain_store / "manifest.json").read_bytes() == manifest
+
+
+def test_ids_that_do_not_come_back_are_refused(tiny):  # noqa: F811
+    from logitstore.add_text import recovered_text
+
+    tokenizer = _hf(tiny["tok"])
+    whole = tokenizer("fever and cough")["input_ids"]
+    recovered = recovered_text(tokenizer, np.asarray(whole), np.ones(len(whole), bool))
+    assert recovered.text == "fever and cough"
+    # the same text spelled one character per token: decoding works, tokenizing again does not
+    pieces = [whole[0]] + [tokenizer.convert_tokens_to_ids(c) for c in "fever"] + whole[2:]
+    assert tokenizer.decode(pieces[1:6]) == "fever" and pieces != whole
+    with pytest.raises(TokenSpansError, match="other ids than the sample's"):
+        recovered_text(tokenizer, np.asarray(pieces), np.ones(len(pieces), bool))

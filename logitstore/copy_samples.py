@@ -82,10 +82,10 @@ class SourceSelection:
 
 @dataclass
 class CopyPlan:
-    """What a merge or subset writes: `sources` in output order, with the settings of the
-    new store (whose signals are `signals`)."""
+    """What a merge, subset or add-text writes: `sources` in output order, with the settings
+    of the new store (whose signals are `signals`)."""
 
-    command: str  # "merge" or "subset"
+    command: str  # "merge", "subset" or "add-text"
     sources: list[SourceSelection]
     settings: StoreSettings
     filter: dict[str, Any]

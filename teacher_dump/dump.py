@@ -183,10 +183,7 @@ def run_dump(cfg: DumpConfig, *, ranks: RankContext | None = None,
 
         foreign = ForeignTokenizer.of(tokenizer, cfg.signal, cfg.model, fingerprint, vocab,
                                       cfg.max_length)
-        if cfg.data:
-            log.info("--data is not read: %s's tokenizer is not the store's, so it cuts the "
-                     "store's own samples (their stored text)", cfg.model)
-        _warn_foreign_choices(cfg)
+        _say_foreign_choices(cfg)
     quantize = None if cfg.quantize == "auto" else cfg.quantize  # None: hf decides
     model, info = load_causal_lm(cfg.model, quantize=quantize,
                                  dtype=cfg.dtype, device=_device(cfg) or ranks.device,
@@ -402,9 +399,12 @@ def _warm_up_pyarrow() -> None:
     pa.array([0])
 
 
-def _warn_foreign_choices(cfg: DumpConfig) -> None:
-    """Choices that a teacher of another tokenizer than the store's makes useless, said
-    before its weights load (the run goes on: they are not errors)."""
+def _say_foreign_choices(cfg: DumpConfig) -> None:
+    """Choices that a teacher of another tokenizer than the store's ignores or makes
+    useless, said before its weights load (the run goes on: they are not errors)."""
+    if cfg.data:
+        log.info("--data is not read: %s's tokenizer is not the store's, so it cuts the "
+                 "store's own samples (their stored text)", cfg.model)
     if cfg.samples and not cfg.top_k:
         log.warning("signal %r stores sampled draws but no top-k (top_k 0): a student of "
                     "another tokenizer than %s's takes top-k targets only (the draws name this "

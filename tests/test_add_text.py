@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from tokenizers import AddedToken
 
 pytest.importorskip("torch")
 
@@ -95,15 +96,43 @@ def test_a_chat_sample_stops_the_copy_naming_it_and_leaves_the_source_as_it_was(
     assert (plain_store / "manifest.json").read_bytes() == manifest
 
 
-def test_ids_that_do_not_come_back_are_refused(tiny):  # noqa: F811
-    from logitstore.add_text import recovered_text
+def test_windows_come_back_as_a_dump_with_text_writes_them(tiny, tmp_path):  # noqa: F811
+    """--split-long windows (ASCII text): windows after the first start mid-text, no BOS."""
+    data = tmp_path / "long"
+    data.mkdir()
+    _write_jsonl(data / "a.jsonl", [{"text": " ".join(corpus()[:6])}])
+    base = ["--model", tiny["llama"], "--data", data, *FAST, "--max-length", "24",
+            "--split-long"]
+    _cli(*base, "--out", tmp_path / "text")
+    _cli(*base, "--out", tmp_path / "plain", "--no-text")
+    _add_text(tmp_path / "plain", tmp_path / "added", "--tokenizer", tiny["tok"])
+    dumped = {s.sample_id: s.text_spans
+              for s in StoreReader(str(tmp_path / "text")).iter_samples()}
+    added = list(StoreReader(str(tmp_path / "added")).iter_samples())
+    assert len(added) == len(dumped) > 3
+    for sample in added:
+        assert sample.text_spans.text == dumped[sample.sample_id].text
+        np.testing.assert_array_equal(sample.text_spans.spans, dumped[sample.sample_id].spans)
+
+
+def test_what_the_ids_cannot_give_back_exactly_is_refused(tiny, tmp_path):  # noqa: F811
+    from logitstore.toolkit.add_text import byte_level_problem, recovered_text
 
     tokenizer = _hf(tiny["tok"])
     whole = tokenizer("fever and cough")["input_ids"]
-    recovered = recovered_text(tokenizer, np.asarray(whole), np.ones(len(whole), bool))
-    assert recovered.text == "fever and cough"
-    # the same text spelled one character per token: decoding works, tokenizing again does not
-    pieces = [whole[0]] + [tokenizer.convert_tokens_to_ids(c) for c in "fever"] + whole[2:]
-    assert tokenizer.decode(pieces[1:6]) == "fever" and pieces != whole
-    with pytest.raises(TokenSpansError, match="other ids than the sample's"):
-        recovered_text(tokenizer, np.asarray(pieces), np.ones(len(pieces), bool))
+    assert recovered_text(tokenizer, np.asarray(whole)).text == "fever and cough"
+    # a cut inside a character: its other bytes are in the neighbouring window
+    emoji = tokenizer("a 😀 b", add_special_tokens=False)["input_ids"]
+    halves = [i for i in range(1, len(emoji))
+              if "\ufffd" in tokenizer.decode(emoji[:i])]
+    assert halves, "the tiny tokenizer splits the emoji"
+    with pytest.raises(TokenSpansError, match="not whole UTF-8 characters"):
+        recovered_text(tokenizer, np.asarray(emoji[:halves[0]]))
+    # an added token marked special but not listed among all_special_ids (Llama 3's markup)
+    tokenizer.add_tokens([AddedToken("<|header|>", special=True)])
+    marked = tokenizer.convert_tokens_to_ids("<|header|>")
+    assert marked not in tokenizer.all_special_ids
+    with pytest.raises(TokenSpansError, match="sits inside the text"):
+        recovered_text(tokenizer, np.asarray(whole[:2] + [marked] + whole[2:]))
+    assert byte_level_problem(tokenizer) is None
+    assert "not a byte-level tokenizer" in byte_level_problem(_metaspace_tokenizer())

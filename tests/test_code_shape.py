@@ -143,7 +143,8 @@ def core_modules() -> list[str]:
 # The one exception: `logitstore decontaminate` needs evaluation data (lm-eval) and the
 # store's tokenizer (transformers), so its command module imports this toolkit module
 # inside the command; importing the core still loads no toolkit module (checked below).
-CORE_TOOLKIT_GATEWAYS = {"logitstore.cli_decontaminate": {"logitstore.toolkit.eval_texts"}}
+CORE_TOOLKIT_GATEWAYS = {"logitstore.cli_decontaminate": {"logitstore.toolkit.eval_texts"},
+                         "logitstore.cli_ops": {"logitstore.toolkit.add_text"}}
 
 
 def test_the_store_core_never_imports_the_toolkit():

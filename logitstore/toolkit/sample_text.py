@@ -32,9 +32,8 @@ NO_TEXT_HINT = "dump without text (teacher-dump --no-text)"
 
 
 def pair_sample_text(tokenizer, prompt: str, response: str, ids: np.ndarray,
-                     prefix: list[int], hint: str = NO_TEXT_HINT) -> SampleText:
-    """Text prompt + response and the spans of `ids` (tokenize_pair's ids of the pair);
-    TokenSpansError ending with `hint` when they are not the ids of that text."""
+                     prefix: list[int]) -> SampleText:
+    """Text prompt + response and the spans of `ids` (tokenize_pair's ids of the pair)."""
     from logitstore.toolkit.token_spans import tokenize_with_spans
 
     parts = [tokenize_with_spans(tokenizer, prompt, add_special_tokens=False)] if prompt else []
@@ -50,7 +49,7 @@ def pair_sample_text(tokenizer, prompt: str, response: str, ids: np.ndarray,
             f"tokenizing the prompt and the response with byte offsets gives other ids than "
             f"the sample's ({_first_difference(ids, body_ids)}), so the spans would belong to "
             f"other tokens; the tokenizer ({type(tokenizer).__name__}) does not encode the "
-            f"same way with offsets: {hint}")
+            f"same way with offsets: {NO_TEXT_HINT}")
     text = prompt + response
     return _framed(text, body_spans, body_special, np.zeros(len(body_ids), np.uint8), frame)
 

@@ -2,17 +2,21 @@
 spans (before format 2.1, or dumped with --no-text), copied with them, so that students of
 other tokenizers and second teachers can use it without running its teacher again.
 
-The text is recovered from the stored ids with the store's own tokenizer, and kept only
-where that is exact: per sample, the leading and trailing special tokens (BOS, EOS) are the
-frame; the ids between them are decoded in two parts split at the first target token (the
-prompt and the response, which teacher-dump tokenizes apart), each part tokenized again with
-byte offsets, and the result must give back every stored id (`sample_text.pair_sample_text`,
-the spans teacher-dump itself writes). A sample with a special token inside its text (chat
-template markup: its turns and roles are not in the ids), or whose ids do not come back,
-stops the copy naming it (the source is never changed). A chat whose template writes its
-markup as ordinary tokens comes back as a plain sample, the markup part of its text. The
-tokenizer must be the store's (its fingerprint, from the store settings) and becomes the
-store's tokenizer files.
+The text is recovered from the stored ids with the store's own tokenizer, and only where
+that is exact, which the ids alone decide for a byte-level tokenizer (GPT-2, Llama 3, Qwen:
+every token stands for bytes of the text, nothing is added or dropped): the sample's text
+is its tokens' bytes one after the other (`token_bytes.TokenBytes`, what `decode` reads),
+each token's span where its bytes sit; the leading and trailing special tokens (BOS, EOS)
+are zero-width at the text's start and end, as teacher-dump writes them. Refused before
+anything is read: a tokenizer that is not the store's (fingerprint) and any other kind of
+tokenizer (SentencePiece-style: its ids do not say whether a text or a part of it began with
+a space; a normaliser: its ids hold the normalised text). Refused per sample, stopping the
+copy and naming it (the source never changes; the destination keeps an unfinished copy): a
+special token inside the text (chat-template markup: the turns and roles are not in the ids;
+or a special token the data held) and tokens whose bytes are not whole UTF-8 characters (a
+window or cut that fell inside a character, whose other bytes are in the neighbouring
+sample). A chat whose template writes its markup as ordinary tokens comes back as a plain
+sample, the markup part of its text. The tokenizer's files become the store's.
 
 The copy is `copy_samples.execute_plan`'s (resumable, verified, provenance under
 `extra["operation"]`, command "add-text", the tokenizer's fingerprint in its filter), with
@@ -69,6 +73,12 @@ def plan_add_text(url: str, reader: StoreReader, tokenizer_path: str) -> CopyPla
             f"expected fingerprint {settings.tokenizer_fingerprint} "
             f"({settings.tokenizer_name or 'its name unknown'}), found {found}. Give the "
             f"teacher's own tokenizer (its model directory or hub id)")
+    problem = byte_level_problem(tokenizer)
+    if problem:
+        raise LogitStoreError(
+            f"add-text recovers a sample's text from its ids only where they determine it "
+            f"exactly, expected a byte-level tokenizer without a normaliser (GPT-2, Llama 3, "
+            f"Qwen families), but {tokenizer_path}: {problem}; {REMEDY}")
     files = saved_tokenizer_files(tokenizer, REMEDY)
     new_settings = replace(settings, text=True, tokenizer_files=tokenizer_file_entries(files))
     selection = SourceSelection(url, reader, np.arange(len(reader), dtype=np.int64))
@@ -86,35 +96,57 @@ def with_text(tokenizer, sample: Sample) -> Sample:
     """`sample` with its text and spans recovered from its ids (module docstring), or
     TokenSpansError naming it."""
     try:
-        text = recovered_text(tokenizer, np.asarray(sample.input_ids, np.int64),
-                              np.asarray(sample.loss_mask, bool))
+        text = recovered_text(tokenizer, np.asarray(sample.input_ids, np.int64))
     except TokenSpansError as err:
-        raise TokenSpansError(f"sample {sample.sample_id!r}: {err}") from None
+        raise TokenSpansError(f"sample {sample.sample_id!r}: {err}; the copy stopped at this "
+                              f"sample (the source is unchanged; delete the unfinished "
+                              f"destination), {REMEDY}") from None
     return replace(sample, text_spans=text)
 
 
-def recovered_text(tokenizer, ids: np.ndarray, loss_mask: np.ndarray) -> SampleText:
-    """The text and spans of one sample's ids, exact or TokenSpansError (module docstring)."""
-    from logitstore.toolkit.sample_text import pair_sample_text
+def byte_level_problem(tokenizer) -> str | None:
+    """Why the ids of `tokenizer` do not determine their text exactly, or None."""
+    from logitstore.toolkit.token_bytes import backend_of, token_bytes_of
 
-    special = np.isin(ids, np.asarray(tokenizer.all_special_ids, np.int64))
-    n_prefix = int(np.argmin(special)) if not special.all() else len(ids)
-    n_suffix = int(np.argmin(special[::-1])) if not special.all() else 0
-    body = slice(n_prefix, len(ids) - n_suffix)
-    inside = np.flatnonzero(special[body])
+    backend = backend_of(tokenizer)
+    if not token_bytes_of(backend).byte_level:
+        return ("it is not a byte-level tokenizer (a SentencePiece-style one adds a prefix "
+                "space the ids do not record)")
+    if backend.normalizer is not None:
+        return "it normalises the text before cutting it (the ids hold the normalised text)"
+    return None
+
+
+def recovered_text(tokenizer, ids: np.ndarray) -> SampleText:
+    """The text and spans of one sample's ids (module docstring), or TokenSpansError."""
+    from logitstore.toolkit.token_bytes import backend_of, token_bytes_of
+
+    backend = backend_of(tokenizer)
+    added = backend.get_added_tokens_decoder()
+    specials = set(tokenizer.all_special_ids) | {i for i, t in added.items() if t.special}
+    special = np.isin(ids, np.asarray(sorted(specials), np.int64))
+    n_prefix = len(ids) if special.all() else int(np.argmin(special))
+    n_suffix = 0 if special.all() else int(np.argmin(special[::-1]))
+    inside = np.flatnonzero(special[n_prefix:len(ids) - n_suffix])
     if len(inside):
         at = n_prefix + int(inside[0])
         raise TokenSpansError(
             f"special token {int(ids[at])} at token {at} sits inside the text (chat-template "
             f"markup, or a special token the data held): its turns and roles are not in the "
-            f"ids, so the text cannot be recovered exactly; {REMEDY}")
-    targets = np.flatnonzero(loss_mask[body])
-    seam = int(targets[0]) if len(targets) else 0  # no target: all of it one part
-    body_ids = ids[body].tolist()
-
-    def decode(part: list[int]) -> str:
-        return tokenizer.decode(part, skip_special_tokens=False,
-                                clean_up_tokenization_spaces=False)
-
-    return pair_sample_text(tokenizer, decode(body_ids[:seam]), decode(body_ids[seam:]),
-                            ids, list(ids[:n_prefix].tolist()), hint=REMEDY)
+            f"ids, so the text cannot be recovered exactly")
+    read = token_bytes_of(backend)
+    pieces = [read(int(i), backend.id_to_token(int(i))) for i in ids[n_prefix:len(ids) - n_suffix]]
+    data = b"".join(pieces)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise TokenSpansError(
+            f"its tokens' bytes are not whole UTF-8 characters (byte {err.start} of "
+            f"{len(data)}: a window or cut inside a character, whose other bytes are in the "
+            f"neighbouring sample), so its text cannot be recovered alone") from None
+    ends = np.cumsum([len(piece) for piece in pieces], dtype=np.int64)
+    body = np.stack([ends - [len(piece) for piece in pieces], ends], axis=1) if pieces \
+        else np.zeros((0, 2), np.int64)
+    spans = np.concatenate([np.zeros((n_prefix, 2), np.int64), body,
+                            np.full((n_suffix, 2), len(data), np.int64)]).astype(np.int32)
+    return SampleText(text, spans, special, np.zeros(len(ids), np.uint8))

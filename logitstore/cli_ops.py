@@ -140,8 +140,11 @@ def add_text(src: str, dst: str, tokenizer_path: str, overwrite: bool) -> None:
     from logitstore.toolkit.add_text import plan_add_text
     from logitstore.copy_samples import open_sources
 
+    from tqdm import tqdm
+
     (reader,) = open_sources([src], None)
-    plan = plan_add_text(src, reader, tokenizer_path)
+    with tqdm(unit="tok", unit_scale=True, desc="check", disable=None) as bar:
+        plan = plan_add_text(src, reader, tokenizer_path, checked=bar.update)
     result = _execute(plan, dst, overwrite)
     counts = result.counts
     _report(result, f"add-text {src} -> {dst}: {counts['samples_out']} samples with their "

@@ -84,16 +84,19 @@ def test_another_tokenizer_and_a_store_with_text_are_refused_before_anything_is_
     assert "already holds" in refused.output and not (tmp_path / "b").exists()
 
 
-def test_a_chat_sample_stops_the_copy_naming_it_and_leaves_the_source_as_it_was(
+def test_a_chat_sample_is_refused_before_anything_is_written_naming_it(
         tiny, stores, tmp_path):  # noqa: F811
     _, plain_store = stores  # its data holds a chat rendered by the tokenizer's template
     manifest = (plain_store / "manifest.json").read_bytes()
     refused = _add_text(plain_store, tmp_path / "c", "--tokenizer", tiny["tok"], expect=1)
-    assert "sits inside the text" in refused.output and "teacher-dump" in refused.output
+    message = refused.output[refused.output.index("logitstore: error"):].strip()
+    assert "sits inside the text" in message and "teacher-dump" in message
+    assert "1 of the" in message and "nothing was written" in message and "\n" not in message
     chat = next(s for s in StoreReader(str(plain_store)).iter_samples()
                 if s.source == "c_chat.jsonl")
-    assert repr(chat.sample_id) in refused.output
+    assert repr(chat.sample_id) in message
     assert (plain_store / "manifest.json").read_bytes() == manifest
+    assert not (tmp_path / "c").exists()  # found by the first pass, before any write
 
 
 def test_windows_come_back_as_a_dump_with_text_writes_them(tiny, tmp_path):  # noqa: F811

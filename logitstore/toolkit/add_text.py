@@ -10,8 +10,9 @@ each token's span where its bytes sit; the leading and trailing special tokens (
 are zero-width at the text's start and end, as teacher-dump writes them. Refused before
 anything is read: a tokenizer that is not the store's (fingerprint) and any other kind of
 tokenizer (SentencePiece-style: its ids do not say whether a text or a part of it began with
-a space; a normaliser: its ids hold the normalised text). Refused per sample, stopping the
-copy and naming it (the source never changes; the destination keeps an unfinished copy): a
+a space; a normaliser: its ids hold the normalised text). Refused when any sample cannot be
+recovered, found by a first pass over the ids before anything is written (the count and
+the first ones named; the source never changes): a
 special token inside the text (chat-template markup: the turns and roles are not in the ids;
 or a special token the data held) and tokens whose bytes are not whole UTF-8 characters (a
 window or cut that fell inside a character, whose other bytes are in the neighbouring
@@ -45,14 +46,17 @@ def add_text(src: str, dst: str, tokenizer_path: str, *, src_options: dict | Non
              progress: Callable[[int], None] | None = None) -> CopyResult:
     """Copy `src` to `dst` with each sample's text and token spans (module docstring)."""
     reader = StoreReader(src, storage_options=src_options)
-    plan = plan_add_text(src, reader, tokenizer_path)
+    plan = plan_add_text(src, reader, tokenizer_path, checked=progress)
     return execute_plan(plan, dst, dst_options=dst_options, overwrite=overwrite,
                         progress=progress)
 
 
-def plan_add_text(url: str, reader: StoreReader, tokenizer_path: str) -> CopyPlan:
+def plan_add_text(url: str, reader: StoreReader, tokenizer_path: str,
+                  checked: Callable[[int], None] | None = None) -> CopyPlan:
     """The copy's plan; refuses, before any sample is read, a store that already holds text,
-    a classifier store and a tokenizer other than the store's."""
+    a classifier store and a tokenizer other than the store's or not byte-level; then,
+    before anything is written, a store with samples whose text cannot be recovered
+    (`refuse_unrecoverable`, `checked(n)` after each sample's n tokens)."""
     from logitstore.toolkit.hf import load_tokenizer
     from logitstore.toolkit.tokenizer_files import saved_tokenizer_files
     from logitstore.toolkit.tokenizer_identity import tokenizer_fingerprint
@@ -80,6 +84,7 @@ def plan_add_text(url: str, reader: StoreReader, tokenizer_path: str) -> CopyPla
             f"exactly, expected a byte-level tokenizer without a normaliser (GPT-2, Llama 3, "
             f"Qwen families), but {tokenizer_path}: {problem}; {REMEDY}")
     files = saved_tokenizer_files(tokenizer, REMEDY)
+    refuse_unrecoverable(url, reader, tokenizer, checked)
     new_settings = replace(settings, text=True, tokenizer_files=tokenizer_file_entries(files))
     selection = SourceSelection(url, reader, np.arange(len(reader), dtype=np.int64))
     return CopyPlan(
@@ -92,6 +97,26 @@ def plan_add_text(url: str, reader: StoreReader, tokenizer_path: str) -> CopyPla
         transform=lambda sample: with_text(tokenizer, sample))
 
 
+def refuse_unrecoverable(url: str, reader: StoreReader, tokenizer,
+                         checked: Callable[[int], None] | None = None) -> None:
+    """Every sample's text recovered once, reading ids only, before anything is written:
+    TokenSpansError saying how many cannot be, and why for the first ones."""
+    count, first = 0, []
+    for seg_no in range(len(reader.segments)):
+        for sample in reader.read_segment(seg_no, []):
+            try:
+                recovered_text(tokenizer, np.asarray(sample.input_ids, np.int64))
+            except TokenSpansError as err:
+                count += 1
+                first += [f"sample {sample.sample_id!r}: {err}"][:3 - len(first)]
+            if checked:
+                checked(len(sample.input_ids))
+    if count:
+        raise TokenSpansError(f"{count} of the {len(reader)} samples of {url} cannot have "
+                              f"their text recovered exactly from their ids, so nothing was "
+                              f"written ({'; '.join(first)}); {REMEDY}")
+
+
 def with_text(tokenizer, sample: Sample) -> Sample:
     """`sample` with its text and spans recovered from its ids (module docstring), or
     TokenSpansError naming it."""
@@ -99,8 +124,8 @@ def with_text(tokenizer, sample: Sample) -> Sample:
         text = recovered_text(tokenizer, np.asarray(sample.input_ids, np.int64))
     except TokenSpansError as err:
         raise TokenSpansError(f"sample {sample.sample_id!r}: {err}; the copy stopped at this "
-                              f"sample (the source is unchanged; delete the unfinished "
-                              f"destination), {REMEDY}") from None
+                              f"sample (the source is unchanged: it changed since the check, "
+                              f"delete the unfinished destination), {REMEDY}") from None
     return replace(sample, text_spans=text)
 
 

@@ -139,3 +139,37 @@ def test_what_the_ids_cannot_give_back_exactly_is_refused(tiny, tmp_path):  # no
         recovered_text(tokenizer, np.asarray(whole[:2] + [marked] + whole[2:]))
     assert byte_level_problem(tokenizer) is None
     assert "not a byte-level tokenizer" in byte_level_problem(_metaspace_tokenizer())
+
+
+def test_a_student_of_another_tokenizer_trains_on_the_copy_it_was_refused_before(
+        tiny, plain_dumps, tmp_path):  # noqa: F811
+    """The point of add-text: the store without text is refused to a foreign-tokenizer
+    student; its copy with text trains one, aligned by the recovered spans."""
+    from transformers import AutoTokenizer
+
+    from logitstore.errors import SchemaMismatchError
+    from student_train.config import resolve_config
+    from student_train.train import train
+    from test_cross_tokenizer_train import make_student_tokenizer
+    from tiny_hf import make_tiny_llama
+    from train_helpers import read_metrics
+
+    _, plain_store = plain_dumps
+    tok = AutoTokenizer.from_pretrained(make_student_tokenizer(tmp_path / "student_tok"))
+    student = make_tiny_llama(tmp_path / "student", tok, seed=0)
+
+    def run(store, out):
+        return train(resolve_config(None, {
+            "store": str(store), "student": str(student), "out": str(out), "max_steps": 2,
+            "batch_tokens": 256, "save_every": 0, "verify_store": "none", "log_every": 1,
+            "signals": {"llama": 1.0}, "target": "topk"}))
+
+    with pytest.raises(SchemaMismatchError, match="logitstore add-text"):
+        run(plain_store, tmp_path / "refused")
+    added = tmp_path / "added"
+    _add_text(plain_store, added, "--tokenizer", tiny["tok"])
+    run(added, tmp_path / "run")
+    rows = [m for m in read_metrics(tmp_path / "run") if "train/cross/positions" in m]
+    assert len(rows) == 2
+    assert all(0.3 < m["train/cross/aligned_share"] <= 1.0 and np.isfinite(m["train/kd"])
+               for m in rows)

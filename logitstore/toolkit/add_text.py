@@ -124,8 +124,9 @@ def with_text(tokenizer, sample: Sample) -> Sample:
         text = recovered_text(tokenizer, np.asarray(sample.input_ids, np.int64))
     except TokenSpansError as err:
         raise TokenSpansError(f"sample {sample.sample_id!r}: {err}; the copy stopped at this "
-                              f"sample (the source is unchanged: it changed since the check, "
-                              f"delete the unfinished destination), {REMEDY}") from None
+                              f"sample, which the first pass had recovered (the source changed "
+                              f"since; add-text never writes to it): delete the unfinished "
+                              f"destination, then {REMEDY}") from None
     return replace(sample, text_spans=text)
 
 

@@ -137,10 +137,10 @@ def add_text(src: str, dst: str, tokenizer_path: str, overwrite: bool) -> None:
     with the store's byte-level tokenizer (logitstore/toolkit/add_text.py); every id,
     target and signal unchanged. Students of other tokenizers and second teachers need
     them. Verified at the end; rerun after an interruption to resume."""
-    from logitstore.toolkit.add_text import plan_add_text
-    from logitstore.copy_samples import open_sources
-
     from tqdm import tqdm
+
+    from logitstore.copy_samples import open_sources
+    from logitstore.toolkit.add_text import plan_add_text
 
     (reader,) = open_sources([src], None)
     with tqdm(unit="tok", unit_scale=True, desc="check", disable=None) as bar:

@@ -119,9 +119,15 @@ def test_windows_come_back_as_a_dump_with_text_writes_them(tiny, tmp_path):  # n
 
 
 def test_what_the_ids_cannot_give_back_exactly_is_refused(tiny, tmp_path):  # noqa: F811
-    from logitstore.toolkit.add_text import byte_level_problem, recovered_text
+    from logitstore.toolkit.add_text import TextRecovery
 
     tokenizer = _hf(tiny["tok"])
+
+    def recovered_text(tokenizer, ids):
+        return TextRecovery(tokenizer)(ids)
+
+    def byte_level_problem(tokenizer):
+        return TextRecovery(tokenizer).problem()
     whole = tokenizer("fever and cough")["input_ids"]
     assert recovered_text(tokenizer, np.asarray(whole)).text == "fever and cough"
     # a cut inside a character: its other bytes are in the neighbouring window

@@ -46,7 +46,7 @@ def add_text(src: str, dst: str, tokenizer_path: str, *, src_options: dict | Non
              progress: Callable[[int], None] | None = None) -> CopyResult:
     """Copy `src` to `dst` with each sample's text and token spans (module docstring)."""
     reader = StoreReader(src, storage_options=src_options)
-    plan = plan_add_text(src, reader, tokenizer_path, checked=progress)
+    plan = plan_add_text(src, reader, tokenizer_path)
     return execute_plan(plan, dst, dst_options=dst_options, overwrite=overwrite,
                         progress=progress)
 
@@ -77,14 +77,15 @@ def plan_add_text(url: str, reader: StoreReader, tokenizer_path: str,
             f"expected fingerprint {settings.tokenizer_fingerprint} "
             f"({settings.tokenizer_name or 'its name unknown'}), found {found}. Give the "
             f"teacher's own tokenizer (its model directory or hub id)")
-    problem = byte_level_problem(tokenizer)
+    recover = TextRecovery(tokenizer)
+    problem = recover.problem()
     if problem:
         raise LogitStoreError(
             f"add-text recovers a sample's text from its ids only where they determine it "
             f"exactly, expected a byte-level tokenizer without a normaliser (GPT-2, Llama 3, "
             f"Qwen families), but {tokenizer_path}: {problem}; {REMEDY}")
     files = saved_tokenizer_files(tokenizer, REMEDY)
-    refuse_unrecoverable(url, reader, tokenizer, checked)
+    refuse_unrecoverable(url, reader, recover, checked)
     new_settings = replace(settings, text=True, tokenizer_files=tokenizer_file_entries(files))
     selection = SourceSelection(url, reader, np.arange(len(reader), dtype=np.int64))
     return CopyPlan(
@@ -94,10 +95,10 @@ def plan_add_text(url: str, reader: StoreReader, tokenizer_path: str,
                 "tokens_out": selection.tokens()},
         notes={"tokenizer": str(tokenizer_path)},
         tokenizer_files={f"{TOKENIZER_DIR}/{name}": data for name, data in files.items()},
-        transform=lambda sample: with_text(tokenizer, sample))
+        transform=lambda sample: with_text(recover, sample))
 
 
-def refuse_unrecoverable(url: str, reader: StoreReader, tokenizer,
+def refuse_unrecoverable(url: str, reader: StoreReader, recover: "TextRecovery",
                          checked: Callable[[int], None] | None = None) -> None:
     """Every sample's text recovered once, reading ids only, before anything is written:
     TokenSpansError saying how many cannot be, and why for the first ones."""
@@ -105,7 +106,7 @@ def refuse_unrecoverable(url: str, reader: StoreReader, tokenizer,
     for seg_no in range(len(reader.segments)):
         for sample in reader.read_segment(seg_no, []):
             try:
-                recovered_text(tokenizer, np.asarray(sample.input_ids, np.int64))
+                recover(np.asarray(sample.input_ids, np.int64))
             except TokenSpansError as err:
                 count += 1
                 first += [f"sample {sample.sample_id!r}: {err}"][:3 - len(first)]
@@ -117,11 +118,11 @@ def refuse_unrecoverable(url: str, reader: StoreReader, tokenizer,
                               f"written ({'; '.join(first)}); {REMEDY}")
 
 
-def with_text(tokenizer, sample: Sample) -> Sample:
+def with_text(recover: "TextRecovery", sample: Sample) -> Sample:
     """`sample` with its text and spans recovered from its ids (module docstring), or
     TokenSpansError naming it."""
     try:
-        text = recovered_text(tokenizer, np.asarray(sample.input_ids, np.int64))
+        text = recover(np.asarray(sample.input_ids, np.int64))
     except TokenSpansError as err:
         raise TokenSpansError(f"sample {sample.sample_id!r}: {err}; the copy stopped at this "
                               f"sample, which the first pass had recovered (the source changed "
@@ -130,49 +131,55 @@ def with_text(tokenizer, sample: Sample) -> Sample:
     return replace(sample, text_spans=text)
 
 
-def byte_level_problem(tokenizer) -> str | None:
-    """Why the ids of `tokenizer` do not determine their text exactly, or None."""
-    from logitstore.toolkit.token_bytes import backend_of, token_bytes_of
+class TextRecovery:
+    """A sample's text and spans from its ids (module docstring), for one tokenizer: what
+    the tokenizer decides (its special ids, each token's bytes) is read once, not per
+    sample."""
 
-    backend = backend_of(tokenizer)
-    if not token_bytes_of(backend).byte_level:
-        return ("it is not a byte-level tokenizer (a SentencePiece-style one adds a prefix "
-                "space the ids do not record)")
-    if backend.normalizer is not None:
-        return "it normalises the text before cutting it (the ids hold the normalised text)"
-    return None
+    def __init__(self, tokenizer):
+        from logitstore.toolkit.token_bytes import backend_of, token_bytes_of
 
+        self.backend = backend_of(tokenizer)
+        self.read = token_bytes_of(self.backend)
+        added = self.backend.get_added_tokens_decoder()
+        # Llama 3's markup is added tokens marked special, not all listed in all_special_ids
+        specials = set(tokenizer.all_special_ids) | {i for i, t in added.items() if t.special}
+        self.special_ids = np.asarray(sorted(specials), np.int64)
 
-def recovered_text(tokenizer, ids: np.ndarray) -> SampleText:
-    """The text and spans of one sample's ids (module docstring), or TokenSpansError."""
-    from logitstore.toolkit.token_bytes import backend_of, token_bytes_of
+    def problem(self) -> str | None:
+        """Why the tokenizer's ids do not determine their text exactly, or None."""
+        if not self.read.byte_level:
+            return ("it is not a byte-level tokenizer (a SentencePiece-style one adds a prefix "
+                    "space the ids do not record)")
+        if self.backend.normalizer is not None:
+            return "it normalises the text before cutting it (the ids hold the normalised text)"
+        return None
 
-    backend = backend_of(tokenizer)
-    added = backend.get_added_tokens_decoder()
-    specials = set(tokenizer.all_special_ids) | {i for i, t in added.items() if t.special}
-    special = np.isin(ids, np.asarray(sorted(specials), np.int64))
-    n_prefix = len(ids) if special.all() else int(np.argmin(special))
-    n_suffix = 0 if special.all() else int(np.argmin(special[::-1]))
-    inside = np.flatnonzero(special[n_prefix:len(ids) - n_suffix])
-    if len(inside):
-        at = n_prefix + int(inside[0])
-        raise TokenSpansError(
-            f"special token {int(ids[at])} at token {at} sits inside the text (chat-template "
-            f"markup, or a special token the data held): its turns and roles are not in the "
-            f"ids, so the text cannot be recovered exactly")
-    read = token_bytes_of(backend)
-    pieces = [read(int(i), backend.id_to_token(int(i))) for i in ids[n_prefix:len(ids) - n_suffix]]
-    data = b"".join(pieces)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise TokenSpansError(
-            f"its tokens' bytes are not whole UTF-8 characters (byte {err.start} of "
-            f"{len(data)}: a window or cut inside a character, whose other bytes are in the "
-            f"neighbouring sample), so its text cannot be recovered alone") from None
-    ends = np.cumsum([len(piece) for piece in pieces], dtype=np.int64)
-    body = np.stack([ends - [len(piece) for piece in pieces], ends], axis=1) if pieces \
-        else np.zeros((0, 2), np.int64)
-    spans = np.concatenate([np.zeros((n_prefix, 2), np.int64), body,
-                            np.full((n_suffix, 2), len(data), np.int64)]).astype(np.int32)
-    return SampleText(text, spans, special, np.zeros(len(ids), np.uint8))
+    def __call__(self, ids: np.ndarray) -> SampleText:
+        """The text and spans of one sample's ids, or TokenSpansError."""
+        special = np.isin(ids, self.special_ids)
+        n_prefix = len(ids) if special.all() else int(np.argmin(special))
+        n_suffix = 0 if special.all() else int(np.argmin(special[::-1]))
+        inside = np.flatnonzero(special[n_prefix:len(ids) - n_suffix])
+        if len(inside):
+            at = n_prefix + int(inside[0])
+            raise TokenSpansError(
+                f"special token {int(ids[at])} at token {at} sits inside the text "
+                f"(chat-template markup, or a special token the data held): its turns and "
+                f"roles are not in the ids, so the text cannot be recovered exactly")
+        pieces = [self.read(int(i), self.backend.id_to_token(int(i)))
+                  for i in ids[n_prefix:len(ids) - n_suffix]]
+        data = b"".join(pieces)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise TokenSpansError(
+                f"its tokens' bytes are not whole UTF-8 characters (byte {err.start} of "
+                f"{len(data)}: a window or cut inside a character, whose other bytes are in "
+                f"the neighbouring sample), so its text cannot be recovered alone") from None
+        lengths = np.asarray([len(piece) for piece in pieces], np.int64)
+        ends = np.cumsum(lengths)
+        spans = np.concatenate([np.zeros((n_prefix, 2), np.int64),
+                                np.stack([ends - lengths, ends], axis=1),
+                                np.full((n_suffix, 2), len(data), np.int64)]).astype(np.int32)
+        return SampleText(text, spans, special, np.zeros(len(ids), np.uint8))

@@ -60,17 +60,32 @@ class SampleText:
 def stored_messages(t: SampleText, sample_id: str) -> list[dict] | None:
     """The chat turns of a stored sample, None for a plain one (no token has a role).
 
-    A turn is a run of tokens of one role (tokens without a role skipped), its content the
-    text from the byte where its first token sits to where the next turn's does (the first
-    from byte 0, the last to the text's end): two turns of one role in a row become one. The
-    contents concatenate to the stored text, so any tokenizer's chat template can render
-    them again (teacher_dump/foreign_tokens.py, student_train/cross_batch.py)."""
+    A turn starts where the role changes (tokens without a role skipped) and, within a run of
+    one role, where text follows template markup that itself followed text of that role:
+    markup sits only between turns (a message's content is all text tokens), so that is two
+    turns of one role in a row. A turn's content is the text from the byte where its first
+    token sits (a split: where the markup sits, the boundary of the two contents) to where
+    the next turn's does (the first from byte 0, the last to the text's end). The contents
+    concatenate to the stored text, so any tokenizer's chat template can render them again
+    (teacher_dump/foreign_tokens.py, student_train/cross_batch.py). Not recoverable: an
+    empty message between two of its own role (it has no text to follow the markup)."""
     if t.roles is None:
         return None
     turns: list[tuple[int, int]] = []  # (role code, start byte)
-    for role, (start, _) in zip(np.asarray(t.roles).tolist(), t.spans.tolist()):
-        if role and (not turns or turns[-1][0] != role):
+    had_text, markup = False, None  # this turn so far: text seen; markup byte after it
+    for role, special, (start, _) in zip(np.asarray(t.roles).tolist(),
+                                         np.asarray(t.special).tolist(), t.spans.tolist()):
+        if not role:
+            continue
+        if not turns or turns[-1][0] != role:
             turns.append((role, start))
+            had_text, markup = not special, None
+        elif special:
+            markup = start if had_text and markup is None else markup
+        else:
+            if markup is not None:  # text after the markup that closed text of this role
+                turns.append((role, markup))
+            had_text, markup = True, None
     if not turns:
         return None
     data = t.text.encode("utf-8")

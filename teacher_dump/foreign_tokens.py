@@ -13,8 +13,9 @@ segment by segment, resumable, one part per rank as any added signal). The rules
   `tokenizer(text)` (its BOS), plus its EOS when the store's own tokens end with a special
   token (the EOS the store's teacher was given).
 * **Chat samples** (stored roles): the turns are rebuilt from the stored roles
-  (`text_spans.stored_messages`: a turn is a run of stored tokens of one role, so two turns
-  of one role in a row become one; their contents concatenate to the stored text). They
+  (`text_spans.stored_messages`: a turn starts where the role changes, or where text
+  follows the markup that closed text of the same role; their contents concatenate to the
+  stored text). They
   are rendered by the teacher's chat template (`token_spans.chat_with_spans`); a template
   that cannot render them stops the dump naming the sample.
 * **Targets**: a token is a target when the store's own token holding its first byte is

@@ -373,6 +373,45 @@ def test_chat_turns_when_partial_renderings_are_no_prefix():
     assert tok.role[len(tokens) - 1] == ROLE_ASSISTANT
 
 
+SAME_ROLE_TWICE = [  # a system prompt in two parts, a question in two turns, a two-part answer
+    {"role": "system", "content": "Be brief."},
+    {"role": "system", "content": "Cite sources."},
+    {"role": "user", "content": "Is 東京 naïve?"},
+    {"role": "user", "content": "😀 And café?"},
+    {"role": "assistant", "content": "Yes."},
+    {"role": "assistant", "content": "Both."},
+]
+
+
+@pytest.mark.parametrize("name", ["llama3", "gpt2", "sentencepiece", "llama2"])
+def test_stored_roles_and_markup_give_back_each_turn(family, name):
+    """Turns of one role in a row are rebuilt as they were (the markup between them splits
+    them), also from a window that starts inside a turn; no empty turn after the last."""
+    from logitstore.text_spans import SampleText, stored_messages
+    from logitstore.toolkit.sample_text import cut_text
+
+    tok = chat_with_spans(family[name], SAME_ROLE_TWICE)
+    assert tok.byte_exact, tok.inexact_reason
+    stored = SampleText(tok.text, tok.spans, tok.special, tok.role.astype(np.uint8))
+    assert stored_messages(stored, "s") == SAME_ROLE_TWICE
+    first_text = np.flatnonzero(~tok.special & (tok.role == ROLE_USER))[1]  # inside turn 3
+    window = cut_text(stored, int(first_text), len(tok.ids))
+    rebuilt = stored_messages(window, "s")
+    assert [m["role"] for m in rebuilt] == ["user", "user", "assistant", "assistant"]
+    assert [m["content"] for m in rebuilt[1:]] == [m["content"] for m in SAME_ROLE_TWICE[3:]]
+    assert SAME_ROLE_TWICE[2]["content"].endswith(rebuilt[0]["content"])
+
+
+def test_an_empty_turn_between_two_of_its_role_is_the_one_turn_not_rebuilt(family):
+    from logitstore.text_spans import SampleText, stored_messages
+
+    messages = [{"role": "user", "content": "Hi."}, {"role": "user", "content": ""},
+                {"role": "user", "content": "Pain?"}, {"role": "assistant", "content": "Rest."}]
+    tok = chat_with_spans(family["llama3"], messages)
+    stored = SampleText(tok.text, tok.spans, tok.special, tok.role.astype(np.uint8))
+    assert stored_messages(stored, "s") == [messages[0], *messages[2:]]
+
+
 def test_chat_bos_from_post_processor_has_no_role(family):  # plus the template's own <bos>
     tok = chat_with_spans(family["sentencepiece"], CONVERSATION, add_special_tokens=True)
     assert tok.special[0] and tok.role[0] == ROLE_NONE and tok.spans[0].tolist() == [0, 0]

@@ -19,10 +19,10 @@ Python):
      position j of the student and i of the teacher both predict a token starting at the same
      byte after the same text; every other position is skipped with its reason, never guessed);
   3. a student-side `Sample` is built: the student's ids; its loss mask taken from the stored
-     one (a student token is a target when the teacher text token holding its first byte is;
-     a zero-width token looks at the byte before it); per top-k signal the teacher's stored
-     top-k GATHERED at the aligned teacher positions (teacher ids, T=1 log-probs: the loss maps
-     or sorts them); hidden states and attention grids (per-sequence pools) unchanged;
+     one (`student_loss_mask`); per KD signal the teacher's stored top-k GATHERED at the
+     aligned teacher positions (teacher ids, T=1 log-probs: the loss maps or sorts them; a
+     sampled signal's draws read as one, student_train/cross_sampled.py); hidden states and
+     attention grids (per-sequence pools) unchanged;
   4. `collate.collate` lays the student samples out as for any store, and the batch gets, per
      top-k signal, `kd_mask` [B, S] bool (student position t has a teacher target: aligned and,
      for the vocabulary-mapped loss, no one-sided dummy prefix (below) and a mapped share of
@@ -57,8 +57,7 @@ positions past the bytes that tokenization covers (a sample it cut at its max le
 no target from it and are counted as `uncovered/<signal>`, not as skipped. Per signal the
 stats hold `aligned/<signal>` and `uncovered/<signal>` (finish_stats: their shares).
 Positions without a teacher target hold a harmless uniform top-k (ids 0..k-1) so every loss
-stays finite before `kd_mask` removes them. Sampled signals are not carried (their draws sit
-at teacher positions; sources.py refuses them as targets for a foreign student).
+stays finite before `kd_mask` removes them.
 """
 
 from __future__ import annotations
@@ -80,6 +79,7 @@ from logitstore.toolkit.token_spans import (Tokenization, chat_with_spans,
 from student_train.collate import collate
 from student_train.cross_chain import ChainTargets, chain_targets
 from student_train.cross_inside import INSIDE_REASONS, InsideTargets, condition_inside
+from student_train.cross_sampled import draws_as_topk
 
 STAT_PREFIX = "cross/"
 REASONS = [r.name.lower() for r in SkipReason if r != SkipReason.ALIGNED]
@@ -230,7 +230,8 @@ class CrossCollate:
     skipped (`dummy_prefix_pairs`; absent: kept; ULD, which compares sorted probabilities
     rather than ids, passes none); chain_signals: the signals whose aligned pairs with a
     coarser student token get a chain (student_train/cross_chain.py; absent: the plain
-    mapped target).
+    mapped target); draw_signals: signal -> (n_draws, sample temperature) of the
+    topk_signals whose target is their sampled draws (cross_sampled.draws_as_topk).
     Picklable (DataLoader workers get a copy).
     """
 
@@ -238,7 +239,8 @@ class CrossCollate:
                  min_mapped_share: float, tokenizations: dict[str, str | None] | None = None,
                  piece_maps: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
                  byte_lengths: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
-                 chain_signals: list[str] | None = None):
+                 chain_signals: list[str] | None = None,
+                 draw_signals: dict[str, tuple[int, float]] | None = None):
         self.tokenizer = tokenizer
         self.topk_signals = list(topk_signals)
         self.first_maps = {k: np.asarray(v) for k, v in first_maps.items()}
@@ -247,6 +249,7 @@ class CrossCollate:
         self.byte_lengths = {k: (np.asarray(t, np.int32), np.asarray(s, np.int32))
                              for k, (t, s) in (byte_lengths or {}).items()}
         self.chain_signals = set(chain_signals or ())
+        self.draw_signals = dict(draw_signals or {})
         self.min_mapped_share = float(min_mapped_share)
         # signal -> the store tokenization its positions index (None: the store's own)
         self.tokenizations = dict(tokenizations or {})
@@ -276,14 +279,14 @@ class CrossCollate:
         signals, kd_mask, inside, chain, aligned = {}, {}, {}, {}, {None: align}
         conditioned_here = np.zeros(len(ids), bool)  # by a signal on the store's tokenization
         for name, data in teacher.signals.items():
-            topk = None
-            if name in self.topk_signals and data.topk is not None:
+            topk, stored = None, self._stored_target(name, data)
+            if stored is not None:
                 tokenization = self.tokenizations.get(name)
                 side = self._teacher_side(teacher, tokenization)
                 if tokenization not in aligned:
                     aligned[tokenization] = align_positions(side[0], side[1], spans, special)
                 topk, kd_mask[name], cond = self._signal_target(
-                    name, data.topk, side, aligned[tokenization], ids, spans, special, trained,
+                    name, stored, side, aligned[tokenization], ids, spans, special, trained,
                     stats, inside, chain)
                 if cond is not None and tokenization is None:
                     conditioned_here[cond.student_pos] = True
@@ -296,6 +299,15 @@ class CrossCollate:
                         source=teacher.source, split=teacher.split, tags=teacher.tags,
                         signals=signals)
         return StudentSample(sample, kd_mask, stats, inside, chain)
+
+    def _stored_target(self, name: str, data: SignalData) -> TopK | None:
+        """A KD signal's stored top-k, or its draws read as one; None: not a KD target."""
+        if name not in self.topk_signals:
+            return None
+        if name in self.draw_signals:
+            return None if data.sampled is None else draws_as_topk(data.sampled,
+                                                                   *self.draw_signals[name])
+        return data.topk
 
     def _signal_target(self, name: str, topk: TopK, side: tuple, a: PositionAlignment,
                        ids: np.ndarray, spans: np.ndarray, special: np.ndarray,

@@ -3,9 +3,11 @@
 `cross_setup` runs once, when the sources are opened, for a store whose tokenizer fingerprint
 is not the student's:
 * refusals that stay: a store without sample text and token spans (written before format 2.1,
-  or dumped without text): nothing to re-tokenize; a signal whose KD target would be its
-  sampled draws (cross_token_losses maps and sorts top-k only); an eval_store cut by another
-  teacher tokenizer than the store;
+  or dumped without text): nothing to re-tokenize; a sampled signal drawn at a temperature
+  other than 1 and stored without log-probs (its draws estimate no T=1 distribution); an
+  eval_store cut by another teacher tokenizer than the store;
+* a signal whose KD target is its sampled draws (teacher-dump's default capture) enters the
+  losses below as the top-k its draws estimate (student_train/cross_sampled.py);
 * `cross_loss: pkl` (default): the teacher's tokenizer is loaded from the files the store keeps
   and the teacher -> student vocabulary map (`vocab_map.vocab_map_for`) is built once per
   tokenizer pair and cached under `cache_dir/vocab_maps` (else the user cache,
@@ -89,12 +91,14 @@ def no_text_problem(url: str, settings, tokenizer) -> str:
             f"student that shares the teacher's tokenizer")
 
 
-def sampled_problem(names: list[str], url: str) -> str:
-    return (f"signal(s) {names} of store {url} would give this run sampled targets, which a "
-            f"student with another tokenizer cannot use yet: the cross-tokenizer losses map "
-            f"(pkl) or sort (uld) the stored top-k only. Use --target topk where the signal "
-            f"holds top-k, dump the signal again with top-k, or train a student that shares "
-            f"the teacher's tokenizer")
+def draws_problem(name: str, url: str, sample_temperature: float) -> str:
+    return (f"signal {name!r} of store {url} would give this run sampled targets drawn at "
+            f"sample temperature {sample_temperature:g} and stored without log-probs: a "
+            f"student with another tokenizer reads the draws as an estimate of the teacher's "
+            f"T=1 distribution, which draws at another temperature give only with their "
+            f"log-probs. Use --target topk where the signal holds top-k, dump the signal "
+            f"again with --sampled-logprobs (or --sample-temperature 1), or train a student "
+            f"that shares the teacher's tokenizer")
 
 
 def stored_teacher_tokenizer(reader, url: str, tokenization: str | None = None):
@@ -185,12 +189,13 @@ def cross_setup(cfg, reader, eval_reader, tokenizer, plans, problems: list[str])
                      f"teachers cut the text the same way" for name, tokenization in
                      on_tokenization.items() if tokenization is not None and
                      _tokenizer_of(eval_reader, name) != _tokenizer_of(reader, name)]
-    sampled = [p.name for p in plans if p.target == "sampled"]
-    if sampled:
-        problems.append(sampled_problem(sampled, cfg.store))
+    draws = {p.name: (p.n_draws, p.sample_temperature) for p in plans if p.target == "sampled"}
+    problems += [draws_problem(name, cfg.store, temperature)
+                 for name, (_, temperature) in draws.items() if temperature != 1.0
+                 and not reader.settings.signals[name].sampled.logprobs]
     if len(problems) > start:
         return None
-    topk = [p.name for p in plans if p.target == "topk"]
+    topk = [p.name for p in plans if p.target]  # top-k, or draws read as one
     maps, first_maps, piece_maps, byte_lengths, summary = {}, {}, {}, {}, {}
     if cfg.cross_loss == "pkl" and topk:
         from logitstore.toolkit.vocab_map import vocab_map_for
@@ -221,7 +226,8 @@ def cross_setup(cfg, reader, eval_reader, tokenizer, plans, problems: list[str])
     return CrossTokenizer(
         loss=cfg.cross_loss, collate=CrossCollate(tokenizer, topk, first_maps,
                                                   cfg.min_mapped_share, on_tokenization,
-                                                  piece_maps, byte_lengths, chain_signals),
+                                                  piece_maps, byte_lengths, chain_signals,
+                                                  draws),
         vocab_maps=maps, length_ratio=ratio,
         provenance={"cross_tokenizer": {"loss": cfg.cross_loss, "length_ratio": ratio,
                                         "first_segment_chats": chats,

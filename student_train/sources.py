@@ -273,7 +273,7 @@ def store_sources(cfg, inputs: Inputs, tokenizer, student, accelerator) -> Sourc
     cross = cross_setup(cfg, reader, eval_reader, tokenizer, plans, problems) \
         if (foreign or on_tokenization) and not problems else None
     if cross is not None:
-        plans = [replace(p, cross_loss=cross.loss) if p.target == "topk" else p for p in plans]
+        plans = [replace(p, cross_loss=cross.loss) if p.target else p for p in plans]
     names = [p.name for p in plans]
     if eval_reader is not None:
         missing = [n for n in names if n not in eval_reader.settings.signals]

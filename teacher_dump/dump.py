@@ -405,12 +405,14 @@ def _say_foreign_choices(cfg: DumpConfig) -> None:
     if cfg.data:
         log.info("--data is not read: %s's tokenizer is not the store's, so it cuts the "
                  "store's own samples (their stored text)", cfg.model)
-    if cfg.samples and not cfg.top_k:
-        log.warning("signal %r stores sampled draws but no top-k (top_k 0): a student of "
-                    "another tokenizer than %s's takes top-k targets only (the draws name this "
-                    "tokenizer's ids at its own positions; hidden pools work for any student); "
-                    "students of that tokenizer can use the sampled targets. Set --top-k (e.g. "
-                    "32) for cross-tokenizer students", cfg.signal, cfg.model)
+    if cfg.samples and not cfg.top_k and cfg.sample_temperature != 1.0 \
+            and not cfg.sampled_logprobs:
+        log.warning("signal %r stores draws at sample temperature %g without their log-probs "
+                    "and no top-k: a student of another tokenizer than %s's reads draws as an "
+                    "estimate of the teacher's T=1 distribution, which these do not give "
+                    "(students of this tokenizer can use them). Keep --sampled-logprobs, draw "
+                    "at --sample-temperature 1, or set --top-k (e.g. 32)", cfg.signal,
+                    cfg.sample_temperature, cfg.model)
     if cfg.split_long:
         log.warning("--split-long does not apply to a teacher of another tokenizer: it cuts "
                     "the store's own samples, each one whole up to its --max-length of %s "

@@ -145,3 +145,15 @@ def chained_kd_reference(student_logits: torch.Tensor, teacher_probs: Mapping[in
     return mapped_kd_reference(student_logits, probs, tail_mass,
                                [*teacher_to_student_first, student_token],
                                temperature=temperature)
+
+
+def draws_distribution_reference(ids: Sequence[int], counts: Sequence[int],
+                                 logprobs: Sequence[float] | None,
+                                 sample_temperature: float) -> dict[int, float]:
+    """One position's draws as the teacher's estimated T=1 distribution {id: p}: counts / n
+    at sample temperature 1, else counts * p^(1 - 1/tau) (p = exp(logprob)), normalised."""
+    weights = [c * (1.0 if sample_temperature == 1.0 else
+                    math.exp(lp * (1.0 - 1.0 / sample_temperature)))
+               for c, lp in zip(counts, logprobs if logprobs is not None else [0.0] * len(ids))]
+    total = sum(weights)
+    return {int(i): w / total for i, w in zip(ids, weights)}

@@ -74,7 +74,7 @@ def _signal(logp: torch.Tensor, hidden: torch.Tensor, kinds: str) -> SignalData:
 
 
 def write_store(url: Path, teacher_dir: Path, tokenizer_dir: Path, *, text: bool = True,
-                kinds: str = "topk") -> Path:
+                kinds: str = "topk", sampled: SampledSpec | None = None) -> Path:
     """Signals "teacher" (its logits) and "sharp" (logits x 2) of every text, with text and
     byte spans when `text`; `kinds`: "topk" and/or "sampled"."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -82,7 +82,7 @@ def write_store(url: Path, teacher_dir: Path, tokenizer_dir: Path, *, text: bool
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
     spec = SignalSpec(topk=TopKSpec(K) if "topk" in kinds else None,
-                      sampled=SampledSpec(4) if "sampled" in kinds else None,
+                      sampled=(sampled or SampledSpec(4)) if "sampled" in kinds else None,
                       hidden=HiddenSpec((-1,), teacher.config.hidden_size, "mean", "float32"))
     files = {p.name: p.read_bytes() for p in Path(tokenizer_dir).iterdir()
              if p.name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")}
@@ -457,12 +457,45 @@ def test_a_store_without_text_exits_1_on_the_command_line(world, tmp_path):
     assert "logitstore add-text" in result.output
 
 
-def test_sampled_only_signals_are_refused_for_a_foreign_student(world, tmp_path):
+def test_a_foreign_student_learns_from_sampled_draws(world, tmp_path):
+    """teacher-dump's default capture (draws, no top-k): each position's draws, read as the
+    teacher distribution they estimate, are gathered and mapped like a top-k; KD falls."""
+    from logitstore.reader import StoreReader
+    from student_train.cross_batch import CrossCollate
+    from student_train.cross_sampled import draws_as_topk
+
     store = write_store(tmp_path / "sampled", world["teacher"], world["teacher_tok"],
                         kinds="sampled")
-    with pytest.raises(ConfigError) as err:
-        train_run(world, tmp_path / "run", store=store, max_steps=1)
-    message = str(err.value)
-    assert "sampled targets" in message and "top-k only" in message
-    assert "'teacher'" in message and "'sharp'" in message
+    sample = StoreReader(str(store)).read_segment(0)[0]
+    collate = CrossCollate(world["student_tok"], ["teacher"], {}, 0.5,
+                           draw_signals={"teacher": (4, 1.0)})
+    student = collate.student_sample(sample)
+    gathered = student.sample.signals["teacher"].topk
+    want = draws_as_topk(sample.signals["teacher"].sampled, 4, 1.0)
+    cut = tokenize_with_spans(world["student_tok"], sample.text_spans.text)
+    align = align_positions(sample.text_spans.spans, sample.text_spans.special, cut.spans,
+                            cut.special)
+    assert 0 < align.aligned < len(cut.ids) - 1
+    np.testing.assert_array_equal(gathered.ids[align.student_pos], want.ids[align.teacher_pos])
+    np.testing.assert_array_equal(gathered.logprobs[align.student_pos],
+                                  want.logprobs[align.teacher_pos])
+    run = tmp_path / "run"
+    train_run(world, run, store=store, max_steps=12, alpha=0.9, signals={"teacher": 1.0},
+              min_mapped_share=0.0)
+    rows = cross_metrics(run)
+    assert len(rows) == 12 and all(m["train/cross/kd_positions/teacher"] > 0 for m in rows)
+    assert all(0.5 < m["train/cross/map_coverage/teacher"] <= 1.0 + 1e-6 for m in rows)
+    kd = [m["train/kd/teacher"] for m in rows]
+    assert np.isfinite(kd).all() and np.mean(kd[-3:]) < np.mean(kd[:3])
 
+
+def test_draws_at_another_temperature_without_logprobs_are_refused(world, tmp_path):
+    store = write_store(tmp_path / "hot", world["teacher"], world["teacher_tok"],
+                        kinds="sampled", sampled=SampledSpec(4, temperature=2.0, logprobs=False))
+    with pytest.raises(ConfigError) as err:
+        train_run(world, tmp_path / "run", store=store, max_steps=1, temperature=2.0)
+    message = str(err.value)
+    assert "sample temperature 2" in message and "without log-probs" in message
+    assert "T=1 distribution" in message  # the cross path's rule, not the same-tokenizer one
+    assert "'teacher'" in message and "'sharp'" in message
+    assert not (tmp_path / "run" / "final").exists()

@@ -188,10 +188,10 @@ def test_choices_useless_for_another_tokenizer_are_warned_and_the_dump_goes_on(
     store = tmp_path / "sampled_only"
     shutil.copytree(teachers["store"], store)
     with caplog.at_level("WARNING", logger="teacher_dump.dump"):
-        run_dump(config(teachers, store, top_k=0, split_long=True), ranks=RankContext(),
-                 progress=False)
+        run_dump(config(teachers, store, top_k=0, split_long=True, sample_temperature=2.0,
+                        sampled_logprobs=False), ranks=RankContext(), progress=False)
     said = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
-    assert "no top-k" in said and "--top-k" in said
+    assert "without their log-probs" in said and "--top-k" in said
     assert "--split-long does not apply" in said
     spec = StoreReader(str(store)).settings.signals["other"]
     assert spec.topk is None and spec.sampled is not None

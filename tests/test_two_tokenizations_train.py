@@ -12,7 +12,6 @@ import pytest
 
 pytest.importorskip("torch")
 
-from logitstore.errors import ConfigError  # noqa: E402
 from logitstore.reader import StoreReader  # noqa: E402
 from teacher_dump.dump import run_dump  # noqa: E402
 from teacher_dump.ranks import RankContext  # noqa: E402
@@ -88,12 +87,16 @@ def test_a_student_of_the_second_teachers_tokenizer_aligns_with_it_wherever_cove
             pytest.approx(m["train/cross/coverage/other"])
 
 
-def test_sampled_targets_of_a_foreign_tokenization_are_refused(world, tmp_path):
+def test_sampled_targets_of_a_foreign_tokenization_train_through_its_map(world, tmp_path):
+    """The second teacher's draws (on its own tokenization) are a KD target too: read as the
+    distribution they estimate, aligned by that tokenization's spans, mapped by its map."""
     reader = StoreReader(str(world["store"]))
     assert reader.settings.signals["other"].sampled is not None
-    with pytest.raises(ConfigError, match="sampled targets"):
-        train_run(world, tmp_path / "sampled", max_steps=1, signals={"other": 1.0},
-                  target="sampled")
+    run = tmp_path / "sampled"
+    train_run(world, run, max_steps=2, signals={"other": 1.0}, target="sampled")
+    rows = [m for m in read_metrics(run) if "train/cross/positions" in m]
+    assert rows and all(m["train/cross/kd_positions/other"] > 0 for m in rows)
+    assert all(np.isfinite(m["train/kd/other"]) for m in rows)
 
 
 def _chat_sample(world):

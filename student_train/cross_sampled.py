@@ -1,0 +1,57 @@
+"""A sampled signal's draws as the teacher distribution a foreign-tokenizer student learns from.
+
+The cross-tokenizer path (cross_batch, cross_inside, cross_chain, cross_token_losses) reads a
+teacher position as distinct teacher ids with T=1 log-probs, the mass they leave out as a tail:
+a stored top-k. A sampled signal (teacher-dump's default capture) gives the same thing as an
+estimate. Its n draws at a position were taken from the teacher at the sample temperature tau;
+the estimate of the teacher's T=1 distribution on the drawn ids is
+    p^(t) = count(t) / n                                      at tau = 1 (unbiased: E p^ = p),
+    p^(t) = count(t) w(t) / sum_u count(u) w(u),  w = p(t)^(1 - 1/tau)   at any tau,
+the second with the stored T=1 log-probs (self-normalised importance weights: the same weights
+losses.build_sampled_target gives a same-tokenizer student at T = 1). It sums to 1: no tail.
+A vocabulary-mapped bin adds the p^ of the teacher ids it holds, so at tau = 1 it is unbiased
+too; the conditioned (inside) and chained targets are ratios and products of such estimates,
+consistent as the number of draws grows (a stored top-k's are exact but truncated).
+Draws at tau != 1 stored without log-probs (`--no-sampled-logprobs`) give no T=1 estimate:
+`draws_as_topk` refuses them and cross_tokenizer.cross_setup says so before training.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from logitstore.sample import Sampled, TopK
+
+NO_TAIL = -1e4  # log of the mass the draws leave out: none (finite, as the uniform filler's)
+
+
+def draws_as_topk(sampled: Sampled, width: int, sample_temperature: float) -> TopK:
+    """The positions' draws as a top-k [L, width] (module docstring): ids padded with -1 and
+    log-probs with -inf; a position without draws is all padding with its whole mass in the
+    tail (it maps nothing, so the student gets no target there)."""
+    per = np.diff(sampled.offsets)  # [L] distinct drawn ids per position
+    L = len(per)
+    if L and int(per.max()) > width:
+        raise ValueError(f"a position holds {int(per.max())} distinct drawn ids, more than the "
+                         f"signal's {width} draws")
+    ids = np.full((L, width), -1, np.int64)
+    logprobs = np.full((L, width), -np.inf, np.float32)
+    tail = np.where(per > 0, NO_TAIL, 0.0).astype(np.float32)
+    if not len(sampled.ids):
+        return TopK(ids, logprobs, tail)
+    row = np.repeat(np.arange(L), per)  # [E] the position of each entry
+    log_w = np.log(sampled.counts.astype(np.float64))
+    if sample_temperature != 1.0:
+        if sampled.logprobs is None:
+            raise ValueError(f"draws taken at sample temperature {sample_temperature:g} without "
+                             f"stored log-probs give no estimate of the teacher's T=1 "
+                             f"distribution")
+        log_w += sampled.logprobs.astype(np.float64) * (1.0 - 1.0 / sample_temperature)
+    top = np.full(L, -np.inf)
+    np.maximum.at(top, row, log_w)
+    total = np.zeros(L)
+    np.add.at(total, row, np.exp(log_w - top[row]))
+    column = np.arange(len(row)) - sampled.offsets[row]
+    ids[row, column] = sampled.ids
+    logprobs[row, column] = log_w - top[row] - np.log(total[row])  # normalised per position
+    return TopK(ids, logprobs, tail)

@@ -6,7 +6,9 @@ summarise   per student variant: held-out bits per byte, tokens per byte, step a
   gap closed    (bpb[ce-C] - bpb[xkd]) / (bpb[ce-C] - bpb[kd-A]): the share of the gap
                 between CE only (student C) and same-tokenizer KD (student A) that a
                 cross-tokenizer student closes; ratio of the mean paired differences, with the
-                per-seed shares' interval; "–" with the reason unless the gap is resolved > 0
+                per-seed shares' interval; "–" with the reason unless the gap is resolved > 0.
+                A student trained on the draws (xkd-pkl-draws) is measured against the
+                same-tokenizer student of the same target (kd-A-draws): `REFERENCE`
   own-CE gain   (bpb[ce-C] - bpb[xkd]) / (bpb[ce-A] - bpb[kd-A]): KD's gain for student C
                 from teacher A over KD's gain for student A (the tokenizers' own difference
                 left out); "–" unless student A's gain is resolved > 0
@@ -42,8 +44,10 @@ SINGLES = ("xkd-pkl", "xkd-B-pkl")
 TWO = "xkd-AB-pkl"
 MEANS = "xkd-AB-pkl-means"  # the ablation: each teacher's mean over its own positions
 CONF = "xkd-AB-pkl-conf"  # signal_mixture confidence: weights x P(next token) per position
-CROSS = ("xkd-pkl", "xkd-pkl-aligned", "xkd-pkl-unchained", "xkd-uld", "xkd-B-pkl", TWO,
-         MEANS, CONF)
+CROSS = ("xkd-pkl", "xkd-pkl-aligned", "xkd-pkl-unchained", "xkd-pkl-draws", "xkd-uld",
+         "xkd-B-pkl", TWO, MEANS, CONF)
+A_STUDENTS = ("ce-A", "kd-A", "kd-A-draws")  # the others have tokenizer C
+REFERENCE = {"xkd-pkl-draws": "kd-A-draws"}  # same-tokenizer KD of the same target; else kd-A
 WEIGHTS_BEFORE_OPTION = (0.5, 0.5)  # runs before --two-teacher-weights: equal weights
 MIXTURES = {TWO: "signals A:{a}, B:{b}", CONF: "signals A:{a}, B:{b}, each times its "
             "probability of the next token"}
@@ -162,40 +166,43 @@ def two_teachers(runs: list[dict], rows: dict, name: str = TWO) -> dict:
             "two_bpb": rows[name]["bits_per_byte"]}
 
 
-def step_cost(runs: list[dict], name: str) -> dict:
+def step_cost(runs: list[dict], name: str, ref: str = "kd-A") -> dict:
     kinds = runs[0]["batch_kind"]
-    ratio = [r["step_s"][name] / r["step_s"]["kd-A"] for r in runs]
+    ratio = [r["step_s"][name] / r["step_s"][ref] for r in runs]
     with_collate = [(r["step_s"][name] + r["collate_s"][kinds[name]])
-                    / (r["step_s"]["kd-A"] + r["collate_s"][kinds["kd-A"]]) for r in runs]
-    per_token = [(r["step_s"][name] / r["tokens"][name]) / (r["step_s"]["kd-A"]
-                                                             / r["tokens"]["kd-A"]) for r in runs]
+                    / (r["step_s"][ref] + r["collate_s"][kinds[ref]]) for r in runs]
+    per_token = [(r["step_s"][name] / r["tokens"][name]) / (r["step_s"][ref]
+                                                             / r["tokens"][ref]) for r in runs]
     vs_ce = [r["step_s"][name] / r["step_s"]["ce-C"] for r in runs]
     return {"ratio": interval(ratio), "with_collate": interval(with_collate),
             "per_token": interval(per_token), "vs_ce_c": interval(vs_ce),
             "met": interval(ratio)["mean"] <= GOAL_STEP_RATIO}
 
 
-def own_ce_share(runs: list[dict], rows: dict, gain: list[float]) -> dict:
+def own_ce_share(runs: list[dict], rows: dict, gain: list[float],
+                 ref: str = "kd-A") -> dict:
     """`gain` (a cross student's over ce-C, per seed) as a share of student A's KD gain over
-    its CE only (ce-A - kd-A); a run of selected variants (--variants) may leave ce-A out,
+    its CE only (ce-A - `ref`); a run of selected variants (--variants) may leave ce-A out,
     and then there is no such gain to share: None with that reason."""
     if "ce-A" not in rows:
         return {"share": None, "reason": "ce-A not run", "reference": None}
-    a_gain = [c - k for c, k in zip(_seeds(runs, "ce-A"), _seeds(runs, "kd-A"))]
+    a_gain = [c - k for c, k in zip(_seeds(runs, "ce-A"), _seeds(runs, ref))]
     return share_of(gain, a_gain, "student A's KD gain over its CE only is")
 
 
 def summarise(runs: list[dict], teachers: dict) -> dict:
     rows = method_rows(runs)
-    ce_c, kd_a = _seeds(runs, "ce-C"), _seeds(runs, "kd-A")
-    gap = [c - k for c, k in zip(ce_c, kd_a)]
+    ce_c = _seeds(runs, "ce-C")
     goals = {}
-    for name in (n for n in CROSS if n in rows):
+    for name in (n for n in CROSS if n in rows and REFERENCE.get(n, "kd-A") in rows):
+        ref = REFERENCE.get(name, "kd-A")
+        gap = [c - k for c, k in zip(ce_c, _seeds(runs, ref))]
         gain = [c - x for c, x in zip(ce_c, _seeds(runs, name))]
-        closed = share_of(gain, gap, "the gap CE only (C) - same-tokenizer KD (A) is")
+        closed = share_of(gain, gap, f"the gap CE only (C) - same-tokenizer KD ({ref}) is")
         closed["met"] = None if closed["share"] is None else closed["share"] >= GOAL_CLOSED
-        goals[name] = {"gap_closed": closed, "own_ce_gain": own_ce_share(runs, rows, gain),
-                       "gain_over_ce_c": interval(gain), "step": step_cost(runs, name)}
+        goals[name] = {"gap_closed": closed, "reference": ref,
+                       "own_ce_gain": own_ce_share(runs, rows, gain, ref),
+                       "gain_over_ce_c": interval(gain), "step": step_cost(runs, name, ref)}
     vocab = {k: v.get("cross_tokenizer", {}).get("vocab_map")
              for k, v in runs[0]["cross_provenance"].items()}
     return {"methods": rows, "teachers": teachers, "goals": goals, "alignment": alignment(runs),
@@ -223,7 +230,7 @@ def method_table(summary: dict) -> list[str]:
              "| NLL/token | tokens/byte | student tokens/step | step s | step + collate s "
              "| ms per 1k tokens |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in summary["methods"].items():
-        tok = "A" if name.endswith("-A") else "C"
+        tok = "A" if name in A_STUDENTS else "C"
         vs = "reference" if name == "ce-C" else _ci(row["vs_ce_c"])
         lines.append(f"| {name} | {tok} | {_pm(row['bits_per_byte'], '.4f')} | {vs} "
                      f"| {_pm(row['nll_per_token'], '.4f')} | {row['tokens_per_byte']:.3f} "
@@ -245,13 +252,14 @@ def _share_text(share: dict) -> str:
 def goal_lines(summary: dict) -> list[str]:
     lines = []
     for name, g in summary["goals"].items():
-        closed, step = g["gap_closed"], g["step"]
+        closed, step, ref = g["gap_closed"], g["step"], g.get("reference", "kd-A")
         verdict = ("–" if closed["met"] is None else "met" if closed["met"] else "not met")
         lines += [f"- **{name}**: closes {_share_text(closed)} of the bits-per-byte gap "
-                  f"between CE only (C) and same-tokenizer KD (A) (goal ≥ {GOAL_CLOSED:.0%}: "
-                  f"{verdict}); its gain over ce-C {_ci(g['gain_over_ce_c'])} bits/byte is "
+                  f"between CE only (C) and same-tokenizer KD ({ref}) (goal ≥ "
+                  f"{GOAL_CLOSED:.0%}: {verdict}); its gain over ce-C "
+                  f"{_ci(g['gain_over_ce_c'])} bits/byte is "
                   f"{_share_text(g['own_ce_gain'])} of student A's KD gain over ce-A",
-                  f"  step cost vs kd-A: {_ci(step['ratio'], '.2f')}x Step.train (goal ≤ "
+                  f"  step cost vs {ref}: {_ci(step['ratio'], '.2f')}x Step.train (goal ≤ "
                   f"{GOAL_STEP_RATIO}x: {'met' if step['met'] else 'not met'}), "
                   f"{_ci(step['with_collate'], '.2f')}x with each one's collate, "
                   f"{_ci(step['per_token'], '.2f')}x per student token, "
@@ -351,7 +359,7 @@ def plot(result: dict, out: Path) -> Path:
     names = list(s["methods"])
     means = [s["methods"][n]["bits_per_byte"]["mean"] for n in names]
     errs = [s["methods"][n]["bits_per_byte"]["half_width"] or 0.0 for n in names]
-    colors = ["tab:gray" if n.startswith("ce") else "tab:blue" if n == "kd-A"
+    colors = ["tab:gray" if n.startswith("ce") else "tab:blue" if n.startswith("kd-A")
               else "tab:purple" if n == TWO else "tab:red" for n in names]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.bar(names, means, yerr=errs, capsize=4, color=colors)

@@ -4,10 +4,11 @@ build_teacher   a Llama for tokenizer A or B trained from scratch on every train
                 medical corpus by the real `student-train --data` (hard labels, a subprocess);
                 cached in CACHE/teacher-NAME-KEY/, KEY = SHA-256 of the corpus key, the
                 tokenizer, the shape and the training settings
-build_store     the teacher's `teacher-dump` of the transfer set (top-k only: the
-                cross-tokenizer losses map or sort the stored top-k; sample text and token
-                spans kept, the dump's default); reused while the teacher, data and settings
-                match (a stamp file), else dumped afresh
+build_store     the teacher's `teacher-dump` of the transfer set: top-k and, in the same
+                signal, 16 draws at T = 1 with their log-probs (teacher-dump's default
+                capture, for the -draws students); sample text and token spans kept, the
+                dump's default; reused while the teacher, data and settings match (a stamp
+                file), else dumped afresh
 build_two_teacher_store   store A copied to store-AB, then teacher B's signal added to it by
                 the real `teacher-dump --model B --signal topk{k}-B --out store-AB` (no
                 --data: B cuts each stored text with its own tokenizer, format 2.2); the
@@ -41,7 +42,7 @@ TEACHER_TRAIN = {"max_length": 512, "batch_tokens": 4096, "lr": 3.0e-3, "adam_be
                  "warmup_ratio": 0.03, "lr_schedule": "cosine", "eval_fraction": 0.0,
                  "save_every": 0, "log_every": 50, "seed": 0}
 DUMP = {"quantize": "none", "dtype": "float32", "device": "cpu", "max_length": 512,
-        "batch_tokens": 4096, "logits_chunk": 256, "samples": 0, "seed": 0,
+        "batch_tokens": 4096, "logits_chunk": 256, "samples": 16, "seed": 0,
         "hidden_layers": [], "attention_layers": [], "segment_tokens": 32768,
         "chunk_tokens": 4096, "chunk_samples": 64}
 
@@ -123,8 +124,8 @@ def build_store(teacher: dict, transfer: Path, work: Path, top_k: int, run_tool)
         argv = ["-m", "teacher_dump", "--config", str(config), "--model", teacher["path"],
                 "--data", str(transfer), "--out", str(store), "--signal", signal,
                 "--no-progress"]
-        print(f"  $ teacher-dump --model teacher-{name} --signal {signal} --top-k {top_k}",
-              flush=True)
+        print(f"  $ teacher-dump --model teacher-{name} --signal {signal} --top-k {top_k} "
+              f"--samples {dump['samples']}", flush=True)
         t0 = time.perf_counter()
         run_tool(argv, Path(work) / "logs" / f"dump-{name}.log")
         saved = {"inputs": inputs, "dump_s": round(time.perf_counter() - t0, 1),

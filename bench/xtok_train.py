@@ -5,6 +5,8 @@ A's store whose collate_fn hands back the raw rows of samples, and each variant 
 rows into its own batch:
   ce-A      tokenizer A, CE only            student_train.collate.collate (the stored ids)
   kd-A      tokenizer A, KD from store A    same batch; top-k target, the existing path
+  kd-A-draws                                (only when --variants names it) kd-A with the
+                                            signal's 16 draws as the target (sampled)
   ce-C      tokenizer C, CE only            the stored texts re-tokenized with C (the uld
                                             batch below: same tokens, its signal unused)
   xkd-pkl   tokenizer C, KD from store A    student_train.cross_tokenizer.cross_setup with
@@ -19,6 +21,11 @@ rows into its own batch:
                                             chained_token_targets false: a student token
                                             spanning several teacher tokens gets the first
                                             one's piece (the behaviour before chains)
+  xkd-pkl-draws                             (only when --variants names it) xkd-pkl with
+                                            the signal's draws as the target (target
+                                            sampled: the distribution they estimate,
+                                            student_train/cross_sampled.py); its
+                                            reference is kd-A-draws
   xkd-B-pkl tokenizer C, KD from store B    (unless --no-b) teacher B's samples of the same
                                             ids, through B's own cross setup
   xkd-AB-pkl tokenizer C, KD from store AB  (unless --no-b) two teachers: store A plus
@@ -49,13 +56,17 @@ import time
 from dataclasses import replace
 from types import SimpleNamespace
 
-A_VARIANTS = ("ce-A", "kd-A")
+A_VARIANTS = ("ce-A", "kd-A", "kd-A-draws")
 C_VARIANTS = ("ce-C", "xkd-pkl", "xkd-uld")
 ALL_VARIANTS = (*A_VARIANTS, "ce-C", "xkd-pkl", "xkd-pkl-aligned", "xkd-pkl-unchained",
-                "xkd-uld", "xkd-B-pkl", "xkd-AB-pkl", "xkd-AB-pkl-means", "xkd-AB-pkl-conf")
+                "xkd-pkl-draws", "xkd-uld", "xkd-B-pkl", "xkd-AB-pkl", "xkd-AB-pkl-means",
+                "xkd-AB-pkl-conf")
 TWO_TEACHER_VARIANTS = ("xkd-AB-pkl", "xkd-AB-pkl-means", "xkd-AB-pkl-conf")
 # run only when --variants names them
-ABLATIONS = ("xkd-pkl-aligned", "xkd-pkl-unchained", "xkd-AB-pkl-means", "xkd-AB-pkl-conf")
+ABLATIONS = ("kd-A-draws", "xkd-pkl-aligned", "xkd-pkl-unchained", "xkd-pkl-draws",
+             "xkd-AB-pkl-means", "xkd-AB-pkl-conf")
+# the target of each variant's KD (the rest: the signal's top-k)
+TARGETS = {"kd-A-draws": "sampled", "xkd-pkl-draws": "sampled"}
 DEFAULT_VARIANTS = tuple(v for v in ALL_VARIANTS if v not in ABLATIONS)
 
 
@@ -106,7 +117,7 @@ def cross_parts(cfg, reader, tokenizer):
     if problems or cross is None:
         raise ConfigError(problems or [f"store {cfg.store}: the student's tokenizer is the "
                                        f"store's, expected another one"])
-    plans = [replace(p, cross_loss=cross.loss) if p.target == "topk" else p for p in plans]
+    plans = [replace(p, cross_loss=cross.loss) if p.target else p for p in plans]
     return plans, cross
 
 
@@ -172,28 +183,34 @@ def make_variants(plan, seed: int, accelerator) -> tuple[list, dict]:
     students = initial_students(plan, seed)
     a_store, b_store = plan.stores["A"]["url"], plan.stores.get("B", {}).get("url")
     kd = {"signals": {signal: 1.0}, "target": "topk"}
-    cfg = {n: train_config(plan, a_store, plan.student_dirs["A"], n, seed, **(kd if n == "kd-A"
-                                                                               else {}))
-           for n in A_VARIANTS}
+
+    def kd_of(name: str) -> dict:
+        return {**kd, "target": TARGETS.get(name, "topk")}
+
+    cfg = {n: train_config(plan, a_store, plan.student_dirs["A"], n, seed,
+                           **(kd_of(n) if n != "ce-A" else {})) for n in A_VARIANTS}
     from student_train.sources import plan_signals
 
-    problems: list[str] = []
-    kd_plans, _ = plan_signals(cfg["kd-A"], plan.readers["A"].settings, students["A"], problems)
-    variants = [Variant("ce-A", cfg["ce-A"], copy_of(students["A"]), [], "A", accelerator),
-                Variant("kd-A", cfg["kd-A"], copy_of(students["A"]), kd_plans, "A",
-                        accelerator)]
+    variants = []
+    for name in (n for n in A_VARIANTS if n in chosen):
+        problems: list[str] = []
+        plans = [] if name == "ce-A" else plan_signals(
+            cfg[name], plan.readers["A"].settings, students["A"], problems)[0]
+        variants.append(Variant(name, cfg[name], copy_of(students["A"]), plans, "A",
+                                accelerator))
     collates = {"A": lambda raw: collate(raw["rows"], raw["weights"], raw["signals"],
                                          packing=raw["packing"])}
     crosses = {}
     for name, loss, inside, chained in (
             ("xkd-pkl", "pkl", True, True), ("xkd-pkl-aligned", "pkl", False, False),
-            ("xkd-pkl-unchained", "pkl", True, False), ("xkd-uld", "uld", True, True)):
+            ("xkd-pkl-unchained", "pkl", True, False), ("xkd-pkl-draws", "pkl", True, True),
+            ("xkd-uld", "uld", True, True)):
         kind = "C-" + name[len("xkd-"):]
         if name not in chosen and not (name == "xkd-uld" and "ce-C" in chosen):
             continue  # ce-C reads the uld batch (the student's tokens, its signal unused)
         cfg_x = train_config(plan, a_store, plan.student_dirs["C"], name, seed,
                              cross_loss=loss, inside_token_targets=inside,
-                             chained_token_targets=chained, **kd)
+                             chained_token_targets=chained, **kd_of(name))
         plans, crosses[kind[2:]] = cross_parts(cfg_x, plan.readers["A"], plan.tokenizer_c)
         if name in chosen:
             variants.append(Variant(name, cfg_x, copy_of(students["C"]), plans, kind,

@@ -245,14 +245,20 @@ def test_the_harness_runs_end_to_end_at_its_tiniest_size(tmp_path):
           "--variants", ",".join(ALL_VARIANTS)])
     result = json.loads(out.read_text())
     summary = result["summary"]
-    assert set(summary["methods"]) == {"ce-A", "kd-A", "ce-C", "xkd-pkl", "xkd-pkl-aligned",
-                                       "xkd-pkl-unchained", "xkd-uld", "xkd-B-pkl", TWO,
-                                       "xkd-AB-pkl-means", "xkd-AB-pkl-conf"}
+    assert set(summary["methods"]) == {"ce-A", "kd-A", "kd-A-draws", "ce-C", "xkd-pkl",
+                                       "xkd-pkl-aligned", "xkd-pkl-unchained", "xkd-pkl-draws",
+                                       "xkd-uld", "xkd-B-pkl", TWO, "xkd-AB-pkl-means",
+                                       "xkd-AB-pkl-conf"}
     for row in summary["methods"].values():
         assert 0 < row["bits_per_byte"]["mean"] < 20 and row["bits_per_byte"]["n"] == 2
     assert set(summary["alignment"]) == {"xkd-pkl", "xkd-pkl-aligned", "xkd-pkl-unchained",
-                                         "xkd-uld", "xkd-B-pkl", TWO, "xkd-AB-pkl-means",
-                                         "xkd-AB-pkl-conf"}
+                                         "xkd-pkl-draws", "xkd-uld", "xkd-B-pkl", TWO,
+                                         "xkd-AB-pkl-means", "xkd-AB-pkl-conf"}
+    # the draws students: each against the same-tokenizer student of the same target
+    assert summary["goals"]["xkd-pkl-draws"]["reference"] == "kd-A-draws"
+    assert summary["goals"]["xkd-pkl"]["reference"] == "kd-A"
+    assert all(run["loss_first_last"]["kd-A-draws"] != run["loss_first_last"]["kd-A"]
+               for run in result["runs"])
     for row in summary["alignment"].values():
         assert 0 < row["aligned_share"] <= 1
     inside, aligned_only = summary["alignment"]["xkd-pkl"], summary["alignment"]["xkd-pkl-aligned"]

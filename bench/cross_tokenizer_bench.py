@@ -175,7 +175,7 @@ def tokenizers_of(ready) -> dict:
 def run_seeds(args, ready) -> tuple[list[dict], dict]:
     from xtok_eval import bits_per_byte
     from xtok_teachers import CONTEXT
-    from xtok_train import train_students
+    from xtok_train import A_VARIANTS, train_students
 
     texts, toks = heldout_texts(ready, args.heldout_limit), tokenizers_of(ready)
     teachers = {f"teacher-{n}": bits_per_byte(load_model(t["path"]), toks[n], texts, CONTEXT)
@@ -185,7 +185,7 @@ def run_seeds(args, ready) -> tuple[list[dict], dict]:
     runs = []
     for offset in range(args.seeds):
         run = train_students(ready.plan, args.seed + offset)
-        run["heldout"] = {name: bits_per_byte(model, toks["A" if name.endswith("-A") else "C"],
+        run["heldout"] = {name: bits_per_byte(model, toks["A" if name in A_VARIANTS else "C"],
                                               texts, CONTEXT)
                           for name, model in run.pop("students").items()}
         print("  held-out bits/byte: " + " ".join(

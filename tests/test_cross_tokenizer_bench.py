@@ -259,6 +259,9 @@ def test_the_harness_runs_end_to_end_at_its_tiniest_size(tmp_path):
     assert summary["goals"]["xkd-pkl"]["reference"] == "kd-A"
     assert all(run["loss_first_last"]["kd-A-draws"] != run["loss_first_last"]["kd-A"]
                for run in result["runs"])
+    for run in result["runs"]:  # measured with its own tokenizer
+        assert run["heldout"]["kd-A-draws"]["tokens_per_byte"] == \
+            run["heldout"]["kd-A"]["tokens_per_byte"] != run["heldout"]["ce-C"]["tokens_per_byte"]
     for row in summary["alignment"].values():
         assert 0 < row["aligned_share"] <= 1
     inside, aligned_only = summary["alignment"]["xkd-pkl"], summary["alignment"]["xkd-pkl-aligned"]

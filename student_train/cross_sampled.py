@@ -9,11 +9,20 @@ the estimate of the teacher's T=1 distribution on the drawn ids is
     p^(t) = count(t) w(t) / sum_u count(u) w(u),  w = p(t)^(1 - 1/tau)   at any tau,
 the second with the stored T=1 log-probs (self-normalised importance weights: the same weights
 losses.build_sampled_target gives a same-tokenizer student at T = 1). It sums to 1: no tail.
-A vocabulary-mapped bin adds the p^ of the teacher ids it holds, so at tau = 1 it is unbiased
-too; the conditioned (inside) and chained targets are ratios and products of such estimates,
-consistent as the number of draws grows (a stored top-k's are exact but truncated).
+What that means downstream:
+* a vocabulary-mapped bin adds the p^ of the teacher ids it holds, so at tau = 1 the bins are
+  unbiased estimates of the teacher's bins (before any tempering: at T != 1 the target is
+  tempered bin-wise, a non-linear step); a chained target (cross_chain.py) moves a product of
+  estimates from different positions, drawn independently, so it is unbiased too, and a
+  continuation not drawn counts as one outside the top-k (no chain); a conditioned target
+  (cross_inside.py) is a ratio of estimates: consistent, not unbiased;
+* thresholds read the estimate: `min_mapped_share` at an aligned position (the drawn ids
+  that do not map), and the conditioned share inside a teacher token, where few draws can
+  pass it on one contributing draw (a stored top-k is exact but truncated instead);
+* ULD sorts the estimate's probabilities, which few draws make look sharper than the
+  teacher.
 Draws at tau != 1 stored without log-probs (`--no-sampled-logprobs`) give no T=1 estimate:
-`draws_as_topk` refuses them and cross_tokenizer.cross_setup says so before training.
+`draws_as_topk` refuses them and cross_tokenizer.draws_problems says so before training.
 """
 
 from __future__ import annotations
@@ -34,6 +43,10 @@ def draws_as_topk(sampled: Sampled, width: int, sample_temperature: float) -> To
     if L and int(per.max()) > width:
         raise ValueError(f"a position holds {int(per.max())} distinct drawn ids, more than the "
                          f"signal's {width} draws")
+    totals = np.bincount(np.repeat(np.arange(L), per), weights=sampled.counts, minlength=L)
+    if ((totals != 0) & (totals != width)).any():
+        raise ValueError(f"a position's draw counts add up to {int(totals[totals != 0][0])}, "
+                         f"expected the signal's {width} draws (or 0)")
     ids = np.full((L, width), -1, np.int64)
     logprobs = np.full((L, width), -np.inf, np.float32)
     tail = np.where(per > 0, NO_TAIL, 0.0).astype(np.float32)

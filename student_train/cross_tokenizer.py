@@ -91,14 +91,33 @@ def no_text_problem(url: str, settings, tokenizer) -> str:
             f"student that shares the teacher's tokenizer")
 
 
-def draws_problem(name: str, url: str, sample_temperature: float) -> str:
-    return (f"signal {name!r} of store {url} would give this run sampled targets drawn at "
-            f"sample temperature {sample_temperature:g} and stored without log-probs: a "
-            f"student with another tokenizer reads the draws as an estimate of the teacher's "
-            f"T=1 distribution, which draws at another temperature give only with their "
-            f"log-probs. Use --target topk where the signal holds top-k, dump the signal "
-            f"again with --sampled-logprobs (or --sample-temperature 1), or train a student "
-            f"that shares the teacher's tokenizer")
+def draws_problems(draws: dict[str, tuple[int, float]], cfg, reader, eval_reader) -> list[str]:
+    """What keeps the signals whose targets are draws (`draws`: name -> the store's n_draws
+    and sample temperature) from giving an estimate of the teacher's T=1 distribution, in
+    the store and in the eval_store (whose draws the same collate reads the same way)."""
+    out = []
+    for name, (n_draws, temperature) in draws.items():
+        specs = {cfg.store: reader.settings.signals[name].sampled}
+        signal = eval_reader.settings.signals.get(name) if eval_reader is not None else None
+        if signal is not None:  # a signal the eval_store lacks is refused by the caller
+            spec = signal.sampled
+            if spec is None or (spec.n_draws, spec.temperature) != (n_draws, temperature):
+                held = "no draws" if spec is None else \
+                    f"{spec.n_draws} draws at temperature {spec.temperature:g}"
+                out.append(f"eval_store {cfg.eval_store}: signal {name!r} holds {held}, store "
+                           f"{cfg.store} {n_draws} at temperature {temperature:g}; evaluate on "
+                           f"a store whose draws were taken the same way")
+            else:
+                specs[cfg.eval_store] = spec
+        out += [f"signal {name!r} of store {url} would give this run sampled targets drawn at "
+                f"sample temperature {temperature:g} and stored without log-probs: a student "
+                f"with another tokenizer reads the draws as an estimate of the teacher's T=1 "
+                f"distribution, which draws at another temperature give only with their "
+                f"log-probs. Use --target topk where the signal holds top-k, dump the signal "
+                f"again with --sampled-logprobs (or --sample-temperature 1), or train a student "
+                f"that shares the teacher's tokenizer"
+                for url, spec in specs.items() if temperature != 1.0 and not spec.logprobs]
+    return out
 
 
 def stored_teacher_tokenizer(reader, url: str, tokenization: str | None = None):
@@ -190,9 +209,7 @@ def cross_setup(cfg, reader, eval_reader, tokenizer, plans, problems: list[str])
                      on_tokenization.items() if tokenization is not None and
                      _tokenizer_of(eval_reader, name) != _tokenizer_of(reader, name)]
     draws = {p.name: (p.n_draws, p.sample_temperature) for p in plans if p.target == "sampled"}
-    problems += [draws_problem(name, cfg.store, temperature)
-                 for name, (_, temperature) in draws.items() if temperature != 1.0
-                 and not reader.settings.signals[name].sampled.logprobs]
+    problems += draws_problems(draws, cfg, reader, eval_reader)
     if len(problems) > start:
         return None
     topk = [p.name for p in plans if p.target]  # top-k, or draws read as one

@@ -109,10 +109,25 @@ def check_inputs(cfg) -> Inputs:
     problems = [problem] if problem else missing_logprob_problems(
         cfg, store.settings, cfg.store, eval_store.settings if eval_store else None,
         cfg.eval_store)
+    if problems and not problem and _across_tokenizers(cfg, store):
+        problems = []  # draws read as a T=1 estimate: cross_tokenizer.draws_problems' rule
     if problems:
         raise ConfigError(problems)
     _refuse_foreign_student_without_text(cfg, {cfg.store: store, cfg.eval_store: eval_store})
     return Inputs(store, eval_store)
+
+
+def _across_tokenizers(cfg, store: StoreReader) -> bool:
+    """Whether the run takes the cross-tokenizer path (a selected signal on another
+    tokenization of the store, or a student of another tokenizer: read from its tokenizer
+    files, which is cheap)."""
+    names = list(cfg.signals) or list(store.settings.signals)
+    if any(store.settings.signals[n].tokenization for n in names):
+        return True
+    from logitstore.toolkit.hf import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.student, cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    return is_foreign(tokenizer, store.settings)
 
 
 def _refuse_foreign_student_without_text(cfg, readers: dict) -> None:

@@ -59,6 +59,8 @@ def test_draws_at_another_temperature_need_their_logprobs_and_fit_the_width():
         draws_as_topk(no_logprobs, N_DRAWS, 2.0)
     with pytest.raises(ValueError, match="more than the signal's 2 draws"):
         draws_as_topk(sampled, 2, 1.0)
+    with pytest.raises(ValueError, match="add up to 8, expected the signal's 9 draws"):
+        draws_as_topk(sampled, 9, 1.0)
     empty = draws_as_topk(Sampled.from_lists([[], []], [[], []], None), 4, 1.0)
     assert (empty.ids == -1).all() and (empty.tail() == 0.0).all()
 

@@ -489,6 +489,41 @@ def test_a_foreign_student_learns_from_sampled_draws(world, tmp_path):
     assert np.isfinite(kd).all() and np.mean(kd[-3:]) < np.mean(kd[:3])
 
 
+DRAW_CASES = {  # stored draws -> the run's overrides
+    "tau 1 without log-probs, trained at T = 2": (SampledSpec(4, logprobs=False),
+                                                  {"temperature": 2.0}),
+    "tau 2 with log-probs": (SampledSpec(4, temperature=2.0), {}),
+    "ULD": (SampledSpec(4), {"cross_loss": "uld"}),
+}
+
+
+@pytest.mark.parametrize("case", list(DRAW_CASES))
+def test_draws_train_a_foreign_student_wherever_they_estimate_the_teacher(world, tmp_path,
+                                                                          case):
+    """Draws at tau = 1 need no log-probs at any training temperature (the estimate is
+    tempered like a top-k), unlike a same-tokenizer student's; draws at another tau use
+    theirs; ULD sorts the estimate."""
+    spec, overrides = DRAW_CASES[case]
+    store = write_store(tmp_path / "draws", world["teacher"], world["teacher_tok"],
+                        kinds="sampled", sampled=spec)
+    run = tmp_path / "run"
+    train_run(world, run, store=store, max_steps=2, signals={"teacher": 1.0},
+              min_mapped_share=0.0, **overrides)
+    rows = cross_metrics(run)
+    assert len(rows) == 2 and all(m["train/cross/kd_positions/teacher"] > 0 for m in rows)
+    assert all(np.isfinite(m["train/kd/teacher"]) for m in rows)
+
+
+def test_an_eval_store_of_other_draws_is_refused(world, tmp_path):
+    store = write_store(tmp_path / "draws", world["teacher"], world["teacher_tok"],
+                        kinds="sampled")
+    other = write_store(tmp_path / "hot", world["teacher"], world["teacher_tok"],
+                        kinds="sampled", sampled=SampledSpec(4, temperature=2.0))
+    with pytest.raises(ConfigError, match="4 draws at temperature 2, store .* 4 at "
+                                          "temperature 1; evaluate on a store whose draws"):
+        train_run(world, tmp_path / "run", store=store, eval_store=str(other), max_steps=1)
+
+
 def test_draws_at_another_temperature_without_logprobs_are_refused(world, tmp_path):
     store = write_store(tmp_path / "hot", world["teacher"], world["teacher_tok"],
                         kinds="sampled", sampled=SampledSpec(4, temperature=2.0, logprobs=False))

@@ -4,10 +4,10 @@
 stored (teacher) sample, in the data path and vectorised with numpy (nothing per step in
 Python):
   1. the sample's stored text is tokenized with the student's tokenizer
-     (`token_spans.tokenize_with_spans`: the student's own BOS/EOS, byte spans of every token);
-     a chat sample (stored roles) is rendered by the student's chat template when it has one
-     (`token_spans.chat_with_spans` on the turns `text_spans.stored_messages` rebuilds, as
-     teacher-dump renders chats): the student trains on its own turn markers, special and
+     (`token_spans.stored_text_tokens`: the student's own BOS/EOS, byte spans of every
+     token); a chat sample (stored roles) is rendered by the student's chat template when it
+     has one (on the turns `text_spans.stored_messages` rebuilds, as teacher-dump renders
+     chats): the student trains on its own turn markers, special and
      zero-width, never aligned (a turn's markup is a target only after target text of its
      own role: the end-of-turn after an answer, never the next user turn's header).
      Without a template, or when the template cannot render those turns, the sample is
@@ -68,14 +68,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from logitstore.errors import TokenSpansError
 from logitstore.sample import Sample, SignalData, TopK
-from logitstore.text_spans import stored_messages
 from logitstore.tokenized import loss_mask_by_bytes
 from logitstore.toolkit.token_alignment import (PositionAlignment, SkipReason, align_positions,
                                                 inside_anchors)
-from logitstore.toolkit.token_spans import (Tokenization, chat_with_spans,
-                                            tokenize_with_spans)
+from logitstore.toolkit.token_spans import Tokenization, stored_text_tokens
 from student_train.collate import collate
 from student_train.cross_chain import ChainTargets, chain_targets
 from student_train.cross_inside import INSIDE_REASONS, InsideTargets, condition_inside
@@ -110,23 +107,10 @@ def student_loss_mask(teacher: Sample, student_spans: np.ndarray,
 def student_tokens(tokenizer, teacher: Sample) -> tuple[Tokenization, dict[str, float]]:
     """(the student's tokenization of a stored sample's text, its chat counts): a chat sample
     rendered by the student's chat template where it can be (module docstring, step 1)."""
-    whole, chat, why_plain = rendered_for_student(tokenizer, teacher)
+    whole, chat, why_plain = stored_text_tokens(tokenizer, teacher.text_spans,
+                                                teacher.sample_id)
     # the same keys for every sample: ranks reduce the summed stats key by key
     return whole, {"chat_samples": float(chat), "chat_templated": float(chat and not why_plain)}
-
-
-def rendered_for_student(tokenizer, teacher: Sample) -> tuple[Tokenization, bool, str | None]:
-    """(tokenization, whether the sample is a chat, why its chat was not templated or None)."""
-    t = teacher.text_spans
-    messages = stored_messages(t, teacher.sample_id)
-    if messages is None:
-        return tokenize_with_spans(tokenizer, t.text), False, None
-    if not getattr(tokenizer, "chat_template", None):
-        return tokenize_with_spans(tokenizer, t.text), True, "the tokenizer has no chat template"
-    try:  # the contents concatenate to the stored text (stored_messages), so spans index it
-        return chat_with_spans(tokenizer, messages), True, None
-    except TokenSpansError as err:
-        return tokenize_with_spans(tokenizer, t.text), True, str(err)
 
 
 def cut_to_teacher(tok, teacher_text) -> tuple[np.ndarray, ...]:

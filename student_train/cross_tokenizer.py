@@ -52,8 +52,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from logitstore.errors import SchemaMismatchError
+from logitstore.toolkit.token_spans import stored_text_tokens
 from logitstore.toolkit.tokenizer_identity import tokenizer_fingerprint, vocab_size_of
-from student_train.cross_batch import CrossCollate, rendered_for_student
+from student_train.cross_batch import CrossCollate
 from student_train.cross_token_losses import uld_per_position
 
 RATIO_SAMPLES = 64  # texts of the first segment tokenized to estimate the length ratio
@@ -166,11 +167,11 @@ def probe_first_segment(reader, tokenizer) -> tuple[float, dict[str, Any]]:
     """(student tokens per teacher token, chat rendering counts) over the first segment's
     samples (at most RATIO_SAMPLES of them; 1.0 and no chats for an empty store). Chats the
     student's tokenizer cannot render with its template are said once, here, before any
-    step: they train as plain text (cross_batch.rendered_for_student)."""
+    step: they train as plain text (token_spans.stored_text_tokens)."""
     if not reader.segments:
         return 1.0, {}
     samples = reader.read_segment(0, [])[:RATIO_SAMPLES]
-    rendered = [rendered_for_student(tokenizer, s) for s in samples]
+    rendered = [stored_text_tokens(tokenizer, s.text_spans, s.sample_id) for s in samples]
     teacher = sum(len(s) for s in samples)
     student = sum(len(whole.ids) for whole, _, _ in rendered)
     plain = [why for _, chat, why in rendered if chat and why]

@@ -15,9 +15,10 @@ segment by segment, resumable, one part per rank as any added signal). The rules
 * **Chat samples** (stored roles): the turns are rebuilt from the stored roles
   (`text_spans.stored_messages`: a turn starts where the role changes, or where text
   follows the markup that closed text of the same role; their contents concatenate to the
-  stored text). They
-  are rendered by the teacher's chat template (`token_spans.chat_with_spans`); a template
-  that cannot render them stops the dump naming the sample.
+  stored text). They are rendered by the teacher's chat template
+  (`token_spans.stored_text_tokens`, as a foreign student's are); a tokenizer without a
+  template, or one that cannot render them, stops the dump naming the sample (a student
+  would train such a chat as plain text; a teacher is fed its own turns or nothing).
 * **Targets**: a token is a target when the store's own token holding its first byte is
   (`tokenized.loss_mask_by_bytes`; a turn's template markup only after text of its
   role).
@@ -39,7 +40,6 @@ import numpy as np
 from logitstore.errors import TokenSpansError
 from logitstore.format import TOKENIZER_DIR, SignalSpec, TokenizationSpec
 from logitstore.sample import Sample
-from logitstore.text_spans import stored_messages
 from logitstore.tokenized import Tokenized, loss_mask_by_bytes
 from logitstore.toolkit.tokenizer_files import saved_tokenizer_files
 from logitstore.writer import tokenizer_file_entries
@@ -81,19 +81,16 @@ def no_text_refusal(url: str, model: str) -> str:
 def cut_sample(foreign: ForeignTokenizer, sample: Sample) -> tuple[Tokenized, bool]:
     """(the stored sample as the teacher's tokenizer cuts its text, whether it was cut at
     max-length); TokenSpansError naming the sample when its chat cannot be rendered."""
-    from logitstore.toolkit.token_spans import chat_with_spans, tokenize_with_spans
+    from logitstore.toolkit.token_spans import stored_text_tokens
 
     t = sample.text_spans
-    messages = stored_messages(t, sample.sample_id)
-    try:
-        whole = tokenize_with_spans(foreign.tokenizer, t.text) if messages is None else \
-            chat_with_spans(foreign.tokenizer, messages)
-    except TokenSpansError as err:
-        raise TokenSpansError(f"sample {sample.sample_id!r}: {err}") from None
+    whole, chat, why_plain = stored_text_tokens(foreign.tokenizer, t, sample.sample_id)
+    if why_plain:  # the teacher is fed its own template's turns, never a chat as plain text
+        raise TokenSpansError(f"sample {sample.sample_id!r}: {why_plain}")
     ids, spans = whole.ids.astype(np.int64), whole.spans.astype(np.int32)
     special, roles = whole.special.astype(bool), whole.role.astype(np.uint8)
     eos = getattr(foreign.tokenizer, "eos_token_id", None)
-    if messages is None and eos is not None and bool(t.special[-1]) and \
+    if not chat and eos is not None and bool(t.special[-1]) and \
             (len(ids) == 0 or ids[-1] != eos):
         end = len(t.text.encode("utf-8"))
         ids, spans = np.append(ids, eos), np.concatenate([spans, [[end, end]]]).astype(np.int32)

@@ -145,6 +145,23 @@ def test_a_chat_the_students_template_cannot_render_is_trained_as_plain_text(wor
     assert stats["cross/chat_samples"] == 1.0 and stats["cross/chat_templated"] == 0.0
 
 
+@pytest.mark.parametrize("template", [None, "{{ raise_exception('no system turns') }}"])
+def test_a_chat_the_second_teachers_template_cannot_render_stops_its_dump(world, template):
+    """The same rendering as the student's (token_spans.stored_text_tokens), another cost:
+    a teacher is fed its own template's turns or nothing, so the dump stops on the sample."""
+    from logitstore.errors import TokenSpansError
+    from teacher_dump.foreign_tokens import ForeignTokenizer, cut_sample
+
+    sample = _chat_sample(world)
+    tokenizer = other_tokenizer()
+    cut, _ = cut_sample(ForeignTokenizer(tokenizer, "other", None), sample)
+    stored = sample.tokenizations["other"].input_ids.tolist()  # the dump's, at its max length
+    assert cut.input_ids.tolist()[:len(stored)] == stored
+    tokenizer.chat_template = template
+    with pytest.raises(TokenSpansError, match=f"sample {sample.sample_id!r}: "):
+        cut_sample(ForeignTokenizer(tokenizer, "other", None), sample)
+
+
 def test_hidden_pools_of_the_second_tokenization_align_a_third_tokenizer_student(
         world, teachers, tmp_path):  # noqa: F811
     store = tmp_path / "hidden_other"

@@ -9,6 +9,9 @@ sits) and the role of the turn it belongs to (int8, `ROLE_NAMES`).
 `tokenize_with_spans` tokenizes a plain text; `chat_with_spans` (module `chat_spans`) a
 conversation rendered by the tokenizer's chat template, whose text is the concatenation of
 the message contents. Both need a fast tokenizer (`OffsetsUnavailableError` otherwise).
+`stored_text_tokens` re-cuts a stored sample's text with another tokenizer, the one way a
+second teacher (teacher_dump/foreign_tokens.py) and a foreign student (student_train/
+cross_batch.py) do it; each decides what a chat it cannot render costs.
 
 Decisions:
 * Spans come from each token's own bytes (`token_bytes`), so a byte-level BPE token holding
@@ -36,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from logitstore.errors import TokenSpansError
+from logitstore.text_spans import SampleText, stored_messages
 from logitstore.toolkit.token_bytes import backend_of, encode, place_tokens, token_bytes_of
 
 # Role codes stored per token (int8). Template tokens get the role of their turn; tokens of
@@ -148,6 +152,25 @@ def chat_with_spans(tokenizer, messages, *, add_special_tokens: bool = False) ->
 
 
 # ----------------------------------------------------------------------------- checks
+
+
+def stored_text_tokens(tokenizer, text: SampleText,
+                       sample_id: str) -> tuple[Tokenization, bool, str | None]:
+    """(the tokenizer's tokens of a stored sample's text, whether it is a chat, why its chat
+    was cut as plain text or None). A chat (stored roles: the turns text_spans.stored_messages
+    rebuilds, whose contents concatenate to the text, so the spans index it) is rendered by
+    the tokenizer's chat template; one it has no template for, or whose template cannot
+    render those turns, is tokenized as plain text, as a plain sample is."""
+    messages = stored_messages(text, sample_id)
+    if messages is None:
+        return tokenize_with_spans(tokenizer, text.text), False, None
+    if not getattr(tokenizer, "chat_template", None):
+        return tokenize_with_spans(tokenizer, text.text), True, "the tokenizer has no chat " \
+            "template"
+    try:
+        return chat_with_spans(tokenizer, messages), True, None
+    except TokenSpansError as err:
+        return tokenize_with_spans(tokenizer, text.text), True, str(err)
 
 
 def _tiling_problem(spans: np.ndarray, special: np.ndarray, n_bytes: int) -> str:

@@ -7,6 +7,13 @@ context and is never scored). Over all scored positions of all sequences:
     nll                 = mean of -log p(token_t | tokens_<t)          (nats/token)
     perplexity          = exp(nll)
     next_token_accuracy = share of positions whose argmax prediction is token_t
+    bits_per_byte       = sum of -log2 p(token_t | tokens_<t) over the scored tokens that
+                          spell text / the UTF-8 bytes they spell
+The first three are per token of the model's own tokenizer: two models of different
+tokenizers cannot be compared on them. Bits per byte can (the same texts, counted in bytes):
+given when every sequence knows its tokens' bytes (`TokenSequence.token_bytes`: text
+sources with a fast tokenizer); special tokens (EOS: a cost another tokenizer may not pay)
+are left out of it, and so are the bytes of a first token no BOS precedes (not predicted).
 
 `score_sequences(..., per_sequence=[])` also gives each sequence's NLL sum, correct
 predictions and scored tokens: the report's standard errors treat sequences as the
@@ -43,13 +50,15 @@ from logitstore.toolkit.heldout import (EVAL_SPLITS, StoreTokenizerMismatch,  # 
 def score_sequences(model, sequences: Sequence[TokenSequence], *, max_batch_tokens: int = 4096,
                     pad_id: int = 0, progress: bool = False,
                     per_sequence: list[dict] | None = None) -> dict[str, float | int]:
-    """{"perplexity", "nll", "next_token_accuracy", "tokens", "sequences"} over `sequences`.
+    """{"perplexity", "nll", "next_token_accuracy", "tokens", "sequences"} over `sequences`
+    (and "bits_per_byte", "bytes" when every sequence has `token_bytes`).
 
     Batches hold at most `max_batch_tokens` padded positions (the logits of a batch are
     batch x length x vocabulary floats: this bounds memory for 128k-token vocabularies).
     When `per_sequence` is a list, one {"index", "nll", "correct", "tokens"} is appended
     per scored sequence, in input order: its `source` (else its index in `sequences`), NLL
-    sum (nats), correct argmax predictions and scored positions of that sequence.
+    sum (nats), correct argmax predictions and scored positions of that sequence (and, with
+    bytes, "text_nll" and "bytes": the NLL sum of its scored text tokens and their bytes).
     """
     import torch
     import torch.nn.functional as F
@@ -63,7 +72,8 @@ def score_sequences(model, sequences: Sequence[TokenSequence], *, max_batch_toke
                          "target after the first)")
     device, forward = _logits_function(model)
     lengths = [len(s.ids) for s in scored]
-    sums = np.zeros((len(scored), 3))  # per scored sequence: NLL sum, correct, tokens
+    with_bytes = all(s.token_bytes is not None for s in scored)
+    sums = np.zeros((len(scored), 5))  # per sequence: NLL sum, correct, tokens, text NLL, bytes
     bar = tqdm(total=len(scored), desc="perplexity", disable=not progress, leave=False)
     with torch.inference_mode():
         # Sorted by length: batches of similar lengths, least padding.
@@ -73,34 +83,45 @@ def score_sequences(model, sequences: Sequence[TokenSequence], *, max_batch_toke
             ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
             attention = torch.zeros((len(batch), width), dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.bool)
+            n_bytes = torch.zeros((len(batch), width), dtype=torch.float64)
             for row, seq in enumerate(batch):
                 n = len(seq.ids)
                 ids[row, :n] = torch.from_numpy(seq.ids)
                 attention[row, :n] = 1
                 mask[row, :n] = torch.from_numpy(seq.targets)
+                if with_bytes:
+                    n_bytes[row, :n] = torch.from_numpy(seq.token_bytes).double()
             ids, attention, mask = ids.to(device), attention.to(device), mask.to(device)
             logits = forward(ids, attention)[:, :-1].float()
             labels, keep = ids[:, 1:], mask[:, 1:] & attention[:, 1:].bool()
             nll = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
             hits = (logits.argmax(-1) == labels) & keep
+            nll, keep = nll.double().cpu(), keep.cpu()
+            text = keep & (n_bytes[:, 1:] > 0)  # scored tokens that spell text
             sums[list(positions)] = torch.stack(
-                [(nll.double() * keep).sum(1), hits.sum(1).double(),
-                 keep.sum(1).double()], 1).cpu().numpy()
+                [(nll * keep).sum(1), hits.sum(1).double().cpu(), keep.sum(1).double(),
+                 (nll * text).sum(1), (n_bytes[:, 1:] * text).sum(1)], 1).numpy()
             bar.update(len(batch))
     bar.close()
     total_nll, correct, count = float(sums[:, 0].sum()), int(sums[:, 1].sum()), \
         int(sums[:, 2].sum())
     if per_sequence is not None:
-        per_sequence.extend({"index": i, "nll": float(n), "correct": int(c), "tokens": int(t)}
-                            for i, (n, c, t) in zip(indices, sums))
+        per_sequence.extend({"index": i, "nll": float(n), "correct": int(c), "tokens": int(t),
+                             **({"text_nll": float(x), "bytes": int(b)} if with_bytes else {})}
+                            for i, (n, c, t, x, b) in zip(indices, sums))
     mean_nll = total_nll / count
-    return {
+    out = {
         "perplexity": math.exp(mean_nll) if mean_nll < 700 else math.inf,
         "nll": mean_nll,
         "next_token_accuracy": correct / count,
         "tokens": count,
         "sequences": len(scored),
     }
+    total_bytes = int(sums[:, 4].sum())
+    if with_bytes and total_bytes:
+        out.update(bits_per_byte=float(sums[:, 3].sum()) / math.log(2) / total_bytes,
+                   bytes=total_bytes)
+    return out
 
 
 def _logits_function(model):

@@ -16,6 +16,12 @@ when a value is missing or not finite, or when the teacher's is 0. For lower-is-
 metrics (perplexity, latency, memory; marked ↓ in report.md) a retention above 1 means
 the student is worse.
 
+Tokenizers: perplexity, NLL and next-token accuracy are per token of each model's own
+tokenizer, so between two models of different tokenizers (a student distilled across
+tokenizers, a baseline of another family) their retention, difference and gap closed are
+null with `tokenizer_note` saying why; held-out texts also give bits per byte
+(eval/perplexity.py), which compares any two.
+
 Uncertainty (eval/uncertainty.py): each role's standard error comes from its per-item
 scores (questions, held-out sequences), else from lm-eval's stderr; the student-baseline
 and teacher-baseline differences are paired over the items both were scored on. A
@@ -42,10 +48,15 @@ from logitstore.toolkit.json_values import nonfinite_to_none
 ROLES = ("teacher", "student", "baseline")
 EFFICIENCY = "efficiency"
 # Metrics where lower is better; everything else reported is higher-is-better.
-LOWER_IS_BETTER = {"perplexity", "nll", "parameters", "weights_bytes", "disk_bytes",
-                   "peak_memory_bytes", "latency_p50_s", "latency_p95_s"}
+LOWER_IS_BETTER = {"perplexity", "nll", "bits_per_byte", "parameters", "weights_bytes",
+                   "disk_bytes", "peak_memory_bytes", "latency_p50_s", "latency_p95_s"}
 # Counts that describe the data, not the model: kept in report.json, not compared.
-NOT_COMPARED = {"tokens", "sequences", "speed_samples"}
+NOT_COMPARED = {"tokens", "sequences", "speed_samples", "bytes"}
+# Per token of each model's own tokenizer: compared only between models of one tokenizer
+# (`models[role]["tokenizer_fingerprint"]`); bits_per_byte compares any two.
+PER_TOKEN = {"perplexity", "nll", "next_token_accuracy"}
+OTHER_TOKENIZERS = ("{a} and {b} have different tokenizers, so their per-token figures count "
+                    "different units: compare bits_per_byte (the same texts, in bytes)")
 # name -> (numerator role metric, denominator role metric), both from `efficiency`
 RATIOS = {
     "compression_parameters": ("teacher", "student", "parameters"),
@@ -88,12 +99,15 @@ def gap_closed(student: Any, teacher: Any, baseline: Any) -> float | None:
 
 
 def comparison_rows(results: dict[str, dict[str, dict[str, Any]]],
-                    stderr: dict | None = None, items: dict | None = None) -> list[dict[str, Any]]:
+                    stderr: dict | None = None, items: dict | None = None,
+                    tokenizers: dict[str, str | None] | None = None) -> list[dict[str, Any]]:
     """One row per (task, metric) any role has, in first-seen order, efficiency last.
 
     `stderr[role][task][metric]`: lm-eval's standard errors; `items[role][task][metric]`:
     per-item scores (eval/uncertainty.py), from which the standard errors and the paired
-    differences are computed where they exist."""
+    differences are computed where they exist. `tokenizers[role]`: its tokenizer's
+    fingerprint; a PER_TOKEN metric of two roles with different ones gets no retention,
+    difference or gap closed (`tokenizer_note` says why)."""
     keys: dict[tuple[str, str], None] = {}
     for role in ROLES:
         for task, metrics in results.get(role, {}).items():
@@ -114,9 +128,37 @@ def comparison_rows(results: dict[str, dict[str, dict[str, Any]]],
         }
         if task != EFFICIENCY:
             row.update(_uncertainty(task, metric, values, stderr or {}, items or {}))
-        row["gap_closed"], row["gap_closed_reason"] = _gap_closed_or_reason(row)
+        clash = _tokenizer_clash(metric, tokenizers or {})
+        if clash:
+            row.update(_without_cross_tokenizer_comparisons(row, clash))
+        row["gap_closed"], row["gap_closed_reason"] = (None, clash[1]) if clash else \
+            _gap_closed_or_reason(row)  # (any pair: it takes all three roles)
         rows.append(row)
     return rows
+
+
+def _tokenizer_clash(metric: str, tokenizers: dict) -> tuple[set, str] | None:
+    """({(role, role) pairs of different tokenizers}, the first pair's reason) for a
+    PER_TOKEN metric; None when every known pair shares its tokenizer."""
+    if metric not in PER_TOKEN:
+        return None
+    pairs = [(a, b) for a, b in (("student", "teacher"), ("teacher", "baseline"),
+                                 ("student", "baseline"))
+             if tokenizers.get(a) and tokenizers.get(b) and tokenizers[a] != tokenizers[b]]
+    return (set(pairs), OTHER_TOKENIZERS.format(a=pairs[0][0], b=pairs[0][1])) if pairs \
+        else None
+
+
+def _without_cross_tokenizer_comparisons(row: dict, clash: tuple[set, str]) -> dict:
+    """The row's comparisons between roles of different tokenizers, emptied, and why."""
+    pairs, reason = clash
+    out: dict[str, Any] = {"tokenizer_note": reason}
+    if ("student", "teacher") in pairs:
+        out["retention"] = None
+    for role in ("student", "teacher"):
+        if (role, "baseline") in pairs:
+            out[f"{role}_vs_baseline"] = None
+    return out
 
 
 def _uncertainty(task: str, metric: str, values: dict, stderr: dict, items: dict) -> dict:
@@ -220,7 +262,8 @@ def build_report(*, results: dict, stderr: dict, models: dict, tasks: dict, skip
                  items: dict | None = None) -> dict[str, Any]:
     """The report.json document (layout: eval/cli.py's docstring). `items`: per-item
     scores, items[role][task][metric][item id] (eval/uncertainty.py); not stored."""
-    rows = comparison_rows(results, stderr, items)
+    rows = comparison_rows(results, stderr, items,
+                           {role: m.get("tokenizer_fingerprint") for role, m in models.items()})
     return nonfinite_to_none({
         "schema": "distill-eval/1",
         "models": models,

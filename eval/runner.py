@@ -142,10 +142,12 @@ def run(cfg: EvalConfig) -> tuple[dict[str, Any], dict[str, Path]]:
 def _run_role(cfg, role, name, loaded, manager, prompts, texts) -> RoleRun:
     from eval.efficiency import release_memory
     from eval.tasks import evaluate_tasks
+    from logitstore.toolkit.tokenizer_identity import tokenizer_fingerprint
 
     results: dict[str, dict] = {}
     skipped: list[dict] = []
     model, tokenizer, info, efficiency = _load_and_time(cfg, role, name, prompts)
+    info["tokenizer_fingerprint"] = tokenizer_fingerprint(tokenizer)  # report.PER_TOKEN
     if efficiency:
         results["efficiency"] = efficiency
     log.info("[%s] %d task(s)", role, len(loaded.tasks))

@@ -131,6 +131,10 @@ def sequence_items(per_sequence: list[dict[str, float]]) -> dict[str, dict[str, 
     """Per-item scores of a perplexity task from score_sequences(per_sequence=...):
     metric -> {sequence id: [numerator, denominator]}."""
     nll = {str(s["index"]): [s["nll"], s["tokens"]] for s in per_sequence}
-    return {"nll": nll, "perplexity": nll,
-            "next_token_accuracy": {str(s["index"]): [s["correct"], s["tokens"]]
-                                    for s in per_sequence}}
+    out = {"nll": nll, "perplexity": nll,
+           "next_token_accuracy": {str(s["index"]): [s["correct"], s["tokens"]]
+                                   for s in per_sequence}}
+    if per_sequence and all("bytes" in s for s in per_sequence):  # bits over bytes
+        out["bits_per_byte"] = {str(s["index"]): [s["text_nll"] / math.log(2), s["bytes"]]
+                                for s in per_sequence}
+    return out

@@ -121,6 +121,44 @@ def test_perplexity_is_exp_mean_nll_with_padding_and_masks(tiny):
     assert got["sequences"] == 4
 
 
+def test_bits_per_byte_counts_the_text_tokens_and_their_bytes(tiny, tmp_path):
+    """NLL of the scored tokens that spell text, in bits, over their bytes: with a BOS every
+    byte of a text (multi-byte characters included) is predicted once, the EOS is not
+    counted; a model of another tokenizer is scored on the very same bytes."""
+    from tiny_tokenizers import metaspace_bpe
+    from transformers import PreTrainedTokenizerFast
+
+    model, tokenizer = tiny
+    texts = ["The patient reports chest pain radiating to the left arm.",
+             "Naïve café patients: 東京 😀 follow-up in two weeks."]
+    sequences = sequences_from_texts(texts, tokenizer, max_length=64)
+    for seq, text in zip(sequences, texts):
+        assert seq.ids[0] == tokenizer.bos_token_id
+        assert seq.token_bytes[1:].sum() == len(text.encode("utf-8"))
+    per_sequence = []
+    got = score_sequences(model, sequences, per_sequence=per_sequence)
+    import torch
+
+    bits = 0.0
+    with torch.no_grad():
+        for seq in sequences:
+            logprobs = torch.log_softmax(model(input_ids=torch.tensor(seq.ids)[None])
+                                         .logits[0].double(), -1)
+            bits -= sum(float(logprobs[t - 1, seq.ids[t]]) for t in range(1, len(seq.ids))
+                        if seq.token_bytes[t] > 0) / math.log(2)
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    assert got["bytes"] == n_bytes == sum(s["bytes"] for s in per_sequence)
+    assert got["bits_per_byte"] == pytest.approx(bits / n_bytes, rel=1e-5)
+    # another tokenizer (SentencePiece-style, byte fallback): other tokens, the same bytes
+    other = PreTrainedTokenizerFast(tokenizer_object=metaspace_bpe(texts * 20, 120),
+                                    bos_token="<bos>")
+    theirs = sequences_from_texts(texts, other, max_length=64)
+    assert [s.token_bytes.sum() for s in theirs] == [s.token_bytes.sum() for s in sequences]
+    # a cut document ends where its tokens stop: no EOS predicted where the text goes on
+    cut = sequences_from_texts(texts[:1], tokenizer, max_length=5)[0]
+    assert len(cut.ids) == 5 and tokenizer.eos_token_id not in cut.ids.tolist()
+
+
 def test_next_token_accuracy_on_a_sequence_the_model_predicts(tiny):
     import torch
 
@@ -260,6 +298,29 @@ def test_comparison_rows_and_ratios():
     assert ratios["speedup_generation_tokens"] == pytest.approx(4.0)
     assert ratios["speedup_latency_p50"] == pytest.approx(4.0)
     assert ratios["memory_reduction"] == pytest.approx(1.0)
+
+
+def test_per_token_figures_are_not_compared_across_tokenizers():
+    """A student of another tokenizer than the teacher's: no perplexity retention, no
+    difference from a baseline of yet another tokenizer, no gap closed (and why); bits per
+    byte is compared as usual."""
+    values = {"teacher": (4.0, 1.0), "student": (6.0, 1.4), "baseline": (9.0, 1.9)}
+    results = {role: {"ppl/texts": {"perplexity": ppl, "bits_per_byte": bpb, "bytes": 900}}
+               for role, (ppl, bpb) in values.items()}
+    same = {r["metric"]: r for r in comparison_rows(results, tokenizers=dict.fromkeys(
+        values, "same"))}
+    assert same["perplexity"]["retention"] == pytest.approx(1.5)
+    assert "tokenizer_note" not in same["perplexity"]
+    rows = {r["metric"]: r for r in comparison_rows(
+        results, tokenizers={"teacher": "a", "student": "c", "baseline": "c"})}
+    ppl, bpb = rows["perplexity"], rows["bits_per_byte"]
+    assert ppl["retention"] is None and ppl["gap_closed"] is None
+    assert ppl["teacher_vs_baseline"] is None  # tokenizers a and c
+    assert ppl["student_vs_baseline"]["difference"] == pytest.approx(-3.0)  # both c
+    assert "student and teacher have different tokenizers" in ppl["tokenizer_note"]
+    assert "bits_per_byte" in ppl["gap_closed_reason"]
+    assert bpb["retention"] == pytest.approx(1.4) and not bpb["higher_is_better"]
+    assert "tokenizer_note" not in bpb and "bytes" not in rows
 
 
 def test_missing_roles_give_nulls():

@@ -7,7 +7,9 @@ context and is never scored).
 Sources:
 - a text file (`read_texts`): .jsonl with `text`, or `prompt` + `reference`, per record;
   any other file: paragraphs separated by blank lines. Every token is a target
-  (`sequences_from_texts`);
+  (`sequences_from_texts`), and with a fast tokenizer each token's UTF-8 bytes of the text
+  come along (`token_bytes`, from its exact byte span: 0 for BOS/EOS), so a score per byte
+  of text, comparable across tokenizers, can be taken (eval/perplexity.py);
 - a store's eval split (`sequences_from_store`): its `loss_mask` as targets, read with
   StoreReader (numpy); refused (`StoreTokenizerMismatch`) when the model's tokenizer is not
   the one the store was written with;
@@ -46,6 +48,8 @@ class TokenSequence:
     # Which document it is (text number, store row): the same for every model scoring the
     # same source, so per-sequence scores pair up across models whatever their tokenizers.
     source: int | None = None
+    # [L] int: UTF-8 bytes of the text each token spells (0: a special token); None: unknown
+    token_bytes: np.ndarray | None = None
 
     @classmethod
     def all_targets(cls, ids: Sequence[int]) -> "TokenSequence":
@@ -88,15 +92,27 @@ def read_texts(path: str | Path, *, what: str = "held-out data") -> list[str]:
 
 
 def sequences_from_texts(texts: Iterable[str], tokenizer, max_length: int) -> list[TokenSequence]:
-    """Tokenized documents (special tokens as the tokenizer adds them), cut at max_length;
-    documents of fewer than 2 tokens (nothing to score) are left out."""
+    """Tokenized documents (special tokens as the tokenizer adds them) with each token's
+    bytes of the text (`token_spans.tokenize_with_spans`), their first max_length tokens (a
+    longer document gets no EOS: the text goes on); documents of fewer than 2 tokens
+    (nothing to score) are left out. A slow tokenizer (no offsets) gives the ids of
+    `tokenizer(text, truncation=True, max_length=...)` and no bytes."""
+    from logitstore.errors import OffsetsUnavailableError
+    from logitstore.toolkit.token_spans import tokenize_with_spans
+
     out = []
     for number, text in enumerate(texts):
-        ids = tokenizer(text, add_special_tokens=True, truncation=True,
-                        max_length=max_length)["input_ids"]
+        try:
+            tok = tokenize_with_spans(tokenizer, text)
+            ids, n_bytes = tok.ids[:max_length], (tok.spans[:, 1] - tok.spans[:, 0])[:max_length]
+        except OffsetsUnavailableError:
+            ids, n_bytes = tokenizer(text, add_special_tokens=True, truncation=True,
+                                     max_length=max_length)["input_ids"], None
         if len(ids) >= 2:
             sequence = TokenSequence.all_targets(ids)
             sequence.source = number
+            if n_bytes is not None:
+                sequence.token_bytes = np.asarray(n_bytes, dtype=np.int64)
             out.append(sequence)
     return out
 

@@ -120,13 +120,18 @@ def check_inputs(cfg) -> Inputs:
 def _across_tokenizers(cfg, store: StoreReader) -> bool:
     """Whether the run takes the cross-tokenizer path (a selected signal on another
     tokenization of the store, or a student of another tokenizer: read from its tokenizer
-    files, which is cheap)."""
+    files, which is cheap). A student whose tokenizer cannot be read counts as the store's
+    (its own error comes when the student loads)."""
     names = list(cfg.signals) or list(store.settings.signals)
     if any(store.settings.signals[n].tokenization for n in names):
         return True
     from logitstore.toolkit.hf import load_tokenizer
 
-    tokenizer = load_tokenizer(cfg.student, cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    try:
+        tokenizer = load_tokenizer(cfg.student, cfg.revision,
+                                   trust_remote_code=cfg.trust_remote_code)
+    except (LogitStoreError, OSError, ValueError):
+        return False
     return is_foreign(tokenizer, store.settings)
 
 

@@ -41,6 +41,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterable
 
+from eval.tokenizer_units import tokenizer_clash, without_cross_tokenizer_comparisons
 from eval.uncertainty import (RESOLVED_AT, Estimate, estimate, is_resolved, paired_difference,
                               unpaired_difference)
 from logitstore.toolkit.json_values import nonfinite_to_none
@@ -52,11 +53,6 @@ LOWER_IS_BETTER = {"perplexity", "nll", "bits_per_byte", "parameters", "weights_
                    "disk_bytes", "peak_memory_bytes", "latency_p50_s", "latency_p95_s"}
 # Counts that describe the data, not the model: kept in report.json, not compared.
 NOT_COMPARED = {"tokens", "sequences", "speed_samples", "bytes"}
-# Per token of each model's own tokenizer: compared only between models of one tokenizer
-# (`models[role]["tokenizer_fingerprint"]`); bits_per_byte compares any two.
-PER_TOKEN = {"perplexity", "nll", "next_token_accuracy"}
-OTHER_TOKENIZERS = ("{a} and {b} have different tokenizers, so their per-token figures count "
-                    "different units: compare bits_per_byte (the same texts, in bytes)")
 # name -> (numerator role metric, denominator role metric), both from `efficiency`
 RATIOS = {
     "compression_parameters": ("teacher", "student", "parameters"),
@@ -106,7 +102,7 @@ def comparison_rows(results: dict[str, dict[str, dict[str, Any]]],
     `stderr[role][task][metric]`: lm-eval's standard errors; `items[role][task][metric]`:
     per-item scores (eval/uncertainty.py), from which the standard errors and the paired
     differences are computed where they exist. `tokenizers[role]`: its tokenizer's
-    fingerprint; a PER_TOKEN metric of two roles with different ones gets no retention,
+    fingerprint; a per-token metric of two roles with different ones gets no retention,
     difference or gap closed (`tokenizer_note` says why)."""
     keys: dict[tuple[str, str], None] = {}
     for role in ROLES:
@@ -128,37 +124,13 @@ def comparison_rows(results: dict[str, dict[str, dict[str, Any]]],
         }
         if task != EFFICIENCY:
             row.update(_uncertainty(task, metric, values, stderr or {}, items or {}))
-        clash = _tokenizer_clash(metric, tokenizers or {})
+        clash = tokenizer_clash(metric, tokenizers or {})
         if clash:
-            row.update(_without_cross_tokenizer_comparisons(row, clash))
+            row.update(without_cross_tokenizer_comparisons(row, clash))
         row["gap_closed"], row["gap_closed_reason"] = (None, clash[1]) if clash else \
             _gap_closed_or_reason(row)  # (any pair: it takes all three roles)
         rows.append(row)
     return rows
-
-
-def _tokenizer_clash(metric: str, tokenizers: dict) -> tuple[set, str] | None:
-    """({(role, role) pairs of different tokenizers}, the first pair's reason) for a
-    PER_TOKEN metric; None when every known pair shares its tokenizer."""
-    if metric not in PER_TOKEN:
-        return None
-    pairs = [(a, b) for a, b in (("student", "teacher"), ("teacher", "baseline"),
-                                 ("student", "baseline"))
-             if tokenizers.get(a) and tokenizers.get(b) and tokenizers[a] != tokenizers[b]]
-    return (set(pairs), OTHER_TOKENIZERS.format(a=pairs[0][0], b=pairs[0][1])) if pairs \
-        else None
-
-
-def _without_cross_tokenizer_comparisons(row: dict, clash: tuple[set, str]) -> dict:
-    """The row's comparisons between roles of different tokenizers, emptied, and why."""
-    pairs, reason = clash
-    out: dict[str, Any] = {"tokenizer_note": reason}
-    if ("student", "teacher") in pairs:
-        out["retention"] = None
-    for role in ("student", "teacher"):
-        if (role, "baseline") in pairs:
-            out[f"{role}_vs_baseline"] = None
-    return out
 
 
 def _uncertainty(task: str, metric: str, values: dict, stderr: dict, items: dict) -> dict:

@@ -15,11 +15,13 @@ eval/tasks.py).
 Writes REPORT_DIR/report.json, report.md, report.png and config.yaml (every option as
 resolved). report.json:
 
-    models[ROLE]                 what was loaded (hub id, revision, commit, dtype, quantization)
+    models[ROLE]                 what was loaded (hub id, revision, commit, dtype, quantization,
+                                 tokenizer_fingerprint: null when it cannot be taken)
     tasks[TASK]                  status ok/skipped, source, output type, documents per role
     skipped[]                    {task, role (null = every role), reason}
     results[ROLE][TASK][METRIC]  ROLE: teacher/student/baseline; TASK: a task name,
-                                 "ppl/<file stem>", "ppl/store" or "efficiency"
+                                 "ppl/<file stem>", "ppl/store" or "efficiency"; a ppl/<file>
+                                 task also has bits_per_byte and bytes (eval/perplexity.py)
     stderr[ROLE][TASK][METRIC]   lm-eval's standard errors
     comparison[]                 {task, metric, higher_is_better, teacher, student, baseline,
                                   retention, gap_closed}  (see eval/report.py), and on
@@ -27,7 +29,9 @@ resolved). report.json:
                                   lm-eval's), student_vs_baseline and teacher_vs_baseline
                                   {difference, stderr, items, paired, resolved, better}
                                   (null where not computable); gap_closed_reason: why
-                                  gap_closed is null (null when it is given)
+                                  gap_closed is null (null when it is given); tokenizer_note:
+                                  why a per-token metric is not compared between roles of
+                                  different tokenizers (eval/tokenizer_units.py)
     findings[]                   sentences: which student-baseline differences are resolved
                                  (> 2 standard errors)
     uncertainty                  how the standard errors were computed (eval/uncertainty.py)

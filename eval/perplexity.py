@@ -11,9 +11,13 @@ context and is never scored). Over all scored positions of all sequences:
                           spell text / the UTF-8 bytes they spell
 The first three are per token of the model's own tokenizer: two models of different
 tokenizers cannot be compared on them. Bits per byte can (the same texts, counted in bytes):
-given when every sequence knows its tokens' bytes (`TokenSequence.token_bytes`: text
-sources with a fast tokenizer); special tokens (EOS: a cost another tokenizer may not pay)
-are left out of it, and so are the bytes of a first token no BOS precedes (not predicted).
+taken over the sequences that know their tokens' bytes (`TokenSequence.token_bytes`: text
+sources with a fast tokenizer, each document read whole after a BOS and spelled exactly, so
+every byte of it is predicted once); special tokens (EOS: a cost another tokenizer may not
+pay) are left out of it, a text token spelling no byte (a lone dummy prefix) is counted.
+`bytes` says how many bytes it covers: where a model's tokenizer cuts a document another's
+does not, or spells it inexactly, the two values rest on different texts (their paired
+difference still pairs the documents both have).
 
 `score_sequences(..., per_sequence=[])` also gives each sequence's NLL sum, correct
 predictions and scored tokens: the report's standard errors treat sequences as the
@@ -51,7 +55,7 @@ def score_sequences(model, sequences: Sequence[TokenSequence], *, max_batch_toke
                     pad_id: int = 0, progress: bool = False,
                     per_sequence: list[dict] | None = None) -> dict[str, float | int]:
     """{"perplexity", "nll", "next_token_accuracy", "tokens", "sequences"} over `sequences`
-    (and "bits_per_byte", "bytes" when every sequence has `token_bytes`).
+    (and "bits_per_byte", "bytes" over the sequences with `token_bytes`, when any has).
 
     Batches hold at most `max_batch_tokens` padded positions (the logits of a batch are
     batch x length x vocabulary floats: this bounds memory for 128k-token vocabularies).
@@ -72,7 +76,7 @@ def score_sequences(model, sequences: Sequence[TokenSequence], *, max_batch_toke
                          "target after the first)")
     device, forward = _logits_function(model)
     lengths = [len(s.ids) for s in scored]
-    with_bytes = all(s.token_bytes is not None for s in scored)
+    with_bytes = [s.token_bytes is not None for s in scored]
     sums = np.zeros((len(scored), 5))  # per sequence: NLL sum, correct, tokens, text NLL, bytes
     bar = tqdm(total=len(scored), desc="perplexity", disable=not progress, leave=False)
     with torch.inference_mode():
@@ -89,26 +93,28 @@ def score_sequences(model, sequences: Sequence[TokenSequence], *, max_batch_toke
                 ids[row, :n] = torch.from_numpy(seq.ids)
                 attention[row, :n] = 1
                 mask[row, :n] = torch.from_numpy(seq.targets)
-                if with_bytes:
+                if seq.token_bytes is not None:
                     n_bytes[row, :n] = torch.from_numpy(seq.token_bytes).double()
+                else:
+                    n_bytes[row, :n] = -1.0  # not counted: its bytes are not all predicted
             ids, attention, mask = ids.to(device), attention.to(device), mask.to(device)
             logits = forward(ids, attention)[:, :-1].float()
             labels, keep = ids[:, 1:], mask[:, 1:] & attention[:, 1:].bool()
             nll = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
             hits = (logits.argmax(-1) == labels) & keep
             nll, keep = nll.double().cpu(), keep.cpu()
-            text = keep & (n_bytes[:, 1:] > 0)  # scored tokens that spell text
+            text = keep & (n_bytes[:, 1:] >= 0)  # scored non-special tokens
             sums[list(positions)] = torch.stack(
                 [(nll * keep).sum(1), hits.sum(1).double().cpu(), keep.sum(1).double(),
-                 (nll * text).sum(1), (n_bytes[:, 1:] * text).sum(1)], 1).numpy()
+                 (nll * text).sum(1), (n_bytes[:, 1:].clamp_min(0) * text).sum(1)], 1).numpy()
             bar.update(len(batch))
     bar.close()
     total_nll, correct, count = float(sums[:, 0].sum()), int(sums[:, 1].sum()), \
         int(sums[:, 2].sum())
     if per_sequence is not None:
         per_sequence.extend({"index": i, "nll": float(n), "correct": int(c), "tokens": int(t),
-                             **({"text_nll": float(x), "bytes": int(b)} if with_bytes else {})}
-                            for i, (n, c, t, x, b) in zip(indices, sums))
+                             **({"text_nll": float(x), "bytes": int(b)} if known else {})}
+                            for i, (n, c, t, x, b), known in zip(indices, sums, with_bytes))
     mean_nll = total_nll / count
     out = {
         "perplexity": math.exp(mean_nll) if mean_nll < 700 else math.inf,
@@ -118,7 +124,7 @@ def score_sequences(model, sequences: Sequence[TokenSequence], *, max_batch_toke
         "sequences": len(scored),
     }
     total_bytes = int(sums[:, 4].sum())
-    if with_bytes and total_bytes:
+    if total_bytes:
         out.update(bits_per_byte=float(sums[:, 3].sum()) / math.log(2) / total_bytes,
                    bytes=total_bytes)
     return out

@@ -147,7 +147,10 @@ def _run_role(cfg, role, name, loaded, manager, prompts, texts) -> RoleRun:
     results: dict[str, dict] = {}
     skipped: list[dict] = []
     model, tokenizer, info, efficiency = _load_and_time(cfg, role, name, prompts)
-    info["tokenizer_fingerprint"] = tokenizer_fingerprint(tokenizer)  # report.PER_TOKEN
+    try:  # eval/tokenizer_units.py: per-token figures are compared within one tokenizer
+        info["tokenizer_fingerprint"] = tokenizer_fingerprint(tokenizer)
+    except (TypeError, ValueError, AttributeError):  # a remote-code vocabulary of bytes keys
+        info["tokenizer_fingerprint"] = None  # unknown: compared as before
     if efficiency:
         results["efficiency"] = efficiency
     log.info("[%s] %d task(s)", role, len(loaded.tasks))

@@ -134,7 +134,7 @@ def sequence_items(per_sequence: list[dict[str, float]]) -> dict[str, dict[str, 
     out = {"nll": nll, "perplexity": nll,
            "next_token_accuracy": {str(s["index"]): [s["correct"], s["tokens"]]
                                    for s in per_sequence}}
-    if per_sequence and all("bytes" in s for s in per_sequence):  # bits over bytes
+    if any("bytes" in s for s in per_sequence):  # bits over bytes, where known
         out["bits_per_byte"] = {str(s["index"]): [s["text_nll"] / math.log(2), s["bytes"]]
-                                for s in per_sequence}
+                                for s in per_sequence if "bytes" in s}
     return out

@@ -61,42 +61,45 @@ def stored_messages(t: SampleText, sample_id: str) -> list[dict] | None:
     """The chat turns of a stored sample, None for a plain one (no token has a role).
 
     A turn starts where the role changes (tokens without a role skipped) and, within a run of
-    one role, where text follows template markup that itself followed text of that role:
-    markup sits only between turns (a message's content is all text tokens), so that is two
+    one role, where text follows template markup that itself followed text of that role: a
+    message's content is all text tokens, markup sits outside contents, so that is two
     turns of one role in a row. A turn's content is the text from the byte where its first
     token sits (a split: where the markup sits, the boundary of the two contents) to where
-    the next turn's does (the first from byte 0, the last to the text's end). The contents
-    concatenate to the stored text, so any tokenizer's chat template can render them again
-    (teacher_dump/foreign_tokens.py, student_train/cross_batch.py). Not recoverable: an
-    empty message between two of its own role (it has no text to follow the markup)."""
+    the next turn's does (the first from byte 0, the last to the text's end). A turn of
+    markup alone with no content is dropped: a template that writes the system prompt inside
+    the first user turn puts that turn's header, with the user's role, before the system
+    text. The contents concatenate to the stored text, so any tokenizer's chat template can
+    render them again (teacher_dump/foreign_tokens.py, student_train/cross_batch.py). Not
+    rebuilt: a message with empty content."""
     if t.roles is None:
         return None
-    turns: list[tuple[int, int]] = []  # (role code, start byte)
-    had_text, markup = False, None  # this turn so far: text seen; markup byte after it
+    turns: list[list] = []  # [role code, start byte, holds text]
+    markup = None  # the byte of the markup after this turn's text
     for role, special, (start, _) in zip(np.asarray(t.roles).tolist(),
                                          np.asarray(t.special).tolist(), t.spans.tolist()):
         if not role:
             continue
         if not turns or turns[-1][0] != role:
-            turns.append((role, start))
-            had_text, markup = not special, None
+            turns.append([role, start, not special])
+            markup = None
         elif special:
-            markup = start if had_text and markup is None else markup
+            markup = start if turns[-1][2] and markup is None else markup
         else:
             if markup is not None:  # text after the markup that closed text of this role
-                turns.append((role, markup))
-            had_text, markup = True, None
+                turns.append([role, markup, True])
+            turns[-1][2], markup = True, None
     if not turns:
         return None
     data = t.text.encode("utf-8")
-    bounds = [0] + [start for _, start in turns[1:]] + [len(data)]
+    bounds = [0] + [start for _, start, _ in turns[1:]] + [len(data)]
     try:
-        return [{"role": ROLES[role], "content": data[a:b].decode("utf-8")}
-                for (role, _), a, b in zip(turns, bounds, bounds[1:])]
+        messages = [({"role": ROLES[role], "content": data[a:b].decode("utf-8")}, text)
+                    for (role, _, text), a, b in zip(turns, bounds, bounds[1:])]
     except UnicodeDecodeError:
         raise TokenSpansError(f"sample {sample_id!r}: a turn of its stored roles starts "
                               f"inside a character; the store's spans are damaged (run "
                               f"`logitstore verify`)") from None
+    return [m for m, text in messages if text or m["content"]] or None
 
 
 def span_problem(utf8_length: int, spans: np.ndarray, special: np.ndarray) -> str | None:

@@ -84,9 +84,17 @@ def cut_sample(foreign: ForeignTokenizer, sample: Sample) -> tuple[Tokenized, bo
     from logitstore.toolkit.token_spans import stored_text_tokens
 
     t = sample.text_spans
-    whole, chat, why_plain = stored_text_tokens(foreign.tokenizer, t, sample.sample_id)
+    try:
+        whole, chat, why_plain = stored_text_tokens(foreign.tokenizer, t, sample.sample_id)
+    except TokenSpansError as err:
+        raise TokenSpansError(f"sample {sample.sample_id!r}: {err}") from None
     if why_plain:  # the teacher is fed its own template's turns, never a chat as plain text
-        raise TokenSpansError(f"sample {sample.sample_id!r}: {why_plain}")
+        raise TokenSpansError(
+            f"sample {sample.sample_id!r} is a chat, and the tokenizer of signal "
+            f"{foreign.name!r} cannot render its stored turns ({why_plain}): a teacher of "
+            f"another tokenizer is fed its own chat template's rendering of them. Give that "
+            f"tokenizer a chat template that renders these turns (tokenizer_config.json's "
+            f"chat_template), or add the signal to a store without such chats")
     ids, spans = whole.ids.astype(np.int64), whole.spans.astype(np.int32)
     special, roles = whole.special.astype(bool), whole.role.astype(np.uint8)
     eos = getattr(foreign.tokenizer, "eos_token_id", None)

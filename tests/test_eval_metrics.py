@@ -121,42 +121,69 @@ def test_perplexity_is_exp_mean_nll_with_padding_and_masks(tiny):
     assert got["sequences"] == 4
 
 
-def test_bits_per_byte_counts_the_text_tokens_and_their_bytes(tiny, tmp_path):
-    """NLL of the scored tokens that spell text, in bits, over their bytes: with a BOS every
-    byte of a text (multi-byte characters included) is predicted once, the EOS is not
+def test_bits_per_byte_counts_the_text_tokens_and_their_bytes(tiny):
+    """NLL of the scored non-special tokens, in bits, over the bytes they spell: with a BOS
+    every byte of a text (multi-byte characters included) is predicted once, the EOS is not
     counted; a model of another tokenizer is scored on the very same bytes."""
-    from tiny_tokenizers import metaspace_bpe
-    from transformers import PreTrainedTokenizerFast
+    import torch
 
     model, tokenizer = tiny
     texts = ["The patient reports chest pain radiating to the left arm.",
              "Naïve café patients: 東京 😀 follow-up in two weeks."]
     sequences = sequences_from_texts(texts, tokenizer, max_length=64)
     for seq, text in zip(sequences, texts):
-        assert seq.ids[0] == tokenizer.bos_token_id
-        assert seq.token_bytes[1:].sum() == len(text.encode("utf-8"))
+        assert seq.ids[0] == tokenizer.bos_token_id and seq.token_bytes[0] == -1
+        assert seq.token_bytes[seq.token_bytes > 0].sum() == len(text.encode("utf-8"))
     per_sequence = []
-    got = score_sequences(model, sequences, per_sequence=per_sequence)
-    import torch
-
+    got = score_sequences(model, sequences, per_sequence=per_sequence, max_batch_tokens=40)
     bits = 0.0
     with torch.no_grad():
         for seq in sequences:
             logprobs = torch.log_softmax(model(input_ids=torch.tensor(seq.ids)[None])
                                          .logits[0].double(), -1)
             bits -= sum(float(logprobs[t - 1, seq.ids[t]]) for t in range(1, len(seq.ids))
-                        if seq.token_bytes[t] > 0) / math.log(2)
+                        if seq.token_bytes[t] >= 0) / math.log(2)
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     assert got["bytes"] == n_bytes == sum(s["bytes"] for s in per_sequence)
     assert got["bits_per_byte"] == pytest.approx(bits / n_bytes, rel=1e-5)
-    # another tokenizer (SentencePiece-style, byte fallback): other tokens, the same bytes
-    other = PreTrainedTokenizerFast(tokenizer_object=metaspace_bpe(texts * 20, 120),
-                                    bos_token="<bos>")
-    theirs = sequences_from_texts(texts, other, max_length=64)
-    assert [s.token_bytes.sum() for s in theirs] == [s.token_bytes.sum() for s in sequences]
-    # a cut document ends where its tokens stop: no EOS predicted where the text goes on
-    cut = sequences_from_texts(texts[:1], tokenizer, max_length=5)[0]
+    theirs = sequences_from_texts(texts, _metaspace_with_bos(texts), max_length=64)
+    assert [s.token_bytes[s.token_bytes > 0].sum() for s in theirs] == \
+        [len(t.encode("utf-8")) for t in texts]
+
+
+def test_bits_per_byte_leaves_out_documents_whose_bytes_are_not_all_predicted(tiny):
+    """A document cut at max_length (no EOS where its text goes on), a tokenizer without a
+    BOS (its first token has no context), one whose normaliser rewrites the text: no bytes,
+    so no bits per byte from them; perplexity as before."""
+    from tiny_tokenizers import metaspace_bpe
+    from tokenizers import normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    model, tokenizer = tiny
+    texts = ["The patient reports chest pain radiating to the left arm.", "Rest."]
+    cut, whole = sequences_from_texts(texts, tokenizer, max_length=5)
     assert len(cut.ids) == 5 and tokenizer.eos_token_id not in cut.ids.tolist()
+    assert cut.token_bytes is None and whole.token_bytes is not None
+    got = score_sequences(model, [cut, whole])
+    assert got["bytes"] == len(texts[1]) and got["tokens"] == cut.scored + whole.scored
+    no_bos = PreTrainedTokenizerFast(tokenizer_object=metaspace_bpe(texts * 20, 120))
+    assert all(s.token_bytes is None for s in sequences_from_texts(texts, no_bos, 64))
+    lower = _metaspace_with_bos(texts)
+    lower.backend_tokenizer.normalizer = normalizers.Lowercase()
+    assert all(s.token_bytes is None for s in sequences_from_texts(texts, lower, 64))
+
+
+def _metaspace_with_bos(texts):
+    """A SentencePiece-style tokenizer (byte fallback, lone "▁" tokens) that writes a BOS."""
+    from tiny_tokenizers import metaspace_bpe
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = metaspace_bpe(texts * 20, 120)
+    bos = backend.token_to_id("<bos>")
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A",
+                                                           special_tokens=[("<bos>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>")
 
 
 def test_next_token_accuracy_on_a_sequence_the_model_predicts(tiny):

@@ -486,3 +486,31 @@ def test_spans_exact_catches_damage(family):
     assert not spans_exact(_altered(tok, ids=swapped), text, tokenizer)
     assert not spans_exact(tok, text + " ")
     assert not spans_exact(_altered(tok, byte_exact=False), text)
+
+
+FOLDING_TEMPLATE = (  # Llama 2 / Gemma 3 style: the system prompt inside the first user turn
+    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+    "{% set rest = messages[1:] %}{% else %}{% set system = '' %}{% set rest = messages %}"
+    "{% endif %}{% for m in rest %}<start_of_turn>"
+    "{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{% if loop.first and system %}{{ system }}\n\n{% endif %}{{ m['content'] }}"
+    "<end_of_turn>\n{% endfor %}"
+)
+
+
+def test_a_system_prompt_inside_the_first_user_turn_is_rebuilt_as_the_system_turn(family):
+    """The user header sits before the system text there, with the user's role: that turn
+    of markup alone holds no content and is dropped, so the same turns come back."""
+    from logitstore.text_spans import SampleText, stored_messages
+
+    tokenizer = family["sentencepiece"]
+    tokenizer.chat_template, before = FOLDING_TEMPLATE, tokenizer.chat_template
+    try:
+        tok = chat_with_spans(tokenizer, CONVERSATION)
+    finally:
+        tokenizer.chat_template = before
+    assert tok.byte_exact, tok.inexact_reason
+    first = tokenizer.convert_ids_to_tokens(tok.ids.tolist()).index("<start_of_turn>")
+    assert tok.role[first] == ROLE_USER and tok.spans[first, 0] == 0  # before the system text
+    stored = SampleText(tok.text, tok.spans, tok.special, tok.role.astype(np.uint8))
+    assert stored_messages(stored, "s") == CONVERSATION

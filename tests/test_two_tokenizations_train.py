@@ -158,7 +158,8 @@ def test_a_chat_the_second_teachers_template_cannot_render_stops_its_dump(world,
     stored = sample.tokenizations["other"].input_ids.tolist()  # the dump's, at its max length
     assert cut.input_ids.tolist()[:len(stored)] == stored
     tokenizer.chat_template = template
-    with pytest.raises(TokenSpansError, match=f"sample {sample.sample_id!r}: "):
+    with pytest.raises(TokenSpansError, match=f"sample {sample.sample_id!r} is a chat, and "
+                                              f"the tokenizer of signal 'other' cannot"):
         cut_sample(ForeignTokenizer(tokenizer, "other", None), sample)
 
 

@@ -8,8 +8,9 @@ Sources:
 - a text file (`read_texts`): .jsonl with `text`, or `prompt` + `reference`, per record;
   any other file: paragraphs separated by blank lines. Every token is a target
   (`sequences_from_texts`), and with a fast tokenizer each token's UTF-8 bytes of the text
-  come along (`token_bytes`, from its exact byte span: 0 for BOS/EOS), so a score per byte
-  of text, comparable across tokenizers, can be taken (eval/perplexity.py);
+  come along (`token_bytes`, from its exact byte span; -1 for BOS/EOS) for a document it
+  reads whole, after a BOS, spelling it exactly: a score per byte of text, comparable
+  across tokenizers (eval/perplexity.py);
 - a store's eval split (`sequences_from_store`): its `loss_mask` as targets, read with
   StoreReader (numpy); refused (`StoreTokenizerMismatch`) when the model's tokenizer is not
   the one the store was written with;
@@ -48,7 +49,9 @@ class TokenSequence:
     # Which document it is (text number, store row): the same for every model scoring the
     # same source, so per-sequence scores pair up across models whatever their tokenizers.
     source: int | None = None
-    # [L] int: UTF-8 bytes of the text each token spells (0: a special token); None: unknown
+    # [L] int: UTF-8 bytes of the text each token spells (0: a text token that spells none,
+    # a lone dummy prefix; -1: a special token); None: not every byte of the document is
+    # predicted exactly (sequences_from_texts)
     token_bytes: np.ndarray | None = None
 
     @classmethod
@@ -95,8 +98,11 @@ def sequences_from_texts(texts: Iterable[str], tokenizer, max_length: int) -> li
     """Tokenized documents (special tokens as the tokenizer adds them) with each token's
     bytes of the text (`token_spans.tokenize_with_spans`), their first max_length tokens (a
     longer document gets no EOS: the text goes on); documents of fewer than 2 tokens
-    (nothing to score) are left out. A slow tokenizer (no offsets) gives the ids of
-    `tokenizer(text, truncation=True, max_length=...)` and no bytes."""
+    (nothing to score) are left out. The bytes are kept only where every byte of the text is
+    predicted once and exactly: the document is not cut, its first token is special (a BOS:
+    the first text token has context) and its tokens spell it (`byte_exact`: no normaliser
+    rewrote it). A slow tokenizer (no offsets) gives the ids of `tokenizer(text,
+    truncation=True, max_length=...)` and no bytes."""
     from logitstore.errors import OffsetsUnavailableError
     from logitstore.toolkit.token_spans import tokenize_with_spans
 
@@ -104,7 +110,9 @@ def sequences_from_texts(texts: Iterable[str], tokenizer, max_length: int) -> li
     for number, text in enumerate(texts):
         try:
             tok = tokenize_with_spans(tokenizer, text)
-            ids, n_bytes = tok.ids[:max_length], (tok.spans[:, 1] - tok.spans[:, 0])[:max_length]
+            ids, n_bytes = tok.ids[:max_length], None
+            if len(tok.ids) <= max_length and len(ids) and tok.special[0] and tok.byte_exact:
+                n_bytes = np.where(tok.special, -1, tok.spans[:, 1] - tok.spans[:, 0])
         except OffsetsUnavailableError:
             ids, n_bytes = tokenizer(text, add_special_tokens=True, truncation=True,
                                      max_length=max_length)["input_ids"], None

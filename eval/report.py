@@ -383,7 +383,9 @@ def write_chart(report: dict[str, Any], path: str | Path) -> None:
     quality = [r for r in report["comparison"] if r["task"] != EFFICIENCY
                and r["metric"] in {"acc", "acc_norm", "rouge1", "rouge2", "rougeL",
                                    "next_token_accuracy"}]
-    perplexity = [r for r in report["comparison"] if r["metric"] == "perplexity"]
+    # held-out texts: bits per byte where measured (it compares any two tokenizers)
+    per_byte = [r for r in report["comparison"] if r["metric"] == "bits_per_byte"]
+    held_out = per_byte or [r for r in report["comparison"] if r["metric"] == "perplexity"]
     efficiency = [r for r in report["comparison"] if r["task"] == EFFICIENCY]
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(17, 5.5),
                                               gridspec_kw={"width_ratios": [3, 1, 2]})
@@ -392,10 +394,11 @@ def write_chart(report: dict[str, Any], path: str | Path) -> None:
           {role: [(r.get("stderr") or {}).get(role) for r in quality] for role in roles})
     left.set_title("Quality (higher is better; bars: ±1 standard error)")
     left.set_ylim(0, 1)
-    _bars(middle, [r["task"] for r in perplexity],
-          {role: [r[role] for r in perplexity] for role in roles},
-          {role: [(r.get("stderr") or {}).get(role) for r in perplexity] for role in roles})
-    middle.set_title("Perplexity (lower is better; ±1 SE)")
+    _bars(middle, [r["task"] for r in held_out],
+          {role: [r[role] for r in held_out] for role in roles},
+          {role: [(r.get("stderr") or {}).get(role) for r in held_out] for role in roles})
+    middle.set_title(f"{'Bits per byte' if per_byte else 'Perplexity'} (lower is better; "
+                     f"±1 SE)")
     _bars(right, [r["metric"] for r in efficiency],
           {role: [ratio(r[role], r["teacher"]) for r in efficiency] for role in roles})
     right.set_title("Efficiency relative to the teacher (teacher = 1)")

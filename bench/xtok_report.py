@@ -44,13 +44,15 @@ SINGLES = ("xkd-pkl", "xkd-B-pkl")
 TWO = "xkd-AB-pkl"
 MEANS = "xkd-AB-pkl-means"  # the ablation: each teacher's mean over its own positions
 CONF = "xkd-AB-pkl-conf"  # signal_mixture confidence: weights x P(next token) per position
+DRAWS_SINGLES, TWO_DRAWS = ("xkd-pkl-draws", "xkd-B-pkl-draws"), "xkd-AB-pkl-draws"
 CROSS = ("xkd-pkl", "xkd-pkl-aligned", "xkd-pkl-unchained", "xkd-pkl-draws", "xkd-uld",
-         "xkd-B-pkl", TWO, MEANS, CONF)
+         "xkd-B-pkl", "xkd-B-pkl-draws", TWO, MEANS, CONF, TWO_DRAWS)
 A_STUDENTS = ("ce-A", "kd-A", "kd-A-draws")  # the others have tokenizer C
-REFERENCE = {"xkd-pkl-draws": "kd-A-draws"}  # same-tokenizer KD of the same target; else kd-A
+# same-tokenizer KD of the same target; else kd-A
+REFERENCE = {name: "kd-A-draws" for name in ("xkd-pkl-draws", "xkd-B-pkl-draws", TWO_DRAWS)}
 WEIGHTS_BEFORE_OPTION = (0.5, 0.5)  # runs before --two-teacher-weights: equal weights
 MIXTURES = {TWO: "signals A:{a}, B:{b}", CONF: "signals A:{a}, B:{b}, each times its "
-            "probability of the next token"}
+            "probability of the next token", TWO_DRAWS: "signals A:{a}, B:{b}, their draws"}
 
 
 def _seeds(runs, name, key="bits_per_byte"):
@@ -149,15 +151,17 @@ def _per_signal(counts: dict, positions: float) -> dict:
 
 
 def two_teachers(runs: list[dict], rows: dict, name: str = TWO) -> dict:
-    """The two-teacher goal (module docstring) for student `name` (xkd-AB-pkl, or
-    xkd-AB-pkl-conf) vs the better single teacher, and vs the other two-teacher students."""
-    singles = {n: rows[n]["bits_per_byte"]["mean"] for n in SINGLES if n in rows}
-    if name not in rows or len(singles) < len(SINGLES):
+    """The two-teacher goal (module docstring) for student `name` (xkd-AB-pkl,
+    xkd-AB-pkl-conf, or xkd-AB-pkl-draws against the single teachers' draws students) vs the
+    better single teacher, and vs the other two-teacher students."""
+    single_names = DRAWS_SINGLES if name == TWO_DRAWS else SINGLES
+    singles = {n: rows[n]["bits_per_byte"]["mean"] for n in single_names if n in rows}
+    if name not in rows or len(singles) < len(single_names):
         return {"runnable": False, "reason": NO_TWO_TEACHERS, "met": None, "name": name,
                 "better_single": None, "single_bpb": singles}
     better = min(singles, key=singles.get)
     vs = {n: interval([ab - one for ab, one in zip(_seeds(runs, name), _seeds(runs, n))])
-          for n in (*SINGLES, TWO, MEANS, CONF) if n in rows and n != name}
+          for n in (*single_names, TWO, MEANS, CONF) if n in rows and n != name}
     d = vs[better]
     met = None if d["half_width"] is None or d["low"] <= 0 <= d["high"] else d["high"] < 0
     verdict = {True: "met", False: "not met", None: "not resolved"}[met]
@@ -208,7 +212,9 @@ def summarise(runs: list[dict], teachers: dict) -> dict:
     return {"methods": rows, "teachers": teachers, "goals": goals, "alignment": alignment(runs),
             "vocab_maps": vocab, "seeds": len(runs),
             "two_teachers": two_teachers(runs, rows),
-            **({"two_teachers_conf": two_teachers(runs, rows, CONF)} if CONF in rows else {})}
+            **({"two_teachers_conf": two_teachers(runs, rows, CONF)} if CONF in rows else {}),
+            **({"two_teachers_draws": two_teachers(runs, rows, TWO_DRAWS)}
+               if TWO_DRAWS in rows else {})}
 
 
 # ----------------------------------------------------------------------------- markdown
@@ -341,8 +347,9 @@ def render(result: dict) -> str:
     lines += goal_lines(s)
     weights = st.get("two_teacher_weights", WEIGHTS_BEFORE_OPTION)
     lines += two_teacher_lines(s["two_teachers"], weights)
-    if "two_teachers_conf" in s:
-        lines += two_teacher_lines(s["two_teachers_conf"], weights)
+    for key in ("two_teachers_conf", "two_teachers_draws"):
+        if key in s:
+            lines += two_teacher_lines(s[key], weights)
     lines += ["", "Alignment and map coverage (summed over seeds and steps):"]
     lines += alignment_lines(s)
     return "\n".join(lines)

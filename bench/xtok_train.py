@@ -40,6 +40,8 @@ rows into its own batch:
                                             signal_mixture confidence: where both teachers
                                             give a target, each weighs its weight times
                                             the probability its target gives the next token
+  xkd-B-pkl-draws, xkd-AB-pkl-draws         (only when --variants names them) xkd-B-pkl and
+                                            xkd-AB-pkl with the teachers' draws as target
 Per seed, the variants of one tokenizer start from the same weights; the A and C students
 share every weight but the embeddings and lm_head (both drawn under torch.manual_seed(seed),
 then C's block weights copied into A). Same optimizer (AdamW), schedule, steps and alpha;
@@ -59,14 +61,14 @@ from types import SimpleNamespace
 A_VARIANTS = ("ce-A", "kd-A", "kd-A-draws")
 C_VARIANTS = ("ce-C", "xkd-pkl", "xkd-uld")
 ALL_VARIANTS = (*A_VARIANTS, "ce-C", "xkd-pkl", "xkd-pkl-aligned", "xkd-pkl-unchained",
-                "xkd-pkl-draws", "xkd-uld", "xkd-B-pkl", "xkd-AB-pkl", "xkd-AB-pkl-means",
-                "xkd-AB-pkl-conf")
-TWO_TEACHER_VARIANTS = ("xkd-AB-pkl", "xkd-AB-pkl-means", "xkd-AB-pkl-conf")
+                "xkd-pkl-draws", "xkd-uld", "xkd-B-pkl", "xkd-B-pkl-draws", "xkd-AB-pkl",
+                "xkd-AB-pkl-means", "xkd-AB-pkl-conf", "xkd-AB-pkl-draws")
+TWO_TEACHER_VARIANTS = ("xkd-AB-pkl", "xkd-AB-pkl-means", "xkd-AB-pkl-conf", "xkd-AB-pkl-draws")
 # run only when --variants names them
 ABLATIONS = ("kd-A-draws", "xkd-pkl-aligned", "xkd-pkl-unchained", "xkd-pkl-draws",
-             "xkd-AB-pkl-means", "xkd-AB-pkl-conf")
+             "xkd-B-pkl-draws", "xkd-AB-pkl-means", "xkd-AB-pkl-conf", "xkd-AB-pkl-draws")
 # the target of each variant's KD (the rest: the signal's top-k)
-TARGETS = {"kd-A-draws": "sampled", "xkd-pkl-draws": "sampled"}
+TARGETS = {name: "sampled" for name in ALL_VARIANTS if name.endswith("-draws")}
 DEFAULT_VARIANTS = tuple(v for v in ALL_VARIANTS if v not in ABLATIONS)
 
 
@@ -221,13 +223,16 @@ def make_variants(plan, seed: int, accelerator) -> tuple[list, dict]:
         variants.insert(2, Variant("ce-C", cfg_ce, copy_of(students["C"]), [], "C-uld",
                                    accelerator))
     variants = [v for v in variants if v.name in chosen]
-    if b_store is not None and "xkd-B-pkl" in chosen:
-        cfg_b = train_config(plan, b_store, plan.student_dirs["C"], "xkd-B-pkl", seed,
-                             cross_loss="pkl", **kd)
-        plans, crosses["B"] = cross_parts(cfg_b, plan.readers["B"], plan.tokenizer_c)
-        variants.append(Variant("xkd-B-pkl", cfg_b, copy_of(students["C"]), plans, "C-B",
-                                accelerator, crosses["B"].vocab_maps))
-        collates["C-B"] = _b_collate(crosses["B"].collate, plan.samples_b)
+    for name in ("xkd-B-pkl", "xkd-B-pkl-draws"):
+        if b_store is None or name not in chosen:
+            continue
+        key = name[len("xkd-"):].replace("-pkl", "")  # B, B-draws
+        cfg_b = train_config(plan, b_store, plan.student_dirs["C"], name, seed,
+                             cross_loss="pkl", **kd_of(name))
+        plans, crosses[key] = cross_parts(cfg_b, plan.readers["B"], plan.tokenizer_c)
+        variants.append(Variant(name, cfg_b, copy_of(students["C"]), plans, f"C-{key}",
+                                accelerator, crosses[key].vocab_maps))
+        collates[f"C-{key}"] = _b_collate(crosses[key].collate, plan.samples_b)
     for name in TWO_TEACHER_VARIANTS:
         if getattr(plan, "two_teacher", None) is not None and name in chosen:
             variants.append(_two_teacher_variant(plan, seed, students["C"], accelerator,
@@ -251,15 +256,16 @@ def _two_teacher_variant(plan, seed: int, student, accelerator, crosses: dict,
     signals = dict(zip(store["signals"], getattr(plan, "two_teacher_weights",
                                                  TWO_TEACHER_WEIGHTS)))
     cfg = train_config(plan, store["url"], plan.student_dirs["C"], name, seed,
-                       cross_loss="pkl", signals=signals, target="topk",
+                       cross_loss="pkl", signals=signals, target=TARGETS.get(name, "topk"),
                        mix_signals_per_position=name != "xkd-AB-pkl-means",
                        signal_mixture="confidence" if name.endswith("-conf") else "weights")
     plans, cross = cross_parts(cfg, plan.readers["AB"], plan.tokenizer_c)
-    if "C-AB" not in collates:  # both variants read the same batches: the first one's collate
-        crosses["AB"] = cross
-        collates["C-AB"] = _b_collate(cross.collate, plan.samples_ab, store["signals"])
-    return Variant(name, cfg, copy_of(student), plans, "C-AB", accelerator,
-                   crosses["AB"].vocab_maps)
+    key = "AB-draws" if name in TARGETS else "AB"  # the top-k ones read the same batches
+    if f"C-{key}" not in collates:  # the first one's collate
+        crosses[key] = cross
+        collates[f"C-{key}"] = _b_collate(cross.collate, plan.samples_ab, store["signals"])
+    return Variant(name, cfg, copy_of(student), plans, f"C-{key}", accelerator,
+                   crosses[key].vocab_maps)
 
 
 def _cross_collate(fn):

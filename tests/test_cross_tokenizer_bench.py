@@ -247,13 +247,15 @@ def test_the_harness_runs_end_to_end_at_its_tiniest_size(tmp_path):
     summary = result["summary"]
     assert set(summary["methods"]) == {"ce-A", "kd-A", "kd-A-draws", "ce-C", "xkd-pkl",
                                        "xkd-pkl-aligned", "xkd-pkl-unchained", "xkd-pkl-draws",
-                                       "xkd-uld", "xkd-B-pkl", TWO, "xkd-AB-pkl-means",
-                                       "xkd-AB-pkl-conf"}
+                                       "xkd-uld", "xkd-B-pkl", "xkd-B-pkl-draws", TWO,
+                                       "xkd-AB-pkl-means", "xkd-AB-pkl-conf",
+                                       "xkd-AB-pkl-draws"}
     for row in summary["methods"].values():
         assert 0 < row["bits_per_byte"]["mean"] < 20 and row["bits_per_byte"]["n"] == 2
     assert set(summary["alignment"]) == {"xkd-pkl", "xkd-pkl-aligned", "xkd-pkl-unchained",
-                                         "xkd-pkl-draws", "xkd-uld", "xkd-B-pkl", TWO,
-                                         "xkd-AB-pkl-means", "xkd-AB-pkl-conf"}
+                                         "xkd-pkl-draws", "xkd-uld", "xkd-B-pkl",
+                                         "xkd-B-pkl-draws", TWO, "xkd-AB-pkl-means",
+                                         "xkd-AB-pkl-conf", "xkd-AB-pkl-draws"}
     # the draws students: each against the same-tokenizer student of the same target
     assert summary["goals"]["xkd-pkl-draws"]["reference"] == "kd-A-draws"
     assert summary["goals"]["xkd-pkl"]["reference"] == "kd-A"
@@ -275,6 +277,9 @@ def test_the_harness_runs_end_to_end_at_its_tiniest_size(tmp_path):
         two_signal_counts(result, "xkd-AB-pkl-means") == \
         two_signal_counts(result, "xkd-AB-pkl-conf")
     assert summary["two_teachers_conf"]["name"] == "xkd-AB-pkl-conf"
+    draws = summary["two_teachers_draws"]  # judged against the single teachers' draws
+    assert set(draws["single_bpb"]) == {"xkd-pkl-draws", "xkd-B-pkl-draws"}
+    assert summary["goals"]["xkd-AB-pkl-draws"]["reference"] == "kd-A-draws"
     two = summary["two_teachers"]
     assert two["runnable"] is True and two["verdict"] in ("met", "not met", "not resolved")
     assert set(summary["alignment"][TWO]["per_signal"]) == {"topk8", "topk8-B"}

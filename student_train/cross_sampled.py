@@ -43,16 +43,17 @@ def draws_as_topk(sampled: Sampled, width: int, sample_temperature: float) -> To
     if L and int(per.max()) > width:
         raise ValueError(f"a position holds {int(per.max())} distinct drawn ids, more than the "
                          f"signal's {width} draws")
-    totals = np.bincount(np.repeat(np.arange(L), per), weights=sampled.counts, minlength=L)
-    if ((totals != 0) & (totals != width)).any():
-        raise ValueError(f"a position's draw counts add up to {int(totals[totals != 0][0])}, "
-                         f"expected the signal's {width} draws (or 0)")
+    row = np.repeat(np.arange(L), per)  # [E] the position of each entry
+    totals = np.bincount(row, weights=sampled.counts, minlength=L)
+    wrong = totals[(totals != 0) & (totals != width)]
+    if len(wrong):
+        raise ValueError(f"a position's draw counts add up to {int(wrong[0])}, expected the "
+                         f"signal's {width} draws (or 0)")
     ids = np.full((L, width), -1, np.int64)
     logprobs = np.full((L, width), -np.inf, np.float32)
     tail = np.where(per > 0, NO_TAIL, 0.0).astype(np.float32)
     if not len(sampled.ids):
         return TopK(ids, logprobs, tail)
-    row = np.repeat(np.arange(L), per)  # [E] the position of each entry
     log_w = np.log(sampled.counts.astype(np.float64))
     if sample_temperature != 1.0:
         if sampled.logprobs is None:

@@ -61,6 +61,9 @@ def test_draws_at_another_temperature_need_their_logprobs_and_fit_the_width():
         draws_as_topk(sampled, 2, 1.0)
     with pytest.raises(ValueError, match="add up to 8, expected the signal's 9 draws"):
         draws_as_topk(sampled, 9, 1.0)
+    short = Sampled.from_lists([[1, 2], [3]], [[3, 1], [3]], None)  # the second is wrong
+    with pytest.raises(ValueError, match="add up to 3, expected the signal's 4 draws"):
+        draws_as_topk(short, 4, 1.0)
     empty = draws_as_topk(Sampled.from_lists([[], []], [[], []], None), 4, 1.0)
     assert (empty.ids == -1).all() and (empty.tail() == 0.0).all()
 

@@ -122,8 +122,7 @@ def _across_tokenizers(cfg, store: StoreReader) -> bool:
     tokenization of the store, or a student of another tokenizer: read from its tokenizer
     files, which is cheap). A student whose tokenizer cannot be read counts as the store's
     (its own error comes when the student loads)."""
-    names = list(cfg.signals) or list(store.settings.signals)
-    if any(store.settings.signals[n].tokenization for n in names):
+    if _on_other_tokenization(store.settings, list(cfg.signals) or list(store.settings.signals)):
         return True
     from logitstore.toolkit.hf import load_tokenizer
 
@@ -133,6 +132,12 @@ def _across_tokenizers(cfg, store: StoreReader) -> bool:
     except (LogitStoreError, OSError, ValueError):
         return False
     return is_foreign(tokenizer, store.settings)
+
+
+def _on_other_tokenization(settings, names: list[str]) -> bool:
+    """Whether a signal of `names` sits on another tokenization of the store (format 2.2):
+    its run goes through the cross path whatever the student's tokenizer."""
+    return any(settings.signals[n].tokenization for n in names)
 
 
 def _refuse_foreign_student_without_text(cfg, readers: dict) -> None:
@@ -289,7 +294,7 @@ def store_sources(cfg, inputs: Inputs, tokenizer, student, accelerator) -> Sourc
     problems: list[str] = []
     plans, aligners = plan_signals(cfg, reader.settings, student, problems)
     # a signal of another tokenization (format 2.2) goes through the cross path too
-    on_tokenization = any(reader.settings.signals[p.name].tokenization for p in plans)
+    on_tokenization = _on_other_tokenization(reader.settings, [p.name for p in plans])
     cross = cross_setup(cfg, reader, eval_reader, tokenizer, plans, problems) \
         if (foreign or on_tokenization) and not problems else None
     if cross is not None:

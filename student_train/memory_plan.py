@@ -382,6 +382,7 @@ def estimate(cfg, num_processes: int = 1, gpu_memory: int | None = None, model_c
              "trainable_parameters": trainable, "tied_embeddings": m.tied,
              "layers": m.layers, "hidden": m.hidden, "vocab": m.vocab,
              "store_vocab": s.vocab, "kd_target_widths": s.target_widths,
+             "cross_length_ratio": s.cross_length_ratio,
              "attention": "eager" if s.attention_maps else "sdpa",
              "alignment_parameters": sum(math.prod(x) for x in s.aligner_shapes.values()),
              **dataclasses.asdict(k)}

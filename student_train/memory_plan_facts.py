@@ -5,17 +5,20 @@ its config alone. The model is built on the meta device (no storage), so the par
 are exact for any architecture transformers can build, tied embeddings counted once
 (`named_parameters` drops duplicates).
 `store_facts(cfg, model_config)`: the store's vocabulary, per-token KD targets (top-k size or
-sampled draws), alignment projections and sample lengths, from the manifest and index only (the
-same `StoreReader` metadata `check_inputs` opens; no segment is read). Both import torch and
-transformers lazily.
+sampled draws), alignment projections and sample lengths, from the manifest and index (the
+same `StoreReader` metadata `check_inputs` opens); for a student of another tokenizer (the
+cross path) also the student's tokenizer files and the first segment's text, as
+cross_tokenizer.cross_setup reads them: sample lengths in the student's tokens and the
+batch's cross tensors. Both import torch and transformers lazily.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
-from logitstore.errors import ConfigError
+from logitstore.errors import ConfigError, LogitStoreError
 
 # What a decoder layer is called in the module tree (Llama, Qwen2, Mistral, Gemma: layers.N).
 _LAYER_CONTAINERS = ("layers", "h", "blocks", "block")
@@ -81,9 +84,15 @@ class StoreFacts:
     tempered_buffer: bool = False  # zero-tail kl at T != 1: a second [chunk, V] buffer
     aligner_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     attention_maps: bool = False  # eager attention, maps kept for the alignment loss
-    longest_sample: int | None = None
+    longest_sample: int | None = None  # in the student's tokens
     shortest_sample: int | None = None  # equal to longest_sample: rows need no padding
     signals: list[str] = field(default_factory=list)
+    # a student of another tokenizer (student_train/cross_batch.py): its tokens per stored
+    # token, the bytes per position its batch adds (kd_mask, inside-token and chain ids), and
+    # the entries the head's sparse target adds (a chain's entry k + 1, per chained signal)
+    cross_length_ratio: float | None = None
+    cross_batch_bytes_per_token: int = 0
+    head_extra_entries: int = 0
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -182,24 +191,66 @@ def store_facts(cfg, model_config) -> StoreFacts:
                                        problems)
     if problems:
         raise ConfigError(problems)
+    cross = _cross_facts(cfg, reader, plans)
     widths, tempered = [], False
     temperatures = {cfg.temperature, cfg.temperature_end or cfg.temperature}
     for plan in plans:
         if plan.target == "topk":
             widths.append(settings.signals[plan.name].topk.k)
-            zero_tail = cfg.topk_mode == "renormalised"
+            zero_tail = cfg.topk_mode == "renormalised" and cross is None
         elif plan.target == "sampled":
             widths.append(plan.n_draws)
-            zero_tail = True
+            zero_tail = cross is None  # across tokenizers the draws are read as a top-k
         else:
             continue
         tempered |= zero_tail and cfg.loss == "kl" and temperatures != {1.0}
+    ratio, extra, chain_entries = 1.0, 0, 0
+    if cross is not None:
+        ratio, chained, inside = cross
+        extra = sum(_cross_bytes_per_token(w, chained, inside) for w in widths)
+        chain_entries = len(widths) if chained else 0
     lengths = reader.index.column("length").to_numpy() if len(reader) else []
     return StoreFacts(
         vocab=settings.vocab_size, target_widths=widths, tempered_buffer=tempered,
         aligner_shapes={f"aligner.{name}.{n}": tuple(p.shape) for name, a in aligners
                         for n, p in a.named_parameters()},
         attention_maps=any(p.attention_weight > 0 for p in plans),
-        longest_sample=int(max(lengths)) if len(lengths) else None,
-        shortest_sample=int(min(lengths)) if len(lengths) else None,
-        signals=[p.name for p in plans])
+        longest_sample=_student_tokens(max(lengths), ratio) if len(lengths) else None,
+        shortest_sample=_student_tokens(min(lengths), ratio) if len(lengths) else None,
+        signals=[p.name for p in plans], cross_batch_bytes_per_token=extra,
+        head_extra_entries=chain_entries, cross_length_ratio=ratio if cross else None)
+
+
+def _cross_facts(cfg, reader, plans) -> tuple[float, bool, bool] | None:
+    """(student tokens per stored token, chains on, inside-token targets on) for a run on
+    the cross-tokenizer path (cross_tokenizer.cross_setup's rule), else None. Reads the
+    student's tokenizer (no weights) and, for the ratio, the first segment's text, as
+    cross_setup does; a tokenizer that cannot be read counts as the store's (training's own
+    error says why)."""
+    from logitstore.toolkit.hf import load_tokenizer
+    from student_train.cross_tokenizer import is_foreign, probe_first_segment
+
+    try:
+        tokenizer = load_tokenizer(cfg.student, cfg.revision,
+                                   trust_remote_code=cfg.trust_remote_code)
+    except (LogitStoreError, OSError, ValueError):
+        return None
+    on_other = any(reader.settings.signals[p.name].tokenization for p in plans)
+    if not (on_other or is_foreign(tokenizer, reader.settings)) or not reader.has_text:
+        return None  # not cross, or refused before any step (no text to re-tokenize)
+    ratio, _ = probe_first_segment(reader, tokenizer)
+    pkl = cfg.cross_loss == "pkl"
+    return ratio, pkl and cfg.chained_token_targets, pkl and cfg.inside_token_targets
+
+
+def _cross_bytes_per_token(width: int, chained: bool, inside: bool) -> int:
+    """What cross_batch.CrossCollate adds per position and KD signal: kd_mask (bool), with
+    inside-token targets inside_ids [width] int64 and inside_mask (bool), with chains
+    chain_entry and chain_ids (int64) and chain_logc (fp32)."""
+    return 1 + (8 * width + 1 if inside else 0) + (8 + 8 + 4 if chained else 0)
+
+
+def _student_tokens(stored: int, ratio: float) -> int:
+    """A stored sample's length in the student's tokens, estimated with the first segment's
+    mean ratio (the cross collate keeps whole samples, as the same-tokenizer path does)."""
+    return int(stored) if ratio == 1.0 else int(math.ceil(stored * ratio))

@@ -128,7 +128,8 @@ def outside_per_token(m: ModelFacts, s: StoreFacts, k) -> float:
     final_norm = _norm_bytes(m, k, consumers=1) if not k.lora_r else 4 * m.hidden + 4
     output = k.param_bytes * m.hidden if k.lora_r else 0  # full: counted in _norm_bytes
     rope = 2 * 4 * m.head_dim  # cos and sin [B, S, head_dim] fp32, kept by RoPE's products
-    batch = BATCH_BYTES_PER_TOKEN + BATCH_BYTES_PER_TARGET_ENTRY * sum(s.target_widths)
+    batch = (BATCH_BYTES_PER_TOKEN + BATCH_BYTES_PER_TARGET_ENTRY * sum(s.target_widths)
+             + s.cross_batch_bytes_per_token)
     mask = row_length(s, k) * (3 + (4 if s.attention_maps else 0)) if k.packing else 0
     return final_norm + output + rope + batch + mask
 
@@ -150,7 +151,7 @@ def head_chunk_bytes(m: ModelFacts, s: StoreFacts, k, tokens: int) -> float:
     n = min(k.lm_head_chunk, tokens)
     conversion = 2 if k.compute_bytes == 2 else 0
     chunk = n * m.vocab * (4 + 4 * s.tempered_buffer + conversion)
-    sparse = n * sum(s.target_widths) * HEAD_SPARSE_BYTES_PER_ENTRY
+    sparse = n * (sum(s.target_widths) + s.head_extra_entries) * HEAD_SPARSE_BYTES_PER_ENTRY
     weight_copy = 0
     if k.compute_bytes != k.param_bytes:
         weight_copy = 2 * m.vocab * m.hidden * (1 if k.lora_r else 2)

@@ -21,6 +21,8 @@ for older stores).
 
 from __future__ import annotations
 
+import functools
+
 import hashlib
 import importlib
 from dataclasses import dataclass, field, replace
@@ -109,26 +111,32 @@ def check_inputs(cfg) -> Inputs:
     problems = [problem] if problem else missing_logprob_problems(
         cfg, store.settings, cfg.store, eval_store.settings if eval_store else None,
         cfg.eval_store)
-    if problems and not problem and _across_tokenizers(cfg, store):
+    student_tokenizer = functools.cache(_student_tokenizer_loader(cfg))  # read once, if at all
+    if problems and not problem and _across_tokenizers(cfg, store, student_tokenizer):
         problems = []  # draws read as a T=1 estimate: cross_tokenizer.draws_problems' rule
     if problems:
         raise ConfigError(problems)
-    _refuse_foreign_student_without_text(cfg, {cfg.store: store, cfg.eval_store: eval_store})
+    _refuse_foreign_student_without_text({cfg.store: store, cfg.eval_store: eval_store},
+                                         student_tokenizer)
     return Inputs(store, eval_store)
 
 
-def _across_tokenizers(cfg, store: StoreReader) -> bool:
-    """Whether the run takes the cross-tokenizer path (a selected signal on another
-    tokenization of the store, or a student of another tokenizer: read from its tokenizer
-    files, which is cheap). A student whose tokenizer cannot be read counts as the store's
-    (its own error comes when the student loads)."""
-    if _on_other_tokenization(store.settings, list(cfg.signals) or list(store.settings.signals)):
-        return True
+def _student_tokenizer_loader(cfg) -> Callable[[], Any]:
+    """A function reading the student's tokenizer files (cheap next to its weights)."""
     from logitstore.toolkit.hf import load_tokenizer
 
+    return lambda: load_tokenizer(cfg.student, cfg.revision,
+                                  trust_remote_code=cfg.trust_remote_code)
+
+
+def _across_tokenizers(cfg, store: StoreReader, student_tokenizer: Callable[[], Any]) -> bool:
+    """Whether the run takes the cross-tokenizer path (a selected signal on another
+    tokenization of the store, or a student of another tokenizer). A student whose tokenizer
+    cannot be read counts as the store's (its own error comes when the student loads)."""
+    if _on_other_tokenization(store.settings, list(cfg.signals) or list(store.settings.signals)):
+        return True
     try:
-        tokenizer = load_tokenizer(cfg.student, cfg.revision,
-                                   trust_remote_code=cfg.trust_remote_code)
+        tokenizer = student_tokenizer()
     except (LogitStoreError, OSError, ValueError):
         return False
     return is_foreign(tokenizer, store.settings)
@@ -140,15 +148,14 @@ def _on_other_tokenization(settings, names: list[str]) -> bool:
     return any(settings.signals[n].tokenization for n in names)
 
 
-def _refuse_foreign_student_without_text(cfg, readers: dict) -> None:
+def _refuse_foreign_student_without_text(readers: dict,
+                                         student_tokenizer: Callable[[], Any]) -> None:
     """A student of another tokenizer needs the stores' text and spans: refused before the
-    student's weights load (its tokenizer alone is read, which is cheap)."""
+    student's weights load (its tokenizer alone is read, only for a store without text)."""
     lacking = {url: r for url, r in readers.items() if r is not None and not r.has_text}
     if not lacking:
         return
-    from logitstore.toolkit.hf import load_tokenizer
-
-    tokenizer = load_tokenizer(cfg.student, cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = student_tokenizer()
     for url, reader in lacking.items():
         if is_foreign(tokenizer, reader.settings):
             raise SchemaMismatchError(no_text_problem(url, reader.settings, tokenizer))

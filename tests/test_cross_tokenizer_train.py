@@ -534,3 +534,22 @@ def test_draws_at_another_temperature_without_logprobs_are_refused(world, tmp_pa
     assert "T=1 distribution" in message  # the cross path's rule, not the same-tokenizer one
     assert "'teacher'" in message and "'sharp'" in message
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_the_early_checks_read_the_students_tokenizer_once(world, tmp_path, monkeypatch):
+    """Draws without log-probs at T = 2 (a problem for the same-tokenizer rule, none across
+    tokenizers) in a store without text: both early checks need the student's tokenizer."""
+    import logitstore.toolkit.hf as hf
+    from student_train.config import resolve_config
+    from student_train.sources import check_inputs
+
+    store = write_store(tmp_path / "plain_draws", world["teacher"], world["teacher_tok"],
+                        text=False, kinds="sampled", sampled=SampledSpec(4, logprobs=False))
+    loads = []
+    real = hf.load_tokenizer
+    monkeypatch.setattr(hf, "load_tokenizer", lambda *a, **k: loads.append(a) or real(*a, **k))
+    cfg = resolve_config(None, {"store": str(store), "student": str(world["student"]),
+                                "out": str(tmp_path / "run"), "temperature": 2.0})
+    with pytest.raises(SchemaMismatchError, match="holds no sample text"):
+        check_inputs(cfg)
+    assert len(loads) == 1

@@ -295,13 +295,12 @@ def parse_args(argv=None):
                    "transfer set")
     p.add_argument("--steps", type=int, help="student steps (overrides --epochs)")
     p.add_argument("--no-b", action="store_true", help="no teacher B (nor its student)")
+    from xtok_train import ABLATIONS, ALL_VARIANTS, DEFAULT_VARIANTS, TWO_TEACHER_WEIGHTS
+
     p.add_argument("--variants", help="comma-separated students to train (default: all but "
-                   "the ablations xkd-pkl-aligned, xkd-pkl-unchained, xkd-AB-pkl-means and "
-                   "xkd-AB-pkl-conf; ce-C and kd-A always, the report's references), of: "
-                   "ce-A, kd-A, ce-C, xkd-pkl, xkd-pkl-aligned (inside-token targets and "
-                   "chains off), xkd-pkl-unchained (chains off), xkd-uld, xkd-B-pkl, "
-                   "xkd-AB-pkl, xkd-AB-pkl-means (per-teacher means), xkd-AB-pkl-conf "
-                   "(signal_mixture confidence)")
+                   f"the ablations {', '.join(ABLATIONS)}; ce-C and kd-A always, the "
+                   f"report's references), of: {', '.join(ALL_VARIANTS)} (bench/xtok_train.py "
+                   "says what each one is)")
     p.add_argument("--min-mapped-share", type=float, help="the students' min_mapped_share "
                    f"(default {TRAIN['min_mapped_share']}): aligned positions' mapped share "
                    "and inside-token positions' conditioned share")
@@ -326,8 +325,6 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.out = args.out or args.from_json or OUT / "xtok.json"
     args.png = args.png or args.out.with_suffix(".png")
-    from xtok_train import ALL_VARIANTS, DEFAULT_VARIANTS, TWO_TEACHER_WEIGHTS
-
     chosen = DEFAULT_VARIANTS if not args.variants else \
         tuple(v.strip() for v in args.variants.split(",") if v.strip())
     unknown = sorted(set(chosen) - set(ALL_VARIANTS))

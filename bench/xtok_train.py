@@ -42,6 +42,9 @@ rows into its own batch:
                                             the probability its target gives the next token
   xkd-B-pkl-draws, xkd-AB-pkl-draws         (only when --variants names them) xkd-B-pkl and
                                             xkd-AB-pkl with the teachers' draws as target
+  xkd-B-pkl-aligned, xkd-AB-pkl-aligned     (only when --variants names them) xkd-B-pkl and
+                                            xkd-AB-pkl with inside_token_targets and
+                                            chained_token_targets false (as xkd-pkl-aligned)
 Per seed, the variants of one tokenizer start from the same weights; the A and C students
 share every weight but the embeddings and lm_head (both drawn under torch.manual_seed(seed),
 then C's block weights copied into A). Same optimizer (AdamW), schedule, steps and alpha;
@@ -62,11 +65,14 @@ A_VARIANTS = ("ce-A", "kd-A", "kd-A-draws")
 C_VARIANTS = ("ce-C", "xkd-pkl", "xkd-uld")
 ALL_VARIANTS = (*A_VARIANTS, "ce-C", "xkd-pkl", "xkd-pkl-aligned", "xkd-pkl-unchained",
                 "xkd-pkl-draws", "xkd-uld", "xkd-B-pkl", "xkd-B-pkl-draws", "xkd-AB-pkl",
-                "xkd-AB-pkl-means", "xkd-AB-pkl-conf", "xkd-AB-pkl-draws")
-TWO_TEACHER_VARIANTS = ("xkd-AB-pkl", "xkd-AB-pkl-means", "xkd-AB-pkl-conf", "xkd-AB-pkl-draws")
+                "xkd-AB-pkl-means", "xkd-AB-pkl-conf", "xkd-AB-pkl-draws", "xkd-B-pkl-aligned",
+                "xkd-AB-pkl-aligned")
+TWO_TEACHER_VARIANTS = ("xkd-AB-pkl", "xkd-AB-pkl-means", "xkd-AB-pkl-conf", "xkd-AB-pkl-draws",
+                        "xkd-AB-pkl-aligned")
 # run only when --variants names them
 ABLATIONS = ("kd-A-draws", "xkd-pkl-aligned", "xkd-pkl-unchained", "xkd-pkl-draws",
-             "xkd-B-pkl-draws", "xkd-AB-pkl-means", "xkd-AB-pkl-conf", "xkd-AB-pkl-draws")
+             "xkd-B-pkl-draws", "xkd-AB-pkl-means", "xkd-AB-pkl-conf", "xkd-AB-pkl-draws",
+             "xkd-B-pkl-aligned", "xkd-AB-pkl-aligned")
 # the target of each variant's KD (the rest: the signal's top-k)
 TARGETS = {name: "sampled" for name in ALL_VARIANTS if name.endswith("-draws")}
 DEFAULT_VARIANTS = tuple(v for v in ALL_VARIANTS if v not in ABLATIONS)
@@ -223,12 +229,12 @@ def make_variants(plan, seed: int, accelerator) -> tuple[list, dict]:
         variants.insert(2, Variant("ce-C", cfg_ce, copy_of(students["C"]), [], "C-uld",
                                    accelerator))
     variants = [v for v in variants if v.name in chosen]
-    for name in ("xkd-B-pkl", "xkd-B-pkl-draws"):
+    for name in ("xkd-B-pkl", "xkd-B-pkl-draws", "xkd-B-pkl-aligned"):
         if b_store is None or name not in chosen:
             continue
-        key = name[len("xkd-"):].replace("-pkl", "")  # B, B-draws
+        key = name[len("xkd-"):].replace("-pkl", "")  # B, B-draws, B-aligned
         cfg_b = train_config(plan, b_store, plan.student_dirs["C"], name, seed,
-                             cross_loss="pkl", **kd_of(name))
+                             cross_loss="pkl", **kd_of(name), **_aligned_only(name))
         plans, crosses[key] = cross_parts(cfg_b, plan.readers["B"], plan.tokenizer_c)
         variants.append(Variant(name, cfg_b, copy_of(students["C"]), plans, f"C-{key}",
                                 accelerator, crosses[key].vocab_maps))
@@ -238,6 +244,12 @@ def make_variants(plan, seed: int, accelerator) -> tuple[list, dict]:
             variants.append(_two_teacher_variant(plan, seed, students["C"], accelerator,
                                                  crosses, collates, name))
     return variants, {"collates": collates, "crosses": crosses}
+
+
+def _aligned_only(name: str) -> dict:
+    """The switches of an "-aligned" variant: no inside-token targets, no chains."""
+    aligned = name.endswith("-aligned")
+    return {"inside_token_targets": not aligned, "chained_token_targets": not aligned}
 
 
 # Equal weights: neither teacher is known to be better for student C before the run (A's
@@ -258,9 +270,11 @@ def _two_teacher_variant(plan, seed: int, student, accelerator, crosses: dict,
     cfg = train_config(plan, store["url"], plan.student_dirs["C"], name, seed,
                        cross_loss="pkl", signals=signals, target=TARGETS.get(name, "topk"),
                        mix_signals_per_position=name != "xkd-AB-pkl-means",
-                       signal_mixture="confidence" if name.endswith("-conf") else "weights")
+                       signal_mixture="confidence" if name.endswith("-conf") else "weights",
+                       **_aligned_only(name))
     plans, cross = cross_parts(cfg, plan.readers["AB"], plan.tokenizer_c)
-    key = "AB-draws" if name in TARGETS else "AB"  # the top-k ones read the same batches
+    # the top-k ones read the same batches (aligned-only ones drop the inside and chain parts)
+    key = "AB-draws" if name in TARGETS else "AB-aligned" if name.endswith("-aligned") else "AB"
     if f"C-{key}" not in collates:  # the first one's collate
         crosses[key] = cross
         collates[f"C-{key}"] = _b_collate(cross.collate, plan.samples_ab, store["signals"])

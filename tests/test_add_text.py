@@ -125,9 +125,6 @@ def test_what_the_ids_cannot_give_back_exactly_is_refused(tiny, tmp_path):  # no
 
     def recovered_text(tokenizer, ids):
         return TextRecovery(tokenizer)(ids)
-
-    def byte_level_problem(tokenizer):
-        return TextRecovery(tokenizer).problem()
     whole = tokenizer("fever and cough")["input_ids"]
     assert recovered_text(tokenizer, np.asarray(whole)).text == "fever and cough"
     # a cut inside a character: its other bytes are in the neighbouring window
@@ -143,8 +140,82 @@ def test_what_the_ids_cannot_give_back_exactly_is_refused(tiny, tmp_path):  # no
     assert marked not in tokenizer.all_special_ids
     with pytest.raises(TokenSpansError, match="sits inside the text"):
         recovered_text(tokenizer, np.asarray(whole[:2] + [marked] + whole[2:]))
-    assert byte_level_problem(tokenizer) is None
-    assert "not a byte-level tokenizer" in byte_level_problem(_metaspace_tokenizer())
+    assert TextRecovery(tokenizer).exact_bytes  # the ids' own bytes: the original text
+    assert not TextRecovery(_metaspace_tokenizer()).exact_bytes  # the round trip
+
+
+def _llama2_style(tokenizer):
+    """`tokenizer` with Llama 2's dummy prefix: a "▁" prepended to the text's first word,
+    stripped again by the decoder."""
+    from tokenizers import decoders, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = tokenizer.backend_tokenizer
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                         decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>",
+                                   eos_token="<eos>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("dummy_prefix", [False, True])
+def test_a_sentencepiece_style_text_comes_back_where_the_round_trip_is_exact(dummy_prefix):
+    """Metaspace + byte fallback: the decoded text, kept when it cuts into the same ids
+    (its spans that cut's); what does not come back is refused, never guessed: half a
+    character, and with a dummy prefix a window starting inside a word (its re-cut adds
+    the prefix) and a text whose leading space the prefix swallowed comes back without it."""
+    from logitstore.toolkit.add_text import TextRecovery
+    from logitstore.toolkit.token_spans import tokenize_with_spans
+
+    tokenizer = _metaspace_tokenizer()
+    tokenizer = _llama2_style(tokenizer) if dummy_prefix else tokenizer
+    recover = TextRecovery(tokenizer)
+    for text in ("fever and cough", ACCENTED + "rash", "two  spaces, then\na line"):
+        cut = tokenize_with_spans(tokenizer, text)
+        got = recover(np.asarray(cut.ids, np.int64))
+        assert got.text == text  # nothing dropped or normalised: the original
+        np.testing.assert_array_equal(got.spans, cut.spans)
+        np.testing.assert_array_equal(got.special, cut.special)
+        assert got.special[0] and tuple(got.spans[0]) == (0, 0)  # BOS, zero-width
+    leading = tokenize_with_spans(tokenizer, " fever").ids
+    got = recover(np.asarray(leading, np.int64)).text
+    assert got == ("fever" if dummy_prefix else " fever")  # the same ids either way
+    assert tokenizer(got)["input_ids"] == leading.tolist()
+    words = tokenizer("fever and cough", add_special_tokens=False)["input_ids"]
+    window = np.asarray(words[1:], np.int64)  # starts inside "fever"
+    if dummy_prefix:
+        with pytest.raises(TokenSpansError, match="other ids than the stored ones"):
+            recover(window)
+    else:
+        assert recover(window).text == "ever and cough"
+    emoji = tokenizer("a 🩺 b", add_special_tokens=False)["input_ids"]  # not in the vocabulary
+    halves = [i for i in range(1, len(emoji)) if "\ufffd" in tokenizer.decode(emoji[:i])]
+    assert halves, "byte fallback spells the emoji in bytes"
+    with pytest.raises(TokenSpansError, match="not whole UTF-8 characters"):
+        recover(np.asarray(emoji[:halves[0]], np.int64))
+
+
+def test_a_sentencepiece_teachers_store_gets_the_text_a_dump_with_text_writes(
+        tiny, plain_dumps, tmp_path):  # noqa: F811
+    """A store dumped by a SentencePiece-style teacher (metaspace, byte fallback) without
+    text: add-text gives back what the same dump with text holds (the records' texts hold
+    no leading space for a dummy prefix to swallow)."""
+    from tiny_hf import make_tiny_llama
+
+    teacher = make_tiny_llama(tmp_path / "ms_llama", _metaspace_tokenizer())
+    base = ["--model", teacher, "--data", tiny["root"] / "no_chat", *FAST]
+    _cli(*base, "--out", tmp_path / "text")
+    _cli(*base, "--out", tmp_path / "plain", "--no-text")
+    _add_text(tmp_path / "plain", tmp_path / "added", "--tokenizer", teacher)
+    dumped = {s.sample_id: s for s in StoreReader(str(tmp_path / "text")).iter_samples()}
+    added = list(StoreReader(str(tmp_path / "added")).iter_samples())
+    assert len(added) == len(dumped) == 6 and verify_store(str(tmp_path / "added")) == []
+    for sample in added:
+        want = dumped[sample.sample_id]
+        np.testing.assert_array_equal(sample.input_ids, want.input_ids)
+        assert sample.text_spans.text == want.text_spans.text
+        np.testing.assert_array_equal(sample.text_spans.spans, want.text_spans.spans)
+        np.testing.assert_array_equal(sample.text_spans.special, want.text_spans.special)
 
 
 def test_a_student_of_another_tokenizer_trains_on_the_copy_it_was_refused_before(

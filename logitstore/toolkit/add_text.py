@@ -3,21 +3,28 @@ spans (before format 2.1, or dumped with --no-text), copied with them, so that s
 other tokenizers and second teachers can use it without running its teacher again.
 
 The text is recovered from the stored ids with the store's own tokenizer, and only where
-that is exact, which the ids alone decide for a byte-level tokenizer (GPT-2, Llama 3, Qwen:
-every token stands for bytes of the text, nothing is added or dropped): the sample's text
-is its tokens' bytes one after the other (`token_bytes.TokenBytes`, what `decode` reads),
-each token's span where its bytes sit; the leading and trailing special tokens (BOS, EOS)
-are zero-width at the text's start and end, as teacher-dump writes them. Refused before
-anything is read: a tokenizer that is not the store's (fingerprint) and any other kind of
-tokenizer (SentencePiece-style: its ids do not say whether a text or a part of it began with
-a space; a normaliser: its ids hold the normalised text). Refused when any sample cannot be
-recovered, found by a first pass over the ids before anything is written (the count and
-the first ones named; the source never changes): a
-special token inside the text (chat-template markup: the turns and roles are not in the ids;
-or a special token the data held) and tokens whose bytes are not whole UTF-8 characters (a
-window or cut that fell inside a character, whose other bytes are in the neighbouring
-sample). A chat whose template writes its markup as ordinary tokens comes back as a plain
-sample, the markup part of its text. The tokenizer's files become the store's.
+that is exact:
+* a byte-level tokenizer without a normaliser (GPT-2, Llama 3, Qwen: every token stands for
+  bytes of the text, nothing is added or dropped): the ids alone decide the text, the
+  sample's ORIGINAL text: its tokens' bytes one after the other (`token_bytes.TokenBytes`,
+  what `decode` reads), each token's span where its bytes sit;
+* any other tokenizer (SentencePiece-style: Llama 2, Mistral, Gemma; or one with a
+  normaliser): the ids do not say whether the text began with a space nor what the
+  normaliser changed, so the text is the tokenizer's `decode` of the ids, kept only when the
+  tokenizer cuts that text into exactly the stored ids again (the round trip; the spans are
+  that cut's): a text the teacher saw as these ids, which may differ from the original in
+  what the tokenizer dropped (a leading space, the normalised characters). A window that
+  starts mid-text fails the round trip (the re-cut adds the dummy prefix) and is refused.
+The leading and trailing special tokens (BOS, EOS) are zero-width at the text's start and
+end, as teacher-dump writes them. Refused before anything is read: a tokenizer that is not
+the store's (fingerprint). Refused when any sample cannot be recovered, found by a first
+pass over the ids before anything is written (the count and the first ones named; the
+source never changes): a special token inside the text (chat-template markup: the turns and
+roles are not in the ids; or a special token the data held), tokens whose bytes are not
+whole UTF-8 characters (a window or cut that fell inside a character, whose other bytes are
+in the neighbouring sample) and a failed round trip. A chat whose template writes its
+markup as ordinary tokens comes back as a plain sample, the markup part of its text. The
+tokenizer's files become the store's.
 
 The copy is `copy_samples.execute_plan`'s (resumable, verified, provenance under
 `extra["operation"]`, command "add-text", the tokenizer's fingerprint in its filter), with
@@ -54,7 +61,7 @@ def add_text(src: str, dst: str, tokenizer_path: str, *, src_options: dict | Non
 def plan_add_text(url: str, reader: StoreReader, tokenizer_path: str,
                   checked: Callable[[int], None] | None = None) -> CopyPlan:
     """The copy's plan; refuses, before any sample is read, a store that already holds text,
-    a classifier store and a tokenizer other than the store's or not byte-level; then,
+    a classifier store and a tokenizer other than the store's; then,
     before anything is written, a store with samples whose text cannot be recovered
     (`refuse_unrecoverable`, `checked(n)` after each sample's n tokens)."""
     from logitstore.toolkit.hf import load_tokenizer
@@ -78,12 +85,6 @@ def plan_add_text(url: str, reader: StoreReader, tokenizer_path: str,
             f"({settings.tokenizer_name or 'its name unknown'}), found {found}. Give the "
             f"teacher's own tokenizer (its model directory or hub id)")
     recover = TextRecovery(tokenizer)
-    problem = recover.problem()
-    if problem:
-        raise LogitStoreError(
-            f"add-text recovers a sample's text from its ids only where they determine it "
-            f"exactly, expected a byte-level tokenizer without a normaliser (GPT-2, Llama 3, "
-            f"Qwen families), but {tokenizer_path}: {problem}; {REMEDY}")
     files = saved_tokenizer_files(tokenizer, REMEDY)
     refuse_unrecoverable(url, reader, recover, checked)
     new_settings = replace(settings, text=True, tokenizer_files=tokenizer_file_entries(files))
@@ -145,15 +146,9 @@ class TextRecovery:
         # Llama 3's markup is added tokens marked special, not all listed in all_special_ids
         specials = set(tokenizer.all_special_ids) | {i for i, t in added.items() if t.special}
         self.special_ids = np.asarray(sorted(specials), np.int64)
-
-    def problem(self) -> str | None:
-        """Why the tokenizer's ids do not determine their text exactly, or None."""
-        if not self.read.byte_level:
-            return ("it is not a byte-level tokenizer (a SentencePiece-style one adds a prefix "
-                    "space the ids do not record)")
-        if self.backend.normalizer is not None:
-            return "it normalises the text before cutting it (the ids hold the normalised text)"
-        return None
+        # the ids decide the original text only for bytes cut with nothing added or dropped
+        self.exact_bytes = self.read.byte_level and self.backend.normalizer is None
+        self.tokenizer = tokenizer
 
     def __call__(self, ids: np.ndarray) -> SampleText:
         """The text and spans of one sample's ids, or TokenSpansError."""
@@ -167,8 +162,17 @@ class TextRecovery:
                 f"special token {int(ids[at])} at token {at} sits inside the text "
                 f"(chat-template markup, or a special token the data held): its turns and "
                 f"roles are not in the ids, so the text cannot be recovered exactly")
-        pieces = [self.read(int(i), self.backend.id_to_token(int(i)))
-                  for i in ids[n_prefix:len(ids) - n_suffix]]
+        inner = ids[n_prefix:len(ids) - n_suffix]
+        text, inner_spans = (self._from_bytes(inner) if self.exact_bytes
+                             else self._round_trip(inner, n_prefix))
+        size = len(text.encode("utf-8"))
+        spans = np.concatenate([np.zeros((n_prefix, 2), np.int64), inner_spans,
+                                np.full((n_suffix, 2), size, np.int64)]).astype(np.int32)
+        return SampleText(text, spans, special, np.zeros(len(ids), np.uint8))
+
+    def _from_bytes(self, inner: np.ndarray) -> tuple[str, np.ndarray]:
+        """(the text, spans [n, 2]) of byte-level ids: their bytes one after the other."""
+        pieces = [self.read(int(i), self.backend.id_to_token(int(i))) for i in inner]
         data = b"".join(pieces)
         try:
             text = data.decode("utf-8")
@@ -179,7 +183,28 @@ class TextRecovery:
                 f"the neighbouring sample), so its text cannot be recovered alone") from None
         lengths = np.asarray([len(piece) for piece in pieces], np.int64)
         ends = np.cumsum(lengths)
-        spans = np.concatenate([np.zeros((n_prefix, 2), np.int64),
-                                np.stack([ends - lengths, ends], axis=1),
-                                np.full((n_suffix, 2), len(data), np.int64)]).astype(np.int32)
-        return SampleText(text, spans, special, np.zeros(len(ids), np.uint8))
+        return text, np.stack([ends - lengths, ends], axis=1).reshape(-1, 2)
+
+    def _round_trip(self, inner: np.ndarray, offset: int) -> tuple[str, np.ndarray]:
+        """(the decoded text, spans [n, 2]) of ids the tokenizer cuts that text into again."""
+        from logitstore.toolkit.token_spans import tokenize_with_spans
+
+        text = self.tokenizer.decode(inner.tolist(), skip_special_tokens=False,
+                                     clean_up_tokenization_spaces=False)
+        if "\ufffd" in text:
+            raise TokenSpansError(
+                "its tokens' bytes are not whole UTF-8 characters (a window or cut inside a "
+                "character, whose other bytes are in the neighbouring sample), so its text "
+                "cannot be recovered alone")
+        cut = tokenize_with_spans(self.tokenizer, text, add_special_tokens=False)
+        if not np.array_equal(cut.ids, inner):
+            at = next((i for i, (a, b) in enumerate(zip(cut.ids, inner)) if a != b),
+                      min(len(cut.ids), len(inner)))
+            found = int(cut.ids[at]) if at < len(cut.ids) else "the end"
+            expected = int(inner[at]) if at < len(inner) else "the end"
+            raise TokenSpansError(
+                f"the tokenizer cuts the decoded text into other ids than the stored ones "
+                f"(at token {offset + at}: expected {expected}, found {found}; a window that "
+                f"starts or ends mid-text, or a text the tokenizer cannot give back), so "
+                f"its text cannot be recovered exactly")
+        return text, np.asarray(cut.spans, np.int64).reshape(-1, 2)

@@ -114,15 +114,19 @@ def write_store(url: Path, teacher_dir: Path, tokenizer_dir: Path, *, text: bool
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("cross"))
+
+
+def make_world(root: Path, kinds: str = "topk") -> dict:
+    """Teacher and student tokenizers and tiny Llamas, and the teacher's store (`kinds`)."""
     from transformers import AutoTokenizer
 
-    root = tmp_path_factory.mktemp("cross")
     teacher_tok = make_tokenizer(root / "teacher_tok")
     teacher = make_tiny_llama(root / "teacher", AutoTokenizer.from_pretrained(teacher_tok),
                               seed=1, initializer_range=0.3)
     student_tok = AutoTokenizer.from_pretrained(make_student_tokenizer(root / "student_tok"))
     student = make_tiny_llama(root / "student", student_tok, seed=0)
-    store = write_store(root / "store", teacher, teacher_tok)
+    store = write_store(root / "store", teacher, teacher_tok, kinds=kinds)
     return {"root": root, "store": store, "student": student, "teacher": teacher,
             "teacher_tok": teacher_tok, "student_tok": student_tok}
 

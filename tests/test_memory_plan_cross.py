@@ -18,22 +18,12 @@ from student_train.memory_plan import estimate
 from student_train.memory_plan_facts import load_model_config, store_facts
 from student_train.memory_plan_render import render_plan
 from student_train.memory_plan_terms import BATCH_BYTES_PER_TARGET_ENTRY, BATCH_BYTES_PER_TOKEN
-from test_cross_tokenizer_train import make_student_tokenizer, write_store
-from tiny_hf import make_tiny_llama, make_tokenizer
+from test_cross_tokenizer_train import make_world
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    root = tmp_path_factory.mktemp("plan_cross")
-    teacher_tok = make_tokenizer(root / "teacher_tok")
-    teacher = make_tiny_llama(root / "teacher", AutoTokenizer.from_pretrained(teacher_tok),
-                              seed=1, initializer_range=0.3)
-    student_tok = AutoTokenizer.from_pretrained(make_student_tokenizer(root / "student_tok"))
-    student = make_tiny_llama(root / "student", student_tok, seed=0)
-    store = write_store(root / "store", teacher, teacher_tok, kinds="topk,sampled")
-    return {"store": store, "student": student, "teacher": teacher}
+    return make_world(tmp_path_factory.mktemp("plan_cross"), kinds="topk,sampled")
 
 
 def cfg_of(world, student: str = "student", **overrides):

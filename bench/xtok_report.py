@@ -46,7 +46,8 @@ MEANS = "xkd-AB-pkl-means"  # the ablation: each teacher's mean over its own pos
 CONF = "xkd-AB-pkl-conf"  # signal_mixture confidence: weights x P(next token) per position
 DRAWS_SINGLES, TWO_DRAWS = ("xkd-pkl-draws", "xkd-B-pkl-draws"), "xkd-AB-pkl-draws"
 CROSS = ("xkd-pkl", "xkd-pkl-aligned", "xkd-pkl-unchained", "xkd-pkl-draws", "xkd-uld",
-         "xkd-B-pkl", "xkd-B-pkl-draws", TWO, MEANS, CONF, TWO_DRAWS)
+         "xkd-B-pkl", "xkd-B-pkl-draws", "xkd-B-pkl-aligned", TWO, MEANS, CONF, TWO_DRAWS,
+         "xkd-AB-pkl-aligned")
 A_STUDENTS = ("ce-A", "kd-A", "kd-A-draws")  # the others have tokenizer C
 # same-tokenizer KD of the same target; else kd-A
 REFERENCE = {name: "kd-A-draws" for name in ("xkd-pkl-draws", "xkd-B-pkl-draws", TWO_DRAWS)}

@@ -263,7 +263,9 @@ def _two_teacher_variant(plan, seed: int, student, accelerator, crosses: dict,
     """xkd-AB-pkl: student C from store AB with `--signals A:0.5,B:0.5` (module docstring;
     bench --two-teacher-weights sets other weights);
     xkd-AB-pkl-means: the same with mix_signals_per_position false; xkd-AB-pkl-conf: with
-    signal_mixture confidence. Adds their collate (kind C-AB) and cross setup (key AB)."""
+    signal_mixture confidence; xkd-AB-pkl-draws: the draws as target; xkd-AB-pkl-aligned:
+    no inside-token targets nor chains. Adds their collate (kind C-<key>) and cross setup
+    (key AB, AB-draws or AB-aligned: the first variant of a key builds them)."""
     store = plan.two_teacher
     signals = dict(zip(store["signals"], getattr(plan, "two_teacher_weights",
                                                  TWO_TEACHER_WEIGHTS)))

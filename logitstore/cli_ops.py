@@ -136,8 +136,9 @@ def add_text(src: str, dst: str, tokenizer_path: str, overwrite: bool) -> None:
     or dumped with --no-text), to a new store DST with them, recovered from the stored ids
     with the store's own tokenizer where that is exact (a byte-level one: the ids' bytes;
     another: its decoded text when it cuts that text into the same ids again;
-    logitstore/toolkit/add_text.py); every id, target and signal unchanged. Students of other tokenizers and second teachers need
-    them. Verified at the end; rerun after an interruption to resume."""
+    logitstore/toolkit/add_text.py); every id, target and signal unchanged. Students of
+    other tokenizers and second teachers need them. Verified at the end; rerun after an
+    interruption to resume."""
     from tqdm import tqdm
 
     from logitstore.copy_samples import open_sources

@@ -18,7 +18,8 @@ image+text classifier from a classifier store (student_train/classify_train.py).
 (student_train/sweep_cli.py; `student-train sweep --help`).
 
 `--plan` prints the memory plan per device (student_train/memory_plan.py: from the student's
-config.json and the store's manifest, no weights) and exits, 1 when it does not fit
+config.json and the store's manifest, across tokenizers also the student's tokenizer and
+the first segment's text; no weights) and exits, 1 when it does not fit
 `--gpu-memory`.
 
 Exit status (logitstore/exit_codes.py): 0 on success; 1 with a one-paragraph reason for a

@@ -170,8 +170,7 @@ def probe_first_segment(reader, tokenizer) -> tuple[float, dict[str, Any]]:
     step: they train as plain text (token_spans.stored_text_tokens)."""
     if not reader.segments:
         return 1.0, {}
-    samples = reader.read_segment(0, [])[:RATIO_SAMPLES]
-    rendered = [stored_text_tokens(tokenizer, s.text_spans, s.sample_id) for s in samples]
+    samples, rendered = _first_segment_cuts(reader, tokenizer)
     teacher = sum(len(s) for s in samples)
     student = sum(len(whole.ids) for whole, _, _ in rendered)
     plain = [why for _, chat, why in rendered if chat and why]
@@ -184,6 +183,27 @@ def probe_first_segment(reader, tokenizer) -> tuple[float, dict[str, Any]]:
                     "this for a base (non-chat) student", len(plain), chats["chat_samples"],
                     plain[0])
     return (student / teacher if teacher else 1.0), chats
+
+
+def first_segment_length_ratios(reader, tokenizer) -> tuple[float, float]:
+    """(mean, largest) student tokens per stored token of the first segment's samples (at
+    most RATIO_SAMPLES; 1.0, 1.0 for an empty store), read without any warning: what the
+    memory plan sizes rows with (the mean is probe_first_segment's ratio)."""
+    if not reader.segments:
+        return 1.0, 1.0
+    samples, rendered = _first_segment_cuts(reader, tokenizer)
+    student = np.asarray([len(whole.ids) for whole, _, _ in rendered], np.float64)
+    stored = np.asarray([len(s) for s in samples], np.float64)
+    if not stored.sum():
+        return 1.0, 1.0
+    return float(student.sum() / stored.sum()), float((student / np.maximum(stored, 1)).max())
+
+
+def _first_segment_cuts(reader, tokenizer) -> tuple[list, list]:
+    """(the first segment's first RATIO_SAMPLES samples, the student's cut of each:
+    token_spans.stored_text_tokens' triples)."""
+    samples = reader.read_segment(0, [])[:RATIO_SAMPLES]
+    return samples, [stored_text_tokens(tokenizer, s.text_spans, s.sample_id) for s in samples]
 
 
 def cross_setup(cfg, reader, eval_reader, tokenizer, plans, problems: list[str]):

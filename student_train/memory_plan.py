@@ -5,7 +5,8 @@
 
 The figures are the peak tensor bytes of a step (what torch.cuda.max_memory_allocated reports),
 plus, on CUDA, the context and allocator reserve. Shapes come from the student's config (a
-meta-device model, memory_plan_facts.py) and the store's manifest; every row is arithmetic:
+meta-device model, memory_plan_facts.py) and the store's manifest (across tokenizers also
+the student's tokenizer and the first segment's text); every row is arithmetic:
 
   weights      parameters x student_dtype bytes (qlora: decoder Linear layers in 4-bit NF4 with
                double-quantised absmax, ~0.516 B/param; the rest fp32, as peft's

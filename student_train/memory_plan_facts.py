@@ -15,7 +15,7 @@ batch's cross tensors. Both import torch and transformers lazily.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 
 from logitstore.errors import ConfigError, LogitStoreError
@@ -93,6 +93,10 @@ class StoreFacts:
     cross_length_ratio: float | None = None
     cross_batch_bytes_per_token: int = 0
     head_extra_entries: int = 0
+    # the widths the fused head's sparse targets hold (None: target_widths; ULD signals run
+    # apart, cross_tokenizer.uld_values, each chunk with its own [chunk, V] buffers)
+    head_target_widths: list[int] | None = None
+    uld_signals: int = 0
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -175,7 +179,8 @@ def model_facts(cfg, model_config) -> ModelFacts:
 # ----------------------------------------------------------------------------- store
 
 def store_facts(cfg, model_config) -> StoreFacts:
-    """KD targets and alignment projections of the signals `cfg` trains on (manifest only)."""
+    """KD targets and alignment projections of the signals `cfg` trains on (the manifest and
+    index; across tokenizers also `_cross_facts`' reads)."""
     if not cfg.store:
         return StoreFacts(longest_sample=cfg.max_length)
     import torch
@@ -204,43 +209,56 @@ def store_facts(cfg, model_config) -> StoreFacts:
         else:
             continue
         tempered |= zero_tail and cfg.loss == "kl" and temperatures != {1.0}
-    ratio, extra, chain_entries = 1.0, 0, 0
-    if cross is not None:
-        ratio, chained, inside = cross
-        extra = sum(_cross_bytes_per_token(w, chained, inside) for w in widths)
-        chain_entries = len(widths) if chained else 0
     lengths = reader.index.column("length").to_numpy() if len(reader) else []
-    return StoreFacts(
+    facts = StoreFacts(
         vocab=settings.vocab_size, target_widths=widths, tempered_buffer=tempered,
         aligner_shapes={f"aligner.{name}.{n}": tuple(p.shape) for name, a in aligners
                         for n, p in a.named_parameters()},
         attention_maps=any(p.attention_weight > 0 for p in plans),
-        longest_sample=_student_tokens(max(lengths), ratio) if len(lengths) else None,
-        shortest_sample=_student_tokens(min(lengths), ratio) if len(lengths) else None,
-        signals=[p.name for p in plans], cross_batch_bytes_per_token=extra,
-        head_extra_entries=chain_entries, cross_length_ratio=ratio if cross else None)
+        longest_sample=int(max(lengths)) if len(lengths) else None,
+        shortest_sample=int(min(lengths)) if len(lengths) else None,
+        signals=[p.name for p in plans])
+    return facts if cross is None else _across_tokenizers(facts, cfg, *cross)
 
 
-def _cross_facts(cfg, reader, plans) -> tuple[float, bool, bool] | None:
-    """(student tokens per stored token, chains on, inside-token targets on) for a run on
-    the cross-tokenizer path (cross_tokenizer.cross_setup's rule), else None. Reads the
-    student's tokenizer (no weights) and, for the ratio, the first segment's text, as
-    cross_setup does; a tokenizer that cannot be read counts as the store's (training's own
-    error says why)."""
+def _cross_facts(cfg, reader, plans) -> tuple[float, float] | None:
+    """(mean, largest) student tokens per stored token for a run on the cross-tokenizer path
+    (cross_tokenizer.cross_setup's rule: a signal on another tokenization, or a student of
+    another tokenizer), else None. Reads the student's tokenizer (no weights) and the first
+    segment's text, as cross_setup does; a student tokenizer that cannot be read counts as
+    the store's (training's own error says why), a store without text is refused by
+    training before any step."""
     from logitstore.toolkit.hf import load_tokenizer
-    from student_train.cross_tokenizer import is_foreign, probe_first_segment
+    from student_train.cross_tokenizer import first_segment_length_ratios, is_foreign
 
+    if not reader.has_text:
+        return None
+    on_other = any(reader.settings.signals[p.name].tokenization for p in plans)
     try:
         tokenizer = load_tokenizer(cfg.student, cfg.revision,
                                    trust_remote_code=cfg.trust_remote_code)
     except (LogitStoreError, OSError, ValueError):
+        return (1.0, 1.0) if on_other else None
+    if not (on_other or is_foreign(tokenizer, reader.settings)):
         return None
-    on_other = any(reader.settings.signals[p.name].tokenization for p in plans)
-    if not (on_other or is_foreign(tokenizer, reader.settings)) or not reader.has_text:
-        return None  # not cross, or refused before any step (no text to re-tokenize)
-    ratio, _ = probe_first_segment(reader, tokenizer)
+    return first_segment_length_ratios(reader, tokenizer)
+
+
+def _across_tokenizers(facts: StoreFacts, cfg, ratio: float, largest: float) -> StoreFacts:
+    """`facts` of a cross-tokenizer run: rows in the student's tokens (the longest stored
+    sample at the largest ratio seen; re-cut samples differ in length, so rows are padded),
+    the cross batch's tensors, the chain's head entry, and ULD's own chunk (no fused head)."""
     pkl = cfg.cross_loss == "pkl"
-    return ratio, pkl and cfg.chained_token_targets, pkl and cfg.inside_token_targets
+    chained, inside = pkl and cfg.chained_token_targets, pkl and cfg.inside_token_targets
+    longest = facts.longest_sample
+    return replace(
+        facts, longest_sample=None if longest is None else int(math.ceil(longest * largest)),
+        shortest_sample=None, cross_length_ratio=ratio,
+        cross_batch_bytes_per_token=sum(_cross_bytes_per_token(w, chained, inside)
+                                        for w in facts.target_widths),
+        head_extra_entries=len(facts.target_widths) if chained else 0,
+        head_target_widths=facts.target_widths if pkl else [],
+        uld_signals=0 if pkl else len(facts.target_widths))
 
 
 def _cross_bytes_per_token(width: int, chained: bool, inside: bool) -> int:
@@ -248,9 +266,3 @@ def _cross_bytes_per_token(width: int, chained: bool, inside: bool) -> int:
     inside-token targets inside_ids [width] int64 and inside_mask (bool), with chains
     chain_entry and chain_ids (int64) and chain_logc (fp32)."""
     return 1 + (8 * width + 1 if inside else 0) + (8 + 8 + 4 if chained else 0)
-
-
-def _student_tokens(stored: int, ratio: float) -> int:
-    """A stored sample's length in the student's tokens, estimated with the first segment's
-    mean ratio (the cross collate keeps whole samples, as the same-tokenizer path does)."""
-    return int(stored) if ratio == 1.0 else int(math.ceil(stored * ratio))

@@ -32,8 +32,8 @@ def render_plan(plan) -> str:
         + (", tied embeddings" if f["tied_embeddings"] else "") + f"), {f['layers']} layers, "
         f"hidden {f['hidden']}, vocab {f['vocab']}, attention {f['attention']}"
         + (f", KD target widths {f['kd_target_widths']}" if f["kd_target_widths"] else "")
-        + (f", another tokenizer than the store's ({f['cross_length_ratio']:.2f} student "
-           f"tokens per stored token)" if f.get("cross_length_ratio") else ""),
+        + (f", trained across tokenizers ({f['cross_length_ratio']:.2f} student tokens per "
+           f"stored token)" if f.get("cross_length_ratio") else ""),
         f"  {_setting_line(f)}",
         "",
         f"  weights                         {_size(plan.weights)}",

@@ -147,16 +147,21 @@ def head_chunk_bytes(m: ModelFacts, s: StoreFacts, k, tokens: int) -> float:
     zero-tail kl at T != 1; the 16-bit matmul output while converting under autocast), the
     O(n K) gathers, the picked hidden rows and their gradient [tokens, d] (kept from the
     forward), and under autocast the 16-bit head weight copy (and, when the head trains, the
-    16-bit product added to its gradient per chunk)."""
+    16-bit product added to its gradient per chunk). ULD across tokenizers runs after it, a
+    chunk at a time (cross_tokenizer.uld_values): the logits, their fp32 copy, the sorted
+    bins and a scatter's copy, [n, V] each (sized from the ops, not measured); the larger
+    of the two chunks counts."""
     n = min(k.lm_head_chunk, tokens)
     conversion = 2 if k.compute_bytes == 2 else 0
     chunk = n * m.vocab * (4 + 4 * s.tempered_buffer + conversion)
-    sparse = n * (sum(s.target_widths) + s.head_extra_entries) * HEAD_SPARSE_BYTES_PER_ENTRY
+    widths = s.target_widths if s.head_target_widths is None else s.head_target_widths
+    sparse = n * (sum(widths) + s.head_extra_entries) * HEAD_SPARSE_BYTES_PER_ENTRY
+    uld = n * m.vocab * (k.compute_bytes + 3 * 4) if s.uld_signals else 0
     weight_copy = 0
     if k.compute_bytes != k.param_bytes:
         weight_copy = 2 * m.vocab * m.hidden * (1 if k.lora_r else 2)
     rows = 2 * tokens * m.hidden * k.param_bytes
-    return chunk + sparse + weight_copy + rows
+    return max(chunk + sparse, uld) + weight_copy + rows
 
 
 def head_gradient_bytes(m: ModelFacts, k) -> float:

@@ -22,7 +22,6 @@ for older stores).
 from __future__ import annotations
 
 import functools
-
 import hashlib
 import importlib
 from dataclasses import dataclass, field, replace

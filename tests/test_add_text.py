@@ -170,7 +170,8 @@ def test_a_sentencepiece_style_text_comes_back_where_the_round_trip_is_exact(dum
     tokenizer = _metaspace_tokenizer()
     tokenizer = _llama2_style(tokenizer) if dummy_prefix else tokenizer
     recover = TextRecovery(tokenizer)
-    for text in ("fever and cough", ACCENTED + "rash", "two  spaces, then\na line"):
+    for text in ("fever and cough", ACCENTED + "rash", "two  spaces, then\na line",
+                 "a stand-in \ufffd the data held"):  # U+FFFD as text, not a cut
         cut = tokenize_with_spans(tokenizer, text)
         got = recover(np.asarray(cut.ids, np.int64))
         assert got.text == text  # nothing dropped or normalised: the original

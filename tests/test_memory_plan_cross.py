@@ -85,12 +85,19 @@ def test_a_foreign_student_is_planned_in_its_own_tokens(world):
     cfg = cfg_of(world)
     facts = store_facts(cfg, load_model_config(cfg))
     reader = StoreReader(cfg.store)
-    ratio, _ = probe_first_segment(reader, load_tokenizer(cfg.student))
+    from student_train.cross_tokenizer import first_segment_length_ratios
+
+    student_tokenizer = load_tokenizer(cfg.student)
+    ratio, _ = probe_first_segment(reader, student_tokenizer)
     assert ratio != 1.0 and facts.cross_length_ratio == pytest.approx(ratio)
+    _, largest = first_segment_length_ratios(reader, student_tokenizer)
+    cuts = [len(student_tokenizer(s.text_spans.text)["input_ids"]) / len(s)
+            for s in reader.read_segment(0)]
+    assert largest == pytest.approx(max(cuts)) and largest > ratio
     stored = reader.index.column("length").to_numpy()
-    assert facts.longest_sample == math.ceil(int(stored.max()) * ratio)
-    assert facts.shortest_sample == math.ceil(int(stored.min()) * ratio)
-    assert "another tokenizer than the store's" in render_plan(estimate(cfg))
+    assert facts.longest_sample == math.ceil(int(stored.max()) * largest)
+    assert facts.shortest_sample is None  # re-cut samples differ in length: rows are padded
+    assert "trained across tokenizers" in render_plan(estimate(cfg))
 
 
 def test_a_student_of_the_stores_tokenizer_plans_no_cross_bytes(world):
@@ -98,4 +105,16 @@ def test_a_student_of_the_stores_tokenizer_plans_no_cross_bytes(world):
     facts = store_facts(cfg, load_model_config(cfg))
     assert facts.cross_length_ratio is None
     assert facts.cross_batch_bytes_per_token == 0 and facts.head_extra_entries == 0
-    assert "another tokenizer" not in render_plan(estimate(cfg))
+    assert "across tokenizers" not in render_plan(estimate(cfg))
+
+
+def test_uld_is_planned_with_its_own_chunk_and_no_fused_head_entries(world):
+    from student_train.memory_plan_terms import head_chunk_bytes
+
+    pkl, uld = cfg_of(world), cfg_of(world, cross_loss="uld")
+    facts_pkl = store_facts(pkl, load_model_config(pkl))
+    facts_uld = store_facts(uld, load_model_config(uld))
+    assert facts_uld.uld_signals == 1 and facts_uld.head_target_widths == []
+    assert facts_pkl.uld_signals == 0 and facts_pkl.head_target_widths == facts_pkl.target_widths
+    m = estimate(uld)
+    assert m.kd_buffers > estimate(pkl).kd_buffers  # [chunk, V] x (logits + 3 fp32 copies)

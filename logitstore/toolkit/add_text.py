@@ -4,17 +4,18 @@ other tokenizers and second teachers can use it without running its teacher agai
 
 The text is recovered from the stored ids with the store's own tokenizer, and only where
 that is exact:
-* a byte-level tokenizer without a normaliser (GPT-2, Llama 3, Qwen: every token stands for
-  bytes of the text, nothing is added or dropped): the ids alone decide the text, the
-  sample's ORIGINAL text: its tokens' bytes one after the other (`token_bytes.TokenBytes`,
+* a byte-level tokenizer without a normaliser (GPT-2, Llama 3: every token stands for bytes
+  of the text, nothing is added or dropped): the ids alone decide the text, the sample's
+  ORIGINAL text (plus, for a tokenizer that adds a prefix space, that space): its tokens' bytes one after the other (`token_bytes.TokenBytes`,
   what `decode` reads), each token's span where its bytes sit;
 * any other tokenizer (SentencePiece-style: Llama 2, Mistral, Gemma; or one with a
-  normaliser): the ids do not say whether the text began with a space nor what the
+  normaliser, such as Qwen 2's NFC): the ids do not say whether the text began with a space nor what the
   normaliser changed, so the text is the tokenizer's `decode` of the ids, kept only when the
   tokenizer cuts that text into exactly the stored ids again (the round trip; the spans are
   that cut's): a text the teacher saw as these ids, which may differ from the original in
-  what the tokenizer dropped (a leading space, the normalised characters). A window that
-  starts mid-text fails the round trip (the re-cut adds the dummy prefix) and is refused.
+  what the tokenizer dropped (a leading space, the normalised characters). Under a dummy
+  prefix a window that starts inside a word fails the round trip (the re-cut adds the
+  prefix) and is refused; one that starts at a word comes back without its space.
 The leading and trailing special tokens (BOS, EOS) are zero-width at the text's start and
 end, as teacher-dump writes them. Refused before anything is read: a tokenizer that is not
 the store's (fingerprint). Refused when any sample cannot be recovered, found by a first
@@ -191,20 +192,20 @@ class TextRecovery:
 
         text = self.tokenizer.decode(inner.tolist(), skip_special_tokens=False,
                                      clean_up_tokenization_spaces=False)
-        if "\ufffd" in text:
+        cut = tokenize_with_spans(self.tokenizer, text, add_special_tokens=False)
+        if np.array_equal(cut.ids, inner):  # a U+FFFD the text really holds comes back too
+            return text, np.asarray(cut.spans, np.int64).reshape(-1, 2)
+        if "\ufffd" in text:  # decode's stand-in for bytes that are no whole character
             raise TokenSpansError(
                 "its tokens' bytes are not whole UTF-8 characters (a window or cut inside a "
                 "character, whose other bytes are in the neighbouring sample), so its text "
                 "cannot be recovered alone")
-        cut = tokenize_with_spans(self.tokenizer, text, add_special_tokens=False)
-        if not np.array_equal(cut.ids, inner):
-            at = next((i for i, (a, b) in enumerate(zip(cut.ids, inner)) if a != b),
-                      min(len(cut.ids), len(inner)))
-            found = int(cut.ids[at]) if at < len(cut.ids) else "the end"
-            expected = int(inner[at]) if at < len(inner) else "the end"
-            raise TokenSpansError(
-                f"the tokenizer cuts the decoded text into other ids than the stored ones "
-                f"(at token {offset + at}: expected {expected}, found {found}; a window that "
-                f"starts or ends mid-text, or a text the tokenizer cannot give back), so "
-                f"its text cannot be recovered exactly")
-        return text, np.asarray(cut.spans, np.int64).reshape(-1, 2)
+        at = next((i for i, (a, b) in enumerate(zip(cut.ids, inner)) if a != b),
+                  min(len(cut.ids), len(inner)))
+        found = int(cut.ids[at]) if at < len(cut.ids) else "the end"
+        expected = int(inner[at]) if at < len(inner) else "the end"
+        raise TokenSpansError(
+            f"the tokenizer cuts the decoded text into other ids than the stored ones (at "
+            f"token {offset + at}: expected {expected}, found {found}; e.g. a window that "
+            f"starts inside a word under a dummy prefix, or text the tokenizer cannot give "
+            f"back), so its text cannot be recovered exactly")

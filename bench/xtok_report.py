@@ -45,15 +45,20 @@ TWO = "xkd-AB-pkl"
 MEANS = "xkd-AB-pkl-means"  # the ablation: each teacher's mean over its own positions
 CONF = "xkd-AB-pkl-conf"  # signal_mixture confidence: weights x P(next token) per position
 DRAWS_SINGLES, TWO_DRAWS = ("xkd-pkl-draws", "xkd-B-pkl-draws"), "xkd-AB-pkl-draws"
+# without inside-token targets: against every single teacher, with them or without
+NOINSIDE_SINGLES, TWO_NOINSIDE = ("xkd-pkl", "xkd-pkl-noinside", "xkd-B-pkl-noinside"), \
+    "xkd-AB-pkl-noinside"
+SINGLES_OF = {TWO_DRAWS: DRAWS_SINGLES, TWO_NOINSIDE: NOINSIDE_SINGLES}
 CROSS = ("xkd-pkl", "xkd-pkl-aligned", "xkd-pkl-unchained", "xkd-pkl-draws", "xkd-uld",
          "xkd-B-pkl", "xkd-B-pkl-draws", "xkd-B-pkl-aligned", TWO, MEANS, CONF, TWO_DRAWS,
-         "xkd-AB-pkl-aligned")
+         "xkd-AB-pkl-aligned", "xkd-pkl-noinside", "xkd-B-pkl-noinside", "xkd-AB-pkl-noinside")
 A_STUDENTS = ("ce-A", "kd-A", "kd-A-draws")  # the others have tokenizer C
 # same-tokenizer KD of the same target; else kd-A
 REFERENCE = {name: "kd-A-draws" for name in ("xkd-pkl-draws", "xkd-B-pkl-draws", TWO_DRAWS)}
 WEIGHTS_BEFORE_OPTION = (0.5, 0.5)  # runs before --two-teacher-weights: equal weights
 MIXTURES = {TWO: "signals A:{a}, B:{b}", CONF: "signals A:{a}, B:{b}, each times its "
-            "probability of the next token", TWO_DRAWS: "signals A:{a}, B:{b}, their draws"}
+            "probability of the next token", TWO_DRAWS: "signals A:{a}, B:{b}, their draws",
+            TWO_NOINSIDE: "signals A:{a}, B:{b}, no inside-token targets"}
 
 
 def _seeds(runs, name, key="bits_per_byte"):
@@ -153,9 +158,10 @@ def _per_signal(counts: dict, positions: float) -> dict:
 
 def two_teachers(runs: list[dict], rows: dict, name: str = TWO) -> dict:
     """The two-teacher goal (module docstring) for student `name` (xkd-AB-pkl,
-    xkd-AB-pkl-conf, or xkd-AB-pkl-draws against the single teachers' draws students) vs the
-    better single teacher, and vs the other two-teacher students."""
-    single_names = DRAWS_SINGLES if name == TWO_DRAWS else SINGLES
+    xkd-AB-pkl-conf, xkd-AB-pkl-draws against the single teachers' draws students, or
+    xkd-AB-pkl-noinside against the single teachers with and without inside-token targets)
+    vs the better single teacher, and vs the other two-teacher students."""
+    single_names = SINGLES_OF.get(name, SINGLES)
     singles = {n: rows[n]["bits_per_byte"]["mean"] for n in single_names if n in rows}
     if name not in rows or len(singles) < len(single_names):
         return {"runnable": False, "reason": NO_TWO_TEACHERS, "met": None, "name": name,
@@ -215,7 +221,9 @@ def summarise(runs: list[dict], teachers: dict) -> dict:
             "two_teachers": two_teachers(runs, rows),
             **({"two_teachers_conf": two_teachers(runs, rows, CONF)} if CONF in rows else {}),
             **({"two_teachers_draws": two_teachers(runs, rows, TWO_DRAWS)}
-               if TWO_DRAWS in rows else {})}
+               if TWO_DRAWS in rows else {}),
+            **({"two_teachers_noinside": two_teachers(runs, rows, TWO_NOINSIDE)}
+               if TWO_NOINSIDE in rows else {})}
 
 
 # ----------------------------------------------------------------------------- markdown
@@ -348,7 +356,7 @@ def render(result: dict) -> str:
     lines += goal_lines(s)
     weights = st.get("two_teacher_weights", WEIGHTS_BEFORE_OPTION)
     lines += two_teacher_lines(s["two_teachers"], weights)
-    for key in ("two_teachers_conf", "two_teachers_draws"):
+    for key in ("two_teachers_conf", "two_teachers_draws", "two_teachers_noinside"):
         if key in s:
             lines += two_teacher_lines(s[key], weights)
     lines += ["", "Alignment and map coverage (summed over seeds and steps):"]

@@ -45,6 +45,8 @@ rows into its own batch:
   xkd-B-pkl-aligned, xkd-AB-pkl-aligned     (only when --variants names them) xkd-B-pkl and
                                             xkd-AB-pkl with inside_token_targets and
                                             chained_token_targets false (as xkd-pkl-aligned)
+  xkd-pkl-noinside, xkd-B-pkl-noinside,     (only when --variants names them) inside_token_
+  xkd-AB-pkl-noinside                       targets false, chains kept
 Per seed, the variants of one tokenizer start from the same weights; the A and C students
 share every weight but the embeddings and lm_head (both drawn under torch.manual_seed(seed),
 then C's block weights copied into A). Same optimizer (AdamW), schedule, steps and alpha;
@@ -66,13 +68,15 @@ C_VARIANTS = ("ce-C", "xkd-pkl", "xkd-uld")
 ALL_VARIANTS = (*A_VARIANTS, "ce-C", "xkd-pkl", "xkd-pkl-aligned", "xkd-pkl-unchained",
                 "xkd-pkl-draws", "xkd-uld", "xkd-B-pkl", "xkd-B-pkl-draws", "xkd-AB-pkl",
                 "xkd-AB-pkl-means", "xkd-AB-pkl-conf", "xkd-AB-pkl-draws", "xkd-B-pkl-aligned",
-                "xkd-AB-pkl-aligned")
+                "xkd-AB-pkl-aligned", "xkd-pkl-noinside", "xkd-B-pkl-noinside",
+                "xkd-AB-pkl-noinside")
 TWO_TEACHER_VARIANTS = ("xkd-AB-pkl", "xkd-AB-pkl-means", "xkd-AB-pkl-conf", "xkd-AB-pkl-draws",
-                        "xkd-AB-pkl-aligned")
+                        "xkd-AB-pkl-aligned", "xkd-AB-pkl-noinside")
 # run only when --variants names them
 ABLATIONS = ("kd-A-draws", "xkd-pkl-aligned", "xkd-pkl-unchained", "xkd-pkl-draws",
              "xkd-B-pkl-draws", "xkd-AB-pkl-means", "xkd-AB-pkl-conf", "xkd-AB-pkl-draws",
-             "xkd-B-pkl-aligned", "xkd-AB-pkl-aligned")
+             "xkd-B-pkl-aligned", "xkd-AB-pkl-aligned", "xkd-pkl-noinside", "xkd-B-pkl-noinside",
+             "xkd-AB-pkl-noinside")
 # the target of each variant's KD (the rest: the signal's top-k)
 TARGETS = {name: "sampled" for name in ALL_VARIANTS if name.endswith("-draws")}
 DEFAULT_VARIANTS = tuple(v for v in ALL_VARIANTS if v not in ABLATIONS)
@@ -212,6 +216,7 @@ def make_variants(plan, seed: int, accelerator) -> tuple[list, dict]:
     for name, loss, inside, chained in (
             ("xkd-pkl", "pkl", True, True), ("xkd-pkl-aligned", "pkl", False, False),
             ("xkd-pkl-unchained", "pkl", True, False), ("xkd-pkl-draws", "pkl", True, True),
+            ("xkd-pkl-noinside", "pkl", False, True),
             ("xkd-uld", "uld", True, True)):
         kind = "C-" + name[len("xkd-"):]
         if name not in chosen and not (name == "xkd-uld" and "ce-C" in chosen):
@@ -229,12 +234,12 @@ def make_variants(plan, seed: int, accelerator) -> tuple[list, dict]:
         variants.insert(2, Variant("ce-C", cfg_ce, copy_of(students["C"]), [], "C-uld",
                                    accelerator))
     variants = [v for v in variants if v.name in chosen]
-    for name in ("xkd-B-pkl", "xkd-B-pkl-draws", "xkd-B-pkl-aligned"):
+    for name in ("xkd-B-pkl", "xkd-B-pkl-draws", "xkd-B-pkl-aligned", "xkd-B-pkl-noinside"):
         if b_store is None or name not in chosen:
             continue
-        key = name[len("xkd-"):].replace("-pkl", "")  # B, B-draws, B-aligned
+        key = name[len("xkd-"):].replace("-pkl", "")  # B, B-draws, B-aligned, B-noinside
         cfg_b = train_config(plan, b_store, plan.student_dirs["C"], name, seed,
-                             cross_loss="pkl", **kd_of(name), **_aligned_only(name))
+                             cross_loss="pkl", **kd_of(name), **_switches(name))
         plans, crosses[key] = cross_parts(cfg_b, plan.readers["B"], plan.tokenizer_c)
         variants.append(Variant(name, cfg_b, copy_of(students["C"]), plans, f"C-{key}",
                                 accelerator, crosses[key].vocab_maps))
@@ -246,10 +251,12 @@ def make_variants(plan, seed: int, accelerator) -> tuple[list, dict]:
     return variants, {"collates": collates, "crosses": crosses}
 
 
-def _aligned_only(name: str) -> dict:
-    """The switches of an "-aligned" variant: no inside-token targets, no chains."""
+def _switches(name: str) -> dict:
+    """The cross switches of a variant: "-aligned" no inside-token targets and no chains,
+    "-noinside" no inside-token targets; else both on."""
     aligned = name.endswith("-aligned")
-    return {"inside_token_targets": not aligned, "chained_token_targets": not aligned}
+    return {"inside_token_targets": not (aligned or name.endswith("-noinside")),
+            "chained_token_targets": not aligned}
 
 
 # Equal weights: neither teacher is known to be better for student C before the run (A's
@@ -264,8 +271,9 @@ def _two_teacher_variant(plan, seed: int, student, accelerator, crosses: dict,
     bench --two-teacher-weights sets other weights);
     xkd-AB-pkl-means: the same with mix_signals_per_position false; xkd-AB-pkl-conf: with
     signal_mixture confidence; xkd-AB-pkl-draws: the draws as target; xkd-AB-pkl-aligned:
-    no inside-token targets nor chains. Adds their collate (kind C-<key>) and cross setup
-    (key AB, AB-draws or AB-aligned: the first variant of a key builds them)."""
+    no inside-token targets nor chains; xkd-AB-pkl-noinside: no inside-token targets. Adds
+    their collate (kind C-<key>) and cross setup (key AB, AB-draws, AB-aligned or
+    AB-noinside: the first variant of a key builds them)."""
     store = plan.two_teacher
     signals = dict(zip(store["signals"], getattr(plan, "two_teacher_weights",
                                                  TWO_TEACHER_WEIGHTS)))
@@ -273,10 +281,10 @@ def _two_teacher_variant(plan, seed: int, student, accelerator, crosses: dict,
                        cross_loss="pkl", signals=signals, target=TARGETS.get(name, "topk"),
                        mix_signals_per_position=name != "xkd-AB-pkl-means",
                        signal_mixture="confidence" if name.endswith("-conf") else "weights",
-                       **_aligned_only(name))
+                       **_switches(name))
     plans, cross = cross_parts(cfg, plan.readers["AB"], plan.tokenizer_c)
-    # the top-k ones read the same batches (aligned-only ones drop the inside and chain parts)
-    key = "AB-draws" if name in TARGETS else "AB-aligned" if name.endswith("-aligned") else "AB"
+    # the top-k ones read the same batches, but for the inside and chain switches
+    key = "AB" + next((s for s in ("-draws", "-aligned", "-noinside") if name.endswith(s)), "")
     if f"C-{key}" not in collates:  # the first one's collate
         crosses[key] = cross
         collates[f"C-{key}"] = _b_collate(cross.collate, plan.samples_ab, store["signals"])

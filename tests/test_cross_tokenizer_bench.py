@@ -250,14 +250,17 @@ def test_the_harness_runs_end_to_end_at_its_tiniest_size(tmp_path):
                                        "xkd-uld", "xkd-B-pkl", "xkd-B-pkl-draws", TWO,
                                        "xkd-AB-pkl-means", "xkd-AB-pkl-conf",
                                        "xkd-AB-pkl-draws", "xkd-B-pkl-aligned",
-                                       "xkd-AB-pkl-aligned"}
+                                       "xkd-AB-pkl-aligned", "xkd-pkl-noinside",
+                                       "xkd-B-pkl-noinside", "xkd-AB-pkl-noinside"}
     for row in summary["methods"].values():
         assert 0 < row["bits_per_byte"]["mean"] < 20 and row["bits_per_byte"]["n"] == 2
     assert set(summary["alignment"]) == {"xkd-pkl", "xkd-pkl-aligned", "xkd-pkl-unchained",
                                          "xkd-pkl-draws", "xkd-uld", "xkd-B-pkl",
                                          "xkd-B-pkl-draws", TWO, "xkd-AB-pkl-means",
                                          "xkd-AB-pkl-conf", "xkd-AB-pkl-draws",
-                                         "xkd-B-pkl-aligned", "xkd-AB-pkl-aligned"}
+                                         "xkd-B-pkl-aligned", "xkd-AB-pkl-aligned",
+                                         "xkd-pkl-noinside", "xkd-B-pkl-noinside",
+                                         "xkd-AB-pkl-noinside"}
     # the draws students: each against the same-tokenizer student of the same target
     assert summary["goals"]["xkd-pkl-draws"]["reference"] == "kd-A-draws"
     assert summary["goals"]["xkd-pkl"]["reference"] == "kd-A"
@@ -274,6 +277,10 @@ def test_the_harness_runs_end_to_end_at_its_tiniest_size(tmp_path):
     assert "inside_share" not in aligned_only
     for name in ("xkd-B-pkl-aligned", "xkd-AB-pkl-aligned"):  # no inside targets, no chains
         assert not {"inside_share", "chained_share"} & set(summary["alignment"][name])
+    for name in ("xkd-pkl-noinside", "xkd-B-pkl-noinside", "xkd-AB-pkl-noinside"):
+        assert "inside_share" not in summary["alignment"][name]  # chains kept
+    noinside = summary["two_teachers_noinside"]  # against each single teacher, either way
+    assert set(noinside["single_bpb"]) == {"xkd-pkl", "xkd-pkl-noinside", "xkd-B-pkl-noinside"}
     assert 0 < summary["alignment"]["xkd-pkl"]["map_coverage"] <= 1
     assert "map_coverage" not in summary["alignment"]["xkd-uld"]  # ULD maps nothing
     assert "chained_share" not in summary["alignment"]["xkd-pkl-unchained"]

@@ -38,8 +38,9 @@ from fidelity_stats import interval
 
 GOAL_CLOSED = 0.60
 GOAL_STEP_RATIO = 1.2
-NO_TWO_TEACHERS = ("this run has no xkd-AB-pkl student (run with --no-b, or before the bench "
-                   "built store AB): rerun without --no-b")
+NO_TWO_TEACHERS = ("this run did not train this two-teacher student, or not every single-teacher "
+                   "student it is judged against (--variants left them out, --no-b, or a run "
+                   "from before the bench built store AB)")
 SINGLES = ("xkd-pkl", "xkd-B-pkl")
 TWO = "xkd-AB-pkl"
 MEANS = "xkd-AB-pkl-means"  # the ablation: each teacher's mean over its own positions

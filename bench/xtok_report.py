@@ -22,9 +22,12 @@ summarise   per student variant: held-out bits per byte, tokens per byte, step a
                 share of positions given a conditioned inside-token target with the top-k mass
                 the conditioning keeps there (conditioned coverage)
   two teachers  xkd-AB-pkl (student C from store AB: teacher A's and teacher B's signals,
-                weights --two-teacher-weights, default 0.5 / 0.5), and xkd-AB-pkl-conf (the
-                same with signal_mixture confidence) where run, each against the better
-                single teacher (of xkd-pkl and xkd-B-pkl, the lower mean bits per byte):
+                weights --two-teacher-weights, default 0.5 / 0.5), xkd-AB-pkl-conf (the
+                same with signal_mixture confidence), xkd-AB-pkl-draws (from the draws) and
+                xkd-AB-pkl-noinside (no inside-token targets) where run, each against the
+                better single teacher (the lower mean bits per byte of xkd-pkl and
+                xkd-B-pkl; of their -draws students; of xkd-pkl, xkd-pkl-noinside and
+                xkd-B-pkl-noinside):
                 paired per-seed difference AB - single and its interval, and against each
                 single teacher and the other two-teacher students; "met" when the interval
                 is below 0, "not met" when above, "not resolved" otherwise
@@ -46,7 +49,7 @@ TWO = "xkd-AB-pkl"
 MEANS = "xkd-AB-pkl-means"  # the ablation: each teacher's mean over its own positions
 CONF = "xkd-AB-pkl-conf"  # signal_mixture confidence: weights x P(next token) per position
 DRAWS_SINGLES, TWO_DRAWS = ("xkd-pkl-draws", "xkd-B-pkl-draws"), "xkd-AB-pkl-draws"
-# without inside-token targets: against every single teacher, with them or without
+# without inside-token targets: against teacher A with them or without, and B without
 NOINSIDE_SINGLES, TWO_NOINSIDE = ("xkd-pkl", "xkd-pkl-noinside", "xkd-B-pkl-noinside"), \
     "xkd-AB-pkl-noinside"
 SINGLES_OF = {TWO_DRAWS: DRAWS_SINGLES, TWO_NOINSIDE: NOINSIDE_SINGLES}

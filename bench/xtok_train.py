@@ -45,8 +45,8 @@ rows into its own batch:
   xkd-B-pkl-aligned, xkd-AB-pkl-aligned     (only when --variants names them) xkd-B-pkl and
                                             xkd-AB-pkl with inside_token_targets and
                                             chained_token_targets false (as xkd-pkl-aligned)
-  xkd-pkl-noinside, xkd-B-pkl-noinside,     (only when --variants names them) inside_token_
-  xkd-AB-pkl-noinside                       targets false, chains kept
+  xkd-pkl-noinside, xkd-B-pkl-noinside,     (only when --variants names them) with
+  xkd-AB-pkl-noinside                       inside_token_targets false, chains kept
 Per seed, the variants of one tokenizer start from the same weights; the A and C students
 share every weight but the embeddings and lm_head (both drawn under torch.manual_seed(seed),
 then C's block weights copied into A). Same optimizer (AdamW), schedule, steps and alpha;

@@ -134,7 +134,8 @@ def subset(src: str, dst: str, split: str | None, where: tuple[str, ...],
 def add_text(src: str, dst: str, tokenizer_path: str, overwrite: bool) -> None:
     """Copy SRC, a store written without sample text and token spans (before format 2.1,
     or dumped with --no-text), to a new store DST with them, recovered from the stored ids
-    with the store's own tokenizer where that is exact (a byte-level one: the ids' bytes;
+    with the store's own tokenizer where that is exact (a byte-level one without a
+    normaliser: the ids' bytes;
     another: its decoded text when it cuts that text into the same ids again;
     logitstore/toolkit/add_text.py); every id, target and signal unchanged. Students of
     other tokenizers and second teachers need them. Verified at the end; rerun after an

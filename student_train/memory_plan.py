@@ -20,7 +20,8 @@ the student's tokenizer and the first segment's text); every row is arithmetic:
                keeps its input only (the recompute of one layer comes in the backward)
   kd_buffers   fused_head_loss.py's largest chunk: the fp32 [chunk, vocab] buffer, a second
                one for zero-tail kl at T != 1, a 16-bit copy while converting under autocast;
-               its 16-bit weight copy, the picked hidden rows and their gradient
+               its 16-bit weight copy, the picked hidden rows and their gradient (ULD across
+               tokenizers: its own [chunk, vocab] buffers, when larger)
   other        what else the peak phase holds: the lm_head gradient the fused head builds in
                the forward (full fine-tune), the backward's buffers, recompute and embedding
                gradients, the optimizer step's temporaries; on CUDA: bf16 autocast copies of

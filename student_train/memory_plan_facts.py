@@ -6,8 +6,9 @@ are exact for any architecture transformers can build, tied embeddings counted o
 (`named_parameters` drops duplicates).
 `store_facts(cfg, model_config)`: the store's vocabulary, per-token KD targets (top-k size or
 sampled draws), alignment projections and sample lengths, from the manifest and index (the
-same `StoreReader` metadata `check_inputs` opens); for a student of another tokenizer (the
-cross path) also the student's tokenizer files and the first segment's text, as
+same `StoreReader` metadata `check_inputs` opens); on the cross path (a student of another
+tokenizer, or a signal on another tokenization) also the student's tokenizer files and the
+first segment's text, as
 cross_tokenizer.cross_setup reads them: sample lengths in the student's tokens and the
 batch's cross tensors. Both import torch and transformers lazily.
 """
@@ -85,11 +86,13 @@ class StoreFacts:
     aligner_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     attention_maps: bool = False  # eager attention, maps kept for the alignment loss
     longest_sample: int | None = None  # in the student's tokens
-    shortest_sample: int | None = None  # equal to longest_sample: rows need no padding
+    shortest_sample: int | None = None  # equal to longest_sample: rows need no padding;
+    # None across tokenizers (re-cut lengths differ: padded)
     signals: list[str] = field(default_factory=list)
-    # a student of another tokenizer (student_train/cross_batch.py): its tokens per stored
-    # token, the bytes per position its batch adds (kd_mask, inside-token and chain ids), and
-    # the entries the head's sparse target adds (a chain's entry k + 1, per chained signal)
+    # the cross path (student_train/cross_batch.py): the student's mean tokens per stored
+    # token (shown, not used: rows use the largest ratio), the bytes per position its batch
+    # adds (kd_mask, inside-token and chain ids), and the entries the head's sparse target
+    # adds (a chain's entry k + 1, per chained signal)
     cross_length_ratio: float | None = None
     cross_batch_bytes_per_token: int = 0
     head_extra_entries: int = 0

@@ -6,11 +6,12 @@ The text is recovered from the stored ids with the store's own tokenizer, and on
 that is exact:
 * a byte-level tokenizer without a normaliser (GPT-2, Llama 3: every token stands for bytes
   of the text, nothing is added or dropped): the ids alone decide the text, the sample's
-  ORIGINAL text (plus, for a tokenizer that adds a prefix space, that space): its tokens' bytes one after the other (`token_bytes.TokenBytes`,
-  what `decode` reads), each token's span where its bytes sit;
+  ORIGINAL text (plus, for a tokenizer that adds a prefix space, that space): its tokens'
+  bytes one after the other (`token_bytes.TokenBytes`, what `decode` reads), each token's
+  span where its bytes sit;
 * any other tokenizer (SentencePiece-style: Llama 2, Mistral, Gemma; or one with a
-  normaliser, such as Qwen 2's NFC): the ids do not say whether the text began with a space nor what the
-  normaliser changed, so the text is the tokenizer's `decode` of the ids, kept only when the
+  normaliser, such as Qwen 2's NFC): the ids do not say whether the text began with a space
+  nor what the normaliser changed, so the text is the tokenizer's `decode` of the ids, kept only when the
   tokenizer cuts that text into exactly the stored ids again (the round trip; the spans are
   that cut's): a text the teacher saw as these ids, which may differ from the original in
   what the tokenizer dropped (a leading space, the normalised characters). Under a dummy
@@ -197,9 +198,10 @@ class TextRecovery:
             return text, np.asarray(cut.spans, np.int64).reshape(-1, 2)
         if "\ufffd" in text:  # decode's stand-in for bytes that are no whole character
             raise TokenSpansError(
+                "its decoded text holds U+FFFD and does not cut into the stored ids again: "
                 "its tokens' bytes are not whole UTF-8 characters (a window or cut inside a "
-                "character, whose other bytes are in the neighbouring sample), so its text "
-                "cannot be recovered alone")
+                "character, whose other bytes are in the neighbouring sample) or the round "
+                "trip fails elsewhere, so its text cannot be recovered alone")
         at = next((i for i, (a, b) in enumerate(zip(cut.ids, inner)) if a != b),
                   min(len(cut.ids), len(inner)))
         found = int(cut.ids[at]) if at < len(cut.ids) else "the end"

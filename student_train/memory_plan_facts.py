@@ -233,10 +233,11 @@ def _cross_facts(cfg, reader, plans) -> tuple[float, float] | None:
     training before any step."""
     from logitstore.toolkit.hf import load_tokenizer
     from student_train.cross_tokenizer import first_segment_length_ratios, is_foreign
+    from student_train.sources import _on_other_tokenization
 
     if not reader.has_text:
         return None
-    on_other = any(reader.settings.signals[p.name].tokenization for p in plans)
+    on_other = _on_other_tokenization(reader.settings, [p.name for p in plans])
     try:
         tokenizer = load_tokenizer(cfg.student, cfg.revision,
                                    trust_remote_code=cfg.trust_remote_code)

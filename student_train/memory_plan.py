@@ -358,20 +358,22 @@ def suggest(m, s, k: Knobs, budget: int, grad_accum: int = 1) -> str:
 # ----------------------------------------------------------------------------- estimate
 
 def estimate(cfg, num_processes: int = 1, gpu_memory: int | None = None, model_config=None,
-             *, device: str = "cuda") -> MemoryPlan:
+             *, device: str = "cuda", inputs=None) -> MemoryPlan:
     """The plan of `cfg` per device over `num_processes` processes (see the module docstring).
 
     model_config: the student's transformers config (else read from cfg.student's config.json).
     gpu_memory: bytes of one device: sets `fits`, `max_batch_tokens` and `suggestion`.
     device: "cuda" plans a GPU run (autocast, foreach AdamW, context); "cpu" what the same run
     holds on the CPU (what bench/memory_plan_bench.py measures).
+    inputs: sources.Inputs of training's check_inputs, whose opened store and tokenizer read
+    the plan reuses (else it opens and reads its own).
     """
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device must be 'cuda' or 'cpu', found {device!r}")
     if num_processes < 1:
         raise ConfigError([f"num_processes must be >= 1, found {num_processes}"])
     model_config = model_config if model_config is not None else load_model_config(cfg)
-    m, s = model_facts(cfg, model_config), store_facts(cfg, model_config)
+    m, s = model_facts(cfg, model_config), store_facts(cfg, model_config, inputs)
     k = Knobs.of(cfg, num_processes, device)
     rows = _rows(m, s, k, k.batch_tokens)
     fits = max_tokens = suggestion = None

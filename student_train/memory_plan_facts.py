@@ -181,9 +181,10 @@ def model_facts(cfg, model_config) -> ModelFacts:
 
 # ----------------------------------------------------------------------------- store
 
-def store_facts(cfg, model_config) -> StoreFacts:
+def store_facts(cfg, model_config, inputs=None) -> StoreFacts:
     """KD targets and alignment projections of the signals `cfg` trains on (the manifest and
-    index; across tokenizers also `_cross_facts`' reads)."""
+    index; across tokenizers also `_cross_facts`' reads). inputs: sources.Inputs whose opened
+    store and cached tokenizer read are reused (None: opened and read here)."""
     if not cfg.store:
         return StoreFacts(longest_sample=cfg.max_length)
     import torch
@@ -191,7 +192,8 @@ def store_facts(cfg, model_config) -> StoreFacts:
     from logitstore.reader import StoreReader
     from student_train.sources import plan_signals
 
-    reader = StoreReader(cfg.store, cache_dir=cfg.cache_dir)
+    reader = inputs.store if inputs is not None and inputs.store is not None \
+        else StoreReader(cfg.store, cache_dir=cfg.cache_dir)
     settings = reader.settings
     problems: list[str] = []
     with torch.device("meta"):  # the projections' shapes, no storage
@@ -199,7 +201,7 @@ def store_facts(cfg, model_config) -> StoreFacts:
                                        problems)
     if problems:
         raise ConfigError(problems)
-    cross = _cross_facts(cfg, reader, plans)
+    cross = _cross_facts(cfg, reader, plans, inputs and inputs.student_tokenizer)
     widths, tempered = [], False
     temperatures = {cfg.temperature, cfg.temperature_end or cfg.temperature}
     for plan in plans:
@@ -224,11 +226,12 @@ def store_facts(cfg, model_config) -> StoreFacts:
     return facts if cross is None else _across_tokenizers(facts, cfg, *cross)
 
 
-def _cross_facts(cfg, reader, plans) -> tuple[float, float] | None:
+def _cross_facts(cfg, reader, plans, read_tokenizer=None) -> tuple[float, float] | None:
     """(mean, largest) student tokens per stored token for a run on the cross-tokenizer path
     (cross_tokenizer.cross_setup's rule: a signal on another tokenization, or a student of
     another tokenizer), else None. Reads the student's tokenizer (no weights) and the first
-    segment's text, as cross_setup does; a student tokenizer that cannot be read counts as
+    segment's text, as cross_setup does (`read_tokenizer()` when given, training's cached
+    read); a student tokenizer that cannot be read counts as
     the store's (training's own error says why), a store without text is refused by
     training before any step."""
     from logitstore.toolkit.hf import load_tokenizer
@@ -239,8 +242,8 @@ def _cross_facts(cfg, reader, plans) -> tuple[float, float] | None:
         return None
     on_other = _on_other_tokenization(reader.settings, [p.name for p in plans])
     try:
-        tokenizer = load_tokenizer(cfg.student, cfg.revision,
-                                   trust_remote_code=cfg.trust_remote_code)
+        tokenizer = read_tokenizer() if read_tokenizer is not None else load_tokenizer(
+            cfg.student, cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except (LogitStoreError, OSError, ValueError):
         return (1.0, 1.0) if on_other else None
     if not (on_other or is_foreign(tokenizer, reader.settings)):

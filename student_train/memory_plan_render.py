@@ -99,9 +99,10 @@ def refusal_message(plan) -> str:
             f"{plan.suggestion}. `student-train --plan` with the same flags prints the table")
 
 
-def check_memory_plan(cfg) -> None:
+def check_memory_plan(cfg, inputs=None) -> None:
     """Refuse (ConfigError) a config whose plan does not fit the device: cfg.gpu_memory, else
     (training on CUDA) the GPU's own memory. On the CPU without gpu_memory nothing is checked.
+    inputs: sources.Inputs of check_inputs (its opened store and tokenizer read are reused).
     A plan that cannot be made (an architecture the meta-device count does not know) stops
     the run only when gpu_memory asked for the check; else it is logged and training goes on."""
     import logging
@@ -113,7 +114,7 @@ def check_memory_plan(cfg) -> None:
     if budget is None:
         return
     try:
-        plan = estimate(cfg, planned_processes(cfg), budget)
+        plan = estimate(cfg, planned_processes(cfg), budget, inputs=inputs)
     except LogitStoreError as exc:
         if cfg.gpu_memory:
             raise

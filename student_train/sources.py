@@ -84,10 +84,13 @@ def _on_main(accelerator, fn: Callable[[], Any]) -> Any:
 
 @dataclass
 class Inputs:
-    """The run's stores, opened by `check_inputs` (None: not configured)."""
+    """The run's stores, opened by `check_inputs` (None: not configured), and the student's
+    tokenizer read at most once for the checks, the memory plan and training
+    (`student_tokenizer()`, cached: the checks may have read it already)."""
 
     store: StoreReader | None = None
     eval_store: StoreReader | None = None
+    student_tokenizer: Callable[[], Any] | None = None
 
 
 def check_inputs(cfg) -> Inputs:
@@ -98,7 +101,7 @@ def check_inputs(cfg) -> Inputs:
         from logitstore.toolkit.hub_data import check_hub_data_readable
 
         check_hub_data_readable(cfg.data)
-        return Inputs()
+        return Inputs(student_tokenizer=functools.cache(_student_tokenizer_loader(cfg)))
     store = StoreReader(cfg.store, cache_dir=cfg.cache_dir)
     if store.settings.kind == "classifier":
         raise LogitStoreError(f"store {cfg.store} is a classifier store (per-sample head logits, "
@@ -117,7 +120,7 @@ def check_inputs(cfg) -> Inputs:
         raise ConfigError(problems)
     _refuse_foreign_student_without_text({cfg.store: store, cfg.eval_store: eval_store},
                                          student_tokenizer)
-    return Inputs(store, eval_store)
+    return Inputs(store, eval_store, student_tokenizer)
 
 
 def _student_tokenizer_loader(cfg) -> Callable[[], Any]:

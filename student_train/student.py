@@ -25,9 +25,11 @@ log = logging.getLogger(__name__)
 KNOWN_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def load_student(cfg, device: torch.device | str):
-    """(tokenizer, model in train mode, LoadedModel info) as the config asks."""
-    tokenizer = load_tokenizer(cfg.student, cfg.revision, trust_remote_code=cfg.trust_remote_code)
+def load_student(cfg, device: torch.device | str, read_tokenizer=None):
+    """(tokenizer, model in train mode, LoadedModel info) as the config asks; the tokenizer
+    from `read_tokenizer()` when given (sources.Inputs' cached read), else read here."""
+    tokenizer = read_tokenizer() if read_tokenizer is not None else load_tokenizer(
+        cfg.student, cfg.revision, trust_remote_code=cfg.trust_remote_code)
     model, info = load_causal_lm(
         cfg.student, quantize="4bit" if cfg.qlora else "none",
         dtype="auto" if cfg.qlora else cfg.student_dtype, device=str(device),

@@ -192,7 +192,8 @@ def prepare_run(cfg: TrainConfig, out: Path, inputs: Inputs) -> Run:
 
     accelerator = make_accelerator(cfg, out)
     set_seed(cfg.seed)  # same initial projections on every process (and on resume)
-    tokenizer, student, student_info = load_student(cfg, accelerator.device)
+    tokenizer, student, student_info = load_student(cfg, accelerator.device,
+                                                       inputs.student_tokenizer)
     vocab_padding = check_vocab_compat(tokenizer, student)
     sources = open_sources(cfg, inputs, tokenizer, student, accelerator)
     model = DistillationObjective(
@@ -357,7 +358,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """
     inputs = check_inputs(cfg)
     out, ckpt = check_run_dir(cfg)
-    check_memory_plan(cfg)  # before any weight is loaded (gpu_memory, else a CUDA device's)
+    check_memory_plan(cfg, inputs)  # before any weight is loaded (gpu_memory, else CUDA's)
     try:
         return _train(cfg, out, inputs, ckpt)
     except OUT_OF_MEMORY as exc:  # the step's peak outgrew the device: say what would fit

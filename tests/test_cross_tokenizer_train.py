@@ -557,3 +557,24 @@ def test_the_early_checks_read_the_students_tokenizer_once(world, tmp_path, monk
     with pytest.raises(SchemaMismatchError, match="holds no sample text"):
         check_inputs(cfg)
     assert len(loads) == 1
+
+
+def test_training_with_a_memory_plan_reads_the_students_tokenizer_once(world, tmp_path,
+                                                                       monkeypatch):
+    """The early checks, the memory plan (gpu_memory asks for it, across tokenizers it cuts
+    the first segment with the student's tokenizer) and the student's load share one read."""
+    import logitstore.toolkit.hf as hf
+    import student_train.student as student_module
+
+    loads = []
+    real = hf.load_tokenizer
+
+    def counted(*a, **k):
+        loads.append(a)
+        return real(*a, **k)
+
+    monkeypatch.setattr(hf, "load_tokenizer", counted)
+    monkeypatch.setattr(student_module, "load_tokenizer", counted)
+    train_run(world, tmp_path / "run", max_steps=1, gpu_memory="80GB")
+    assert len(loads) == 1
+    assert (tmp_path / "run" / "final").exists()

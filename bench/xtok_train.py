@@ -47,6 +47,10 @@ rows into its own batch:
                                             chained_token_targets false (as xkd-pkl-aligned)
   xkd-pkl-noinside, xkd-B-pkl-noinside,     (only when --variants names them) with
   xkd-AB-pkl-noinside                       inside_token_targets false, chains kept
+  xkd-pkl-other, xkd-B-pkl-other,           (only when --variants names them) with
+  xkd-AB-pkl-other                          inside_other_bin: an inside-token target keeps
+                                            the mass of teacher tokens ending there as an
+                                            "other" bin instead of renormalising it away
 Per seed, the variants of one tokenizer start from the same weights; the A and C students
 share every weight but the embeddings and lm_head (both drawn under torch.manual_seed(seed),
 then C's block weights copied into A). Same optimizer (AdamW), schedule, steps and alpha;
@@ -69,14 +73,14 @@ ALL_VARIANTS = (*A_VARIANTS, "ce-C", "xkd-pkl", "xkd-pkl-aligned", "xkd-pkl-unch
                 "xkd-pkl-draws", "xkd-uld", "xkd-B-pkl", "xkd-B-pkl-draws", "xkd-AB-pkl",
                 "xkd-AB-pkl-means", "xkd-AB-pkl-conf", "xkd-AB-pkl-draws", "xkd-B-pkl-aligned",
                 "xkd-AB-pkl-aligned", "xkd-pkl-noinside", "xkd-B-pkl-noinside",
-                "xkd-AB-pkl-noinside")
+                "xkd-AB-pkl-noinside", "xkd-pkl-other", "xkd-B-pkl-other", "xkd-AB-pkl-other")
 TWO_TEACHER_VARIANTS = ("xkd-AB-pkl", "xkd-AB-pkl-means", "xkd-AB-pkl-conf", "xkd-AB-pkl-draws",
-                        "xkd-AB-pkl-aligned", "xkd-AB-pkl-noinside")
+                        "xkd-AB-pkl-aligned", "xkd-AB-pkl-noinside", "xkd-AB-pkl-other")
 # run only when --variants names them
 ABLATIONS = ("kd-A-draws", "xkd-pkl-aligned", "xkd-pkl-unchained", "xkd-pkl-draws",
              "xkd-B-pkl-draws", "xkd-AB-pkl-means", "xkd-AB-pkl-conf", "xkd-AB-pkl-draws",
              "xkd-B-pkl-aligned", "xkd-AB-pkl-aligned", "xkd-pkl-noinside", "xkd-B-pkl-noinside",
-             "xkd-AB-pkl-noinside")
+             "xkd-AB-pkl-noinside", "xkd-pkl-other", "xkd-B-pkl-other", "xkd-AB-pkl-other")
 # the target of each variant's KD (the rest: the signal's top-k)
 TARGETS = {name: "sampled" for name in ALL_VARIANTS if name.endswith("-draws")}
 DEFAULT_VARIANTS = tuple(v for v in ALL_VARIANTS if v not in ABLATIONS)
@@ -154,7 +158,8 @@ class Variant:
         settings = LossSettings(loss=cfg.loss, topk_mode=cfg.topk_mode, jsd_beta=cfg.jsd_beta,
                                 skew_alpha=cfg.skew_alpha, chunk_size=cfg.lm_head_chunk,
                                 mix_per_position=cfg.mix_signals_per_position,
-                                signal_mixture=cfg.signal_mixture)
+                                signal_mixture=cfg.signal_mixture,
+                                inside_other_bin=cfg.inside_other_bin)
         module = DistillationObjective(student, plans, settings, vocab_maps=vocab_maps)
         optimizer = make_optimizer(cfg, module)
         self.scheduler = get_scheduler(
@@ -216,14 +221,15 @@ def make_variants(plan, seed: int, accelerator) -> tuple[list, dict]:
     for name, loss, inside, chained in (
             ("xkd-pkl", "pkl", True, True), ("xkd-pkl-aligned", "pkl", False, False),
             ("xkd-pkl-unchained", "pkl", True, False), ("xkd-pkl-draws", "pkl", True, True),
-            ("xkd-pkl-noinside", "pkl", False, True),
+            ("xkd-pkl-noinside", "pkl", False, True), ("xkd-pkl-other", "pkl", True, True),
             ("xkd-uld", "uld", True, True)):
         kind = "C-" + name[len("xkd-"):]
         if name not in chosen and not (name == "xkd-uld" and "ce-C" in chosen):
             continue  # ce-C reads the uld batch (the student's tokens, its signal unused)
         cfg_x = train_config(plan, a_store, plan.student_dirs["C"], name, seed,
                              cross_loss=loss, inside_token_targets=inside,
-                             chained_token_targets=chained, **kd_of(name))
+                             chained_token_targets=chained,
+                             inside_other_bin=name.endswith("-other"), **kd_of(name))
         plans, crosses[kind[2:]] = cross_parts(cfg_x, plan.readers["A"], plan.tokenizer_c)
         if name in chosen:
             variants.append(Variant(name, cfg_x, copy_of(students["C"]), plans, kind,
@@ -234,10 +240,11 @@ def make_variants(plan, seed: int, accelerator) -> tuple[list, dict]:
         variants.insert(2, Variant("ce-C", cfg_ce, copy_of(students["C"]), [], "C-uld",
                                    accelerator))
     variants = [v for v in variants if v.name in chosen]
-    for name in ("xkd-B-pkl", "xkd-B-pkl-draws", "xkd-B-pkl-aligned", "xkd-B-pkl-noinside"):
+    for name in ("xkd-B-pkl", "xkd-B-pkl-draws", "xkd-B-pkl-aligned", "xkd-B-pkl-noinside",
+                 "xkd-B-pkl-other"):
         if b_store is None or name not in chosen:
             continue
-        key = name[len("xkd-"):].replace("-pkl", "")  # B, B-draws, B-aligned, B-noinside
+        key = name[len("xkd-"):].replace("-pkl", "")  # B, B-draws, B-aligned, ... B-other
         cfg_b = train_config(plan, b_store, plan.student_dirs["C"], name, seed,
                              cross_loss="pkl", **kd_of(name), **_switches(name))
         plans, crosses[key] = cross_parts(cfg_b, plan.readers["B"], plan.tokenizer_c)
@@ -253,10 +260,12 @@ def make_variants(plan, seed: int, accelerator) -> tuple[list, dict]:
 
 def _switches(name: str) -> dict:
     """The cross switches of a variant: "-aligned" no inside-token targets and no chains,
-    "-noinside" no inside-token targets; else both on."""
+    "-noinside" no inside-token targets; else both on; "-other" inside-token targets with
+    an "other" bin (inside_other_bin)."""
     aligned = name.endswith("-aligned")
     return {"inside_token_targets": not (aligned or name.endswith("-noinside")),
-            "chained_token_targets": not aligned}
+            "chained_token_targets": not aligned,
+            "inside_other_bin": name.endswith("-other")}
 
 
 # Equal weights: neither teacher is known to be better for student C before the run (A's
@@ -284,7 +293,8 @@ def _two_teacher_variant(plan, seed: int, student, accelerator, crosses: dict,
                        **_switches(name))
     plans, cross = cross_parts(cfg, plan.readers["AB"], plan.tokenizer_c)
     # the top-k ones read the same batches, but for the inside and chain switches
-    key = "AB" + next((s for s in ("-draws", "-aligned", "-noinside") if name.endswith(s)), "")
+    key = "AB" + next((s for s in ("-draws", "-aligned", "-noinside", "-other")
+                       if name.endswith(s)), "")
     if f"C-{key}" not in collates:  # the first one's collate
         crosses[key] = cross
         collates[f"C-{key}"] = _b_collate(cross.collate, plan.samples_ab, store["signals"])

@@ -41,6 +41,10 @@ import numpy as np
 from logitstore.toolkit.token_alignment import InsideAnchors
 
 INSIDE_REASONS = ("inside_unanchored", "inside_mismatch", "inside_no_mass", "inside_low_share")
+# piece id of an entry in E (its pieces end where the student stands): -1 contributes nothing,
+# ENDS_HERE lets the loss keep E's mass in an "other" bin (project_topk_target's
+# `ends_in_other`) instead of renormalising it away
+ENDS_HERE = -2
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,8 @@ class InsideTargets:
     """Conditioned teacher targets of one sample's inside positions, and why the rest have none.
 
     `student_pos[m]` gets the stored top-k of teacher position `teacher_pos[m]`, each entry
-    continuing with student piece `piece_ids[m, e]` (-1: the entry does not contribute).
+    continuing with student piece `piece_ids[m, e]` (-1: the entry does not contribute;
+    ENDS_HERE: it is in E).
     `skipped[reason]`: the student positions skipped for that reason (INSIDE_REASONS).
     """
 
@@ -106,7 +111,8 @@ def condition_inside(anchors: InsideAnchors, teacher_ids: np.ndarray, student_id
                                                 piece_ids)
     contributes = consistent & (count > depth[:, None])
     ends_here = consistent & (count == depth[:, None])
-    piece = np.where(contributes, piece_ids[np.where(contributes, start + depth[:, None], 0)], -1)
+    piece = np.where(contributes, piece_ids[np.where(contributes, start + depth[:, None], 0)],
+                     np.where(ends_here, ENDS_HERE, -1))
     stored = p.sum(-1)
     conditioned = (p * contributes).sum(-1)
     rest = (p * ends_here).sum(-1) + np.maximum(1.0 - stored, 0.0)

@@ -72,6 +72,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from student_train.cross_inside import ENDS_HERE
 from student_train.losses import LOG_ZERO, SparseTarget, at_least_fp32, sparse_kd_per_position
 
 Tensor = torch.Tensor
@@ -204,6 +205,7 @@ def project_topk_target(teacher_ids: Tensor, teacher_logprobs: Tensor,
                         temperature: float = 1.0, exact_only: bool = False,
                         conditioned_ids: Tensor | None = None,
                         conditioned: Tensor | None = None,
+                        ends_in_other: bool = False,
                         chain_entry: Tensor | None = None, chain_ids: Tensor | None = None,
                         chain_logc: Tensor | None = None) -> MappedTarget:
     """The teacher's stored top-k as a target over the student vocabulary (module docstring).
@@ -213,6 +215,8 @@ def project_topk_target(teacher_ids: Tensor, teacher_logprobs: Tensor,
     None; exact_only: count teacher tokens without an exact student twin as unmapped;
     conditioned [...] bool and conditioned_ids [..., k] int (both or neither): rows given
     their entries' student ids (-1: not contributing), renormalised (module docstring);
+    ends_in_other: their entries marked cross_inside.ENDS_HERE (-2: the teacher token ends
+    where the student stands) keep their mass, as the "other" bin, instead;
     chain_entry [...] int (-1: none), chain_ids [...] int, chain_logc [...] float (all or
     none): rows whose top-k column chain_entry gives exp(chain_logc) of its mass to student
     id chain_ids (a student token spanning several teacher tokens, cross_chain.py); the
@@ -249,8 +253,12 @@ def project_topk_target(teacher_ids: Tensor, teacher_logprobs: Tensor,
     unmapped_lp = torch.logsumexp(torch.where(unmapped, lp, LOG_ZERO), -1)
     # only where something is unmapped, so an identity map reproduces build_topk_target's bits
     other = torch.where(unmapped.any(-1), torch.logaddexp(unmapped_lp, tail), tail)
-    if conditioned is not None:  # renormalised over the contributing entries: no "other"
-        other = torch.where(conditioned.bool(), torch.full_like(other, LOG_ZERO), other)
+    if conditioned is not None:  # renormalised over the contributing entries (and E)
+        ends = valid & (conditioned_ids == ENDS_HERE) if ends_in_other \
+            else torch.zeros_like(valid)
+        ends_lp = torch.logsumexp(torch.where(ends, lp, LOG_ZERO), -1)
+        ends_lp = torch.where(ends.any(-1), ends_lp, torch.full_like(ends_lp, LOG_ZERO))
+        other = torch.where(conditioned.bool(), ends_lp, other)
     bins = F.log_softmax(torch.cat([group_lp, other[..., None]], -1) / temperature, -1)
     first_leader = leader.long().argmax(-1, keepdim=True)  # fill: a valid id of the row
     fill = student_ids.gather(-1, first_leader)

@@ -86,6 +86,7 @@ class LossSettings:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     mix_per_position: bool = True  # several cross-tokenizer signals (module docstring)
     signal_mixture: str = "weights"  # "confidence": times each target's P(next token)
+    inside_other_bin: bool = False  # inside-token targets keep E's mass (cross_inside.py)
 
 
 # ----------------------------------------------------------------------------- batch geometry
@@ -377,7 +378,8 @@ class DistillationObjective(nn.Module):
                                        pick(signal["topk_logprobs"]).float(),
                                        getattr(self, f"vocab_map_{i}_first"),
                                        getattr(self, f"vocab_map_{i}_exact"),
-                                       temperature=temperature, **inside, **chain).target
+                                       temperature=temperature, **inside, **chain,
+                                       ends_in_other=self.settings.inside_other_bin).target
         if plan.target == "topk":
             return build_topk_target(pick(signal["topk_ids"]).long(),
                                      pick(signal["topk_logprobs"]).float(),

@@ -202,7 +202,8 @@ def prepare_run(cfg: TrainConfig, out: Path, inputs: Inputs) -> Run:
                      skew_alpha=cfg.skew_alpha, attention_loss=cfg.attention_loss,
                      chunk_size=cfg.lm_head_chunk,
                      mix_per_position=cfg.mix_signals_per_position,
-                     signal_mixture=cfg.signal_mixture),
+                     signal_mixture=cfg.signal_mixture,
+                     inside_other_bin=cfg.inside_other_bin),
         sources.aligners, vocab_maps=sources.vocab_maps).to(accelerator.device)
     optimizer = make_optimizer(cfg, model)
     total_steps = plan_total_steps(cfg, sources.train, accelerator)

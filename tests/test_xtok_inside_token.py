@@ -19,7 +19,7 @@ from logitstore.toolkit.token_alignment import (InsideAnchors, SkipReason, align
 from logitstore.toolkit.token_spans import tokenize_with_spans
 from logitstore.toolkit.vocab_map import build_vocab_map
 from student_train.cross_batch import REASONS, CrossCollate, finish_stats, placements
-from student_train.cross_inside import INSIDE_REASONS, condition_inside
+from student_train.cross_inside import ENDS_HERE, INSIDE_REASONS, condition_inside
 from student_train.cross_token_losses import project_topk_target
 from student_train.losses import sparse_kd_per_position
 
@@ -53,10 +53,11 @@ def condition(depth, ids, probs, teacher_word=0, min_share=0.0):
 
 
 def test_a_word_split_1_to_3_conditions_on_the_pieces_emitted_so_far():
-    # after piece 7: entries 0 -> 8, 1 -> 8, 4 -> 8; entry 2 ends at the prefix; 3 not consistent
+    # after piece 7: entries 0 -> 8, 1 -> 8, 4 -> 8; entry 2 ends at the prefix (ENDS_HERE);
+    # 3 not consistent
     got = condition(1, [0, 1, 2, 3, 4], [0.3, 0.2, 0.1, 0.15, 0.05])
     assert got.student_pos.tolist() == [1] and got.teacher_pos.tolist() == [0]
-    assert got.piece_ids.tolist() == [[8, 8, -1, -1, 8]]
+    assert got.piece_ids.tolist() == [[8, 8, ENDS_HERE, -1, 8]]
     assert got.conditioned_mass == pytest.approx([0.55]) and got.topk_mass == pytest.approx([0.8])
     # after 7, 8: entry 0 -> 9, entry 1 -> 5, entry 4 -> 9
     deeper = condition(2, [0, 1, 2, 3, 4], [0.3, 0.2, 0.1, 0.15, 0.05])

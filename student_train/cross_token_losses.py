@@ -167,6 +167,15 @@ def _mapped_share(lp: Tensor, valid: Tensor, usable: Tensor) -> Tensor:
     return torch.where(stored > 0, mapped / torch.where(stored > 0, stored, 1.0), 0.0)
 
 
+def _ends_here_logprob(lp: Tensor, valid: Tensor, conditioned_ids: Tensor | None) -> Tensor:
+    """[...] log of the mass of a row's entries marked ENDS_HERE (LOG_ZERO: none, or no ids)."""
+    if conditioned_ids is None:
+        return torch.full_like(lp[..., 0], LOG_ZERO)
+    ends = valid & (conditioned_ids == ENDS_HERE)
+    total = torch.logsumexp(torch.where(ends, lp, LOG_ZERO), -1)
+    return torch.where(ends.any(-1), total, torch.full_like(total, LOG_ZERO))
+
+
 def _check_map(first: Tensor, exact: Tensor | None, exact_only: bool) -> None:
     if first.dim() != 1 or first.is_floating_point() or first.dtype == torch.bool:
         raise ValueError(f"teacher_to_student_first must be an integer tensor [Vt], found "
@@ -242,6 +251,7 @@ def project_topk_target(teacher_ids: Tensor, teacher_logprobs: Tensor,
         student_ids = torch.where(row, conditioned_ids.long(), student_ids)
         usable = torch.where(row, valid & (conditioned_ids >= 0), usable)
     tail = _tail_logprob(lp)  # before a split, which keeps each row's stored mass
+    ends_lp = _ends_here_logprob(lp, valid, conditioned_ids if ends_in_other else None)
     chain = (chain_entry, chain_ids, chain_logc)
     if any(x is not None for x in chain):
         if any(x is None for x in chain):
@@ -254,10 +264,6 @@ def project_topk_target(teacher_ids: Tensor, teacher_logprobs: Tensor,
     # only where something is unmapped, so an identity map reproduces build_topk_target's bits
     other = torch.where(unmapped.any(-1), torch.logaddexp(unmapped_lp, tail), tail)
     if conditioned is not None:  # renormalised over the contributing entries (and E)
-        ends = valid & (conditioned_ids == ENDS_HERE) if ends_in_other \
-            else torch.zeros_like(valid)
-        ends_lp = torch.logsumexp(torch.where(ends, lp, LOG_ZERO), -1)
-        ends_lp = torch.where(ends.any(-1), ends_lp, torch.full_like(ends_lp, LOG_ZERO))
         other = torch.where(conditioned.bool(), ends_lp, other)
     bins = F.log_softmax(torch.cat([group_lp, other[..., None]], -1) / temperature, -1)
     first_leader = leader.long().argmax(-1, keepdim=True)  # fill: a valid id of the row

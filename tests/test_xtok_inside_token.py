@@ -99,6 +99,36 @@ def test_conditioned_rows_are_renormalised_and_merged_per_piece():
         project_topk_target(ids, lp, first, conditioned=conditioned)
 
 
+def test_the_other_bin_keeps_the_mass_of_entries_ending_where_the_student_stands():
+    """inside_other_bin: pieces 8 (0.3 + 0.2) and 9 (0.05), E = 0.1 (entry 2), entry 3 not
+    consistent: the bins are the stored consistent mass 0.65 split 0.5 / 0.05 / 0.1."""
+    ids = torch.tensor([[0, 1, 2, 3, 4], [0, 1, 2, 3, 4]])
+    lp = torch.tensor([[0.3, 0.2, 0.1, 0.15, 0.05]] * 2).log()
+    first = torch.tensor([7, 7, 7, 6, 7, -1])
+    pieces = torch.tensor([[8, 8, ENDS_HERE, -1, 9], [8, 8, -1, -1, 9]])  # row 1: no E
+    conditioned = torch.tensor([True, True])
+    t = project_topk_target(ids, lp, first, conditioned_ids=pieces, conditioned=conditioned,
+                            ends_in_other=True).target
+    got = {int(i): float(v.exp()) for i, v, ok in zip(t.ids[0], t.logprobs[0], t.valid[0]) if ok}
+    assert got == pytest.approx({8: 0.5 / 0.65, 9: 0.05 / 0.65})
+    assert t.tail_logprob[0].exp() == pytest.approx(0.1 / 0.65)
+    # without E the row is renormalised over the contributing entries, as before
+    assert t.tail_logprob[1].exp() == 0.0
+    assert t.logprobs[1, 0].exp() == pytest.approx(0.5 / 0.55)
+    renormalised = project_topk_target(ids, lp, first, conditioned_ids=pieces,
+                                       conditioned=conditioned).target
+    assert renormalised.tail_logprob[0].exp() == 0.0  # the default: E left out
+    assert renormalised.logprobs[0, 0].exp() == pytest.approx(0.5 / 0.55)
+    for field in ("ids", "logprobs", "valid", "tail_logprob"):
+        assert torch.equal(getattr(t, field)[1], getattr(renormalised, field)[1])
+    # with the chain tensors of a batch (no chain in these rows: the top-k gains an entry)
+    chained = project_topk_target(ids, lp, first, conditioned_ids=pieces, conditioned=conditioned,
+                                  ends_in_other=True, chain_entry=torch.tensor([-1, -1]),
+                                  chain_ids=torch.tensor([0, 0]),
+                                  chain_logc=torch.tensor([0.0, 0.0])).target
+    assert chained.tail_logprob.exp().tolist() == pytest.approx([0.1 / 0.65, 0.0])
+
+
 def test_anchors_need_a_student_boundary_at_the_teacher_tokens_start():
     # teacher: [0,5) [5,10); student: [0,4) [4,6) [6,8) [8,10): the student crosses byte 5
     teacher = np.array([[0, 5], [5, 10]]), np.zeros(2, bool)

@@ -129,10 +129,9 @@ FIELDS: dict[str, Field] = {
                                        "teacher's top-k at that token's start conditioned on "
                                        "the student's pieces since (false: skipped)."),
     "inside_other_bin": Field("bool", False, absent=False,  # runs saved before: renormalised
-                              help="pkl: an inside-token target keeps the mass of teacher "
-                                   "tokens that end where the student stands as an 'other' "
-                                   "bin (their continuation is the next teacher token's) "
-                                   "instead of renormalising over the continuing ones."),
+                              help="pkl: inside-token targets keep the mass of teacher tokens "
+                                   "ending where the student stands as an 'other' bin "
+                                   "(false: renormalised over the continuing ones)."),
     "chained_token_targets": Field("bool", True, absent=False,  # runs saved before: off
                                    help="pkl: an aligned student token that spans several "
                                         "teacher tokens gets the teacher's probability of "

@@ -29,6 +29,12 @@ bytes the student has emitted since b0. With the vocabulary map's decompositions
   (plus the part of the tail in it) with E and that tail part left out; it differs from the
   teacher's conditional on that set by at most 1 - share in total variation: the threshold
   bounds its error there, not against the conditional on the bytes so far.
+* E's entries are marked ENDS_HERE in `piece_ids`: with `inside_other_bin` the loss keeps
+  their mass as the target's "other" bin (the student's mass outside the pieces), so the
+  target is the stored piece-consistent distribution with E lumped instead of left out; the
+  renormalisation over C alone overstates every continuation by (C + E) / C. E's own
+  continuation may start with one of the pieces (a next teacher token ".", say), which that
+  bin then misses: a lower bound there, not an overstatement.
 All work is vectorised numpy over the inside positions (a loop over piece depth only).
 """
 

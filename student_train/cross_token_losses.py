@@ -32,7 +32,9 @@ student's mass on texts that start with that piece.
   continues the student's bytes with, -1: the entry does not contribute) instead of read from
   the map, and the target is the contributing mass renormalised: no "other" bin (its teacher
   mass is 0, the tail and the other entries being outside the condition), so the student is
-  pulled onto the pieces the teacher's conditional holds.
+  pulled onto the pieces the teacher's conditional holds; with `ends_in_other`, the entries
+  marked cross_inside.ENDS_HERE (teacher tokens ending where the student stands) are that
+  "other" bin instead of being left out.
 * Chain rows (`chain_*`, an aligned position whose student token spans several teacher
   tokens; see student_train/cross_chain.py): the top-k entry of the teacher's first token t1
   is split, exp(chain_logc) of its mass going to the student's token (appended as entry k + 1)

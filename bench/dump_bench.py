@@ -69,6 +69,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine_facts import cpu_facts  # noqa: E402
+
 MARK = "@@DUMP_BENCH_RESULT@@"
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 
@@ -624,7 +627,8 @@ def main() -> None:
         "command": command, "argv": sys.argv, "cwd": os.getcwd(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "processor": _cpu_name(), "python": platform.python_version(),
+                    "processor": cpu_facts()["model"], "cpu_facts": cpu_facts(),
+                    "python": platform.python_version(),
                     "torch": _version("torch"), "transformers": _version("transformers"),
                     "torch_threads": bare[0]["torch_threads"]},
         "load": {"quiet_wait": quiet, "load_1min_per_run": [
@@ -657,16 +661,6 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(f"\nwrote {args.out} ({out['total_seconds']:.0f}s in all)")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _version(module: str) -> str:

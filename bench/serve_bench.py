@@ -44,6 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(ROOT)]
 
+from machine_facts import cpu_facts  # noqa: E402
 from serve_load import measure_server  # noqa: E402
 from serve_models import build_models, demo_corpus, export, read_jsonl_texts, weight_bytes  # noqa: E402,E501
 from serve_report import (goals, interval, render_markdown, summarize_server,  # noqa: E402
@@ -159,7 +160,7 @@ def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     load = os.getloadavg()
     return {"cpus": os.cpu_count(), "platform": platform.platform(), "cpu": cpu,
-            "load_average_at_start": load, "torch": torch.__version__,
+            "cpu_facts": cpu_facts(), "load_average_at_start": load, "torch": torch.__version__,
             "onnxruntime": onnxruntime.__version__,
             "summary": f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, "
                        f"onnxruntime {onnxruntime.__version__}, load average at start "

@@ -47,10 +47,12 @@ rows into its own batch:
                                             chained_token_targets false (as xkd-pkl-aligned)
   xkd-pkl-noinside, xkd-B-pkl-noinside,     (only when --variants names them) with
   xkd-AB-pkl-noinside                       inside_token_targets false, chains kept
-  xkd-pkl-other, xkd-B-pkl-other,           (only when --variants names them) with
-  xkd-AB-pkl-other                          inside_other_bin: an inside-token target keeps
+  xkd-pkl-renorm, xkd-B-pkl-renorm,         (only when --variants names them) with
+  xkd-AB-pkl-renorm                         inside_other_bin false: an inside-token target
+                                            renormalised over the continuing entries (the
+                                            behaviour before 2026-12-07; the others keep
                                             the mass of teacher tokens ending there as an
-                                            "other" bin instead of renormalising it away
+                                            "other" bin)
 Per seed, the variants of one tokenizer start from the same weights; the A and C students
 share every weight but the embeddings and lm_head (both drawn under torch.manual_seed(seed),
 then C's block weights copied into A). Same optimizer (AdamW), schedule, steps and alpha;
@@ -73,14 +75,14 @@ ALL_VARIANTS = (*A_VARIANTS, "ce-C", "xkd-pkl", "xkd-pkl-aligned", "xkd-pkl-unch
                 "xkd-pkl-draws", "xkd-uld", "xkd-B-pkl", "xkd-B-pkl-draws", "xkd-AB-pkl",
                 "xkd-AB-pkl-means", "xkd-AB-pkl-conf", "xkd-AB-pkl-draws", "xkd-B-pkl-aligned",
                 "xkd-AB-pkl-aligned", "xkd-pkl-noinside", "xkd-B-pkl-noinside",
-                "xkd-AB-pkl-noinside", "xkd-pkl-other", "xkd-B-pkl-other", "xkd-AB-pkl-other")
+                "xkd-AB-pkl-noinside", "xkd-pkl-renorm", "xkd-B-pkl-renorm", "xkd-AB-pkl-renorm")
 TWO_TEACHER_VARIANTS = ("xkd-AB-pkl", "xkd-AB-pkl-means", "xkd-AB-pkl-conf", "xkd-AB-pkl-draws",
-                        "xkd-AB-pkl-aligned", "xkd-AB-pkl-noinside", "xkd-AB-pkl-other")
+                        "xkd-AB-pkl-aligned", "xkd-AB-pkl-noinside", "xkd-AB-pkl-renorm")
 # run only when --variants names them
 ABLATIONS = ("kd-A-draws", "xkd-pkl-aligned", "xkd-pkl-unchained", "xkd-pkl-draws",
              "xkd-B-pkl-draws", "xkd-AB-pkl-means", "xkd-AB-pkl-conf", "xkd-AB-pkl-draws",
              "xkd-B-pkl-aligned", "xkd-AB-pkl-aligned", "xkd-pkl-noinside", "xkd-B-pkl-noinside",
-             "xkd-AB-pkl-noinside", "xkd-pkl-other", "xkd-B-pkl-other", "xkd-AB-pkl-other")
+             "xkd-AB-pkl-noinside", "xkd-pkl-renorm", "xkd-B-pkl-renorm", "xkd-AB-pkl-renorm")
 # the target of each variant's KD (the rest: the signal's top-k)
 TARGETS = {name: "sampled" for name in ALL_VARIANTS if name.endswith("-draws")}
 DEFAULT_VARIANTS = tuple(v for v in ALL_VARIANTS if v not in ABLATIONS)
@@ -221,7 +223,7 @@ def make_variants(plan, seed: int, accelerator) -> tuple[list, dict]:
     for name, loss, inside, chained in (
             ("xkd-pkl", "pkl", True, True), ("xkd-pkl-aligned", "pkl", False, False),
             ("xkd-pkl-unchained", "pkl", True, False), ("xkd-pkl-draws", "pkl", True, True),
-            ("xkd-pkl-noinside", "pkl", False, True), ("xkd-pkl-other", "pkl", True, True),
+            ("xkd-pkl-noinside", "pkl", False, True), ("xkd-pkl-renorm", "pkl", True, True),
             ("xkd-uld", "uld", True, True)):
         kind = "C-" + name[len("xkd-"):]
         if name not in chosen and not (name == "xkd-uld" and "ce-C" in chosen):
@@ -229,7 +231,7 @@ def make_variants(plan, seed: int, accelerator) -> tuple[list, dict]:
         cfg_x = train_config(plan, a_store, plan.student_dirs["C"], name, seed,
                              cross_loss=loss, inside_token_targets=inside,
                              chained_token_targets=chained,
-                             inside_other_bin=name.endswith("-other"), **kd_of(name))
+                             inside_other_bin=not name.endswith("-renorm"), **kd_of(name))
         plans, crosses[kind[2:]] = cross_parts(cfg_x, plan.readers["A"], plan.tokenizer_c)
         if name in chosen:
             variants.append(Variant(name, cfg_x, copy_of(students["C"]), plans, kind,
@@ -241,10 +243,10 @@ def make_variants(plan, seed: int, accelerator) -> tuple[list, dict]:
                                    accelerator))
     variants = [v for v in variants if v.name in chosen]
     for name in ("xkd-B-pkl", "xkd-B-pkl-draws", "xkd-B-pkl-aligned", "xkd-B-pkl-noinside",
-                 "xkd-B-pkl-other"):
+                 "xkd-B-pkl-renorm"):
         if b_store is None or name not in chosen:
             continue
-        key = name[len("xkd-"):].replace("-pkl", "")  # B, B-draws, B-aligned, ... B-other
+        key = name[len("xkd-"):].replace("-pkl", "")  # B, B-draws, B-aligned, ... B-renorm
         cfg_b = train_config(plan, b_store, plan.student_dirs["C"], name, seed,
                              cross_loss="pkl", **kd_of(name), **_switches(name))
         plans, crosses[key] = cross_parts(cfg_b, plan.readers["B"], plan.tokenizer_c)
@@ -260,12 +262,12 @@ def make_variants(plan, seed: int, accelerator) -> tuple[list, dict]:
 
 def _switches(name: str) -> dict:
     """The cross switches of a variant: "-aligned" no inside-token targets and no chains,
-    "-noinside" no inside-token targets; else both on; "-other" inside-token targets with
-    an "other" bin (inside_other_bin)."""
+    "-noinside" no inside-token targets; else both on; "-renorm" inside-token targets
+    renormalised (inside_other_bin false)."""
     aligned = name.endswith("-aligned")
     return {"inside_token_targets": not (aligned or name.endswith("-noinside")),
             "chained_token_targets": not aligned,
-            "inside_other_bin": name.endswith("-other")}
+            "inside_other_bin": not name.endswith("-renorm")}
 
 
 # Equal weights: neither teacher is known to be better for student C before the run (A's
@@ -293,7 +295,7 @@ def _two_teacher_variant(plan, seed: int, student, accelerator, crosses: dict,
                        **_switches(name))
     plans, cross = cross_parts(cfg, plan.readers["AB"], plan.tokenizer_c)
     # the top-k ones read the same batches, but for the inside and chain switches
-    key = "AB" + next((s for s in ("-draws", "-aligned", "-noinside", "-other")
+    key = "AB" + next((s for s in ("-draws", "-aligned", "-noinside", "-renorm")
                        if name.endswith(s)), "")
     if f"C-{key}" not in collates:  # the first one's collate
         crosses[key] = cross

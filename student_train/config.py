@@ -128,7 +128,7 @@ FIELDS: dict[str, Field] = {
                                   help="pkl: student positions inside a teacher token get the "
                                        "teacher's top-k at that token's start conditioned on "
                                        "the student's pieces since (false: skipped)."),
-    "inside_other_bin": Field("bool", False, absent=False,  # runs saved before: renormalised
+    "inside_other_bin": Field("bool", True, absent=False,  # runs saved before: renormalised
                               help="pkl: inside-token targets keep the mass of teacher tokens "
                                    "ending where the student stands as an 'other' bin "
                                    "(false: renormalised over the continuing ones)."),

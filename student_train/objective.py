@@ -86,7 +86,7 @@ class LossSettings:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     mix_per_position: bool = True  # several cross-tokenizer signals (module docstring)
     signal_mixture: str = "weights"  # "confidence": times each target's P(next token)
-    inside_other_bin: bool = False  # inside-token targets keep E's mass (cross_inside.py)
+    inside_other_bin: bool = True  # inside-token targets keep E's mass (cross_inside.py)
 
 
 # ----------------------------------------------------------------------------- batch geometry

@@ -251,7 +251,9 @@ def test_the_harness_runs_end_to_end_at_its_tiniest_size(tmp_path):
                                        "xkd-AB-pkl-means", "xkd-AB-pkl-conf",
                                        "xkd-AB-pkl-draws", "xkd-B-pkl-aligned",
                                        "xkd-AB-pkl-aligned", "xkd-pkl-noinside",
-                                       "xkd-B-pkl-noinside", "xkd-AB-pkl-noinside"}
+                                       "xkd-B-pkl-noinside", "xkd-AB-pkl-noinside",
+                                       "xkd-pkl-renorm", "xkd-B-pkl-renorm",
+                                       "xkd-AB-pkl-renorm"}
     for row in summary["methods"].values():
         assert 0 < row["bits_per_byte"]["mean"] < 20 and row["bits_per_byte"]["n"] == 2
     assert set(summary["alignment"]) == {"xkd-pkl", "xkd-pkl-aligned", "xkd-pkl-unchained",
@@ -260,7 +262,8 @@ def test_the_harness_runs_end_to_end_at_its_tiniest_size(tmp_path):
                                          "xkd-AB-pkl-conf", "xkd-AB-pkl-draws",
                                          "xkd-B-pkl-aligned", "xkd-AB-pkl-aligned",
                                          "xkd-pkl-noinside", "xkd-B-pkl-noinside",
-                                         "xkd-AB-pkl-noinside"}
+                                         "xkd-AB-pkl-noinside", "xkd-pkl-renorm",
+                                         "xkd-B-pkl-renorm", "xkd-AB-pkl-renorm"}
     # the draws students: each against the same-tokenizer student of the same target
     assert summary["goals"]["xkd-pkl-draws"]["reference"] == "kd-A-draws"
     assert summary["goals"]["xkd-pkl"]["reference"] == "kd-A"

@@ -260,7 +260,8 @@ def test_objective_matches_a_dense_reference_on_a_cross_batch(world, loss, monke
         mapped = project_topk_target(ids, lps, torch.from_numpy(first).long(),
                                      torch.from_numpy(vmap.exact), temperature=temperature,
                                      conditioned_ids=signal["inside_ids"][kd],
-                                     conditioned=signal["inside_mask"][kd])
+                                     conditioned=signal["inside_mask"][kd],
+                                     ends_in_other=True)  # LossSettings' default
         kd_sum = mapped_kd_sum(logits[kd], mapped)
     else:
         kd_sum = uld_sum(logits[kd], ids, lps, temperature=temperature)

@@ -61,7 +61,7 @@ def plan_of_preset(path: Path, processes: int):
     from student_train.config import resolve_config
 
     cfg = resolve_config(path, {"store": "store/", "out": "run/"})
-    with mock.patch.object(memory_plan, "store_facts", lambda c, _: med42_store_facts(c)):
+    with mock.patch.object(memory_plan, "store_facts", lambda c, *_: med42_store_facts(c)):
         return memory_plan.estimate(cfg, processes,
                                     memory_plan.parse_memory_size(cfg.gpu_memory),
                                     model_config=llama_3_2_1b())

@@ -157,12 +157,13 @@ def machine() -> dict:
     import onnxruntime
     import torch
 
-    cpu = platform.processor() or platform.machine()
+    facts = cpu_facts()
+    cpu, simd = facts["model"], "+".join(facts["vector_extensions"]) or "no AVX2"
     load = os.getloadavg()
     return {"cpus": os.cpu_count(), "platform": platform.platform(), "cpu": cpu,
-            "cpu_facts": cpu_facts(), "load_average_at_start": load, "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__,
-            "summary": f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, "
+            "vector_extensions": facts["vector_extensions"], "load_average_at_start": load,
+            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+            "summary": f"{os.cpu_count()} CPU cores ({cpu}, {simd}), torch {torch.__version__}, "
                        f"onnxruntime {onnxruntime.__version__}, load average at start "
                        f"{load[0]:.1f}"}
 

@@ -282,9 +282,10 @@ def _two_teacher_variant(plan, seed: int, student, accelerator, crosses: dict,
     bench --two-teacher-weights sets other weights);
     xkd-AB-pkl-means: the same with mix_signals_per_position false; xkd-AB-pkl-conf: with
     signal_mixture confidence; xkd-AB-pkl-draws: the draws as target; xkd-AB-pkl-aligned:
-    no inside-token targets nor chains; xkd-AB-pkl-noinside: no inside-token targets. Adds
-    their collate (kind C-<key>) and cross setup (key AB, AB-draws, AB-aligned or
-    AB-noinside: the first variant of a key builds them)."""
+    no inside-token targets nor chains; xkd-AB-pkl-noinside: no inside-token targets;
+    xkd-AB-pkl-renorm: inside-token targets renormalised (no "other" bin). Adds their
+    collate (kind C-<key>) and cross setup (key AB, AB-draws, AB-aligned, AB-noinside or
+    AB-renorm: the first variant of a key builds them)."""
     store = plan.two_teacher
     signals = dict(zip(store["signals"], getattr(plan, "two_teacher_weights",
                                                  TWO_TEACHER_WEIGHTS)))

@@ -40,7 +40,8 @@ decompositions (`piece_maps`, the pkl loss's switch `inside_token_targets`), tho
 student pieces since the teacher token's start agree with the map get the teacher's top-k at
 that start conditioned on those pieces (student_train/cross_inside.py): `kd_mask` True, the
 top-k gathered from that teacher position, and per entry `inside_ids` [B, S, k] (the student
-piece it continues with, -1: none) under `inside_mask` [B, S]; the rest stay skipped, counted
+piece it continues with, -1: none, cross_inside.ENDS_HERE: the entry ends there) under
+`inside_mask` [B, S]; the rest stay skipped, counted
 per reason and signal (`skipped_inside_<why>/<signal>`); `inside/<signal>` counts the
 targets, `inside_topk_mass` / `conditioned_mass` their masses. The global
 `skipped_inside_teacher_token` then counts the inside positions that no signal on the store's
@@ -182,7 +183,8 @@ def _inside_stats(name: str, cond: InsideTargets, trained: np.ndarray) -> dict[s
 
 
 def _inside_arrays(cond: InsideTargets, length: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(inside_ids [length, k] int64, -1 where no piece; inside_mask [length] bool)."""
+    """(inside_ids [length, k] int64, -1 where no piece, ENDS_HERE where the entry ends
+    there; inside_mask [length] bool)."""
     piece = np.full((length, k), -1, np.int64)
     piece[cond.student_pos] = cond.piece_ids
     mask = np.zeros(length, bool)

@@ -15,9 +15,11 @@ bytes the student has emitted since b0. With the vocabulary map's decompositions
 * each valid top-k entry t' at the teacher position before b0 whose first d pieces are
   a_1..a_d and that has more than d pieces CONTRIBUTES its probability to student piece
   pieces(t')[d] (the one after a_1..a_d); t itself need not be in the top-k;
-* the target is the contributing mass per student piece, renormalised over the contributing
-  mass C (the loss merges entries of one piece: cross_token_losses.project_topk_target with
-  `conditioned_ids`); C = 0 (nothing survives the conditioning) -> `inside_no_mass`;
+* the target is the contributing mass per student piece (the loss merges entries of one
+  piece: cross_token_losses.project_topk_target with `conditioned_ids`), normalised over
+  C + E with E's mass as its "other" bin (`inside_other_bin`, the default; last item) or,
+  without it, renormalised over the contributing mass C alone; C = 0 (nothing survives the
+  conditioning) -> `inside_no_mass`;
 * the share C / (C + E + tail) must reach `min_share`, else `inside_low_share`. E is the mass
   of entries whose pieces are exactly a_1..a_d (their continuation is the NEXT teacher
   token's, not known here), the tail the stored top-k's missing mass (not known one by one,
@@ -25,10 +27,13 @@ bytes the student has emitted since b0. With the vocabulary map's decompositions
   pieces start with a_1..a_d. Entries outside it are in neither the target nor the share,
   even where their bytes agree with the bytes so far: a strict prefix of a_1..a_d (the
   teacher would end its token inside the student's pieces), or the same bytes split into
-  other pieces. So the target is the teacher's distribution over the piece-consistent set
-  (plus the part of the tail in it) with E and that tail part left out; it differs from the
-  teacher's conditional on that set by at most 1 - share in total variation: the threshold
-  bounds its error there, not against the conditional on the bytes so far.
+  other pieces. So the renormalised target is the teacher's distribution over the
+  piece-consistent set (plus the part of the tail in it) with E and that tail part left out;
+  it differs from the teacher's conditional on that set by at most 1 - share in total
+  variation: the threshold bounds its error there, not against the conditional on the bytes
+  so far. With the "other" bin only the tail part is left out, so the share, which still
+  counts E as lost, is stricter than that bound needs (kept as measured: a lower threshold
+  was not tried with the bin).
 * E's entries are marked ENDS_HERE in `piece_ids`: with `inside_other_bin` the loss keeps
   their mass as the target's "other" bin (the student's mass outside the pieces), so the
   target is the stored piece-consistent distribution with E lumped instead of left out; the

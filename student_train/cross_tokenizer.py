@@ -271,6 +271,8 @@ def cross_setup(cfg, reader, eval_reader, tokenizer, plans, problems: list[str])
                                         "first_segment_chats": chats,
                                         "min_mapped_share": cfg.min_mapped_share,
                                         "inside_token_targets": bool(piece_maps),
+                                        "inside_other_bin": bool(piece_maps)
+                                        and cfg.inside_other_bin,
                                         "chained_token_targets": bool(chain_signals),
                                         "skip_dummy_prefix_pairs": bool(byte_lengths),
                                         "teacher_tokenizer": reader.settings.tokenizer_name,

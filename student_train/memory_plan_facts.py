@@ -4,13 +4,13 @@ For student_train/memory_plan.py. `model_facts(cfg, model_config)`: the student'
 its config alone. The model is built on the meta device (no storage), so the parameter counts
 are exact for any architecture transformers can build, tied embeddings counted once
 (`named_parameters` drops duplicates).
-`store_facts(cfg, model_config)`: the store's vocabulary, per-token KD targets (top-k size or
-sampled draws), alignment projections and sample lengths, from the manifest and index (the
-same `StoreReader` metadata `check_inputs` opens); on the cross path (a student of another
-tokenizer, or a signal on another tokenization) also the student's tokenizer files and the
-first segment's text, as
-cross_tokenizer.cross_setup reads them: sample lengths in the student's tokens and the
-batch's cross tensors. Both import torch and transformers lazily.
+`store_facts(cfg, model_config, inputs=None)`: the store's vocabulary, per-token KD targets
+(top-k size or sampled draws), alignment projections and sample lengths, from the manifest
+and index (the same `StoreReader` metadata `check_inputs` opens, reused when given); on the
+cross path (a student of another tokenizer, or a signal on another tokenization) also the
+student's tokenizer files (training's cached read when given) and the first segment's
+text, as cross_tokenizer.cross_setup reads them: sample lengths in the student's tokens
+and the batch's cross tensors. Both import torch and transformers lazily.
 """
 
 from __future__ import annotations

@@ -141,20 +141,21 @@ def _device_memory(cfg) -> int | None:
     return None
 
 
-def out_of_memory_message(cfg, exc: BaseException) -> str:
+def out_of_memory_message(cfg, exc: BaseException, inputs=None) -> str:
     """One paragraph for an out-of-memory error in training: the plan's figure and the
     change it finds for a budget below what ran out (the device's memory, or 85 % of the
-    plan's total when the plan said it fits: its accuracy goal is 15 %)."""
+    plan's total when the plan said it fits: its accuracy goal is 15 %). inputs: as for
+    check_memory_plan."""
     first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     advice = ""
     try:
         from student_train.memory_plan import estimate
 
         processes = planned_processes(cfg)
-        plan = estimate(cfg, processes)
+        plan = estimate(cfg, processes, inputs=inputs)
         device = _device_memory(cfg)
         budget = device if device is not None and device < plan.total else int(0.85 * plan.total)
-        suggestion = estimate(cfg, processes, budget).suggestion
+        suggestion = estimate(cfg, processes, budget, inputs=inputs).suggestion
         advice = (f"; the memory plan puts this config at {plan.total / GiB:.2f} GiB per device"
                   + (f" and suggests {suggestion}" if suggestion else ""))
     except Exception as plan_exc:  # the plan must never hide the out-of-memory error itself

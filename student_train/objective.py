@@ -338,8 +338,9 @@ class DistillationObjective(nn.Module):
         ground truth): factor_s = W * c_s / sum over covering s' of w_s' * c_s' (c = 1 for
         "weights"; W the total weight), so the factors times the weights sum to W at every
         covered position. c_s is what the target holds: 0 for a label in its tail (outside
-        the top-k or the mapped bins), the conditional probability at a position inside a
-        teacher token (cross_inside.py); a floor of 1e-6 keeps a position no target saw
+        the top-k or the mapped bins), at a position inside a teacher token the piece's
+        share of the consistent mass (cross_inside.py: of C + E with the "other" bin, of C
+        without); a floor of 1e-6 keeps a position no target saw
         coming at the plain weights. None with fewer than two KD signals, or with the mixture
         off, or (weights) for a student of the stores' tokenizer, where every signal covers
         every position."""

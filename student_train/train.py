@@ -363,7 +363,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     try:
         return _train(cfg, out, inputs, ckpt)
     except OUT_OF_MEMORY as exc:  # the step's peak outgrew the device: say what would fit
-        raise LogitStoreError(out_of_memory_message(cfg, exc)) from None
+        raise LogitStoreError(out_of_memory_message(cfg, exc, inputs)) from None
 
 
 def _train(cfg: TrainConfig, out: Path, inputs: Inputs, ckpt: Path | None) -> dict[str, Any]:

@@ -355,6 +355,7 @@ def test_foreign_student_trains_end_to_end(world, tmp_path, loss):
     meta = json.loads((run / "training_metadata.json").read_text())
     assert meta["source"]["cross_tokenizer"]["loss"] == loss
     assert meta["source"]["cross_tokenizer"]["inside_token_targets"] is (loss == "pkl")
+    assert meta["source"]["cross_tokenizer"]["inside_other_bin"] is (loss == "pkl")
     assert meta["source"]["cross_tokenizer"]["chained_token_targets"] is (loss == "pkl")
     model = AutoModelForCausalLM.from_pretrained(run / "final")
     saved = AutoTokenizer.from_pretrained(run / "final")
@@ -364,7 +365,7 @@ def test_foreign_student_trains_end_to_end(world, tmp_path, loss):
 
 # cross-tokenizer behaviours added after runs were saved: a saved config lacking one had it off
 SWITCHES = ("inside_token_targets", "chained_token_targets", "skip_dummy_prefix_pairs",
-            "mix_signals_per_position")
+            "mix_signals_per_position", "inside_other_bin")
 
 
 def test_a_resumed_cross_run_continues_the_same_loss_curve(world, tmp_path):

@@ -623,11 +623,12 @@ def main() -> None:
         for op in breakdown["profile_ops"][:12]:
             print(f"    {op['op']:32s} {op['self_cpu_s']:7.2f}s  {op['calls']:6d} calls")
 
+    cpu = cpu_facts()
     out = {
         "command": command, "argv": sys.argv, "cwd": os.getcwd(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "processor": cpu_facts()["model"], "cpu_facts": cpu_facts(),
+                    "processor": cpu["model"], "cpu_facts": cpu,
                     "python": platform.python_version(),
                     "torch": _version("torch"), "transformers": _version("transformers"),
                     "torch_threads": bare[0]["torch_threads"]},

@@ -91,8 +91,7 @@ class Variant:
         from student_train.train import make_optimizer
 
         self.name, self.cfg = name, cfg
-        settings = LossSettings(loss=cfg.loss, topk_mode=cfg.topk_mode, jsd_beta=cfg.jsd_beta,
-                                skew_alpha=cfg.skew_alpha, chunk_size=cfg.lm_head_chunk)
+        settings = LossSettings.of(cfg)
         if name == "ce":
             module, plans = DistillationObjective(student, [], settings), []
         elif name == "online":

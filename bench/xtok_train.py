@@ -157,12 +157,8 @@ class Variant:
         from student_train.train import make_optimizer
 
         self.name, self.cfg, self.batch_kind, self.student = name, cfg, batch_kind, student
-        settings = LossSettings(loss=cfg.loss, topk_mode=cfg.topk_mode, jsd_beta=cfg.jsd_beta,
-                                skew_alpha=cfg.skew_alpha, chunk_size=cfg.lm_head_chunk,
-                                mix_per_position=cfg.mix_signals_per_position,
-                                signal_mixture=cfg.signal_mixture,
-                                inside_other_bin=cfg.inside_other_bin)
-        module = DistillationObjective(student, plans, settings, vocab_maps=vocab_maps)
+        module = DistillationObjective(student, plans, LossSettings.of(cfg),
+                                       vocab_maps=vocab_maps)
         optimizer = make_optimizer(cfg, module)
         self.scheduler = get_scheduler(
             cfg.lr_schedule, optimizer, num_training_steps=cfg.max_steps,

@@ -231,9 +231,8 @@ def _cross_facts(cfg, reader, plans, read_tokenizer=None) -> tuple[float, float]
     (cross_tokenizer.cross_setup's rule: a signal on another tokenization, or a student of
     another tokenizer), else None. Reads the student's tokenizer (no weights) and the first
     segment's text, as cross_setup does (`read_tokenizer()` when given, training's cached
-    read); a student tokenizer that cannot be read counts as
-    the store's (training's own error says why), a store without text is refused by
-    training before any step."""
+    read); a student tokenizer that cannot be read counts as the store's (training's own
+    error says why), a store without text is refused by training before any step."""
     from logitstore.toolkit.hf import load_tokenizer
     from student_train.cross_tokenizer import first_segment_length_ratios, is_foreign
     from student_train.sources import _on_other_tokenization

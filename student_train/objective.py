@@ -88,6 +88,14 @@ class LossSettings:
     signal_mixture: str = "weights"  # "confidence": times each target's P(next token)
     inside_other_bin: bool = True  # inside-token targets keep E's mass (cross_inside.py)
 
+    @classmethod
+    def of(cls, cfg) -> "LossSettings":
+        """The settings a resolved TrainConfig asks for."""
+        return cls(loss=cfg.loss, topk_mode=cfg.topk_mode, jsd_beta=cfg.jsd_beta,
+                   skew_alpha=cfg.skew_alpha, attention_loss=cfg.attention_loss,
+                   chunk_size=cfg.lm_head_chunk, mix_per_position=cfg.mix_signals_per_position,
+                   signal_mixture=cfg.signal_mixture, inside_other_bin=cfg.inside_other_bin)
+
 
 # ----------------------------------------------------------------------------- batch geometry
 

@@ -198,12 +198,7 @@ def prepare_run(cfg: TrainConfig, out: Path, inputs: Inputs) -> Run:
     sources = open_sources(cfg, inputs, tokenizer, student, accelerator)
     model = DistillationObjective(
         student, sources.plans,
-        LossSettings(loss=cfg.loss, topk_mode=cfg.topk_mode, jsd_beta=cfg.jsd_beta,
-                     skew_alpha=cfg.skew_alpha, attention_loss=cfg.attention_loss,
-                     chunk_size=cfg.lm_head_chunk,
-                     mix_per_position=cfg.mix_signals_per_position,
-                     signal_mixture=cfg.signal_mixture,
-                     inside_other_bin=cfg.inside_other_bin),
+        LossSettings.of(cfg),
         sources.aligners, vocab_maps=sources.vocab_maps).to(accelerator.device)
     optimizer = make_optimizer(cfg, model)
     total_steps = plan_total_steps(cfg, sources.train, accelerator)

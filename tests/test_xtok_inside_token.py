@@ -45,11 +45,11 @@ def one_word(depth: int) -> InsideAnchors:
                          first_piece=np.array([1]), unanchored=np.array([], np.int64))
 
 
-def condition(depth, ids, probs, teacher_word=0, min_share=0.0):
+def condition(depth, ids, probs, teacher_word=0, min_share=0.0, ends_kept=False):
     lp = np.log(np.array([probs], np.float64)).astype(np.float32)
     return condition_inside(one_word(depth), np.array([3, teacher_word]),
                             np.array([3, 7, 8, 9]), np.array([ids]), lp, OFFSETS, PIECES,
-                            min_share)
+                            min_share, ends_kept=ends_kept)
 
 
 def test_a_word_split_1_to_3_conditions_on_the_pieces_emitted_so_far():
@@ -80,6 +80,20 @@ def test_skip_reasons_mismatch_no_mass_and_low_share():
     low = condition(1, [0, 2, 3], [0.2, 0.3, 0.1], min_share=0.25)
     assert low.skipped["inside_low_share"].tolist() == [1]
     assert condition(1, [0, 2, 3], [0.2, 0.3, 0.1], min_share=0.2).student_pos.tolist() == [1]
+
+
+def test_with_the_other_bin_the_share_counts_the_entries_ending_here_as_kept():
+    # C = 0.2, E (entry 2) = 0.3, tail = 0.4: share (0.2 + 0.3) / 0.9 = 0.556 with the bin
+    probs = [0.2, 0.3, 0.1]
+    assert condition(1, [0, 2, 3], probs, min_share=0.5).skipped["inside_low_share"].size == 1
+    kept = condition(1, [0, 2, 3], probs, min_share=0.5, ends_kept=True)
+    assert kept.student_pos.tolist() == [1] and kept.conditioned_mass == pytest.approx([0.2])
+    assert kept.piece_ids.tolist() == [[8, ENDS_HERE, -1]]
+    # the tail still counts as lost: 0.5 / 0.9 < 0.6
+    assert condition(1, [0, 2, 3], probs, min_share=0.6, ends_kept=True).student_pos.size == 0
+    # C = 0 stays skipped: E alone says only that the student's next token is unlikely
+    nothing = condition(1, [2, 3], [0.5, 0.4], ends_kept=True)
+    assert nothing.skipped["inside_no_mass"].tolist() == [1]
 
 
 def test_conditioned_rows_are_renormalised_and_merged_per_piece():
@@ -191,9 +205,11 @@ def make_sample(teacher, text: str, seed: int, k: int, loss_mask=None) -> Sample
                                                      top.values.numpy()))})
 
 
-def reference_inside(sample: Sample, student, vocab_map, min_share: float) -> dict:
+def reference_inside(sample: Sample, student, vocab_map, min_share: float,
+                     other_bin: bool = False) -> dict:
     """{student position: (pieces emitted since the teacher token's start, {student piece:
-    conditioned probability})} by loops (cross_inside's rules)."""
+    conditioned probability}, E's share)} by loops (cross_inside's rules; other_bin: E's mass
+    is the target's "other" bin and the share counts it as kept)."""
     t = sample.text_spans
     cut = tokenize_with_spans(student, t.text)
     align = align_positions(t.spans, t.special, cut.spans, cut.special)
@@ -225,28 +241,32 @@ def reference_inside(sample: Sample, student, vocab_map, min_share: float) -> di
             elif pieces == emitted:
                 ends += p
         total = sum(bins.values())
-        if total > 0 and total / (total + ends + max(1.0 - stored, 0.0)) >= min_share:
-            out[int(j)] = len(emitted), {piece: p / total for piece, p in bins.items()}
+        kept = total + ends if other_bin else total
+        if total > 0 and kept / (total + ends + max(1.0 - stored, 0.0)) >= min_share:
+            out[int(j)] = len(emitted), {piece: p / kept for piece, p in bins.items()}, \
+                ends / kept if other_bin else 0.0
     return out
 
 
-def conditioned_kl(logits: torch.Tensor, bins: dict, temperature: float) -> float:
+def conditioned_kl(logits: torch.Tensor, bins: dict, other: float, temperature: float) -> float:
     student = softmax([float(x) for x in logits])
     order = sorted(bins)
     q = [student[s] for s in order]
-    p = [bins[s] for s in order] + [0.0]
+    p = [bins[s] for s in order] + [other]
     q.append(max(0.0, 1.0 - sum(q)))
     return temperature ** 2 * textbook_divergence("kl", temper(p, temperature),
                                                   temper(q, temperature))
 
 
-@pytest.mark.parametrize("temperature,min_share", [(1.0, 0.0), (2.0, 0.5)])
+@pytest.mark.parametrize("temperature,min_share,other_bin",
+                         [(1.0, 0.0, False), (2.0, 0.5, False), (2.0, 0.0, True)])
 def test_loss_matches_a_dense_reference_at_aligned_and_inside_positions(pair, temperature,
-                                                                         min_share):
+                                                                         min_share, other_bin):
     teacher, student, vocab_map = pair
     samples = [make_sample(teacher, text, i, k=48) for i, text in enumerate(TEXTS)]
     collate = CrossCollate(student, ["t"], {"t": vocab_map.teacher_to_student_first}, min_share,
-                           piece_maps={"t": (vocab_map.piece_offsets, vocab_map.piece_ids)})
+                           piece_maps={"t": (vocab_map.piece_offsets, vocab_map.piece_ids)},
+                           inside_other_bin=other_bin)
     batch = collate([[s] for s in samples], [[1.0]] * 3, ["t"], packing=False)
     signal = batch["signals"]["t"]
     g = torch.Generator().manual_seed(5)
@@ -255,14 +275,14 @@ def test_loss_matches_a_dense_reference_at_aligned_and_inside_positions(pair, te
         signal["topk_ids"].long(), signal["topk_logprobs"].float(),
         torch.from_numpy(vocab_map.teacher_to_student_first).long(),
         temperature=temperature, conditioned_ids=signal["inside_ids"],
-        conditioned=signal["inside_mask"])
+        conditioned=signal["inside_mask"], ends_in_other=other_bin)
     values = sparse_kd_per_position(logits, mapped.target)  # [B, S]
-    depths = []
+    depths, others = [], []
     for b, sample in enumerate(samples):
         t = sample.text_spans
         cut = tokenize_with_spans(student, t.text)
         align = align_positions(t.spans, t.special, cut.spans, cut.special)
-        inside = reference_inside(sample, student, vocab_map, min_share)
+        inside = reference_inside(sample, student, vocab_map, min_share, other_bin)
         expected = {}
         topk = sample.signals["t"].topk
         for i, j in zip(align.teacher_pos, align.student_pos):
@@ -270,14 +290,16 @@ def test_loss_matches_a_dense_reference_at_aligned_and_inside_positions(pair, te
             expected[int(j)] = mapped_kd_reference(
                 logits[b, j], probs, max(0.0, 1.0 - sum(probs.values())),
                 vocab_map.teacher_to_student_first.tolist(), temperature=temperature)
-        expected.update({j: conditioned_kl(logits[b, j], bins, temperature)
-                         for j, (_, bins) in inside.items()})
+        expected.update({j: conditioned_kl(logits[b, j], bins, other, temperature)
+                         for j, (_, bins, other) in inside.items()})
         assert sorted(np.flatnonzero(signal["kd_mask"][b].numpy()).tolist()) == sorted(expected)
         assert sorted(np.flatnonzero(signal["inside_mask"][b].numpy())) == sorted(inside)
         for j, value in expected.items():
             assert values[b, j].item() == pytest.approx(value, rel=1e-4, abs=1e-5), (b, j)
-        depths += [depth for depth, _ in inside.values()]
+        depths += [depth for depth, _, _ in inside.values()]
+        others += [other for _, _, other in inside.values()]
     assert depths and max(depths) >= 2  # a word split into 3+ pieces, conditioned deep inside
+    assert max(others) > 0 if other_bin else not any(others)  # the bin holds some E mass
 
 
 def multibyte_inside(pair) -> int:

@@ -217,9 +217,7 @@ class CrossCollate:
     rather than ids, passes none); chain_signals: the signals whose aligned pairs with a
     coarser student token get a chain (student_train/cross_chain.py; absent: the plain
     mapped target); draw_signals: signal -> (n_draws, sample temperature) of the
-    topk_signals whose target is their sampled draws (cross_sampled.draws_as_topk);
-    inside_other_bin: the loss keeps inside targets' E mass as an "other" bin, so their share
-    counts it as kept (cross_inside.condition_inside's `ends_kept`).
+    topk_signals whose target is their sampled draws (cross_sampled.draws_as_topk).
     Picklable (DataLoader workers get a copy).
     """
 
@@ -228,8 +226,7 @@ class CrossCollate:
                  piece_maps: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
                  byte_lengths: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
                  chain_signals: list[str] | None = None,
-                 draw_signals: dict[str, tuple[int, float]] | None = None,
-                 inside_other_bin: bool = False):
+                 draw_signals: dict[str, tuple[int, float]] | None = None):
         self.tokenizer = tokenizer
         self.topk_signals = list(topk_signals)
         self.first_maps = {k: np.asarray(v) for k, v in first_maps.items()}
@@ -240,7 +237,6 @@ class CrossCollate:
         self.chain_signals = set(chain_signals or ())
         self.draw_signals = dict(draw_signals or {})
         self.min_mapped_share = float(min_mapped_share)
-        self.inside_other_bin = bool(inside_other_bin)
         # signal -> the store tokenization its positions index (None: the store's own)
         self.tokenizations = dict(tokenizations or {})
 
@@ -320,8 +316,7 @@ class CrossCollate:
         if name in self.piece_maps:  # anchored on the whole alignment, skipped pairs included
             anchors = inside_anchors(a, t_spans, t_special, spans, special)
             cond = condition_inside(anchors, t_ids, ids, topk.ids, topk.logprobs,
-                                    *self.piece_maps[name], self.min_mapped_share,
-                                    ends_kept=self.inside_other_bin)
+                                    *self.piece_maps[name], self.min_mapped_share)
             stats.update(_inside_stats(name, cond, trained))
             inside[name] = _inside_arrays(cond, length, topk.ids.shape[1])
         gathered = _gathered_topk(

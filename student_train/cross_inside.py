@@ -20,8 +20,7 @@ bytes the student has emitted since b0. With the vocabulary map's decompositions
   C + E with E's mass as its "other" bin (`inside_other_bin`, the default; last item) or,
   without it, renormalised over the contributing mass C alone; C = 0 (nothing survives the
   conditioning) -> `inside_no_mass`;
-* the share (C + E) / (C + E + tail) with the "other" bin, C / (C + E + tail) without it,
-  must reach `min_share`, else `inside_low_share`. E is the mass
+* the share C / (C + E + tail) must reach `min_share`, else `inside_low_share`. E is the mass
   of entries whose pieces are exactly a_1..a_d (their continuation is the NEXT teacher
   token's, not known here), the tail the stored top-k's missing mass (not known one by one,
   so all of it counts). C and E make up the piece-consistent set: the stored entries whose
@@ -32,8 +31,10 @@ bytes the student has emitted since b0. With the vocabulary map's decompositions
   piece-consistent set (plus the part of the tail in it) with E and that tail part left out;
   it differs from the teacher's conditional on that set by at most 1 - share in total
   variation: the threshold bounds its error there, not against the conditional on the bytes
-  so far. With the "other" bin only the tail part is left out, so the share counts E as kept
-  (`ends_kept`) and bounds the same error.
+  so far. With the "other" bin only the tail part is left out, so the share, which still
+  counts E as lost, is stricter than that bound needs; counting E as kept (more targets,
+  each mostly "other") made students C of teacher B and of both teachers worse
+  (bench/results/xtok_ends_kept.*), so the stricter share stays.
 * E's entries are marked ENDS_HERE in `piece_ids`: with `inside_other_bin` the loss keeps
   their mass as the target's "other" bin (the student's mass outside the pieces), so the
   target is the stored piece-consistent distribution with E lumped instead of left out; the
@@ -97,15 +98,13 @@ def _matching_prefix(tokens: np.ndarray, n: np.ndarray, first_piece: np.ndarray,
 
 def condition_inside(anchors: InsideAnchors, teacher_ids: np.ndarray, student_ids: np.ndarray,
                      topk_ids: np.ndarray, topk_logprobs: np.ndarray, piece_offsets: np.ndarray,
-                     piece_ids: np.ndarray, min_share: float,
-                     ends_kept: bool = False) -> InsideTargets:
+                     piece_ids: np.ndarray, min_share: float) -> InsideTargets:
     """The conditioned targets (module docstring) of one sample.
 
     teacher_ids [Tt], student_ids [Ts]: the two tokenizations' ids; topk_ids / topk_logprobs
     [Tt, k]: the signal's stored top-k (teacher position i predicts teacher token i + 1, T=1
     log-probs, padding id < 0 or -inf); piece_offsets [Vt + 1] / piece_ids: the map's
-    decompositions of teacher tokens into student tokens; ends_kept: the loss keeps E's mass
-    in an "other" bin, so the share counts it as kept.
+    decompositions of teacher tokens into student tokens.
     """
     pos, u, v, depth = anchors.student_pos, anchors.teacher_token, anchors.first_piece, \
         anchors.depth
@@ -128,10 +127,8 @@ def condition_inside(anchors: InsideAnchors, teacher_ids: np.ndarray, student_id
                      np.where(ends_here, ENDS_HERE, -1))
     stored = p.sum(-1)
     conditioned = (p * contributes).sum(-1)
-    ends = (p * ends_here).sum(-1)
-    kept = conditioned + ends if ends_kept else conditioned
-    whole = conditioned + ends + np.maximum(1.0 - stored, 0.0)
-    share = np.where(conditioned > 0, kept / np.maximum(whole, 1e-300), 0.0)
+    rest = (p * ends_here).sum(-1) + np.maximum(1.0 - stored, 0.0)
+    share = np.where(conditioned > 0, conditioned / np.maximum(conditioned + rest, 1e-300), 0.0)
     empty, low = conditioned <= 0, (conditioned > 0) & (share < min_share)
     keep = ~empty & ~low
     return InsideTargets(

@@ -265,7 +265,7 @@ def cross_setup(cfg, reader, eval_reader, tokenizer, plans, problems: list[str])
         loss=cfg.cross_loss, collate=CrossCollate(tokenizer, topk, first_maps,
                                                   cfg.min_mapped_share, on_tokenization,
                                                   piece_maps, byte_lengths, chain_signals,
-                                                  draws, cfg.inside_other_bin),
+                                                  draws),
         vocab_maps=maps, length_ratio=ratio,
         provenance={"cross_tokenizer": {"loss": cfg.cross_loss, "length_ratio": ratio,
                                         "first_segment_chats": chats,

@@ -45,11 +45,11 @@ def one_word(depth: int) -> InsideAnchors:
                          first_piece=np.array([1]), unanchored=np.array([], np.int64))
 
 
-def condition(depth, ids, probs, teacher_word=0, min_share=0.0, ends_kept=False):
+def condition(depth, ids, probs, teacher_word=0, min_share=0.0):
     lp = np.log(np.array([probs], np.float64)).astype(np.float32)
     return condition_inside(one_word(depth), np.array([3, teacher_word]),
                             np.array([3, 7, 8, 9]), np.array([ids]), lp, OFFSETS, PIECES,
-                            min_share, ends_kept=ends_kept)
+                            min_share)
 
 
 def test_a_word_split_1_to_3_conditions_on_the_pieces_emitted_so_far():
@@ -80,20 +80,6 @@ def test_skip_reasons_mismatch_no_mass_and_low_share():
     low = condition(1, [0, 2, 3], [0.2, 0.3, 0.1], min_share=0.25)
     assert low.skipped["inside_low_share"].tolist() == [1]
     assert condition(1, [0, 2, 3], [0.2, 0.3, 0.1], min_share=0.2).student_pos.tolist() == [1]
-
-
-def test_with_the_other_bin_the_share_counts_the_entries_ending_here_as_kept():
-    # C = 0.2, E (entry 2) = 0.3, tail = 0.4: share (0.2 + 0.3) / 0.9 = 0.556 with the bin
-    probs = [0.2, 0.3, 0.1]
-    assert condition(1, [0, 2, 3], probs, min_share=0.5).skipped["inside_low_share"].size == 1
-    kept = condition(1, [0, 2, 3], probs, min_share=0.5, ends_kept=True)
-    assert kept.student_pos.tolist() == [1] and kept.conditioned_mass == pytest.approx([0.2])
-    assert kept.piece_ids.tolist() == [[8, ENDS_HERE, -1]]
-    # the tail still counts as lost: 0.5 / 0.9 < 0.6
-    assert condition(1, [0, 2, 3], probs, min_share=0.6, ends_kept=True).student_pos.size == 0
-    # C = 0 stays skipped: E alone says only that the student's next token is unlikely
-    nothing = condition(1, [2, 3], [0.5, 0.4], ends_kept=True)
-    assert nothing.skipped["inside_no_mass"].tolist() == [1]
 
 
 def test_conditioned_rows_are_renormalised_and_merged_per_piece():
@@ -209,7 +195,7 @@ def reference_inside(sample: Sample, student, vocab_map, min_share: float,
                      other_bin: bool = False) -> dict:
     """{student position: (pieces emitted since the teacher token's start, {student piece:
     conditioned probability}, E's share)} by loops (cross_inside's rules; other_bin: E's mass
-    is the target's "other" bin and the share counts it as kept)."""
+    is the target's "other" bin; the share counts it as lost either way)."""
     t = sample.text_spans
     cut = tokenize_with_spans(student, t.text)
     align = align_positions(t.spans, t.special, cut.spans, cut.special)
@@ -241,8 +227,8 @@ def reference_inside(sample: Sample, student, vocab_map, min_share: float,
             elif pieces == emitted:
                 ends += p
         total = sum(bins.values())
-        kept = total + ends if other_bin else total
-        if total > 0 and kept / (total + ends + max(1.0 - stored, 0.0)) >= min_share:
+        kept = total + ends if other_bin else total  # what the target is normalised over
+        if total > 0 and total / (total + ends + max(1.0 - stored, 0.0)) >= min_share:
             out[int(j)] = len(emitted), {piece: p / kept for piece, p in bins.items()}, \
                 ends / kept if other_bin else 0.0
     return out
@@ -265,8 +251,7 @@ def test_loss_matches_a_dense_reference_at_aligned_and_inside_positions(pair, te
     teacher, student, vocab_map = pair
     samples = [make_sample(teacher, text, i, k=48) for i, text in enumerate(TEXTS)]
     collate = CrossCollate(student, ["t"], {"t": vocab_map.teacher_to_student_first}, min_share,
-                           piece_maps={"t": (vocab_map.piece_offsets, vocab_map.piece_ids)},
-                           inside_other_bin=other_bin)
+                           piece_maps={"t": (vocab_map.piece_offsets, vocab_map.piece_ids)})
     batch = collate([[s] for s in samples], [[1.0]] * 3, ["t"], packing=False)
     signal = batch["signals"]["t"]
     g = torch.Generator().manual_seed(5)

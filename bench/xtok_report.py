@@ -48,13 +48,14 @@ SINGLES = ("xkd-pkl", "xkd-B-pkl")
 TWO = "xkd-AB-pkl"
 MEANS = "xkd-AB-pkl-means"  # the ablation: each teacher's mean over its own positions
 CONF = "xkd-AB-pkl-conf"  # signal_mixture confidence: weights x P(next token) per position
+PRIORITY = "xkd-AB-pkl-priority"  # signal_mixture priority: A's target first, B's in A's gaps
 DRAWS_SINGLES, TWO_DRAWS = ("xkd-pkl-draws", "xkd-B-pkl-draws"), "xkd-AB-pkl-draws"
 # without inside-token targets: against teacher A with them or without, and B without
 NOINSIDE_SINGLES, TWO_NOINSIDE = ("xkd-pkl", "xkd-pkl-noinside", "xkd-B-pkl-noinside"), \
     "xkd-AB-pkl-noinside"
 SINGLES_OF = {TWO_DRAWS: DRAWS_SINGLES, TWO_NOINSIDE: NOINSIDE_SINGLES}
 CROSS = ("xkd-pkl", "xkd-pkl-aligned", "xkd-pkl-unchained", "xkd-pkl-draws", "xkd-uld",
-         "xkd-B-pkl", "xkd-B-pkl-draws", "xkd-B-pkl-aligned", TWO, MEANS, CONF, TWO_DRAWS,
+         "xkd-B-pkl", "xkd-B-pkl-draws", "xkd-B-pkl-aligned", TWO, MEANS, CONF, PRIORITY, TWO_DRAWS,
          "xkd-AB-pkl-aligned", "xkd-pkl-noinside", "xkd-B-pkl-noinside", "xkd-AB-pkl-noinside",
          "xkd-pkl-renorm", "xkd-B-pkl-renorm", "xkd-AB-pkl-renorm",
          # the names the "other" bin's variants had in the runs that tested it (2026-12-07)
@@ -64,7 +65,8 @@ A_STUDENTS = ("ce-A", "kd-A", "kd-A-draws")  # the others have tokenizer C
 REFERENCE = {name: "kd-A-draws" for name in ("xkd-pkl-draws", "xkd-B-pkl-draws", TWO_DRAWS)}
 WEIGHTS_BEFORE_OPTION = (0.5, 0.5)  # runs before --two-teacher-weights: equal weights
 MIXTURES = {TWO: "signals A:{a}, B:{b}", CONF: "signals A:{a}, B:{b}, each times its "
-            "probability of the next token", TWO_DRAWS: "signals A:{a}, B:{b}, their draws",
+            "probability of the next token", PRIORITY: "signals A:{a}, B:{b}, A first, B where A "
+            "has no target", TWO_DRAWS: "signals A:{a}, B:{b}, their draws",
             TWO_NOINSIDE: "signals A:{a}, B:{b}, no inside-token targets"}
 
 
@@ -175,7 +177,7 @@ def two_teachers(runs: list[dict], rows: dict, name: str = TWO) -> dict:
                 "better_single": None, "single_bpb": singles}
     better = min(singles, key=singles.get)
     vs = {n: interval([ab - one for ab, one in zip(_seeds(runs, name), _seeds(runs, n))])
-          for n in (*single_names, TWO, MEANS, CONF) if n in rows and n != name}
+          for n in (*single_names, TWO, MEANS, CONF, PRIORITY) if n in rows and n != name}
     d = vs[better]
     met = None if d["half_width"] is None or d["low"] <= 0 <= d["high"] else d["high"] < 0
     verdict = {True: "met", False: "not met", None: "not resolved"}[met]
@@ -227,6 +229,8 @@ def summarise(runs: list[dict], teachers: dict) -> dict:
             "vocab_maps": vocab, "seeds": len(runs),
             "two_teachers": two_teachers(runs, rows),
             **({"two_teachers_conf": two_teachers(runs, rows, CONF)} if CONF in rows else {}),
+            **({"two_teachers_priority": two_teachers(runs, rows, PRIORITY)}
+               if PRIORITY in rows else {}),
             **({"two_teachers_draws": two_teachers(runs, rows, TWO_DRAWS)}
                if TWO_DRAWS in rows else {}),
             **({"two_teachers_noinside": two_teachers(runs, rows, TWO_NOINSIDE)}
@@ -363,7 +367,8 @@ def render(result: dict) -> str:
     lines += goal_lines(s)
     weights = st.get("two_teacher_weights", WEIGHTS_BEFORE_OPTION)
     lines += two_teacher_lines(s["two_teachers"], weights)
-    for key in ("two_teachers_conf", "two_teachers_draws", "two_teachers_noinside"):
+    for key in ("two_teachers_conf", "two_teachers_priority", "two_teachers_draws",
+                "two_teachers_noinside"):
         if key in s:
             lines += two_teacher_lines(s[key], weights)
     lines += ["", "Alignment and map coverage (summed over seeds and steps):"]

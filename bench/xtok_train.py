@@ -40,6 +40,9 @@ rows into its own batch:
                                             signal_mixture confidence: where both teachers
                                             give a target, each weighs its weight times
                                             the probability its target gives the next token
+  xkd-AB-pkl-priority                       (only when --variants names it) xkd-AB-pkl with
+                                            signal_mixture priority: teacher A's target
+                                            where it has one, B's only where A has none
   xkd-B-pkl-draws, xkd-AB-pkl-draws         (only when --variants names them) xkd-B-pkl and
                                             xkd-AB-pkl with the teachers' draws as target
   xkd-B-pkl-aligned, xkd-AB-pkl-aligned     (only when --variants names them) xkd-B-pkl and
@@ -73,14 +76,17 @@ A_VARIANTS = ("ce-A", "kd-A", "kd-A-draws")
 C_VARIANTS = ("ce-C", "xkd-pkl", "xkd-uld")
 ALL_VARIANTS = (*A_VARIANTS, "ce-C", "xkd-pkl", "xkd-pkl-aligned", "xkd-pkl-unchained",
                 "xkd-pkl-draws", "xkd-uld", "xkd-B-pkl", "xkd-B-pkl-draws", "xkd-AB-pkl",
-                "xkd-AB-pkl-means", "xkd-AB-pkl-conf", "xkd-AB-pkl-draws", "xkd-B-pkl-aligned",
+                "xkd-AB-pkl-means", "xkd-AB-pkl-conf", "xkd-AB-pkl-priority", "xkd-AB-pkl-draws",
+                "xkd-B-pkl-aligned",
                 "xkd-AB-pkl-aligned", "xkd-pkl-noinside", "xkd-B-pkl-noinside",
                 "xkd-AB-pkl-noinside", "xkd-pkl-renorm", "xkd-B-pkl-renorm", "xkd-AB-pkl-renorm")
-TWO_TEACHER_VARIANTS = ("xkd-AB-pkl", "xkd-AB-pkl-means", "xkd-AB-pkl-conf", "xkd-AB-pkl-draws",
+TWO_TEACHER_VARIANTS = ("xkd-AB-pkl", "xkd-AB-pkl-means", "xkd-AB-pkl-conf", "xkd-AB-pkl-priority",
+                        "xkd-AB-pkl-draws",
                         "xkd-AB-pkl-aligned", "xkd-AB-pkl-noinside", "xkd-AB-pkl-renorm")
 # run only when --variants names them
 ABLATIONS = ("kd-A-draws", "xkd-pkl-aligned", "xkd-pkl-unchained", "xkd-pkl-draws",
-             "xkd-B-pkl-draws", "xkd-AB-pkl-means", "xkd-AB-pkl-conf", "xkd-AB-pkl-draws",
+             "xkd-B-pkl-draws", "xkd-AB-pkl-means", "xkd-AB-pkl-conf", "xkd-AB-pkl-priority",
+             "xkd-AB-pkl-draws",
              "xkd-B-pkl-aligned", "xkd-AB-pkl-aligned", "xkd-pkl-noinside", "xkd-B-pkl-noinside",
              "xkd-AB-pkl-noinside", "xkd-pkl-renorm", "xkd-B-pkl-renorm", "xkd-AB-pkl-renorm")
 # the target of each variant's KD (the rest: the signal's top-k)
@@ -277,7 +283,8 @@ def _two_teacher_variant(plan, seed: int, student, accelerator, crosses: dict,
     """xkd-AB-pkl: student C from store AB with `--signals A:0.5,B:0.5` (module docstring;
     bench --two-teacher-weights sets other weights);
     xkd-AB-pkl-means: the same with mix_signals_per_position false; xkd-AB-pkl-conf: with
-    signal_mixture confidence; xkd-AB-pkl-draws: the draws as target; xkd-AB-pkl-aligned:
+    signal_mixture confidence; xkd-AB-pkl-priority: with signal_mixture priority (A first);
+    xkd-AB-pkl-draws: the draws as target; xkd-AB-pkl-aligned:
     no inside-token targets nor chains; xkd-AB-pkl-noinside: no inside-token targets;
     xkd-AB-pkl-renorm: inside-token targets renormalised (no "other" bin). Adds their
     collate (kind C-<key>) and cross setup (key AB, AB-draws, AB-aligned, AB-noinside or
@@ -288,7 +295,8 @@ def _two_teacher_variant(plan, seed: int, student, accelerator, crosses: dict,
     cfg = train_config(plan, store["url"], plan.student_dirs["C"], name, seed,
                        cross_loss="pkl", signals=signals, target=TARGETS.get(name, "topk"),
                        mix_signals_per_position=name != "xkd-AB-pkl-means",
-                       signal_mixture="confidence" if name.endswith("-conf") else "weights",
+                       signal_mixture={"-conf": "confidence", "-priority": "priority"}.get(
+                           name[name.rfind("-"):], "weights"),
                        **_switches(name))
     plans, cross = cross_parts(cfg, plan.readers["AB"], plan.tokenizer_c)
     # the top-k ones read the same batches, but for the inside and chain switches

@@ -36,7 +36,7 @@ TARGETS = ("auto", "topk", "sampled")  # auto: top-k where captured, else sample
 TOPK_MODES = ("tail", "renormalised")
 KD_LOSSES = ("kl", "rkl", "jsd", "skl", "srkl", "tvd")
 CROSS_LOSSES = ("pkl", "uld")  # a student with another tokenizer (cross_tokenizer.py)
-SIGNAL_MIXTURES = ("weights", "confidence")  # objective.DistillationObjective._mixture_scale
+SIGNAL_MIXTURES = ("weights", "confidence", "priority")  # objective: _mixture_scale
 TEMPERATURE_SCHEDULES = ("constant", "linear", "exp", "exponential")
 # blend: alpha*KD + (1-alpha)*CE, token mean (specialty weights weight samples).
 # distillm-med: seed 003, sum over specialties s of w_s * (token mean of the blend over s).
@@ -149,11 +149,11 @@ FIELDS: dict[str, Field] = {
                                            "its own positions, weighted)."),
     "signal_mixture": Field("str", "weights", choices=SIGNAL_MIXTURES,
                             absent="weights",  # runs saved before: the weights alone
-                            help="Several KD signals mixed per position: weights = by the "
-                                 "signals' weights; confidence = each weight times the "
-                                 "probability the signal's target gives the actual next token "
-                                 "there, at T = 1 (the teacher that saw it coming counts "
-                                 "more; with one KD signal nothing changes)."),
+                            help="Several KD signals mixed per position: weights = by their "
+                                 "weights; confidence = each weight times the probability its "
+                                 "target gives the next token at T = 1; priority = the first "
+                                 "signal of --signals with a target there, the others only "
+                                 "where it has none (one KD signal: no difference)."),
     "objective": Field("str", "blend", choices=OBJECTIVES,
                        help="blend: alpha*KD + (1-alpha)*CE over tokens; distillm-med: the "
                             "blend per specialty, weighted by specialty_weights."),
@@ -358,16 +358,16 @@ def _cross_field_problems(v: dict[str, Any]) -> list[str]:
     if v["class_weights"]:
         out.append("class_weights is a setting of --task classify (the CE of a classifier's "
                    "heads): remove it, or add --task classify")
-    if v["signal_mixture"] == "confidence":
-        out += _confidence_problems(v)
+    if v["signal_mixture"] != "weights":
+        out += _mixture_problems(v)
     if v["signals"] and sum(v["signals"].values()) <= 0:
         out.append(f"signals: the weights must have a positive sum, got {v['signals']}")
     return out
 
 
-def _confidence_problems(v: dict[str, Any]) -> list[str]:
-    why = ("signal_mixture confidence weighs each position's KD signals by the probability "
-           "their targets give the next token: ")
+def _mixture_problems(v: dict[str, Any]) -> list[str]:
+    why = (f"signal_mixture {v['signal_mixture']} chooses the weight of each position's KD "
+           f"signals: ")
     out = []
     if v["data"]:
         out.append(why + "--data trains on hard labels, with no signal to weigh; use --store "
@@ -375,8 +375,8 @@ def _confidence_problems(v: dict[str, Any]) -> list[str]:
     if not v["mix_signals_per_position"]:
         out.append(why + "it needs mix_signals_per_position true, found false; drop "
                    "--no-mix-signals-per-position or use --signal-mixture weights")
-    if v["cross_loss"] == "uld":
-        out.append(why + "it needs cross_loss pkl (ULD has no target over the student's "
+    if v["signal_mixture"] == "confidence" and v["cross_loss"] == "uld":
+        out.append(why + "confidence needs cross_loss pkl (ULD has no target over the student's "
                    "vocabulary; cross_loss is read only for a student of another tokenizer), "
                    "found uld; use --cross-loss pkl or --signal-mixture weights")
     return out

@@ -37,7 +37,8 @@ makes W 1), and the KD term averages that over the positions any signal covers
 (`kd_tokens_any`, loss_combine.py): where one teacher has no target the others' count fully,
 instead of that position getting only their share. `signal_mixture` "confidence" weighs
 each signal there also by the probability its target gives the actual next token (for a
-student of the stores' tokenizer too: there every signal covers every position).
+student of the stores' tokenizer too: there every signal covers every position); "priority"
+gives a position's whole KD weight to the first signal (in --signals order) that covers it.
 """
 
 from __future__ import annotations
@@ -349,13 +350,14 @@ class DistillationObjective(nn.Module):
         the top-k or the mapped bins), at a position inside a teacher token the piece's
         share of the consistent mass (cross_inside.py: of C + E with the "other" bin, of C
         without); a floor of 1e-6 keeps a position no target saw
-        coming at the plain weights. None with fewer than two KD signals, or with the mixture
-        off, or (weights) for a student of the stores' tokenizer, where every signal covers
-        every position."""
+        coming at the plain weights; "priority": c_s = 1 for the first signal covering the
+        position, 0 for the rest (a primary teacher, the others filling its gaps). None with
+        fewer than two KD signals, or with the mixture off, or (weights) for a student of the
+        stores' tokenizer, where every signal covers every position."""
         s = self.settings
         confidence = s.signal_mixture == "confidence"
-        if len(self.kd_plans) < 2 or not s.mix_per_position or (kd_masks is None
-                                                                 and not confidence):
+        if len(self.kd_plans) < 2 or not s.mix_per_position or (
+                kd_masks is None and s.signal_mixture == "weights"):
             return None
         device = labels.device
         w = torch.tensor([p.kd_weight for p in self.kd_plans], device=device)
@@ -370,6 +372,8 @@ class DistillationObjective(nn.Module):
                                  f"{len(targets)} for {len(self.kd_plans)} signals (ULD has "
                                  f"none); use --cross-loss pkl or --signal-mixture weights")
             c = torch.stack([label_probability(t, labels) for t in targets], 1) + 1e-6
+        elif s.signal_mixture == "priority":
+            c = covers * (covers.cumsum(1) == 1)  # the first covering signal
         cover = (covers * w * c).sum(1, keepdim=True)  # [n, 1]
         return torch.where(cover > 0, w.sum() * c / cover.clamp_min(1e-30),
                            torch.ones_like(c))

@@ -13,13 +13,14 @@ WEIGHTS = (1.4, 0.6)  # not summing to 1: the reference carries the total W
 
 
 @pytest.mark.parametrize("mix,mixture", [(True, "weights"), (False, "weights"),
-                                         (True, "confidence")])
+                                         (True, "confidence"), (True, "priority")])
 def test_two_signals_mix_per_position_over_the_teachers_that_cover_it(world, monkeypatch, mix,
                                                                       mixture):
     """Two cross signals covering different positions: each position's KD is the weighted
     mean over the signals there, averaged over the positions any covers (objective module
     docstring; mix off: each signal's mean over its own positions, weighted; confidence: each
-    weight times the probability the signal's target gives the next token); loss and
+    weight times the probability the signal's target gives the next token; priority: the
+    first signal where it covers the position, the second only where it does not); loss and
     lm_head gradient equal that textbook computation, and the fused lm_head still uses the
     gradient its forward built."""
     from transformers import AutoModelForCausalLM
@@ -81,6 +82,8 @@ def test_two_signals_mix_per_position_over_the_teachers_that_cover_it(world, mon
                 if t.valid[i, j, k] and t.ids[i, j, k] == labels[i, j]:
                     probability[i, j] += float(t.logprobs[i, j, k].exp())
         seen.append(probability + 1e-6 if mixture == "confidence" else torch.ones(labels.shape))
+    if mixture == "priority":  # the first signal's positions are its own, the rest B's
+        seen = [masks[0], masks[1] * (1 - masks[0])]
     covered = sum(masks) > 0
     total = sum(WEIGHTS)  # W: the mixture scale is W / cover (1 for weights that sum to 1)
     cover = sum(w * m * c for w, m, c in zip(WEIGHTS, masks, seen))

@@ -106,3 +106,17 @@ def test_confidence_mixture_refuses_settings_it_cannot_work_with(tmp_path, bad, 
         resolve_config(None, {**base, **bad})
     assert found in str(err.value) and str(err.value).count("signal_mixture confidence") == 1
     assert resolve_config(None, base).signal_mixture == "confidence"
+
+
+@pytest.mark.parametrize("bad, found", [
+    ({"mix_signals_per_position": False}, "mix_signals_per_position true, found false"),
+    ({"store": None, "data": "d.jsonl"}, "--data trains on hard labels")])
+def test_priority_mixture_refuses_settings_it_cannot_work_with(tmp_path, bad, found):
+    from logitstore.errors import ConfigError
+    from student_train.config import resolve_config
+
+    base = {"store": "s", "student": "m", "out": str(tmp_path), "signal_mixture": "priority"}
+    with pytest.raises(ConfigError) as err:
+        resolve_config(None, {**base, **bad})
+    assert found in str(err.value) and "signal_mixture priority" in str(err.value)
+    assert resolve_config(None, {**base, "cross_loss": "uld"}).signal_mixture == "priority"

@@ -1,0 +1,149 @@
+"""Does the demo's KD student beat its baseline on every seed, or on one lucky draw?
+
+`make demo` trains one KD student and one baseline (seed 0) from one teacher and reports
+their paired differences. A single pair can mislead: on 2026-12-07's CPU the multiple-choice
+gain of seed 0 was −0.011 where an earlier CPU's seed 0 gave +0.203. This benchmark reuses
+a finished demo run (its teacher, store, corpus and student initialisation, unchanged) and
+trains the KD student and the baseline again for several student seeds (data order and
+sampling; the same initial weights for both), each pair with the demo's own commands
+(`student-train`, `distill-eval`; the demo's config), then reports per seed and over seeds
+the paired student − baseline differences on held-out perplexity and on the knowledge-base
+multiple choice.
+
+    python bench/demo_seeds.py --demo-out demo_out --seeds 3 --out bench/results/demo_seeds.json
+
+Each seed's runs land under `--work` and are reused when they are complete (a rerun adds
+seeds). The per-seed verdict is distill-eval's (resolved = |difference| > 2 paired SE over
+the items); over seeds, the mean difference and its 95 % t-interval (bench/fidelity_stats).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fidelity_stats import interval  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+METRICS = (("ppl/heldout", "perplexity"), ("medmcq_kb", "acc"), ("medmcq_kb", "acc_norm"))
+
+
+def _run(cmd: list[str], log: Path) -> None:
+    """Run one tool, its output to `log`; a failure stops the benchmark with the log's tail."""
+    with open(log, "w") as out:
+        code = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT)
+    if code != 0:
+        tail = log.read_text(errors="replace")[-2000:]
+        raise SystemExit(f"{cmd[0]} exited {code} (log {log}):\n{tail}")
+
+
+def _pair(demo: Path, config: Path, seed: int, work: Path) -> dict:
+    """Train the KD student and the baseline of one seed (reused when complete), evaluate
+    both, and return distill-eval's comparison rows of METRICS."""
+    run = work / f"seed{seed}"
+    run.mkdir(parents=True, exist_ok=True)
+    bin_dir = Path(sys.executable).parent
+    common = ["--config", str(config), "--student", str(demo / "init" / "student"),
+              "--seed", str(seed)]
+    student, baseline = run / "student", run / "baseline"
+    if not (student / "final").is_dir():
+        _run([str(bin_dir / "student-train"), *common, "--store", str(demo / "store"),
+              "--out", str(student)], run / "student.log")
+    if not (baseline / "final").is_dir():
+        _run([str(bin_dir / "student-train"), *common,
+              "--data", str(demo / "corpus" / "distill.jsonl"), "--hidden-weight", "0",
+              "--attention-weight", "0", "--out", str(baseline)], run / "baseline.log")
+    report = run / "report" / "report.json"
+    if not report.is_file():
+        _run([str(bin_dir / "distill-eval"), "--config", str(config),
+              "--model", str(student / "final"), "--baseline", str(baseline / "final"),
+              "--tasks", str(demo / "corpus" / "medmcq_kb.jsonl"),
+              "--ppl-data", str(demo / "corpus" / "heldout.jsonl"), "--no-efficiency",
+              "--no-progress", "--out", str(run / "report")], run / "eval.log")
+    rows = json.loads(report.read_text())["comparison"]
+    found = {(r["task"], r["metric"]): r for r in rows}
+    return {f"{task}/{metric}": {"student": found[task, metric]["student"],
+                                 "baseline": found[task, metric]["baseline"],
+                                 **found[task, metric]["student_vs_baseline"]}
+            for task, metric in METRICS}
+
+
+def summarise(per_seed: dict[int, dict]) -> dict:
+    """Per metric: the paired differences over seeds, their interval, how many seeds resolve
+    a student win and how many a loss."""
+    out = {}
+    for task, metric in METRICS:
+        key = f"{task}/{metric}"
+        rows = [per_seed[s][key] for s in sorted(per_seed)]
+        lower_better = metric == "perplexity"
+        wins = sum(r["resolved"] and (r["difference"] < 0) == lower_better for r in rows)
+        losses = sum(r["resolved"] for r in rows) - wins
+        out[key] = {"difference": interval([r["difference"] for r in rows]),
+                    "seeds": len(rows), "resolved_wins": wins, "resolved_losses": losses,
+                    "lower_is_better": lower_better}
+    return out
+
+
+def markdown(per_seed: dict[int, dict], summary: dict) -> str:
+    lines = ["| metric | " + " | ".join(f"seed {s}: student / baseline (diff ± SE)"
+                                        for s in sorted(per_seed)) + " | over seeds (95 % CI) |",
+             "|---|" + "---|" * (len(per_seed) + 1)]
+    for key, agg in summary.items():
+        cells = []
+        for s in sorted(per_seed):
+            r = per_seed[s][key]
+            mark = ", resolved" if r["resolved"] else ""
+            cells.append(f"{r['student']:.3f} / {r['baseline']:.3f} "
+                         f"({r['difference']:+.3f} ± {r['stderr']:.3f}{mark})")
+        d = agg["difference"]
+        ci = "–" if d["low"] is None else f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+        lines.append(f"| {key} | " + " | ".join(cells) +
+                     f" | {ci}; resolved wins {agg['resolved_wins']}/{agg['seeds']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--demo-out", type=Path, default=ROOT / "demo_out",
+                   help="a finished `make demo` run (its teacher, store, corpus, init)")
+    p.add_argument("--config", type=Path, default=ROOT / "demo" / "configs" / "default.yaml")
+    p.add_argument("--seeds", type=int, default=3, help="student seeds 0 .. N-1")
+    p.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "demo_seeds")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "demo_seeds.json")
+    args = p.parse_args(argv)
+    needed = [args.demo_out / "store", args.demo_out / "init" / "student",
+              args.demo_out / "corpus" / "distill.jsonl", args.demo_out / "corpus" /
+              "medmcq_kb.jsonl", args.demo_out / "corpus" / "heldout.jsonl", args.config]
+    missing = [str(x) for x in needed if not x.exists()]
+    if missing or args.seeds < 1:
+        p.error(f"expected a finished demo run under --demo-out and --seeds >= 1; found "
+                f"missing {', '.join(missing) or 'nothing'} and --seeds {args.seeds}: run "
+                f"`make demo` (or demo/run_demo.py --out DIR) first")
+    started = time.time()
+    per_seed = {}
+    for seed in range(args.seeds):
+        per_seed[seed] = _pair(args.demo_out.resolve(), args.config.resolve(), seed,
+                               args.work.resolve())
+        print(f"seed {seed}: " + ", ".join(f"{k} {v['difference']:+.4f}"
+                                          f"{' (resolved)' if v['resolved'] else ''}"
+                                          for k, v in per_seed[seed].items()), flush=True)
+    summary = summarise(per_seed)
+    table = markdown(per_seed, summary)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "command": "python bench/demo_seeds.py " + " ".join(argv or sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "wall_s": round(time.time() - started, 1), "demo_out": str(args.demo_out),
+        "per_seed": per_seed, "summary": summary, "table": table}, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

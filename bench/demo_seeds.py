@@ -28,6 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fidelity_stats import interval  # noqa: E402
+from fidelity import code_version  # noqa: E402
+from machine_facts import cpu_facts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = (("ppl/heldout", "perplexity"), ("medmcq_kb", "acc"), ("medmcq_kb", "acc_norm"))
@@ -139,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python bench/demo_seeds.py " + " ".join(argv or sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "wall_s": round(time.time() - started, 1), "demo_out": str(args.demo_out),
+        "code": code_version(), "machine": cpu_facts(),
         "per_seed": per_seed, "summary": summary, "table": table}, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(table)
     print(table)

@@ -24,8 +24,9 @@ students    one architecture; per seed, same steps, same stored samples in the s
             A plus teacher B's signal, added by `teacher-dump --model B --signal topk32-B
             --out store-AB`); --variants picks some, e.g. the ablations xkd-pkl-aligned
             (xkd-pkl with inside-token targets and chains off: the plain mapped target at
-            aligned positions only), xkd-pkl-unchained (chains off) and xkd-AB-pkl-conf
-            (two teachers, signal_mixture confidence) for paired comparisons
+            aligned positions only), xkd-pkl-unchained (chains off), xkd-AB-pkl-conf
+            and xkd-AB-pkl-priority (two teachers, signal_mixture confidence / priority)
+            for paired comparisons
 metric      bits per byte on the held-out records (bench/xtok_eval.py), the only loss
             comparable across tokenizers; paired per seed (bench/xtok_report.py)
 

@@ -4,16 +4,20 @@
 their paired differences. A single pair can mislead: on 2026-12-07's CPU the multiple-choice
 gain of seed 0 was −0.011 where an earlier CPU's seed 0 gave +0.203. This benchmark reuses
 a finished demo run (its teacher, store, corpus and student initialisation, unchanged) and
-trains the KD student and the baseline again for several student seeds (data order and
-sampling; the same initial weights for both), each pair with the demo's own commands
-(`student-train`, `distill-eval`; the demo's config), then reports per seed and over seeds
+trains the KD student and the baseline again for several student seeds (data order,
+sampling and which tenth of the transfer set is held out for the run's eval, the same for
+a seed's two students; the same initial weights for both), each pair with the demo's own
+commands (`student-train`, `distill-eval`; the config of the demo run's scale), then reports
+per seed and over seeds
 the paired student − baseline differences on held-out perplexity and on the knowledge-base
 multiple choice.
 
-    python bench/demo_seeds.py --demo-out demo_out --seeds 3 --out bench/results/demo_seeds.json
+    .venv/bin/python bench/demo_seeds.py --demo-out demo_out --seeds 5 --out bench/results/demo_seeds.json
 
-Each seed's runs land under `--work` and are reused when they are complete (a rerun adds
-seeds). The per-seed verdict is distill-eval's (resolved = |difference| > 2 paired SE over
+Each seed's runs land under `--work/seedN` and are reused when they finished
+(`training_metadata.json`, written last) for the same demo run, config and seed
+(`pair.json`); a student or baseline trained anew drops the seed's report. A rerun adds
+seeds. The per-seed verdict is distill-eval's (resolved = |difference| > 2 paired SE over
 the items); over seeds, the mean difference and its 95 % t-interval (bench/fidelity_stats).
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -35,6 +40,15 @@ ROOT = Path(__file__).resolve().parents[1]
 METRICS = (("ppl/heldout", "perplexity"), ("medmcq_kb", "acc"), ("medmcq_kb", "acc_norm"))
 
 
+def tool_paths() -> dict[str, str]:
+    """{tool: executable}: the console scripts beside this interpreter, else on PATH."""
+    found = {}
+    for tool in ("student-train", "distill-eval"):
+        beside = Path(sys.executable).parent / tool
+        found[tool] = str(beside) if beside.is_file() else shutil.which(tool)
+    return found
+
+
 def _run(cmd: list[str], log: Path) -> None:
     """Run one tool, its output to `log`; a failure stops the benchmark with the log's tail."""
     with open(log, "w") as out:
@@ -44,25 +58,31 @@ def _run(cmd: list[str], log: Path) -> None:
         raise SystemExit(f"{cmd[0]} exited {code} (log {log}):\n{tail}")
 
 
-def _pair(demo: Path, config: Path, seed: int, work: Path) -> dict:
-    """Train the KD student and the baseline of one seed (reused when complete), evaluate
-    both, and return distill-eval's comparison rows of METRICS."""
+def _pair(demo: Path, config: Path, seed: int, work: Path, tools: dict[str, str]) -> dict:
+    """Train the KD student and the baseline of one seed (reused when finished for the same
+    inputs), evaluate both, and return distill-eval's comparison rows of METRICS."""
     run = work / f"seed{seed}"
     run.mkdir(parents=True, exist_ok=True)
-    bin_dir = Path(sys.executable).parent
+    inputs = {"demo_out": str(demo), "config": str(config), "seed": seed}
+    stamp = run / "pair.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) != inputs:
+        raise SystemExit(f"{run} holds the runs of {stamp.read_text().strip()}, not of "
+                         f"{json.dumps(inputs)}: give another --work (or delete {run})")
+    stamp.write_text(json.dumps(inputs) + "\n")
     common = ["--config", str(config), "--student", str(demo / "init" / "student"),
               "--seed", str(seed)]
-    student, baseline = run / "student", run / "baseline"
-    if not (student / "final").is_dir():
-        _run([str(bin_dir / "student-train"), *common, "--store", str(demo / "store"),
-              "--out", str(student)], run / "student.log")
-    if not (baseline / "final").is_dir():
-        _run([str(bin_dir / "student-train"), *common,
-              "--data", str(demo / "corpus" / "distill.jsonl"), "--hidden-weight", "0",
-              "--attention-weight", "0", "--out", str(baseline)], run / "baseline.log")
     report = run / "report" / "report.json"
+    for out, source in ((run / "student", ["--store", str(demo / "store")]),
+                        (run / "baseline", ["--data", str(demo / "corpus" / "distill.jsonl"),
+                                            "--hidden-weight", "0", "--attention-weight", "0"])):
+        if not (out / "training_metadata.json").is_file():  # written when the run finished
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(report.parent, ignore_errors=True)  # its students change
+            _run([tools["student-train"], *common, *source, "--out", str(out)],
+                 run / f"{out.name}.log")
+    student, baseline = run / "student", run / "baseline"
     if not report.is_file():
-        _run([str(bin_dir / "distill-eval"), "--config", str(config),
+        _run([tools["distill-eval"], "--config", str(config),
               "--model", str(student / "final"), "--baseline", str(baseline / "final"),
               "--tasks", str(demo / "corpus" / "medmcq_kb.jsonl"),
               "--ppl-data", str(demo / "corpus" / "heldout.jsonl"), "--no-efficiency",
@@ -113,24 +133,33 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--demo-out", type=Path, default=ROOT / "demo_out",
                    help="a finished `make demo` run (its teacher, store, corpus, init)")
-    p.add_argument("--config", type=Path, default=ROOT / "demo" / "configs" / "default.yaml")
+    p.add_argument("--config", type=Path, help="the students' config (default: the demo "
+                   "run's scale, demo/configs/<scale>.yaml)")
     p.add_argument("--seeds", type=int, default=3, help="student seeds 0 .. N-1")
     p.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "demo_seeds")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "demo_seeds.json")
     args = p.parse_args(argv)
-    needed = [args.demo_out / "store", args.demo_out / "init" / "student",
-              args.demo_out / "corpus" / "distill.jsonl", args.demo_out / "corpus" /
-              "medmcq_kb.jsonl", args.demo_out / "corpus" / "heldout.jsonl", args.config]
-    missing = [str(x) for x in needed if not x.exists()]
-    if missing or args.seeds < 1:
-        p.error(f"expected a finished demo run under --demo-out and --seeds >= 1; found "
-                f"missing {', '.join(missing) or 'nothing'} and --seeds {args.seeds}: run "
-                f"`make demo` (or demo/run_demo.py --out DIR) first")
+    finished = args.demo_out / "summary.json"  # run_demo.py writes it after the last stage
+    if not finished.is_file() or args.seeds < 1:
+        p.error(f"expected a finished demo run under --demo-out (its summary.json) and "
+                f"--seeds >= 1; found {'no ' + str(finished) if not finished.is_file() else 'it'}"
+                f" and --seeds {args.seeds}: run `make demo` (or demo/run_demo.py --out DIR) "
+                f"first")
+    scale = json.loads(finished.read_text()).get("scale", "default")
+    args.config = args.config or ROOT / "demo" / "configs" / f"{scale}.yaml"
+    tools = tool_paths()
+    missing = [str(x) for x in (args.demo_out / "store", args.demo_out / "init" / "student",
+                                args.config) if not x.exists()]
+    missing += [f"the {t} command" for t, path in tools.items() if path is None]
+    if missing:
+        p.error(f"expected the demo run's store and initial student, the config and the "
+                f"logitstore tools; found missing: {', '.join(missing)} (run it with the "
+                f"venv's python, e.g. .venv/bin/python bench/demo_seeds.py)")
     started = time.time()
     per_seed = {}
     for seed in range(args.seeds):
         per_seed[seed] = _pair(args.demo_out.resolve(), args.config.resolve(), seed,
-                               args.work.resolve())
+                               args.work.resolve(), tools)
         print(f"seed {seed}: " + ", ".join(f"{k} {v['difference']:+.4f}"
                                           f"{' (resolved)' if v['resolved'] else ''}"
                                           for k, v in per_seed[seed].items()), flush=True)

@@ -149,11 +149,11 @@ FIELDS: dict[str, Field] = {
                                            "its own positions, weighted)."),
     "signal_mixture": Field("str", "weights", choices=SIGNAL_MIXTURES,
                             absent="weights",  # runs saved before: the weights alone
-                            help="Several KD signals mixed per position: weights = by their "
-                                 "weights; confidence = each weight times the probability its "
-                                 "target gives the next token at T = 1; priority = the first "
-                                 "signal of --signals with a target there, the others only "
-                                 "where it has none (one KD signal: no difference)."),
+                            help="KD signals mixed per position: weights = by weight; "
+                                 "confidence = weight x the probability its target gives the "
+                                 "next token (T = 1); priority = the first signal (--signals "
+                                 "order, else the store's) with a target there: others fill "
+                                 "its gaps (same tokenizer: the first alone)."),
     "objective": Field("str", "blend", choices=OBJECTIVES,
                        help="blend: alpha*KD + (1-alpha)*CE over tokens; distillm-med: the "
                             "blend per specialty, weighted by specialty_weights."),

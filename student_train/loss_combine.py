@@ -80,11 +80,13 @@ def _masked_kd_blend(sums, dens, kd_plans, weights: Weights, ce_g: Tensor,
     a student with another tokenizer): one signal's KD is its mean over its own positions.
     Several signals with `weights.mix_per_position`: the sums hold each position's KD
     times the objective's mixture factor (W / the weight of the signals covering it, W the
-    total weight; with signal_mixture "confidence" W * c_s / the covering signals' w * c),
+    total weight; with signal_mixture "confidence" or "priority" W * c_s / the covering
+    signals' w * c, c_s the label's probability or 1 for the first covering signal, else 0),
     divided by the positions any signal covers (`kd_tokens_any`): with the weights summing
     to 1 (plan_signals normalises them), the mean over those positions of each one's
     weighted mean over its signals. `kd/<name>` logs a signal's part of that (`kd` = their
-    weighted sum), so under "confidence" a signal's factor-scaled KD, not its own mean."""
+    weighted sum), so under "confidence" or "priority" a signal's factor-scaled KD, not its
+    own mean (under "priority" 0 where another signal comes first)."""
     tokens = dens["tokens"]
     kd_w = torch.tensor([p.kd_weight for p in kd_plans], device=tokens.device)
     kd_den = torch.stack([dens.get(f"kd_tokens/{p.name}", tokens) for p in kd_plans])  # [n_kd, G]

@@ -38,7 +38,8 @@ makes W 1), and the KD term averages that over the positions any signal covers
 instead of that position getting only their share. `signal_mixture` "confidence" weighs
 each signal there also by the probability its target gives the actual next token (for a
 student of the stores' tokenizer too: there every signal covers every position); "priority"
-gives a position's whole KD weight to the first signal (in --signals order) that covers it.
+gives a position's whole KD weight to the first signal (in --signals order) that covers it
+(for a student of the stores' tokenizer, where the first covers every position, it alone).
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ class LossSettings:
     attention_loss: str = "mse"
     chunk_size: int = DEFAULT_CHUNK_SIZE
     mix_per_position: bool = True  # several cross-tokenizer signals (module docstring)
-    signal_mixture: str = "weights"  # "confidence": times each target's P(next token)
+    signal_mixture: str = "weights"  # "confidence" / "priority": _mixture_scale
     inside_other_bin: bool = True  # inside-token targets keep E's mass (cross_inside.py)
 
     @classmethod

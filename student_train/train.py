@@ -143,6 +143,10 @@ def _check_resume(cfg: TrainConfig, out: Path, ckpt: Path | None) -> None:
         return
     saved = (yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}).get("train", {})
     diffs = config_differences(saved, cfg, FIELDS, saved_as="run")
+    order = list(saved.get("signals") or {}), list(cfg.signals)
+    if cfg.signal_mixture == "priority" and order[0] != order[1]:  # the first one leads
+        diffs.append(f"signals: run has the order {order[0]}, now {order[1]} (signal_mixture "
+                     f"priority gives each position to the first signal that covers it)")
     if diffs:
         raise ConfigError([f"resume: {d}" for d in diffs] +
                           ["resuming continues the same run: use its settings, or a new --out"])

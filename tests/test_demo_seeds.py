@@ -53,3 +53,36 @@ def test_a_missing_demo_run_is_refused_before_any_training(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "expected a finished demo run" in err and "make demo" in err
     assert not (tmp_path / "w").exists()
+
+
+def test_a_seed_reuses_finished_runs_and_refuses_another_demo_runs(tmp_path, monkeypatch):
+    import json
+
+    import demo_seeds
+
+    calls = []
+
+    def fake_run(cmd, log):  # what the tools leave behind, without training anything
+        calls.append(Path(cmd[cmd.index("--out") + 1]).name)
+        out = Path(cmd[cmd.index("--out") + 1])
+        out.mkdir(parents=True)
+        if cmd[0] == "student-train":
+            (out / "training_metadata.json").write_text("{}")
+            return
+        rows = [{"task": t, "metric": m, "student": 1.0, "baseline": 2.0,
+                 "student_vs_baseline": {"difference": -1.0, "stderr": 0.1, "resolved": True}}
+                for t, m in demo_seeds.METRICS]
+        (out / "report.json").write_text(json.dumps({"comparison": rows}))
+
+    monkeypatch.setattr(demo_seeds, "_run", fake_run)
+    tools = {"student-train": "student-train", "distill-eval": "distill-eval"}
+    demo, config, work = tmp_path / "demo", tmp_path / "c.yaml", tmp_path / "work"
+    first = demo_seeds._pair(demo, config, 0, work, tools)
+    assert calls == ["student", "baseline", "report"]
+    assert first["ppl/heldout/perplexity"]["difference"] == -1.0
+    assert demo_seeds._pair(demo, config, 0, work, tools) == first and len(calls) == 3
+    (work / "seed0" / "baseline" / "training_metadata.json").unlink()  # killed before its end
+    demo_seeds._pair(demo, config, 0, work, tools)
+    assert calls[3:] == ["baseline", "report"]  # retrained, and its report rebuilt
+    with pytest.raises(SystemExit, match="give another --work"):
+        demo_seeds._pair(tmp_path / "other-demo", config, 0, work, tools)

@@ -120,3 +120,48 @@ def test_priority_mixture_refuses_settings_it_cannot_work_with(tmp_path, bad, fo
         resolve_config(None, {**base, **bad})
     assert found in str(err.value) and "signal_mixture priority" in str(err.value)
     assert resolve_config(None, {**base, "cross_loss": "uld"}).signal_mixture == "priority"
+
+
+def test_priority_for_a_student_of_the_stores_tokenizer_is_the_first_signal_alone(
+        world, monkeypatch):
+    """Every signal covers every position there, so the first one takes all of them."""
+    from logitstore.reader import StoreReader
+    from student_train.collate import collate
+    from student_train.objective import SignalPlan
+
+    reader = StoreReader(str(world.store))
+    batch = collate([[reader.sample(i)] for i in range(3)], [[1.0]] * 3, ["teacher"],
+                    packing=False)
+    topk = SignalPlan("teacher", kd_weight=WEIGHTS[0], target="topk")
+    sampled = SignalPlan("teacher", kd_weight=WEIGHTS[1], target="sampled", n_draws=16)
+    got, got_grad = _objective_loss(world, batch, [topk, sampled], "priority", monkeypatch, 1.0)
+    alone, alone_grad = _objective_loss(
+        world, batch, [SignalPlan("teacher", kd_weight=1.0, target="topk")], "weights",
+        monkeypatch, 1.0)
+    mixed, _ = _objective_loss(world, batch, [topk, sampled], "weights", monkeypatch, 1.0)
+    assert got == pytest.approx(alone, rel=1e-6) and abs(got - mixed) > 1e-4
+    torch.testing.assert_close(got_grad, alone_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_resuming_a_priority_run_keeps_the_order_of_its_signals(tmp_path):
+    import yaml
+
+    from logitstore.errors import ConfigError
+    from student_train.config import resolve_config
+    from student_train.train import _check_resume
+
+    base = {"store": "s", "student": "m", "out": str(tmp_path), "signal_mixture": "priority"}
+    saved = resolve_config(None, {**base, "signals": {"a": 0.5, "b": 0.5}})
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"train": saved.as_dict()},
+                                                          sort_keys=False))
+    ckpt = tmp_path / "checkpoint-10"
+    _check_resume(resolve_config(None, {**base, "signals": {"a": 0.5, "b": 0.5}}), tmp_path, ckpt)
+    with pytest.raises(ConfigError, match=r"order \['a', 'b'\], now \['b', 'a'\]"):
+        _check_resume(resolve_config(None, {**base, "signals": {"b": 0.5, "a": 0.5}}),
+                      tmp_path, ckpt)
+    weights = {**base, "signal_mixture": "weights"}  # there the order changes nothing
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(
+        {"train": resolve_config(None, {**weights, "signals": {"a": 0.5, "b": 0.5}}).as_dict()},
+        sort_keys=False))
+    _check_resume(resolve_config(None, {**weights, "signals": {"b": 0.5, "a": 0.5}}), tmp_path,
+                  ckpt)

@@ -249,7 +249,8 @@ def test_the_harness_runs_end_to_end_at_its_tiniest_size(tmp_path):
                                        "xkd-pkl-aligned", "xkd-pkl-unchained", "xkd-pkl-draws",
                                        "xkd-uld", "xkd-B-pkl", "xkd-B-pkl-draws", TWO,
                                        "xkd-AB-pkl-means", "xkd-AB-pkl-conf",
-                                       "xkd-AB-pkl-draws", "xkd-B-pkl-aligned",
+                                       "xkd-AB-pkl-priority", "xkd-AB-pkl-draws",
+                                       "xkd-B-pkl-aligned",
                                        "xkd-AB-pkl-aligned", "xkd-pkl-noinside",
                                        "xkd-B-pkl-noinside", "xkd-AB-pkl-noinside",
                                        "xkd-pkl-renorm", "xkd-B-pkl-renorm",
@@ -259,7 +260,8 @@ def test_the_harness_runs_end_to_end_at_its_tiniest_size(tmp_path):
     assert set(summary["alignment"]) == {"xkd-pkl", "xkd-pkl-aligned", "xkd-pkl-unchained",
                                          "xkd-pkl-draws", "xkd-uld", "xkd-B-pkl",
                                          "xkd-B-pkl-draws", TWO, "xkd-AB-pkl-means",
-                                         "xkd-AB-pkl-conf", "xkd-AB-pkl-draws",
+                                         "xkd-AB-pkl-conf", "xkd-AB-pkl-priority",
+                                         "xkd-AB-pkl-draws",
                                          "xkd-B-pkl-aligned", "xkd-AB-pkl-aligned",
                                          "xkd-pkl-noinside", "xkd-B-pkl-noinside",
                                          "xkd-AB-pkl-noinside", "xkd-pkl-renorm",
@@ -289,8 +291,12 @@ def test_the_harness_runs_end_to_end_at_its_tiniest_size(tmp_path):
     assert "chained_share" not in summary["alignment"]["xkd-pkl-unchained"]
     assert two_signal_counts(result, "xkd-AB-pkl") == \
         two_signal_counts(result, "xkd-AB-pkl-means") == \
-        two_signal_counts(result, "xkd-AB-pkl-conf")
+        two_signal_counts(result, "xkd-AB-pkl-conf") == \
+        two_signal_counts(result, "xkd-AB-pkl-priority")  # the same batches, other weights
     assert summary["two_teachers_conf"]["name"] == "xkd-AB-pkl-conf"
+    assert summary["two_teachers_priority"]["name"] == "xkd-AB-pkl-priority"
+    assert all(run["loss_first_last"]["xkd-AB-pkl-priority"] != run["loss_first_last"][TWO]
+               for run in result["runs"])  # A's target alone where both teachers give one
     draws = summary["two_teachers_draws"]  # judged against the single teachers' draws
     assert set(draws["single_bpb"]) == {"xkd-pkl-draws", "xkd-B-pkl-draws"}
     assert summary["goals"]["xkd-AB-pkl-draws"]["reference"] == "kd-A-draws"

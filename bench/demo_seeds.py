@@ -8,9 +8,8 @@ trains the KD student and the baseline again for several student seeds (data ord
 sampling and which tenth of the transfer set is held out for the run's eval, the same for
 a seed's two students; the same initial weights for both), each pair with the demo's own
 commands (`student-train`, `distill-eval`; the config of the demo run's scale), then reports
-per seed and over seeds
-the paired student − baseline differences on held-out perplexity and on the knowledge-base
-multiple choice.
+per seed and over seeds the paired student − baseline differences on held-out perplexity and
+on the knowledge-base multiple choice.
 
     .venv/bin/python bench/demo_seeds.py --demo-out demo_out --seeds 5 --out bench/results/demo_seeds.json
 

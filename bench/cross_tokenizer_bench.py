@@ -108,9 +108,10 @@ def two_teacher_parts(args, teachers, stores, readers) -> tuple:
 
 
 def train_keys(args) -> dict:
-    """The students' shared student-train keys: TRAIN with the run's --min-mapped-share and
-    --alpha where given."""
-    given = {key: getattr(args, key, None) for key in ("min_mapped_share", "alpha")}
+    """The students' shared student-train keys: TRAIN with the run's --min-mapped-share,
+    --alpha, --temperature and --loss where given."""
+    given = {key: getattr(args, key, None)
+             for key in ("min_mapped_share", "alpha", "temperature", "loss")}
     return {**TRAIN, **{key: value for key, value in given.items() if value is not None}}
 
 
@@ -296,6 +297,7 @@ def parse_args(argv=None):
                    "transfer set")
     p.add_argument("--steps", type=int, help="student steps (overrides --epochs)")
     p.add_argument("--no-b", action="store_true", help="no teacher B (nor its student)")
+    from student_train.losses import KD_LOSSES
     from xtok_train import ABLATIONS, ALL_VARIANTS, DEFAULT_VARIANTS, TWO_TEACHER_WEIGHTS
 
     p.add_argument("--variants", help="comma-separated students to train (default: all but "
@@ -307,6 +309,10 @@ def parse_args(argv=None):
                    "and inside-token positions' conditioned share")
     p.add_argument("--alpha", type=float, help=f"every student's KD weight alpha (default "
                    f"{TRAIN['alpha']}; CE students ignore it): loss = alpha KD + (1 - alpha) CE")
+    p.add_argument("--temperature", type=float, help="every KD student's temperature T "
+                   "(default 1; the teacher's and the student's log-probs both divided by T)")
+    p.add_argument("--loss", choices=KD_LOSSES, help=f"every KD student's divergence (default "
+                   f"{TRAIN['loss']}; student-train's --loss)")
     p.add_argument("--two-teacher-weights", type=_two_weights, metavar="WA,WB",
                    help="the two-teacher students' signal weights of teachers A and B "
                         "(default 0.5,0.5)")

@@ -21,6 +21,7 @@ import argparse
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 PARTS = ("aligned, same end", "aligned, coarser", "aligned, finer", "inside")
@@ -63,23 +64,21 @@ def split_bits(model, tok_a, tok_c, texts: list[str]) -> dict:
                 "bits_per_token": nll[k] / math.log(2) / max(1, count[k])} for k in nll}
 
 
-def main(argv=None) -> dict:
+def train_variants(argv, seed: int, names: list[str]):
+    """(ready, [variant]): the named students of `seed`, trained exactly as
+    bench/cross_tokenizer_bench.py trains them (argv: its other options)."""
     import cross_tokenizer_bench as bench
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from xtok_train import make_variants, shared_stream
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--variants", default="ce-C,xkd-pkl")
-    own, rest = p.parse_known_args(argv)
-    args = bench.parse_args(["--seeds", "1", "--seed", str(own.seed), *rest])
+    args = bench.parse_args(["--seeds", "1", "--seed", str(seed), *argv])
     ready = bench.prepare(args)
-    set_seed(own.seed)
-    variants, built = make_variants(ready.plan, own.seed, Accelerator(mixed_precision="no"))
-    variants = [v for v in variants if v.name in own.variants.split(",")]
-    stream = shared_stream(ready.plan, own.seed, variants[0].cfg.batch_tokens,
+    set_seed(seed)
+    variants, built = make_variants(ready.plan, seed, Accelerator(mixed_precision="no"))
+    variants = [v for v in variants if v.name in names]
+    stream = shared_stream(ready.plan, seed, variants[0].cfg.batch_tokens,
                            variants[0].cfg.shuffle)
     step, epoch = 0, 0
     while step < ready.plan.steps:
@@ -92,6 +91,18 @@ def main(argv=None) -> dict:
                 v.train_step(batches[v.batch_kind])
             step += 1
         epoch += 1
+    return SimpleNamespace(ready=ready, args=args), variants
+
+
+def main(argv=None) -> dict:
+    import cross_tokenizer_bench as bench
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--variants", default="ce-C,xkd-pkl")
+    own, rest = p.parse_known_args(argv)
+    run, variants = train_variants(rest, own.seed, own.variants.split(","))
+    ready, args = run.ready, run.args
     toks = bench.tokenizers_of(ready)
     texts = bench.heldout_texts(ready, args.heldout_limit)
     out = {v.name: split_bits(v.student, toks["A"], toks["C"], texts) for v in variants}

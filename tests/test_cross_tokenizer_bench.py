@@ -441,3 +441,22 @@ def test_weight_choice_takes_the_lowest_mean_validation_ce_and_says_when_it_is_n
     with pytest.raises(SystemExit):
         xtok_weights.main(["--store", "s", "--student-config", "c", "--preset", "p",
                            "--weights", "0.5,1", "--out", str(out)])
+
+
+def test_chunks_cut_where_both_tokenizations_end_a_token():
+    import numpy as np
+    from xtok_chunks import chunk_kinds
+
+    # A: |abc|de|fghi|jkl|   C: |a|bc|defghi|jk|l|   both end at 3, 9, 12
+    of_a, of_c, kind = chunk_kinds(np.array([3, 5, 9, 12]), np.array([1, 3, 9, 11, 12]))
+    assert of_a.tolist() == [0, 1, 1, 2] and of_c.tolist() == [0, 0, 1, 2, 2]
+    assert kind.tolist() == [1, 2, 1]  # C finer, C coarser, C finer
+    # A: |ab|cd|  C: |a|bc|d|: one chunk, inner cuts apart -> crossing; equal cuts -> same
+    assert chunk_kinds(np.array([2, 4]), np.array([1, 3, 4]))[2].tolist() == [3]
+    assert chunk_kinds(np.array([2, 4]), np.array([2, 4]))[2].tolist() == [0, 0]
+    # a C student's tokens: chunk 0 "C finer" (two pieces), chunk 1 "same", chunk 2 "C finer"
+    from xtok_chunks import BINS, token_bins
+
+    bins = token_bins(np.array([1, 1, 0, 1, 1, 1]), np.array([0, 0, 1, 2, 2, 2]))
+    assert [BINS[b] for b in bins] == ["C finer", "C finer, later pieces", "same", "C finer",
+                                       "C finer, later pieces", "C finer, later pieces"]

@@ -56,6 +56,11 @@ rows into its own batch:
                                             behaviour before 2026-12-07; the others keep
                                             the mass of teacher tokens ending there as an
                                             "other" bin)
+  xkd-pkl-keep-unchained                    (only when --variants names it) xkd-pkl with
+                                            skip_unchained_pairs false: a coarser pair
+                                            whose chain cannot be read keeps the plain
+                                            mapped target (the behaviour before
+                                            2026-12-07 15:30; now skipped)
 Per seed, the variants of one tokenizer start from the same weights; the A and C students
 share every weight but the embeddings and lm_head (both drawn under torch.manual_seed(seed),
 then C's block weights copied into A). Same optimizer (AdamW), schedule, steps and alpha;
@@ -79,7 +84,8 @@ ALL_VARIANTS = (*A_VARIANTS, "ce-C", "xkd-pkl", "xkd-pkl-aligned", "xkd-pkl-unch
                 "xkd-AB-pkl-means", "xkd-AB-pkl-conf", "xkd-AB-pkl-priority", "xkd-AB-pkl-draws",
                 "xkd-B-pkl-aligned",
                 "xkd-AB-pkl-aligned", "xkd-pkl-noinside", "xkd-B-pkl-noinside",
-                "xkd-AB-pkl-noinside", "xkd-pkl-renorm", "xkd-B-pkl-renorm", "xkd-AB-pkl-renorm")
+                "xkd-AB-pkl-noinside", "xkd-pkl-renorm", "xkd-B-pkl-renorm", "xkd-AB-pkl-renorm",
+                "xkd-pkl-keep-unchained")
 TWO_TEACHER_VARIANTS = ("xkd-AB-pkl", "xkd-AB-pkl-means", "xkd-AB-pkl-conf", "xkd-AB-pkl-priority",
                         "xkd-AB-pkl-draws",
                         "xkd-AB-pkl-aligned", "xkd-AB-pkl-noinside", "xkd-AB-pkl-renorm")
@@ -88,7 +94,8 @@ ABLATIONS = ("kd-A-draws", "xkd-pkl-aligned", "xkd-pkl-unchained", "xkd-pkl-draw
              "xkd-B-pkl-draws", "xkd-AB-pkl-means", "xkd-AB-pkl-conf", "xkd-AB-pkl-priority",
              "xkd-AB-pkl-draws",
              "xkd-B-pkl-aligned", "xkd-AB-pkl-aligned", "xkd-pkl-noinside", "xkd-B-pkl-noinside",
-             "xkd-AB-pkl-noinside", "xkd-pkl-renorm", "xkd-B-pkl-renorm", "xkd-AB-pkl-renorm")
+             "xkd-AB-pkl-noinside", "xkd-pkl-renorm", "xkd-B-pkl-renorm", "xkd-AB-pkl-renorm",
+             "xkd-pkl-keep-unchained")
 # the target of each variant's KD (the rest: the signal's top-k)
 TARGETS = {name: "sampled" for name in ALL_VARIANTS if name.endswith("-draws")}
 DEFAULT_VARIANTS = tuple(v for v in ALL_VARIANTS if v not in ABLATIONS)
@@ -226,14 +233,16 @@ def make_variants(plan, seed: int, accelerator) -> tuple[list, dict]:
             ("xkd-pkl", "pkl", True, True), ("xkd-pkl-aligned", "pkl", False, False),
             ("xkd-pkl-unchained", "pkl", True, False), ("xkd-pkl-draws", "pkl", True, True),
             ("xkd-pkl-noinside", "pkl", False, True), ("xkd-pkl-renorm", "pkl", True, True),
-            ("xkd-uld", "uld", True, True)):
+            ("xkd-pkl-keep-unchained", "pkl", True, True), ("xkd-uld", "uld", True, True)):
         kind = "C-" + name[len("xkd-"):]
         if name not in chosen and not (name == "xkd-uld" and "ce-C" in chosen):
             continue  # ce-C reads the uld batch (the student's tokens, its signal unused)
         cfg_x = train_config(plan, a_store, plan.student_dirs["C"], name, seed,
                              cross_loss=loss, inside_token_targets=inside,
                              chained_token_targets=chained,
-                             inside_other_bin=not name.endswith("-renorm"), **kd_of(name))
+                             inside_other_bin=not name.endswith("-renorm"),
+                             skip_unchained_pairs=not name.endswith("-keep-unchained"),
+                             **kd_of(name))
         plans, crosses[kind[2:]] = cross_parts(cfg_x, plan.readers["A"], plan.tokenizer_c)
         if name in chosen:
             variants.append(Variant(name, cfg_x, copy_of(students["C"]), plans, kind,

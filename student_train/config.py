@@ -29,13 +29,13 @@ from logitstore.toolkit.options import (Field, at_least, between, config_class, 
 from logitstore.toolkit.record_formats import (DATA_FORMAT_METAVAR, data_format_problem,
                                                normalize_format_name)
 from student_train.classify_class_weights import parse_class_weights
+from student_train.cross_config import CROSS_FIELDS
 from student_train.sharding import config_problems as sharding_problems
 
 SECTION = "train"
 TARGETS = ("auto", "topk", "sampled")  # auto: top-k where captured, else sampled
 TOPK_MODES = ("tail", "renormalised")
 KD_LOSSES = ("kl", "rkl", "jsd", "skl", "srkl", "tvd")
-CROSS_LOSSES = ("pkl", "uld")  # a student with another tokenizer (cross_tokenizer.py)
 SIGNAL_MIXTURES = ("weights", "confidence", "priority")  # objective: _mixture_scale
 TEMPERATURE_SCHEDULES = ("constant", "linear", "exp", "exponential")
 # blend: alpha*KD + (1-alpha)*CE, token mean (specialty weights weight samples).
@@ -116,32 +116,7 @@ FIELDS: dict[str, Field] = {
     "jsd_beta": Field("float", 0.5, _between(0, 1), help="Mixture weight of the jsd loss."),
     "skew_alpha": Field("float", 0.1, _between(0, 1, high_open=True),
                         help="Skew of the skl/srkl losses."),
-    "cross_loss": Field("str", "pkl", choices=CROSS_LOSSES,
-                        help="A student whose tokenizer is not the store's: pkl = the divergence "
-                             "on the teacher's top-k mapped onto the student's vocabulary; "
-                             "uld = sorted-probability distance (no map)."),
-    "min_mapped_share": Field("float", 0.5, _between(0, 1),
-                              help="pkl: skip (and count) positions whose teacher top-k mass "
-                                   "maps onto the student's vocabulary less than this (inside "
-                                   "a teacher token: whose conditioned share is less)."),
-    "inside_token_targets": Field("bool", True, absent=False,  # runs saved before: skipped
-                                  help="pkl: student positions inside a teacher token get the "
-                                       "teacher's top-k at that token's start conditioned on "
-                                       "the student's pieces since (false: skipped)."),
-    "inside_other_bin": Field("bool", True, absent=False,  # runs saved before: renormalised
-                              help="pkl: inside-token targets keep the mass of teacher tokens "
-                                   "ending where the student stands as an 'other' bin "
-                                   "(false: renormalised over the continuing ones)."),
-    "chained_token_targets": Field("bool", True, absent=False,  # runs saved before: off
-                                   help="pkl: an aligned student token that spans several "
-                                        "teacher tokens gets the teacher's probability of "
-                                        "them in a row (their stored log-probs) instead of "
-                                        "none (false: the first teacher token's piece only)."),
-    "skip_dummy_prefix_pairs": Field("bool", True, absent=False,  # runs saved before: kept
-                                     help="pkl: skip (and count) an aligned pair where one "
-                                          "side's next token carries a prefix space the text "
-                                          "lacks (SentencePiece's dummy '▁'): the map's target "
-                                          "there is another spelling (false: kept)."),
+    **CROSS_FIELDS,  # a student whose tokenizer is not the store's (cross_config.py)
     "mix_signals_per_position": Field("bool", True, absent=False,  # runs saved before: off
                                       help="Several signals of other tokenizers: a position's "
                                            "KD is the weighted mean over the signals that "

@@ -51,7 +51,9 @@ tokens t1 .. tm; for a signal in `chain_signals`, the pkl loss's switch
 `chained_token_targets`) gets the chain of their stored log-probs (student_train/
 cross_chain.py): per signal `chain_entry` / `chain_ids` / `chain_logc` [B, S] (-1 / -1 / 0
 where none) for the loss to split t1's entry, `chained/<signal>` counting them and
-`chain_skipped_<why>/<signal>` the pairs that keep the plain target.
+`chain_skipped_<why>/<signal>` the pairs without a readable chain: skipped (`kd_mask`
+False; `skip_unchained`, the switch `skip_unchained_pairs`) or else keeping the plain
+target, which gives the student's own next token no mass.
 A signal on another tokenization of the store (format 2.2: a second teacher with its own
 tokenizer) is aligned by THAT tokenization's spans, with its own vocabulary map; student
 positions past the bytes that tokenization covers (a sample it cut at its max length) have
@@ -216,7 +218,8 @@ class CrossCollate:
     skipped (`dummy_prefix_pairs`; absent: kept; ULD, which compares sorted probabilities
     rather than ids, passes none); chain_signals: the signals whose aligned pairs with a
     coarser student token get a chain (student_train/cross_chain.py; absent: the plain
-    mapped target); draw_signals: signal -> (n_draws, sample temperature) of the
+    mapped target); skip_unchained: those pairs' chain cannot be read -> no target there
+    (else the plain one); draw_signals: signal -> (n_draws, sample temperature) of the
     topk_signals whose target is their sampled draws (cross_sampled.draws_as_topk).
     Picklable (DataLoader workers get a copy).
     """
@@ -226,7 +229,8 @@ class CrossCollate:
                  piece_maps: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
                  byte_lengths: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
                  chain_signals: list[str] | None = None,
-                 draw_signals: dict[str, tuple[int, float]] | None = None):
+                 draw_signals: dict[str, tuple[int, float]] | None = None,
+                 skip_unchained: bool = False):
         self.tokenizer = tokenizer
         self.topk_signals = list(topk_signals)
         self.first_maps = {k: np.asarray(v) for k, v in first_maps.items()}
@@ -236,6 +240,7 @@ class CrossCollate:
                              for k, (t, s) in (byte_lengths or {}).items()}
         self.chain_signals = set(chain_signals or ())
         self.draw_signals = dict(draw_signals or {})
+        self.skip_unchained = bool(skip_unchained)
         self.min_mapped_share = float(min_mapped_share)
         # signal -> the store tokenization its positions index (None: the store's own)
         self.tokenizations = dict(tokenizations or {})
@@ -333,6 +338,9 @@ class CrossCollate:
             stats[f"chained/{name}"] = float(trained[a.student_pos[chained.pair]].sum())
             stats.update({f"chain_skipped_{why}/{name}": float(trained[a.student_pos[p]].sum())
                           for why, p in chained.skipped.items()})
+            if self.skip_unchained:
+                for pairs in chained.skipped.values():
+                    mask[a.student_pos[pairs]] = False
         if cond is not None:
             mask[cond.student_pos] = True
         stats[f"kd_positions/{name}"] = float((mask[:-1] & trained).sum())

@@ -18,7 +18,8 @@ is not the student's:
   with `inside_token_targets` (default) the map's decompositions also give the positions
   inside a teacher token a conditioned target (student_train/cross_inside.py), and with
   `chained_token_targets` (default) an aligned student token spanning several teacher tokens
-  gets their chained probability (student_train/cross_chain.py); the map's
+  gets their chained probability (student_train/cross_chain.py), and one whose chain cannot
+  be read is skipped (`skip_unchained_pairs`, default; else the plain target); the map's
   per-id byte lengths skip the aligned pairs where only one tokenizer wrote a dummy prefix
   space (`cross_batch.dummy_prefix_pairs`: there the map's first piece is not the student's
   token);
@@ -260,12 +261,13 @@ def cross_setup(cfg, reader, eval_reader, tokenizer, plans, problems: list[str])
                                          "key": built[on_tokenization[name]].key}
                                   for name in topk}}
     chain_signals = topk if maps and cfg.chained_token_targets else []
+    skip_unchained = bool(chain_signals) and cfg.skip_unchained_pairs
     ratio, chats = probe_first_segment(reader, tokenizer)
     return CrossTokenizer(
         loss=cfg.cross_loss, collate=CrossCollate(tokenizer, topk, first_maps,
                                                   cfg.min_mapped_share, on_tokenization,
                                                   piece_maps, byte_lengths, chain_signals,
-                                                  draws),
+                                                  draws, skip_unchained),
         vocab_maps=maps, length_ratio=ratio,
         provenance={"cross_tokenizer": {"loss": cfg.cross_loss, "length_ratio": ratio,
                                         "first_segment_chats": chats,
@@ -274,6 +276,7 @@ def cross_setup(cfg, reader, eval_reader, tokenizer, plans, problems: list[str])
                                         "inside_other_bin": bool(piece_maps)
                                         and cfg.inside_other_bin,
                                         "chained_token_targets": bool(chain_signals),
+                                        "skip_unchained_pairs": skip_unchained,
                                         "skip_dummy_prefix_pairs": bool(byte_lengths),
                                         "teacher_tokenizer": reader.settings.tokenizer_name,
                                         **summary}})

@@ -254,7 +254,7 @@ def test_the_harness_runs_end_to_end_at_its_tiniest_size(tmp_path):
                                        "xkd-AB-pkl-aligned", "xkd-pkl-noinside",
                                        "xkd-B-pkl-noinside", "xkd-AB-pkl-noinside",
                                        "xkd-pkl-renorm", "xkd-B-pkl-renorm",
-                                       "xkd-AB-pkl-renorm"}
+                                       "xkd-AB-pkl-renorm", "xkd-pkl-keep-unchained"}
     for row in summary["methods"].values():
         assert 0 < row["bits_per_byte"]["mean"] < 20 and row["bits_per_byte"]["n"] == 2
     assert set(summary["alignment"]) == {"xkd-pkl", "xkd-pkl-aligned", "xkd-pkl-unchained",
@@ -265,7 +265,8 @@ def test_the_harness_runs_end_to_end_at_its_tiniest_size(tmp_path):
                                          "xkd-B-pkl-aligned", "xkd-AB-pkl-aligned",
                                          "xkd-pkl-noinside", "xkd-B-pkl-noinside",
                                          "xkd-AB-pkl-noinside", "xkd-pkl-renorm",
-                                         "xkd-B-pkl-renorm", "xkd-AB-pkl-renorm"}
+                                         "xkd-B-pkl-renorm", "xkd-AB-pkl-renorm",
+                                         "xkd-pkl-keep-unchained"}
     # the draws students: each against the same-tokenizer student of the same target
     assert summary["goals"]["xkd-pkl-draws"]["reference"] == "kd-A-draws"
     assert summary["goals"]["xkd-pkl"]["reference"] == "kd-A"
@@ -289,6 +290,8 @@ def test_the_harness_runs_end_to_end_at_its_tiniest_size(tmp_path):
     assert 0 < summary["alignment"]["xkd-pkl"]["map_coverage"] <= 1
     assert "map_coverage" not in summary["alignment"]["xkd-uld"]  # ULD maps nothing
     assert "chained_share" not in summary["alignment"]["xkd-pkl-unchained"]
+    keep = summary["alignment"]["xkd-pkl-keep-unchained"]  # unreadable chains keep a target
+    assert keep["kd_share"] >= summary["alignment"]["xkd-pkl"]["kd_share"]
     assert two_signal_counts(result, "xkd-AB-pkl") == \
         two_signal_counts(result, "xkd-AB-pkl-means") == \
         two_signal_counts(result, "xkd-AB-pkl-conf") == \

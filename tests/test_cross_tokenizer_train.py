@@ -346,7 +346,9 @@ def test_foreign_student_trains_end_to_end(world, tmp_path, loss):
             assert m["train/cross/skipped_dummy_prefix/teacher"] == 0
             assert m["train/cross/kd_positions/teacher"] == m["train/cross/aligned"] \
                 - m["train/cross/skipped_low_mapped_share/teacher"] \
-                + m["train/cross/inside/teacher"]
+                + m["train/cross/inside/teacher"] \
+                - m["train/cross/chain_skipped_unended/teacher"] \
+                - m["train/cross/chain_skipped_unranked/teacher"]  # skip_unchained_pairs
         assert sum(m["train/cross/inside/teacher"] for m in rows) > 0  # share 0: some
     else:
         assert "train/cross/map_coverage/teacher" not in rows[0]
@@ -357,6 +359,7 @@ def test_foreign_student_trains_end_to_end(world, tmp_path, loss):
     assert meta["source"]["cross_tokenizer"]["inside_token_targets"] is (loss == "pkl")
     assert meta["source"]["cross_tokenizer"]["inside_other_bin"] is (loss == "pkl")
     assert meta["source"]["cross_tokenizer"]["chained_token_targets"] is (loss == "pkl")
+    assert meta["source"]["cross_tokenizer"]["skip_unchained_pairs"] is (loss == "pkl")
     model = AutoModelForCausalLM.from_pretrained(run / "final")
     saved = AutoTokenizer.from_pretrained(run / "final")
     assert tokenizer_fingerprint(saved) == tokenizer_fingerprint(world["student_tok"])
@@ -365,7 +368,7 @@ def test_foreign_student_trains_end_to_end(world, tmp_path, loss):
 
 # cross-tokenizer behaviours added after runs were saved: a saved config lacking one had it off
 SWITCHES = ("inside_token_targets", "chained_token_targets", "skip_dummy_prefix_pairs",
-            "mix_signals_per_position", "inside_other_bin")
+            "mix_signals_per_position", "inside_other_bin", "skip_unchained_pairs")
 
 
 def test_a_resumed_cross_run_continues_the_same_loss_curve(world, tmp_path):
@@ -429,7 +432,10 @@ def test_positions_whose_topk_mass_maps_too_little_are_skipped_and_counted(world
     for m in rows:
         low = m["train/cross/skipped_low_mapped_share/teacher"]
         assert 0 < low < m["train/cross/aligned"]
-        assert m["train/cross/kd_positions/teacher"] == m["train/cross/aligned"] - low
+        unchained = m["train/cross/chain_skipped_unended/teacher"] \
+            + m["train/cross/chain_skipped_unranked/teacher"]  # skip_unchained_pairs
+        assert m["train/cross/kd_positions/teacher"] == m["train/cross/aligned"] - low \
+            + m["train/cross/inside/teacher"] - unchained
         assert 0.3 < m["train/cross/map_coverage/teacher"] < 1.0
         assert np.isfinite(m["train/kd/teacher"])
 

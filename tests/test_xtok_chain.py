@@ -189,3 +189,33 @@ def test_loss_matches_a_dense_reference_at_chained_positions(coarser_pair):
             assert values[b, j].item() == pytest.approx(want, rel=1e-4, abs=1e-5), (b, j)
         chained += len(expected)
     assert chained > 0 and batch["cross_stats"]["cross/chained/t"] == chained
+
+
+def test_unreadable_chains_are_skipped_unless_asked_to_keep_the_plain_target(coarser_pair):
+    teacher, student, vocab_map = coarser_pair
+    samples = [make_sample(teacher, text, i, k=3) for i, text in enumerate(TEXTS)]  # k=3:
+    first = {"t": vocab_map.teacher_to_student_first}  # many continuations left unranked
+
+    def kd_mask(skip):
+        collate = CrossCollate(student, ["t"], first, 0.0, chain_signals=["t"],
+                               skip_unchained=skip)
+        batch = collate([[s] for s in samples], [[1.0]] * 3, ["t"], packing=False)
+        return batch["signals"]["t"]["kd_mask"].numpy(), batch["cross_stats"]
+
+    kept, kept_stats = kd_mask(False)
+    skipped, skip_stats = kd_mask(True)
+    unchained = 0
+    for b, sample in enumerate(samples):  # reference: coarser aligned pairs without a chain
+        t = sample.text_spans
+        cut = tokenize_with_spans(student, t.text)
+        align = align_positions(t.spans, t.special, cut.spans, cut.special)
+        chained = reference_chains(sample, student)
+        want = {j for i, j in zip(align.teacher_pos.tolist(), align.student_pos.tolist())
+                if cut.spans[j + 1, 1] > t.spans[i + 1, 1] and j not in chained}
+        assert set(np.flatnonzero(kept[b] & ~skipped[b]).tolist()) == want, b
+        assert not (skipped[b] & ~kept[b]).any()
+        unchained += len(want)
+    assert unchained > 0
+    assert unchained == sum(skip_stats[f"cross/chain_skipped_{why}/t"]
+                            for why in ("unended", "unranked"))
+    assert kept_stats["cross/kd_positions/t"] - skip_stats["cross/kd_positions/t"] == unchained

@@ -1,0 +1,45 @@
+"""student-train's settings of a student whose tokenizer is not the store's
+(student_train/cross_tokenizer.py sets the loss and CrossCollate up from them); config.py
+declares them in FIELDS with the rest."""
+
+from __future__ import annotations
+
+from logitstore.toolkit.options import Field, between
+
+CROSS_LOSSES = ("pkl", "uld")
+
+CROSS_FIELDS: dict[str, Field] = {
+    "cross_loss": Field("str", "pkl", choices=CROSS_LOSSES,
+                        help="A student whose tokenizer is not the store's: pkl = the divergence "
+                             "on the teacher's top-k mapped onto the student's vocabulary; "
+                             "uld = sorted-probability distance (no map)."),
+    "min_mapped_share": Field("float", 0.5, between(0, 1),
+                              help="pkl: skip (and count) positions whose teacher top-k mass "
+                                   "maps onto the student's vocabulary less than this (inside "
+                                   "a teacher token: whose conditioned share is less)."),
+    "inside_token_targets": Field("bool", True, absent=False,  # runs saved before: skipped
+                                  help="pkl: student positions inside a teacher token get the "
+                                       "teacher's top-k at that token's start conditioned on "
+                                       "the student's pieces since (false: skipped)."),
+    "inside_other_bin": Field("bool", True, absent=False,  # runs saved before: renormalised
+                              help="pkl: inside-token targets keep the mass of teacher tokens "
+                                   "ending where the student stands as an 'other' bin "
+                                   "(false: renormalised over the continuing ones)."),
+    "chained_token_targets": Field("bool", True, absent=False,  # runs saved before: off
+                                   help="pkl: an aligned student token that spans several "
+                                        "teacher tokens gets the teacher's probability of "
+                                        "them in a row (their stored log-probs) instead of "
+                                        "none (false: the first teacher token's piece only)."),
+    "skip_dummy_prefix_pairs": Field("bool", True, absent=False,  # runs saved before: kept
+                                     help="pkl: skip (and count) an aligned pair where one "
+                                          "side's next token carries a prefix space the text "
+                                          "lacks (SentencePiece's dummy '▁'): the map's target "
+                                          "there is another spelling (false: kept)."),
+    "skip_unchained_pairs": Field("bool", True, absent=False,  # runs saved before: kept
+                                  help="pkl with chained targets: skip (and count) an aligned "
+                                       "student token spanning several teacher tokens whose "
+                                       "chain cannot be read (a teacher token outside the "
+                                       "stored top-k, or the student token ending inside "
+                                       "one): the plain mapped target there gives the "
+                                       "student's own next token no mass (false: kept)."),
+}

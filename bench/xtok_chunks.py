@@ -10,11 +10,12 @@ one of
   C coarser several A tokens, one C token (a chained target)
   crossing  several of each, their inner boundaries at different bytes
 A student's NLL of the chunk's tokens (each predicted after BOS and the tokens before it,
-as bench/xtok_eval.py counts them) is summed per kind and divided by ALL held-out bytes, so
+as bench/xtok_eval.py counts them; one window per record: every held-out record fits the
+students' context) is summed per kind and divided by ALL held-out bytes, so
 the kinds add up to the student's bits per byte. The report then splits C's handicap
 (ce-C - ce-A), each student's KD gain and the gap left (xkd-pkl - kd-A) by chunk kind.
 
-    python bench/xtok_chunks.py --seeds 2 [--out bench/results/xtok_chunks.json]
+    python bench/xtok_chunks.py --seeds 2 [--json bench/results/xtok_chunks.json]
 Trains ce-A, kd-A, ce-C, xkd-pkl per seed exactly as bench/cross_tokenizer_bench.py does
 (bench/xtok_split.train_variants: same cache, teachers, stores, batches, steps).
 """
@@ -36,12 +37,18 @@ STUDENTS = {"ce-A": "A", "kd-A": "A", "ce-C": "C", "xkd-pkl": "C"}  # name -> to
 
 
 def text_tokens(tokenizer, text: str):
-    """([n] ids, [n] byte ends) of the tokens that spell `text` (specials left out)."""
+    """([n] ids, [n] byte ends) of the tokens that spell `text` (specials left out); refuses
+    tokens that do not spell it exactly, as bench/xtok_eval.py does."""
     from logitstore.toolkit.token_spans import tokenize_with_spans
+    from xtok_eval import BitsPerByteError
 
     tok = tokenize_with_spans(tokenizer, text)
     keep = ~tok.special
-    return tok.ids[keep].astype("int64"), tok.spans[keep][:, 1].astype("int64")
+    ends = tok.spans[keep][:, 1].astype("int64")
+    if not tok.byte_exact or not len(ends) or ends[-1] != len(text.encode("utf-8")):
+        raise BitsPerByteError(f"expected the tokens of {text[:40]!r}... to spell it exactly, "
+                               f"found they do not: its chunks would not be comparable")
+    return tok.ids[keep].astype("int64"), ends
 
 
 def token_bins(kind_of_token, chunk_of_token):

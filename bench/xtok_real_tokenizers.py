@@ -326,12 +326,13 @@ def collate_figures(teacher, student, vocab_map, texts: list[str], *, k: int, ba
     from student_train.cross_batch import CrossCollate, finish_stats
 
     samples = [teacher_sample(teacher, text, k, i) for i, text in enumerate(texts)]
+    # student-train's default pkl path
     collate_fn = CrossCollate(student, ["topk"], {"topk": vocab_map.teacher_to_student_first},
                               0.5, piece_maps={"topk": (vocab_map.piece_offsets,
                                                         vocab_map.piece_ids)},
                               byte_lengths={"topk": (vocab_map.teacher_byte_lengths,
                                                      vocab_map.student_byte_lengths)},
-                              chain_signals=["topk"])  # student-train's default pkl path
+                              chain_signals=["topk"], skip_unchained=True)
     rates, totals, tokens = [], {}, 0
     for _ in range(repeats):
         totals, tokens = {}, 0

@@ -65,15 +65,17 @@ def split_bits(model, tok_a, tok_c, texts: list[str]) -> dict:
 
 
 def train_variants(argv, seed: int, names: list[str]):
-    """(ready, [variant]): the named students of `seed`, trained exactly as
-    bench/cross_tokenizer_bench.py trains them (argv: its other options)."""
+    """(SimpleNamespace(ready, args), [variant]): the named students of `seed`, trained
+    exactly as bench/cross_tokenizer_bench.py trains them (argv: its other options; only
+    the named students, and the bench's references ce-C and kd-A, are built)."""
     import cross_tokenizer_bench as bench
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from xtok_train import make_variants, shared_stream
 
-    args = bench.parse_args(["--seeds", "1", "--seed", str(seed), *argv])
+    chosen = ",".join(dict.fromkeys(["ce-C", "kd-A", *names]))  # the bench needs both
+    args = bench.parse_args(["--seeds", "1", "--seed", str(seed), "--variants", chosen, *argv])
     ready = bench.prepare(args)
     set_seed(seed)
     variants, built = make_variants(ready.plan, seed, Accelerator(mixed_precision="no"))

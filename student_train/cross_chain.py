@@ -12,8 +12,9 @@ i + j - 1, whose T=1 log-prob sits in that position's stored top-k when the teac
 there. The target then splits t1's entry (cross_token_losses.project_topk_target `chain_*`):
 P(t1) C goes to s*, P(t1) (1 - C) stays on t1's first piece (the teacher continuing t1 some
 other way). It is exact up to other teacher tokenizations of s*'s bytes (not stored; the
-teacher was run on its own). Pairs where the chain cannot be read keep the plain mapped target
-and are counted (`chain_skipped_<reason>/<signal>` in cross_batch's stats):
+teacher was run on its own). Pairs where the chain cannot be read are counted
+(`chain_skipped_<reason>/<signal>` in cross_batch's stats) and get no KD target
+(`skip_unchained_pairs`, the default; off: the plain mapped target, which gives s* no mass):
 * `unended`: s* ends inside a teacher token, or a special / zero-width token or a gap
   sits among t1 .. tm;
 * `unranked`: t1 is not in the top-k at i, or some tj is not in its position's top-k.

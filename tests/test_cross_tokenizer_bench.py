@@ -277,7 +277,9 @@ def test_the_harness_runs_end_to_end_at_its_tiniest_size(tmp_path):
             run["heldout"]["kd-A"]["tokens_per_byte"] != run["heldout"]["ce-C"]["tokens_per_byte"]
     for row in summary["alignment"].values():
         assert 0 < row["aligned_share"] <= 1
-    inside, aligned_only = summary["alignment"]["xkd-pkl"], summary["alignment"]["xkd-pkl-aligned"]
+    # keeping unreadable chains' plain targets: the aligned positions plus the inside ones
+    inside = summary["alignment"]["xkd-pkl-keep-unchained"]
+    aligned_only = summary["alignment"]["xkd-pkl-aligned"]
     assert inside["kd_share"] == pytest.approx(aligned_only["kd_share"]
                                                + inside.get("inside_share", 0.0))
     assert "inside_share" not in aligned_only
@@ -290,8 +292,14 @@ def test_the_harness_runs_end_to_end_at_its_tiniest_size(tmp_path):
     assert 0 < summary["alignment"]["xkd-pkl"]["map_coverage"] <= 1
     assert "map_coverage" not in summary["alignment"]["xkd-uld"]  # ULD maps nothing
     assert "chained_share" not in summary["alignment"]["xkd-pkl-unchained"]
-    keep = summary["alignment"]["xkd-pkl-keep-unchained"]  # unreadable chains keep a target
-    assert keep["kd_share"] >= summary["alignment"]["xkd-pkl"]["kd_share"]
+    for run in result["runs"]:  # the same batches: keep trains where xkd-pkl skips
+        provenance = run["cross_provenance"]
+        assert provenance["pkl"]["cross_tokenizer"]["skip_unchained_pairs"] is True
+        assert provenance["pkl-keep-unchained"]["cross_tokenizer"]["skip_unchained_pairs"] \
+            is False
+        skip, keep = run["cross_counts"]["xkd-pkl"], run["cross_counts"]["xkd-pkl-keep-unchained"]
+        assert keep["cross/kd_positions/topk8"] - skip["cross/kd_positions/topk8"] == \
+            skip["cross/chain_skipped_unended/topk8"] + skip["cross/chain_skipped_unranked/topk8"]
     assert two_signal_counts(result, "xkd-AB-pkl") == \
         two_signal_counts(result, "xkd-AB-pkl-means") == \
         two_signal_counts(result, "xkd-AB-pkl-conf") == \
@@ -445,21 +453,3 @@ def test_weight_choice_takes_the_lowest_mean_validation_ce_and_says_when_it_is_n
         xtok_weights.main(["--store", "s", "--student-config", "c", "--preset", "p",
                            "--weights", "0.5,1", "--out", str(out)])
 
-
-def test_chunks_cut_where_both_tokenizations_end_a_token():
-    import numpy as np
-    from xtok_chunks import chunk_kinds
-
-    # A: |abc|de|fghi|jkl|   C: |a|bc|defghi|jk|l|   both end at 3, 9, 12
-    of_a, of_c, kind = chunk_kinds(np.array([3, 5, 9, 12]), np.array([1, 3, 9, 11, 12]))
-    assert of_a.tolist() == [0, 1, 1, 2] and of_c.tolist() == [0, 0, 1, 2, 2]
-    assert kind.tolist() == [1, 2, 1]  # C finer, C coarser, C finer
-    # A: |ab|cd|  C: |a|bc|d|: one chunk, inner cuts apart -> crossing; equal cuts -> same
-    assert chunk_kinds(np.array([2, 4]), np.array([1, 3, 4]))[2].tolist() == [3]
-    assert chunk_kinds(np.array([2, 4]), np.array([2, 4]))[2].tolist() == [0, 0]
-    # a C student's tokens: chunk 0 "C finer" (two pieces), chunk 1 "same", chunk 2 "C finer"
-    from xtok_chunks import BINS, token_bins
-
-    bins = token_bins(np.array([1, 1, 0, 1, 1, 1]), np.array([0, 0, 1, 2, 2, 2]))
-    assert [BINS[b] for b in bins] == ["C finer", "C finer, later pieces", "same", "C finer",
-                                       "C finer, later pieces", "C finer, later pieces"]

@@ -193,8 +193,9 @@ def test_loss_matches_a_dense_reference_at_chained_positions(coarser_pair):
 
 def test_unreadable_chains_are_skipped_unless_asked_to_keep_the_plain_target(coarser_pair):
     teacher, student, vocab_map = coarser_pair
-    samples = [make_sample(teacher, text, i, k=3) for i, text in enumerate(TEXTS)]  # k=3:
-    first = {"t": vocab_map.teacher_to_student_first}  # many continuations left unranked
+    # a top-3: many continuations are left unranked, so many chains cannot be read
+    samples = [make_sample(teacher, text, i, k=3) for i, text in enumerate(TEXTS)]
+    first = {"t": vocab_map.teacher_to_student_first}
 
     def kd_mask(skip):
         collate = CrossCollate(student, ["t"], first, 0.0, chain_signals=["t"],

@@ -62,7 +62,8 @@ def token_bins(kind_of_token, chunk_of_token):
 
 
 def chunk_kinds(ends_a, ends_c):
-    """([n_a] chunk of each A token, [n_c] chunk of each C token, [chunks] kind index)."""
+    """([n_a] chunk of each A token, [n_c] chunk of each C token, [chunks] kind index,
+    [chunks] bytes of each chunk)."""
     import numpy as np
 
     cuts = np.intersect1d(ends_a, ends_c)  # both tokenizations end a token here
@@ -71,7 +72,7 @@ def chunk_kinds(ends_a, ends_c):
     n_a = np.bincount(of_a, minlength=len(cuts))
     n_c = np.bincount(of_c, minlength=len(cuts))
     kind = np.select([(n_a == 1) & (n_c == 1), n_a == 1, n_c == 1], [0, 1, 2], 3)
-    return of_a, of_c, kind
+    return of_a, of_c, kind, np.diff(cuts, prepend=0)
 
 
 def token_nll(model, bos_id: int, ids):
@@ -97,9 +98,8 @@ def split_by_chunks(students: dict, toks: dict, texts: list[str]) -> dict:
     for text in texts:
         ids_a, ends_a = text_tokens(toks["A"], text)
         ids_c, ends_c = text_tokens(toks["C"], text)
-        of_a, of_c, kind = chunk_kinds(ends_a, ends_c)
-        cuts = np.intersect1d(ends_a, ends_c)
-        chunk_bytes += np.bincount(kind, weights=np.diff(cuts, prepend=0), minlength=len(KINDS))
+        of_a, of_c, kind, sizes = chunk_kinds(ends_a, ends_c)
+        chunk_bytes += np.bincount(kind, weights=sizes, minlength=len(KINDS))
         total += len(text.encode("utf-8"))
         for name, model in students.items():
             side = STUDENTS[name]

@@ -15,9 +15,10 @@ from xtok_chunks import BINS, chunk_kinds, token_bins  # noqa: E402
 
 def test_chunks_cut_where_both_tokenizations_end_a_token():
     # A: |abc|de|fghi|jkl|   C: |a|bc|defghi|jk|l|   both end at 3, 9, 12
-    of_a, of_c, kind = chunk_kinds(np.array([3, 5, 9, 12]), np.array([1, 3, 9, 11, 12]))
+    of_a, of_c, kind, sizes = chunk_kinds(np.array([3, 5, 9, 12]), np.array([1, 3, 9, 11, 12]))
     assert of_a.tolist() == [0, 1, 1, 2] and of_c.tolist() == [0, 0, 1, 2, 2]
     assert kind.tolist() == [1, 2, 1]  # C finer, C coarser, C finer
+    assert sizes.tolist() == [3, 6, 3]
     # A: |ab|cd|  C: |a|bc|d|: one chunk, inner cuts apart -> crossing; equal cuts -> same
     assert chunk_kinds(np.array([2, 4]), np.array([1, 3, 4]))[2].tolist() == [3]
     assert chunk_kinds(np.array([2, 4]), np.array([2, 4]))[2].tolist() == [0, 0]

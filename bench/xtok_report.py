@@ -58,6 +58,7 @@ CROSS = ("xkd-pkl", "xkd-pkl-aligned", "xkd-pkl-unchained", "xkd-pkl-draws", "xk
          "xkd-B-pkl", "xkd-B-pkl-draws", "xkd-B-pkl-aligned", TWO, MEANS, CONF, PRIORITY, TWO_DRAWS,
          "xkd-AB-pkl-aligned", "xkd-pkl-noinside", "xkd-B-pkl-noinside", "xkd-AB-pkl-noinside",
          "xkd-pkl-renorm", "xkd-B-pkl-renorm", "xkd-AB-pkl-renorm", "xkd-pkl-keep-unchained",
+         "xkd-B-pkl-keep-unchained", "xkd-AB-pkl-keep-unchained",
          # the names the "other" bin's variants had in the runs that tested it (2026-12-07)
          "xkd-pkl-other", "xkd-B-pkl-other", "xkd-AB-pkl-other")
 A_STUDENTS = ("ce-A", "kd-A", "kd-A-draws")  # the others have tokenizer C

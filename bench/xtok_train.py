@@ -56,8 +56,9 @@ rows into its own batch:
                                             behaviour before 2026-12-07; the others keep
                                             the mass of teacher tokens ending there as an
                                             "other" bin)
-  xkd-pkl-keep-unchained                    (only when --variants names it) xkd-pkl with
-                                            skip_unchained_pairs false: a coarser pair
+  xkd-pkl-keep-unchained,                   (only when --variants names them) with
+  xkd-B-pkl-keep-unchained,                 skip_unchained_pairs false:
+  xkd-AB-pkl-keep-unchained                 a coarser pair
                                             whose chain cannot be read keeps the plain
                                             mapped target (the behaviour before
                                             2026-12-07 15:30; now skipped)
@@ -85,17 +86,18 @@ ALL_VARIANTS = (*A_VARIANTS, "ce-C", "xkd-pkl", "xkd-pkl-aligned", "xkd-pkl-unch
                 "xkd-B-pkl-aligned",
                 "xkd-AB-pkl-aligned", "xkd-pkl-noinside", "xkd-B-pkl-noinside",
                 "xkd-AB-pkl-noinside", "xkd-pkl-renorm", "xkd-B-pkl-renorm", "xkd-AB-pkl-renorm",
-                "xkd-pkl-keep-unchained")
+                "xkd-pkl-keep-unchained", "xkd-B-pkl-keep-unchained", "xkd-AB-pkl-keep-unchained")
 TWO_TEACHER_VARIANTS = ("xkd-AB-pkl", "xkd-AB-pkl-means", "xkd-AB-pkl-conf", "xkd-AB-pkl-priority",
                         "xkd-AB-pkl-draws",
-                        "xkd-AB-pkl-aligned", "xkd-AB-pkl-noinside", "xkd-AB-pkl-renorm")
+                        "xkd-AB-pkl-aligned", "xkd-AB-pkl-noinside", "xkd-AB-pkl-renorm",
+                        "xkd-AB-pkl-keep-unchained")
 # run only when --variants names them
 ABLATIONS = ("kd-A-draws", "xkd-pkl-aligned", "xkd-pkl-unchained", "xkd-pkl-draws",
              "xkd-B-pkl-draws", "xkd-AB-pkl-means", "xkd-AB-pkl-conf", "xkd-AB-pkl-priority",
              "xkd-AB-pkl-draws",
              "xkd-B-pkl-aligned", "xkd-AB-pkl-aligned", "xkd-pkl-noinside", "xkd-B-pkl-noinside",
              "xkd-AB-pkl-noinside", "xkd-pkl-renorm", "xkd-B-pkl-renorm", "xkd-AB-pkl-renorm",
-             "xkd-pkl-keep-unchained")
+             "xkd-pkl-keep-unchained", "xkd-B-pkl-keep-unchained", "xkd-AB-pkl-keep-unchained")
 # the target of each variant's KD (the rest: the signal's top-k)
 TARGETS = {name: "sampled" for name in ALL_VARIANTS if name.endswith("-draws")}
 DEFAULT_VARIANTS = tuple(v for v in ALL_VARIANTS if v not in ABLATIONS)
@@ -254,7 +256,7 @@ def make_variants(plan, seed: int, accelerator) -> tuple[list, dict]:
                                    accelerator))
     variants = [v for v in variants if v.name in chosen]
     for name in ("xkd-B-pkl", "xkd-B-pkl-draws", "xkd-B-pkl-aligned", "xkd-B-pkl-noinside",
-                 "xkd-B-pkl-renorm"):
+                 "xkd-B-pkl-renorm", "xkd-B-pkl-keep-unchained"):
         if b_store is None or name not in chosen:
             continue
         key = name[len("xkd-"):].replace("-pkl", "")  # B, B-draws, B-aligned, ... B-renorm
@@ -274,11 +276,13 @@ def make_variants(plan, seed: int, accelerator) -> tuple[list, dict]:
 def _switches(name: str) -> dict:
     """The cross switches of a variant: "-aligned" no inside-token targets and no chains,
     "-noinside" no inside-token targets; else both on; "-renorm" inside-token targets
-    renormalised (inside_other_bin false)."""
+    renormalised (inside_other_bin false); "-keep-unchained" coarser pairs without a
+    readable chain keep the plain target (skip_unchained_pairs false)."""
     aligned = name.endswith("-aligned")
     return {"inside_token_targets": not (aligned or name.endswith("-noinside")),
             "chained_token_targets": not aligned,
-            "inside_other_bin": not name.endswith("-renorm")}
+            "inside_other_bin": not name.endswith("-renorm"),
+            "skip_unchained_pairs": not name.endswith("-keep-unchained")}
 
 
 # Equal weights: neither teacher is known to be better for student C before the run (A's
@@ -309,7 +313,7 @@ def _two_teacher_variant(plan, seed: int, student, accelerator, crosses: dict,
                        **_switches(name))
     plans, cross = cross_parts(cfg, plan.readers["AB"], plan.tokenizer_c)
     # the top-k ones read the same batches, but for the inside and chain switches
-    key = "AB" + next((s for s in ("-draws", "-aligned", "-noinside", "-renorm")
+    key = "AB" + next((s for s in ("-draws", "-aligned", "-noinside", "-renorm", "-keep-unchained")
                        if name.endswith(s)), "")
     if f"C-{key}" not in collates:  # the first one's collate
         crosses[key] = cross

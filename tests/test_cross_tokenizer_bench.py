@@ -254,7 +254,8 @@ def test_the_harness_runs_end_to_end_at_its_tiniest_size(tmp_path):
                                        "xkd-AB-pkl-aligned", "xkd-pkl-noinside",
                                        "xkd-B-pkl-noinside", "xkd-AB-pkl-noinside",
                                        "xkd-pkl-renorm", "xkd-B-pkl-renorm",
-                                       "xkd-AB-pkl-renorm", "xkd-pkl-keep-unchained"}
+                                       "xkd-AB-pkl-renorm", "xkd-pkl-keep-unchained",
+                                       "xkd-B-pkl-keep-unchained", "xkd-AB-pkl-keep-unchained"}
     for row in summary["methods"].values():
         assert 0 < row["bits_per_byte"]["mean"] < 20 and row["bits_per_byte"]["n"] == 2
     assert set(summary["alignment"]) == {"xkd-pkl", "xkd-pkl-aligned", "xkd-pkl-unchained",
@@ -266,7 +267,8 @@ def test_the_harness_runs_end_to_end_at_its_tiniest_size(tmp_path):
                                          "xkd-pkl-noinside", "xkd-B-pkl-noinside",
                                          "xkd-AB-pkl-noinside", "xkd-pkl-renorm",
                                          "xkd-B-pkl-renorm", "xkd-AB-pkl-renorm",
-                                         "xkd-pkl-keep-unchained"}
+                                         "xkd-pkl-keep-unchained", "xkd-B-pkl-keep-unchained",
+                                         "xkd-AB-pkl-keep-unchained"}
     # the draws students: each against the same-tokenizer student of the same target
     assert summary["goals"]["xkd-pkl-draws"]["reference"] == "kd-A-draws"
     assert summary["goals"]["xkd-pkl"]["reference"] == "kd-A"

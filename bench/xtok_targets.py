@@ -8,8 +8,9 @@ are built by the CrossCollate student-train uses, and each teacher's target is p
 onto C's vocabulary at T = 1 as the objective projects it (DistillationObjective._target).
 At every trained position it reports the probability each target gives C's actual next
 token (the label), by kind of position: plain (aligned, the mapped top-k), chained (C's
-token spans several teacher tokens) and inside (C's position inside a teacher token, the
-conditioned target); and, where one teacher gives no target, what the other's gives. As a
+token spans several teacher tokens; also the medians of the target's two factors there: the
+first teacher token's probability and the chain's continuation) and inside (C's position
+inside a teacher token, the conditioned target); and, where one teacher gives no target, what the other's gives. As a
 reference it reports the same for teacher A on its own tokens (store A's top-32 and its
 next token), which is what same-tokenizer KD trains on. A label outside a target's support
 (outside the top-k, or mapped elsewhere) counts as 0: the "p < 1e-4" share is where KD at
@@ -93,8 +94,12 @@ def epoch_columns(plan, seed: int) -> dict:
             t = objective._target(kd[i], signal, lambda x: pick(x)[None], 1.0)
             t = SparseTarget(t.ids[0], t.logprobs[0], t.valid[0], None, t.temperature)
             kind = torch.zeros(len(rows), dtype=torch.long)
-            if "chain_entry" in signal:
-                kind = torch.where(pick(signal["chain_entry"]) >= 0, 1, kind)
+            if "chain_entry" in signal:  # the chain's two factors: P(t1) and C
+                entry = pick(signal["chain_entry"]).long()
+                kind = torch.where(entry >= 0, 1, kind)
+                first = pick(signal["topk_logprobs"]).float().gather(1, entry.clamp_min(0)[:, None])
+                found.update({f"first_{who}": first[:, 0].exp(),
+                              f"continuation_{who}": pick(signal["chain_logc"]).float().exp()})
             if "inside_mask" in signal:
                 kind = torch.where(pick(signal["inside_mask"]).bool(), 2, kind)
             found.update({who: masks[:, i], f"kind_{who}": kind,
@@ -115,7 +120,13 @@ def report(c: dict, own: np.ndarray) -> dict:
            "where_one_is_missing": {}}
     for who, cover in (("A", A), ("B", B)):
         for i, kind in enumerate(KINDS):
-            out["by_kind"][f"{who} {kind}"] = summary(c[f"p_{who}"][cover & (c[f"kind_{who}"] == i)])
+            sel = cover & (c[f"kind_{who}"] == i)
+            out["by_kind"][f"{who} {kind}"] = summary(c[f"p_{who}"][sel])
+        chained = cover & (c[f"kind_{who}"] == 1)
+        if f"first_{who}" in c and chained.any():  # target = P(t1) * C, each factor's median
+            out["by_kind"][f"{who} chained"].update(
+                {f"median_{factor}": float(np.median(c[f"{factor}_{who}"][chained]))
+                 for factor in ("first", "continuation")})
     gaps = {"A unchained (skipped), B gives one": ~A & kept & B,
             "A's other gaps, B gives one": ~A & ~kept & B,
             "B's gaps, A gives one": A & ~B}
@@ -143,8 +154,11 @@ def main(argv=None) -> None:
                      own_token_reference(ready.stores["A"]["url"], ready.plan.signal))
     for section in ("by_kind", "where_one_is_missing"):
         for name, row in figures[section].items():
+            factors = "".join(f"  median {f} {row[f'median_{f}']:.3f}"
+                              for f in ("first", "continuation") if f"median_{f}" in row)
             print(f"{name:36s} {row['positions']:7d} positions  mean p(label) "
-                  f"{row['mean_p_label'] or 0:.3f}  p < 1e-4: {row['share_p_below_1e-4'] or 0:.3f}")
+                  f"{row['mean_p_label'] or 0:.3f}  p < 1e-4: {row['share_p_below_1e-4'] or 0:.3f}"
+                  + factors)
     own = figures["teacher_A_own_tokens"]
     print(f"{'teacher A on its own tokens':36s} {own['positions']:7d} positions  mean p(label) "
           f"{own['mean_p_label']:.3f}  p < 1e-4: {own['share_p_below_1e-4']:.3f}")

@@ -231,20 +231,14 @@ def make_variants(plan, seed: int, accelerator) -> tuple[list, dict]:
     collates = {"A": lambda raw: collate(raw["rows"], raw["weights"], raw["signals"],
                                          packing=raw["packing"])}
     crosses = {}
-    for name, loss, inside, chained in (
-            ("xkd-pkl", "pkl", True, True), ("xkd-pkl-aligned", "pkl", False, False),
-            ("xkd-pkl-unchained", "pkl", True, False), ("xkd-pkl-draws", "pkl", True, True),
-            ("xkd-pkl-noinside", "pkl", False, True), ("xkd-pkl-renorm", "pkl", True, True),
-            ("xkd-pkl-keep-unchained", "pkl", True, True), ("xkd-uld", "uld", True, True)):
+    for name in ("xkd-pkl", "xkd-pkl-aligned", "xkd-pkl-unchained", "xkd-pkl-draws",
+                 "xkd-pkl-noinside", "xkd-pkl-renorm", "xkd-pkl-keep-unchained", "xkd-uld"):
         kind = "C-" + name[len("xkd-"):]
         if name not in chosen and not (name == "xkd-uld" and "ce-C" in chosen):
             continue  # ce-C reads the uld batch (the student's tokens, its signal unused)
         cfg_x = train_config(plan, a_store, plan.student_dirs["C"], name, seed,
-                             cross_loss=loss, inside_token_targets=inside,
-                             chained_token_targets=chained,
-                             inside_other_bin=not name.endswith("-renorm"),
-                             skip_unchained_pairs=not name.endswith("-keep-unchained"),
-                             **kd_of(name))
+                             cross_loss="uld" if name == "xkd-uld" else "pkl",
+                             **_switches(name), **kd_of(name))
         plans, crosses[kind[2:]] = cross_parts(cfg_x, plan.readers["A"], plan.tokenizer_c)
         if name in chosen:
             variants.append(Variant(name, cfg_x, copy_of(students["C"]), plans, kind,
@@ -275,12 +269,12 @@ def make_variants(plan, seed: int, accelerator) -> tuple[list, dict]:
 
 def _switches(name: str) -> dict:
     """The cross switches of a variant: "-aligned" no inside-token targets and no chains,
-    "-noinside" no inside-token targets; else both on; "-renorm" inside-token targets
-    renormalised (inside_other_bin false); "-keep-unchained" coarser pairs without a
-    readable chain keep the plain target (skip_unchained_pairs false)."""
+    "-noinside" no inside-token targets, "-pkl-unchained" no chains; else both on; "-renorm"
+    inside-token targets renormalised (inside_other_bin false); "-keep-unchained" coarser
+    pairs without a readable chain keep the plain target (skip_unchained_pairs false)."""
     aligned = name.endswith("-aligned")
     return {"inside_token_targets": not (aligned or name.endswith("-noinside")),
-            "chained_token_targets": not aligned,
+            "chained_token_targets": not (aligned or name.endswith("-pkl-unchained")),
             "inside_other_bin": not name.endswith("-renorm"),
             "skip_unchained_pairs": not name.endswith("-keep-unchained")}
 

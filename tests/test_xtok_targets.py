@@ -26,7 +26,12 @@ def test_positions_are_counted_by_the_teacher_that_gives_the_target_and_its_kind
          "kind_A": np.array([0, 1, 0, 0, 0, 0]), "kind_B": np.array([0, 2, 0, 0, 1, 0]),
          "p_A": np.array([0.5, 0.1, 0.0, 0.0, 0.0, 0.0]),
          "p_B": np.array([0.0, 0.9, 0.0, 0.2, 0.7, 0.0])}
+    c.update({"first_A": np.array([0.9, 0.2, 0.9, 0.9, 0.9, 0.9]),
+              "continuation_A": np.array([1.0, 0.5, 1.0, 1.0, 1.0, 1.0])})
     out = report(c, np.array([0.25, 0.75]))
+    assert out["by_kind"]["A chained"]["median_first"] == 0.2  # its one chained position
+    assert out["by_kind"]["A chained"]["median_continuation"] == 0.5
+    assert "median_first" not in out["by_kind"]["B chained"]  # no factors given for B
     assert out["by_kind"]["A plain"] == {"positions": 2, "mean_p_label": 0.25,
                                          "share_p_below_1e-4": 0.5}
     assert out["by_kind"]["A chained"]["positions"] == 1

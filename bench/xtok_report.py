@@ -38,6 +38,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fidelity_stats import interval
+from xtok_train import A_VARIANTS, ALL_VARIANTS
 
 GOAL_CLOSED = 0.60
 GOAL_STEP_RATIO = 1.2
@@ -54,14 +55,10 @@ DRAWS_SINGLES, TWO_DRAWS = ("xkd-pkl-draws", "xkd-B-pkl-draws"), "xkd-AB-pkl-dra
 NOINSIDE_SINGLES, TWO_NOINSIDE = ("xkd-pkl", "xkd-pkl-noinside", "xkd-B-pkl-noinside"), \
     "xkd-AB-pkl-noinside"
 SINGLES_OF = {TWO_DRAWS: DRAWS_SINGLES, TWO_NOINSIDE: NOINSIDE_SINGLES}
-CROSS = ("xkd-pkl", "xkd-pkl-aligned", "xkd-pkl-unchained", "xkd-pkl-draws", "xkd-uld",
-         "xkd-B-pkl", "xkd-B-pkl-draws", "xkd-B-pkl-aligned", TWO, MEANS, CONF, PRIORITY, TWO_DRAWS,
-         "xkd-AB-pkl-aligned", "xkd-pkl-noinside", "xkd-B-pkl-noinside", "xkd-AB-pkl-noinside",
-         "xkd-pkl-renorm", "xkd-B-pkl-renorm", "xkd-AB-pkl-renorm", "xkd-pkl-keep-unchained",
-         "xkd-B-pkl-keep-unchained", "xkd-AB-pkl-keep-unchained",
-         # the names the "other" bin's variants had in the runs that tested it (2026-12-07)
+# every cross student (tokenizer C, KD), and the names the "other" bin's variants had in
+# the runs that tested it (2026-12-07)
+CROSS = (*(n for n in ALL_VARIANTS if n.startswith("xkd-")),
          "xkd-pkl-other", "xkd-B-pkl-other", "xkd-AB-pkl-other")
-A_STUDENTS = ("ce-A", "kd-A", "kd-A-draws")  # the others have tokenizer C
 # same-tokenizer KD of the same target; else kd-A
 REFERENCE = {name: "kd-A-draws" for name in ("xkd-pkl-draws", "xkd-B-pkl-draws", TWO_DRAWS)}
 WEIGHTS_BEFORE_OPTION = (0.5, 0.5)  # runs before --two-teacher-weights: equal weights
@@ -257,7 +254,7 @@ def method_table(summary: dict) -> list[str]:
              "| NLL/token | tokens/byte | student tokens/step | step s | step + collate s "
              "| ms per 1k tokens |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in summary["methods"].items():
-        tok = "A" if name in A_STUDENTS else "C"
+        tok = "A" if name in A_VARIANTS else "C"
         vs = "reference" if name == "ce-C" else _ci(row["vs_ce_c"])
         lines.append(f"| {name} | {tok} | {_pm(row['bits_per_byte'], '.4f')} | {vs} "
                      f"| {_pm(row['nll_per_token'], '.4f')} | {row['tokens_per_byte']:.3f} "

@@ -78,29 +78,24 @@ import time
 from dataclasses import replace
 from types import SimpleNamespace
 
-A_VARIANTS = ("ce-A", "kd-A", "kd-A-draws")
-C_VARIANTS = ("ce-C", "xkd-pkl", "xkd-uld")
-ALL_VARIANTS = (*A_VARIANTS, "ce-C", "xkd-pkl", "xkd-pkl-aligned", "xkd-pkl-unchained",
-                "xkd-pkl-draws", "xkd-uld", "xkd-B-pkl", "xkd-B-pkl-draws", "xkd-AB-pkl",
-                "xkd-AB-pkl-means", "xkd-AB-pkl-conf", "xkd-AB-pkl-priority", "xkd-AB-pkl-draws",
-                "xkd-B-pkl-aligned",
-                "xkd-AB-pkl-aligned", "xkd-pkl-noinside", "xkd-B-pkl-noinside",
-                "xkd-AB-pkl-noinside", "xkd-pkl-renorm", "xkd-B-pkl-renorm", "xkd-AB-pkl-renorm",
-                "xkd-pkl-keep-unchained", "xkd-B-pkl-keep-unchained", "xkd-AB-pkl-keep-unchained")
-TWO_TEACHER_VARIANTS = ("xkd-AB-pkl", "xkd-AB-pkl-means", "xkd-AB-pkl-conf", "xkd-AB-pkl-priority",
-                        "xkd-AB-pkl-draws",
-                        "xkd-AB-pkl-aligned", "xkd-AB-pkl-noinside", "xkd-AB-pkl-renorm",
-                        "xkd-AB-pkl-keep-unchained")
+# Every variant's name is built here, once: a student, then an ablation's suffix.
+A_VARIANTS = ("ce-A", "kd-A", "kd-A-draws")  # tokenizer A; the rest have tokenizer C
+# student C from teacher A, from teacher B, from both (store AB)
+CROSS_STUDENTS = ("xkd-pkl", "xkd-B-pkl", "xkd-AB-pkl")
+# what every cross student is also run with (_switches and TARGETS read the suffix)
+CROSS_ABLATIONS = ("-draws", "-aligned", "-noinside", "-renorm", "-keep-unchained")
+TWO_TEACHER_MIXTURES = ("-means", "-conf", "-priority")  # _two_teacher_variant reads them
+DEFAULT_VARIANTS = ("ce-A", "kd-A", "ce-C", "xkd-pkl", "xkd-uld", "xkd-B-pkl", "xkd-AB-pkl")
 # run only when --variants names them
-ABLATIONS = ("kd-A-draws", "xkd-pkl-aligned", "xkd-pkl-unchained", "xkd-pkl-draws",
-             "xkd-B-pkl-draws", "xkd-AB-pkl-means", "xkd-AB-pkl-conf", "xkd-AB-pkl-priority",
-             "xkd-AB-pkl-draws",
-             "xkd-B-pkl-aligned", "xkd-AB-pkl-aligned", "xkd-pkl-noinside", "xkd-B-pkl-noinside",
-             "xkd-AB-pkl-noinside", "xkd-pkl-renorm", "xkd-B-pkl-renorm", "xkd-AB-pkl-renorm",
-             "xkd-pkl-keep-unchained", "xkd-B-pkl-keep-unchained", "xkd-AB-pkl-keep-unchained")
+ABLATIONS = ("kd-A-draws", "xkd-pkl-unchained",
+             *(f"xkd-AB-pkl{m}" for m in TWO_TEACHER_MIXTURES),
+             *(f"{student}{a}" for student in CROSS_STUDENTS for a in CROSS_ABLATIONS))
+ALL_VARIANTS = (*DEFAULT_VARIANTS, *ABLATIONS)
+A_TEACHER_CROSS = tuple(n for n in ALL_VARIANTS if n.startswith(("xkd-pkl", "xkd-uld")))
+B_TEACHER_CROSS = tuple(n for n in ALL_VARIANTS if n.startswith("xkd-B-pkl"))
+TWO_TEACHER_VARIANTS = tuple(n for n in ALL_VARIANTS if n.startswith("xkd-AB-pkl"))
 # the target of each variant's KD (the rest: the signal's top-k)
 TARGETS = {name: "sampled" for name in ALL_VARIANTS if name.endswith("-draws")}
-DEFAULT_VARIANTS = tuple(v for v in ALL_VARIANTS if v not in ABLATIONS)
 
 
 def train_config(plan, store: str, student_dir, name: str, seed: int, **overrides):
@@ -231,8 +226,7 @@ def make_variants(plan, seed: int, accelerator) -> tuple[list, dict]:
     collates = {"A": lambda raw: collate(raw["rows"], raw["weights"], raw["signals"],
                                          packing=raw["packing"])}
     crosses = {}
-    for name in ("xkd-pkl", "xkd-pkl-aligned", "xkd-pkl-unchained", "xkd-pkl-draws",
-                 "xkd-pkl-noinside", "xkd-pkl-renorm", "xkd-pkl-keep-unchained", "xkd-uld"):
+    for name in A_TEACHER_CROSS:
         kind = "C-" + name[len("xkd-"):]
         if name not in chosen and not (name == "xkd-uld" and "ce-C" in chosen):
             continue  # ce-C reads the uld batch (the student's tokens, its signal unused)
@@ -249,8 +243,7 @@ def make_variants(plan, seed: int, accelerator) -> tuple[list, dict]:
         variants.insert(2, Variant("ce-C", cfg_ce, copy_of(students["C"]), [], "C-uld",
                                    accelerator))
     variants = [v for v in variants if v.name in chosen]
-    for name in ("xkd-B-pkl", "xkd-B-pkl-draws", "xkd-B-pkl-aligned", "xkd-B-pkl-noinside",
-                 "xkd-B-pkl-renorm", "xkd-B-pkl-keep-unchained"):
+    for name in B_TEACHER_CROSS:
         if b_store is None or name not in chosen:
             continue
         key = name[len("xkd-"):].replace("-pkl", "")  # B, B-draws, B-aligned, ... B-renorm
@@ -307,8 +300,7 @@ def _two_teacher_variant(plan, seed: int, student, accelerator, crosses: dict,
                        **_switches(name))
     plans, cross = cross_parts(cfg, plan.readers["AB"], plan.tokenizer_c)
     # the top-k ones read the same batches, but for the inside and chain switches
-    key = "AB" + next((s for s in ("-draws", "-aligned", "-noinside", "-renorm", "-keep-unchained")
-                       if name.endswith(s)), "")
+    key = "AB" + next((s for s in CROSS_ABLATIONS if name.endswith(s)), "")
     if f"C-{key}" not in collates:  # the first one's collate
         crosses[key] = cross
         collates[f"C-{key}"] = _b_collate(cross.collate, plan.samples_ab, store["signals"])

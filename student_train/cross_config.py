@@ -1,6 +1,7 @@
 """student-train's settings of a student whose tokenizer is not the store's
 (student_train/cross_tokenizer.py sets the loss and CrossCollate up from them); config.py
-declares them in FIELDS with the rest."""
+declares them in FIELDS with the rest. `cross_fields_in_effect` says which of them act on a
+run (a resume ignores differences in the others)."""
 
 from __future__ import annotations
 
@@ -43,3 +44,20 @@ CROSS_FIELDS: dict[str, Field] = {
                                        "one): the plain mapped target there gives the "
                                        "student's own next token no mass (false: kept)."),
 }
+
+
+def cross_fields_in_effect(values, across: bool) -> set[str]:
+    """The CROSS_FIELDS keys that change a run whose resolved settings are `values` (a
+    mapping): none when the run is not across tokenizers (`across` False), `cross_loss` alone
+    under uld (the rest are pkl's), and under pkl all but the switches their parent turns off
+    (`inside_other_bin` without inside targets, `skip_unchained_pairs` without chains)."""
+    if not across:
+        return set()
+    if values["cross_loss"] != "pkl":
+        return {"cross_loss"}
+    acting = set(CROSS_FIELDS)
+    if not values["inside_token_targets"]:
+        acting.discard("inside_other_bin")
+    if not values["chained_token_targets"]:
+        acting.discard("skip_unchained_pairs")
+    return acting

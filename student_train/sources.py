@@ -92,6 +92,11 @@ class Inputs:
     eval_store: StoreReader | None = None
     student_tokenizer: Callable[[], Any] | None = None
 
+    def across_tokenizers(self, cfg) -> bool:
+        """Whether the run takes the cross-tokenizer path (False without a store)."""
+        return self.store is not None and _across_tokenizers(cfg, self.store,
+                                                             self.student_tokenizer)
+
 
 def check_inputs(cfg) -> Inputs:
     """Open the store and eval_store (each: exists, committed, a format this version reads)

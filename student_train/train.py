@@ -25,17 +25,18 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from logitstore import __version__
 from logitstore.errors import ConfigError, LogitStoreError
 from logitstore.toolkit.tokenizer_identity import check_vocab_compat
-from logitstore.toolkit.options import config_differences
+from logitstore.toolkit.options import UNSET, config_differences
 from student_train.checkpoint import (TrainingProgress, checkpoint_dir, find_checkpoint,
                                       load_checkpoint, save_checkpoint)
 from student_train.config import FIELDS, TrainConfig, save_config
+from student_train.cross_config import CROSS_FIELDS, cross_fields_in_effect
 from student_train.losses import temperature_at
 from student_train.memory_plan_render import (OUT_OF_MEMORY, check_memory_plan,
                                               out_of_memory_message)
@@ -135,7 +136,12 @@ class EpochBatches:
 
 # ----------------------------------------------------------------------------- the run
 
-def _check_resume(cfg: TrainConfig, out: Path, ckpt: Path | None) -> None:
+def _check_resume(cfg: TrainConfig, out: Path, ckpt: Path | None,
+                  across: Callable[[], bool] = lambda: True) -> None:
+    """Refuses a resume whose settings differ from the run's saved ones where that changes
+    the training math; differences in cross-tokenizer switches that act on neither run
+    (`cross_fields_in_effect`; `across()`: whether the run is across tokenizers, asked only
+    then) are no difference."""
     import yaml
 
     saved_file = out / "config.yaml"
@@ -143,6 +149,13 @@ def _check_resume(cfg: TrainConfig, out: Path, ckpt: Path | None) -> None:
         return
     saved = (yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}).get("train", {})
     diffs = config_differences(saved, cfg, FIELDS, saved_as="run")
+    if any(d.split(":", 1)[0] in CROSS_FIELDS for d in diffs):
+        as_saved = {k: saved.get(k, FIELDS[k].default if FIELDS[k].absent is UNSET
+                                 else FIELDS[k].absent) for k in CROSS_FIELDS}
+        crossing = across()
+        inert = set(CROSS_FIELDS) - cross_fields_in_effect(as_saved, crossing) \
+            - cross_fields_in_effect(cfg.as_dict(), crossing)
+        diffs = [d for d in diffs if d.split(":", 1)[0] not in inert]
     order = list(saved.get("signals") or {}), list(cfg.signals)
     if cfg.signal_mixture == "priority" and order[0] != order[1]:  # the first one leads
         diffs.append(f"signals: run has the order {order[0]}, now {order[1]} (signal_mixture "
@@ -152,8 +165,10 @@ def _check_resume(cfg: TrainConfig, out: Path, ckpt: Path | None) -> None:
                           ["resuming continues the same run: use its settings, or a new --out"])
 
 
-def check_run_dir(cfg: TrainConfig) -> tuple[Path, Path | None]:
-    """(run directory, created and writable; the checkpoint `--resume` names, or None)."""
+def check_run_dir(cfg: TrainConfig, inputs: Inputs | None = None) -> tuple[Path, Path | None]:
+    """(run directory, created and writable; the checkpoint `--resume` names, or None).
+    `inputs` (check_inputs') tell a resume whether the run is across tokenizers; without
+    them every cross-tokenizer switch is compared."""
     out = Path(cfg.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -166,7 +181,7 @@ def check_run_dir(cfg: TrainConfig) -> tuple[Path, Path | None]:
             f"({type(exc).__name__}: {exc.strerror or exc}); give a writable directory with "
             f"--out") from exc
     ckpt = find_checkpoint(out, cfg.resume)
-    _check_resume(cfg, out, ckpt)
+    _check_resume(cfg, out, ckpt, lambda: inputs is None or inputs.across_tokenizers(cfg))
     return out, ckpt
 
 
@@ -357,7 +372,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     with the plan's suggestion; the checkpoints saved so far let --resume continue.
     """
     inputs = check_inputs(cfg)
-    out, ckpt = check_run_dir(cfg)
+    out, ckpt = check_run_dir(cfg, inputs)
     check_memory_plan(cfg, inputs)  # before any weight is loaded (gpu_memory, else CUDA's)
     try:
         return _train(cfg, out, inputs, ckpt)

@@ -73,6 +73,7 @@ def test_scaling_is_paired_per_round_and_judged():
     assert out[0]["verdict"] == "met" and out[0]["variant"] == "onnx-int8"
 
 
+@pytest.mark.slow  # ~40 s: export, INT8, a served model, two rounds (as the other benches')
 def test_quick_run_end_to_end(tmp_path):
     out = tmp_path / "serve.json"
     done = subprocess.run([sys.executable, "bench/serve_bench.py", "--quick", "--cache",

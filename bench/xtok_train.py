@@ -7,6 +7,10 @@ rows into its own batch:
   kd-A      tokenizer A, KD from store A    same batch; top-k target, the existing path
   kd-A-draws                                (only when --variants names it) kd-A with the
                                             signal's 16 draws as the target (sampled)
+  kd-A-drop                                 (only when --variants names it) kd-A with no KD
+                                            target at a random KD_DROP_SHARE of positions
+                                            (CE alone there, as a cross student where it
+                                            has no target): what missing targets cost
   ce-C      tokenizer C, CE only            the stored texts re-tokenized with C (the uld
                                             batch below: same tokens, its signal unused)
   xkd-pkl   tokenizer C, KD from store A    student_train.cross_tokenizer.cross_setup with
@@ -79,7 +83,10 @@ from dataclasses import replace
 from types import SimpleNamespace
 
 # Every variant's name is built here, once: a student, then an ablation's suffix.
-A_VARIANTS = ("ce-A", "kd-A", "kd-A-draws")  # tokenizer A; the rest have tokenizer C
+A_VARIANTS = ("ce-A", "kd-A", "kd-A-draws", "kd-A-drop")  # tokenizer A; the rest: C
+# kd-A-drop's share of positions without a KD target: xkd-pkl's (93.3 % of its trained
+# positions get one, bench/results/xtok_current.md)
+KD_DROP_SHARE = 0.067
 # student C from teacher A, from teacher B, from both (store AB)
 CROSS_STUDENTS = ("xkd-pkl", "xkd-B-pkl", "xkd-AB-pkl")
 # what every cross student is also run with (_switches and TARGETS read the suffix)
@@ -87,7 +94,7 @@ CROSS_ABLATIONS = ("-draws", "-aligned", "-noinside", "-renorm", "-keep-unchaine
 TWO_TEACHER_MIXTURES = ("-means", "-conf", "-priority")  # _two_teacher_variant reads them
 DEFAULT_VARIANTS = ("ce-A", "kd-A", "ce-C", "xkd-pkl", "xkd-uld", "xkd-B-pkl", "xkd-AB-pkl")
 # run only when --variants names them
-ABLATIONS = ("kd-A-draws", "xkd-pkl-unchained",
+ABLATIONS = ("kd-A-draws", "kd-A-drop", "xkd-pkl-unchained",
              *(f"xkd-AB-pkl{m}" for m in TWO_TEACHER_MIXTURES),
              *(f"{student}{a}" for student in CROSS_STUDENTS for a in CROSS_ABLATIONS))
 ALL_VARIANTS = (*DEFAULT_VARIANTS, *ABLATIONS)
@@ -221,10 +228,12 @@ def make_variants(plan, seed: int, accelerator) -> tuple[list, dict]:
         problems: list[str] = []
         plans = [] if name == "ce-A" else plan_signals(
             cfg[name], plan.readers["A"].settings, students["A"], problems)[0]
-        variants.append(Variant(name, cfg[name], copy_of(students["A"]), plans, "A",
-                                accelerator))
+        variants.append(Variant(name, cfg[name], copy_of(students["A"]), plans,
+                                "A-drop" if name == "kd-A-drop" else "A", accelerator))
     collates = {"A": lambda raw: collate(raw["rows"], raw["weights"], raw["signals"],
                                          packing=raw["packing"])}
+    if "kd-A-drop" in chosen:
+        collates["A-drop"] = _dropping_collate(collate, signal, seed)
     crosses = {}
     for name in A_TEACHER_CROSS:
         kind = "C-" + name[len("xkd-"):]
@@ -306,6 +315,22 @@ def _two_teacher_variant(plan, seed: int, student, accelerator, crosses: dict,
         collates[f"C-{key}"] = _b_collate(cross.collate, plan.samples_ab, store["signals"])
     return Variant(name, cfg, copy_of(student), plans, f"C-{key}", accelerator,
                    crosses[key].vocab_maps)
+
+
+def _dropping_collate(collate, signal: str, seed: int):
+    """The A batch with `kd_mask` False at a random KD_DROP_SHARE of its positions (drawn
+    from a generator of the seed, so every run of the seed drops the same ones)."""
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng([seed, 15])
+
+    def collate_dropping(raw):
+        batch = collate(raw["rows"], raw["weights"], raw["signals"], packing=raw["packing"])
+        shape = tuple(batch["input_ids"].shape)
+        batch["signals"][signal]["kd_mask"] = torch.from_numpy(rng.random(shape) >= KD_DROP_SHARE)
+        return batch
+    return collate_dropping
 
 
 def _cross_collate(fn):

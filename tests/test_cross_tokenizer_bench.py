@@ -245,7 +245,7 @@ def test_the_harness_runs_end_to_end_at_its_tiniest_size(tmp_path):
           "--variants", ",".join(ALL_VARIANTS)])
     result = json.loads(out.read_text())
     summary = result["summary"]
-    assert set(summary["methods"]) == set(ALL_VARIANTS) and len(ALL_VARIANTS) == 27
+    assert set(summary["methods"]) == set(ALL_VARIANTS) and len(ALL_VARIANTS) == 28
     for row in summary["methods"].values():
         assert 0 < row["bits_per_byte"]["mean"] < 20 and row["bits_per_byte"]["n"] == 2
     assert set(summary["alignment"]) == {n for n in ALL_VARIANTS if n.startswith("xkd-")}
@@ -344,7 +344,7 @@ def test_each_variant_name_says_what_its_student_is():
     from xtok_train import (ABLATIONS, ALL_VARIANTS, DEFAULT_VARIANTS, TARGETS,
                             TWO_TEACHER_VARIANTS, _switches)
 
-    assert len(set(ALL_VARIANTS)) == len(ALL_VARIANTS) == 27
+    assert len(set(ALL_VARIANTS)) == len(ALL_VARIANTS) == 28
     assert set(DEFAULT_VARIANTS) == set(ALL_VARIANTS) - set(ABLATIONS)
     assert set(TARGETS) == {"kd-A-draws", "xkd-pkl-draws", "xkd-B-pkl-draws", "xkd-AB-pkl-draws"}
     assert len(TWO_TEACHER_VARIANTS) == 9 and "xkd-AB-pkl-priority" in TWO_TEACHER_VARIANTS
@@ -358,6 +358,25 @@ def test_each_variant_name_says_what_its_student_is():
         assert _switches(f"{student}-renorm") == {**on, "inside_other_bin": False}
         assert _switches(f"{student}-keep-unchained") == {**on, "skip_unchained_pairs": False}
     assert _switches("xkd-pkl-unchained") == {**on, "chained_token_targets": False}
+
+
+def test_kd_a_drop_masks_the_same_random_share_of_positions_on_every_run():
+    import torch
+    from xtok_train import KD_DROP_SHARE, _dropping_collate
+
+    def collate(rows, weights, signals, packing):
+        return {"input_ids": torch.zeros(4, 1000, dtype=torch.long),
+                "signals": {"t": {"topk_ids": None}}}
+
+    raw = {"rows": [], "weights": [], "signals": ["t"], "packing": True}
+    first, again = _dropping_collate(collate, "t", 3), _dropping_collate(collate, "t", 3)
+    masks = [first(raw)["signals"]["t"]["kd_mask"] for _ in range(2)]
+    assert masks[0].shape == (4, 1000) and masks[0].dtype == torch.bool
+    assert abs((~masks[0]).float().mean().item() - KD_DROP_SHARE) < 0.015
+    assert not torch.equal(masks[0], masks[1])  # a new draw per batch ...
+    assert torch.equal(again(raw)["signals"]["t"]["kd_mask"], masks[0])  # ... the same per seed
+    assert not torch.equal(_dropping_collate(collate, "t", 4)(raw)["signals"]["t"]["kd_mask"],
+                           masks[0])
 
 
 def test_variants_are_chosen_by_name_and_the_references_are_required():

@@ -11,6 +11,9 @@ rows into its own batch:
                                             target at a random KD_DROP_SHARE of positions
                                             (CE alone there, as a cross student where it
                                             has no target): what missing targets cost
+  kd-A-drop-blend, xkd-pkl-blend,           (only when --variants names them) with
+  xkd-B-pkl-blend, xkd-AB-pkl-blend         ce_without_target blend: CE at 1 - alpha where
+                                            no KD target, not 1
   ce-C      tokenizer C, CE only            the stored texts re-tokenized with C (the uld
                                             batch below: same tokens, its signal unused)
   xkd-pkl   tokenizer C, KD from store A    student_train.cross_tokenizer.cross_setup with
@@ -83,18 +86,18 @@ from dataclasses import replace
 from types import SimpleNamespace
 
 # Every variant's name is built here, once: a student, then an ablation's suffix.
-A_VARIANTS = ("ce-A", "kd-A", "kd-A-draws", "kd-A-drop")  # tokenizer A; the rest: C
+A_VARIANTS = ("ce-A", "kd-A", "kd-A-draws", "kd-A-drop", "kd-A-drop-blend")  # the rest: C
 # kd-A-drop's share of positions without a KD target: xkd-pkl's (93.3 % of its trained
 # positions get one, bench/results/xtok_current.md)
 KD_DROP_SHARE = 0.067
 # student C from teacher A, from teacher B, from both (store AB)
 CROSS_STUDENTS = ("xkd-pkl", "xkd-B-pkl", "xkd-AB-pkl")
 # what every cross student is also run with (_switches and TARGETS read the suffix)
-CROSS_ABLATIONS = ("-draws", "-aligned", "-noinside", "-renorm", "-keep-unchained")
+CROSS_ABLATIONS = ("-draws", "-aligned", "-noinside", "-renorm", "-keep-unchained", "-blend")
 TWO_TEACHER_MIXTURES = ("-means", "-conf", "-priority")  # _two_teacher_variant reads them
 DEFAULT_VARIANTS = ("ce-A", "kd-A", "ce-C", "xkd-pkl", "xkd-uld", "xkd-B-pkl", "xkd-AB-pkl")
 # run only when --variants names them
-ABLATIONS = ("kd-A-draws", "kd-A-drop", "xkd-pkl-unchained",
+ABLATIONS = ("kd-A-draws", "kd-A-drop", "kd-A-drop-blend", "xkd-pkl-unchained",
              *(f"xkd-AB-pkl{m}" for m in TWO_TEACHER_MIXTURES),
              *(f"{student}{a}" for student in CROSS_STUDENTS for a in CROSS_ABLATIONS))
 ALL_VARIANTS = (*DEFAULT_VARIANTS, *ABLATIONS)
@@ -220,7 +223,9 @@ def make_variants(plan, seed: int, accelerator) -> tuple[list, dict]:
         return {**kd, "target": TARGETS.get(name, "topk")}
 
     cfg = {n: train_config(plan, a_store, plan.student_dirs["A"], n, seed,
-                           **(kd_of(n) if n != "ce-A" else {})) for n in A_VARIANTS}
+                           **(kd_of(n) if n != "ce-A" else {}),
+                           ce_without_target="blend" if n.endswith("-blend") else "full")
+           for n in A_VARIANTS}
     from student_train.sources import plan_signals
 
     variants = []
@@ -229,10 +234,10 @@ def make_variants(plan, seed: int, accelerator) -> tuple[list, dict]:
         plans = [] if name == "ce-A" else plan_signals(
             cfg[name], plan.readers["A"].settings, students["A"], problems)[0]
         variants.append(Variant(name, cfg[name], copy_of(students["A"]), plans,
-                                "A-drop" if name == "kd-A-drop" else "A", accelerator))
+                                "A-drop" if "-drop" in name else "A", accelerator))
     collates = {"A": lambda raw: collate(raw["rows"], raw["weights"], raw["signals"],
                                          packing=raw["packing"])}
-    if "kd-A-drop" in chosen:
+    if {"kd-A-drop", "kd-A-drop-blend"} & set(chosen):
         collates["A-drop"] = _dropping_collate(collate, signal, seed)
     crosses = {}
     for name in A_TEACHER_CROSS:
@@ -273,9 +278,11 @@ def _switches(name: str) -> dict:
     """The cross switches of a variant: "-aligned" no inside-token targets and no chains,
     "-noinside" no inside-token targets, "-pkl-unchained" no chains; else both on; "-renorm"
     inside-token targets renormalised (inside_other_bin false); "-keep-unchained" coarser
-    pairs without a readable chain keep the plain target (skip_unchained_pairs false)."""
+    pairs without a readable chain keep the plain target (skip_unchained_pairs false);
+    "-blend" CE at 1 - alpha where no KD target (ce_without_target blend)."""
     aligned = name.endswith("-aligned")
-    return {"inside_token_targets": not (aligned or name.endswith("-noinside")),
+    return {"ce_without_target": "blend" if name.endswith("-blend") else "full",
+            "inside_token_targets": not (aligned or name.endswith("-noinside")),
             "chained_token_targets": not (aligned or name.endswith("-pkl-unchained")),
             "inside_other_bin": not name.endswith("-renorm"),
             "skip_unchained_pairs": not name.endswith("-keep-unchained")}

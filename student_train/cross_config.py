@@ -8,12 +8,17 @@ from __future__ import annotations
 from logitstore.toolkit.options import Field, between
 
 CROSS_LOSSES = ("pkl", "uld")
+CE_WITHOUT_TARGET = ("full", "blend")
 
 CROSS_FIELDS: dict[str, Field] = {
     "cross_loss": Field("str", "pkl", choices=CROSS_LOSSES,
                         help="A student whose tokenizer is not the store's: pkl = the divergence "
                              "on the teacher's top-k mapped onto the student's vocabulary; "
                              "uld = sorted-probability distance (no map)."),
+    "ce_without_target": Field("str", "full", choices=CE_WITHOUT_TARGET,
+                               help="The CE weight at a position no signal gives a KD target "
+                                    "(skipped, not aligned): full = 1, the whole loss there; "
+                                    "blend = 1 - alpha, as at the positions with a target."),
     "min_mapped_share": Field("float", 0.5, between(0, 1),
                               help="pkl: skip (and count) positions whose teacher top-k mass "
                                    "maps onto the student's vocabulary less than this (inside "
@@ -48,13 +53,14 @@ CROSS_FIELDS: dict[str, Field] = {
 
 def cross_fields_in_effect(values, across: bool) -> set[str]:
     """The CROSS_FIELDS keys that change a run whose resolved settings are `values` (a
-    mapping): none when the run is not across tokenizers (`across` False), `cross_loss` alone
-    under uld (the rest are pkl's), and under pkl all but the switches their parent turns off
-    (`inside_other_bin` without inside targets, `skip_unchained_pairs` without chains)."""
+    mapping): none when the run is not across tokenizers (`across` False), `cross_loss` and
+    `ce_without_target` alone under uld (the rest are pkl's), and under pkl all but the
+    switches their parent turns off (`inside_other_bin` without inside targets,
+    `skip_unchained_pairs` without chains)."""
     if not across:
         return set()
     if values["cross_loss"] != "pkl":
-        return {"cross_loss"}
+        return {"cross_loss", "ce_without_target"}
     acting = set(CROSS_FIELDS)
     if not values["inside_token_targets"]:
         acting.discard("inside_other_bin")

@@ -28,6 +28,8 @@ class Weights:
     # several cross-tokenizer signals: KD averaged over the positions any covers (the
     # objective's mixture scale); False: each signal's mean over its own positions
     mix_per_position: bool = True
+    # positions no signal gives a KD target: CE at weight 1 there (else 1 - alpha, the blend's)
+    full_ce_without_target: bool = True
 
 
 def combine(sums: dict[str, Tensor], dens: dict[str, Tensor], plans: Sequence[SignalPlan],
@@ -47,7 +49,7 @@ def combine(sums: dict[str, Tensor], dens: dict[str, Tensor], plans: Sequence[Si
     kd_plans = [p for p in plans if p.target]
     if kd_plans and any(f"kd_tokens/{p.name}" in dens for p in kd_plans):
         blend_g = _masked_kd_blend(sums, dens, kd_plans, weights, ce_g, parts)
-        if "ce_free" in sums:  # no KD target there: the CE takes the whole weight
+        if "ce_free" in sums and weights.full_ce_without_target:  # CE takes the whole weight
             a = weights.alpha if weights.alpha_on == "kd" else 1 - weights.alpha
             blend_g = blend_g + a * sums["ce_free"] / safe
     elif kd_plans:

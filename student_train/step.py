@@ -49,9 +49,11 @@ class Step:
         self.weights = Weights(alpha=cfg.alpha, alpha_on=cfg.alpha_on, hidden=cfg.hidden_weight,
                                attention=cfg.attention_weight,
                                group_weights=tuple(sources.group_weights) or (1.0,),
-                               mix_per_position=cfg.mix_signals_per_position)
+                               mix_per_position=cfg.mix_signals_per_position,
+                               full_ce_without_target=cfg.ce_without_target == "full")
         self.eval_weights = Weights(alpha=cfg.alpha, alpha_on=cfg.alpha_on,
-                                    mix_per_position=cfg.mix_signals_per_position)
+                                    mix_per_position=cfg.mix_signals_per_position,
+                                    full_ce_without_target=cfg.ce_without_target == "full")
 
     def add_groups(self, batch: dict) -> dict:
         if self.sources.group_of:

@@ -245,7 +245,7 @@ def test_the_harness_runs_end_to_end_at_its_tiniest_size(tmp_path):
           "--variants", ",".join(ALL_VARIANTS)])
     result = json.loads(out.read_text())
     summary = result["summary"]
-    assert set(summary["methods"]) == set(ALL_VARIANTS) and len(ALL_VARIANTS) == 28
+    assert set(summary["methods"]) == set(ALL_VARIANTS) and len(ALL_VARIANTS) == 32
     for row in summary["methods"].values():
         assert 0 < row["bits_per_byte"]["mean"] < 20 and row["bits_per_byte"]["n"] == 2
     assert set(summary["alignment"]) == {n for n in ALL_VARIANTS if n.startswith("xkd-")}
@@ -344,12 +344,12 @@ def test_each_variant_name_says_what_its_student_is():
     from xtok_train import (ABLATIONS, ALL_VARIANTS, DEFAULT_VARIANTS, TARGETS,
                             TWO_TEACHER_VARIANTS, _switches)
 
-    assert len(set(ALL_VARIANTS)) == len(ALL_VARIANTS) == 28
+    assert len(set(ALL_VARIANTS)) == len(ALL_VARIANTS) == 32
     assert set(DEFAULT_VARIANTS) == set(ALL_VARIANTS) - set(ABLATIONS)
     assert set(TARGETS) == {"kd-A-draws", "xkd-pkl-draws", "xkd-B-pkl-draws", "xkd-AB-pkl-draws"}
-    assert len(TWO_TEACHER_VARIANTS) == 9 and "xkd-AB-pkl-priority" in TWO_TEACHER_VARIANTS
+    assert len(TWO_TEACHER_VARIANTS) == 10 and "xkd-AB-pkl-priority" in TWO_TEACHER_VARIANTS
     on = {"inside_token_targets": True, "chained_token_targets": True, "inside_other_bin": True,
-          "skip_unchained_pairs": True}
+          "skip_unchained_pairs": True, "ce_without_target": "full"}
     for student in ("xkd-pkl", "xkd-B-pkl", "xkd-AB-pkl"):
         assert _switches(student) == _switches(f"{student}-draws") == on
         assert _switches(f"{student}-aligned") == {**on, "inside_token_targets": False,
@@ -357,6 +357,7 @@ def test_each_variant_name_says_what_its_student_is():
         assert _switches(f"{student}-noinside") == {**on, "inside_token_targets": False}
         assert _switches(f"{student}-renorm") == {**on, "inside_other_bin": False}
         assert _switches(f"{student}-keep-unchained") == {**on, "skip_unchained_pairs": False}
+        assert _switches(f"{student}-blend") == {**on, "ce_without_target": "blend"}
     assert _switches("xkd-pkl-unchained") == {**on, "chained_token_targets": False}
 
 

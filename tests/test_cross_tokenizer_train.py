@@ -202,12 +202,14 @@ def test_min_mapped_share_drops_positions_and_counts_them(world):
         kept["cross_stats"]["cross/topk_mass/teacher"])
 
 
-@pytest.mark.parametrize("loss", ["pkl", "uld"])
-def test_objective_matches_a_dense_reference_on_a_cross_batch(world, loss, monkeypatch):
+@pytest.mark.parametrize("loss,full_ce", [("pkl", True), ("uld", True), ("pkl", False)])
+def test_objective_matches_a_dense_reference_on_a_cross_batch(world, loss, full_ce,
+                                                              monkeypatch):
     """The objective's loss and lm_head/body gradients on a foreign-tokenizer batch (fused
     lm_head with its precomputed gradient for pkl, checkpointed chunks for uld; skipped
-    positions masked) equal the textbook computation on full logits, and the fused lm_head
-    uses the gradient its forward built (the masked expected gradient was the right one)."""
+    positions masked; CE at weight 1 where no KD target, or 1 - alpha with `full_ce` off)
+    equal the textbook computation on full logits, and the fused lm_head uses the gradient
+    its forward built (the masked expected gradient was the right one)."""
     from transformers import AutoModelForCausalLM
 
     from logitstore.reader import StoreReader
@@ -231,7 +233,7 @@ def test_objective_matches_a_dense_reference_on_a_cross_batch(world, loss, monke
     batch = collate([[s] for s in reader.read_segment(0)[:4]], [[1.0]] * 4, ["teacher"],
                     packing=False)
     plans = [SignalPlan("teacher", kd_weight=1.0, target="topk", cross_loss=loss)]
-    weights, temperature = Weights(alpha=0.6), 2.0
+    weights, temperature = Weights(alpha=0.6, full_ce_without_target=full_ce), 2.0
 
     def grads(model):
         return [p.grad.clone() for p in (model.lm_head.weight, model.model.embed_tokens.weight)]
@@ -268,7 +270,8 @@ def test_objective_matches_a_dense_reference_on_a_cross_batch(world, loss, monke
     labels = shifted(batch["labels"], -100)
     ce = cross_entropy_per_position(logits[trained], labels[trained])
     free = ~kd[trained]  # trained positions without a KD target: the CE has the whole weight
-    expected = 0.6 * kd_sum / kd.sum() + (0.4 * ce.sum() + 0.6 * ce[free].sum()) / trained.sum()
+    expected = 0.6 * kd_sum / kd.sum() + (0.4 * ce.sum() + 0.6 * full_ce * ce[free].sum()) \
+        / trained.sum()
     expected.backward()
     assert 0 < int(kd.sum()) < int(trained.sum())
     assert float(loss_value) == pytest.approx(float(expected), rel=1e-5)

@@ -54,7 +54,10 @@ DRAWS_SINGLES, TWO_DRAWS = ("xkd-pkl-draws", "xkd-B-pkl-draws"), "xkd-AB-pkl-dra
 # without inside-token targets: against teacher A with them or without, and B without
 NOINSIDE_SINGLES, TWO_NOINSIDE = ("xkd-pkl", "xkd-pkl-noinside", "xkd-B-pkl-noinside"), \
     "xkd-AB-pkl-noinside"
-SINGLES_OF = {TWO_DRAWS: DRAWS_SINGLES, TWO_NOINSIDE: NOINSIDE_SINGLES}
+# CE at 1 - alpha where no target: against teacher A with that weight or the full one, and B
+BLEND_SINGLES, TWO_BLEND = ("xkd-pkl", "xkd-pkl-blend", "xkd-B-pkl"), "xkd-AB-pkl-blend"
+SINGLES_OF = {TWO_DRAWS: DRAWS_SINGLES, TWO_NOINSIDE: NOINSIDE_SINGLES,
+              TWO_BLEND: BLEND_SINGLES}
 # every cross student (tokenizer C, KD), and the names the "other" bin's variants had in
 # the runs that tested it (2026-12-07)
 CROSS = (*(n for n in ALL_VARIANTS if n.startswith("xkd-")),
@@ -65,7 +68,8 @@ WEIGHTS_BEFORE_OPTION = (0.5, 0.5)  # runs before --two-teacher-weights: equal w
 MIXTURES = {TWO: "signals A:{a}, B:{b}", CONF: "signals A:{a}, B:{b}, each times its "
             "probability of the next token", PRIORITY: "signals A:{a}, B:{b}, A first, B where A "
             "has no target", TWO_DRAWS: "signals A:{a}, B:{b}, their draws",
-            TWO_NOINSIDE: "signals A:{a}, B:{b}, no inside-token targets"}
+            TWO_NOINSIDE: "signals A:{a}, B:{b}, no inside-token targets",
+            TWO_BLEND: "signals A:{a}, B:{b}, CE at 1 - alpha where no target"}
 
 
 def _seeds(runs, name, key="bits_per_byte"):
@@ -166,7 +170,8 @@ def _per_signal(counts: dict, positions: float) -> dict:
 def two_teachers(runs: list[dict], rows: dict, name: str = TWO) -> dict:
     """The two-teacher goal (module docstring) for student `name` (xkd-AB-pkl,
     xkd-AB-pkl-conf, xkd-AB-pkl-draws against the single teachers' draws students, or
-    xkd-AB-pkl-noinside against the single teachers with and without inside-token targets)
+    xkd-AB-pkl-noinside against the single teachers with and without inside-token targets,
+    xkd-AB-pkl-blend against teacher A's students with either CE weight and teacher B's)
     vs the better single teacher, and vs the other two-teacher students."""
     single_names = SINGLES_OF.get(name, SINGLES)
     singles = {n: rows[n]["bits_per_byte"]["mean"] for n in single_names if n in rows}
@@ -232,7 +237,9 @@ def summarise(runs: list[dict], teachers: dict) -> dict:
             **({"two_teachers_draws": two_teachers(runs, rows, TWO_DRAWS)}
                if TWO_DRAWS in rows else {}),
             **({"two_teachers_noinside": two_teachers(runs, rows, TWO_NOINSIDE)}
-               if TWO_NOINSIDE in rows else {})}
+               if TWO_NOINSIDE in rows else {}),
+            **({"two_teachers_blend": two_teachers(runs, rows, TWO_BLEND)}
+               if TWO_BLEND in rows else {})}
 
 
 # ----------------------------------------------------------------------------- markdown
@@ -366,7 +373,7 @@ def render(result: dict) -> str:
     weights = st.get("two_teacher_weights", WEIGHTS_BEFORE_OPTION)
     lines += two_teacher_lines(s["two_teachers"], weights)
     for key in ("two_teachers_conf", "two_teachers_priority", "two_teachers_draws",
-                "two_teachers_noinside"):
+                "two_teachers_noinside", "two_teachers_blend"):
         if key in s:
             lines += two_teacher_lines(s[key], weights)
     lines += ["", "Alignment and map coverage (summed over seeds and steps):"]

@@ -183,6 +183,25 @@ def test_the_confidence_mixture_student_is_judged_on_its_own_and_against_equal_w
     assert "(goal: below 0: **met**)" in text and "(goal: below 0: **not met**)" in text
 
 
+def test_the_blend_two_teacher_student_is_judged_against_the_better_of_a_with_either_weight():
+    from xtok_report import TWO_BLEND, render, summarise
+
+    a_blend = [1.57, 1.59, 1.58]  # teacher A with CE at 1 - alpha: better than xkd-pkl
+    summary = summarise(fake_runs({**BASE, "xkd-pkl-blend": a_blend,
+                                   TWO_BLEND: [1.58, 1.60, 1.59]}), {})
+    t = summary["two_teachers_blend"]
+    assert t["better_single"] == "xkd-pkl-blend" and t["verdict"] == "not met"
+    assert t["vs_single"][SINGLE_A]["values"] == pytest.approx([-0.02, -0.02, -0.02])
+    assert not summarise(fake_runs({**BASE, TWO_BLEND: a_blend}), {})[
+        "two_teachers_blend"]["runnable"]  # xkd-pkl-blend not run: no verdict
+    result = {"summary": summary, "settings": {"steps": 10, "top_k": 32,
+                                               "train": {"batch_tokens": 1024}},
+              "teachers": {}, "corpus": {k: {"records": 1, "bytes": 1}
+                                         for k in ("teacher", "transfer", "heldout")}}
+    assert f"({TWO_BLEND}, signals A:0.5, B:0.5, CE at 1 - alpha where no target)" \
+        in render(result)
+
+
 def test_a_run_without_the_two_teacher_student_says_why():
     """A JSON of a run before store AB existed (or --no-b) re-renders with the reason."""
     from xtok_report import NO_TWO_TEACHERS, summarise

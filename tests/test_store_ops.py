@@ -442,6 +442,7 @@ def crash_sources(tmp_path_factory):
             write_store(root / "z", make_samples(16, 23, CRASH_SETTINGS), CRASH_SETTINGS))
 
 
+@pytest.mark.slow  # ~20 s: a crash campaign (10 kills); the CLI kill below stays fast
 def test_merge_killed_at_random_moments_then_rerun(mp, crash_sources, tmp_path):
     x, y, _ = crash_sources
     job = make_job(mp, tmp_path, merge_stores, ([x, y],), {})
@@ -449,6 +450,7 @@ def test_merge_killed_at_random_moments_then_rerun(mp, crash_sources, tmp_path):
     assert_kills_landed(kill_and_rerun(mp, job, tmp_path, trials=10, seed=1301))
 
 
+@pytest.mark.slow  # ~20 s: a crash campaign (10 kills)
 def test_subset_killed_at_random_moments_then_rerun(mp, crash_sources, tmp_path):
     _, _, z = crash_sources
     job = make_job(mp, tmp_path, subset_store, (z,), {"fraction": 0.8, "seed": 3})

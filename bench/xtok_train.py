@@ -224,7 +224,7 @@ def make_variants(plan, seed: int, accelerator) -> tuple[list, dict]:
 
     cfg = {n: train_config(plan, a_store, plan.student_dirs["A"], n, seed,
                            **(kd_of(n) if n != "ce-A" else {}),
-                           ce_without_target="blend" if n.endswith("-blend") else "full")
+                           ce_without_target=_ce_without_target(n))
            for n in A_VARIANTS}
     from student_train.sources import plan_signals
 
@@ -235,10 +235,9 @@ def make_variants(plan, seed: int, accelerator) -> tuple[list, dict]:
             cfg[name], plan.readers["A"].settings, students["A"], problems)[0]
         variants.append(Variant(name, cfg[name], copy_of(students["A"]), plans,
                                 "A-drop" if "-drop" in name else "A", accelerator))
-    collates = {"A": lambda raw: collate(raw["rows"], raw["weights"], raw["signals"],
-                                         packing=raw["packing"])}
-    if {"kd-A-drop", "kd-A-drop-blend"} & set(chosen):
-        collates["A-drop"] = _dropping_collate(collate, signal, seed)
+    collates = {"A": _raw_collate(collate)}
+    if any("-drop" in name for name in chosen):
+        collates["A-drop"] = _dropping_collate(collates["A"], signal, seed)
     crosses = {}
     for name in A_TEACHER_CROSS:
         kind = "C-" + name[len("xkd-"):]
@@ -251,7 +250,7 @@ def make_variants(plan, seed: int, accelerator) -> tuple[list, dict]:
         if name in chosen:
             variants.append(Variant(name, cfg_x, copy_of(students["C"]), plans, kind,
                                     accelerator, crosses[kind[2:]].vocab_maps))
-        collates[kind] = _cross_collate(crosses[kind[2:]].collate)
+        collates[kind] = _raw_collate(crosses[kind[2:]].collate)
     if "ce-C" in chosen:
         cfg_ce = train_config(plan, a_store, plan.student_dirs["C"], "ce-C", seed)
         variants.insert(2, Variant("ce-C", cfg_ce, copy_of(students["C"]), [], "C-uld",
@@ -281,7 +280,7 @@ def _switches(name: str) -> dict:
     pairs without a readable chain keep the plain target (skip_unchained_pairs false);
     "-blend" CE at 1 - alpha where no KD target (ce_without_target blend)."""
     aligned = name.endswith("-aligned")
-    return {"ce_without_target": "blend" if name.endswith("-blend") else "full",
+    return {"ce_without_target": _ce_without_target(name),
             "inside_token_targets": not (aligned or name.endswith("-noinside")),
             "chained_token_targets": not (aligned or name.endswith("-pkl-unchained")),
             "inside_other_bin": not name.endswith("-renorm"),
@@ -324,23 +323,29 @@ def _two_teacher_variant(plan, seed: int, student, accelerator, crosses: dict,
                    crosses[key].vocab_maps)
 
 
-def _dropping_collate(collate, signal: str, seed: int):
-    """The A batch with `kd_mask` False at a random KD_DROP_SHARE of its positions (drawn
-    from a generator of the seed, so every run of the seed drops the same ones)."""
+def _ce_without_target(name: str) -> str:
+    """A variant's ce_without_target: "-blend" blend (CE at 1 - alpha), else full."""
+    return "blend" if name.endswith("-blend") else "full"
+
+
+def _dropping_collate(collate_raw, signal: str, seed: int):
+    """`collate_raw`'s batch with `kd_mask` False at a random KD_DROP_SHARE of its positions
+    (drawn from a generator of the seed, so every run of the seed drops the same ones)."""
     import numpy as np
     import torch
 
     rng = np.random.default_rng([seed, 15])
 
     def collate_dropping(raw):
-        batch = collate(raw["rows"], raw["weights"], raw["signals"], packing=raw["packing"])
+        batch = collate_raw(raw)
         shape = tuple(batch["input_ids"].shape)
         batch["signals"][signal]["kd_mask"] = torch.from_numpy(rng.random(shape) >= KD_DROP_SHARE)
         return batch
     return collate_dropping
 
 
-def _cross_collate(fn):
+def _raw_collate(fn):
+    """fn (a collate of rows, weights, signals, packing) as a function of the raw rows."""
     return lambda raw: fn(raw["rows"], raw["weights"], raw["signals"], packing=raw["packing"])
 
 

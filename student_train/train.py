@@ -32,7 +32,7 @@ import torch
 from logitstore import __version__
 from logitstore.errors import ConfigError, LogitStoreError
 from logitstore.toolkit.tokenizer_identity import check_vocab_compat
-from logitstore.toolkit.options import UNSET, config_differences
+from logitstore.toolkit.options import config_differences, saved_value
 from student_train.checkpoint import (TrainingProgress, checkpoint_dir, find_checkpoint,
                                       load_checkpoint, save_checkpoint)
 from student_train.config import FIELDS, TrainConfig, save_config
@@ -150,8 +150,7 @@ def _check_resume(cfg: TrainConfig, out: Path, ckpt: Path | None,
     saved = (yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}).get("train", {})
     diffs = config_differences(saved, cfg, FIELDS, saved_as="run")
     if any(d.split(":", 1)[0] in CROSS_FIELDS for d in diffs):
-        as_saved = {k: saved.get(k, FIELDS[k].default if FIELDS[k].absent is UNSET
-                                 else FIELDS[k].absent) for k in CROSS_FIELDS}
+        as_saved = {k: saved_value(saved, k, FIELDS[k]) for k in CROSS_FIELDS}
         crossing = across()
         inert = set(CROSS_FIELDS) - cross_fields_in_effect(as_saved, crossing) \
             - cross_fields_in_effect(cfg.as_dict(), crossing)

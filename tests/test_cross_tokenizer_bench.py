@@ -384,7 +384,7 @@ def test_kd_a_drop_masks_the_same_random_share_of_positions_on_every_run():
     import torch
     from xtok_train import KD_DROP_SHARE, _dropping_collate
 
-    def collate(rows, weights, signals, packing):
+    def collate(raw):  # a collate of the raw rows, as _raw_collate makes
         return {"input_ids": torch.zeros(4, 1000, dtype=torch.long),
                 "signals": {"t": {"topk_ids": None}}}
 

@@ -16,6 +16,8 @@ A tool (teacher_dump/config.py, student_train/config.py, eval/config.py) holds o
 - `config_differences(saved, new, fields)`: the settings that differ between two resolved
   configs (a saved run and its resume), `resumable` fields excepted; a key the saved config
   lacks holds its field's `absent` value (the setting's behaviour before it existed);
+- `saved_value(saved, key, field)`: what a saved config did for one setting (its value, else
+  `absent`, else the default);
 - `verbose_option()`: the one flag that is not a field (`-v`: logging of this invocation);
 - `other_task_problems(task, origin, fields, task_fields, tasks)`: the settings given that a
   tool's `--task` does not read (a tool with two tasks, each refusing the other's settings).
@@ -240,6 +242,14 @@ def make_config(cls: type, resolved: dict[str, Any]):
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in resolved.items()})
 
 
+def saved_value(saved: dict[str, Any], key: str, field: Field) -> Any:
+    """What a saved config did for `key`: its value, else (saved before the setting existed)
+    the field's `absent` value, else its default."""
+    if key in saved:
+        return saved[key]
+    return field.default if field.absent is UNSET else field.absent
+
+
 def config_differences(saved: dict[str, Any], new: Any, fields: dict[str, Field], *,
                        saved_as: str = "saved") -> list[str]:
     """`key: <saved_as> has X, now Y` for each non-resumable key that differs.
@@ -255,7 +265,7 @@ def config_differences(saved: dict[str, Any], new: Any, fields: dict[str, Field]
         lacks = key not in saved
         if field.resumable or (lacks and field.absent is UNSET):
             continue
-        before, after = field.absent if lacks else saved[key], _plain(now[key])
+        before, after = saved_value(saved, key, field), _plain(now[key])
         if isinstance(before, (list, tuple)) or isinstance(after, list):
             before, after = list(before or []), list(after or [])
         if before != after:

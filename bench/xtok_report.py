@@ -56,8 +56,9 @@ NOINSIDE_SINGLES, TWO_NOINSIDE = ("xkd-pkl", "xkd-pkl-noinside", "xkd-B-pkl-noin
     "xkd-AB-pkl-noinside"
 # CE at 1 - alpha where no target: against teacher A with that weight or the full one, and B
 BLEND_SINGLES, TWO_BLEND = ("xkd-pkl", "xkd-pkl-blend", "xkd-B-pkl"), "xkd-AB-pkl-blend"
+PRIORITY_BLEND = "xkd-AB-pkl-priority-blend"  # both: A first, and CE at 1 - alpha
 SINGLES_OF = {TWO_DRAWS: DRAWS_SINGLES, TWO_NOINSIDE: NOINSIDE_SINGLES,
-              TWO_BLEND: BLEND_SINGLES}
+              TWO_BLEND: BLEND_SINGLES, PRIORITY_BLEND: BLEND_SINGLES}
 # every cross student (tokenizer C, KD), and the names the "other" bin's variants had in
 # the runs that tested it (2026-12-07)
 CROSS = (*(n for n in ALL_VARIANTS if n.startswith("xkd-")),
@@ -69,7 +70,12 @@ MIXTURES = {TWO: "signals A:{a}, B:{b}", CONF: "signals A:{a}, B:{b}, each times
             "probability of the next token", PRIORITY: "signals A:{a}, B:{b}, A first, B where A "
             "has no target", TWO_DRAWS: "signals A:{a}, B:{b}, their draws",
             TWO_NOINSIDE: "signals A:{a}, B:{b}, no inside-token targets",
-            TWO_BLEND: "signals A:{a}, B:{b}, CE at 1 - alpha where no target"}
+            TWO_BLEND: "signals A:{a}, B:{b}, CE at 1 - alpha where no target",
+            PRIORITY_BLEND: "signals A:{a}, B:{b}, A first, CE at 1 - alpha where no target"}
+# the summary's key of each two-teacher student beside xkd-AB-pkl ("two_teachers")
+TWO_TEACHER_KEYS = {CONF: "two_teachers_conf", PRIORITY: "two_teachers_priority",
+                    TWO_DRAWS: "two_teachers_draws", TWO_NOINSIDE: "two_teachers_noinside",
+                    TWO_BLEND: "two_teachers_blend", PRIORITY_BLEND: "two_teachers_priority_blend"}
 
 
 def _seeds(runs, name, key="bits_per_byte"):
@@ -180,7 +186,8 @@ def two_teachers(runs: list[dict], rows: dict, name: str = TWO) -> dict:
                 "better_single": None, "single_bpb": singles}
     better = min(singles, key=singles.get)
     vs = {n: interval([ab - one for ab, one in zip(_seeds(runs, name), _seeds(runs, n))])
-          for n in (*single_names, TWO, MEANS, CONF, PRIORITY) if n in rows and n != name}
+          for n in (*single_names, TWO, MEANS, CONF, PRIORITY, TWO_BLEND)
+          if n in rows and n != name}
     d = vs[better]
     met = None if d["half_width"] is None or d["low"] <= 0 <= d["high"] else d["high"] < 0
     verdict = {True: "met", False: "not met", None: "not resolved"}[met]
@@ -231,15 +238,8 @@ def summarise(runs: list[dict], teachers: dict) -> dict:
     return {"methods": rows, "teachers": teachers, "goals": goals, "alignment": alignment(runs),
             "vocab_maps": vocab, "seeds": len(runs),
             "two_teachers": two_teachers(runs, rows),
-            **({"two_teachers_conf": two_teachers(runs, rows, CONF)} if CONF in rows else {}),
-            **({"two_teachers_priority": two_teachers(runs, rows, PRIORITY)}
-               if PRIORITY in rows else {}),
-            **({"two_teachers_draws": two_teachers(runs, rows, TWO_DRAWS)}
-               if TWO_DRAWS in rows else {}),
-            **({"two_teachers_noinside": two_teachers(runs, rows, TWO_NOINSIDE)}
-               if TWO_NOINSIDE in rows else {}),
-            **({"two_teachers_blend": two_teachers(runs, rows, TWO_BLEND)}
-               if TWO_BLEND in rows else {})}
+            **{key: two_teachers(runs, rows, name) for name, key in TWO_TEACHER_KEYS.items()
+               if name in rows}}
 
 
 # ----------------------------------------------------------------------------- markdown
@@ -372,8 +372,7 @@ def render(result: dict) -> str:
     lines += goal_lines(s)
     weights = st.get("two_teacher_weights", WEIGHTS_BEFORE_OPTION)
     lines += two_teacher_lines(s["two_teachers"], weights)
-    for key in ("two_teachers_conf", "two_teachers_priority", "two_teachers_draws",
-                "two_teachers_noinside", "two_teachers_blend"):
+    for key in TWO_TEACHER_KEYS.values():
         if key in s:
             lines += two_teacher_lines(s[key], weights)
     lines += ["", "Alignment and map coverage (summed over seeds and steps):"]

@@ -50,6 +50,8 @@ rows into its own batch:
   xkd-AB-pkl-priority                       (only when --variants names it) xkd-AB-pkl with
                                             signal_mixture priority: teacher A's target
                                             where it has one, B's only where A has none
+  xkd-AB-pkl-priority-blend                 (only when --variants names it) the same with
+                                            ce_without_target blend
   xkd-B-pkl-draws, xkd-AB-pkl-draws         (only when --variants names them) xkd-B-pkl and
                                             xkd-AB-pkl with the teachers' draws as target
   xkd-B-pkl-aligned, xkd-AB-pkl-aligned     (only when --variants names them) xkd-B-pkl and
@@ -99,6 +101,7 @@ DEFAULT_VARIANTS = ("ce-A", "kd-A", "ce-C", "xkd-pkl", "xkd-uld", "xkd-B-pkl", "
 # run only when --variants names them
 ABLATIONS = ("kd-A-draws", "kd-A-drop", "kd-A-drop-blend", "xkd-pkl-unchained",
              *(f"xkd-AB-pkl{m}" for m in TWO_TEACHER_MIXTURES),
+             "xkd-AB-pkl-priority-blend",  # the two of TWO_TEACHER_MIXTURES and -blend tried
              *(f"{student}{a}" for student in CROSS_STUDENTS for a in CROSS_ABLATIONS))
 ALL_VARIANTS = (*DEFAULT_VARIANTS, *ABLATIONS)
 A_TEACHER_CROSS = tuple(n for n in ALL_VARIANTS if n.startswith(("xkd-pkl", "xkd-uld")))
@@ -298,7 +301,8 @@ def _two_teacher_variant(plan, seed: int, student, accelerator, crosses: dict,
     """xkd-AB-pkl: student C from store AB with `--signals A:0.5,B:0.5` (module docstring;
     bench --two-teacher-weights sets other weights);
     xkd-AB-pkl-means: the same with mix_signals_per_position false; xkd-AB-pkl-conf: with
-    signal_mixture confidence; xkd-AB-pkl-priority: with signal_mixture priority (A first);
+    signal_mixture confidence; xkd-AB-pkl-priority: with signal_mixture priority (A first),
+    xkd-AB-pkl-priority-blend the same with ce_without_target blend;
     xkd-AB-pkl-draws: the draws as target; xkd-AB-pkl-aligned:
     no inside-token targets nor chains; xkd-AB-pkl-noinside: no inside-token targets;
     xkd-AB-pkl-renorm: inside-token targets renormalised (no "other" bin). Adds their
@@ -310,8 +314,7 @@ def _two_teacher_variant(plan, seed: int, student, accelerator, crosses: dict,
     cfg = train_config(plan, store["url"], plan.student_dirs["C"], name, seed,
                        cross_loss="pkl", signals=signals, target=TARGETS.get(name, "topk"),
                        mix_signals_per_position=name != "xkd-AB-pkl-means",
-                       signal_mixture={"-conf": "confidence", "-priority": "priority"}.get(
-                           name[name.rfind("-"):], "weights"),
+                       signal_mixture=_signal_mixture(name),
                        **_switches(name))
     plans, cross = cross_parts(cfg, plan.readers["AB"], plan.tokenizer_c)
     # the top-k ones read the same batches, but for the inside and chain switches
@@ -321,6 +324,13 @@ def _two_teacher_variant(plan, seed: int, student, accelerator, crosses: dict,
         collates[f"C-{key}"] = _b_collate(cross.collate, plan.samples_ab, store["signals"])
     return Variant(name, cfg, copy_of(student), plans, f"C-{key}", accelerator,
                    crosses[key].vocab_maps)
+
+
+def _signal_mixture(name: str) -> str:
+    """A two-teacher variant's signal_mixture: "-conf" confidence, "-priority" priority (also
+    with a suffix after it, as in xkd-AB-pkl-priority-blend), else weights."""
+    found = {"-conf": "confidence", "-priority": "priority"}
+    return next((found[m] for m in found if f"{m}-" in f"{name}-"), "weights")
 
 
 def _ce_without_target(name: str) -> str:

@@ -13,6 +13,7 @@ holding every micro-batch of every process.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -51,9 +52,9 @@ class Step:
                                group_weights=tuple(sources.group_weights) or (1.0,),
                                mix_per_position=cfg.mix_signals_per_position,
                                full_ce_without_target=cfg.ce_without_target == "full")
-        self.eval_weights = Weights(alpha=cfg.alpha, alpha_on=cfg.alpha_on,
-                                    mix_per_position=cfg.mix_signals_per_position,
-                                    full_ce_without_target=cfg.ce_without_target == "full")
+        # evaluation: the same token blend, without the pooled alignments and group weights
+        self.eval_weights = dataclasses.replace(self.weights, hidden=0.0, attention=0.0,
+                                                group_weights=(1.0,))
 
     def add_groups(self, batch: dict) -> dict:
         if self.sources.group_of:

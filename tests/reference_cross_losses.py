@@ -157,3 +157,41 @@ def draws_distribution_reference(ids: Sequence[int], counts: Sequence[int],
                for c, lp in zip(counts, logprobs if logprobs is not None else [0.0] * len(ids))]
     total = sum(weights)
     return {int(i): w / total for i, w in zip(ids, weights)}
+
+
+def extended_bins_kl(student_logits: torch.Tensor, teacher_probs: Mapping[int, float],
+                     tail_mass: float, teacher_to_student_first: Sequence[int],
+                     extends: Mapping[int, int]) -> torch.Tensor:
+    """KL(teacher bins || student bins) at T=1 with student_train/cross_extensions.py's bins,
+    differentiable in student_logits [Vs] (torch float64, dense).
+
+    A bin per student token s that a known, mapped teacher token maps to; its teacher mass is
+    the sum over those teacher tokens, its student mass the student's probability of s plus
+    that of every student token c with extends[c] = one of those teacher tokens, c not
+    itself a bin's token. "other": the teacher's unmapped and tail mass vs the student's rest.
+    """
+    student = student_logits.double().softmax(-1)
+    members: dict[int, set[int]] = {}
+    teacher_bins: dict[int, float] = {}
+    teacher_other = tail_mass
+    for t, p in teacher_probs.items():
+        s = teacher_to_student_first[t]
+        if s < 0:
+            teacher_other += p
+            continue
+        teacher_bins[s] = teacher_bins.get(s, 0.0) + p
+        members.setdefault(s, {s})
+    for c, t in extends.items():
+        s = teacher_to_student_first[t] if t in teacher_probs else -1
+        if s >= 0 and c not in teacher_bins:
+            members[s].add(c)
+    loss = student_logits.new_zeros((), dtype=torch.float64)
+    in_bins = student.new_zeros(())
+    for s, p in teacher_bins.items():
+        q = student[sorted(members[s])].sum()
+        in_bins = in_bins + q
+        if p > 0:
+            loss = loss + p * (math.log(p) - q.log())
+    if teacher_other > 0:
+        loss = loss + teacher_other * (math.log(teacher_other) - (1 - in_bins).log())
+    return loss

@@ -52,9 +52,6 @@ rows into its own batch:
                                             where it has one, B's only where A has none
   xkd-AB-pkl-priority-blend                 (only when --variants names it) the same with
                                             ce_without_target blend
-  xkd-pkl-ext, xkd-B-pkl-ext, xkd-AB-pkl-ext (only when --variants names them) with
-                                            extension_bins: a student token coarser than a
-                                            teacher token counts in its bin
   xkd-B-pkl-draws, xkd-AB-pkl-draws         (only when --variants names them) xkd-B-pkl and
                                             xkd-AB-pkl with the teachers' draws as target
   xkd-B-pkl-aligned, xkd-AB-pkl-aligned     (only when --variants names them) xkd-B-pkl and
@@ -98,8 +95,7 @@ KD_DROP_SHARE = 0.067
 # student C from teacher A, from teacher B, from both (store AB)
 CROSS_STUDENTS = ("xkd-pkl", "xkd-B-pkl", "xkd-AB-pkl")
 # what every cross student is also run with (_switches and TARGETS read the suffix)
-CROSS_ABLATIONS = ("-draws", "-aligned", "-noinside", "-renorm", "-keep-unchained", "-blend",
-                   "-ext")
+CROSS_ABLATIONS = ("-draws", "-aligned", "-noinside", "-renorm", "-keep-unchained", "-blend")
 TWO_TEACHER_MIXTURES = ("-means", "-conf", "-priority")  # _two_teacher_variant reads them
 DEFAULT_VARIANTS = ("ce-A", "kd-A", "ce-C", "xkd-pkl", "xkd-uld", "xkd-B-pkl", "xkd-AB-pkl")
 # run only when --variants names them
@@ -285,11 +281,9 @@ def _switches(name: str) -> dict:
     "-noinside" no inside-token targets, "-pkl-unchained" no chains; else both on; "-renorm"
     inside-token targets renormalised (inside_other_bin false); "-keep-unchained" coarser
     pairs without a readable chain keep the plain target (skip_unchained_pairs false);
-    "-blend" CE at 1 - alpha where no KD target (ce_without_target blend); "-ext" student
-    tokens coarser than a teacher token counted in its bin (extension_bins)."""
+    "-blend" CE at 1 - alpha where no KD target (ce_without_target blend)."""
     aligned = name.endswith("-aligned")
     return {"ce_without_target": _ce_without_target(name),
-            "extension_bins": name.endswith("-ext"),
             "inside_token_targets": not (aligned or name.endswith("-noinside")),
             "chained_token_targets": not (aligned or name.endswith("-pkl-unchained")),
             "inside_other_bin": not name.endswith("-renorm"),

@@ -48,12 +48,6 @@ CROSS_FIELDS: dict[str, Field] = {
                                        "stored top-k, or the student token ending inside "
                                        "one): the plain mapped target there gives the "
                                        "student's own next token no mass (false: kept)."),
-    "extension_bins": Field("bool", False, absent=False,  # runs saved before: off
-                            help="pkl: a student token the teacher spells starting with a "
-                                 "top-k token t and going on (coarser than t) counts in t's "
-                                 "bin, sharing its mass as the student's own probabilities "
-                                 "share it (exact for KL at T = 1), instead of falling in the "
-                                 "'other' bin (false)."),
 }
 
 

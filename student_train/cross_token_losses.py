@@ -74,7 +74,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from student_train.cross_extensions import extend_bins
 from student_train.cross_inside import ENDS_HERE
 from student_train.losses import LOG_ZERO, SparseTarget, at_least_fp32, sparse_kd_per_position
 
@@ -140,14 +139,13 @@ class MappedTarget:
 
 
 def _group_by_student_id(student_ids: Tensor, usable: Tensor,
-                         lp: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                         lp: Tensor) -> tuple[Tensor, Tensor]:
     """Merge the entries of a row that map to the same student id.
 
     student_ids [..., k] long (any value where not usable), usable [..., k] bool, lp [..., k].
-    returns (group_lp, leader, first): leader[j] is True for the first usable entry (in the
-    row's order) of each student id, and group_lp[j] there is the logsumexp of the lp of all
-    entries with that id (LOG_ZERO at non-leaders); first[j] is the column of entry j's leader
-    (any column where j is not usable). A group of one keeps its lp bit for bit.
+    returns (group_lp, leader): leader[j] is True for the first usable entry (in the row's
+    order) of each student id, and group_lp[j] there is the logsumexp of the lp of all entries
+    with that id (LOG_ZERO at non-leaders). A group of one keeps its lp bit for bit.
     """
     k = lp.shape[-1]
     key = torch.where(usable, student_ids, torch.iinfo(torch.int64).max)
@@ -161,7 +159,7 @@ def _group_by_student_id(student_ids: Tensor, usable: Tensor,
     top = torch.full_like(lp, LOG_ZERO).scatter_reduce(-1, first, lp, "amax")
     total = torch.zeros_like(lp).scatter_add(-1, first, (lp - top.gather(-1, first)).exp())
     group_lp = torch.where(leader, top + total.log(), torch.full_like(lp, LOG_ZERO))
-    return group_lp, leader, first
+    return group_lp, leader
 
 
 def _mapped_share(lp: Tensor, valid: Tensor, usable: Tensor) -> Tensor:
@@ -220,10 +218,7 @@ def project_topk_target(teacher_ids: Tensor, teacher_logprobs: Tensor,
                         conditioned: Tensor | None = None,
                         ends_in_other: bool = False,
                         chain_entry: Tensor | None = None, chain_ids: Tensor | None = None,
-                        chain_logc: Tensor | None = None,
-                        extensions: tuple[Tensor, Tensor] | None = None,
-                        student_scores: Callable[[Tensor], Tensor] | None = None
-                        ) -> MappedTarget:
+                        chain_logc: Tensor | None = None) -> MappedTarget:
     """The teacher's stored top-k as a target over the student vocabulary (module docstring).
 
     teacher_ids [..., k] int (teacher vocab; < 0 = padding), teacher_logprobs [..., k] at T=1
@@ -236,11 +231,7 @@ def project_topk_target(teacher_ids: Tensor, teacher_logprobs: Tensor,
     chain_entry [...] int (-1: none), chain_ids [...] int, chain_logc [...] float (all or
     none): rows whose top-k column chain_entry gives exp(chain_logc) of its mass to student
     id chain_ids (a student token spanning several teacher tokens, cross_chain.py); the
-    target then has k + 1 entries per row;
-    extensions (cross_extensions.extension_table's offsets [Vt + 1] and ids) and
-    student_scores (both or neither): the student tokens each teacher token's bin also holds,
-    its mass split by the student's logits `student_scores(ids)` (cross_extensions.py; rows
-    not conditioned only); the target then has more entries per row.
+    target then has k + 1 entries per row.
     """
     _check_temperature(temperature)
     _check_map(teacher_to_student_first, exact, exact_only)
@@ -269,17 +260,7 @@ def project_topk_target(teacher_ids: Tensor, teacher_logprobs: Tensor,
             raise ValueError("chain_entry, chain_ids and chain_logc go together: pass all "
                              "three or none")
         lp, valid, student_ids, usable = _split_chain(lp, valid, student_ids, usable, *chain)
-    group_lp, leader, first = _group_by_student_id(student_ids, usable, lp)
-    if (extensions is None) != (student_scores is None):
-        raise ValueError("extensions and student_scores go together: pass both or neither")
-    if extensions is not None:
-        k = teacher_ids.shape[-1]  # the stored entries (a chain's part comes after them)
-        entry_bin = torch.where(usable[..., :k], first[..., :k], -1)
-        row_ok = ~conditioned.bool() if conditioned is not None else torch.ones_like(
-            usable[..., 0])
-        group_lp, leader, student_ids = extend_bins(
-            group_lp, leader, student_ids, entry_bin, safe_ids,
-            tuple(x.to(lp.device) for x in extensions), row_ok, student_scores)
+    group_lp, leader = _group_by_student_id(student_ids, usable, lp)
     unmapped = valid & ~usable
     unmapped_lp = torch.logsumexp(torch.where(unmapped, lp, LOG_ZERO), -1)
     # only where something is unmapped, so an identity map reproduces build_topk_target's bits

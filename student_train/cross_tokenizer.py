@@ -68,8 +68,7 @@ class CrossTokenizer:
 
     loss: str  # "pkl" | "uld"
     collate: CrossCollate
-    # signal -> (first, exact, extension table or None): objective.Objective's vocab_maps
-    vocab_maps: dict[str, tuple] = field(default_factory=dict)
+    vocab_maps: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     length_ratio: float = 1.0  # student tokens per teacher token
     provenance: dict[str, Any] = field(default_factory=dict)
 
@@ -208,25 +207,6 @@ def _first_segment_cuts(reader, tokenizer) -> tuple[list, list]:
     return samples, [stored_text_tokens(tokenizer, s.text_spans, s.sample_id) for s in samples]
 
 
-def _vocab_maps(cfg, reader, tokenizer, topk: list[str], on_tokenization: dict):
-    """Per tokenization of the `topk` signals: ({tokenization: teacher -> student VocabMap},
-    {tokenization: (offsets, ids, summary) of its extension table}, with `extension_bins`
-    only)."""
-    from logitstore.toolkit.vocab_map import vocab_map_for
-    from student_train.cross_extensions import extension_table
-
-    # shared by every run of the pair (the key hashes both tokenizers)
-    cache = Path(cfg.cache_dir) / "vocab_maps" if cfg.cache_dir else None
-    built, tables = {}, {}
-    for tokenization in dict.fromkeys(on_tokenization[name] for name in topk):
-        teacher = stored_teacher_tokenizer(reader, cfg.store, tokenization)
-        built[tokenization] = vocab_map_for(teacher, tokenizer, cache_dir=cache)
-        if cfg.extension_bins:  # the reverse map: each student token's first teacher piece
-            tables[tokenization] = extension_table(
-                built[tokenization], vocab_map_for(tokenizer, teacher, cache_dir=cache))
-    return built, tables
-
-
 def cross_setup(cfg, reader, eval_reader, tokenizer, plans, problems: list[str]):
     """The run's CrossTokenizer (None when the store's tokenizer is the student's and no
     signal trained on is of another tokenization). A store without text raises
@@ -257,11 +237,16 @@ def cross_setup(cfg, reader, eval_reader, tokenizer, plans, problems: list[str])
     topk = [p.name for p in plans if p.target]  # top-k, or draws read as one
     maps, first_maps, piece_maps, byte_lengths, summary = {}, {}, {}, {}, {}
     if cfg.cross_loss == "pkl" and topk:
-        built, tables = _vocab_maps(cfg, reader, tokenizer, topk, on_tokenization)
+        from logitstore.toolkit.vocab_map import vocab_map_for
+
+        # shared by every run of the pair (the key hashes both tokenizers)
+        cache = Path(cfg.cache_dir) / "vocab_maps" if cfg.cache_dir else None
+        built = {}  # per tokenization: one map per teacher tokenizer
+        for tokenization in dict.fromkeys(on_tokenization[name] for name in topk):
+            teacher = stored_teacher_tokenizer(reader, cfg.store, tokenization)
+            built[tokenization] = vocab_map_for(teacher, tokenizer, cache_dir=cache)
         maps = {name: (built[on_tokenization[name]].teacher_to_student_first,
-                       built[on_tokenization[name]].exact,
-                       tables[on_tokenization[name]][:2] if tables else None)
-                for name in topk}
+                       built[on_tokenization[name]].exact) for name in topk}
         first_maps = {name: pair[0] for name, pair in maps.items()}
         if cfg.skip_dummy_prefix_pairs:
             byte_lengths = {name: (built[on_tokenization[name]].teacher_byte_lengths,
@@ -274,9 +259,7 @@ def cross_setup(cfg, reader, eval_reader, tokenizer, plans, problems: list[str])
                                  "key": built[on_tokenization[topk[0]]].key},
                    "vocab_maps": {name: {**built[on_tokenization[name]].summary(),
                                          "key": built[on_tokenization[name]].key}
-                                  for name in topk},
-                   **({"extension_bins": {name: tables[on_tokenization[name]][2]
-                                          for name in topk}} if tables else {})}
+                                  for name in topk}}
     chain_signals = topk if maps and cfg.chained_token_targets else []
     skip_unchained = bool(chain_signals) and cfg.skip_unchained_pairs
     ratio, chats = probe_first_segment(reader, tokenizer)

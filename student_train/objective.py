@@ -52,7 +52,6 @@ from torch import nn
 
 from student_train.alignment import HiddenStateAligner, attention_alignment_loss
 from student_train.cross_terms import cross_head_values, cross_kd_masks
-from student_train.cross_extensions import logits_at
 from student_train.cross_token_losses import project_topk_target
 from student_train.fused_head_loss import DEFAULT_CHUNK_SIZE, fused_head_loss
 from student_train.head_loss_terms import HeadLossTerms
@@ -226,8 +225,8 @@ class DistillationObjective(nn.Module):
     def __init__(self, student: nn.Module, plans: Sequence[SignalPlan], settings: LossSettings,
                  aligners: Sequence[tuple[str, HiddenStateAligner]] = (),
                  vocab_maps: dict | None = None):
-        """vocab_maps: signal -> (teacher_to_student_first [Vt], exact [Vt][, extension table
-        (offsets, ids) or None]) numpy arrays of the signals whose cross_loss is "pkl"."""
+        """vocab_maps: signal -> (teacher_to_student_first [Vt], exact [Vt]) numpy arrays of
+        the signals whose cross_loss is "pkl"."""
         super().__init__()
         self.student = student
         self.plans = list(plans)
@@ -238,16 +237,12 @@ class DistillationObjective(nn.Module):
         self.kd_plans = [p for p in self.plans if p.target]
         self.attention_plans = [p for p in self.plans if p.attention_weight > 0]
         self.map_index = {}  # signal -> i of the non-persistent buffers vocab_map_{i}_*
-        for i, (name, (first, exact, *table)) in enumerate((vocab_maps or {}).items()):
+        for i, (name, (first, exact)) in enumerate((vocab_maps or {}).items()):
             self.map_index[name] = i
             self.register_buffer(f"vocab_map_{i}_first", torch.as_tensor(first).long(),
                                  persistent=False)
             self.register_buffer(f"vocab_map_{i}_exact", torch.as_tensor(exact).bool(),
                                  persistent=False)
-            for j, part in enumerate(("offsets", "ids")):  # cross_extensions.extension_table
-                self.register_buffer(f"vocab_map_{i}_ext_{part}", None if not table or table[0]
-                                     is None else torch.as_tensor(table[0][j]).long(),
-                                     persistent=False)
 
     def forward(self, batch: dict, temperature: float = 1.0, label_smoothing: float = 0.0,
                 n_groups: int = 1, sum_grads: dict[str, Tensor] | None = None
@@ -285,15 +280,9 @@ class DistillationObjective(nn.Module):
 
         s = self.settings
         fused_plans = [p for p in self.kd_plans if p.cross_loss != "uld"]
-        head = self.student.get_output_embeddings()
-        hidden = pick(final)  # [n, d]
-
-        def scores(ids: Tensor) -> Tensor:  # [1, n, M]: the student's logits (extension_bins)
-            return logits_at(hidden, head.weight, head.bias, ids[0])[None]
-
         targets = HeadLossTerms(targets=tuple(  # built as [1, n, K] (the builders' [B, S, K])
-            self._target(p, batch["signals"][p.name], lambda x: pick(x)[None], temperature,
-                         scores) for p in fused_plans)).rows(0).targets
+            self._target(p, batch["signals"][p.name], lambda x: pick(x)[None], temperature)
+            for p in fused_plans)).rows(0).targets
         terms = HeadLossTerms(targets=targets, labels=pick(shifted(batch["labels"], IGNORE)),
                               loss=s.loss, label_smoothing=label_smoothing,
                               jsd_beta=s.jsd_beta, skew_alpha=s.skew_alpha)
@@ -318,18 +307,19 @@ class DistillationObjective(nn.Module):
             expected = w[:, None] * expected
         def unit_targets():  # confidence reads the teacher's own (T = 1) probabilities
             return targets if temperature == 1.0 else HeadLossTerms(targets=tuple(
-                self._target(p, batch["signals"][p.name], lambda x: pick(x)[None], 1.0, scores)
+                self._target(p, batch["signals"][p.name], lambda x: pick(x)[None], 1.0)
                 for p in fused_plans)).rows(0).targets
 
         mix = self._mixture_scale(kd_masks, unit_targets, terms.labels)  # [n, n_kd] or None
         if expected is not None and mix is not None:
             expected = torch.cat([expected[:, :len(self.kd_plans)] * mix,
                                   expected[:, len(self.kd_plans):]], 1)
+        head = self.student.get_output_embeddings()
         if kd_masks is None and len(fused_plans) == len(self.kd_plans):
-            values = fused_head_loss(hidden, head.weight, terms, bias=head.bias,
+            values = fused_head_loss(pick(final), head.weight, terms, bias=head.bias,
                                      expected_grad=expected, chunk_size=s.chunk_size)
         else:  # a student with another tokenizer: masked KD columns, ULD outside the fusion
-            values = cross_head_values(self.kd_plans, batch["signals"], pick, hidden, head,
+            values = cross_head_values(self.kd_plans, batch["signals"], pick, pick(final), head,
                                        terms, expected, kd_masks, temperature, s.chunk_size)
         if mix is not None:
             values = torch.cat([values[:, :len(self.kd_plans)] * mix,
@@ -389,9 +379,8 @@ class DistillationObjective(nn.Module):
         return torch.where(cover > 0, w.sum() * c / cover.clamp_min(1e-30),
                            torch.ones_like(c))
 
-    def _target(self, plan: SignalPlan, signal: dict, pick, temperature: float, scores):
-        """The plan's SparseTarget at the picked positions, fields [1, n, K] (`scores`: the
-        student's logits at ids [1, n, M], for a map with an extension table)."""
+    def _target(self, plan: SignalPlan, signal: dict, pick, temperature: float):
+        """The plan's SparseTarget at the picked positions, fields [1, n, K]."""
         if plan.cross_loss == "pkl":
             i = self.map_index[plan.name]
             inside = {"conditioned_ids": pick(signal["inside_ids"]),  # cross_batch.py
@@ -399,14 +388,11 @@ class DistillationObjective(nn.Module):
                 else {}
             chain = {key: pick(signal[key]) for key in ("chain_entry", "chain_ids", "chain_logc")
                      if key in signal}
-            table = (getattr(self, f"vocab_map_{i}_ext_offsets"),  # cross_extensions.py
-                     getattr(self, f"vocab_map_{i}_ext_ids"))
-            ext = {} if table[0] is None else {"extensions": table, "student_scores": scores}
             return project_topk_target(pick(signal["topk_ids"]).long(),
                                        pick(signal["topk_logprobs"]).float(),
                                        getattr(self, f"vocab_map_{i}_first"),
                                        getattr(self, f"vocab_map_{i}_exact"),
-                                       temperature=temperature, **inside, **chain, **ext,
+                                       temperature=temperature, **inside, **chain,
                                        ends_in_other=self.settings.inside_other_bin).target
         if plan.target == "topk":
             return build_topk_target(pick(signal["topk_ids"]).long(),

@@ -363,12 +363,12 @@ def test_each_variant_name_says_what_its_student_is():
     from xtok_train import (ABLATIONS, ALL_VARIANTS, DEFAULT_VARIANTS, TARGETS,
                             TWO_TEACHER_VARIANTS, _signal_mixture, _switches)
 
-    assert len(set(ALL_VARIANTS)) == len(ALL_VARIANTS) == 36
+    assert len(set(ALL_VARIANTS)) == len(ALL_VARIANTS) == 33
     assert set(DEFAULT_VARIANTS) == set(ALL_VARIANTS) - set(ABLATIONS)
     assert set(TARGETS) == {"kd-A-draws", "xkd-pkl-draws", "xkd-B-pkl-draws", "xkd-AB-pkl-draws"}
-    assert len(TWO_TEACHER_VARIANTS) == 12 and "xkd-AB-pkl-priority" in TWO_TEACHER_VARIANTS
+    assert len(TWO_TEACHER_VARIANTS) == 11 and "xkd-AB-pkl-priority" in TWO_TEACHER_VARIANTS
     on = {"inside_token_targets": True, "chained_token_targets": True, "inside_other_bin": True,
-          "skip_unchained_pairs": True, "ce_without_target": "full", "extension_bins": False}
+          "skip_unchained_pairs": True, "ce_without_target": "full"}
     for student in ("xkd-pkl", "xkd-B-pkl", "xkd-AB-pkl"):
         assert _switches(student) == _switches(f"{student}-draws") == on
         assert _switches(f"{student}-aligned") == {**on, "inside_token_targets": False,
@@ -377,7 +377,6 @@ def test_each_variant_name_says_what_its_student_is():
         assert _switches(f"{student}-renorm") == {**on, "inside_other_bin": False}
         assert _switches(f"{student}-keep-unchained") == {**on, "skip_unchained_pairs": False}
         assert _switches(f"{student}-blend") == {**on, "ce_without_target": "blend"}
-        assert _switches(f"{student}-ext") == {**on, "extension_bins": True}
     assert _switches("xkd-pkl-unchained") == {**on, "chained_token_targets": False}
     assert _switches("xkd-AB-pkl-priority-blend") == {**on, "ce_without_target": "blend"}
     assert [_signal_mixture(n) for n in ("xkd-AB-pkl", "xkd-AB-pkl-conf", "xkd-AB-pkl-priority",

@@ -408,20 +408,6 @@ def test_a_resumed_cross_run_continues_the_same_loss_curve(world, tmp_path):
     assert resumed == curve[2:] and [s for s, *_ in resumed] == [3, 4]
 
 
-def test_extension_bins_train_and_say_what_their_table_holds(world, tmp_path):
-    for on in (False, True):
-        train_run(world, tmp_path / str(on), max_steps=2, extension_bins=on,
-                  signals={"teacher": 1.0})
-    meta = json.loads((tmp_path / "True" / "training_metadata.json").read_text())
-    table = meta["source"]["cross_tokenizer"]["extension_bins"]["teacher"]
-    assert table["extension_tokens"] > 0 and table["cut_by_cap"] == 0, table
-    assert "extension_bins" not in json.loads((tmp_path / "False" / "training_metadata.json")
-                                              .read_text())["source"]["cross_tokenizer"]
-    kd = {on: [m["train/kd/teacher"] for m in cross_metrics(tmp_path / str(on))]
-          for on in (False, True)}
-    assert len(kd[True]) == 2 and all(np.isfinite(kd[True])) and kd[True][0] != kd[False][0]
-
-
 def test_weighted_signals_and_hidden_alignment_work_across_tokenizers(world, tmp_path):
     run = tmp_path / "two"
     train_run(world, run, max_steps=3, signals={"teacher": 0.7, "sharp": 0.3},

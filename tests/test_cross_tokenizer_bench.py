@@ -264,7 +264,7 @@ def test_the_harness_runs_end_to_end_at_its_tiniest_size(tmp_path):
           "--variants", ",".join(ALL_VARIANTS)])
     result = json.loads(out.read_text())
     summary = result["summary"]
-    assert set(summary["methods"]) == set(ALL_VARIANTS) and len(ALL_VARIANTS) == 32
+    assert set(summary["methods"]) == set(ALL_VARIANTS)  # every one (their count: fast test)
     for row in summary["methods"].values():
         assert 0 < row["bits_per_byte"]["mean"] < 20 and row["bits_per_byte"]["n"] == 2
     assert set(summary["alignment"]) == {n for n in ALL_VARIANTS if n.startswith("xkd-")}
@@ -288,6 +288,8 @@ def test_the_harness_runs_end_to_end_at_its_tiniest_size(tmp_path):
         assert not {"inside_share", "chained_share"} & set(summary["alignment"][name])
     for name in ("xkd-pkl-noinside", "xkd-B-pkl-noinside", "xkd-AB-pkl-noinside"):
         assert "inside_share" not in summary["alignment"][name]  # chains kept
+    both = summary["two_teachers_priority_blend"]  # against A with either CE weight, and B
+    assert set(both["single_bpb"]) == {"xkd-pkl", "xkd-pkl-blend", "xkd-B-pkl"}
     noinside = summary["two_teachers_noinside"]  # against each single teacher, either way
     assert set(noinside["single_bpb"]) == {"xkd-pkl", "xkd-pkl-noinside", "xkd-B-pkl-noinside"}
     assert 0 < summary["alignment"]["xkd-pkl"]["map_coverage"] <= 1
